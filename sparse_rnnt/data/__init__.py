@@ -1,0 +1,1 @@
+"""Data: corpus synthesis, the MLS reader, manifests, features, tokenizer and batch samplers."""

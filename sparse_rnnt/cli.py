@@ -1,0 +1,258 @@
+"""``sparse-rnnt <command>``: parse arguments and dispatch. No logic of its own lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text}")
+    return value
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .data.synth import SynthConfig, synthesize_corpus
+    from .languages import SYNTH_LANGUAGES, parse_languages
+
+    config = SynthConfig(
+        languages=tuple(parse_languages(args.languages, SYNTH_LANGUAGES)),
+        hours=args.hours,
+        seed=args.seed,
+        fmt=args.format,
+        workers=args.workers,
+        lexicon_size=args.lexicon_size,
+        max_words=args.max_words,
+    )
+    config.validate()
+    summary = synthesize_corpus(Path(args.out), config, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_data_mls(args: argparse.Namespace) -> int:
+    from .data.mls import read_mls, write_manifests
+    from .languages import parse_languages
+
+    languages = parse_languages(args.languages) if args.languages else None
+    splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+    utts, report = read_mls(
+        Path(args.root), languages, splits, subset=args.subset, fmt=args.format,
+        workers=args.workers, progress=not args.quiet,
+    )
+    if not any(utts.values()):
+        raise UserError(f"no usable utterances under {args.root}\n{report.format()}")
+    write_manifests(Path(args.out), utts, report)
+    print(report.format())
+    print(f"manifests written to {args.out}")
+    return 0
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from .data.manifest import load_split
+    from .data.tokenizer import Tokenizer, TokenizerConfig
+    from .languages import parse_languages
+
+    languages = parse_languages(args.languages) if args.languages else None
+    utts = load_split(args.manifest_dir, "train", languages)
+    if not utts:
+        raise UserError(f"no training transcripts in {args.manifest_dir}")
+    config = TokenizerConfig(model_type=args.model_type, vocab_size=args.vocab_size)
+    config.validate()
+    tok = Tokenizer.train([u.text for u in utts], config, Path(args.out))
+    print(f"tokenizer: {tok.vocab_size} units ({args.model_type}) + blank, from {len(utts)} transcripts -> {args.out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import dump_config, load_config
+    from .training.trainer import Trainer
+
+    out = Path(args.out)
+    config_path = args.config
+    if args.resume and config_path is None and (out / "config.yaml").is_file():
+        config_path = out / "config.yaml"
+    cfg = load_config(config_path, args.set)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    result = Trainer(cfg, out, resume=args.resume).run()
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .io import atomic_write_json
+    from .languages import parse_languages
+    from .training.inference import evaluate_checkpoint
+
+    languages = parse_languages(args.languages) if args.languages else None
+    result, info = evaluate_checkpoint(
+        args.checkpoint, args.manifest_dir, split=args.split, languages=languages, method=args.method,
+        beam_width=args.beam_width, device=args.device, progress=not args.quiet, limit=args.limit,
+    )
+    print(result.format_table(f"{info['checkpoint']} on {args.split} ({args.method}): WER (%)"))
+    if args.out:
+        atomic_write_json(args.out, {**info, **result.to_dict()})
+        print(f"results written to {args.out}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .model import MODEL_SIZES, build_model
+
+    for name, cfg in MODEL_SIZES.items():
+        model = build_model(cfg, args.num_symbols, verbose=False)
+        n = sum(p.numel() for p in model.parameters())
+        print(f"{name:<11} {n / 1e6:8.2f}M  width {cfg.width}, {cfg.transformer_num_layers} layers, "
+              f"ffn {cfg.transformer_ffn_dim}, {cfg.num_lstm_layers} LSTM, joiner {cfg.encoding_dim}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoOptions, run_demo
+
+    run_demo(DemoOptions(out=Path(args.out), hours=args.hours, steps=args.steps, seed=args.seed,
+                         force=args.force, progress=not args.quiet))
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparse-rnnt",
+        description="Prune, train, export and stream sparse multilingual Emformer RNN-T recognizers.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("synth", help="synthesize a multilingual corpus in the MLS layout (eSpeak NG)",
+                       description="Synthesize an offline multilingual speech corpus with eSpeak NG, in "
+                       "exactly the Multilingual LibriSpeech layout (mls_<language>/<split>/...).")
+    p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    p.add_argument("--languages", default="en,fr,it,nl", help="comma-separated: en, fr, it, nl (default: all four)")
+    p.add_argument("--hours", type=_positive_float, default=0.5, help="hours of audio per language, all splits (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same corpus (default 0)")
+    p.add_argument("--format", choices=("flac", "opus"), default="flac", help="audio format (default flac)")
+    p.add_argument("--workers", type=_nonneg_int, default=0, help="worker processes (default 0 = all cores)")
+    p.add_argument("--lexicon-size", type=int, default=None,
+                   help="cap each word class of the grammar to its first K words (smaller = easier corpus)")
+    p.add_argument("--max-words", type=int, default=8, help="longest sentence in words (default 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("data", help="read corpora into JSONL manifests")
+    dsub = p.add_subparsers(dest="data_command", metavar="SOURCE", required=True)
+    q = dsub.add_parser("mls", help="read a Multilingual LibriSpeech tree (real or synthesized)",
+                        description="Read an MLS tree (mls_<language>/<split>/transcripts.txt, audio/...) into "
+                        "MANIFEST_DIR/<split>.jsonl. Bad lines and unusable audio are skipped, counted and "
+                        "reported with file and line in MANIFEST_DIR/read_report.json.")
+    q.add_argument("root", help="directory holding mls_<language>[_opus]/ folders")
+    q.add_argument("--out", required=True, help="manifest directory to write")
+    q.add_argument("--languages", default=None, help="comma-separated ISO codes or MLS names (default: all found)")
+    q.add_argument("--splits", default="train,dev,test", help="comma-separated splits (default train,dev,test)")
+    q.add_argument("--subset", choices=("9hr", "1hr"), default=None,
+                   help="restrict train to a limited_supervision subset (handles.txt)")
+    q.add_argument("--format", choices=("flac", "opus"), default=None,
+                   help="which variant to read when both exist (default flac)")
+    q.add_argument("--workers", type=_nonneg_int, default=0, help="threads reading audio headers (default: auto)")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_data_mls)
+
+    p = sub.add_parser("tokenizer", help="train one sentencepiece model over all languages",
+                       description="Train one sentencepiece model over the training transcripts of all languages.")
+    p.add_argument("--manifest-dir", required=True, help="directory with train.jsonl")
+    p.add_argument("--out", required=True, help="path of the .model file to write")
+    p.add_argument("--model-type", choices=("char", "unigram", "bpe"), default="char", help="unit type (default char)")
+    p.add_argument("--vocab-size", type=_nonneg_int, default=0,
+                   help="vocabulary size (default 0: every character, for char models)")
+    p.add_argument("--languages", default=None, help="comma-separated languages (default: all)")
+    p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("train", help="train a dense Emformer RNN-T",
+                       description="Train a dense multilingual Emformer RNN-T. The run directory receives "
+                       "config.yaml, tokenizer.model, cmvn.safetensors, metrics.jsonl and checkpoints/.")
+    p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=1e-3 --set data.languages=en,fr (repeatable)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint (reuses its config.yaml)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="decode a split and report WER per language",
+                       description="Decode a manifest split with a checkpoint; print WER per language and average.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (uses its latest)")
+    p.add_argument("--manifest-dir", required=True, help="directory with <split>.jsonl")
+    p.add_argument("--split", default="test", help="split to decode (default test)")
+    p.add_argument("--languages", default=None, help="comma-separated languages (default: the checkpoint's)")
+    p.add_argument("--method", choices=("greedy", "beam"), default="greedy", help="decoding (default greedy)")
+    p.add_argument("--beam-width", type=int, default=4, help="beam width for --method beam (default 4)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    p.add_argument("--limit", type=_nonneg_int, default=0, help="decode at most N utterances per language (0 = all)")
+    p.add_argument("--out", default=None, help="write results (WER, counts, hypotheses) to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("models", help="list the named model sizes with their parameter counts")
+    p.add_argument("--num-symbols", type=int, default=4097, help="vocabulary size incl. blank (default 4097)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", help="synthesize, train a tiny model, evaluate: the whole pipeline on a CPU",
+                       description="Synthesize a small 4-language corpus, train a tokenizer and a tiny dense "
+                       "multilingual model, evaluate on unseen test voices and print the WER table.")
+    p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    p.add_argument("--hours", type=_positive_float, default=None, help="hours of audio per language (default: tuned)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: tuned)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--force", action="store_true", help="delete an existing --out first")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"sparse-rnnt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

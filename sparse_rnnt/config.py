@@ -1,0 +1,273 @@
+"""Typed, validated experiment configs: YAML <-> nested dataclasses, ``key=value`` overrides.
+
+Unknown keys are errors (with a suggestion), values are converted to the field's type, and the
+resolved config is saved with the experiment so a run can be reproduced from its own directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import yaml
+
+from .data.features import FeatureConfig, SpecAugmentConfig
+from .data.sampler import BatchConfig
+from .data.tokenizer import TokenizerConfig
+from .errors import UserError
+from .io import atomic_write_text
+from .model.configs import MODEL_SIZES, ModelConfig
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    manifest_dir: str = ""  # directory with train.jsonl / dev.jsonl / test.jsonl
+    languages: tuple[str, ...] = ()  # empty = every language in the training manifest
+    tokenizer: str = ""  # existing sentencepiece model; empty = train one into the run directory
+    cache_features: bool = True  # compute log-mel once and keep it in memory
+    max_duration: float = 30.0  # seconds; longer training utterances are skipped (and counted)
+    dev_max_utterances: int = 200  # per language, for periodic dev evaluation
+    workers: int = 0  # feature extraction processes; 0 = all cores
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1.5e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    # after warmup: "constant", "cosine" (to min_lr_ratio * lr at max_steps) or "inverse_sqrt"
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 5.0  # max global gradient norm; 0 disables clipping
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 2000
+    log_every: int = 10
+    eval_every: int = 500  # dev evaluation (greedy WER); 0 = only at the end
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
+    threads: int = 0  # torch intra-op threads on CPU; 0 = all cores
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        o, t = self.optim, self.train
+        if o.lr <= 0:
+            raise UserError(f"optim.lr must be positive, got {o.lr}")
+        if o.schedule not in ("constant", "cosine", "inverse_sqrt"):
+            raise UserError(f"optim.schedule must be constant, cosine or inverse_sqrt, got {o.schedule!r}")
+        if o.warmup_steps < 0 or o.grad_clip < 0 or not 0 <= o.min_lr_ratio <= 1:
+            raise UserError("optim.warmup_steps and optim.grad_clip must be >= 0, min_lr_ratio in [0, 1]")
+        if t.max_steps <= 0:
+            raise UserError(f"train.max_steps must be positive, got {t.max_steps}")
+        for key in ("log_every", "eval_every", "checkpoint_every"):
+            if getattr(t, key) < 0:
+                raise UserError(f"train.{key} must be >= 0")
+        if t.keep_checkpoints < 1:
+            raise UserError("train.keep_checkpoints must be >= 1")
+        if t.amp not in ("auto", "bf16", "off"):
+            raise UserError(f"train.amp must be auto, bf16 or off, got {t.amp!r}")
+        if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
+            raise UserError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+        if self.data.max_duration <= 0:
+            raise UserError("data.max_duration must be positive")
+        for sub in (self.features, self.spec_augment, self.tokenizer, self.batch):
+            validate = getattr(sub, "validate", None)
+            if validate is not None:
+                try:
+                    validate()
+                except (ValueError, TypeError) as e:
+                    raise UserError(f"{type(sub).__name__}: {e}") from None
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin is tuple or origin is list:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise UserError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_convert(v, a, key) for v, a in zip(value, args, strict=True))
+        item = args[0] if args else Any
+        out = [_convert(v, item, key) for v in value]
+        return tuple(out) if origin is tuple else out
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UserError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise UserError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise UserError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise :class:`UserError`."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+            raise UserError(f"unknown config key {prefix}{key!r}{hint}")
+    kwargs: dict[str, Any] = {}
+    base: Any = None
+    if cls is ModelConfig:
+        # A named size first, then field overrides on top of it.
+        name = data.get("name", "tiny")
+        if name not in MODEL_SIZES:
+            raise UserError(f"{prefix}name: unknown model size {name!r}: choose from {', '.join(MODEL_SIZES)}")
+        base = MODEL_SIZES[name]
+    for key, value in data.items():
+        kwargs[key] = _convert(value, hints[key], f"{prefix}{key}")
+    if base is not None:
+        return dataclasses.replace(base, **kwargs)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain dict/list/scalars (tuples become lists) for YAML and JSON."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {dotted}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["optim.lr=1e-3", "data.languages=en,fr"]`` -> nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise UserError(f"--set expects key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_path(tree, key, value)
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config (or start from defaults), apply ``key=value`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise UserError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{p}: expected a mapping at the top level")
+        tree = loaded
+    tree = _merge(tree, parse_overrides(overrides or []))
+    try:
+        cfg = from_dict(ExperimentConfig, tree)
+    except (TypeError, ValueError) as e:  # a sub-config's own __post_init__ checks
+        raise UserError(f"invalid config: {e}") from None
+    cfg.validate()
+    return cfg
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: ExperimentConfig, path: str | os.PathLike[str]) -> None:
+    atomic_write_text(path, dump_config(cfg))

@@ -1,0 +1,1 @@
+"""Training: configs, trainer loop, checkpoints, metrics, evaluation."""

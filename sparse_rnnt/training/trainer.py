@@ -1,0 +1,366 @@
+"""The training loop: data set-up, Adam + warmup, clipping, bf16 autocast on CUDA, periodic dev
+evaluation, JSONL metrics, atomic resumable checkpoints.
+
+Resuming restores the model, optimizer, scheduler, sampler position and RNG states, so a run
+interrupted at step k and resumed reaches the same weights as an uninterrupted run (bit-exact on
+CPU with the same thread count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..config import ExperimentConfig, from_dict, save_config, to_dict
+from ..data.dataset import Batch, SpeechDataset, collate
+from ..data.features import GlobalCMVN, compute_features
+from ..data.manifest import Utterance, load_split, manifest_path
+from ..data.sampler import BucketBatchSampler
+from ..data.tokenizer import Tokenizer
+from ..errors import UserError
+from ..io import atomic_write_json
+from ..model.rnnt import EmformerRNNT, build_model
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .evaluate import EvalResult, evaluate
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.model"
+CMVN_FILE = "cmvn.safetensors"
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={spec} but CUDA is not available")
+    return torch.device(spec)
+
+
+def lr_lambda(step: int, cfg: ExperimentConfig) -> float:
+    """Multiplier of ``optim.lr`` at ``step`` (linear warmup, then the configured decay)."""
+    o = cfg.optim
+    warm = max(o.warmup_steps, 0)
+    if warm and step < warm:
+        return (step + 1) / warm
+    if o.schedule == "constant":
+        return 1.0
+    if o.schedule == "inverse_sqrt":
+        return math.sqrt(max(warm, 1) / max(step + 1, 1))
+    span = max(cfg.train.max_steps - warm, 1)
+    progress = min(max(step - warm, 0) / span, 1.0)
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class DataReport:
+    """What was kept and skipped (and why) when setting up the training data."""
+
+    kept: dict[str, int]
+    skipped: dict[str, list[str]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kept": self.kept, "skipped": {k: {"count": len(v), "first": v[:20]} for k, v in self.skipped.items()}}
+
+
+def select_languages(cfg: ExperimentConfig, train: list[Utterance]) -> list[str]:
+    present = sorted({u.language for u in train})
+    if not cfg.data.languages:
+        return present
+    missing = [lang for lang in cfg.data.languages if lang not in present]
+    if missing:
+        raise UserError(
+            f"language(s) {', '.join(missing)} not in {manifest_path(cfg.data.manifest_dir, 'train')} "
+            f"(present: {', '.join(present) or 'none'})"
+        )
+    return list(cfg.data.languages)
+
+
+class Trainer:
+    """Dense multilingual training of an Emformer RNN-T. Later issues hook pruners in here."""
+
+    def __init__(self, cfg: ExperimentConfig, out_dir: str | os.PathLike[str], *, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.resume = resume
+        self.progress = cfg.train.progress
+        self.device = resolve_device(cfg.train.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+        self._check_out_dir()
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def _check_out_dir(self) -> None:
+        has_ckpt = bool(list_checkpoints(self.out))
+        if self.resume:
+            if not has_ckpt:
+                raise UserError(f"--resume: no checkpoint in {self.out}")
+            saved = from_dict(ExperimentConfig, _load_yaml(self.out / "config.yaml"))
+            if to_dict(saved) != to_dict(self.cfg):
+                raise UserError(
+                    f"--resume: the config differs from the one saved in {self.out / 'config.yaml'}; "
+                    "resume with the same config (or omit --config to reuse the saved one)"
+                )
+        elif has_ckpt:
+            raise UserError(f"{self.out} already holds a training run: pass --resume or choose another --out")
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if not cfg.data.manifest_dir:
+            raise UserError("data.manifest_dir is not set (the directory with train.jsonl and dev.jsonl)")
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not self.resume:
+            save_config(cfg, self.out / "config.yaml")
+
+        train = load_split(cfg.data.manifest_dir, "train")
+        if not train:
+            raise UserError(f"no training utterances in {manifest_path(cfg.data.manifest_dir, 'train')}")
+        self.languages = select_languages(cfg, train)
+        train = [u for u in train if u.language in self.languages]
+        dev_path = manifest_path(cfg.data.manifest_dir, "dev")
+        dev = load_split(cfg.data.manifest_dir, "dev", self.languages) if dev_path.is_file() else []
+        dev = _cap_per_language(dev, cfg.data.dev_max_utterances)
+
+        self.tokenizer = self._tokenizer(train)
+        skipped: dict[str, list[str]] = {"too_long": [], "unencodable": [], "empty_text": []}
+        kept: list[Utterance] = []
+        for u in train:
+            if u.duration > cfg.data.max_duration:
+                skipped["too_long"].append(u.key)
+            elif not u.text.strip():
+                skipped["empty_text"].append(u.key)
+            elif not self.tokenizer.encodable(u.text):
+                skipped["unencodable"].append(u.key)
+            else:
+                kept.append(u)
+        if not kept:
+            raise UserError("every training utterance was skipped (see data_report.json)")
+        self.train_utts, self.dev_utts = kept, dev
+        counts = {lang: sum(u.language == lang for u in kept) for lang in self.languages}
+        self.report = DataReport(kept=counts, skipped=skipped)
+        atomic_write_json(self.out / "data_report.json", self.report.to_dict())
+        n_skip = sum(len(v) for v in skipped.values())
+        self._say(f"data: {len(kept)} training utterances ({', '.join(f'{k} {v}' for k, v in counts.items())}), "
+                  f"{n_skip} skipped, {len(dev)} dev")
+
+        self.features: dict[str, torch.Tensor] | None = None
+        if cfg.data.cache_features:
+            self.features = compute_features(
+                kept + dev, cfg.features, workers=cfg.data.workers, progress=self.progress
+            )
+        self.cmvn = self._cmvn()
+        self.dataset = SpeechDataset(
+            kept, self.tokenizer, self.cmvn, features=self.features, feature_config=cfg.features,
+            spec_augment=cfg.spec_augment, languages=self.languages, seed=cfg.train.seed,
+        )
+        self.sampler = BucketBatchSampler(
+            self.dataset.durations, self.dataset.utterance_languages, cfg.batch,
+            frames_per_second=cfg.features.frames_per_second,
+        )
+        self.model: EmformerRNNT = build_model(cfg.model, self.tokenizer.num_symbols, verbose=self.progress)
+        self.model.to(self.device)
+        o = cfg.optim
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_lambda(s, cfg))
+        self.step = 0
+        if self.resume:
+            self._restore()
+
+    def _say(self, msg: str) -> None:
+        log.info(msg)
+        if self.progress:
+            tqdm.write(msg)
+
+    def _tokenizer(self, train: list[Utterance]) -> Tokenizer:
+        path = self.out / TOKENIZER_FILE
+        if self.cfg.data.tokenizer:
+            src = Path(self.cfg.data.tokenizer)
+            tok = Tokenizer.load(src)
+            if not path.exists():
+                path.write_bytes(tok.to_bytes())
+            return tok
+        if path.exists() and self.resume:
+            return Tokenizer.load(path)
+        return Tokenizer.train([u.text for u in train], self.cfg.tokenizer, path)
+
+    def _cmvn(self) -> GlobalCMVN:
+        path = self.out / CMVN_FILE
+        if self.resume and path.exists():
+            return GlobalCMVN.load(path)
+        if self.features is not None:
+            feats = (self.features[u.key] for u in self.train_utts)
+        else:
+            feats = (f for f in compute_features(self.train_utts, self.cfg.features, workers=self.cfg.data.workers,
+                                                 progress=self.progress).values())
+        cmvn = GlobalCMVN.fit(feats)
+        cmvn.save(path)
+        return cmvn
+
+    def _restore(self) -> None:
+        ckpt = load_checkpoint(self.out)
+        self.model.load_state_dict(ckpt.model)
+        self.optimizer.load_state_dict(ckpt.optimizer_state())
+        self.step = ckpt.step
+        self.scheduler.load_state_dict({**self.scheduler.state_dict(), **ckpt.meta["extra"]["scheduler"]})
+        self.sampler.load_state_dict(ckpt.meta["extra"]["sampler"])
+        ckpt.restore_rng()
+        self._say(f"resumed from {ckpt.path} at step {self.step}")
+
+    # -- loop ---------------------------------------------------------------------------------
+
+    def _autocast(self):
+        amp = self.cfg.train.amp
+        if self.device.type == "cuda" and amp in ("auto", "bf16"):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if amp == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        self.model.train()
+        batch = batch.to(self.device)
+        with self._autocast():
+            out = self.model(batch.features, batch.feature_lengths, batch.targets, batch.target_lengths)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        clip = self.cfg.optim.grad_clip
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        stats = {"loss": float(out.loss), "rnnt": float(out.rnnt), "grad_norm": float(norm)}
+        if out.ctc is not None:
+            stats["ctc"] = float(out.ctc)
+        return stats
+
+    def _batches(self):
+        """Endless batches, epoch after epoch, from the sampler's current position."""
+        while True:
+            self.dataset.set_epoch(self.sampler.epoch)
+            for idx in self.sampler:
+                yield collate([self.dataset[i] for i in idx])
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+
+    def evaluate_dev(self) -> EvalResult | None:
+        if not self.dev_utts:
+            return None
+        return evaluate(
+            self.model, self.dev_utts, self.tokenizer, self.cmvn, self.cfg.features,
+            features=self.features, device=self.device, progress=self.progress,
+        )
+
+    def save(self) -> Path:
+        files = {TOKENIZER_FILE: self.out / TOKENIZER_FILE, CMVN_FILE: self.out / CMVN_FILE}
+        return save_checkpoint(
+            self.out, self.step, self.model, config=to_dict(self.cfg), optimizer=self.optimizer,
+            extra={"scheduler": {"last_epoch": self.scheduler.last_epoch, "_step_count": self.scheduler._step_count},
+                   "sampler": self.sampler.state_dict(), "languages": self.languages,
+                   "num_symbols": self.tokenizer.num_symbols},
+            files=files, keep=self.cfg.train.keep_checkpoints,
+        )
+
+    def run(self) -> dict[str, Any]:
+        """Train to ``train.max_steps``; returns the final dev result (if any) and timings."""
+        self.setup()
+        t = self.cfg.train
+        metrics_path = self.out / "metrics.jsonl"
+        writer = _tensorboard(self.out)
+        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
+        start = time.perf_counter()
+        window: list[dict[str, float]] = []
+        last_dev: EvalResult | None = None
+        batches = self._batches()
+        with metrics_path.open("a", encoding="utf-8") as metrics:
+            while self.step < t.max_steps:
+                batch = next(batches)
+                t0 = time.perf_counter()
+                stats = self.train_step(batch)
+                stats["sec"] = time.perf_counter() - t0
+                stats["frames"] = float(batch.feature_lengths.sum())
+                window.append(stats)
+                bar.update(1)
+                if t.log_every and (self.step % t.log_every == 0 or self.step == t.max_steps):
+                    row = {k: sum(w[k] for w in window if k in w) / len(window) for k in window[-1]}
+                    row.update(step=self.step, epoch=self.sampler.epoch, lr=self.scheduler.get_last_lr()[0],
+                               frames_per_sec=row["frames"] / max(row["sec"], 1e-9))
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                    bar.set_postfix(loss=f"{row['loss']:.2f}", lr=f"{row['lr']:.2e}")
+                    if writer is not None:
+                        for k in ("loss", "rnnt", "ctc", "lr", "grad_norm"):
+                            if k in row:
+                                writer.add_scalar(f"train/{k}", row[k], self.step)
+                    window = []
+                done = self.step == t.max_steps
+                if (t.eval_every and self.step % t.eval_every == 0) or done:
+                    last_dev = self.evaluate_dev()
+                    if last_dev is not None:
+                        row = {"step": self.step, "dev_average_wer": last_dev.average_wer,
+                               "dev_wer": {k: v.wer for k, v in last_dev.per_language.items()}}
+                        metrics.write(json.dumps(row) + "\n")
+                        metrics.flush()
+                        self._say(f"step {self.step}: dev WER " + ", ".join(
+                            f"{k} {100 * v.wer:.1f}%" for k, v in sorted(last_dev.per_language.items()))
+                            + f", avg {100 * last_dev.average_wer:.1f}%")
+                        if writer is not None:
+                            writer.add_scalar("dev/average_wer", last_dev.average_wer, self.step)
+                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or done:
+                    self.save()
+        bar.close()
+        if writer is not None:
+            writer.close()
+        result = {"steps": self.step, "train_seconds": time.perf_counter() - start,
+                  "checkpoint": str(list_checkpoints(self.out)[-1])}
+        if last_dev is not None:
+            result["dev"] = {k: v for k, v in last_dev.to_dict().items() if k != "hypotheses"}
+        return result
+
+
+def _cap_per_language(utts: list[Utterance], cap: int) -> list[Utterance]:
+    if cap <= 0:
+        return utts
+    seen: dict[str, int] = {}
+    out = []
+    for u in utts:
+        if seen.get(u.language, 0) < cap:
+            out.append(u)
+            seen[u.language] = seen.get(u.language, 0) + 1
+    return out
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"{path} is missing")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return data or {}
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+

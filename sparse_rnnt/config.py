@@ -158,6 +158,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise UserError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -175,8 +180,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for key in data:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
-            raise UserError(f"unknown config key {prefix}{key!r}{hint}")
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise UserError(f"unknown config key '{prefix}{key}'{hint}")
     kwargs: dict[str, Any] = {}
     base: Any = None
     if cls is ModelConfig:

@@ -12,6 +12,17 @@ from pathlib import Path
 from typing import Any
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create 0600/0700 entries; outputs should get the usual permissions.
+_FILE_MODE = 0o666 & ~_current_umask()
+_DIR_MODE = 0o777 & ~_current_umask()
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -27,6 +38,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -62,6 +74,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield target
         if not target.exists():
             raise FileNotFoundError(f"nothing was written to {target}")
+        if not target.is_symlink():
+            os.chmod(target, _DIR_MODE if target.is_dir() else _FILE_MODE)
         if path.is_dir() and not path.is_symlink():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

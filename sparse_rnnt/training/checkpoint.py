@@ -65,7 +65,10 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
         state.setdefault(int(idx), {})[name] = value
     for idx, entry in meta.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(entry)
-    return {"state": state, "param_groups": meta["param_groups"]}
+    # JSON turned tuples (Adam's betas) into lists.
+    groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def _python_rng_to_json() -> list[Any]:

@@ -248,7 +248,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        stats = {"loss": float(out.loss), "rnnt": float(out.rnnt), "grad_norm": float(norm)}
+        stats = {"loss": float(out.loss.detach()), "rnnt": float(out.rnnt), "grad_norm": float(norm)}
         if out.ctc is not None:
             stats["ctc"] = float(out.ctc)
         return stats

@@ -1,0 +1,70 @@
+import pytest
+
+from sparse_rnnt.config import ExperimentConfig, dump_config, load_config, parse_overrides, to_dict
+from sparse_rnnt.errors import UserError
+from sparse_rnnt.model.configs import MODEL_SIZES
+
+
+def test_defaults_validate():
+    cfg = load_config()
+    assert cfg == ExperimentConfig()
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: 0.01\nmodel:\n  name: small\n  transformer_num_layers: 3\ndata:\n  languages: [en, fr]\n")
+    cfg = load_config(p, ["optim.lr=2e-4", "train.max_steps=7", "batch.mode=monolingual"])
+    assert cfg.optim.lr == 2e-4
+    assert cfg.train.max_steps == 7
+    assert cfg.batch.mode == "monolingual"
+    assert cfg.data.languages == ("en", "fr")
+    # A named size with a field override keeps the rest of that size.
+    assert cfg.model.transformer_num_layers == 3
+    assert cfg.model.encoding_dim == MODEL_SIZES["small"].encoding_dim
+    # Comma lists from the command line.
+    assert load_config(None, ["data.languages=it,nl"]).data.languages == ("it", "nl")
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, ["model.name=base", "optim.betas=[0.8, 0.9]", "train.seed=3"])
+    p = tmp_path / "c.yaml"
+    p.write_text(dump_config(cfg))
+    assert load_config(p) == cfg
+    assert to_dict(load_config(p)) == to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["optim.lrr=1"], "did you mean 'optim.lr'"),
+        (["optimm.lr=1"], "unknown config key 'optimm'"),
+        (["optim.lr=abc"], "optim.lr: expected a number"),
+        (["train.max_steps=1.5"], "expected an integer"),
+        (["train.max_steps=0"], "max_steps must be positive"),
+        (["train.progress=maybe"], "expected true or false"),
+        (["model.name=huge"], "unknown model size"),
+        (["optim.betas=[0.9]"], "expected 2 values"),
+        (["optim.schedule=linear"], "optim.schedule"),
+        (["noequals"], "key=value"),
+    ],
+)
+def test_bad_config_is_a_clear_user_error(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, overrides)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [unclosed\n")
+    with pytest.raises(UserError, match="invalid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_config(lst)
+
+
+def test_parse_overrides_nests():
+    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}

@@ -1,0 +1,112 @@
+import json
+
+import pytest
+import torch
+
+from sparse_rnnt.config import load_config
+from sparse_rnnt.errors import UserError
+from sparse_rnnt.training.checkpoint import load_checkpoint
+from sparse_rnnt.training.inference import evaluate_checkpoint
+from sparse_rnnt.training.trainer import Trainer, lr_lambda
+
+
+def _cfg(manifests, **over):
+    items = {
+        "data.manifest_dir": str(manifests),
+        "data.workers": 1,
+        "train.max_steps": 6,
+        "train.log_every": 1,
+        "train.eval_every": 0,
+        "train.checkpoint_every": 3,
+        "train.threads": 1,
+        "train.progress": False,
+        "batch.max_frames": 400,
+        "model.transformer_num_layers": 2,
+        "model.ctc_weight": 0.3,
+        "optim.warmup_steps": 2,
+    }
+    items.update(over)
+    return load_config(None, [f"{k}={v}" for k, v in items.items()])
+
+
+def test_short_run_writes_a_complete_run_directory(tiny_manifests, tmp_path):
+    result = Trainer(_cfg(tiny_manifests), tmp_path / "run").run()
+    run = tmp_path / "run"
+    for name in ("config.yaml", "tokenizer.model", "cmvn.safetensors", "metrics.jsonl", "data_report.json"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
+    # The final step evaluates on dev and the checkpoint is usable on its own.
+    assert "dev" in result and set(result["dev"]["per_language"]) == {"en", "fr"}
+    res, info = evaluate_checkpoint(run, tiny_manifests, split="test", progress=False, device="cpu")
+    assert info["step"] == 6
+    assert sum(c.utterances for c in res.per_language.values()) == 16
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashingTrainer(Trainer):
+    def train_step(self, batch):
+        if self.step == 4:
+            raise _Crash
+        return super().train_step(batch)
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_manifests, tmp_path):
+    cfg = _cfg(tiny_manifests)
+    Trainer(cfg, tmp_path / "a").run()
+    with pytest.raises(_Crash):
+        _CrashingTrainer(cfg, tmp_path / "b").run()
+    assert load_checkpoint(tmp_path / "b").step == 3
+    Trainer(cfg, tmp_path / "b", resume=True).run()
+    a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
+    assert a.step == b.step == 6
+    for k in a.model:
+        assert torch.equal(a.model[k], b.model[k]), k
+    for k in a.state_tensors:
+        if k.startswith("optim."):
+            assert torch.equal(a.state_tensors[k], b.state_tensors[k]), k
+    assert a.meta["extra"]["sampler"] == b.meta["extra"]["sampler"]
+
+
+def test_loss_goes_down(tiny_manifests, tmp_path):
+    cfg = _cfg(tiny_manifests, **{"train.max_steps": 40, "train.checkpoint_every": 0, "optim.lr": 3e-3,
+                                   "spec_augment.enabled": False})
+    Trainer(cfg, tmp_path / "run").run()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["rnnt"] for r in rows if "rnnt" in r]
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+
+
+def test_run_directory_is_protected(tiny_manifests, tmp_path):
+    cfg = _cfg(tiny_manifests, **{"train.max_steps": 3})
+    Trainer(cfg, tmp_path / "run").run()
+    with pytest.raises(UserError, match="--resume"):
+        Trainer(cfg, tmp_path / "run")
+    with pytest.raises(UserError, match="config differs"):
+        Trainer(_cfg(tiny_manifests, **{"train.max_steps": 9}), tmp_path / "run", resume=True)
+    with pytest.raises(UserError, match="no checkpoint"):
+        Trainer(cfg, tmp_path / "empty", resume=True)
+
+
+def test_unknown_language_and_empty_manifest(tiny_manifests, tmp_path):
+    with pytest.raises(UserError, match="not in"):
+        Trainer(_cfg(tiny_manifests, **{"data.languages": "it"}), tmp_path / "x").run()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "train.jsonl").write_text("")
+    with pytest.raises(UserError, match="no training utterances"):
+        Trainer(_cfg(empty), tmp_path / "y").run()
+
+
+def test_warmup_then_cosine_schedule():
+    cfg = load_config(None, ["optim.warmup_steps=10", "train.max_steps=110", "optim.min_lr_ratio=0.1"])
+    assert lr_lambda(0, cfg) == pytest.approx(0.1)
+    assert lr_lambda(9, cfg) == pytest.approx(1.0)
+    assert lr_lambda(10, cfg) == pytest.approx(1.0)
+    assert lr_lambda(60, cfg) == pytest.approx(0.55)  # half-way: min + (1 - min) / 2
+    assert lr_lambda(110, cfg) == pytest.approx(0.1)

@@ -75,7 +75,7 @@ def test_corruption_is_detected_by_name(tmp_path):
     data = bytearray(good)
     data[-1] ^= 0xFF
     (path / "model.safetensors").write_bytes(bytes(data))
-    with pytest.raises(UserError, match=r"model.safetensors is corrupted"):
+    with pytest.raises(UserError, match=r"model\.safetensors is corrupted"):
         load_checkpoint(path)
     (path / "model.safetensors").write_bytes(good)
     load_checkpoint(path)

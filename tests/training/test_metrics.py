@@ -10,10 +10,10 @@ WORDS = st.lists(st.sampled_from(["a", "b", "c", "d", "ee", "f"]), max_size=12)
 
 def test_hand_computed_counts():
     # "the cat sat" vs "the bat sat down": one substitution (cat->bat), one insertion (down).
-    c = align_counts("the cat sat".split(), "the bat sat down".split())
+    c = align_counts(["the", "cat", "sat"], ["the", "bat", "sat", "down"])
     assert (c.substitutions, c.deletions, c.insertions, c.hits) == (1, 0, 1, 2)
     assert c.wer == pytest.approx(2 / 3)
-    c = align_counts("a b c d".split(), "a d".split())
+    c = align_counts(["a", "b", "c", "d"], ["a", "d"])
     assert (c.substitutions, c.deletions, c.insertions, c.hits) == (0, 2, 0, 2)
     c = align_counts([], ["x"])
     assert c.insertions == 1 and c.wer == float("inf")

@@ -80,7 +80,7 @@ def test_corruption_is_detected_by_name(tmp_path):
     (path / "model.safetensors").write_bytes(good)
     load_checkpoint(path)
     (path / "state.safetensors").unlink()
-    with pytest.raises(UserError, match="state.safetensors is missing"):
+    with pytest.raises(UserError, match=r"state\.safetensors is missing"):
         load_checkpoint(path)
 
 

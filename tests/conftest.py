@@ -1,0 +1,20 @@
+"""Shared fixtures: a tiny corpus in the real MLS layout, read into manifests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sparse_rnnt.data.mls import read_mls, write_manifests
+from tests.data.mls_fixture import build_mls_fixture
+
+
+@pytest.fixture(scope="session")
+def tiny_manifests(tmp_path_factory) -> Path:
+    """Manifests of a 2-language (en, fr) MLS-layout corpus, 8 utterances per split."""
+    root = tmp_path_factory.mktemp("tiny_mls")
+    build_mls_fixture(root / "corpus", languages=("en", "fr"), per_split=8)
+    utts, report = read_mls(root / "corpus", progress=False)
+    write_manifests(root / "manifests", utts, report)
+    return root / "manifests"

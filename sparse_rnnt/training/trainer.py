@@ -160,7 +160,7 @@ class Trainer:
         self.features: dict[str, torch.Tensor] | None = None
         if cfg.data.cache_features:
             self.features = compute_features(
-                kept + dev, cfg.features, workers=cfg.data.workers, progress=self.progress
+                kept + dev, cfg.features, workers=self._feature_workers(), progress=self.progress
             )
         self.cmvn = self._cmvn()
         self.dataset = SpeechDataset(
@@ -187,6 +187,9 @@ class Trainer:
         if self.progress:
             tqdm.write(msg)
 
+    def _feature_workers(self) -> int:
+        return self.cfg.data.workers or os.cpu_count() or 1
+
     def _tokenizer(self, train: list[Utterance]) -> Tokenizer:
         path = self.out / TOKENIZER_FILE
         if self.cfg.data.tokenizer:
@@ -206,7 +209,7 @@ class Trainer:
         if self.features is not None:
             feats = (self.features[u.key] for u in self.train_utts)
         else:
-            feats = (f for f in compute_features(self.train_utts, self.cfg.features, workers=self.cfg.data.workers,
+            feats = (f for f in compute_features(self.train_utts, self.cfg.features, workers=self._feature_workers(),
                                                  progress=self.progress).values())
         cmvn = GlobalCMVN.fit(feats)
         cmvn.save(path)

@@ -125,6 +125,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from .model import MODEL_SIZES, build_model
 
+    print(f"parameter counts with {args.num_symbols} output symbols (incl. blank)")
     for name, cfg in MODEL_SIZES.items():
         model = build_model(cfg, args.num_symbols, verbose=False)
         n = sum(p.numel() for p in model.parameters())

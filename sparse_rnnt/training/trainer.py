@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,7 +285,14 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train to ``train.max_steps``; returns the final dev result (if any) and timings."""
-        self.setup()
+        created = not self.out.exists()
+        try:
+            self.setup()
+        except (UserError, KeyboardInterrupt):
+            # Bad input found during set-up: leave nothing behind (a started run stays resumable).
+            if created:
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
         t = self.cfg.train
         metrics_path = self.out / "metrics.jsonl"
         writer = _tensorboard(self.out)

@@ -96,6 +96,7 @@ def test_run_directory_is_protected(tiny_manifests, tmp_path):
 def test_unknown_language_and_empty_manifest(tiny_manifests, tmp_path):
     with pytest.raises(UserError, match="not in"):
         Trainer(_cfg(tiny_manifests, **{"data.languages": "it"}), tmp_path / "x").run()
+    assert not (tmp_path / "x").exists()  # nothing half-written
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "train.jsonl").write_text("")
@@ -110,3 +111,11 @@ def test_warmup_then_cosine_schedule():
     assert lr_lambda(10, cfg) == pytest.approx(1.0)
     assert lr_lambda(60, cfg) == pytest.approx(0.55)  # half-way: min + (1 - min) / 2
     assert lr_lambda(110, cfg) == pytest.approx(0.1)
+
+
+def test_bf16_autocast_step_runs_on_cpu(tiny_manifests, tmp_path):
+    """CPU counterpart of the CUDA bf16 path: the same autocast code, on CPU."""
+    cfg = _cfg(tiny_manifests, **{"train.amp": "bf16", "train.max_steps": 2, "train.checkpoint_every": 0})
+    Trainer(cfg, tmp_path / "run").run()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)

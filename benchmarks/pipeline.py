@@ -1,0 +1,124 @@
+"""CPU pipeline benchmark: the hot paths of the backbone, each against a baseline in one run.
+
+    python -m benchmarks.pipeline [--out benchmarks/results/pipeline-cpu.json]
+
+- log-mel features: ours (``LogMel``) vs torchaudio's Kaldi-compatible ``fbank``;
+- greedy decoding: our batched greedy search vs one utterance at a time (the reference loop);
+- one training step of the ``tiny`` model at the demo's batch size.
+
+Timings are medians of repeated runs; ratios are against the baseline measured in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchaudio
+
+from sparse_rnnt.data.features import LogMel
+from sparse_rnnt.io import atomic_write_json
+from sparse_rnnt.model import build_model, model_config
+from sparse_rnnt.model.decoding import greedy_search
+
+from .env import environment
+
+
+def median_time(fn: Callable[[], object], repeat: int = 7, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_features() -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    waves = [0.1 * torch.randn(int(16000 * s), generator=g) for s in (1.3, 2.1, 2.9, 3.7, 4.4)]
+    ours = LogMel()
+    seconds = sum(w.numel() for w in waves) / 16000
+
+    def run_ours():
+        with torch.inference_mode():
+            for w in waves:
+                ours(w)
+
+    def run_kaldi():
+        with torch.inference_mode():
+            for w in waves:
+                torchaudio.compliance.kaldi.fbank(w[None], num_mel_bins=80, frame_length=25.0, frame_shift=10.0,
+                                                  dither=0.0, sample_frequency=16000)
+
+    base = median_time(run_kaldi)
+    t = median_time(run_ours)
+    return [
+        {"op": "log-mel 80", "provider": "torchaudio.compliance.kaldi.fbank", "seconds": base,
+         "x_real_time": seconds / base, "speedup_vs_baseline": 1.0},
+        {"op": "log-mel 80", "provider": "sparse_rnnt LogMel", "seconds": t,
+         "x_real_time": seconds / t, "speedup_vs_baseline": base / t},
+    ]
+
+
+def _greedy_one_by_one(model, x, lengths):
+    return [greedy_search(model, x[b : b + 1, : int(lengths[b])], lengths[b : b + 1])[0] for b in range(x.size(0))]
+
+
+def bench_greedy() -> list[dict]:
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny"), 45, verbose=False).eval()
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(150, 400, (16,), generator=g, dtype=torch.int32)
+    x = torch.randn(16, int(lengths.max()), 80, generator=g)
+    base = median_time(lambda: _greedy_one_by_one(model, x, lengths), repeat=3, warmup=1)
+    t = median_time(lambda: greedy_search(model, x, lengths), repeat=3, warmup=1)
+    return [
+        {"op": "greedy decode, 16 utts", "provider": "one utterance at a time", "seconds": base, "speedup_vs_baseline": 1.0},
+        {"op": "greedy decode, 16 utts", "provider": "batched greedy_search", "seconds": t, "speedup_vs_baseline": base / t},
+    ]
+
+
+def bench_train_step() -> list[dict]:
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny", ctc_weight=0.3), 45, verbose=False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(24, 250, 80, generator=g)
+    xl = torch.full((24,), 250, dtype=torch.int32)
+    y = torch.randint(0, 44, (24, 40), generator=g, dtype=torch.int32)
+    yl = torch.full((24,), 40, dtype=torch.int32)
+
+    def step():
+        opt.zero_grad()
+        model(x, xl, y, yl).loss.backward()
+        opt.step()
+
+    t = median_time(step, repeat=5, warmup=2)
+    return [{"op": "train step tiny, 24 x 2.5 s", "provider": "fp32 eager", "seconds": t,
+             "audio_seconds_per_second": 24 * 2.5 / t}]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/pipeline-cpu.json", help="JSON file to write")
+    args = parser.parse_args(argv)
+    rows = bench_features() + bench_greedy() + bench_train_step()
+    result = {"environment": environment(), "results": rows}
+    print(f"{'op':<30}{'provider':<38}{'seconds':>10}{'ratio':>8}")
+    for r in rows:
+        ratio = r.get("speedup_vs_baseline")
+        print(f"{r['op']:<30}{r['provider']:<38}{r['seconds']:>10.4f}{'' if ratio is None else f'{ratio:>7.2f}x'}")
+    atomic_write_json(Path(args.out), result)
+    print(json.dumps(result["environment"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

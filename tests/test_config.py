@@ -68,3 +68,23 @@ def test_bad_files(tmp_path):
 
 def test_parse_overrides_nests():
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.model.name in MODEL_SIZES
+
+
+def test_demo_recipe_matches_tiny_cpu_config():
+    from pathlib import Path
+
+    from sparse_rnnt.demo import DEMO_STEPS, DEMO_TRAIN_OVERRIDES
+
+    shipped = load_config(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml")
+    demo = load_config(None, ["data.manifest_dir=manifests", f"train.max_steps={DEMO_STEPS}", *DEMO_TRAIN_OVERRIDES])
+    assert to_dict(shipped) == to_dict(demo)

@@ -47,6 +47,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
         workers=args.workers,
         lexicon_size=args.lexicon_size,
         max_words=args.max_words,
+        train_speakers=args.train_speakers,
+        dev_speakers=args.dev_speakers,
+        test_speakers=args.test_speakers,
     )
     config.validate()
     summary = synthesize_corpus(Path(args.out), config, progress=not args.quiet)
@@ -165,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lexicon-size", type=int, default=None,
                    help="cap each word class of the grammar to its first K words (smaller = easier corpus)")
     p.add_argument("--max-words", type=int, default=8, help="longest sentence in words (default 8)")
+    p.add_argument("--train-speakers", type=int, default=24, help="training speakers per language (default 24)")
+    p.add_argument("--dev-speakers", type=int, default=4, help="dev speakers per language, unseen voices (default 4)")
+    p.add_argument("--test-speakers", type=int, default=4, help="test speakers per language, unseen voices (default 4)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)
 

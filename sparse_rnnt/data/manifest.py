@@ -86,3 +86,17 @@ def load_split(
         keep = set(languages)
         utts = [u for u in utts if u.language in keep]
     return utts
+
+
+def cap_per_language(utterances: Iterable[Utterance], cap: int) -> list[Utterance]:
+    """The first ``cap`` utterances of each language, in order (``cap <= 0``: all of them)."""
+    utts = list(utterances)
+    if cap <= 0:
+        return utts
+    seen: dict[str, int] = {}
+    out = []
+    for u in utts:
+        if seen.get(u.language, 0) < cap:
+            out.append(u)
+            seen[u.language] = seen.get(u.language, 0) + 1
+    return out

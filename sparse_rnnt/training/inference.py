@@ -11,7 +11,7 @@ import torch
 
 from ..config import ExperimentConfig, from_dict
 from ..data.features import GlobalCMVN
-from ..data.manifest import Utterance, load_split, manifest_path
+from ..data.manifest import cap_per_language, load_split, manifest_path
 from ..data.tokenizer import Tokenizer
 from ..errors import UserError
 from ..model.rnnt import EmformerRNNT
@@ -49,18 +49,6 @@ def load_recognizer(path: str | os.PathLike[str], device: str = "cpu") -> Recogn
     return Recognizer(model, tokenizer, cmvn, cfg, languages, ckpt.path, ckpt.step)
 
 
-def _limit(utts: list[Utterance], limit: int) -> list[Utterance]:
-    if limit <= 0:
-        return utts
-    count: dict[str, int] = {}
-    out = []
-    for u in utts:
-        if count.get(u.language, 0) < limit:
-            out.append(u)
-            count[u.language] = count.get(u.language, 0) + 1
-    return out
-
-
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike[str],
     manifest_dir: str | os.PathLike[str],
@@ -82,7 +70,7 @@ def evaluate_checkpoint(
         unknown = [lang for lang in langs if lang not in rec.languages]
         if unknown:
             raise UserError(f"the checkpoint was not trained on {', '.join(unknown)} (it knows {', '.join(rec.languages)})")
-    utts = _limit(load_split(manifest_dir, split, langs), limit)
+    utts = cap_per_language(load_split(manifest_dir, split, langs), limit)
     if not utts:
         raise UserError(f"no utterances for {', '.join(langs or ['any language'])} in {manifest_path(manifest_dir, split)}")
     dev = next(rec.model.parameters()).device

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ..config import ExperimentConfig, from_dict, save_config, to_dict
 from ..data.dataset import Batch, SpeechDataset, collate
 from ..data.features import GlobalCMVN, compute_features
-from ..data.manifest import Utterance, load_split, manifest_path
+from ..data.manifest import Utterance, cap_per_language, load_split, manifest_path
 from ..data.sampler import BucketBatchSampler
 from ..data.tokenizer import Tokenizer
 from ..errors import UserError
@@ -134,7 +134,7 @@ class Trainer:
         train = [u for u in train if u.language in self.languages]
         dev_path = manifest_path(cfg.data.manifest_dir, "dev")
         dev = load_split(cfg.data.manifest_dir, "dev", self.languages) if dev_path.is_file() else []
-        dev = _cap_per_language(dev, cfg.data.dev_max_utterances)
+        dev = cap_per_language(dev, cfg.data.dev_max_utterances)
 
         self.tokenizer = self._tokenizer(train)
         skipped: dict[str, list[str]] = {"too_long": [], "unencodable": [], "empty_text": []}
@@ -345,18 +345,6 @@ class Trainer:
         if last_dev is not None:
             result["dev"] = {k: v for k, v in last_dev.to_dict().items() if k != "hypotheses"}
         return result
-
-
-def _cap_per_language(utts: list[Utterance], cap: int) -> list[Utterance]:
-    if cap <= 0:
-        return utts
-    seen: dict[str, int] = {}
-    out = []
-    for u in utts:
-        if seen.get(u.language, 0) < cap:
-            out.append(u)
-            seen[u.language] = seen.get(u.language, 0) + 1
-    return out
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:

@@ -55,8 +55,27 @@ class EmformerRNNT(nn.Module):
         """``[B, T, F]`` -> ``[B, T + right_context, F]`` (zeros = the mean after CMVN)."""
         return F.pad(features, (0, 0, 0, self.right_context))
 
+    def trim_to_stride(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop the last ``length % time_reduction_stride`` frames of each utterance (< 40 ms).
+
+        Without this, a partial stack of frames lands in the Emformer's right context when the
+        utterance is alone but in a masked padding position when it is batched with longer ones,
+        so the encoder output would depend on the batch. Frames past each length are zeroed.
+        ``features [B, T, F]``, ``lengths [B]`` -> ``[B, T2, F]``, ``[B]``.
+        """
+        stride = self.config.time_reduction_stride
+        lengths = lengths - lengths % stride
+        frames = int(lengths.max()) if lengths.numel() else 0
+        features = features[:, :frames]
+        keep = torch.arange(frames, device=features.device)[None, :] < lengths[:, None].to(features.device)
+        return features * keep[..., None].to(features.dtype), lengths
+
     def encode(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-utterance encoder. ``features [B, T, F]``, ``lengths [B]`` -> ``[B, T', D]``, ``[B]``."""
+        """Full-utterance encoder. ``features [B, T, F]``, ``lengths [B]`` -> ``[B, T', D]``, ``[B]``.
+
+        The output of an utterance does not depend on what it is batched with.
+        """
+        features, lengths = self.trim_to_stride(features, lengths)
         return self.rnnt.transcribe(self.pad_right_context(features), lengths)
 
     def prepend_blank(self, targets: torch.Tensor, target_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

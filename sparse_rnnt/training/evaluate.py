@@ -62,13 +62,14 @@ class EvalResult:
         return "\n".join(lines)
 
 
-def _batches(utts: Sequence[Utterance], max_frames: int) -> list[list[int]]:
+def _batches(utts: Sequence[Utterance], max_frames: int, frames_per_second: float) -> list[list[int]]:
+    """Indices sorted by duration, cut into batches of at most ``max_frames`` padded frames."""
     order = sorted(range(len(utts)), key=lambda i: utts[i].duration)
     batches: list[list[int]] = []
     cur: list[int] = []
     for i in order:
-        longest = max(utts[i].duration, *(utts[j].duration for j in cur[-1:])) if cur else utts[i].duration
-        if cur and (len(cur) + 1) * longest * 100 > max_frames:
+        # Sorted ascending: utterance i is the longest of the batch it would join.
+        if cur and (len(cur) + 1) * utts[i].duration * frames_per_second > max_frames:
             batches.append(cur)
             cur = []
         cur.append(i)
@@ -102,7 +103,7 @@ def evaluate(
     result = EvalResult(method=method)
     bar = tqdm(total=len(utterances), desc=f"decode ({method})", unit="utt", disable=not progress, leave=False)
     try:
-        for idx in _batches(utterances, max_frames):
+        for idx in _batches(utterances, max_frames, feature_config.frames_per_second):
             feats = []
             for i in idx:
                 u = utterances[i]

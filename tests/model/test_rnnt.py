@@ -8,9 +8,11 @@ from sparse_rnnt.model import MODEL_SIZES, build_model, count_parameters, model_
 from sparse_rnnt.model.decoding import beam_search, greedy_search
 
 
-def _inputs(seed=0, batch=3, frames=(96, 71, 40), vocab=12):
+def _inputs(seed=0, batch=3, frames=(96, 72, 40), vocab=12):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, max(frames), 80, generator=g)
+    for b, n in enumerate(frames):
+        x[b, n:] = 0  # batches are zero-padded
     lengths = torch.tensor(frames, dtype=torch.int32)
     u = (7, 5, 2)
     y = torch.randint(0, vocab - 1, (batch, max(u)), generator=g, dtype=torch.int32)
@@ -59,6 +61,19 @@ def test_loss_equals_torchaudio_reference():
     ref = rnnt_loss(logits, y, src_len.int(), yl, blank=11, reduction="none")
     torch.testing.assert_close(out.per_utterance, ref)
     torch.testing.assert_close(out.loss, ref.mean())
+
+
+@pytest.mark.parametrize("lengths", [(57, 41, 22), (96, 71, 38), (13, 12, 9)])
+def test_encoder_output_does_not_depend_on_the_batch(lengths):
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny", transformer_num_layers=2), 12, verbose=False).eval()
+    x, xl, _, _ = _inputs(frames=lengths)
+    with torch.no_grad():
+        enc, enc_len = model.encode(x, xl)
+        for b, n in enumerate(lengths):
+            alone, alone_len = model.encode(x[b : b + 1, :n], xl[b : b + 1])
+            assert int(alone_len[0]) == int(enc_len[b]) == n // 4
+            torch.testing.assert_close(enc[b, : n // 4], alone[0], atol=1e-5, rtol=1e-5)
 
 
 def test_ctc_head_adds_weighted_ctc_loss():

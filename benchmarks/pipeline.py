@@ -85,37 +85,61 @@ def bench_greedy() -> list[dict]:
     ]
 
 
-def bench_train_step() -> list[dict]:
+def _train_step_rows(name: str, device: str, batch: int, frames: int, units: int) -> list[dict]:
     torch.manual_seed(0)
-    model = build_model(model_config("tiny", ctc_weight=0.3), 45, verbose=False)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    vocab = 45 if name == "tiny" else 1025
+    model = build_model(model_config(name), vocab, verbose=False).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(24, 250, 80, generator=g)
-    xl = torch.full((24,), 250, dtype=torch.int32)
-    y = torch.randint(0, 44, (24, 40), generator=g, dtype=torch.int32)
-    yl = torch.full((24,), 40, dtype=torch.int32)
+    x = torch.randn(batch, frames, 80, generator=g).to(device)
+    xl = torch.full((batch,), frames, dtype=torch.int32, device=device)
+    y = torch.randint(0, vocab - 1, (batch, units), generator=g, dtype=torch.int32).to(device)
+    yl = torch.full((batch,), units, dtype=torch.int32, device=device)
+    providers: list[tuple[str, torch.dtype | None]] = [("fp32 eager", None)]
+    if device == "cuda":
+        providers.append(("bf16 autocast", torch.bfloat16))
+    rows: list[dict] = []
+    base = None
+    for provider, dtype in providers:
+        def step(dtype: torch.dtype | None = dtype) -> None:
+            opt.zero_grad()
+            with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                loss = model(x, xl, y, yl).loss
+            loss.backward()
+            opt.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
 
-    def step():
-        opt.zero_grad()
-        model(x, xl, y, yl).loss.backward()
-        opt.step()
+        t = median_time(step, repeat=5, warmup=2)
+        base = base or t
+        rows.append({"op": f"train step {name}, {batch} x {frames / 100:.1f} s", "provider": provider,
+                     "seconds": t, "audio_seconds_per_second": batch * frames / 100 / t,
+                     "speedup_vs_baseline": base / t})
+    return rows
 
-    t = median_time(step, repeat=5, warmup=2)
-    return [{"op": "train step tiny, 24 x 2.5 s", "provider": "fp32 eager", "seconds": t,
-             "audio_seconds_per_second": 24 * 2.5 / t}]
+
+def bench_train_step(device: str = "cpu") -> list[dict]:
+    """One Adam step of named sizes: fp32 eager vs bf16 autocast (CUDA only), same batch."""
+    if device == "cpu":
+        return _train_step_rows("tiny", device, 24, 250, 40)
+    return [row for name in ("tiny", "small", "base") for row in _train_step_rows(name, device, 64, 1000, 120)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="benchmarks/results/pipeline-cpu.json", help="JSON file to write")
+    parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/pipeline-<device>.json)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to time the training steps")
     args = parser.parse_args(argv)
-    rows = bench_features() + bench_greedy() + bench_train_step()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    out = args.out or f"benchmarks/results/pipeline-{args.device}.json"
+    rows = bench_features() + bench_greedy() + bench_train_step(args.device)
     result = {"environment": environment(), "results": rows}
-    print(f"{'op':<30}{'provider':<38}{'seconds':>10}{'ratio':>8}")
+    print(f"{'op':<34}{'provider':<38}{'seconds':>10}{'ratio':>8}")
     for r in rows:
         ratio = r.get("speedup_vs_baseline")
-        print(f"{r['op']:<30}{r['provider']:<38}{r['seconds']:>10.4f}{'' if ratio is None else f'{ratio:>7.2f}x'}")
-    atomic_write_json(Path(args.out), result)
+        print(f"{r['op']:<34}{r['provider']:<38}{r['seconds']:>10.4f}{'' if ratio is None else f'{ratio:>7.2f}x'}")
+    atomic_write_json(Path(out), result)
     print(json.dumps(result["environment"]))
     return 0
 

@@ -23,6 +23,9 @@ def _cpu_name() -> str:
 
 
 def _commit() -> str:
+    # Machines without git (the GPU image) can pass the commit in the environment.
+    if os.environ.get("SPARSE_RNNT_COMMIT"):
+        return os.environ["SPARSE_RNNT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)

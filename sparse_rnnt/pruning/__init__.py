@@ -1,10 +1,11 @@
-"""Pruning engine foundations: scope, exact magnitude ranking, mask sets, sparsity schedules.
+"""Pruning engine: scope, exact magnitude ranking, mask sets, sparsity schedules, and the
+pruners (IMP, LTH, LAP, adaptive masking, Dynamic ASR Pathways) that a trainer drives.
 
-The pruning methods (IMP, LTH, LAP, ASR Pathways, adaptive masking, Dynamic ASR Pathways) build on
-these; faster ranking kernels replace :func:`magnitude_masks` under the same interface.
+Faster ranking kernels replace :func:`magnitude_masks` under the same interface.
 """
 
 from .masks import LanguageMasks, MaskSet, pack_bits, unpack_bits
+from .methods import METHODS, Pruner, PruningConfig
 from .ranking import (
     Granularity,
     block_sizes,
@@ -19,11 +20,14 @@ from .schedules import Cubic, OneShot, SparsitySchedule, Staircase, schedule_fro
 from .scope import ScopeConfig, select_parameters
 
 __all__ = [
+    "METHODS",
     "Cubic",
     "Granularity",
     "LanguageMasks",
     "MaskSet",
     "OneShot",
+    "Pruner",
+    "PruningConfig",
     "ScopeConfig",
     "SparsitySchedule",
     "Staircase",

@@ -1,0 +1,458 @@
+"""Pruning methods as objects a trainer drives: IMP, LTH, LAP, adaptive masking, Dynamic ASR Pathways.
+
+Driving protocol (one optimizer step; ``step`` counts *completed* optimizer steps)::
+
+    pruner = Pruner(PruningConfig(method="adaptive"), model, languages=None)
+    pruner.prepare()                              # theta0 := copy of in-scope weights; step-0 masks
+    for step in range(1, num_steps + 1):
+        with pruner.masked_forward(language):     # forward AND backward inside the context
+            loss = model(...).loss
+            loss.backward()
+        pruner.before_optimizer_step(step, language)
+        optimizer.step(); optimizer.zero_grad()
+        pruner.after_optimizer_step(step)
+        pruner.update_mask(step, language)        # True if a mask changed
+
+Methods (``PruningConfig.method``):
+
+- ``"imp"`` (hard): masks fixed between sparsity steps. ``before_optimizer_step`` zeroes the
+  gradients of pruned weights, ``after_optimizer_step`` re-zeroes pruned weights (Adam's moments
+  would move them). At each sparsity step (``schedule.is_prune_step(step)``) the smallest-magnitude
+  *kept* weights are pruned to the new level (``candidates`` = current mask), so masks are nested.
+- ``"lth"`` (hard): as IMP, and after each pruning event the kept weights are rewound to theta0
+  exactly (pruned weights stay 0).
+- ``"lap"`` (hard): language-agnostic pruning = IMP on mixed batches, one mask for all languages.
+- ``"adaptive"`` (soft, monolingual): pruned weights are zero in the forward but keep their
+  stored values and their gradients. Every ``adapt_every`` steps the mask is re-ranked over ALL
+  weights at the current level (pruned weights that regrew come back); at sparsity steps it is
+  re-ranked at the new level. ``variant="lth"``: at sparsity steps the mask is ranked on the
+  trained (pre-rewind) weights, THEN every in-scope weight (kept or not) is rewound to theta0.
+- ``"dynamic-pathways"`` (soft, multilingual): one mask per language over shared weights. Language
+  z re-ranks only inside ``LanguageMasks.selectable_zone(z)`` (its free zone plus its own pathway,
+  computed just before its re-rank), keeping ``(1 - level) * |theta|`` weights (global ranking) or
+  per tensor. ``update_mask(step, z)`` re-ranks z every ``adapt_every`` steps (all languages if z is
+  None); at sparsity steps every language is re-pruned, in the order of ``languages`` given to the
+  constructor: ORDER MATTERS, since an earlier language may claim free weights a later one wanted.
+  A language-z step trains only z's selectable zone: ``before_optimizer_step`` zeroes the gradients
+  outside it and snapshots those weights; ``after_optimizer_step`` restores them exactly (Adam
+  momentum would otherwise move weights owned only by other languages). One language per optimizer
+  step (alternating batches). ``variant="lth"`` rewinds all weights to theta0 after the sparsity
+  step's re-ranking. Start from given masks with :meth:`Pruner.init_masks` (LAP or LTH masks).
+  ASR Pathways stage 2 (fixed per-language masks) is not implemented here.
+
+Soft masking (:meth:`Pruner.masked_forward`): inside the context each in-scope ``param.data`` is
+replaced by ``theta ⊙ m`` and restored to the saved dense ``theta`` on exit. The gradient is thus
+evaluated at ``m ⊙ theta`` and lands on (and is later applied to) every entry of ``theta``: a
+straight-through estimator, so pruned weights keep receiving gradient. The backward pass MUST run
+inside the context (autograd saved the masked weights). For hard methods the context is a no-op.
+
+Schedules: ``"staircase"`` (``levels``, one step every ``interval``; ``levels[-1]`` must equal
+``target_sparsity``), ``"oneshot"`` (``target_sparsity`` at step 0), ``"cubic"`` (from ``levels[0]``
+to ``target_sparsity`` over ``interval * max(1, len(levels) - 1)`` steps, an event every
+``interval``). A level in force at step 0 is applied by :meth:`Pruner.prepare`; ``update_mask``
+ignores step 0.
+
+History: ``Pruner.history`` holds one dict per mask update: ``step``, ``event`` (``"level"`` or
+``"rerank"``), ``level`` (target), ``sparsity`` (achieved), ``churn`` (fraction of the mask's
+weights flipped), and ``language`` for dynamic pathways.
+
+Checkpoints: :meth:`Pruner.state_dict` returns ``{"meta": JSON-able dict, "tensors": {key: Tensor}}``
+with tensor keys ``mask/<param>`` (or ``mask/<lang>/<param>``, bit-packed by
+:meth:`MaskSet.pack`) and ``theta0/<param>``, ready for safetensors + JSON. Model weights and
+optimizer state are not included (the trainer saves them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserError
+from .masks import LanguageMasks, MaskSet
+from .ranking import SCOPES, Granularity, magnitude_masks
+from .schedules import SparsitySchedule, schedule_from_config
+from .scope import ScopeConfig, select_parameters
+
+METHODS: tuple[str, ...] = ("imp", "lth", "lap", "adaptive", "dynamic-pathways")
+HARD_METHODS: frozenset[str] = frozenset({"imp", "lth", "lap"})
+VARIANTS: tuple[str, ...] = ("imp", "lth")
+SCHEDULE_KINDS: tuple[str, ...] = ("staircase", "cubic", "oneshot")
+STATE_FORMAT = "sparse_rnnt.pruner"
+STATE_VERSION = 1
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """What to prune, how and when. See the module docstring for each field's meaning.
+
+    Defaults: staircase 0.2 -> 0.5 -> 0.7, T = ``interval`` = 1000 steps, soft re-rank every
+    ``adapt_every`` = 100 steps, global unstructured magnitude ranking over the default scope.
+    """
+
+    method: str
+    target_sparsity: float = 0.7
+    schedule: str = "staircase"
+    levels: tuple[float, ...] = (0.2, 0.5, 0.7)
+    interval: int = 1000
+    adapt_every: int = 100
+    variant: str = "imp"
+    granularity: Granularity = field(default_factory=Granularity)
+    ranking: str = "global"
+    scope: ScopeConfig = field(default_factory=ScopeConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.levels, list):
+            object.__setattr__(self, "levels", tuple(self.levels))
+
+    @property
+    def soft(self) -> bool:
+        """Soft (straight-through) masking: adaptive and dynamic pathways."""
+        return self.method not in HARD_METHODS
+
+    def validate(self) -> None:
+        """Raise :class:`UserError` naming the bad field and value."""
+        if self.method not in METHODS:
+            raise UserError(f"pruning.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        ts = self.target_sparsity
+        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not 0.0 < ts < 1.0:
+            raise UserError(f"pruning.target_sparsity must be a number in (0, 1), got {ts!r}")
+        if self.schedule not in SCHEDULE_KINDS:
+            raise UserError(f"pruning.schedule must be one of {', '.join(SCHEDULE_KINDS)}, got {self.schedule!r}")
+        if not isinstance(self.levels, tuple) or not self.levels:
+            raise UserError(f"pruning.levels must be a non-empty list of sparsities, got {self.levels!r}")
+        for name in ("interval", "adapt_every"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise UserError(f"pruning.{name} must be an integer > 0, got {value!r}")
+        if self.adapt_every >= self.interval:
+            raise UserError(
+                f"pruning.adapt_every ({self.adapt_every}) must be smaller than pruning.interval "
+                f"({self.interval}): re-ranking happens several times per sparsity step"
+            )
+        if self.variant not in VARIANTS:
+            raise UserError(f"pruning.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.ranking not in SCOPES:
+            raise UserError(f"pruning.ranking must be one of {', '.join(SCOPES)}, got {self.ranking!r}")
+        if self.schedule == "staircase" and self.levels[-1] != ts:
+            raise UserError(
+                f"pruning.levels must end at pruning.target_sparsity ({ts}), got {list(self.levels)}"
+            )
+        self.granularity.validate()
+        self.scope.validate()
+        self.build_schedule()  # validates levels (increasing, in [0, 1))
+
+    def build_schedule(self) -> SparsitySchedule:
+        """The sparsity schedule this config describes (see the module docstring)."""
+        if self.schedule == "staircase":
+            return schedule_from_config("staircase", levels=self.levels, interval=self.interval)
+        if self.schedule == "oneshot":
+            return schedule_from_config("oneshot", sparsity=self.target_sparsity, step=0)
+        return schedule_from_config(
+            "cubic",
+            initial=self.levels[0],
+            final=self.target_sparsity,
+            steps=self.interval * max(1, len(self.levels) - 1),
+            frequency=self.interval,
+        )
+
+
+class Pruner:
+    """Masks over the in-scope weights of ``model`` and the rules to update them (module docstring)."""
+
+    def __init__(self, config: PruningConfig, model: nn.Module, languages: list[str] | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.model = model
+        self.params: dict[str, nn.Parameter] = select_parameters(model, config.scope)
+        self.schedule = config.build_schedule()
+        self.multilingual = config.method == "dynamic-pathways"
+        if self.multilingual:
+            if not languages:
+                raise UserError("pruning.method dynamic-pathways needs the list of languages")
+            if len(set(languages)) != len(languages):
+                raise UserError(f"duplicate languages for dynamic-pathways: {languages}")
+        self.languages: list[str] = list(languages or [])
+        self.level: float = 0.0
+        self.history: list[dict[str, Any]] = []
+        self.theta0: dict[str, Tensor] = {}
+        self._mask: MaskSet | None = None
+        self._lang_masks: LanguageMasks | None = None
+        self._frozen: dict[str, tuple[Tensor, Tensor]] | None = None
+
+    # ---- setup
+    def prepare(self, dense_state: dict[str, Tensor] | None = None) -> None:
+        """Remember theta0 (``dense_state[name]`` or the model's current in-scope weights, copied)
+        and set the step-0 masks: all ones, or the schedule's level if step 0 is a prune step."""
+        self.theta0 = {}
+        for name, p in self.params.items():
+            src = p.detach() if dense_state is None else dense_state.get(name)
+            if src is None:
+                raise UserError(f"dense state for pruning has no tensor {name!r}")
+            if tuple(src.shape) != tuple(p.shape):
+                raise UserError(f"dense state {name!r} has shape {list(src.shape)}, model has {list(p.shape)}")
+            self.theta0[name] = src.detach().to(device=p.device, dtype=p.dtype).clone()
+        ones = MaskSet.ones_like(self.params)
+        if self.multilingual:
+            self._lang_masks = LanguageMasks({lang: ones.clone() for lang in self.languages})
+        else:
+            self._mask = ones
+        self.level = 0.0
+        if self.schedule.is_prune_step(0):
+            self._level_event(0)
+
+    def init_masks(self, masks: MaskSet | LanguageMasks) -> None:
+        """Start from given masks (dynamic pathways: a LanguageMasks, e.g. LAP mask per language or
+        LTH masks; others: a MaskSet). Hard methods zero the pruned weights at once."""
+        self._require_prepared()
+        if self.multilingual:
+            if isinstance(masks, MaskSet):
+                masks = LanguageMasks({lang: masks.clone() for lang in self.languages})
+            if sorted(masks.languages) != sorted(self.languages):
+                raise UserError(f"initial masks cover languages {masks.languages}, pruner has {self.languages}")
+            self._check_layout(masks[self.languages[0]])
+            self._lang_masks = LanguageMasks({lang: masks[lang].clone() for lang in self.languages})
+        else:
+            if not isinstance(masks, MaskSet):
+                raise UserError(f"method {self.config.method} takes one MaskSet as initial masks")
+            self._check_layout(masks)
+            self._mask = masks.clone()
+            if not self.config.soft:
+                self._mask.apply_(self.params)
+
+    def _check_layout(self, masks: MaskSet) -> None:
+        want = {n: list(p.shape) for n, p in self.params.items()}
+        if masks.shapes != want:
+            raise UserError(f"initial masks do not match the pruning scope: {masks.shapes} vs {want}")
+
+    def _require_prepared(self) -> None:
+        if self._mask is None and self._lang_masks is None:
+            raise RuntimeError("Pruner.prepare() must be called first")
+
+    # ---- masks
+    def masks(self, language: str | None = None) -> MaskSet:
+        """The current mask (dynamic pathways: of ``language``, required). Live object: do not modify."""
+        self._require_prepared()
+        if self.multilingual:
+            if language is None:
+                raise ValueError("dynamic-pathways masks are per language: pass language=")
+            assert self._lang_masks is not None
+            return self._lang_masks[language]
+        assert self._mask is not None
+        return self._mask
+
+    def language_masks(self) -> LanguageMasks:
+        """Dynamic pathways: all languages' masks (live object)."""
+        self._require_prepared()
+        if self._lang_masks is None:
+            raise ValueError(f"method {self.config.method} has one mask, not per-language masks")
+        return self._lang_masks
+
+    def _lang(self, language: str | None) -> str:
+        if language is None or language not in self.languages:
+            raise ValueError(f"dynamic-pathways needs a language in {self.languages}, got {language!r}")
+        return language
+
+    # ---- training hooks
+    @contextmanager
+    def masked_forward(self, language: str | None = None) -> Iterator[None]:
+        """Soft methods: ``param.data = theta ⊙ m`` for the forward+backward inside, dense theta
+        restored on exit (straight-through gradient). Hard methods: no-op."""
+        self._require_prepared()
+        if not self.config.soft:
+            yield
+            return
+        mask = self.masks(self._lang(language) if self.multilingual else None)
+        saved: dict[str, Tensor] = {}
+        try:
+            for name, p in self.params.items():
+                saved[name] = p.data
+                p.data = p.data.masked_fill(~mask[name].to(p.device), 0)
+            yield
+        finally:
+            for name, dense in saved.items():
+                self.params[name].data = dense
+
+    def before_optimizer_step(self, step: int, language: str | None = None) -> None:
+        """Hard: zero the pruned weights' gradients. Adaptive: nothing. Dynamic pathways: zero the
+        gradients outside ``language``'s selectable zone and snapshot those weights."""
+        self._require_prepared()
+        if not self.config.soft:
+            self.masks().mask_grads_(self.params)
+            return
+        if not self.multilingual:
+            return
+        assert self._lang_masks is not None
+        lang = self._lang(language)
+        zone = self._lang_masks.selectable_zone(lang)
+        zone.mask_grads_(self.params)
+        with torch.no_grad():
+            self._frozen = {}
+            for name, p in self.params.items():
+                outside = ~zone[name].to(p.device)
+                self._frozen[name] = (outside, p[outside].clone())
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Hard: re-zero pruned weights. Dynamic pathways: restore the weights outside the zone."""
+        self._require_prepared()
+        if not self.config.soft:
+            self.masks().apply_(self.params)
+            return
+        if self._frozen is not None:
+            with torch.no_grad():
+                for name, (outside, values) in self._frozen.items():
+                    self.params[name][outside] = values
+            self._frozen = None
+
+    def update_mask(self, step: int, language: str | None = None) -> bool:
+        """Update masks after ``step`` completed optimizer steps (see module docstring).
+
+        Returns True if any mask changed.
+        """
+        self._require_prepared()
+        if not _is_int(step) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        if step == 0:
+            return False
+        if self.schedule.is_prune_step(step):
+            return self._level_event(step)
+        if self.config.soft and self.level > 0 and step % self.config.adapt_every == 0:
+            if self.multilingual:
+                langs = self.languages if language is None else [self._lang(language)]
+                return any([self._rerank_language(step, lang, "rerank") for lang in langs])
+            return self._rerank_single(step, "rerank", candidates=None)
+        return False
+
+    # ---- mask updates
+    def _weights(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in self.params.items()}
+
+    def _rank(self, candidates: dict[str, Tensor] | None) -> MaskSet:
+        return MaskSet(
+            magnitude_masks(
+                self._weights(), self.level, self.config.granularity,
+                scope=self.config.ranking, candidates=candidates,
+            )
+        )
+
+    def _record(self, step: int, event: str, old: MaskSet, new: MaskSet, language: str | None) -> bool:
+        entry: dict[str, Any] = {
+            "step": step, "event": event, "level": self.level,
+            "sparsity": new.sparsity(), "churn": new.churn(old),
+        }
+        if language is not None:
+            entry["language"] = language
+        self.history.append(entry)
+        return new.flips(old) > 0
+
+    def _rerank_single(self, step: int, event: str, candidates: dict[str, Tensor] | None) -> bool:
+        assert self._mask is not None
+        old = self._mask
+        self._mask = self._rank(candidates)
+        return self._record(step, event, old, self._mask, None)
+
+    def _rerank_language(self, step: int, language: str, event: str) -> bool:
+        assert self._lang_masks is not None
+        old = self._lang_masks[language]
+        zone = self._lang_masks.selectable_zone(language)
+        new = self._rank(zone.as_dict())
+        masks = {lang: (new if lang == language else ms) for lang, ms in self._lang_masks.items()}
+        self._lang_masks = LanguageMasks(masks)
+        return self._record(step, event, old, new, language)
+
+    def _rewind_all(self) -> None:
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(self.theta0[name])
+
+    def _level_event(self, step: int) -> bool:
+        """Sparsity step: prune to ``schedule.sparsity_at(step)``."""
+        self.level = self.schedule.sparsity_at(step)
+        lth = self.config.method == "lth" or (self.config.soft and self.config.variant == "lth")
+        if not self.config.soft:
+            assert self._mask is not None
+            # Rank only among kept weights: masks are nested and pruned zeros never come back.
+            changed = self._rerank_single(step, "level", candidates=self._mask.as_dict())
+            assert self._mask is not None
+            if lth:
+                self._rewind_all()
+            self._mask.apply_(self.params)
+            return changed
+        if self.multilingual:
+            changed = any([self._rerank_language(step, lang, "level") for lang in self.languages])
+        else:
+            changed = self._rerank_single(step, "level", candidates=None)
+        if lth:
+            self._rewind_all()  # after ranking on the trained weights
+        return changed
+
+    # ---- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """``{"meta": {...JSON-able...}, "tensors": {key: Tensor}}``; see the module docstring."""
+        self._require_prepared()
+        tensors: dict[str, Tensor] = {}
+        sets = (
+            {f"{lang}/": ms for lang, ms in self._lang_masks.items()} if self._lang_masks is not None
+            else {"": self.masks()}
+        )
+        for prefix, ms in sets.items():
+            packed, _ = ms.pack()
+            tensors.update({f"mask/{prefix}{n}": t.cpu() for n, t in packed.items()})
+        tensors.update({f"theta0/{n}": t.detach().cpu().clone() for n, t in self.theta0.items()})
+        meta = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "method": self.config.method,
+            "level": self.level,
+            "languages": list(self.languages),
+            "shapes": {n: list(p.shape) for n, p in self.params.items()},
+            "history": [dict(h) for h in self.history],
+        }
+        return {"meta": meta, "tensors": tensors}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (model weights are not touched)."""
+        try:
+            meta, tensors = state["meta"], state["tensors"]
+            if meta["format"] != STATE_FORMAT or meta["version"] != STATE_VERSION:
+                raise ValueError(f"not a pruner state ({meta.get('format')!r} v{meta.get('version')!r})")
+            if meta["method"] != self.config.method:
+                raise ValueError(f"state is for method {meta['method']!r}, config says {self.config.method!r}")
+            shapes = {n: list(p.shape) for n, p in self.params.items()}
+            if meta["shapes"] != shapes:
+                raise ValueError("pruning scope differs from the one saved")
+            if list(meta["languages"]) != self.languages:
+                raise ValueError(f"languages {meta['languages']} differ from {self.languages}")
+
+            def unpack(prefix: str) -> MaskSet:
+                ms = MaskSet.unpack({n: tensors[f"mask/{prefix}{n}"] for n in shapes}, shapes)
+                return MaskSet({n: m.to(self.params[n].device) for n, m in ms.items()})
+
+            theta0 = {
+                n: tensors[f"theta0/{n}"].to(device=p.device, dtype=p.dtype).clone()
+                for n, p in self.params.items()
+            }
+            if any(list(t.shape) != shapes[n] for n, t in theta0.items()):
+                raise ValueError("theta0 shapes differ from the scope")
+            if self.multilingual:
+                self._lang_masks = LanguageMasks({lang: unpack(f"{lang}/") for lang in self.languages})
+            else:
+                self._mask = unpack("")
+            level = float(meta["level"])
+            if not math.isfinite(level):
+                raise ValueError(f"bad level {level}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"cannot restore pruner state: {exc}") from None
+        self.theta0 = theta0
+        self.level = level
+        self.history = [dict(h) for h in meta["history"]]
+        self._frozen = None

@@ -1,0 +1,399 @@
+"""Pruning methods driven step by step with Adam, checked against brute-force references."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor, nn
+
+from sparse_rnnt.errors import UserError
+from sparse_rnnt.pruning.masks import LanguageMasks, MaskSet
+from sparse_rnnt.pruning.methods import Pruner, PruningConfig
+from sparse_rnnt.pruning.ranking import Granularity, pruned_count
+from sparse_rnnt.pruning.scope import ScopeConfig
+
+WHOLE = ScopeConfig(roots=())
+
+
+def tiny_model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
+
+
+def batch(step: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+
+
+def ref_top(weights: dict[str, Tensor], keep: int, cand: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Brute force: keep the ``keep`` largest |w| (global, lower index first) among candidates."""
+    flat = torch.cat([w.detach().abs().reshape(-1) for w in weights.values()]).double()
+    allowed = (
+        torch.ones_like(flat, dtype=torch.bool) if cand is None
+        else torch.cat([cand[n].reshape(-1) for n in weights])
+    )
+    key = [(-float(v), i) for i, v in enumerate(flat.tolist())]
+    order = sorted(k for k in key if allowed[k[1]])
+    kept = torch.zeros_like(flat, dtype=torch.bool)
+    for _, i in order[:keep]:
+        kept[i] = True
+    out, start = {}, 0
+    for n, w in weights.items():
+        out[n] = kept[start : start + w.numel()].reshape(w.shape)
+        start += w.numel()
+    return out
+
+
+def weights_of(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("weight")}
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, pruner: Pruner, step: int, lang: str | None = None) -> None:
+    x, y = batch(step)
+    with pruner.masked_forward(lang):
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+    pruner.before_optimizer_step(step, lang)
+    opt.step()
+    opt.zero_grad()
+    pruner.after_optimizer_step(step)
+
+
+# ---------------------------------------------------------------- hard methods
+
+
+@pytest.mark.parametrize("method", ["imp", "lth", "lap"])
+def test_hard_methods_exact(method: str) -> None:
+    model = tiny_model()
+    cfg = PruningConfig(method=method, levels=(0.2, 0.5, 0.7), interval=3, adapt_every=1, scope=WHOLE)
+    pruner = Pruner(cfg, model)
+    theta0 = weights_of(model)
+    pruner.prepare()
+    total = sum(w.numel() for w in theta0.values())
+    # step 0 level 0.2 from the dense weights
+    expected = ref_top(theta0, total - pruned_count(0.2, total))
+    assert all(torch.equal(pruner.masks()[n], expected[n]) for n in theta0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    moved_without_reapply = False
+    for step in range(1, 10):
+        x, y = batch(step)
+        with pruner.masked_forward():
+            ((model(x) - y) ** 2).mean().backward()
+        pruner.before_optimizer_step(step)
+        for n, p in pruner.params.items():
+            assert not bool(p.grad[~pruner.masks()[n]].any())
+        opt.step()
+        opt.zero_grad()
+        moved_without_reapply |= any(bool(p.detach()[~pruner.masks()[n]].any()) for n, p in pruner.params.items())
+        pruner.after_optimizer_step(step)
+        for n, p in pruner.params.items():
+            assert not bool(p.detach()[~pruner.masks()[n]].any())
+        old = pruner.masks().clone()
+        before = weights_of(model)
+        changed = pruner.update_mask(step)
+        new = pruner.masks()
+        if step % 3 == 0 and step < 9:
+            level = (0.2, 0.5, 0.7)[step // 3]
+            assert changed
+            assert total - new.kept() == pruned_count(level, total)
+            exp = ref_top(before, total - pruned_count(level, total), old.as_dict())
+            for n in new:
+                assert torch.equal(new[n], exp[n])
+                assert not bool((new[n] & ~old[n]).any())  # nested
+            after = weights_of(model)
+            for n in new:
+                if method == "lth":
+                    assert torch.equal(after[n][new[n]], theta0[n][new[n]])
+                else:
+                    assert torch.equal(after[n][new[n]], before[n][new[n]])
+                    assert not torch.equal(after[n][new[n]], theta0[n][new[n]])
+                assert not bool(after[n][~new[n]].any())
+            assert pruner.history[-1]["churn"] == old.flips(new) / total
+        else:
+            assert not changed and new.equal(old)
+    assert moved_without_reapply  # Adam moments would have moved pruned weights
+    assert pruner.level == 0.7
+
+
+# ---------------------------------------------------------------- adaptive (soft)
+
+
+def test_adaptive_soft_forward_gradients_and_comeback() -> None:
+    model = tiny_model(1)
+    cfg = PruningConfig(method="adaptive", levels=(0.5, 0.7), target_sparsity=0.7, interval=6,
+                        adapt_every=2, scope=WHOLE)
+    pruner = Pruner(cfg, model)
+    pruner.prepare()
+    mask = pruner.masks()
+    w0, w2 = model[0].weight, model[2].weight
+    # forward uses theta ⊙ m
+    x, y = batch(0)
+    m0, m2 = mask["0.weight"], mask["2.weight"]
+    manual = torch.tanh(x @ (w0.detach() * m0).T + model[0].bias.detach()) @ (w2.detach() * m2).T + model[2].bias.detach()
+    with pruner.masked_forward():
+        out = model(x)
+        ((out - y) ** 2).mean().backward()
+    torch.testing.assert_close(out.detach(), manual, rtol=0, atol=1e-6)
+    # dense values restored, pruned weights nonzero and got a gradient
+    assert bool(w0.detach()[~m0].ne(0).all())
+    assert bool(w0.grad[~m0].ne(0).any()) and bool(w2.grad[~m2].ne(0).any())
+    before = w0.detach().clone()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    pruner.before_optimizer_step(1)
+    opt.step()
+    opt.zero_grad()
+    pruner.after_optimizer_step(1)
+    assert bool((w0.detach()[~m0] != before[~m0]).any())
+    # comeback: make one pruned weight the largest, re-rank at an adapt step
+    idx = torch.nonzero(~m0)[0]
+    with torch.no_grad():
+        w0[idx[0], idx[1]] = 100.0
+    old = pruner.masks().clone()
+    assert not pruner.update_mask(1)  # not an adapt step
+    assert pruner.update_mask(2)
+    new = pruner.masks()
+    assert bool(new["0.weight"][idx[0], idx[1]])
+    total = new.numel()
+    assert total - new.kept() == pruned_count(0.5, total)
+    exp = ref_top(weights_of(model), total - pruned_count(0.5, total))
+    assert all(torch.equal(new[n], exp[n]) for n in new)
+    h = pruner.history[-1]
+    assert h["event"] == "rerank" and h["step"] == 2 and h["churn"] == old.flips(new) / total > 0
+
+
+def test_adaptive_lth_level_step_ranks_then_rewinds() -> None:
+    model = tiny_model(2)
+    cfg = PruningConfig(method="adaptive", variant="lth", levels=(0.5, 0.7), target_sparsity=0.7,
+                        interval=4, adapt_every=2, scope=WHOLE)
+    pruner = Pruner(cfg, model)
+    theta0 = weights_of(model)
+    pruner.prepare()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for step in range(1, 5):
+        train_step(model, opt, pruner, step)
+        trained = weights_of(model)
+        pruner.update_mask(step)
+    total = sum(w.numel() for w in theta0.values())
+    exp = ref_top(trained, total - pruned_count(0.7, total))  # ranked on pre-rewind weights
+    assert all(torch.equal(pruner.masks()[n], exp[n]) for n in exp)
+    after = weights_of(model)
+    assert all(torch.equal(after[n], theta0[n]) for n in theta0)  # every weight rewound
+    assert pruner.history[-1]["event"] == "level" and pruner.level == 0.7
+
+
+# ---------------------------------------------------------------- dynamic pathways
+
+LANGS = ["en", "fr", "it"]
+
+
+def dp_pruner(model: nn.Module, level: float = 0.5) -> Pruner:
+    cfg = PruningConfig(method="dynamic-pathways", levels=(level,), target_sparsity=level,
+                        interval=10, adapt_every=2, scope=WHOLE)
+    pruner = Pruner(cfg, model, languages=LANGS)
+    pruner.prepare()
+    return pruner
+
+
+def ref_zone(masks: dict[str, dict[str, Tensor]], lang: str) -> dict[str, Tensor]:
+    out = {}
+    for n in masks[lang]:
+        others = torch.zeros_like(masks[lang][n])
+        for other in LANGS:
+            if other != lang:
+                others |= masks[other][n]
+        out[n] = ~others | masks[lang][n]
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), density=st.floats(0.05, 0.6), level=st.sampled_from([0.3, 0.5, 0.8]),
+       lang=st.sampled_from(LANGS))
+def test_dynamic_pathways_rerank_stays_in_selectable_zone(seed: int, density: float, level: float, lang: str) -> None:
+    model = tiny_model(seed % 7)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    pruner = dp_pruner(model, level)
+    init = {lg: {n: torch.rand(p.shape, generator=g) < density for n, p in pruner.params.items()} for lg in LANGS}
+    pruner.init_masks(LanguageMasks({lg: MaskSet(init[lg]) for lg in LANGS}))
+    zone = ref_zone(init, lang)
+    total = sum(p.numel() for p in pruner.params.values())
+    keep = total - pruned_count(level, total)
+    if sum(int(z.sum()) for z in zone.values()) < keep:
+        with pytest.raises(UserError):
+            pruner.update_mask(2, lang)
+        return
+    pruner.update_mask(2, lang)
+    new = pruner.masks(lang)
+    assert new.kept() == keep
+    exp = ref_top(weights_of(model), keep, zone)
+    for n in new:
+        assert not bool((new[n] & ~zone[n]).any())
+        assert torch.equal(new[n], exp[n])
+    for other in LANGS:
+        if other != lang:
+            assert all(torch.equal(pruner.masks(other)[n], init[other][n]) for n in new)
+
+
+def test_dynamic_pathways_level_step_in_language_order_and_training() -> None:
+    model = tiny_model(3)
+    cfg = PruningConfig(method="dynamic-pathways", levels=(0.5, 0.8), target_sparsity=0.8,
+                        interval=4, adapt_every=2, scope=WHOLE)
+    pruner = Pruner(cfg, model, languages=LANGS)
+    pruner.prepare()
+    g = torch.Generator().manual_seed(5)
+    init = {lg: {n: torch.rand(p.shape, generator=g) < 0.3 for n, p in pruner.params.items()} for lg in LANGS}
+    pruner.init_masks(LanguageMasks({lg: MaskSet(init[lg]) for lg in LANGS}))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for step in range(1, 4):
+        lang = LANGS[step % 3]
+        zone = ref_zone({lg: pruner.masks(lg).as_dict() for lg in LANGS}, lang)
+        before = weights_of(model)
+        train_step(model, opt, pruner, step, lang)
+        after = weights_of(model)
+        for n in zone:
+            assert torch.equal(after[n][~zone[n]], before[n][~zone[n]])  # others' weights untouched
+            own = pruner.masks(lang)[n]
+            assert bool((after[n][zone[n] & ~own] != before[n][zone[n] & ~own]).any())  # soft: free ones train
+        pruner.update_mask(step, lang)
+    # level step at 4: languages re-pruned one after another on the shared weights
+    current = {lg: pruner.masks(lg).as_dict() for lg in LANGS}
+    w = weights_of(model)
+    total = sum(t.numel() for t in w.values())
+    keep = total - pruned_count(0.8, total)
+    for lg in LANGS:
+        current[lg] = ref_top(w, keep, ref_zone(current, lg))
+    assert pruner.update_mask(4)
+    for lg in LANGS:
+        assert all(torch.equal(pruner.masks(lg)[n], current[lg][n]) for n in w)
+        assert pruner.masks(lg).kept() == keep
+    assert [h["language"] for h in pruner.history[-3:]] == LANGS
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def roundtrip(state: dict) -> dict:
+    """Through safetensors bytes + JSON, as a checkpoint would."""
+    return {"meta": json.loads(json.dumps(state["meta"])), "tensors": st_load(st_save(state["tensors"]))}
+
+
+@pytest.mark.parametrize("method", ["imp", "lth", "adaptive", "dynamic-pathways"])
+def test_state_dict_resume_matches_uninterrupted(method: str) -> None:
+    langs = LANGS if method == "dynamic-pathways" else None
+    cfg = PruningConfig(method=method, levels=(0.3, 0.6), target_sparsity=0.6, interval=4, adapt_every=2,
+                        variant="lth", scope=WHOLE)
+
+    def make() -> tuple[nn.Module, torch.optim.Optimizer, Pruner]:
+        model = tiny_model(4)
+        return model, torch.optim.Adam(model.parameters(), lr=0.05), Pruner(cfg, model, languages=langs)
+
+    def lang_at(step: int) -> str | None:
+        return None if langs is None else LANGS[step % 3]
+
+    def run(model: nn.Module, opt: torch.optim.Optimizer, pruner: Pruner, steps: range) -> list:
+        trace = []
+        for step in steps:
+            train_step(model, opt, pruner, step, lang_at(step))
+            pruner.update_mask(step, lang_at(step))
+            masks = [pruner.masks(lg) for lg in (langs or [None])]
+            trace.append(([m.clone() for m in masks], weights_of(model)))
+        return trace
+
+    model_a, opt_a, pr_a = make()
+    pr_a.prepare()
+    full = run(model_a, opt_a, pr_a, range(1, 11))
+
+    model_b, opt_b, pr_b = make()
+    pr_b.prepare()
+    run(model_b, opt_b, pr_b, range(1, 6))
+    saved = (roundtrip(pr_b.state_dict()), model_b.state_dict(), opt_b.state_dict())
+    model_c, opt_c, pr_c = make()
+    with torch.no_grad():
+        for p in model_c.parameters():
+            p.add_(1.0)  # make sure state really comes from the checkpoint
+    pr_c.load_state_dict(saved[0])
+    model_c.load_state_dict(saved[1])
+    opt_c.load_state_dict(saved[2])
+    assert pr_c.history == pr_b.history and pr_c.level == pr_b.level
+    resumed = run(model_c, opt_c, pr_c, range(6, 11))
+    for (ma, wa), (mc, wc) in zip(full[5:], resumed, strict=True):
+        assert all(a.equal(c) for a, c in zip(ma, mc, strict=True))
+        assert all(torch.equal(wa[n], wc[n]) for n in wa)
+
+
+def test_load_state_dict_rejects_other_method() -> None:
+    model = tiny_model()
+    imp = Pruner(PruningConfig(method="imp", scope=WHOLE), model)
+    imp.prepare()
+    lth = Pruner(PruningConfig(method="lth", scope=WHOLE), model)
+    with pytest.raises(UserError, match="method"):
+        lth.load_state_dict(imp.state_dict())
+
+
+# ---------------------------------------------------------------- config validation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "magic"}, "pruning.method"),
+        ({"method": "imp", "adapt_every": 1000}, "adapt_every"),
+        ({"method": "imp", "interval": 0}, "interval"),
+        ({"method": "imp", "levels": (0.5, 0.2, 0.7)}, "increasing"),
+        ({"method": "imp", "levels": (0.2, 0.5)}, "target_sparsity"),
+        ({"method": "imp", "target_sparsity": 1.0, "levels": (0.5, 1.0)}, "target_sparsity"),
+        ({"method": "adaptive", "variant": "random"}, "variant"),
+        ({"method": "imp", "ranking": "layer"}, "ranking"),
+        ({"method": "imp", "schedule": "linear"}, "schedule"),
+        ({"method": "imp", "granularity": Granularity(kind="diag")}, "granularity"),
+    ],
+)
+def test_config_validation(kwargs: dict, match: str) -> None:
+    with pytest.raises(UserError, match=match):
+        PruningConfig(**kwargs).validate()
+
+
+def test_dynamic_pathways_needs_languages() -> None:
+    with pytest.raises(UserError, match="languages"):
+        Pruner(PruningConfig(method="dynamic-pathways", scope=WHOLE), tiny_model())
+
+
+# ---------------------------------------------------------------- the real model
+
+
+def test_imp_on_tiny_emformer_rnnt() -> None:
+    from sparse_rnnt.model.configs import model_config
+    from sparse_rnnt.model.rnnt import EmformerRNNT
+
+    torch.manual_seed(0)
+    model = EmformerRNNT(model_config("tiny", transformer_num_layers=2), num_symbols=12)
+    cfg = PruningConfig(method="imp", levels=(0.5, 0.7), target_sparsity=0.7, interval=2, adapt_every=1)
+    pruner = Pruner(cfg, model)
+    assert len(pruner.params) == 16  # 1 + 5*2 encoder layers + output + x2g, p2g, predictor, joiner
+    pruner.prepare()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    feats = torch.randn(2, 48, 80)
+    flen = torch.tensor([48, 40])
+    tgt = torch.randint(0, 11, (2, 5))
+    tlen = torch.tensor([5, 3])
+    total = sum(p.numel() for p in pruner.params.values())
+    for step in range(1, 4):
+        with pruner.masked_forward():
+            model(feats, flen, tgt, tlen).loss.backward()
+        pruner.before_optimizer_step(step)
+        opt.step()
+        opt.zero_grad()
+        pruner.after_optimizer_step(step)
+        pruner.update_mask(step)
+        level = 0.5 if step < 2 else 0.7
+        assert total - pruner.masks().kept() == pruned_count(level, total)
+        for n, p in pruner.params.items():
+            assert not bool(p.detach()[~pruner.masks()[n]].any())

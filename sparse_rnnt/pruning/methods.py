@@ -38,7 +38,33 @@ Methods (``PruningConfig.method``):
   momentum would otherwise move weights owned only by other languages). One language per optimizer
   step (alternating batches). ``variant="lth"`` rewinds all weights to theta0 after the sparsity
   step's re-ranking. Start from given masks with :meth:`Pruner.init_masks` (LAP or LTH masks).
-  ASR Pathways stage 2 (fixed per-language masks) is not implemented here.
+- ``"pathways"`` (hard, multilingual): ASR Pathways stage 2 (Yang et al. 2023). The per-language
+  masks ``m_l`` come from stage 1 (per-language IMP/LTH runs) through :meth:`Pruner.init_masks`
+  (a :class:`LanguageMasks`, REQUIRED after :meth:`Pruner.prepare` and before any hook) and stay
+  fixed: the schedule is ignored and ``update_mask`` never changes them. Weights outside the union
+  of the masks are zeroed by ``init_masks`` and stay zero. ``masked_forward(z)`` runs the forward
+  with ``theta ⊙ m_z`` (a weight pruned for z is zero in z's forward even if another language keeps
+  it). Each language's batch trains only its own pathway (gradient ``m_l ⊙ g_l``); weights shared
+  by several pathways get updates from all of them. ``PruningConfig.aggregation``:
+
+  - ``"alternate"`` (default): one language per optimizer step, as dynamic pathways.
+    ``before_optimizer_step(step, z)`` masks the gradients with ``m_z`` and snapshots the weights
+    outside ``m_z``; ``after_optimizer_step`` restores them exactly (Adam momentum from other
+    languages' steps would otherwise move them).
+  - ``"sum"``: one batch per language per optimizer step. After each language's backward call
+    :meth:`Pruner.accumulate_grads` ``(language)``: it adds ``m_l ⊙ g_l`` to a running sum and zeroes
+    ``.grad``; ``before_optimizer_step(step, None)`` writes the sum into ``.grad``::
+
+        for lang in languages:
+            with pruner.masked_forward(lang):
+                loss_of(lang).backward()
+            pruner.accumulate_grads(lang)
+        pruner.before_optimizer_step(step, None)
+        optimizer.step(); optimizer.zero_grad()
+        pruner.after_optimizer_step(step)
+
+  Parameters outside the pruning scope (biases, norms) are not masked: they get ``g_z``
+  (alternate) or, since ``.grad`` accumulates across backward passes, ``Σ_l g_l`` (sum).
 
 Soft masking (:meth:`Pruner.masked_forward`): inside the context each in-scope ``param.data`` is
 replaced by ``theta ⊙ m`` and restored to the saved dense ``theta`` on exit. The gradient is thus
@@ -79,8 +105,10 @@ from .ranking import SCOPES, Granularity, magnitude_masks
 from .schedules import SparsitySchedule, schedule_from_config
 from .scope import ScopeConfig, select_parameters
 
-METHODS: tuple[str, ...] = ("imp", "lth", "lap", "adaptive", "dynamic-pathways")
-HARD_METHODS: frozenset[str] = frozenset({"imp", "lth", "lap"})
+METHODS: tuple[str, ...] = ("imp", "lth", "lap", "adaptive", "dynamic-pathways", "pathways")
+HARD_METHODS: frozenset[str] = frozenset({"imp", "lth", "lap", "pathways"})
+MULTILINGUAL_METHODS: frozenset[str] = frozenset({"dynamic-pathways", "pathways"})
+AGGREGATIONS: tuple[str, ...] = ("alternate", "sum")
 VARIANTS: tuple[str, ...] = ("imp", "lth")
 SCHEDULE_KINDS: tuple[str, ...] = ("staircase", "cubic", "oneshot")
 STATE_FORMAT = "sparse_rnnt.pruner"
@@ -97,6 +125,7 @@ class PruningConfig:
 
     Defaults: staircase 0.2 -> 0.5 -> 0.7, T = ``interval`` = 1000 steps, soft re-rank every
     ``adapt_every`` = 100 steps, global unstructured magnitude ranking over the default scope.
+    ``aggregation`` (``"alternate"`` or ``"sum"``) is used by ``method="pathways"`` only.
     """
 
     method: str
@@ -109,6 +138,7 @@ class PruningConfig:
     granularity: Granularity = field(default_factory=Granularity)
     ranking: str = "global"
     scope: ScopeConfig = field(default_factory=ScopeConfig)
+    aggregation: str = "alternate"
 
     def __post_init__(self) -> None:
         if isinstance(self.levels, list):
@@ -147,6 +177,10 @@ class PruningConfig:
             raise UserError(
                 f"pruning.levels must end at pruning.target_sparsity ({ts}), got {list(self.levels)}"
             )
+        if self.aggregation not in AGGREGATIONS:
+            raise UserError(
+                f"pruning.aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}"
+            )
         self.granularity.validate()
         self.scope.validate()
         self.build_schedule()  # validates levels (increasing, in [0, 1))
@@ -175,12 +209,12 @@ class Pruner:
         self.model = model
         self.params: dict[str, nn.Parameter] = select_parameters(model, config.scope)
         self.schedule = config.build_schedule()
-        self.multilingual = config.method == "dynamic-pathways"
+        self.multilingual = config.method in MULTILINGUAL_METHODS
         if self.multilingual:
             if not languages:
-                raise UserError("pruning.method dynamic-pathways needs the list of languages")
+                raise UserError(f"pruning.method {config.method} needs the list of languages")
             if len(set(languages)) != len(languages):
-                raise UserError(f"duplicate languages for dynamic-pathways: {languages}")
+                raise UserError(f"duplicate languages for {config.method}: {languages}")
         self.languages: list[str] = list(languages or [])
         self.level: float = 0.0
         self.history: list[dict[str, Any]] = []
@@ -188,6 +222,12 @@ class Pruner:
         self._mask: MaskSet | None = None
         self._lang_masks: LanguageMasks | None = None
         self._frozen: dict[str, tuple[Tensor, Tensor]] | None = None
+        # ASR Pathways stage 2: fixed masks given (init_masks / load_state_dict), their union
+        # (cached: masks never change) and the running sum of masked gradients ("sum").
+        self.pathways = config.method == "pathways"
+        self._pathway_masks_given = False
+        self._union: MaskSet | None = None
+        self._grad_sum: dict[str, Tensor] | None = None
 
     # ---- setup
     def prepare(self, dense_state: dict[str, Tensor] | None = None) -> None:
@@ -207,6 +247,13 @@ class Pruner:
         else:
             self._mask = ones
         self.level = 0.0
+        if self.pathways:
+            # Stage-2 masks are fixed and come from init_masks; the schedule is not used.
+            self._pathway_masks_given = False
+            self._union = None
+            self._grad_sum = None
+            self._frozen = None
+            return
         if self.schedule.is_prune_step(0):
             self._level_event(0)
 
@@ -214,6 +261,11 @@ class Pruner:
         """Start from given masks (dynamic pathways: a LanguageMasks, e.g. LAP mask per language or
         LTH masks; others: a MaskSet). Hard methods zero the pruned weights at once."""
         self._require_prepared()
+        if self.pathways and not isinstance(masks, LanguageMasks):
+            raise UserError(
+                "pruning.method pathways takes the stage-1 per-language masks (a LanguageMasks), "
+                f"got {type(masks).__name__}"
+            )
         if self.multilingual:
             if isinstance(masks, MaskSet):
                 masks = LanguageMasks({lang: masks.clone() for lang in self.languages})
@@ -221,6 +273,10 @@ class Pruner:
                 raise UserError(f"initial masks cover languages {masks.languages}, pruner has {self.languages}")
             self._check_layout(masks[self.languages[0]])
             self._lang_masks = LanguageMasks({lang: masks[lang].clone() for lang in self.languages})
+            if self.pathways:
+                self._set_pathways_ready()
+                assert self._union is not None
+                self._union.apply_(self.params)  # weights no pathway uses are zero from now on
         else:
             if not isinstance(masks, MaskSet):
                 raise UserError(f"method {self.config.method} takes one MaskSet as initial masks")
@@ -237,6 +293,89 @@ class Pruner:
     def _require_prepared(self) -> None:
         if self._mask is None and self._lang_masks is None:
             raise RuntimeError("Pruner.prepare() must be called first")
+
+    # ---- ASR Pathways stage 2
+    def _set_pathways_ready(self) -> None:
+        assert self._lang_masks is not None
+        self._pathway_masks_given = True
+        self._union = self._lang_masks.union()
+        self._grad_sum = None
+        self._frozen = None
+
+    def _require_pathway_masks(self) -> None:
+        if not self._pathway_masks_given:
+            raise UserError(
+                "pruning.method pathways needs the stage-1 per-language masks: call "
+                "Pruner.init_masks(LanguageMasks) after Pruner.prepare() and before training"
+            )
+
+    def _require_aggregation(self, mode: str) -> None:
+        if self.config.aggregation != mode:
+            raise ValueError(
+                f"this call is for pruning.aggregation={mode!r}, the config says "
+                f"{self.config.aggregation!r}"
+            )
+
+    def accumulate_grads(self, language: str) -> None:
+        """Pathways, ``aggregation="sum"``: add ``m_language ⊙ .grad`` (each ``[*param.shape]``) to
+        the running sum, then zero the in-scope ``.grad``. Call after each language's backward."""
+        if not self.pathways:
+            raise ValueError(f"accumulate_grads is for pruning.method pathways, not {self.config.method}")
+        self._require_pathway_masks()
+        self._require_aggregation("sum")
+        mask = self.masks(self._lang(language))
+        if self._grad_sum is None:
+            self._grad_sum = {}
+        with torch.no_grad():
+            for name, p in self.params.items():
+                if p.grad is None:
+                    continue  # parameter not reached by this language's loss
+                g = p.grad.masked_fill(~mask[name].to(p.grad.device), 0)
+                if name in self._grad_sum:
+                    self._grad_sum[name] += g
+                else:
+                    self._grad_sum[name] = g
+                p.grad.zero_()
+
+    def _pathways_before_step(self, language: str | None) -> None:
+        self._require_pathway_masks()
+        if self.config.aggregation == "sum":
+            if language is not None:
+                raise ValueError(
+                    "pathways with aggregation='sum' steps on all languages: pass language=None"
+                )
+            if self._grad_sum is None:
+                raise RuntimeError("aggregation='sum': call accumulate_grads(language) after each backward")
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    if p.grad is not None and bool(p.grad.any()):
+                        # A gradient that bypassed accumulate_grads would be silently dropped.
+                        raise RuntimeError(
+                            f"{name} has a gradient not passed through accumulate_grads(language)"
+                        )
+                    total = self._grad_sum.get(name)
+                    p.grad = None if total is None else total
+            self._grad_sum = None
+            return
+        assert self._lang_masks is not None
+        mask = self._lang_masks[self._lang(language)]
+        mask.mask_grads_(self.params)
+        with torch.no_grad():
+            self._frozen = {}
+            for name, p in self.params.items():
+                outside = ~mask[name].to(p.device)
+                self._frozen[name] = (outside, p[outside].clone())
+
+    def _pathways_after_step(self) -> None:
+        self._require_pathway_masks()
+        if self._frozen is not None:
+            with torch.no_grad():
+                for name, (outside, values) in self._frozen.items():
+                    self.params[name][outside] = values
+            self._frozen = None
+        else:
+            assert self._union is not None
+            self._union.apply_(self.params)  # no gradient there, but keep it exact (e.g. AdamW)
 
     # ---- masks
     def masks(self, language: str | None = None) -> MaskSet:
@@ -259,16 +398,19 @@ class Pruner:
 
     def _lang(self, language: str | None) -> str:
         if language is None or language not in self.languages:
-            raise ValueError(f"dynamic-pathways needs a language in {self.languages}, got {language!r}")
+            raise ValueError(f"{self.config.method} needs a language in {self.languages}, got {language!r}")
         return language
 
     # ---- training hooks
     @contextmanager
     def masked_forward(self, language: str | None = None) -> Iterator[None]:
         """Soft methods: ``param.data = theta ⊙ m`` for the forward+backward inside, dense theta
-        restored on exit (straight-through gradient). Hard methods: no-op."""
+        restored on exit (straight-through gradient). Hard methods: no-op, except pathways: the same
+        substitution with ``m_language`` (its gradients are then masked by ``m_language``)."""
+        if self.pathways:
+            self._require_pathway_masks()  # hard, but each language sees only its own pathway
         self._require_prepared()
-        if not self.config.soft:
+        if not self.pathways and not self.config.soft:
             yield
             return
         mask = self.masks(self._lang(language) if self.multilingual else None)
@@ -284,7 +426,11 @@ class Pruner:
 
     def before_optimizer_step(self, step: int, language: str | None = None) -> None:
         """Hard: zero the pruned weights' gradients. Adaptive: nothing. Dynamic pathways: zero the
-        gradients outside ``language``'s selectable zone and snapshot those weights."""
+        gradients outside ``language``'s selectable zone and snapshot those weights. Pathways: see
+        the module docstring (``"alternate"``: ``m_language``; ``"sum"``: language None)."""
+        if self.pathways:
+            self._pathways_before_step(language)
+            return
         self._require_prepared()
         if not self.config.soft:
             self.masks().mask_grads_(self.params)
@@ -302,7 +448,12 @@ class Pruner:
                 self._frozen[name] = (outside, p[outside].clone())
 
     def after_optimizer_step(self, step: int) -> None:
-        """Hard: re-zero pruned weights. Dynamic pathways: restore the weights outside the zone."""
+        """Hard: re-zero pruned weights. Dynamic pathways: restore the weights outside the zone.
+        Pathways: restore the weights outside ``m_language`` (alternate) or re-zero those outside
+        the union (sum)."""
+        if self.pathways:
+            self._pathways_after_step()
+            return
         self._require_prepared()
         if not self.config.soft:
             self.masks().apply_(self.params)
@@ -321,6 +472,9 @@ class Pruner:
         self._require_prepared()
         if not _is_int(step) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        if self.pathways:
+            self._require_pathway_masks()
+            return False  # stage-2 masks are fixed
         if step == 0:
             return False
         if self.schedule.is_prune_step(step):
@@ -398,6 +552,8 @@ class Pruner:
     # ---- checkpoints
     def state_dict(self) -> dict[str, Any]:
         """``{"meta": {...JSON-able...}, "tensors": {key: Tensor}}``; see the module docstring."""
+        if self.pathways:
+            self._require_pathway_masks()
         self._require_prepared()
         tensors: dict[str, Tensor] = {}
         sets = (
@@ -456,3 +612,5 @@ class Pruner:
         self.level = level
         self.history = [dict(h) for h in meta["history"]]
         self._frozen = None
+        if self.pathways:
+            self._set_pathways_ready()

@@ -8,8 +8,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .config import ExperimentConfig
 
 
 def _positive_float(text: str) -> float:
@@ -104,6 +108,74 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
     result = Trainer(cfg, out, resume=args.resume).run()
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _parse_granularity(text: str) -> dict[str, object]:
+    """``unstructured`` | ``N:M`` | ``block:HxW`` -> the pruning.granularity config mapping."""
+    if text == "unstructured":
+        return {"kind": "unstructured"}
+    if text.startswith("block:"):
+        dims = text[len("block:"):].lower().split("x")
+        if len(dims) == 2 and all(d.isdigit() for d in dims):
+            return {"kind": "block", "block": [int(dims[0]), int(dims[1])]}
+    else:
+        parts = text.split(":")
+        if len(parts) == 2 and all(p.isdigit() for p in parts):
+            return {"kind": "nm", "n": int(parts[0]), "m": int(parts[1])}
+    raise UserError(f"--granularity: expected unstructured, N:M or block:HxW, got {text!r}")
+
+
+def prune_config(args: argparse.Namespace, dense_config: dict[str, object]) -> ExperimentConfig:
+    """The pruning run's config: the dense checkpoint's, with pruning, languages and steps overridden."""
+    from .config import config_from_tree
+    from .languages import parse_languages
+
+    tree = {k: v for k, v in dense_config.items() if k != "pruning"}
+    pruning: dict[str, object] = {"method": args.method, "schedule": args.schedule}
+    if args.target_sparsity is not None:
+        pruning["target_sparsity"] = args.target_sparsity
+    if args.levels is not None:
+        try:
+            levels = [float(x) for x in args.levels.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--levels: expected comma-separated numbers, got {args.levels!r}") from None
+        pruning["levels"] = levels
+        if args.target_sparsity is None and levels:
+            pruning["target_sparsity"] = levels[-1]
+    elif args.target_sparsity is not None:
+        # Default staircase levels below the target, ending at it.
+        pruning["levels"] = [x for x in (0.2, 0.5, 0.7) if x < args.target_sparsity] + [args.target_sparsity]
+    for key in ("interval", "adapt_every", "variant", "ranking"):
+        if getattr(args, key) is not None:
+            pruning[key] = getattr(args, key)
+    if args.granularity is not None:
+        pruning["granularity"] = _parse_granularity(args.granularity)
+    tree["pruning"] = pruning
+    sections = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    if args.languages:
+        sections.setdefault("data", {})["languages"] = parse_languages(args.languages)
+    if args.steps is not None:
+        sections.setdefault("train", {})["max_steps"] = args.steps
+    if args.method == "dynamic-pathways":
+        sections.setdefault("batch", {})["mode"] = "monolingual"  # one language per optimizer step
+    return config_from_tree(sections, args.set)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .config import dump_config
+    from .training.checkpoint import load_checkpoint
+    from .training.trainer import Trainer
+
+    dense = load_checkpoint(args.init)
+    if "pruner" in dense.meta.get("extra", {}):
+        raise UserError(f"--init {args.init}: expected a dense checkpoint, this one is already pruned")
+    cfg = prune_config(args, dense.config)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    result = Trainer(cfg, Path(args.out), resume=args.resume, init_checkpoint=dense.path).run()
     print(json.dumps(result, indent=2))
     return 0
 
@@ -213,6 +285,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its latest checkpoint (reuses its config.yaml)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prune", help="prune a dense checkpoint while fine-tuning it (IMP, LTH, LAP, adaptive, pathways)",
+                       description="Start from a dense checkpoint (its config, weights, tokenizer and CMVN stats) "
+                       "and train with a pruning method. The run directory is laid out as for 'train'; its "
+                       "checkpoints also hold the masks, theta0 and the pruning history.")
+    p.add_argument("--method", required=True, choices=("imp", "lth", "lap", "adaptive", "dynamic-pathways"),
+                   help="imp/lth/lap: hard masks; adaptive: one soft mask; dynamic-pathways: one soft mask per "
+                   "language (forces batch.mode=monolingual)")
+    p.add_argument("--init", required=True, help="dense checkpoint or run directory to start from")
+    p.add_argument("--out", required=True, help="run directory for the pruning run")
+    p.add_argument("--target-sparsity", type=float, default=None,
+                   help="final fraction of pruned weights in scope (default 0.7, or the last of --levels)")
+    p.add_argument("--schedule", choices=("staircase", "cubic", "oneshot"), default="staircase",
+                   help="how sparsity grows: staircase of --levels every --interval steps, cubic ramp, or "
+                   "oneshot at step 0 (default staircase)")
+    p.add_argument("--levels", default=None,
+                   help="comma-separated sparsity levels, e.g. 0.2,0.5,0.7 (the last must equal the target)")
+    p.add_argument("--interval", type=int, default=None, help="steps between sparsity steps T (default 1000)")
+    p.add_argument("--adapt-every", dest="adapt_every", type=int, default=None,
+                   help="soft methods: re-rank the mask every n steps (default 100; must be < --interval)")
+    p.add_argument("--variant", choices=("imp", "lth"), default=None,
+                   help="soft methods: lth rewinds weights to the dense ones after each sparsity step (default imp)")
+    p.add_argument("--granularity", default=None,
+                   help="unstructured, N:M (e.g. 2:4) or block:HxW (e.g. block:4x4) (default unstructured)")
+    p.add_argument("--ranking", choices=("global", "per_tensor"), default=None,
+                   help="rank magnitudes over all in-scope weights or tensor by tensor (default global)")
+    p.add_argument("--languages", default=None, help="comma-separated languages (default: the dense run's)")
+    p.add_argument("--steps", type=int, default=None, help="training steps of the pruning run (train.max_steps)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any other config value, e.g. --set optim.lr=5e-4 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the pruning run in --out from its latest checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("eval", help="decode a split and report WER per language",
                        description="Decode a manifest split with a checkpoint; print WER per language and average.")

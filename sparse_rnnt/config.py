@@ -23,6 +23,7 @@ from .data.tokenizer import TokenizerConfig
 from .errors import UserError
 from .io import atomic_write_text
 from .model.configs import MODEL_SIZES, ModelConfig
+from .pruning.methods import PruningConfig
 
 T = TypeVar("T")
 
@@ -75,9 +76,17 @@ class ExperimentConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pruning: PruningConfig | None = None  # None = dense training
 
     def validate(self) -> None:
         self.model.validate()
+        if self.pruning is not None:
+            self.pruning.validate()
+            if self.pruning.method == "dynamic-pathways" and self.batch.mode != "monolingual":
+                raise UserError(
+                    f"pruning.method dynamic-pathways trains one language per step: it needs "
+                    f"batch.mode=monolingual, got batch.mode={self.batch.mode!r}"
+                )
         o, t = self.optim, self.train
         if o.lr <= 0:
             raise UserError(f"optim.lr must be positive, got {o.lr}")
@@ -192,6 +201,15 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         base = MODEL_SIZES[name]
     for key, value in data.items():
         kwargs[key] = _convert(value, hints[key], f"{prefix}{key}")
+    if base is None:
+        # A required field (no default), e.g. pruning.method: name it instead of a TypeError.
+        missing = [
+            f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if f.name not in kwargs and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise UserError(f"missing config key '{prefix}{missing[0]}' (it has no default)")
     if base is not None:
         return dataclasses.replace(base, **kwargs)
     return cls(**kwargs)
@@ -261,6 +279,12 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         if not isinstance(loaded, dict):
             raise UserError(f"{p}: expected a mapping at the top level")
         tree = loaded
+    return config_from_tree(tree, overrides)
+
+
+def config_from_tree(tree: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
+    """Build and validate a config from a nested dict (e.g. a checkpoint's saved config), after
+    applying ``key=value`` overrides."""
     tree = _merge(tree, parse_overrides(overrides or []))
     try:
         cfg = from_dict(ExperimentConfig, tree)

@@ -1,8 +1,15 @@
-"""Load a trained checkpoint as a ready-to-use recognizer and evaluate it on a manifest split."""
+"""Load a trained checkpoint as a ready-to-use recognizer and evaluate it on a manifest split.
+
+Pruned checkpoints: a single-mask method (IMP, LTH, LAP, adaptive) is loaded as ``theta ⊙ m``
+(soft methods store a dense theta). A per-language method (dynamic pathways) keeps theta and the
+per-language masks; :meth:`Recognizer.masked` decodes one language with ``theta ⊙ m_language``.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,9 +22,10 @@ from ..data.manifest import cap_per_language, load_split, manifest_path
 from ..data.tokenizer import Tokenizer
 from ..errors import UserError
 from ..model.rnnt import EmformerRNNT
-from .checkpoint import load_checkpoint
+from ..pruning.masks import LanguageMasks, MaskSet
+from .checkpoint import Checkpoint, load_checkpoint
 from .evaluate import EvalResult, evaluate
-from .trainer import CMVN_FILE, TOKENIZER_FILE, resolve_device
+from .trainer import CMVN_FILE, PRUNER_PREFIX, TOKENIZER_FILE, merge_results, resolve_device
 
 
 @dataclass
@@ -31,6 +39,49 @@ class Recognizer:
     languages: list[str]
     checkpoint: Path
     step: int
+    masks: MaskSet | None = None  # single-mask pruned model: already applied to the weights
+    language_masks: LanguageMasks | None = None  # per-language pruned model: applied by masked()
+
+    @contextmanager
+    def masked(self, language: str | None) -> Iterator[None]:
+        """Inside, the model's in-scope weights are ``theta ⊙ m_language`` (per-language masks);
+        a no-op for dense and single-mask models. Enter it outside ``torch.inference_mode``."""
+        if self.language_masks is None:
+            yield
+            return
+        if language not in self.language_masks:
+            raise UserError(f"no pruning mask for language {language!r} (masks: {self.language_masks.languages})")
+        mask = self.language_masks[language]
+        params = dict(self.model.named_parameters())
+        saved: dict[str, torch.Tensor] = {}
+        try:
+            for name, m in mask.items():
+                saved[name] = params[name].data
+                params[name].data = saved[name].masked_fill(~m.to(saved[name].device), 0)
+            yield
+        finally:
+            for name, dense in saved.items():
+                params[name].data = dense
+
+
+def _pruning_masks(ckpt: Checkpoint) -> MaskSet | LanguageMasks | None:
+    """The masks a pruned checkpoint stored (``Pruner.state_dict`` layout), None for dense ones."""
+    meta = ckpt.meta.get("extra", {}).get("pruner")
+    if meta is None:
+        return None
+    prefix = "extra." + PRUNER_PREFIX + "mask/"
+    packed = {k[len(prefix):]: v for k, v in ckpt.state_tensors.items() if k.startswith(prefix)}
+    try:
+        shapes: dict[str, list[int]] = {n: list(s) for n, s in meta["shapes"].items()}
+        languages = [str(x) for x in meta.get("languages", [])]
+        per_language = bool(languages) and all(f"{languages[0]}/{n}" in packed for n in shapes)
+        if per_language:
+            return LanguageMasks({
+                lang: MaskSet.unpack({n: packed[f"{lang}/{n}"] for n in shapes}, shapes) for lang in languages
+            })
+        return MaskSet.unpack({n: packed[n] for n in shapes}, shapes)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{ckpt.path}: unreadable pruning masks ({e})") from None
 
 
 def load_recognizer(path: str | os.PathLike[str], device: str = "cpu") -> Recognizer:
@@ -44,9 +95,29 @@ def load_recognizer(path: str | os.PathLike[str], device: str = "cpu") -> Recogn
         model.load_state_dict(ckpt.model)
     except RuntimeError as e:
         raise UserError(f"{ckpt.path}: weights do not fit the model in its config ({str(e).splitlines()[0]})") from None
-    model.to(resolve_device(device)).eval()
+    masks = _pruning_masks(ckpt)
+    single: MaskSet | None = None
+    per_language: LanguageMasks | None = None
+    params = dict(model.named_parameters())
+    if isinstance(masks, MaskSet):
+        missing = [n for n in masks.names if n not in params]
+        if missing:
+            raise UserError(f"{ckpt.path}: pruning mask for unknown parameter {missing[0]!r}")
+        with torch.no_grad():
+            for name, m in masks.items():
+                params[name].masked_fill_(~m, 0)  # theta ⊙ m, once and for all
+        single = masks
+    elif isinstance(masks, LanguageMasks):
+        missing = [n for n in masks.names if n not in params]
+        if missing:
+            raise UserError(f"{ckpt.path}: pruning mask for unknown parameter {missing[0]!r}")
+        per_language = masks
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    if per_language is not None:
+        per_language = per_language.to(dev)
     languages = list(ckpt.meta.get("extra", {}).get("languages", []))
-    return Recognizer(model, tokenizer, cmvn, cfg, languages, ckpt.path, ckpt.step)
+    return Recognizer(model, tokenizer, cmvn, cfg, languages, ckpt.path, ckpt.step, single, per_language)
 
 
 def evaluate_checkpoint(
@@ -74,10 +145,18 @@ def evaluate_checkpoint(
     if not utts:
         raise UserError(f"no utterances for {', '.join(langs or ['any language'])} in {manifest_path(manifest_dir, split)}")
     dev = next(rec.model.parameters()).device
-    with torch.inference_mode():
-        result = evaluate(
-            rec.model, utts, rec.tokenizer, rec.cmvn, rec.config.features, method=method,
-            beam_width=beam_width, device=dev, progress=progress,
-        )
+    groups: dict[str | None, list] = {None: utts}
+    if rec.language_masks is not None:  # decode each language with its own pathway
+        groups = {}
+        for u in utts:
+            groups.setdefault(u.language, []).append(u)
+    parts = []
+    for lang, group in groups.items():
+        with rec.masked(lang), torch.inference_mode():
+            parts.append(evaluate(
+                rec.model, group, rec.tokenizer, rec.cmvn, rec.config.features, method=method,
+                beam_width=beam_width, device=dev, progress=progress,
+            ))
+    result = parts[0] if len(parts) == 1 else merge_results(parts)
     info = {"checkpoint": str(rec.checkpoint), "step": rec.step, "split": split, "beam_width": beam_width}
     return result, info

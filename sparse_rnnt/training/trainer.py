@@ -1,5 +1,7 @@
 """The training loop: data set-up, Adam + warmup, clipping, bf16 autocast on CUDA, periodic dev
-evaluation, JSONL metrics, atomic resumable checkpoints.
+evaluation, JSONL metrics, atomic resumable checkpoints, and (with ``cfg.pruning``) a
+:class:`~sparse_rnnt.pruning.methods.Pruner` driven by its protocol, optionally starting from a
+dense checkpoint (``init_checkpoint``) whose tokenizer and CMVN stats the pruned run reuses.
 
 Resuming restores the model, optimizer, scheduler, sampler position and RNG states, so a run
 interrupted at step k and resumed reaches the same weights as an uninterrupted run (bit-exact on
@@ -32,13 +34,25 @@ from ..data.tokenizer import Tokenizer
 from ..errors import UserError
 from ..io import atomic_write_json
 from ..model.rnnt import EmformerRNNT, build_model
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from ..pruning.methods import Pruner
+from .checkpoint import Checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .evaluate import EvalResult, evaluate
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.model"
 CMVN_FILE = "cmvn.safetensors"
+PRUNER_PREFIX = "pruner/"  # pruner tensors live under "extra.pruner/<key>" in state.safetensors
+
+
+def merge_results(parts: list[EvalResult]) -> EvalResult:
+    """One :class:`EvalResult` from per-language decodes (disjoint languages)."""
+    out = EvalResult(method=parts[0].method if parts else "greedy")
+    for part in parts:
+        out.per_language.update(part.per_language)
+        out.hypotheses.extend(part.hypotheses)
+    out.hypotheses.sort(key=lambda h: h["key"])
+    return out
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -89,12 +103,27 @@ def select_languages(cfg: ExperimentConfig, train: list[Utterance]) -> list[str]
 
 
 class Trainer:
-    """Dense multilingual training of an Emformer RNN-T. Later issues hook pruners in here."""
+    """Multilingual training of an Emformer RNN-T: dense, or pruned when ``cfg.pruning`` is set.
 
-    def __init__(self, cfg: ExperimentConfig, out_dir: str | os.PathLike[str], *, resume: bool = False) -> None:
+    ``init_checkpoint`` (a checkpoint or run directory) gives the starting weights, tokenizer and
+    CMVN stats (copied into the run directory); a resumed run takes its weights from its own
+    checkpoint instead.
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        out_dir: str | os.PathLike[str],
+        *,
+        resume: bool = False,
+        init_checkpoint: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.resume = resume
+        self.init_checkpoint = init_checkpoint
+        self.pruner: Pruner | None = None
+        self._history_logged = 0
         self.progress = cfg.train.progress
         self.device = resolve_device(cfg.train.device)
         if self.device.type == "cpu":
@@ -123,6 +152,8 @@ class Trainer:
             raise UserError("data.manifest_dir is not set (the directory with train.jsonl and dev.jsonl)")
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
+        # Read the dense checkpoint first: a bad --init must fail before anything is written.
+        self.init: Checkpoint | None = load_checkpoint(self.init_checkpoint) if self.init_checkpoint else None
         self.out.mkdir(parents=True, exist_ok=True)
         if not self.resume:
             save_config(cfg, self.out / "config.yaml")
@@ -174,6 +205,12 @@ class Trainer:
         )
         self.model: EmformerRNNT = build_model(cfg.model, self.tokenizer.num_symbols, verbose=self.progress)
         self.model.to(self.device)
+        if self.init is not None and not self.resume:
+            self._load_init_weights(self.init)
+        if cfg.pruning is not None:
+            self.pruner = Pruner(cfg.pruning, self.model, languages=self.languages)
+            if not self.resume:
+                self.pruner.prepare()
         o = cfg.optim
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
@@ -191,8 +228,33 @@ class Trainer:
     def _feature_workers(self) -> int:
         return self.cfg.data.workers or os.cpu_count() or 1
 
+    def _load_init_weights(self, ckpt: Checkpoint) -> None:
+        try:
+            self.model.load_state_dict(ckpt.model)
+        except RuntimeError as e:
+            raise UserError(
+                f"{ckpt.path}: its weights do not fit the model of this config ({str(e).splitlines()[0]})"
+            ) from None
+
     def _tokenizer(self, train: list[Utterance]) -> Tokenizer:
         path = self.out / TOKENIZER_FILE
+        if self.init is not None:
+            # The pruned model must share the dense model's vocabulary.
+            src_tok = self.init.path / TOKENIZER_FILE
+            if not src_tok.is_file():
+                raise UserError(f"{self.init.path}: no {TOKENIZER_FILE} in the initial checkpoint")
+            tok = Tokenizer.load(src_tok)
+            want = self.init.meta.get("extra", {}).get("num_symbols")
+            if want is not None and int(want) != tok.num_symbols:
+                raise UserError(
+                    f"{self.init.path}: tokenizer has {tok.num_symbols} symbols but the checkpoint was "
+                    f"trained with {want}"
+                )
+            if path.exists() and path.read_bytes() != src_tok.read_bytes():
+                raise UserError(f"{path} differs from the initial checkpoint's {src_tok}")
+            if not path.exists():
+                shutil.copyfile(src_tok, path)
+            return tok
         if self.cfg.data.tokenizer:
             src = Path(self.cfg.data.tokenizer)
             tok = Tokenizer.load(src)
@@ -206,6 +268,12 @@ class Trainer:
     def _cmvn(self) -> GlobalCMVN:
         path = self.out / CMVN_FILE
         if self.resume and path.exists():
+            return GlobalCMVN.load(path)
+        if self.init is not None:
+            src = self.init.path / CMVN_FILE
+            if not src.is_file():
+                raise UserError(f"{self.init.path}: no {CMVN_FILE} in the initial checkpoint")
+            shutil.copyfile(src, path)
             return GlobalCMVN.load(path)
         if self.features is not None:
             feats = (self.features[u.key] for u in self.train_utts)
@@ -223,6 +291,14 @@ class Trainer:
         self.step = ckpt.step
         self.scheduler.load_state_dict({**self.scheduler.state_dict(), **ckpt.meta["extra"]["scheduler"]})
         self.sampler.load_state_dict(ckpt.meta["extra"]["sampler"])
+        if self.pruner is not None:
+            extra = ckpt.meta["extra"]
+            n = len("extra." + PRUNER_PREFIX)
+            tensors = {k[n:]: v for k, v in ckpt.state_tensors.items() if k.startswith("extra." + PRUNER_PREFIX)}
+            if "pruner" not in extra:
+                raise UserError(f"--resume: {ckpt.path} holds no pruner state (a dense checkpoint?)")
+            self.pruner.load_state_dict({"meta": extra["pruner"], "tensors": tensors})
+            self._history_logged = len(self.pruner.history)
         ckpt.restore_rng()
         self._say(f"resumed from {ckpt.path} at step {self.step}")
 
@@ -236,13 +312,28 @@ class Trainer:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _batch_language(self, batch: Batch) -> str | None:
+        """The batch's language for per-language pruners (monolingual batches), else None."""
+        if self.pruner is None or not self.pruner.multilingual:
+            return None
+        langs = set(batch.languages)
+        if len(langs) != 1:
+            raise RuntimeError(f"per-language pruning needs monolingual batches, got {sorted(langs)}")
+        return batch.languages[0]
+
     def train_step(self, batch: Batch) -> dict[str, float]:
         self.model.train()
         batch = batch.to(self.device)
-        with self._autocast():
-            out = self.model(batch.features, batch.feature_lengths, batch.targets, batch.target_lengths)
+        pruner = self.pruner
+        language = self._batch_language(batch)
+        masked = pruner.masked_forward(language) if pruner is not None else contextlib.nullcontext()
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        with masked:  # soft masks: the backward pass must see the masked weights too
+            with self._autocast():
+                out = self.model(batch.features, batch.feature_lengths, batch.targets, batch.target_lengths)
+            out.loss.backward()
+        if pruner is not None:
+            pruner.before_optimizer_step(self.step + 1, language)
         clip = self.cfg.optim.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         if clip > 0:
@@ -253,6 +344,10 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         stats = {"loss": float(out.loss.detach()), "rnnt": float(out.rnnt), "grad_norm": float(norm)}
+        if pruner is not None:
+            pruner.after_optimizer_step(self.step)
+            pruner.update_mask(self.step, language)
+            stats["sparsity"] = self.sparsity()
         if out.ctc is not None:
             stats["ctc"] = float(out.ctc)
         return stats
@@ -265,22 +360,56 @@ class Trainer:
                 yield collate([self.dataset[i] for i in idx])
             self.sampler.set_epoch(self.sampler.epoch + 1)
 
-    def evaluate_dev(self) -> EvalResult | None:
-        if not self.dev_utts:
-            return None
+    def sparsity(self) -> float:
+        """Achieved sparsity of the pruning mask (per-language pruners: mean over languages)."""
+        if self.pruner is None:
+            return 0.0
+        if self.pruner.multilingual:
+            values = [self.pruner.masks(lang).sparsity() for lang in self.pruner.languages]
+            return sum(values) / len(values)
+        return self.pruner.masks().sparsity()
+
+    def _decode(self, utts: list[Utterance]) -> EvalResult:
         return evaluate(
-            self.model, self.dev_utts, self.tokenizer, self.cmvn, self.cfg.features,
+            self.model, utts, self.tokenizer, self.cmvn, self.cfg.features,
             features=self.features, device=self.device, progress=self.progress,
         )
 
+    def evaluate_dev(self) -> EvalResult | None:
+        """Greedy dev WER; a pruned model decodes with its masks (per language for pathways)."""
+        if not self.dev_utts:
+            return None
+        pruner = self.pruner
+        if pruner is None:
+            return self._decode(self.dev_utts)
+        if not pruner.multilingual:
+            with pruner.masked_forward(None):  # soft methods keep dense theta: decode theta * m
+                return self._decode(self.dev_utts)
+        parts = []
+        for lang in self.languages:
+            utts = [u for u in self.dev_utts if u.language == lang]
+            if utts:
+                with pruner.masked_forward(lang):
+                    parts.append(self._decode(utts))
+        return merge_results(parts)
+
     def save(self) -> Path:
         files = {TOKENIZER_FILE: self.out / TOKENIZER_FILE, CMVN_FILE: self.out / CMVN_FILE}
+        extra: dict[str, Any] = {
+            "scheduler": {"last_epoch": self.scheduler.last_epoch, "_step_count": self.scheduler._step_count},
+            "sampler": self.sampler.state_dict(), "languages": self.languages,
+            "num_symbols": self.tokenizer.num_symbols,
+        }
+        extra_tensors: dict[str, torch.Tensor] = {}
+        if self.pruner is not None:
+            state = self.pruner.state_dict()
+            extra["pruner"] = state["meta"]
+            extra_tensors = {PRUNER_PREFIX + k: v for k, v in state["tensors"].items()}
+            if self.init is not None:
+                extra["init_checkpoint"] = str(self.init.path)
         return save_checkpoint(
             self.out, self.step, self.model, config=to_dict(self.cfg), optimizer=self.optimizer,
-            extra={"scheduler": {"last_epoch": self.scheduler.last_epoch, "_step_count": self.scheduler._step_count},
-                   "sampler": self.sampler.state_dict(), "languages": self.languages,
-                   "num_symbols": self.tokenizer.num_symbols},
-            files=files, keep=self.cfg.train.keep_checkpoints,
+            extra=extra, extra_tensors=extra_tensors, files=files, keep=self.cfg.train.keep_checkpoints,
         )
 
     def run(self) -> dict[str, Any]:
@@ -310,6 +439,13 @@ class Trainer:
                 stats["frames"] = float(batch.feature_lengths.sum())
                 window.append(stats)
                 bar.update(1)
+                if self.pruner is not None and len(self.pruner.history) > self._history_logged:
+                    # Mask updates (level steps and re-ranks) with their sparsity and churn.
+                    events = self.pruner.history[self._history_logged:]
+                    self._history_logged = len(self.pruner.history)
+                    metrics.write(json.dumps({"step": self.step, "sparsity": self.sparsity(),
+                                              "pruning": events}) + "\n")
+                    metrics.flush()
                 if t.log_every and (self.step % t.log_every == 0 or self.step == t.max_steps):
                     row = {k: sum(w[k] for w in window if k in w) / len(window) for k in window[-1]}
                     row.update(step=self.step, epoch=self.sampler.epoch, lr=self.scheduler.get_last_lr()[0],

@@ -1,0 +1,174 @@
+"""Pruned training: every method resumes bit-exactly, reaches its sparsity, and evaluates."""
+
+import pytest
+import torch
+
+from sparse_rnnt.cli import main
+from sparse_rnnt.config import config_from_tree, to_dict
+from sparse_rnnt.pruning.scope import select_parameters
+from sparse_rnnt.training.checkpoint import load_checkpoint
+from sparse_rnnt.training.inference import evaluate_checkpoint, load_recognizer
+from sparse_rnnt.training.trainer import Trainer
+
+METHODS = ("imp", "lth", "lap", "adaptive", "dynamic-pathways")
+LEVELS = (0.2, 0.5)
+
+
+def _dense_overrides(manifests) -> dict[str, object]:
+    return {
+        "data.manifest_dir": str(manifests), "data.workers": 1, "train.max_steps": 4, "train.log_every": 1,
+        "train.eval_every": 0, "train.checkpoint_every": 2, "train.threads": 1, "train.progress": False,
+        "batch.max_frames": 400, "model.transformer_num_layers": 2, "optim.warmup_steps": 2,
+    }
+
+
+@pytest.fixture(scope="module")
+def dense_run(tiny_manifests, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dense") / "run"
+    over = _dense_overrides(tiny_manifests)
+    cfg = config_from_tree({}, [f"{k}={v}" for k, v in over.items()])
+    Trainer(cfg, out).run()
+    return out
+
+
+def _prune_cfg(dense_dir, method):
+    base = load_checkpoint(dense_dir).config
+    over = {
+        "pruning.method": method, "pruning.levels": "[0.2,0.5]", "pruning.target_sparsity": 0.5,
+        "pruning.interval": 3, "pruning.adapt_every": 1, "train.max_steps": 5, "train.checkpoint_every": 2,
+    }
+    if method == "dynamic-pathways":
+        over["batch.mode"] = "monolingual"
+    return config_from_tree(base, [f"{k}={v}" for k, v in over.items()])
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashingTrainer(Trainer):
+    def train_step(self, batch):
+        if self.step == 3:  # after the step-2 checkpoint, before the 0.5 sparsity step at 3
+            raise _Crash
+        return super().train_step(batch)
+
+
+def _masks(ckpt, method, languages):
+    """Unpack the saved masks by hand (little-endian bits, per MaskSet.pack's documented format):
+    {language or "": {param: bool tensor}}."""
+    shapes = ckpt.meta["extra"]["pruner"]["shapes"]
+    prefixes = [f"{lang}/" for lang in languages] if method == "dynamic-pathways" else [""]
+    out = {}
+    for prefix in prefixes:
+        masks = {}
+        for name, shape in shapes.items():
+            packed = ckpt.state_tensors[f"extra.pruner/mask/{prefix}{name}"]
+            bits = [(int(byte) >> i) & 1 for byte in packed.tolist() for i in range(8)]
+            n = int(torch.tensor(shape).prod())
+            masks[name] = torch.tensor(bits[:n], dtype=torch.bool).reshape(shape)
+        out[prefix.rstrip("/")] = masks
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pruning_run_resumes_exactly_and_reaches_its_level(method, dense_run, tiny_manifests, tmp_path):
+    cfg = _prune_cfg(dense_run, method)
+    Trainer(cfg, tmp_path / "a", init_checkpoint=dense_run).run()
+    with pytest.raises(_Crash):
+        _CrashingTrainer(cfg, tmp_path / "b", init_checkpoint=dense_run).run()
+    assert load_checkpoint(tmp_path / "b").step == 2
+    Trainer(cfg, tmp_path / "b", resume=True, init_checkpoint=dense_run).run()
+    a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
+    assert a.step == b.step == 5
+    for k in a.model:
+        assert torch.equal(a.model[k], b.model[k]), k
+    pruner_keys = [k for k in a.state_tensors if k.startswith("extra.pruner/")]
+    assert any("/mask/" in k for k in pruner_keys) and any("/theta0/" in k for k in pruner_keys)
+    for k in pruner_keys:
+        assert torch.equal(a.state_tensors[k], b.state_tensors[k]), k
+    assert a.meta["extra"]["pruner"] == b.meta["extra"]["pruner"]
+
+    # The pruned run shares the dense run's vocabulary and feature statistics.
+    for name in ("tokenizer.model", "cmvn.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (dense_run / name).read_bytes()
+
+    # Sparsity by hand from the saved masks: the level reached (0.5), per language for pathways.
+    languages = a.meta["extra"]["languages"]
+    assert languages == ["en", "fr"]
+    rec = load_recognizer(tmp_path / "a")
+    saved = _masks(a, method, languages)
+    for key, masks in saved.items():
+        ref = rec.masks if key == "" else rec.language_masks[key]
+        total = sum(m.numel() for m in masks.values())
+        assert all(torch.equal(m, ref[n]) for n, m in masks.items())  # the loader reads the same masks
+        chosen = masks
+        pruned = sum(int((~m).sum()) for m in chosen.values())
+        assert abs(pruned / total - LEVELS[-1]) <= 1.0 / total + 1e-9, key
+        if method in ("imp", "lth", "lap"):
+            for n, m in chosen.items():
+                assert torch.all(a.model[n][~m] == 0), n  # hard: pruned weights exactly zero on disk
+                assert torch.count_nonzero(a.model[n][m]) > 0.9 * int(m.sum())
+    if method == "adaptive":  # soft: theta stays dense on disk, the loader applies theta * m
+        params = dict(rec.model.named_parameters())
+        for n, mask in saved[""].items():
+            assert torch.count_nonzero(a.model[n][~mask]) > 0
+            assert torch.equal(params[n].detach(), a.model[n] * mask)
+
+    # Evaluation of the pruned checkpoint, per language.
+    res, info = evaluate_checkpoint(tmp_path / "a", tiny_manifests, split="test", progress=False, device="cpu")
+    assert info["step"] == 5
+    assert set(res.per_language) == {"en", "fr"}
+    assert sum(c.utterances for c in res.per_language.values()) == 16
+
+
+def test_dynamic_pathways_decodes_each_language_with_its_own_mask(dense_run, tiny_manifests, tmp_path):
+    cfg = _prune_cfg(dense_run, "dynamic-pathways")
+    Trainer(cfg, tmp_path / "p", init_checkpoint=dense_run).run()
+    rec = load_recognizer(tmp_path / "p")
+    params = dict(rec.model.named_parameters())
+    scope = select_parameters(rec.model, cfg.pruning.scope)
+    dense = {n: p.detach().clone() for n, p in params.items()}
+    for lang in ("en", "fr"):
+        with rec.masked(lang):
+            for n in scope:
+                ref = dense[n] * rec.language_masks[lang][n]
+                assert torch.equal(params[n].detach(), ref), (lang, n)
+    for n, p in params.items():  # restored afterwards
+        assert torch.equal(p.detach(), dense[n])
+    assert not rec.language_masks["en"].equal(rec.language_masks["fr"])
+
+
+def test_prune_cli_help_and_user_errors(dense_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for opt in ("--method", "--init", "--out", "--target-sparsity", "--schedule", "--levels", "--interval",
+                "--adapt-every", "--variant", "--granularity", "--ranking", "--languages", "--steps", "--set",
+                "--resume"):
+        assert opt in text, opt
+    assert main(["prune", "--method", "imp", "--init", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    # dynamic-pathways forces monolingual batches; a missing method key is a clear config error
+    assert main(["prune", "--method", "dynamic-pathways", "--init", str(dense_run), "--out", str(tmp_path / "o"),
+                 "--levels", "0.3", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "mode: monolingual" in printed and "method: dynamic-pathways" in printed
+    assert main(["prune", "--method", "imp", "--init", str(dense_run), "--out", str(tmp_path / "o"),
+                 "--granularity", "3-4"]) == 2
+    assert "--granularity" in capsys.readouterr().err
+
+
+def test_pruning_config_in_experiment_config():
+    cfg = config_from_tree({}, ["pruning.method=imp", "pruning.levels=[0.3]", "pruning.target_sparsity=0.3"])
+    assert cfg.pruning is not None and cfg.pruning.levels == (0.3,)
+    assert config_from_tree(to_dict(cfg)).pruning == cfg.pruning  # YAML/JSON round trip
+    assert config_from_tree({}).pruning is None
+    from sparse_rnnt.errors import UserError
+
+    with pytest.raises(UserError, match=r"pruning\.method"):
+        config_from_tree({}, ["pruning.interval=5"])
+    with pytest.raises(UserError, match="monolingual"):
+        config_from_tree({}, ["pruning.method=dynamic-pathways"])

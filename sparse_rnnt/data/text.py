@@ -29,6 +29,7 @@ import hashlib
 import itertools
 import random
 import unicodedata
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -376,7 +377,7 @@ def date_to_words(day: int, month: int, language: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class _Part:
+class _Part(ABC):
     """A grammar node: samples a token list and knows every word and every length it can yield.
 
     A node with no possible output (``lengths`` empty) is dropped by the :class:`_Alt` and
@@ -387,8 +388,8 @@ class _Part:
     lengths: frozenset[int]
     firsts: frozenset[str]  # words a non-empty output can start with
 
-    def sample(self, rng: random.Random) -> list[str]:
-        raise NotImplementedError
+    @abstractmethod
+    def sample(self, rng: random.Random) -> list[str]: ...
 
 
 class _Lit(_Part):
@@ -740,7 +741,7 @@ _LEXICONS: dict[str, _Lexicon] = {
 # --------------------------------------------------------------------------------------------
 
 
-class _Builder:
+class _Builder(ABC):
     """Builds one language's templates from a (capped) lexicon; subclasses add agreement."""
 
     code = ""
@@ -755,13 +756,13 @@ class _Builder:
         self._counts: dict[frozenset[str], _Part] = {}
 
     # -- agreement hooks ---------------------------------------------------------------------
+    @abstractmethod
     def np(self, noun: _Noun, definite: bool, adj: tuple[str, ...] | None) -> str:
         """Singular noun phrase with article and optional adjective."""
-        raise NotImplementedError
 
+    @abstractmethod
     def plural(self, noun: _Noun, adj: tuple[str, ...] | None) -> str:
         """Bare plural noun with optional adjective (follows a number)."""
-        raise NotImplementedError
 
     def predicate(self, adj: tuple[str, ...], gender: str) -> str:
         """Adjective after the copula, agreeing with a singular subject of ``gender``."""
@@ -774,8 +775,8 @@ class _Builder:
         """The "and" that joins two clauses, given the first word of the second one."""
         return self.conjunction
 
-    def templates(self) -> list[_Template]:
-        raise NotImplementedError
+    @abstractmethod
+    def templates(self) -> list[_Template]: ...
 
     # -- shared parts ------------------------------------------------------------------------
     def num(self, n: int) -> str:

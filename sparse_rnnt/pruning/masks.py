@@ -16,6 +16,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -152,6 +153,21 @@ class MaskSet:
             for p, mask in self._params_for(params):
                 # masked_fill, not multiply: NaN/inf * 0 would stay NaN.
                 p.masked_fill_(~mask.to(p.device), 0)
+
+    @contextmanager
+    def substituted(self, params: Mapping[str, Tensor]) -> Iterator[None]:
+        """Inside, each masked parameter's ``.data`` is ``theta ⊙ m``; the dense ``theta`` is put
+        back on exit (also on error). Autograd sees the masked values, so a backward pass run
+        inside gives the gradient at ``theta ⊙ m`` for every entry (straight-through)."""
+        saved: list[tuple[Tensor, Tensor]] = []
+        try:
+            for p, mask in self._params_for(params):
+                saved.append((p, p.data))
+                p.data = p.data.masked_fill(~mask.to(p.device), 0)
+            yield
+        finally:
+            for p, dense in saved:
+                p.data = dense
 
     def mask_grads_(self, params: Mapping[str, Tensor]) -> None:
         """Zero the gradients of the pruned weights in place (params without ``.grad`` are skipped)."""

@@ -414,15 +414,8 @@ class Pruner:
             yield
             return
         mask = self.masks(self._lang(language) if self.multilingual else None)
-        saved: dict[str, Tensor] = {}
-        try:
-            for name, p in self.params.items():
-                saved[name] = p.data
-                p.data = p.data.masked_fill(~mask[name].to(p.device), 0)
+        with mask.substituted(self.params):
             yield
-        finally:
-            for name, dense in saved.items():
-                self.params[name].data = dense
 
     def before_optimizer_step(self, step: int, language: str | None = None) -> None:
         """Hard: zero the pruned weights' gradients. Adaptive: nothing. Dynamic pathways: zero the

@@ -51,17 +51,8 @@ class Recognizer:
             return
         if language not in self.language_masks:
             raise UserError(f"no pruning mask for language {language!r} (masks: {self.language_masks.languages})")
-        mask = self.language_masks[language]
-        params = dict(self.model.named_parameters())
-        saved: dict[str, torch.Tensor] = {}
-        try:
-            for name, m in mask.items():
-                saved[name] = params[name].data
-                params[name].data = saved[name].masked_fill(~m.to(saved[name].device), 0)
+        with self.language_masks[language].substituted(dict(self.model.named_parameters())):
             yield
-        finally:
-            for name, dense in saved.items():
-                params[name].data = dense
 
 
 def _pruning_masks(ckpt: Checkpoint) -> MaskSet | LanguageMasks | None:
@@ -103,9 +94,7 @@ def load_recognizer(path: str | os.PathLike[str], device: str = "cpu") -> Recogn
         missing = [n for n in masks.names if n not in params]
         if missing:
             raise UserError(f"{ckpt.path}: pruning mask for unknown parameter {missing[0]!r}")
-        with torch.no_grad():
-            for name, m in masks.items():
-                params[name].masked_fill_(~m, 0)  # theta ⊙ m, once and for all
+        masks.apply_(params)  # theta ⊙ m, once and for all
         single = masks
     elif isinstance(masks, LanguageMasks):
         missing = [n for n in masks.names if n not in params]

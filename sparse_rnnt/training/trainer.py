@@ -347,7 +347,6 @@ class Trainer:
         if pruner is not None:
             pruner.after_optimizer_step(self.step)
             pruner.update_mask(self.step, language)
-            stats["sparsity"] = self.sparsity()
         if out.ctc is not None:
             stats["ctc"] = float(out.ctc)
         return stats
@@ -448,6 +447,8 @@ class Trainer:
                     metrics.flush()
                 if t.log_every and (self.step % t.log_every == 0 or self.step == t.max_steps):
                     row = {k: sum(w[k] for w in window if k in w) / len(window) for k in window[-1]}
+                    if self.pruner is not None:  # a pass over every mask: only when logging
+                        row["sparsity"] = self.sparsity()
                     row.update(step=self.step, epoch=self.sampler.epoch, lr=self.scheduler.get_last_lr()[0],
                                frames_per_sec=row["frames"] / max(row["sec"], 1e-9))
                     metrics.write(json.dumps(row) + "\n")

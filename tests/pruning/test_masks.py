@@ -229,3 +229,21 @@ def test_language_masks_save_load(tmp_path: Path) -> None:
         LanguageMasks({"en": _random_set(1), "fr": _random_set(2, shapes=[(2, 2)])})
     with pytest.raises(KeyError):
         lm.free_zone("de")
+
+
+def test_substituted_masks_inside_and_restores_dense_weights_even_on_error():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 3)
+    params = {"weight": lin.weight}
+    mask = MaskSet({"weight": torch.rand(3, 5) > 0.5})
+    dense = lin.weight.detach().clone()
+    x = torch.randn(4, 5)
+    with mask.substituted(params):
+        assert torch.equal(lin.weight.detach(), dense * mask["weight"])
+        lin(x).sum().backward()
+    assert torch.equal(lin.weight.detach(), dense)
+    # straight-through: pruned entries get the gradient computed at the masked point
+    assert torch.allclose(lin.weight.grad, torch.ones(4, 3).T @ x)
+    with pytest.raises(RuntimeError), mask.substituted(params):
+        raise RuntimeError("boom")
+    assert torch.equal(lin.weight.detach(), dense)

@@ -147,7 +147,7 @@ def prune_config(args: argparse.Namespace, dense_config: dict[str, object]) -> E
     elif args.target_sparsity is not None:
         # Default staircase levels below the target, ending at it.
         pruning["levels"] = [x for x in (0.2, 0.5, 0.7) if x < args.target_sparsity] + [args.target_sparsity]
-    for key in ("interval", "adapt_every", "variant", "ranking"):
+    for key in ("interval", "adapt_every", "variant", "ranking", "aggregation", "init_masks", "init_level"):
         if getattr(args, key) is not None:
             pruning[key] = getattr(args, key)
     if args.granularity is not None:
@@ -158,8 +158,8 @@ def prune_config(args: argparse.Namespace, dense_config: dict[str, object]) -> E
         sections.setdefault("data", {})["languages"] = parse_languages(args.languages)
     if args.steps is not None:
         sections.setdefault("train", {})["max_steps"] = args.steps
-    if args.method == "dynamic-pathways":
-        sections.setdefault("batch", {})["mode"] = "monolingual"  # one language per optimizer step
+    if args.method in ("dynamic-pathways", "pathways"):
+        sections.setdefault("batch", {})["mode"] = "monolingual"  # each language on its own batches
     return config_from_tree(sections, args.set)
 
 
@@ -289,10 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a dense checkpoint while fine-tuning it (IMP, LTH, LAP, adaptive, pathways)",
                        description="Start from a dense checkpoint (its config, weights, tokenizer and CMVN stats) "
                        "and train with a pruning method. The run directory is laid out as for 'train'; its "
-                       "checkpoints also hold the masks, theta0 and the pruning history.")
-    p.add_argument("--method", required=True, choices=("imp", "lth", "lap", "adaptive", "dynamic-pathways"),
+                       "checkpoints also hold the masks, theta0 and the pruning history; masks/ holds the mask "
+                       "after each sparsity step and analytics/ the mask report (JSON) and plots (PNG).")
+    p.add_argument("--method", required=True, choices=("imp", "lth", "lap", "adaptive", "dynamic-pathways", "pathways"),
                    help="imp/lth/lap: hard masks; adaptive: one soft mask; dynamic-pathways: one soft mask per "
-                   "language (forces batch.mode=monolingual)")
+                   "language; pathways: ASR Pathways stage 2, fixed per-language masks from stage-1 runs given "
+                   "by --init-masks (the last two force batch.mode=monolingual)")
     p.add_argument("--init", required=True, help="dense checkpoint or run directory to start from")
     p.add_argument("--out", required=True, help="run directory for the pruning run")
     p.add_argument("--target-sparsity", type=float, default=None,
@@ -311,6 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unstructured, N:M (e.g. 2:4) or block:HxW (e.g. block:4x4) (default unstructured)")
     p.add_argument("--ranking", choices=("global", "per_tensor"), default=None,
                    help="rank magnitudes over all in-scope weights or tensor by tensor (default global)")
+    p.add_argument("--init-masks", dest="init_masks", default=None, metavar="SPEC",
+                   help="starting masks: PATH (a pruning run or checkpoint directory, or a masks file; one mask "
+                   "is copied to every language) or LANG=PATH,LANG=PATH,... (one source per language, e.g. the "
+                   "stage-1 runs of pathways). Required by pathways; dynamic-pathways starts from LAP or LTH "
+                   "masks this way")
+    p.add_argument("--init-level", dest="init_level", type=float, default=None, metavar="S",
+                   help="with run directories in --init-masks: take each run's mask saved when it reached "
+                   "sparsity S (masks/level-S.safetensors), e.g. 0.5, instead of its latest checkpoint")
+    p.add_argument("--aggregation", choices=("alternate", "sum"), default=None,
+                   help="pathways: alternate one language per optimizer step, or sum the masked gradients "
+                   "of one batch per language into each step (default alternate)")
     p.add_argument("--languages", default=None, help="comma-separated languages (default: the dense run's)")
     p.add_argument("--steps", type=int, default=None, help="training steps of the pruning run (train.max_steps)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

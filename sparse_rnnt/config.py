@@ -82,10 +82,16 @@ class ExperimentConfig:
         self.model.validate()
         if self.pruning is not None:
             self.pruning.validate()
-            if self.pruning.method == "dynamic-pathways" and self.batch.mode != "monolingual":
+            method = self.pruning.method
+            if method in ("dynamic-pathways", "pathways") and self.batch.mode != "monolingual":
                 raise UserError(
-                    f"pruning.method dynamic-pathways trains one language per step: it needs "
+                    f"pruning.method {method} trains each language on its own batches: it needs "
                     f"batch.mode=monolingual, got batch.mode={self.batch.mode!r}"
+                )
+            if method == "pathways" and not self.pruning.init_masks.strip():
+                raise UserError(
+                    "pruning.method pathways needs the stage-1 per-language masks: set "
+                    "pruning.init_masks (--init-masks en=RUN_EN,fr=RUN_FR,...) to per-language IMP/LTH runs"
                 )
         o, t = self.optim, self.train
         if o.lr <= 0:

@@ -139,6 +139,11 @@ class PruningConfig:
     ranking: str = "global"
     scope: ScopeConfig = field(default_factory=ScopeConfig)
     aggregation: str = "alternate"
+    # Starting masks (read by the trainer, see sparse_rnnt.training.stage_masks): "" = none, a
+    # path (run or checkpoint directory, or masks file), or "lang=path,lang=path" per language.
+    init_masks: str = ""
+    # With a run directory in init_masks: take the mask saved when that run reached this level.
+    init_level: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.levels, list):
@@ -181,6 +186,13 @@ class PruningConfig:
             raise UserError(
                 f"pruning.aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}"
             )
+        if not isinstance(self.init_masks, str):
+            raise UserError(f"pruning.init_masks must be a string, got {self.init_masks!r}")
+        lvl = self.init_level
+        if lvl is not None and (isinstance(lvl, bool) or not isinstance(lvl, (int, float)) or not 0.0 < lvl < 1.0):
+            raise UserError(f"pruning.init_level must be a sparsity in (0, 1), got {lvl!r}")
+        if lvl is not None and not self.init_masks.strip():
+            raise UserError("pruning.init_level is set but pruning.init_masks is empty")
         self.granularity.validate()
         self.scope.validate()
         self.build_schedule()  # validates levels (increasing, in [0, 1))
@@ -230,9 +242,15 @@ class Pruner:
         self._grad_sum: dict[str, Tensor] | None = None
 
     # ---- setup
-    def prepare(self, dense_state: dict[str, Tensor] | None = None) -> None:
+    def prepare(
+        self,
+        dense_state: dict[str, Tensor] | None = None,
+        initial_masks: MaskSet | LanguageMasks | None = None,
+    ) -> None:
         """Remember theta0 (``dense_state[name]`` or the model's current in-scope weights, copied)
-        and set the step-0 masks: all ones, or the schedule's level if step 0 is a prune step."""
+        and set the step-0 masks: ``initial_masks`` (see :meth:`init_masks`) or all ones, then the
+        schedule's level if step 0 is a prune step (applied to the initial masks: a hard method
+        prunes among their kept weights, dynamic pathways re-ranks inside the zones they define)."""
         self.theta0 = {}
         for name, p in self.params.items():
             src = p.detach() if dense_state is None else dense_state.get(name)
@@ -253,13 +271,20 @@ class Pruner:
             self._union = None
             self._grad_sum = None
             self._frozen = None
+            if initial_masks is not None:
+                self.init_masks(initial_masks)
             return
+        if initial_masks is not None:
+            self.init_masks(initial_masks)
         if self.schedule.is_prune_step(0):
             self._level_event(0)
 
     def init_masks(self, masks: MaskSet | LanguageMasks) -> None:
-        """Start from given masks (dynamic pathways: a LanguageMasks, e.g. LAP mask per language or
-        LTH masks; others: a MaskSet). Hard methods zero the pruned weights at once."""
+        """Start from given masks (dynamic pathways: a LanguageMasks, e.g. LTH masks, or one MaskSet
+        copied to every language, e.g. a LAP mask; others: a MaskSet). Hard methods zero the pruned
+        weights at once. If no schedule level is in force yet, the current level becomes the masks'
+        achieved sparsity (mean over languages), so re-ranks before the next sparsity step keep
+        that many weights."""
         self._require_prepared()
         if self.pathways and not isinstance(masks, LanguageMasks):
             raise UserError(
@@ -284,6 +309,13 @@ class Pruner:
             self._mask = masks.clone()
             if not self.config.soft:
                 self._mask.apply_(self.params)
+        if self.level > 0.0:
+            return  # a schedule level is in force (step-0 event): re-ranks keep using it
+        if self._lang_masks is not None:
+            self.level = sum(self._lang_masks[lang].sparsity() for lang in self.languages) / len(self.languages)
+        else:
+            assert self._mask is not None
+            self.level = self._mask.sparsity()
 
     def _check_layout(self, masks: MaskSet) -> None:
         want = {n: list(p.shape) for n, p in self.params.items()}

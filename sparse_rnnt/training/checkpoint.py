@@ -29,8 +29,10 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from ..io import atomic_path, atomic_write_text
+from ..pruning.masks import LanguageMasks, MaskSet
 
 FORMAT_VERSION = 1
+PRUNER_PREFIX = "pruner/"  # pruner tensors live under "extra.pruner/<key>" in state.safetensors
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -208,3 +210,24 @@ def load_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Checkp
     except Exception as e:
         raise UserError(f"{p}: unreadable checkpoint tensors ({e})") from None
     return Checkpoint(path=p, step=int(meta["step"]), model=model, state_tensors=state, meta=meta)
+
+
+def checkpoint_masks(ckpt: Checkpoint) -> MaskSet | LanguageMasks | None:
+    """The masks a pruned checkpoint stored (``Pruner.state_dict`` layout): one :class:`MaskSet`
+    (single-mask methods), a :class:`LanguageMasks` (per-language methods), or None (dense)."""
+    meta = ckpt.meta.get("extra", {}).get("pruner")
+    if meta is None:
+        return None
+    prefix = "extra." + PRUNER_PREFIX + "mask/"
+    packed = {k[len(prefix):]: v for k, v in ckpt.state_tensors.items() if k.startswith(prefix)}
+    try:
+        shapes: dict[str, list[int]] = {n: list(s) for n, s in meta["shapes"].items()}
+        languages = [str(x) for x in meta.get("languages", [])]
+        per_language = bool(languages) and all(f"{languages[0]}/{n}" in packed for n in shapes)
+        if per_language:
+            return LanguageMasks({
+                lang: MaskSet.unpack({n: packed[f"{lang}/{n}"] for n in shapes}, shapes) for lang in languages
+            })
+        return MaskSet.unpack({n: packed[n] for n in shapes}, shapes)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{ckpt.path}: unreadable pruning masks ({e})") from None

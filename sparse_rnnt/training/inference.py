@@ -23,9 +23,9 @@ from ..data.tokenizer import Tokenizer
 from ..errors import UserError
 from ..model.rnnt import EmformerRNNT
 from ..pruning.masks import LanguageMasks, MaskSet
-from .checkpoint import Checkpoint, load_checkpoint
+from .checkpoint import checkpoint_masks, load_checkpoint
 from .evaluate import EvalResult, evaluate
-from .trainer import CMVN_FILE, PRUNER_PREFIX, TOKENIZER_FILE, merge_results, resolve_device
+from .trainer import CMVN_FILE, TOKENIZER_FILE, merge_results, resolve_device
 
 
 @dataclass
@@ -55,26 +55,6 @@ class Recognizer:
             yield
 
 
-def _pruning_masks(ckpt: Checkpoint) -> MaskSet | LanguageMasks | None:
-    """The masks a pruned checkpoint stored (``Pruner.state_dict`` layout), None for dense ones."""
-    meta = ckpt.meta.get("extra", {}).get("pruner")
-    if meta is None:
-        return None
-    prefix = "extra." + PRUNER_PREFIX + "mask/"
-    packed = {k[len(prefix):]: v for k, v in ckpt.state_tensors.items() if k.startswith(prefix)}
-    try:
-        shapes: dict[str, list[int]] = {n: list(s) for n, s in meta["shapes"].items()}
-        languages = [str(x) for x in meta.get("languages", [])]
-        per_language = bool(languages) and all(f"{languages[0]}/{n}" in packed for n in shapes)
-        if per_language:
-            return LanguageMasks({
-                lang: MaskSet.unpack({n: packed[f"{lang}/{n}"] for n in shapes}, shapes) for lang in languages
-            })
-        return MaskSet.unpack({n: packed[n] for n in shapes}, shapes)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{ckpt.path}: unreadable pruning masks ({e})") from None
-
-
 def load_recognizer(path: str | os.PathLike[str], device: str = "cpu") -> Recognizer:
     """Load a checkpoint directory (or a run directory's latest checkpoint) without pickle."""
     ckpt = load_checkpoint(path)
@@ -86,7 +66,7 @@ def load_recognizer(path: str | os.PathLike[str], device: str = "cpu") -> Recogn
         model.load_state_dict(ckpt.model)
     except RuntimeError as e:
         raise UserError(f"{ckpt.path}: weights do not fit the model in its config ({str(e).splitlines()[0]})") from None
-    masks = _pruning_masks(ckpt)
+    masks = checkpoint_masks(ckpt)
     single: MaskSet | None = None
     per_language: LanguageMasks | None = None
     params = dict(model.named_parameters())

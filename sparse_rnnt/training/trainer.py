@@ -34,15 +34,28 @@ from ..data.tokenizer import Tokenizer
 from ..errors import UserError
 from ..io import atomic_write_json
 from ..model.rnnt import EmformerRNNT, build_model
+from ..pruning.analytics import (
+    churn_series,
+    mask_report,
+    plot_overlap,
+    plot_sparsity_and_churn,
+    write_report,
+)
 from ..pruning.methods import Pruner
-from .checkpoint import Checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    PRUNER_PREFIX,
+    Checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .evaluate import EvalResult, evaluate
+from .stage_masks import resolve_init_masks, save_level_snapshot
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.model"
 CMVN_FILE = "cmvn.safetensors"
-PRUNER_PREFIX = "pruner/"  # pruner tensors live under "extra.pruner/<key>" in state.safetensors
 
 
 def merge_results(parts: list[EvalResult]) -> EvalResult:
@@ -203,6 +216,21 @@ class Trainer:
             self.dataset.durations, self.dataset.utterance_languages, cfg.batch,
             frames_per_second=cfg.features.frames_per_second,
         )
+        # ASR Pathways with summed updates: one batch of every language per optimizer step, each
+        # language from its own sampler (index lists map back into the dataset).
+        self.language_samplers: dict[str, tuple[list[int], BucketBatchSampler]] | None = None
+        p = cfg.pruning
+        if p is not None and p.method == "pathways" and p.aggregation == "sum":
+            self.language_samplers = {}
+            for lang in self.languages:
+                idx = [i for i, x in enumerate(self.dataset.utterance_languages) if x == lang]
+                if not idx:
+                    raise UserError(f"pathways with summed updates: no training utterances for {lang}")
+                sampler = BucketBatchSampler(
+                    [self.dataset.durations[i] for i in idx], [lang] * len(idx), cfg.batch,
+                    frames_per_second=cfg.features.frames_per_second,
+                )
+                self.language_samplers[lang] = (idx, sampler)
         self.model: EmformerRNNT = build_model(cfg.model, self.tokenizer.num_symbols, verbose=self.progress)
         self.model.to(self.device)
         if self.init is not None and not self.resume:
@@ -210,7 +238,14 @@ class Trainer:
         if cfg.pruning is not None:
             self.pruner = Pruner(cfg.pruning, self.model, languages=self.languages)
             if not self.resume:
-                self.pruner.prepare()
+                initial = None
+                if cfg.pruning.init_masks.strip():
+                    initial = resolve_init_masks(
+                        cfg.pruning.init_masks, cfg.pruning.init_level, self.languages,
+                        per_language=self.pruner.multilingual,
+                    )
+                self.pruner.prepare(initial_masks=initial)
+                self._snapshot_levels(0)
         o = cfg.optim
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
@@ -290,7 +325,12 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt.optimizer_state())
         self.step = ckpt.step
         self.scheduler.load_state_dict({**self.scheduler.state_dict(), **ckpt.meta["extra"]["scheduler"]})
-        self.sampler.load_state_dict(ckpt.meta["extra"]["sampler"])
+        if self.language_samplers is not None:
+            states = ckpt.meta["extra"]["language_samplers"]
+            for lang, (_, sampler) in self.language_samplers.items():
+                sampler.load_state_dict(states[lang])
+        else:
+            self.sampler.load_state_dict(ckpt.meta["extra"]["sampler"])
         if self.pruner is not None:
             extra = ckpt.meta["extra"]
             n = len("extra." + PRUNER_PREFIX)
@@ -321,7 +361,10 @@ class Trainer:
             raise RuntimeError(f"per-language pruning needs monolingual batches, got {sorted(langs)}")
         return batch.languages[0]
 
-    def train_step(self, batch: Batch) -> dict[str, float]:
+    def train_step(self, batch: Batch | dict[str, Batch]) -> dict[str, float]:
+        """One optimizer step on ``batch`` (a dict ``{language: Batch}`` for pathways "sum")."""
+        if isinstance(batch, dict):
+            return self._summed_step(batch)
         self.model.train()
         batch = batch.to(self.device)
         pruner = self.pruner
@@ -351,13 +394,94 @@ class Trainer:
             stats["ctc"] = float(out.ctc)
         return stats
 
+    def _summed_step(self, batches: dict[str, Batch]) -> dict[str, float]:
+        """ASR Pathways, summed aggregation: ``Σ_l m_l ⊙ g_l`` over one batch per language."""
+        pruner = self.pruner
+        assert pruner is not None
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses: dict[str, list[float]] = {"loss": [], "rnnt": [], "ctc": []}
+        for lang, batch in batches.items():
+            batch = batch.to(self.device)
+            with pruner.masked_forward(lang):
+                with self._autocast():
+                    out = self.model(batch.features, batch.feature_lengths, batch.targets, batch.target_lengths)
+                out.loss.backward()
+            pruner.accumulate_grads(lang)
+            losses["loss"].append(float(out.loss.detach()))
+            losses["rnnt"].append(float(out.rnnt))
+            if out.ctc is not None:
+                losses["ctc"].append(float(out.ctc))
+        pruner.before_optimizer_step(self.step + 1, None)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.cfg.optim.grad_clip
+        if clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        pruner.after_optimizer_step(self.step)
+        pruner.update_mask(self.step, None)
+        stats = {k: sum(v) / len(v) for k, v in losses.items() if v}
+        stats["grad_norm"] = float(norm)
+        return stats
+
     def _batches(self):
-        """Endless batches, epoch after epoch, from the sampler's current position."""
+        """Endless batches, epoch after epoch, from the sampler's current position (pathways
+        "sum": dicts with one batch per language, each language cycling through its own epochs)."""
+        if self.language_samplers is not None:
+            streams = {lang: self._language_stream(idx, s) for lang, (idx, s) in self.language_samplers.items()}
+            while True:
+                yield {lang: next(stream) for lang, stream in streams.items()}
         while True:
             self.dataset.set_epoch(self.sampler.epoch)
             for idx in self.sampler:
                 yield collate([self.dataset[i] for i in idx])
             self.sampler.set_epoch(self.sampler.epoch + 1)
+
+    def _language_stream(self, idx: list[int], sampler: BucketBatchSampler):
+        while True:
+            for sub in sampler:
+                self.dataset.set_epoch(sampler.epoch)  # SpecAugment draws depend on the epoch
+                yield collate([self.dataset[idx[i]] for i in sub])
+            sampler.set_epoch(sampler.epoch + 1)
+
+    @property
+    def epoch(self) -> int:
+        if self.language_samplers is not None:
+            return min(s.epoch for _, s in self.language_samplers.values())
+        return self.sampler.epoch
+
+    def _snapshot_levels(self, step: int) -> None:
+        """Save the masks right after a sparsity step taken at ``step`` (``masks/level-*.safetensors``)."""
+        pruner = self.pruner
+        if pruner is None:
+            return
+        if any(h["event"] == "level" and h["step"] == step for h in reversed(pruner.history)):
+            masks = pruner.language_masks() if pruner.multilingual else pruner.masks()
+            save_level_snapshot(self.out, pruner.level, masks)
+
+    def write_analytics(self) -> Path | None:
+        """``<run>/analytics/``: ``masks.json`` (sparsity per layer and language, pathway IoU,
+        union sparsity, churn since the previous report), ``history.json`` (every mask update)
+        and the plots ``overlap.png`` (per-language methods) and ``sparsity_churn.png``."""
+        pruner = self.pruner
+        if pruner is None:
+            return None
+        out = self.out / "analytics"
+        out.mkdir(parents=True, exist_ok=True)
+        masks = pruner.language_masks() if pruner.multilingual else pruner.masks()
+        report = mask_report(masks)
+        report.update(step=self.step, method=pruner.config.method, level=pruner.level)
+        write_report(out / "masks.json", report)
+        write_report(out / "history.json", {"history": pruner.history, **churn_series(pruner.history)})
+        if pruner.multilingual:
+            plot_overlap(report, out / "overlap.png")
+        if pruner.history:
+            plot_sparsity_and_churn(pruner.history, out / "sparsity_churn.png")
+        return out
 
     def sparsity(self) -> float:
         """Achieved sparsity of the pruning mask (per-language pruners: mean over languages)."""
@@ -397,6 +521,8 @@ class Trainer:
         extra: dict[str, Any] = {
             "scheduler": {"last_epoch": self.scheduler.last_epoch, "_step_count": self.scheduler._step_count},
             "sampler": self.sampler.state_dict(), "languages": self.languages,
+            **({"language_samplers": {lang: smp.state_dict() for lang, (_, smp) in self.language_samplers.items()}}
+               if self.language_samplers is not None else {}),
             "num_symbols": self.tokenizer.num_symbols,
         }
         extra_tensors: dict[str, torch.Tensor] = {}
@@ -435,11 +561,13 @@ class Trainer:
                 t0 = time.perf_counter()
                 stats = self.train_step(batch)
                 stats["sec"] = time.perf_counter() - t0
-                stats["frames"] = float(batch.feature_lengths.sum())
+                parts = batch.values() if isinstance(batch, dict) else (batch,)
+                stats["frames"] = float(sum(b.feature_lengths.sum() for b in parts))
                 window.append(stats)
                 bar.update(1)
                 if self.pruner is not None and len(self.pruner.history) > self._history_logged:
                     # Mask updates (level steps and re-ranks) with their sparsity and churn.
+                    self._snapshot_levels(self.step)
                     events = self.pruner.history[self._history_logged:]
                     self._history_logged = len(self.pruner.history)
                     metrics.write(json.dumps({"step": self.step, "sparsity": self.sparsity(),
@@ -449,7 +577,7 @@ class Trainer:
                     row = {k: sum(w[k] for w in window if k in w) / len(window) for k in window[-1]}
                     if self.pruner is not None:  # a pass over every mask: only when logging
                         row["sparsity"] = self.sparsity()
-                    row.update(step=self.step, epoch=self.sampler.epoch, lr=self.scheduler.get_last_lr()[0],
+                    row.update(step=self.step, epoch=self.epoch, lr=self.scheduler.get_last_lr()[0],
                                frames_per_sec=row["frames"] / max(row["sec"], 1e-9))
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
@@ -474,6 +602,7 @@ class Trainer:
                             writer.add_scalar("dev/average_wer", last_dev.average_wer, self.step)
                 if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or done:
                     self.save()
+                    self.write_analytics()
         bar.close()
         if writer is not None:
             writer.close()

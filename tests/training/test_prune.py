@@ -10,7 +10,8 @@ from sparse_rnnt.training.checkpoint import load_checkpoint
 from sparse_rnnt.training.inference import evaluate_checkpoint, load_recognizer
 from sparse_rnnt.training.trainer import Trainer
 
-METHODS = ("imp", "lth", "lap", "adaptive", "dynamic-pathways")
+METHODS = ("imp", "lth", "lap", "adaptive", "dynamic-pathways", "pathways-alternate", "pathways-sum")
+PER_LANGUAGE = ("dynamic-pathways", "pathways-alternate", "pathways-sum")
 LEVELS = (0.2, 0.5)
 
 
@@ -31,15 +32,32 @@ def dense_run(tiny_manifests, tmp_path_factory):
     return out
 
 
-def _prune_cfg(dense_dir, method):
+def _prune_cfg(dense_dir, method, stage1=None, **extra):
+    """``method`` may be ``pathways-alternate`` / ``pathways-sum`` (needs ``stage1``: {lang: run})."""
     base = load_checkpoint(dense_dir).config
     over = {
         "pruning.method": method, "pruning.levels": "[0.2,0.5]", "pruning.target_sparsity": 0.5,
         "pruning.interval": 3, "pruning.adapt_every": 1, "train.max_steps": 5, "train.checkpoint_every": 2,
     }
-    if method == "dynamic-pathways":
+    if method.startswith("pathways-"):
+        over["pruning.method"], over["pruning.aggregation"] = "pathways", method.split("-")[1]
+        over["pruning.init_masks"] = ",".join(f"{lang}={run}" for lang, run in stage1.items())
+    if method in PER_LANGUAGE:
         over["batch.mode"] = "monolingual"
+    over.update(extra)
     return config_from_tree(base, [f"{k}={v}" for k, v in over.items()])
+
+
+@pytest.fixture(scope="module")
+def stage1(dense_run, tmp_path_factory):
+    """ASR Pathways stage 1: one monolingual IMP run per language, from the dense model."""
+    root = tmp_path_factory.mktemp("stage1")
+    runs = {}
+    for lang in ("en", "fr"):
+        cfg = _prune_cfg(dense_run, "imp", **{"data.languages": f"[{lang}]"})
+        Trainer(cfg, root / lang, init_checkpoint=dense_run).run()
+        runs[lang] = root / lang
+    return runs
 
 
 class _Crash(Exception):
@@ -57,7 +75,7 @@ def _masks(ckpt, method, languages):
     """Unpack the saved masks by hand (little-endian bits, per MaskSet.pack's documented format):
     {language or "": {param: bool tensor}}."""
     shapes = ckpt.meta["extra"]["pruner"]["shapes"]
-    prefixes = [f"{lang}/" for lang in languages] if method == "dynamic-pathways" else [""]
+    prefixes = [f"{lang}/" for lang in languages] if method in PER_LANGUAGE else [""]
     out = {}
     for prefix in prefixes:
         masks = {}
@@ -71,8 +89,8 @@ def _masks(ckpt, method, languages):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_pruning_run_resumes_exactly_and_reaches_its_level(method, dense_run, tiny_manifests, tmp_path):
-    cfg = _prune_cfg(dense_run, method)
+def test_pruning_run_resumes_exactly_and_reaches_its_level(method, dense_run, stage1, tiny_manifests, tmp_path):
+    cfg = _prune_cfg(dense_run, method, stage1)
     Trainer(cfg, tmp_path / "a", init_checkpoint=dense_run).run()
     with pytest.raises(_Crash):
         _CrashingTrainer(cfg, tmp_path / "b", init_checkpoint=dense_run).run()
@@ -108,6 +126,13 @@ def test_pruning_run_resumes_exactly_and_reaches_its_level(method, dense_run, ti
             for n, m in chosen.items():
                 assert torch.all(a.model[n][~m] == 0), n  # hard: pruned weights exactly zero on disk
                 assert torch.count_nonzero(a.model[n][m]) > 0.9 * int(m.sum())
+    if method.startswith("pathways"):
+        # Stage-2 masks are the stage-1 runs' final masks, unchanged; outside their union theta is 0.
+        for lang, run in stage1.items():
+            first = _masks(load_checkpoint(run), "imp", [lang])[""]
+            assert all(torch.equal(first[n], saved[lang][n]) for n in first), lang
+        for n in saved["en"]:
+            assert torch.all(a.model[n][~(saved["en"][n] | saved["fr"][n])] == 0), n
     if method == "adaptive":  # soft: theta stays dense on disk, the loader applies theta * m
         params = dict(rec.model.named_parameters())
         for n, mask in saved[""].items():
@@ -172,3 +197,100 @@ def test_pruning_config_in_experiment_config():
         config_from_tree({}, ["pruning.interval=5"])
     with pytest.raises(UserError, match="monolingual"):
         config_from_tree({}, ["pruning.method=dynamic-pathways"])
+
+
+def test_pathways_sum_takes_one_batch_per_language_per_step(dense_run, stage1, tmp_path):
+    cfg = _prune_cfg(dense_run, "pathways-sum", stage1)
+    Trainer(cfg, tmp_path / "s", init_checkpoint=dense_run).run()
+    extra = load_checkpoint(tmp_path / "s").meta["extra"]
+    states = extra["language_samplers"]
+    assert sorted(states) == ["en", "fr"]
+    for lang, state in states.items():
+        # Each language's own sampler advanced once per optimizer step (5 steps, across epochs).
+        dense = Trainer(cfg, tmp_path / f"probe-{lang}", init_checkpoint=dense_run)
+        dense.setup()
+        _, sampler = dense.language_samplers[lang]
+        per_epoch = len(sampler)
+        assert state["epoch"] * per_epoch + state["consumed"] == 5, (lang, state, per_epoch)
+
+
+def test_level_snapshots_feed_dynamic_pathways_at_any_level(dense_run, tmp_path):
+    from sparse_rnnt.pruning.masks import LanguageMasks, MaskSet
+    from sparse_rnnt.training.stage_masks import level_snapshot_path
+
+    runs = {}
+    for lang in ("en", "fr"):  # LTH per language, snapshots at 20% and 50%
+        cfg = _prune_cfg(dense_run, "lth", **{"data.languages": f"[{lang}]"})
+        Trainer(cfg, tmp_path / lang, init_checkpoint=dense_run).run()
+        runs[lang] = tmp_path / lang
+        for level in LEVELS:
+            snap = MaskSet.load(level_snapshot_path(runs[lang], level))
+            total = snap.numel()
+            assert abs(snap.sparsity() - level) <= 1.0 / total + 1e-12
+        final = _masks(load_checkpoint(runs[lang]), "lth", [lang])[""]
+        last = MaskSet.load(level_snapshot_path(runs[lang], LEVELS[-1]))
+        assert all(torch.equal(final[n], last[n]) for n in final)  # hard: fixed after the last step
+        first = MaskSet.load(level_snapshot_path(runs[lang], LEVELS[0]))
+        assert all(bool((last[n] <= first[n]).all()) for n in last)  # IMP/LTH masks are nested
+
+    # Dynamic pathways from the LTH masks at 20%, stepping to 50% at step 3: until then each
+    # language keeps its starting mask's budget and re-ranks only inside its selectable zone.
+    spec = ",".join(f"{lang}={run}" for lang, run in runs.items())
+    cfg = _prune_cfg(dense_run, "dynamic-pathways", **{
+        "pruning.init_masks": spec, "pruning.init_level": 0.2, "pruning.levels": "[0.2,0.5]",
+        "train.max_steps": 2, "pruning.adapt_every": 2,
+    })
+    t = Trainer(cfg, tmp_path / "dp", init_checkpoint=dense_run)
+    t.setup()
+    start = {lang: MaskSet.load(level_snapshot_path(runs[lang], 0.2)) for lang in runs}
+    pruner = t.pruner
+    assert pruner is not None and pruner.level == pytest.approx(0.2, abs=1e-3)
+    lm = pruner.language_masks()
+    # step 0 is a 0.2 level event: each language re-ranked inside its free zone + own mask
+    zones = LanguageMasks(start)
+    for lang in runs:
+        zone = zones.selectable_zone(lang)
+        assert all(bool((lm[lang][n] <= zone[n]).all()) for n in zone.names), lang
+        assert abs(lm[lang].sparsity() - 0.2) <= 1.0 / lm[lang].numel() + 1e-12
+
+
+def test_prune_writes_mask_analytics(dense_run, tmp_path):
+    import json
+
+    cfg = _prune_cfg(dense_run, "dynamic-pathways")
+    Trainer(cfg, tmp_path / "p", init_checkpoint=dense_run).run()
+    rec = load_recognizer(tmp_path / "p")
+    report = json.loads((tmp_path / "p" / "analytics" / "masks.json").read_text())
+    assert report["step"] == 5 and report["kind"] == "multilingual"
+    en, fr = rec.language_masks["en"], rec.language_masks["fr"]
+    inter = sum(int((en[n] & fr[n]).sum()) for n in en.names)
+    union = sum(int((en[n] | fr[n]).sum()) for n in en.names)
+    assert report["iou"]["en"]["fr"] == pytest.approx(inter / union)
+    assert report["union"]["sparsity"] == pytest.approx(1 - union / en.numel())
+    history = json.loads((tmp_path / "p" / "analytics" / "history.json").read_text())["history"]
+    assert [h["step"] for h in history] == sorted(h["step"] for h in history)
+    assert {h["event"] for h in history} == {"level", "rerank"}
+    for name in ("overlap.png", "sparsity_churn.png"):
+        data = (tmp_path / "p" / "analytics" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_init_masks_user_errors(dense_run, stage1, tmp_path):
+    from sparse_rnnt.errors import UserError
+
+    bad = {
+        "en=" + str(stage1["en"]): "exactly one source per language",  # fr missing
+        str(dense_run): "dense checkpoint",
+        str(tmp_path / "nowhere"): "does not exist",
+        f"en={stage1['en']},en={stage1['fr']}": "given twice",
+    }
+    for spec, msg in bad.items():
+        cfg = _prune_cfg(dense_run, "dynamic-pathways", **{"pruning.init_masks": spec})
+        with pytest.raises(UserError, match=msg):
+            Trainer(cfg, tmp_path / "x", init_checkpoint=dense_run).run()
+        assert not (tmp_path / "x").exists()
+    cfg = _prune_cfg(dense_run, "dynamic-pathways", **{"pruning.init_masks": str(stage1["en"]), "pruning.init_level": 0.3})
+    with pytest.raises(UserError, match=r"levels saved: 0\.200, 0\.500"):
+        Trainer(cfg, tmp_path / "x", init_checkpoint=dense_run).run()
+    with pytest.raises(UserError, match="init_masks"):
+        config_from_tree(load_checkpoint(dense_run).config, ["pruning.method=pathways", "batch.mode=monolingual"])

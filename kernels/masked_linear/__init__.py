@@ -1,0 +1,19 @@
+"""Fused masked linear ``y = x (W ⊙ M)ᵀ + b`` (Triton), single-mask and pathway-batched.
+
+``masked_linear`` / ``pathway_masked_linear`` take ``backend="triton"`` (fused kernels) or
+``"torch"`` (the references in ``naive.py``). Masks are bytes ``[N, K]`` or row-packed bits
+``[N, ceil(K/8)]`` (:func:`pack_rows`).
+"""
+
+from .fused import masked_linear, pathway_masked_linear
+from .naive import mask_format, masked_linear_ref, pack_rows, pathway_masked_linear_ref, unpack_rows
+
+__all__ = [
+    "mask_format",
+    "masked_linear",
+    "masked_linear_ref",
+    "pack_rows",
+    "pathway_masked_linear",
+    "pathway_masked_linear_ref",
+    "unpack_rows",
+]

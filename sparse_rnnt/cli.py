@@ -217,6 +217,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .languages import parse_languages
+    from .reproduce import ReproduceOptions, format_table, run_reproduce
+
+    def numbers(text: str, what: str, kind: type) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise UserError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+
+    opts = ReproduceOptions(
+        scenario=args.scenario, out=Path(args.out),
+        dense=Path(args.dense) if args.dense else None, data=Path(args.data) if args.data else None,
+        budget=args.budget, levels=numbers(args.levels, "--levels", float), adapt_every=args.adapt_every,
+        seeds=numbers(args.seeds, "--seeds", int), lr=args.lr,
+        languages=tuple(parse_languages(args.languages)) if args.languages else None,
+        device=args.device, threads=args.threads, eval_limit=args.eval_limit, progress=not args.quiet,
+    )
+    table = run_reproduce(opts)
+    print(format_table(table), end="")
+    print(f"results written to {Path(args.out) / f'scenario-{args.scenario}.json'}")
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------
 
 
@@ -360,6 +384,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="delete an existing --out first")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("reproduce", help="run the paper's pruning comparisons and print its tables with our numbers",
+                       description="Scenario 1: dense, LAP, IMP, LTH, ASR Pathways (IMP, LTH) and adaptive masking "
+                       "(IMP, LTH), test WER per language and average, stages and optimizer steps per method. "
+                       "Scenario 2: Dynamic ASR Pathways on FR+NL from LTH masks at each level and from LAP, "
+                       "against LAP, LTH and ASR Pathways. Every run starts from one dense checkpoint; several "
+                       "seeds give mean and spread. Interrupted calls resume; finished runs are reused.")
+    p.add_argument("--scenario", type=int, choices=(1, 2), required=True, help="which table: 1 or 2")
+    p.add_argument("--out", required=True, help="directory for the runs, results JSON and the Markdown table")
+    p.add_argument("--dense", default=None,
+                   help="dense checkpoint or run directory to prune (default: run the demo in OUT/demo and use it)")
+    p.add_argument("--data", default=None,
+                   help="manifest directory (train/dev/test.jsonl; default: the dense run's data.manifest_dir)")
+    p.add_argument("--budget", type=int, default=240, help="optimizer steps of every pruning run (default 240)")
+    p.add_argument("--levels", default="0.2,0.5,0.7",
+                   help="staircase sparsity levels, the last is the target (default 0.2,0.5,0.7); one step "
+                   "every budget/len(levels) steps")
+    p.add_argument("--adapt-every", dest="adapt_every", type=int, default=None,
+                   help="re-rank soft masks every n steps (default: a quarter of the interval)")
+    p.add_argument("--seeds", default="0,1", help="comma-separated training seeds (default 0,1)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate of the pruning runs (default 1e-3, constant after warmup)")
+    p.add_argument("--languages", default=None,
+                   help="comma-separated languages (default: scenario 1 all of the dense model's, scenario 2 fr,nl)")
+    p.add_argument("--eval-limit", dest="eval_limit", type=_nonneg_int, default=0,
+                   help="test utterances per language (default 0 = all)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
+    p.add_argument("--threads", type=_nonneg_int, default=0, help="CPU threads per run (default 0 = all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 

@@ -1,0 +1,353 @@
+"""The paper's comparisons (Xie et al. 2024, Tables 1 and 2) as runs of our own pruning methods.
+
+Scenario 1 (language-specific pruning, every language of the dense model), one row per method:
+
+==========================  =======================================================  ======
+row                         runs                                                     stages
+==========================  =======================================================  ======
+dense                       the dense multilingual model, not trained further        0
+LAP                         one ``lap`` run on mixed batches of all languages        1
+IMP / LTH                   one monolingual ``imp`` / ``lth`` run per language        1
+ASR Pathways (IMP / LTH)    the IMP / LTH runs as stage 1, then one ``pathways`` run  2
+Adaptive (IMP / LTH)        one monolingual ``adaptive`` run per language (variant)   1
+==========================  =======================================================  ======
+
+Scenario 2 (FR + NL by default): dense, LAP, LTH, ASR Pathways from the LTH masks at the target,
+and Dynamic ASR Pathways initialised from the LTH masks at each schedule level (e.g. 20/50/70%)
+and from the LAP mask, each stepping up to the target.
+
+Every pruning run starts from the same dense checkpoint, trains ``budget`` optimizer steps with
+the staircase ``levels`` (one step every ``budget // len(levels)`` steps; runs that start at a
+higher level have fewer steps in their staircase but the same budget) and is evaluated on the
+test split, greedy. A monolingual model is scored on its own language; a multilingual one on
+each language (with that language's pathway). The table gives the mean and the spread (sample
+standard deviation) over ``seeds`` (the training seed: batch order and SpecAugment), the number
+of training stages and the total optimizer steps a method needs for all its languages.
+
+Everything lands in ``out``: ``seed-<s>/<run>/`` (ordinary run directories, resumed if a
+previous call was interrupted, skipped if complete), ``results.json`` and ``scenario-<n>.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import config_from_tree
+from .errors import UserError
+from .io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+SCENARIO2_LANGUAGES = ("fr", "nl")
+
+
+@dataclass(frozen=True)
+class ReproduceOptions:
+    """What to run; see the module docstring. ``budget``: optimizer steps per pruning run."""
+
+    scenario: int
+    out: Path
+    dense: Path | None = None
+    data: Path | None = None
+    budget: int = 240
+    levels: tuple[float, ...] = (0.2, 0.5, 0.7)
+    adapt_every: int | None = None  # default: a quarter of the interval
+    seeds: tuple[int, ...] = (0, 1)
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    languages: tuple[str, ...] | None = None
+    device: str = "auto"
+    threads: int = 0
+    eval_limit: int = 0  # test utterances per language (0 = all)
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.scenario not in (1, 2):
+            raise UserError(f"--scenario must be 1 or 2, got {self.scenario}")
+        if not self.levels or any(not 0 < x < 1 for x in self.levels) or list(self.levels) != sorted(set(self.levels)):
+            raise UserError(f"--levels must be increasing sparsities in (0, 1), got {list(self.levels)}")
+        interval = self.budget // len(self.levels)
+        if interval < 2:
+            raise UserError(f"--budget {self.budget} is too small for {len(self.levels)} levels (>= 2 steps each)")
+        if self.adapt_every is not None and not 0 < self.adapt_every < interval:
+            raise UserError(f"--adapt-every must be in [1, {interval - 1}] (below the interval), got {self.adapt_every}")
+        if not self.seeds:
+            raise UserError("--seeds: give at least one seed")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+
+
+@dataclass
+class Run:
+    """One pruning run: ``method`` over ``languages`` with extra config overrides."""
+
+    name: str
+    method: str
+    languages: tuple[str, ...]
+    levels: tuple[float, ...]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    needs: tuple[str, ...] = ()  # runs whose masks this one starts from
+
+
+@dataclass
+class Row:
+    """One line of the table: which runs score which language, and what the method costs."""
+
+    label: str
+    models: dict[str, str]  # language -> run name ("dense" = the dense checkpoint)
+    runs: tuple[str, ...]  # every run the method needs (for stages / steps)
+    stages: int
+
+
+def plan(opts: ReproduceOptions, languages: list[str]) -> tuple[list[Run], list[Row]]:
+    """The runs and table rows of ``opts.scenario`` over ``languages``."""
+    levels, target = tuple(opts.levels), opts.levels[-1]
+    langs = tuple(languages)
+    runs: list[Run] = []
+    rows: list[Row] = [Row("dense", dict.fromkeys(langs, "dense"), (), 0)]
+
+    def mono(method: str, variant: str | None = None) -> list[str]:
+        names = []
+        for lang in langs:
+            name = f"{method}{'-' + variant if variant else ''}-{lang}"
+            over = {"pruning.variant": variant} if variant else {}
+            runs.append(Run(name, method, (lang,), levels, over))
+            names.append(name)
+        return names
+
+    runs.append(Run("lap", "lap", langs, levels))
+    rows.append(Row("LAP", dict.fromkeys(langs, "lap"), ("lap",), 1))
+    if opts.scenario == 1:
+        for method in ("imp", "lth"):
+            names = mono(method)
+            rows.append(Row(method.upper(), dict(zip(langs, names, strict=True)), tuple(names), 1))
+        for method in ("imp", "lth"):
+            stage1 = tuple(f"{method}-{lang}" for lang in langs)
+            name = f"pathways-{method}"
+            spec = ",".join(f"{lang}={{{run}}}" for lang, run in zip(langs, stage1, strict=True))
+            runs.append(Run(name, "pathways", langs, levels, {"pruning.init_masks": spec}, stage1))
+            rows.append(Row(f"ASR Pathways ({method.upper()})", dict.fromkeys(langs, name), (*stage1, name), 2))
+        for variant in ("imp", "lth"):
+            names = mono("adaptive", variant)
+            rows.append(Row(f"Adaptive ({variant.upper()})", dict(zip(langs, names, strict=True)), tuple(names), 1))
+        return runs, rows
+
+    names = mono("lth")
+    rows.append(Row("LTH", dict(zip(langs, names, strict=True)), tuple(names), 1))
+    spec = ",".join(f"{lang}={{{run}}}" for lang, run in zip(langs, names, strict=True))
+    runs.append(Run("pathways-lth", "pathways", langs, levels,
+                    {"pruning.init_masks": spec, "pruning.init_level": target}, tuple(names)))
+    rows.append(Row(f"ASR Pathways (LTH {target:.0%})", dict.fromkeys(langs, "pathways-lth"),
+                    (*names, "pathways-lth"), 2))
+    for level in levels:
+        name = f"dynamic-lth{round(100 * level)}"
+        own = tuple(x for x in levels if x >= level)
+        runs.append(Run(name, "dynamic-pathways", langs, own,
+                        {"pruning.init_masks": spec, "pruning.init_level": level}, tuple(names)))
+        rows.append(Row(f"Dynamic ASR Pathways (LTH {level:.0%})", dict.fromkeys(langs, name), (*names, name), 2))
+    runs.append(Run("dynamic-lap", "dynamic-pathways", langs, (target,), {"pruning.init_masks": "{lap}"}, ("lap",)))
+    rows.append(Row(f"Dynamic ASR Pathways (LAP {target:.0%})", dict.fromkeys(langs, "dynamic-lap"),
+                    ("lap", "dynamic-lap"), 2))
+    return runs, rows
+
+
+def _run_config(opts: ReproduceOptions, dense_cfg: dict[str, Any], run: Run, seed: int, dirs: dict[str, Path],
+                 manifests: Path):
+    interval = max(2, opts.budget // len(run.levels))
+    adapt = opts.adapt_every or max(1, interval // 4)
+    over: dict[str, Any] = {
+        "pruning.method": run.method,
+        "pruning.schedule": "staircase",
+        "pruning.levels": json.dumps(list(run.levels)),
+        "pruning.target_sparsity": run.levels[-1],
+        "pruning.interval": interval,
+        "pruning.adapt_every": min(adapt, interval - 1),
+        "data.languages": json.dumps(list(run.languages)),
+        "data.manifest_dir": str(manifests),
+        "train.max_steps": opts.budget,
+        "train.seed": seed,
+        "train.eval_every": 0,
+        "train.checkpoint_every": max(1, opts.budget // 4),
+        "train.keep_checkpoints": 2,
+        "train.progress": str(opts.progress).lower(),
+        "train.threads": opts.threads,
+        "train.device": opts.device,
+        "data.dev_max_utterances": 20,
+        "optim.lr": opts.lr,
+        "optim.warmup_steps": opts.warmup_steps,
+        "optim.schedule": "constant",
+    }
+    if run.method in ("dynamic-pathways", "pathways"):
+        over["batch.mode"] = "monolingual"
+    for key, value in run.overrides.items():
+        if key == "pruning.init_masks":
+            value = value.format(**{k: str(v) for k, v in dirs.items()})
+        over[key] = value
+    base = {k: v for k, v in dense_cfg.items() if k != "pruning"}
+    return config_from_tree(base, [f"{k}={v}" for k, v in over.items()])
+
+
+def _complete(run_dir: Path, steps: int) -> bool:
+    from .training.checkpoint import list_checkpoints
+
+    ckpts = list_checkpoints(run_dir)
+    return bool(ckpts) and int(ckpts[-1].name.split("-")[1]) >= steps
+
+
+def _train(cfg, run_dir: Path, dense: Path, steps: int) -> None:
+    from .training.checkpoint import list_checkpoints
+    from .training.trainer import Trainer
+
+    if _complete(run_dir, steps):
+        return
+    resume = bool(list_checkpoints(run_dir))
+    if run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)  # set-up died before the first checkpoint: start over
+    Trainer(cfg, run_dir, resume=resume, init_checkpoint=dense).run()
+
+
+def _score(model_dir: Path, manifests: Path, language: str, opts: ReproduceOptions) -> float:
+    """Test WER of ``model_dir`` on ``language``, cached in ``<model_dir>/test_wer-<lang>.json``."""
+    from .training.inference import evaluate_checkpoint
+
+    cache = model_dir / f"test_wer-{language}.json"
+    if cache.is_file():
+        return float(json.loads(cache.read_text())["wer"])
+    result, info = evaluate_checkpoint(model_dir, manifests, split="test", languages=[language],
+                                       device=opts.device, progress=False, limit=opts.eval_limit)
+    wer = result.per_language[language].wer
+    atomic_write_json(cache, {"wer": wer, "checkpoint": info["checkpoint"], "counts": result.to_dict()["per_language"]})
+    return wer
+
+
+def _ensure_dense(opts: ReproduceOptions) -> tuple[Path, Path]:
+    """(dense checkpoint or run directory, manifest directory); runs the demo when neither is given."""
+    from .training.checkpoint import load_checkpoint
+
+    if opts.dense is not None:
+        dense = load_checkpoint(opts.dense)
+        if "pruner" in dense.meta.get("extra", {}):
+            raise UserError(f"--dense {opts.dense}: expected a dense checkpoint, this one is pruned")
+        manifests = opts.data or Path(dense.config.get("data", {}).get("manifest_dir", ""))
+        return dense.path, _manifest_dir(manifests)
+    if opts.data is not None:
+        raise UserError("--data without --dense: train a dense model first (sparse-rnnt train) and pass --dense")
+    from .demo import DemoOptions, run_demo
+
+    demo = opts.out / "demo"
+    if not (demo / "demo_summary.json").is_file():
+        log.info("no --dense given: running the demo (synthetic corpus + tiny dense model) in %s", demo)
+        run_demo(DemoOptions(out=demo, force=True, progress=opts.progress))
+    return demo / "run", demo / "manifests"
+
+
+def _manifest_dir(path: Path) -> Path:
+    if not (path / "train.jsonl").is_file() or not (path / "test.jsonl").is_file():
+        raise UserError(f"{path} is not a manifest directory with train.jsonl and test.jsonl")
+    return path
+
+
+def run_reproduce(opts: ReproduceOptions) -> dict[str, Any]:
+    """Run (or resume) every run of the scenario for every seed, score, write and return the table."""
+    from .training.checkpoint import load_checkpoint
+
+    opts.validate()
+    opts.out.mkdir(parents=True, exist_ok=True)
+    dense_path, manifests = _ensure_dense(opts)
+    dense = load_checkpoint(dense_path)
+    known = list(dense.meta.get("extra", {}).get("languages", []))
+    wanted = list(opts.languages or (SCENARIO2_LANGUAGES if opts.scenario == 2 else known))
+    unknown = [x for x in wanted if x not in known]
+    if unknown:
+        raise UserError(f"the dense model was not trained on {', '.join(unknown)} (it knows {', '.join(known)})")
+    runs, rows = plan(opts, wanted)
+    by_name = {r.name: r for r in runs}
+    t0 = time.perf_counter()
+    wer: dict[int, dict[str, dict[str, float]]] = {}
+    for seed in opts.seeds:
+        root = opts.out / f"seed-{seed}"
+        dirs = {r.name: root / r.name for r in runs}
+        for i, run in enumerate(runs, 1):
+            cfg = _run_config(opts, dense.config, run, seed, dirs, manifests)
+            log.info("seed %d, run %d/%d: %s", seed, i, len(runs), run.name)
+            if opts.progress:
+                print(f"[{time.perf_counter() - t0:7.0f}s] seed {seed}: {run.name} ({i}/{len(runs)})", flush=True)
+            _train(cfg, dirs[run.name], dense.path, opts.budget)
+        wer[seed] = {}
+        for row in rows:
+            wer[seed][row.label] = {
+                lang: _score(dense.path if model == "dense" else dirs[model], manifests, lang, opts)
+                for lang, model in row.models.items()
+            }
+    table = summarize(rows, by_name, wer, wanted, opts)
+    atomic_write_json(opts.out / f"scenario-{opts.scenario}.json", table)
+    atomic_write_text(opts.out / f"scenario-{opts.scenario}.md", format_table(table))
+    return table
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(rows: list[Row], runs: dict[str, Run], wer: dict[int, dict[str, dict[str, float]]],
+              languages: list[str], opts: ReproduceOptions) -> dict[str, Any]:
+    """Mean and spread over seeds of each row's per-language and average WER (in %)."""
+    from . import __version__
+
+    out_rows = []
+    for row in rows:
+        per_lang = {}
+        for lang in languages:
+            mean, std = _mean_std([100 * wer[s][row.label][lang] for s in wer])
+            per_lang[lang] = {"mean": mean, "std": std}
+        avgs = [100 * statistics.fmean(wer[s][row.label][lang] for lang in languages) for s in wer]
+        mean, std = _mean_std(avgs)
+        out_rows.append({
+            "method": row.label, "wer": per_lang, "average": {"mean": mean, "std": std, "per_seed": avgs},
+            "stages": row.stages, "optimizer_steps": opts.budget * len(row.runs),
+            "runs": list(row.runs), "seeds": list(wer),
+        })
+    return {
+        "scenario": opts.scenario, "languages": languages, "levels": list(opts.levels),
+        "target_sparsity": opts.levels[-1], "budget_steps_per_run": opts.budget,
+        "interval": opts.budget // len(opts.levels),
+        "adapt_every": opts.adapt_every or max(1, (opts.budget // len(opts.levels)) // 4),
+        "lr": opts.lr, "seeds": list(opts.seeds), "rows": out_rows, "version": __version__,
+        "runs": {name: {"method": r.method, "languages": list(r.languages), "levels": list(r.levels)}
+                 for name, r in runs.items()},
+    }
+
+
+def format_table(table: dict[str, Any]) -> str:
+    """Markdown table: WER % per language and average as mean ± std over seeds, stages, steps."""
+    langs = table["languages"]
+    n = len(table["seeds"])
+    head = ["method", *langs, "avg", "stages", "steps"]
+    lines = [
+        f"Scenario {table['scenario']}: test WER (%) at {table['target_sparsity']:.0%} sparsity, "
+        f"mean ± std over {n} seed{'s' if n > 1 else ''}; {table['budget_steps_per_run']} steps per run",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
+    for row in table["rows"]:
+        cells = [row["method"]]
+        cells += [_pm(row["wer"][lang]) for lang in langs]
+        cells += [_pm(row["average"]), str(row["stages"]), str(row["optimizer_steps"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pm(cell: dict[str, float]) -> str:
+    if not math.isfinite(cell["mean"]):
+        return "n/a"
+    return f"{cell['mean']:.2f} ± {cell['std']:.2f}"

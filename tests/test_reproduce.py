@@ -1,0 +1,115 @@
+"""sparse-rnnt reproduce: the paper's tables from our runs, on a tiny corpus."""
+
+import json
+import os
+
+import pytest
+
+from sparse_rnnt.cli import main
+from sparse_rnnt.config import config_from_tree
+from sparse_rnnt.errors import UserError
+from sparse_rnnt.reproduce import ReproduceOptions, format_table, plan, run_reproduce
+from sparse_rnnt.training.checkpoint import list_checkpoints, load_checkpoint
+from sparse_rnnt.training.inference import evaluate_checkpoint
+from sparse_rnnt.training.trainer import Trainer
+
+BUDGET = 6
+
+
+@pytest.fixture(scope="module")
+def dense(tiny_manifests, tmp_path_factory):
+    out = tmp_path_factory.mktemp("repro") / "dense"
+    over = {
+        "data.manifest_dir": str(tiny_manifests), "data.workers": 1, "train.max_steps": 4, "train.log_every": 0,
+        "train.eval_every": 0, "train.checkpoint_every": 4, "train.threads": 1, "train.progress": False,
+        "batch.max_frames": 400, "model.transformer_num_layers": 2, "optim.warmup_steps": 2,
+    }
+    Trainer(config_from_tree({}, [f"{k}={v}" for k, v in over.items()]), out).run()
+    return out
+
+
+def _opts(tmp_path, dense, scenario, **kw):
+    kw = {"seeds": (0, 1), **kw}
+    return ReproduceOptions(scenario=scenario, out=tmp_path / f"s{scenario}", dense=dense, budget=BUDGET,
+                            levels=(0.2, 0.5), threads=1, device="cpu", progress=False, **kw)
+
+
+def test_scenario1_table(dense, tiny_manifests, tmp_path):
+    opts = _opts(tmp_path, dense, 1, seeds=(0,))
+    table = run_reproduce(opts)
+    rows = {r["method"]: r for r in table["rows"]}
+    assert list(rows) == ["dense", "LAP", "IMP", "LTH", "ASR Pathways (IMP)", "ASR Pathways (LTH)",
+                          "Adaptive (IMP)", "Adaptive (LTH)"]
+    # Cost per method for 2 languages, by hand: monolingual methods run once per language, ASR
+    # Pathways adds a stage-2 run to its stage-1 runs.
+    steps = {"dense": 0, "LAP": BUDGET, "IMP": 2 * BUDGET, "LTH": 2 * BUDGET, "ASR Pathways (IMP)": 3 * BUDGET,
+             "ASR Pathways (LTH)": 3 * BUDGET, "Adaptive (IMP)": 2 * BUDGET, "Adaptive (LTH)": 2 * BUDGET}
+    stages = {"dense": 0, "ASR Pathways (IMP)": 2, "ASR Pathways (LTH)": 2}
+    for name, row in rows.items():
+        assert row["optimizer_steps"] == steps[name], name
+        assert row["stages"] == stages.get(name, 1), name
+    # The dense row is the dense model's own test WER (independent evaluation path).
+    ref, _ = evaluate_checkpoint(dense, tiny_manifests, split="test", device="cpu", progress=False)
+    for lang in ("en", "fr"):
+        assert rows["dense"]["wer"][lang]["mean"] == pytest.approx(100 * ref.per_language[lang].wer)
+    # A monolingual row scores each language with that language's own run.
+    imp_en = opts.out / "seed-0" / "imp-en"
+    assert load_checkpoint(imp_en).meta["extra"]["languages"] == ["en"]
+    ref_en, _ = evaluate_checkpoint(imp_en, tiny_manifests, split="test", device="cpu", progress=False)
+    assert rows["IMP"]["wer"]["en"]["mean"] == pytest.approx(100 * ref_en.per_language["en"].wer)
+    for row in rows.values():
+        avg = sum(row["wer"][lang]["mean"] for lang in ("en", "fr")) / 2
+        assert row["average"]["mean"] == pytest.approx(avg)
+    md = (opts.out / "scenario-1.md").read_text()
+    assert md == format_table(table) and "| ASR Pathways (LTH) |" in md
+    assert json.loads((opts.out / "scenario-1.json").read_text())["rows"][2]["method"] == "IMP"
+
+    # A second call reuses every finished run: nothing is trained again.
+    stamps = {p: p.stat().st_mtime_ns for p in (opts.out / "seed-0").glob("*/checkpoints/latest")}
+    assert len(stamps) == 11
+    again = run_reproduce(opts)
+    assert again["rows"] == table["rows"]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_scenario2_plan_and_run(dense, tmp_path):
+    opts = _opts(tmp_path, dense, 2, languages=("en", "fr"))
+    runs, rows = plan(opts, ["en", "fr"])
+    by = {r.name: r for r in runs}
+    assert [r.label for r in rows] == ["dense", "LAP", "LTH", "ASR Pathways (LTH 50%)",
+                                       "Dynamic ASR Pathways (LTH 20%)", "Dynamic ASR Pathways (LTH 50%)",
+                                       "Dynamic ASR Pathways (LAP 50%)"]
+    assert by["dynamic-lth20"].levels == (0.2, 0.5) and by["dynamic-lth50"].levels == (0.5,)
+    assert by["dynamic-lth20"].overrides["pruning.init_level"] == 0.2
+    table = run_reproduce(opts)
+    # Dynamic pathways from LTH-20%: its starting masks are the LTH runs' 20% snapshots, and it
+    # ends at the target with one mask per language.
+    seed_dir = opts.out / "seed-1"
+    ck = load_checkpoint(seed_dir / "dynamic-lth20")
+    assert ck.meta["extra"]["pruner"]["method"] == "dynamic-pathways"
+    assert abs(ck.meta["extra"]["pruner"]["level"] - 0.5) < 1e-9
+    assert (seed_dir / "lth-en" / "masks" / "level-0.200.safetensors").is_file()
+    assert all(len(r["average"]["per_seed"]) == 2 for r in table["rows"])
+    for r in table["rows"]:
+        vals = r["average"]["per_seed"]
+        mean = sum(vals) / 2
+        assert r["average"]["mean"] == pytest.approx(mean)
+        assert r["average"]["std"] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
+
+
+def test_reproduce_cli_errors(dense, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["reproduce", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for opt in ("--scenario", "--dense", "--data", "--budget", "--levels", "--seeds", "--adapt-every"):
+        assert opt in text
+    assert main(["reproduce", "--scenario", "1", "--out", str(tmp_path / "o"), "--dense", str(dense),
+                 "--languages", "it"]) == 2
+    assert "not trained on it" in capsys.readouterr().err
+    assert main(["reproduce", "--scenario", "1", "--out", str(tmp_path / "o"), "--dense", str(dense),
+                 "--levels", "0.5,0.2"]) == 2
+    assert "--levels" in capsys.readouterr().err
+    with pytest.raises(UserError, match="too small"):
+        ReproduceOptions(scenario=1, out=tmp_path, budget=3, levels=(0.2, 0.5, 0.7)).validate()
+    assert not list_checkpoints(tmp_path / "o") and not os.path.exists(tmp_path / "o" / "seed-0")

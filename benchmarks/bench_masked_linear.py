@@ -1,0 +1,142 @@
+"""Masked linear ``y = x (W ⊙ M)ᵀ + b``: fused Triton kernels vs dense and unfused PyTorch.
+
+    python -m benchmarks.bench_masked_linear [--device cuda] [--quick]
+
+Shapes are the Emformer feed-forward layers of the ``small``, ``base`` and ``paper-187m`` sizes
+(``sparse_rnnt/model/configs.py``): up-projection ``[T, width] x [ffn, width]`` and
+down-projection ``[T, ffn] x [width, ffn]`` for T in {4096, 16384, 32768} tokens (``quick``: base
+up-projection at 4096 tokens). Benches: ``fwd``, ``bwd`` (dx, dW, db from a kept graph) and
+``fwd+bwd``, all bfloat16 with soft (straight-through) weight gradients.
+
+Providers on CUDA (timed with ``triton.testing.do_bench``, median, L2 flushed):
+
+- ``cublas``: dense ``F.linear`` (no mask; the speed of light);
+- ``unfused``: ``W * M`` then ``F.linear``, with autograd (materializes ``W ⊙ M`` every call);
+- ``triton``: ours with a bit-packed mask; ``triton-bytes``: ours with a bool mask.
+
+On CPU only the PyTorch providers run (``dense``, ``unfused``), float32, at a tiny shape, timed
+with a median of ``time.perf_counter`` repetitions, so the harness can be tested without a GPU.
+Each row also gives the stored mask size (``mask_bytes``) and per-call temporaries
+(``temp_bytes``: the materialized masked weight of ``unfused``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sparse_rnnt.model.configs import MODEL_SIZES
+
+SIZES = ("small", "base", "paper-187m")
+TOKENS = (4096, 16384, 32768)
+
+
+def _shapes(quick: bool, device: str) -> list[tuple[str, int, int, int]]:
+    """(label, R, K, N) rows of the benchmark."""
+    if device == "cpu":
+        cfg = MODEL_SIZES["tiny"]
+        return [(f"tiny ffn-up T=256 [256x{cfg.width}]x[{cfg.transformer_ffn_dim}x{cfg.width}]",
+                 256, cfg.width, cfg.transformer_ffn_dim)]
+    out = []
+    for name in SIZES:
+        cfg = MODEL_SIZES[name]
+        width, ffn = cfg.width, cfg.transformer_ffn_dim
+        for tokens in TOKENS:
+            out.append((f"{name} ffn-up T={tokens} [{tokens}x{width}]x[{ffn}x{width}]", tokens, width, ffn))
+            out.append((f"{name} ffn-down T={tokens} [{tokens}x{ffn}]x[{width}x{ffn}]", tokens, ffn, width))
+    if quick:
+        return [s for s in out if s[0].startswith("base ffn-up T=4096")]
+    return out
+
+
+def _time_cpu(fn: Callable[[], object], repeat: int = 7, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def _time(fn: Callable[[], object], device: str) -> float:
+    if device == "cpu":
+        return _time_cpu(fn)
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _providers(device: str, mask: torch.Tensor, packed: torch.Tensor) -> dict[str, tuple[Callable, int, int]]:
+    """name -> (fn(x, w, b) -> y, mask_bytes, temp_bytes_per_element_of_w)."""
+    provs: dict[str, tuple[Callable, int, int]] = {
+        "cublas" if device != "cpu" else "dense": (lambda x, w, b: F.linear(x, w, b), 0, 0),
+        "unfused": (lambda x, w, b: F.linear(x, w * mask, b), mask.numel(), 1),
+    }
+    if device != "cpu":
+        from sparse_rnnt.kernels.masked_linear import masked_linear
+
+        provs["triton"] = (lambda x, w, b: masked_linear(x, w, packed, b), packed.numel(), 0)
+        provs["triton-bytes"] = (lambda x, w, b: masked_linear(x, w, mask, b), mask.numel(), 0)
+    return provs
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    """Benchmark rows ``{"bench", "shape", "provider", "ms", ...}`` (see module doc)."""
+    from sparse_rnnt.kernels.masked_linear import pack_rows
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    rows: list[dict] = []
+    for label, r, k, n in _shapes(quick, device):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(r, k, generator=g).to(device, dtype).requires_grad_(True)
+        w = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype).requires_grad_(True)
+        b = torch.randn(n, generator=g).to(device, dtype).requires_grad_(True)
+        dy = torch.randn(r, n, generator=g).to(device, dtype)
+        mask = (torch.rand(n, k, generator=g) < 0.3).to(device)
+        packed = pack_rows(mask)
+        for provider, (fn, mask_bytes, temp) in _providers(device, mask, packed).items():
+            y = fn(x, w, b)
+
+            args = (x, w, b)
+
+            def fwd(fn: Callable = fn, args: tuple = args) -> object:
+                with torch.no_grad():
+                    return fn(*args)
+
+            def bwd(y: torch.Tensor = y, args: tuple = args, dy: torch.Tensor = dy) -> object:
+                return torch.autograd.grad(y, args, dy, retain_graph=True)
+
+            def both(fn: Callable = fn, args: tuple = args, dy: torch.Tensor = dy) -> object:
+                return torch.autograd.grad(fn(*args), args, dy)
+
+            for bench, call, flops in (("fwd", fwd, 2), ("bwd", bwd, 4), ("fwd+bwd", both, 6)):
+                ms = _time(call, device)
+                rows.append({
+                    "bench": f"masked_linear {bench}", "shape": label, "provider": provider, "ms": ms,
+                    "dtype": str(dtype).removeprefix("torch."), "density": 0.3, "hard": False,
+                    "tflops": flops * r * n * k / (ms * 1e-3) / 1e12,
+                    "mask_bytes": mask_bytes, "temp_bytes": temp * n * k * x.element_size(),
+                })
+            del y
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    for row in run(args.device, args.quick):
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Benchmark of exact magnitude re-ranking (global unstructured mask selection).
+
+Rows for ``N`` weights (CUDA: 10M, 63M, 187M; ``quick``: 10M; CPU: 1M, torch providers only),
+in float32 and bfloat16, sparsity 0.7, the weights split over 8 ``[rows, 1000]`` tensors:
+
+- ``kthvalue``: ``torch.kthvalue`` of the flat ``|w|`` (the threshold only, no mask, no ties);
+- ``topk``: ``torch.topk`` of the flat ``|w|`` + scatter into a bool mask;
+- ``sort``: ``torch.sort`` of the flat ``|w|`` (what an exact sort-based ranking costs at least);
+- ``triton``: ours, ``rerank_masks(..., apply=True)`` over the 8 tensors (exact, ties included,
+  mask written and pruned weights zeroed);
+- ``floor``: one read of the weights at the bandwidth of a measured device-to-device copy of
+  the same bytes (``copy_ms / 2``: a copy reads and writes them once each).
+
+The torch providers get the flat tensor for free (the concatenation is not timed), so they are
+favoured. CUDA times are ``triton.testing.do_bench`` medians (L2 flushed); CPU ones the median of
+``time.perf_counter`` over a few repetitions.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+SPARSITY = 0.7
+COLS = 1000
+PARTS = 8
+
+
+def _median_cpu(fn: Callable[[], object], reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def _weights(total: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    rows = max(1, total // (COLS * PARTS))
+    g = torch.Generator(device=device).manual_seed(0)
+    return {
+        f"layer{i}": torch.randn(rows, COLS, generator=g, device=device).to(dtype) * 0.05
+        for i in range(PARTS)
+    }
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    """Benchmark rows: ``{"bench", "shape", "dtype", "provider", "ms", ...}`` (``ms``: median)."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        from sparse_rnnt.kernels.rerank import rerank_masks
+        from triton.testing import do_bench
+
+        sizes = [10_000_000] if quick else [10_000_000, 63_000_000, 187_000_000]
+
+        def timer(fn: Callable[[], object]) -> float:
+            return float(do_bench(fn, return_mode="median"))
+    else:
+        sizes = [1_000_000]
+        timer = _median_cpu
+    rows: list[dict] = []
+    for total in sizes:
+        for dtype in (torch.float32, torch.bfloat16):
+            ws = _weights(total, dtype, device)
+            n = sum(w.numel() for w in ws.values())
+            keep = n - int(SPARSITY * n + 0.5)
+            flat = torch.cat([w.reshape(-1) for w in ws.values()])
+            nbytes = flat.numel() * flat.element_size()
+
+            def kth(flat: torch.Tensor = flat, n: int = n, keep: int = keep) -> object:
+                return torch.kthvalue(flat.abs(), n - keep + 1)
+
+            def topk(flat: torch.Tensor = flat, keep: int = keep) -> object:
+                idx = torch.topk(flat.abs(), keep, sorted=False).indices
+                return torch.zeros(flat.shape, dtype=torch.bool, device=flat.device).index_fill_(0, idx, True)
+
+            def sort(flat: torch.Tensor = flat) -> object:
+                return torch.sort(flat.abs())
+
+            providers: dict[str, Callable[[], object]] = {"kthvalue": kth, "topk": topk, "sort": sort}
+            if cuda:
+                def ours(ws: dict[str, torch.Tensor] = ws) -> object:
+                    return rerank_masks(ws, SPARSITY, apply=True)
+
+                providers["triton"] = ours
+            base = {"bench": "rerank", "shape": f"{n}", "dtype": str(dtype).removeprefix("torch."),
+                    "sparsity": SPARSITY, "bytes": nbytes}
+            for name, fn in providers.items():
+                try:
+                    ms = timer(fn)
+                    rows.append({**base, "provider": name, "ms": ms, "read_gbps": nbytes / ms / 1e6})
+                except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. kthvalue size limits
+                    rows.append({**base, "provider": name, "ms": None, "error": str(e).splitlines()[0]})
+            if cuda:
+                dst = torch.empty_like(flat)
+                copy_ms = timer(lambda dst=dst, flat=flat: dst.copy_(flat))
+                rows.append({**base, "provider": "floor", "ms": copy_ms / 2,
+                             "copy_ms": copy_ms, "read_gbps": nbytes / (copy_ms / 2) / 1e6})
+                del dst
+            del ws, flat
+            if cuda:
+                torch.cuda.empty_cache()
+    return rows
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for row in run(dev, quick="--quick" in sys.argv):
+        print(json.dumps(row))

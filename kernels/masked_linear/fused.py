@@ -1,0 +1,491 @@
+"""Fused masked linear Triton kernels: ``y = x (W ⊙ M)ᵀ + b`` with the mask applied in-kernel.
+
+``W ⊙ M`` is never materialized: every kernel loads a weight tile and the matching mask tile
+(bytes, or bits expanded in registers) and zeroes the dropped weights before ``tl.dot``. Bit
+masks whose rows are whole int32 words (``K % 32 == 0``, 4-byte aligned) are read a word at a time
+so that Triton still pipelines the K loop with ``cp.async``; other bit masks are read bytewise. The
+pathway variant runs a mixed-language batch in one launch: rows are stably sorted by language
+(a permutation, never a copy of ``x``), each row tile lies inside one language's segment and uses
+that language's mask, and the kernels read and write rows through the permutation.
+
+Kernels (fp32 accumulation in all of them):
+
+- ``_fwd_kernel``: ``y[rows] = x[rows] (W ⊙ M_l)ᵀ + b`` on (row tile, N tile);
+- ``_dx_kernel``: ``dx[rows] = dy[rows] (W ⊙ M_l)`` on (row tile, K tile);
+- ``_dw_kernel``: ``dW = Σ_l (dy_lᵀ x_l) [⊙ M_l]`` on (N tile, K tile), looping over each
+  language's rows; soft gradients loop over all rows once, unmasked.
+
+``db`` is a plain ``dy.sum(0)`` in fp32. Gradient rules and mask formats: see ``naive.py``.
+Under ``TRITON_INTERPRET=1`` one small config is used and dot operands are upcast to fp32 first,
+because the interpreter's ``tl.dot`` multiplies bfloat16 tiles as their raw uint16 bit patterns.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .naive import check_masked_linear, check_pathway, masked_linear_ref, pathway_masked_linear_ref
+
+__all__ = ["masked_linear", "pathway_masked_linear"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(shapes: list[tuple[int, int, int, int, int]], names: tuple[str, str, str]) -> list[triton.Config]:
+    return [
+        triton.Config({names[0]: a, names[1]: b, names[2]: c}, num_warps=w, num_stages=s)
+        for a, b, c, w, s in shapes
+    ]
+
+
+if _INTERPRET:
+    _MMA = [(32, 32, 32, 4, 1)]
+else:
+    # (tile0, tile1, reduction tile, warps, stages): H100-sized tiles plus smaller ones so that
+    # narrow layers still fill the SMs.
+    _MMA = [
+        (128, 128, 64, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 128, 32, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 256, 64, 8, 3),
+        (64, 64, 32, 4, 5),
+    ]
+
+_FWD_CONFIGS = _configs(_MMA, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+_DX_CONFIGS = _configs(_MMA, ("BLOCK_M", "BLOCK_K", "BLOCK_N"))
+_DW_CONFIGS = _configs(_MMA, ("BLOCK_N", "BLOCK_K", "BLOCK_M"))
+_KEY = ["N", "K", "R_BUCKET", "MASK_MODE", "PATHWAY", "PREC"]
+
+
+@triton.jit
+def _keep_tile(m_ptr, offs_n, n_ok, k0, K, stride_mn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               MASK_MODE: tl.constexpr):
+    """Bool ``[BLOCK_N, BLOCK_K]``: the mask at rows ``offs_n`` and columns ``k0 .. k0+BLOCK_K``.
+
+    ``MASK_MODE``: 0 bytes; 1 bits read byte by byte; 2 the same bits read as little-endian int32
+    words (``m_ptr`` and ``stride_mn`` in words). ``k0`` is a multiple of ``BLOCK_K``, itself a
+    multiple of 32, so a bits tile starts on a word.
+    """
+    if MASK_MODE == 2:
+        n_words = (K + 31) // 32
+        offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32).to(tl.int64)
+        packed = tl.load(
+            m_ptr + offs_n[:, None] * stride_mn + offs_w[None, :],
+            mask=n_ok[:, None] & (offs_w[None, :] < n_words),
+            other=0,
+        )
+        shifts = tl.arange(0, 32)
+        bits = (packed[:, :, None] >> shifts[None, None, :]) & 1
+        # Row-major reshape puts bit j of word i at column 32 i + j: the packing order.
+        keep = tl.reshape(bits, (BLOCK_N, BLOCK_K)) != 0
+    elif MASK_MODE == 1:
+        n_bytes = (K + 7) // 8
+        offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8).to(tl.int64)
+        packed = tl.load(
+            m_ptr + offs_n[:, None] * stride_mn + offs_b[None, :],
+            mask=n_ok[:, None] & (offs_b[None, :] < n_bytes),
+            other=0,
+        ).to(tl.int32)
+        shifts = tl.arange(0, 8)
+        bits = (packed[:, :, None] >> shifts[None, None, :]) & 1
+        keep = tl.reshape(bits, (BLOCK_N, BLOCK_K)) != 0
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        keep = tl.load(
+            m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :],
+            mask=n_ok[:, None] & (offs_k[None, :] < K),
+            other=0,
+        ) != 0
+    return keep
+
+
+@triton.jit
+def _row_tile(pid_m, seg_ptr, L, R, BLOCK_M: tl.constexpr, PATHWAY: tl.constexpr):
+    """(language, first row, end of segment) of row tile ``pid_m``, in sorted-row coordinates.
+
+    Tiles are numbered language by language, ``ceil(count_l / BLOCK_M)`` per language, so no
+    tile straddles two languages.
+    """
+    pid = pid_m.to(tl.int64)
+    if PATHWAY:
+        lang = pid * 0 - 1
+        start = pid * 0
+        end = pid * 0
+        first_tile = pid * 0
+        for idx in range(0, L):
+            seg_start = tl.load(seg_ptr + idx)
+            seg_end = tl.load(seg_ptr + idx + 1)
+            n_tiles = (seg_end - seg_start + BLOCK_M - 1) // BLOCK_M
+            hit = (pid >= first_tile) & (pid < first_tile + n_tiles)
+            lang = tl.where(hit, idx, lang)
+            start = tl.where(hit, seg_start + (pid - first_tile) * BLOCK_M, start)
+            end = tl.where(hit, seg_end, end)
+            first_tile += n_tiles
+    else:
+        lang = pid * 0
+        start = pid * BLOCK_M
+        end = pid * 0 + R
+    return lang, start, end
+
+
+@triton.jit
+def _rows(perm_ptr, start, end, BLOCK_M: tl.constexpr, PATHWAY: tl.constexpr):
+    """Original row indices (int64) of sorted rows ``start .. start+BLOCK_M`` and their validity."""
+    offs = start + tl.arange(0, BLOCK_M).to(tl.int64)
+    ok = offs < end
+    if PATHWAY:  # noqa: SIM108 (a constexpr branch, not a runtime select)
+        rows = tl.load(perm_ptr + offs, mask=ok, other=0)
+    else:
+        rows = offs
+    return rows, ok
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
+@triton.jit
+def _fwd_kernel(
+    x_ptr, w_ptr, m_ptr, b_ptr, y_ptr, perm_ptr, seg_ptr,
+    R, N, K, L, R_BUCKET,
+    stride_xr, stride_xk, stride_wn, stride_wk, stride_ml, stride_mn, stride_yr, stride_yn,
+    MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, PATHWAY: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    lang, start, end = _row_tile(tl.program_id(0), seg_ptr, L, R, BLOCK_M, PATHWAY)
+    rows, r_ok = _rows(perm_ptr, start, end, BLOCK_M, PATHWAY)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    m_base = m_ptr + lang * stride_ml
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_ok = offs_k < K
+        xt = tl.load(x_ptr + rows[:, None] * stride_xr + offs_k[None, :] * stride_xk,
+                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                     mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        keep = _keep_tile(m_base, offs_n, n_ok, k0, K, stride_mn, BLOCK_N, BLOCK_K, MASK_MODE)
+        wt = tl.where(keep, wt, 0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_yr + offs_n[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=r_ok[:, None] & n_ok[None, :])
+
+
+@triton.autotune(configs=_DX_CONFIGS, key=_KEY)
+@triton.jit
+def _dx_kernel(
+    dy_ptr, w_ptr, m_ptr, dx_ptr, perm_ptr, seg_ptr,
+    R, N, K, L, R_BUCKET,
+    stride_dyr, stride_dyn, stride_wn, stride_wk, stride_ml, stride_mn, stride_dxr, stride_dxk,
+    MASK_MODE: tl.constexpr, PATHWAY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    lang, start, end = _row_tile(tl.program_id(0), seg_ptr, L, R, BLOCK_M, PATHWAY)
+    rows, r_ok = _rows(perm_ptr, start, end, BLOCK_M, PATHWAY)
+    k0 = tl.program_id(1).to(tl.int64) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    m_base = m_ptr + lang * stride_ml
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        n_ok = offs_n < N
+        dyt = tl.load(dy_ptr + rows[:, None] * stride_dyr + offs_n[None, :] * stride_dyn,
+                      mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                     mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        keep = _keep_tile(m_base, offs_n, n_ok, k0, K, stride_mn, BLOCK_N, BLOCK_K, MASK_MODE)
+        wt = tl.where(keep, wt, 0.0)
+        if UPCAST:
+            dyt = dyt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(dyt, wt, acc, input_precision=PREC)
+    tl.store(dx_ptr + rows[:, None] * stride_dxr + offs_k[None, :] * stride_dxk,
+             acc.to(dx_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _dw_rows(dy_ptr, x_ptr, perm_ptr, start, end, offs_n, n_ok, offs_k, k_ok,
+             stride_dyr, stride_dyn, stride_xr, stride_xk, PATHWAY: tl.constexpr, PREC: tl.constexpr,
+             UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``dy[rows]ᵀ x[rows]`` tile ``[BLOCK_N, BLOCK_K]`` over sorted rows ``start .. end``."""
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_M):
+        rows, r_ok = _rows(perm_ptr, r0, end, BLOCK_M, PATHWAY)
+        dyt = tl.load(dy_ptr + rows[:, None] * stride_dyr + offs_n[None, :] * stride_dyn,
+                      mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        xt = tl.load(x_ptr + rows[:, None] * stride_xr + offs_k[None, :] * stride_xk,
+                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            dyt = dyt.to(tl.float32)
+            xt = xt.to(tl.float32)
+        acc = tl.dot(tl.trans(dyt), xt, acc, input_precision=PREC)
+    return acc
+
+
+@triton.autotune(configs=_DW_CONFIGS, key=[*_KEY, "HARD"])
+@triton.jit
+def _dw_kernel(
+    dy_ptr, x_ptr, m_ptr, dw_ptr, perm_ptr, seg_ptr,
+    R, N, K, L, R_BUCKET,
+    stride_dyr, stride_dyn, stride_xr, stride_xk, stride_ml, stride_mn, stride_dwn, stride_dwk,
+    MASK_MODE: tl.constexpr, HARD: tl.constexpr, PATHWAY: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    k0 = tl.program_id(1).to(tl.int64) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    if PATHWAY:
+        # Hard pathway: each language's sum is masked by its own mask before they are added.
+        total = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        m_lang = m_ptr  # advanced by one language per pass: 64-bit pointer arithmetic
+        for idx in range(0, L):
+            acc = _dw_rows(dy_ptr, x_ptr, perm_ptr, tl.load(seg_ptr + idx), tl.load(seg_ptr + idx + 1),
+                           offs_n, n_ok, offs_k, k_ok, stride_dyr, stride_dyn, stride_xr, stride_xk,
+                           PATHWAY, PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+            keep = _keep_tile(m_lang, offs_n, n_ok, k0, K, stride_mn, BLOCK_N, BLOCK_K, MASK_MODE)
+            total += tl.where(keep, acc, 0.0)
+            m_lang += stride_ml
+    else:
+        # One pass over all rows in their original order; hard masks in the epilogue.
+        total = _dw_rows(dy_ptr, x_ptr, perm_ptr, 0, R, offs_n, n_ok, offs_k, k_ok, stride_dyr,
+                         stride_dyn, stride_xr, stride_xk, PATHWAY, PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        if HARD:
+            keep = _keep_tile(m_ptr, offs_n, n_ok, k0, K, stride_mn, BLOCK_N, BLOCK_K, MASK_MODE)
+            total = tl.where(keep, total, 0.0)
+    tl.store(dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
+             total.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+
+class _Plan:
+    """How rows map to kernel tiles: identity (one mask) or sorted by language (pathway)."""
+
+    def __init__(self, n_rows: int, lang: Tensor | None, n_lang: int) -> None:
+        self.n_rows = n_rows
+        self.n_lang = n_lang
+        self.perm: Tensor | None = None
+        self.seg: Tensor | None = None
+        self.counts = [n_rows]
+        if lang is not None:
+            # Stable sort keeps each language's rows in their original order.
+            self.perm = torch.argsort(lang, stable=True)
+            counts = torch.bincount(lang, minlength=n_lang)
+            self.seg = torch.zeros(n_lang + 1, dtype=torch.int64, device=lang.device)
+            self.seg[1:] = torch.cumsum(counts, 0)
+            self.counts = [int(c) for c in counts.tolist()]
+
+    @property
+    def pathway(self) -> bool:
+        return self.perm is not None
+
+    def row_tiles(self, block_m: int) -> int:
+        return sum(triton.cdiv(c, block_m) for c in self.counts)
+
+    @property
+    def bucket(self) -> int:
+        # Autotune once per power-of-two row count, not once per batch size.
+        return triton.next_power_of_2(max(self.n_rows, 1))
+
+
+def _prec(x: Tensor, allow_tf32: bool) -> str:
+    return "tf32" if allow_tf32 and x.dtype == torch.float32 and not _INTERPRET else "ieee"
+
+
+def _upcast(x: Tensor) -> bool:
+    # The interpreter's tl.dot multiplies bfloat16 tiles as raw uint16 bits; fp32 products of
+    # bf16 values are exact, so upcasting there gives what tensor cores compute.
+    return _INTERPRET and x.dtype == torch.bfloat16
+
+
+def _launch_fwd(x2: Tensor, w: Tensor, m: Tensor, mode: int, bias: Tensor | None, plan: _Plan,
+                allow_tf32: bool, out: Tensor | None = None) -> Tensor:
+    """``[R, K] x [N, K] -> [R, N]``; ``m, mode`` from :func:`_kernel_mask`; ``out`` for tests."""
+    r, k = x2.shape
+    n = w.shape[0]
+    y = torch.empty(r, n, dtype=x2.dtype, device=x2.device) if out is None else out
+    if r == 0 or n == 0:
+        return y
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return plan.row_tiles(meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
+
+    _fwd_kernel[grid](
+        x2, w, m, bias, y, plan.perm, plan.seg,
+        r, n, k, plan.n_lang, plan.bucket,
+        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), m.stride(0), m.stride(1),
+        y.stride(0), y.stride(1),
+        MASK_MODE=mode, HAS_BIAS=bias is not None, PATHWAY=plan.pathway,
+        PREC=_prec(x2, allow_tf32), UPCAST=_upcast(w),
+    )
+    return y
+
+
+def _launch_dx(dy: Tensor, w: Tensor, m: Tensor, mode: int, plan: _Plan, allow_tf32: bool,
+               out: Tensor | None = None) -> Tensor:
+    """``[R, N] x [N, K] -> [R, K]`` with the mask applied to ``w``."""
+    r, n = dy.shape
+    k = w.shape[1]
+    dx = torch.empty(r, k, dtype=dy.dtype, device=dy.device) if out is None else out
+    if r == 0 or k == 0:
+        return dx
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return plan.row_tiles(meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"])
+
+    _dx_kernel[grid](
+        dy, w, m, dx, plan.perm, plan.seg,
+        r, n, k, plan.n_lang, plan.bucket,
+        dy.stride(0), dy.stride(1), w.stride(0), w.stride(1), m.stride(0), m.stride(1),
+        dx.stride(0), dx.stride(1),
+        MASK_MODE=mode, PATHWAY=plan.pathway, PREC=_prec(dy, allow_tf32), UPCAST=_upcast(w),
+    )
+    return dx
+
+
+def _launch_dw(dy: Tensor, x2: Tensor, m: Tensor, mode: int, hard: bool, plan: _Plan,
+               allow_tf32: bool, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """``[R, N]ᵀ x [R, K] -> [N, K]``, summed per language and masked when ``hard``."""
+    r, n = dy.shape
+    k = x2.shape[1]
+    dw = torch.empty(n, k, dtype=dtype, device=dy.device) if out is None else out
+    if n == 0 or k == 0:
+        return dw
+    # Soft gradients ignore languages: one pass over all rows in their original order.
+    pathway = plan.pathway and hard
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"])
+
+    _dw_kernel[grid](
+        dy, x2, m, dw, plan.perm if pathway else None, plan.seg if pathway else None,
+        r, n, k, plan.n_lang, plan.bucket,
+        dy.stride(0), dy.stride(1), x2.stride(0), x2.stride(1), m.stride(0), m.stride(1),
+        dw.stride(0), dw.stride(1),
+        MASK_MODE=mode, HARD=hard, PATHWAY=pathway, PREC=_prec(dy, allow_tf32), UPCAST=_upcast(x2),
+    )
+    return dw
+
+
+def _kernel_mask(masks: Tensor, k: int, bits: bool) -> tuple[Tensor, int]:
+    """``[L, N, *]`` masks as the kernels read them, and the kernels' ``MASK_MODE``."""
+    m = (masks.view(torch.uint8) if masks.dtype == torch.bool else masks).contiguous()
+    if not bits:
+        return m, 0
+    if k % 32 == 0 and m.data_ptr() % 4 == 0:
+        # Whole int32 words per row: one-byte loads keep Triton from pipelining the K loop
+        # (no cp.async under 4 bytes), word loads do not.
+        return m.view(torch.int32), 2
+    return m, 1
+
+
+class _MaskedLinearFn(torch.autograd.Function):
+    """Autograd of the fused kernels; ``m`` is ``[L, N, *]`` and ``lang`` is None when ``L == 1``."""
+
+    @staticmethod
+    def forward(ctx: Any, x2: Tensor, w: Tensor, bias: Tensor | None, masks: Tensor, lang: Tensor | None,
+                bits: bool, hard: bool, allow_tf32: bool) -> Tensor:
+        m, mode = _kernel_mask(masks, w.shape[1], bits)
+        plan = _Plan(x2.shape[0], lang, m.shape[0])
+        ctx.save_for_backward(x2, w, m)
+        ctx.plan, ctx.mode, ctx.hard, ctx.allow_tf32 = plan, mode, hard, allow_tf32
+        ctx.has_bias = bias is not None
+        return _launch_fwd(x2, w, m, mode, bias, plan, allow_tf32)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x2, w, m = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _launch_dx(dy, w, m, ctx.mode, plan, ctx.allow_tf32)
+        if ctx.needs_input_grad[1]:
+            dw = _launch_dw(dy, x2, m, ctx.mode, ctx.hard, plan, ctx.allow_tf32, w.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum(0, dtype=torch.float32).to(w.dtype)
+        return dx, dw, db, None, None, None, None, None
+
+
+def masked_linear(
+    x: Tensor,
+    weight: Tensor,
+    mask: Tensor,
+    bias: Tensor | None = None,
+    *,
+    hard: bool = False,
+    backend: str = "triton",
+    allow_tf32: bool = False,
+) -> Tensor:
+    """``y = x (W ⊙ M)ᵀ + b`` with the mask applied inside the kernel.
+
+    Args:
+        x: ``[*, K]`` float32, bfloat16 or float16.
+        weight: ``[N, K]``, same dtype and device as x.
+        mask: ``[N, K]`` bool/uint8 bytes or ``[N, ceil(K/8)]`` uint8 bits (format rules in
+            ``naive.py``; for ``K == 1`` a uint8 ``[N, 1]`` mask is bits, use bool for bytes).
+        bias: ``[N]`` or None.
+        hard: weight gradient ``(dYᵀX) ⊙ M`` instead of the straight-through ``dYᵀX``.
+        backend: ``"triton"`` (fused kernels) or ``"torch"`` (the reference).
+        allow_tf32: float32 matmuls on TF32 tensor cores (GPU only).
+
+    Returns:
+        ``[*, N]`` in x's dtype. Raises ``ValueError`` on bad shapes, dtypes or devices.
+    """
+    fmt = check_masked_linear(x, weight, mask, bias)
+    if backend == "torch":
+        return masked_linear_ref(x, weight, mask, bias, hard=hard)
+    if backend != "triton":
+        raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+    n, k = weight.shape
+    y = _MaskedLinearFn.apply(x.reshape(-1, k), weight, bias, mask[None], None, fmt == "bits", hard, allow_tf32)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def pathway_masked_linear(
+    x: Tensor,
+    weight: Tensor,
+    masks: Tensor,
+    lang: Tensor,
+    bias: Tensor | None = None,
+    *,
+    hard: bool = False,
+    backend: str = "triton",
+    allow_tf32: bool = False,
+) -> Tensor:
+    """Mixed-language batch in one launch: ``y[r] = x[r] (W ⊙ M[lang[r]])ᵀ + b``.
+
+    Args:
+        x: ``[*, K]`` float32, bfloat16 or float16.
+        weight: ``[N, K]``, same dtype and device as x.
+        masks: ``[L, N, K]`` bool/uint8 bytes or ``[L, N, ceil(K/8)]`` uint8 bits.
+        lang: ``[*]`` (x's leading dims) integer language of each row, in ``0..L-1``.
+        bias: ``[N]`` or None.
+        hard: weight gradient ``Σ_l (dY_lᵀ X_l) ⊙ M_l`` instead of ``Σ_l dY_lᵀ X_l``.
+        backend: ``"triton"`` (fused kernels) or ``"torch"`` (per-language reference loop).
+        allow_tf32: float32 matmuls on TF32 tensor cores (GPU only).
+
+    Returns:
+        ``[*, N]`` in x's dtype. Raises ``ValueError`` on bad inputs, including lang out of range
+        (checking it costs one device sync).
+    """
+    fmt = check_pathway(x, weight, masks, lang, bias)
+    if backend == "torch":
+        return pathway_masked_linear_ref(x, weight, masks, lang, bias, hard=hard)
+    if backend != "triton":
+        raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+    n, k = weight.shape
+    y = _MaskedLinearFn.apply(x.reshape(-1, k), weight, bias, masks, lang.reshape(-1).to(torch.int64),
+                              fmt == "bits", hard, allow_tf32)
+    return y.reshape(*x.shape[:-1], n)

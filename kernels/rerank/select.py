@@ -1,0 +1,639 @@
+"""Exact magnitude re-ranking (mask selection) by radix select, in Triton.
+
+Bit-identical to ``sparse_rnnt.pruning.ranking.magnitude_masks`` (that module's docstring is the
+contract: ``P = floor(s * total + 0.5)`` pruned, ``K = total - P`` kept; ties kept by lower flat
+index over the tensors concatenated in dict order; ``0.0`` and ``-0.0`` tie; candidates restrict
+what may be kept while ``K`` comes from the full size; blocks ranked by their squared L2 norm
+summed sequentially row-major, kept in rank order until the kept element count is ``>= K``; N:M
+per input-dim group with tail quota ``ceil(n * L / m)``; NaN raises).
+
+How (unstructured and block; ``U`` units = weights or blocks, one *group* = one selection):
+
+- **Keys.** A score ``|w| >= 0`` is ranked by its IEEE bit pattern with the sign cleared, which
+  orders exactly like the value (NaN patterns sort above ``inf``, so they are detected, not
+  ranked). float32 weights and block scores give 31-bit keys, bf16/fp16 weights 15-bit keys
+  (the reference ranks half precision in float32; the conversion is exact and monotonic, so the
+  order and the ties are the same). The kernels read the weights through an integer view, so
+  they are dtype-agnostic and ``apply`` stores the bit pattern 0 (``+0.0``).
+- **Pass 1** (every dtype): a global histogram of 32768 bins + 1 NaN bin by atomics
+  (float32: the high 15 key bits; 16-bit: the whole key, so one pass is exact). Candidates only
+  (NaN counted for every weight, as the reference checks all). A small torch cumsum from the top
+  finds the bin holding the K-th largest and the count strictly above it.
+- **Pass 2** (31-bit keys only): histogram of the low 16 bits of the keys inside the selected high
+  bin; same search. Now the threshold key ``t`` and ``need = K - count(key > t)`` are exact.
+- **Ties.** If the histogram says every candidate with ``key == t`` fits (``ties == need``, the
+  usual float32 case) the tie pass is skipped. Otherwise a pass counts ties per tile, a torch
+  exclusive cumsum over the tiles (in flat order over the group's tensors) gives each tile its
+  first tie rank, and the final kernel ranks its ties with an in-tile cumsum.
+- **Final pass**: ``keep = cand & (key > t | (key == t & tie_rank < need))``, written as a uint8
+  mask, and (``apply=True``) a masked store of 0 into the pruned weights only, so kept weights
+  stay bit-identical.
+- **Blocks**: a kernel computes the float32 squared norms (squares added one by one in row-major
+  order within the block, FMA contraction disabled so ``acc + x*x`` rounds twice like the torch
+  reference); block units then go through the same passes with every histogram count, tie count
+  and tie rank *weighted by the block's element count*: a block is kept iff the weight of the
+  blocks ranked before it is ``< K``, which is the reference's "smallest prefix >= K" rule. A
+  last kernel expands the block mask to elements (and applies it).
+- **N:M**: one kernel per tensor; a program ranks each of its groups by pairwise comparison
+  (``m x m`` per group), keeps rank < quota among candidates, and flags NaN and groups with too
+  few candidates into an error counter read once per tensor.
+
+Several tensors: Triton cannot take a list of pointers portably, so each tensor gets its own
+launches that accumulate into the group's shared histogram (global scope = one group, per-tensor
+scope = one group per tensor: a ``[G, bins]`` histogram whose searches run batched). Host syncs:
+one per pass (to raise errors and pick launch arguments), not one per tensor.
+
+No ``triton.autotune``: the histogram kernels accumulate with atomics and the final kernel
+writes the weights in place, so autotune's benchmark reruns would double count or re-zero; and
+the tie and final passes must use the same tile size. Tile sizes come from :func:`_tile`.
+
+``always_keep`` (forced weights) is not in the kernels: ``rerank_masks`` falls back to the torch
+reference (``naive.py``) when it is given.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from sparse_rnnt.errors import UserError
+
+from .naive import check_args, pruned_count, rerank_masks_torch
+
+NAN_BIN = 32768  # bins 0..32767 hold keys (or their high 15 bits); 32768 counts NaNs
+INT32_MAX = 2**31 - 1
+_NAN_ABOVE = {torch.float32: 0x7F800000, torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _keys(src, offs, valid, WIDE: tl.constexpr):
+    """Load raw bits and return (bits, key): key = bit pattern of |x| as int32."""
+    bits = tl.load(src + offs, mask=valid, other=0)
+    key = bits.to(tl.int32) & (0x7FFFFFFF if WIDE else 0x7FFF)
+    return bits, key
+
+
+@triton.jit
+def _unit_weights(size, offs, valid, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """Element count of each unit: loaded for blocks, 1 for single weights."""
+    if HAS_SIZE:
+        return tl.load(size + offs, mask=valid, other=0)
+    return tl.full((BLOCK,), 1, tl.int32)
+
+
+@triton.jit
+def _hist_kernel(
+    src, cand, size, hist, n, sel_hi, nan_above,
+    PASS2: tl.constexpr, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Histogram (weighted by ``size`` when given) of candidate keys of one segment."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    valid = offs < n
+    _, key = _keys(src, offs, valid, WIDE)
+    c = valid
+    if HAS_CAND:
+        c = c & (tl.load(cand + offs, mask=valid, other=0) != 0)
+    w = _unit_weights(size, offs, valid, HAS_SIZE, BLOCK)
+    if PASS2:
+        c = c & ((key >> 16) == sel_hi)
+        b = key & 0xFFFF
+    else:
+        isnan = valid & (key > nan_above)
+        b = tl.where(isnan, 32768, (key >> 16) if WIDE else key)
+        c = c | isnan  # NaN is an error wherever it is, candidate or not
+    tl.atomic_add(hist + b, w, mask=c, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["t"])
+def _tie_count_kernel(
+    src, cand, size, counts, n, t,
+    WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """``counts[tile]`` = (weighted) number of candidates with ``key == t`` in the tile."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    valid = offs < n
+    _, key = _keys(src, offs, valid, WIDE)
+    tie = valid & (key == t)
+    if HAS_CAND:
+        tie = tie & (tl.load(cand + offs, mask=valid, other=0) != 0)
+    w = _unit_weights(size, offs, valid, HAS_SIZE, BLOCK)
+    tl.store(counts + pid, tl.sum(tl.where(tie, w, 0), axis=0))
+
+
+@triton.jit(do_not_specialize=["t", "need"])
+def _mask_kernel(
+    src, cand, size, out, tile_start, n, t, need,
+    ALL_TIES: tl.constexpr, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr,
+    APPLY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Write ``out = keep`` (uint8) and, with APPLY, zero ``src`` where not kept."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    valid = offs < n
+    bits, key = _keys(src, offs, valid, WIDE)
+    c = valid
+    if HAS_CAND:
+        c = c & (tl.load(cand + offs, mask=valid, other=0) != 0)
+    tie = c & (key == t)
+    if ALL_TIES:
+        keep = (c & (key > t)) | tie
+    else:
+        w = _unit_weights(size, offs, valid, HAS_SIZE, BLOCK)
+        tw = tl.where(tie, w, 0)
+        # Weight of the ties before each unit in flat order: tile start + in-tile exclusive scan.
+        rank = tl.load(tile_start + pid) + tl.cumsum(tw, axis=0) - tw
+        keep = (c & (key > t)) | (tie & (rank < need))
+    tl.store(out + offs, keep.to(tl.uint8), mask=valid)
+    if APPLY:
+        tl.store(src + offs, tl.zeros_like(bits), mask=valid & (~keep))
+
+
+@triton.jit
+def _block_sq_kernel(w, out, n_blocks, nbc, rows, cols, bh, bw, BLOCK: tl.constexpr):
+    """``out[b]`` = sum of squares of block ``b`` (float32), added one by one in row-major order."""
+    pid = tl.program_id(0).to(tl.int64)
+    bid = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    valid = bid < n_blocks
+    r0 = (bid // nbc) * bh
+    c0 = (bid % nbc) * bw
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for i in range(0, bh):
+        for j in range(0, bw):
+            r = r0 + i
+            c = c0 + j
+            ok = valid & (r < rows) & (c < cols)
+            x = tl.load(w + r * cols + c, mask=ok, other=0.0).to(tl.float32)
+            acc = acc + x * x  # a missing element adds an exact 0
+    tl.store(out + bid, acc, mask=valid)
+
+
+@triton.jit
+def _expand_kernel(w, bmask, out, n, cols, nbc, bh, bw, APPLY: tl.constexpr, BLOCK: tl.constexpr):
+    """Element mask from the block mask ``bmask [nbr, nbc]``; with APPLY zero pruned ``w`` bits."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    valid = offs < n
+    r = offs // cols
+    c = offs % cols
+    k = tl.load(bmask + (r // bh) * nbc + c // bw, mask=valid, other=0)
+    tl.store(out + offs, k, mask=valid)
+    if APPLY:
+        tl.store(w + offs, tl.zeros((BLOCK,), w.dtype.element_ty), mask=valid & (k == 0))
+
+
+@triton.jit
+def _nm_kernel(
+    src, cand, out, err, n_groups, gpr, cols, n, m, nan_above,
+    WIDE: tl.constexpr, HAS_CAND: tl.constexpr, BG: tl.constexpr, MP: tl.constexpr,
+):
+    """N:M masks of BG groups (``m`` consecutive weights of a row, padded to MP lanes).
+
+    ``err[0]`` += NaN count, ``err[1]`` += groups with fewer candidates than their quota.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    gid = pid * BG + tl.arange(0, BG).to(tl.int64)  # [BG]
+    j = tl.arange(0, MP)  # [MP]
+    gvalid = gid < n_groups
+    row = gid // gpr
+    start = (gid % gpr) * m
+    col = start[:, None] + j[None, :]  # [BG, MP]
+    valid = gvalid[:, None] & (j[None, :] < m) & (col < cols)
+    offs = row[:, None] * cols + col
+    _, key = _keys(src, offs, valid, WIDE)
+    isnan = valid & (key > nan_above)
+    c = valid
+    if HAS_CAND:
+        c = c & (tl.load(cand + offs, mask=valid, other=0) != 0)
+    k = tl.where(c, key, -1)
+    # rank of lane q = candidates p ordered before it: larger key, or equal key and lower index.
+    kp = k[:, :, None]
+    kq = k[:, None, :]
+    jp = j[None, :, None]
+    jq = j[None, None, :]
+    before = ((kp > kq) | ((kp == kq) & (jp < jq))) & c[:, :, None]
+    rank = tl.sum(before.to(tl.int32), axis=1)  # [BG, MP]
+    length = tl.minimum(cols - start, m)
+    quota = (n * length + m - 1) // m  # = n for full groups, ceil(n*L/m) for the tail
+    keep = c & (rank < quota[:, None])
+    short = gvalid & (tl.sum(c.to(tl.int32), axis=1) < quota)
+    tl.atomic_add(err, tl.sum(isnan.to(tl.int32)))
+    tl.atomic_add(err + 1, tl.sum(short.to(tl.int32)))
+    tl.store(out + offs, keep.to(tl.uint8), mask=valid)
+
+
+@triton.jit
+def _apply_kernel(w, mask, n, BLOCK: tl.constexpr):
+    """Zero the bits of ``w`` where ``mask == 0``."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    valid = offs < n
+    k = tl.load(mask + offs, mask=valid, other=1)
+    tl.store(w + offs, tl.zeros((BLOCK,), w.dtype.element_ty), mask=valid & (k == 0))
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _tile(tile: int | None) -> tuple[int, int]:
+    """(elements per program, num_warps). Big tiles under the interpreter: fewer Python programs."""
+    if tile is not None:
+        if tile < 16 or tile & (tile - 1):
+            raise ValueError(f"tile must be a power of two >= 16, got {tile}")
+        return tile, 4
+    return (8192, 4) if _INTERP else (4096, 8)
+
+
+def _bits(t: Tensor) -> Tensor:
+    """Integer view of a contiguous float tensor (same bits), flat."""
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16).reshape(-1)
+
+
+@dataclass
+class Segment:
+    """One tensor of units taking part in a selection.
+
+    ``src``: flat int32/int16 bit view of the scores' source (weights, or float32 block scores);
+    ``cand``: flat uint8 (1 = may be kept) or None; ``size``: flat int32 unit weights or None
+    (= 1); ``out``: flat uint8 output mask; ``group``: which selection it belongs to;
+    ``nan_above``: keys above this are NaN; ``apply``: zero ``src`` where pruned.
+    """
+
+    src: Tensor
+    cand: Tensor | None
+    size: Tensor | None
+    out: Tensor
+    group: int
+    nan_above: int
+    apply: bool = False
+
+    @property
+    def wide(self) -> bool:
+        return self.src.dtype == torch.int32
+
+
+def _search(hist: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of ``hist [G, B]``: bin holding the k-th largest (weighted) and the weight above it.
+
+    Meaningful where ``1 <= k <= hist.sum(1)`` (other rows give an in-range bin). Returns int64 ``bin [G]`` and ``above [G]``.
+    """
+    cum = hist.flip(1).to(torch.int64).cumsum(1)  # weight of the top j+1 bins
+    idx = (cum < k[:, None]).sum(1).clamp(max=hist.shape[1] - 1)  # first j with cum >= k
+    bins = hist.shape[1] - 1 - idx
+    above = cum.gather(1, idx[:, None]).squeeze(1) - hist.gather(1, bins[:, None]).squeeze(1)
+    return bins, above
+
+
+def select_units(
+    segments: list[Segment], keep: list[int], what: list[str], *, tile: int | None = None
+) -> list[tuple[int, int]]:
+    """Exact radix select over ``segments`` grouped into ``len(keep)`` independent selections.
+
+    Group ``g`` keeps the (size-weighted) top ``keep[g]`` candidate units in the order
+    (key desc, flat index asc over its segments in list order), smallest prefix reaching
+    ``keep[g]``. Writes every ``segment.out``; zeroes pruned ``src`` bits where ``apply``.
+    Raises :class:`UserError` on NaN anywhere or too few candidates (``what[g]`` names the group).
+    Returns per group ``(threshold key, need)`` (``(INT32_MAX, 0)`` when nothing is kept).
+    """
+    block, warps = _tile(tile)
+    groups = len(keep)
+    dev = segments[0].src.device
+    total = sum(s.src.numel() for s in segments)
+    if total >= INT32_MAX:
+        raise ValueError(f"at most 2**31 - 2 units per call, got {total}")
+    grids = [triton.cdiv(s.src.numel(), block) for s in segments]
+
+    def hist_pass(h: Tensor, pass2: bool, sel_hi: list[int], live: list[bool]) -> None:
+        for s, grid in zip(segments, grids, strict=True):
+            if grid == 0 or not live[s.group]:
+                continue
+            _hist_kernel[(grid,)](
+                s.src, s.cand, s.size, h[s.group], s.src.numel(), sel_hi[s.group], s.nan_above,
+                PASS2=pass2, WIDE=s.wide, HAS_CAND=s.cand is not None, HAS_SIZE=s.size is not None,
+                BLOCK=block, num_warps=warps,
+            )
+
+    h1 = torch.zeros(groups, NAN_BIN + 1, dtype=torch.int32, device=dev)
+    hist_pass(h1, False, [0] * groups, [True] * groups)
+    k = torch.tensor(keep, dtype=torch.int64, device=dev)
+    avail = h1[:, :NAN_BIN].sum(1, dtype=torch.int64)
+    b1, above1 = _search(h1[:, :NAN_BIN], k.clamp(min=1))
+    nan_count, avail_l, b1_l, above1_l = (
+        x.tolist() for x in (h1[:, NAN_BIN], avail, b1, above1)
+    )
+    if any(nan_count):
+        g = next(i for i, c in enumerate(nan_count) if c)
+        raise UserError(f"cannot rank {what[g]}: it contains NaN (did training diverge?)")
+    for g in range(groups):
+        if keep[g] > avail_l[g]:
+            raise UserError(f"{what[g]}: {keep[g]} weights must be kept but only {avail_l[g]} are candidates")
+    live = [kg > 0 for kg in keep]
+    wide = [False] * groups
+    for s in segments:
+        wide[s.group] = s.wide
+    thr = list(b1_l)
+    above = list(above1_l)
+    ties = h1.gather(1, b1[:, None]).squeeze(1).tolist()
+    if any(w and lv for w, lv in zip(wide, live, strict=True)):
+        h2 = torch.zeros(groups, 65536, dtype=torch.int32, device=dev)
+        hist_pass(h2, True, b1_l, [w and lv for w, lv in zip(wide, live, strict=True)])
+        b2, above2 = _search(h2, (k - above1).clamp(min=1))
+        t2 = h2.gather(1, b2[:, None]).squeeze(1)
+        for g, (bb, aa, tt) in enumerate(zip(b2.tolist(), above2.tolist(), t2.tolist(), strict=True)):
+            if wide[g]:
+                thr[g] = (b1_l[g] << 16) | bb
+                above[g] += aa
+                ties[g] = tt
+    need = [keep[g] - above[g] for g in range(groups)]
+    for g in range(groups):
+        if not live[g]:
+            thr[g], need[g], ties[g] = INT32_MAX, 0, 0
+    all_ties = [ties[g] == need[g] for g in range(groups)]
+
+    # Tie ranks: per-tile counts, exclusive cumsum over each group's tiles in flat order.
+    starts: list[Tensor | None] = [None] * len(segments)
+    if not all(all_ties):
+        idx = [i for i, s in enumerate(segments) if not all_ties[s.group] and grids[i]]
+        counts = torch.zeros(sum(grids[i] for i in idx), dtype=torch.int32, device=dev)
+        pos, spans = 0, []
+        for i in idx:
+            s = segments[i]
+            _tie_count_kernel[(grids[i],)](
+                s.src, s.cand, s.size, counts[pos:], s.src.numel(), thr[s.group],
+                WIDE=s.wide, HAS_CAND=s.cand is not None, HAS_SIZE=s.size is not None,
+                BLOCK=block, num_warps=warps,
+            )
+            spans.append((i, pos))
+            pos += grids[i]
+        excl = torch.cumsum(counts, 0, dtype=torch.int64) - counts
+        # Restart the count at each group's first tile.
+        seg_of_tile = torch.repeat_interleave(
+            torch.tensor([segments[i].group for i in idx], device=dev),
+            torch.tensor([grids[i] for i in idx], device=dev),
+        )
+        first = torch.full((groups,), -1, dtype=torch.int64, device=dev)
+        for i, p in reversed(spans):
+            first[segments[i].group] = p
+        base = excl[first.clamp(min=0)][seg_of_tile]
+        rel = (excl - base).to(torch.int32)
+        for i, p in spans:
+            starts[i] = rel[p:]
+
+    for i, s in enumerate(segments):
+        if grids[i] == 0:
+            continue
+        g = s.group
+        _mask_kernel[(grids[i],)](
+            s.src, s.cand, s.size, s.out, starts[i], s.src.numel(), thr[g], need[g],
+            ALL_TIES=all_ties[g], WIDE=s.wide, HAS_CAND=s.cand is not None,
+            HAS_SIZE=s.size is not None, APPLY=s.apply, BLOCK=block, num_warps=warps,
+        )
+    return [(thr[g], need[g]) for g in range(groups)]
+
+
+def block_sq_norms(weight: Tensor, block: tuple[int, int], *, tile: int = 256) -> Tensor:
+    """float32 ``[ceil(out/bh), ceil(in/bw)]`` squared L2 norms of the blocks of ``weight [out, ...]``.
+
+    Squares of the float32 values are added one at a time in row-major order within each block
+    (FMA contraction off), bit-identical to the torch references.
+    """
+    w = weight.detach().contiguous()
+    rows, cols = w.shape[0], math.prod(w.shape[1:])
+    bh, bw = block
+    nbr, nbc = -(-rows // bh), -(-cols // bw)
+    out = torch.empty(nbr, nbc, dtype=torch.float32, device=w.device)
+    nb = nbr * nbc
+    if nb:
+        _block_sq_kernel[(triton.cdiv(nb, tile),)](
+            w, out, nb, nbc, rows, cols, bh, bw, BLOCK=tile, enable_fp_fusion=False,
+        )
+    return out
+
+
+def _nm_launch(w: Tensor, cand: Tensor | None, out: Tensor, n: int, m: int, name: str) -> None:
+    """N:M mask of one contiguous weight into ``out`` (uint8, flat)."""
+    rows, cols = w.shape[0], math.prod(w.shape[1:])
+    gpr = -(-cols // m)
+    n_groups = rows * gpr
+    if n_groups == 0:
+        return
+    mp = triton.next_power_of_2(m)
+    bg = max(1, min(1024 if _INTERP else 256, 4096 // (mp * mp)))
+    err = torch.zeros(2, dtype=torch.int32, device=w.device)
+    _nm_kernel[(triton.cdiv(n_groups, bg),)](
+        _bits(w), cand, out, err, n_groups, gpr, cols, n, m, _NAN_ABOVE[w.dtype],
+        WIDE=w.dtype == torch.float32, HAS_CAND=cand is not None, BG=bg, MP=mp,
+    )
+    nan, short = err.tolist()
+    if nan:
+        raise UserError(f"cannot rank {name}: it contains NaN (did training diverge?)")
+    if short:
+        raise UserError(f"{name}: an N:M group has fewer candidates than its {n}:{m} quota")
+
+
+# --------------------------------------------------------------------------------------------
+# Functional API
+# --------------------------------------------------------------------------------------------
+
+
+def _u8(mask: Tensor) -> Tensor:
+    return mask.contiguous().view(torch.uint8).reshape(-1)
+
+
+def rerank_masks_into(
+    weights: dict[str, Tensor],
+    sparsity: float,
+    out: dict[str, Tensor],
+    *,
+    kind: str = "unstructured",
+    n: int = 2,
+    m: int = 4,
+    block: tuple[int, int] = (4, 4),
+    scope: str = "global",
+    candidates: dict[str, Tensor] | None = None,
+    apply: bool = False,
+    tile: int | None = None,
+) -> None:
+    """Triton masks written into preallocated ``out[name]`` (contiguous uint8, weight's shape).
+
+    Same rules as :func:`rerank_masks` (1 = kept). ``weights`` must be contiguous when
+    ``apply=True`` (the zeros are written through them). ``tile``: elements per program
+    (power of two; None = default), exposed so tests can force many tiles.
+    """
+    block = tuple(block)  # type: ignore[assignment]
+    check_args(weights, sparsity, kind, n, m, block, scope, {"candidates": candidates})
+    for name, w in weights.items():
+        o = out[name]
+        if o.dtype != torch.uint8 or o.shape != w.shape or not o.is_contiguous() or o.device != w.device:
+            raise ValueError(f"out[{name!r}] must be contiguous uint8 of shape {list(w.shape)} on {w.device}")
+        if apply and not w.is_contiguous():
+            raise ValueError(f"{name}: apply=True needs a contiguous weight")
+    cands = {name: _u8(c) for name, c in (candidates or {}).items()}
+    ws = {name: w.detach().contiguous() for name, w in weights.items()}
+
+    if kind == "nm":
+        for name, w in ws.items():
+            o = out[name].reshape(-1)
+            _nm_launch(w, cands.get(name), o, n, m, name)
+            if apply and w.numel():
+                bsz = _tile(tile)[0]
+                _apply_kernel[(triton.cdiv(w.numel(), bsz),)](_bits(w), o, w.numel(), BLOCK=bsz)
+        return
+
+    names = list(ws)
+    if scope == "global":
+        total = sum(w.numel() for w in ws.values())
+        keep = [total - pruned_count(sparsity, total)]
+        what = ["global scope"]
+        group = dict.fromkeys(names, 0)
+    else:
+        keep = [w.numel() - pruned_count(sparsity, w.numel()) for w in ws.values()]
+        what = names
+        group = {name: i for i, name in enumerate(names)}
+
+    segments: list[Segment] = []
+    if kind == "unstructured":
+        # Keys of different dtypes do not compare: a group mixing dtypes ranks in float32 (exact
+        # for half precision, like the reference) and applies afterwards.
+        dts: dict[int, set[torch.dtype]] = {}
+        for name, w in ws.items():
+            dts.setdefault(group[name], set()).add(w.dtype)
+        late: list[str] = []
+        for name, w in ws.items():
+            mixed = len(dts[group[name]]) > 1
+            src = w.float() if mixed else w
+            if mixed and apply:
+                late.append(name)
+            segments.append(Segment(
+                _bits(src), cands.get(name), None, out[name].reshape(-1), group[name],
+                _NAN_ABOVE[src.dtype], apply and not mixed,
+            ))
+        select_units(segments, keep, what, tile=tile)
+        bsz = _tile(tile)[0]
+        for name in late:
+            w = ws[name]
+            _apply_kernel[(triton.cdiv(w.numel(), bsz),)](_bits(w), out[name].reshape(-1), w.numel(), BLOCK=bsz)
+        return
+
+    # Blocks: select over block units, then expand to elements.
+    bh, bw = block
+    bmasks: dict[str, Tensor] = {}
+    for name, w in ws.items():
+        rows, cols = w.shape[0], math.prod(w.shape[1:])
+        nbr, nbc = -(-rows // bh), -(-cols // bw)
+        bc = None
+        if name in cands:
+            cm = candidates[name].reshape(rows, cols)  # type: ignore[index]
+            bp = cm[::bh, ::bw]
+            up = bp.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
+            if not torch.equal(up, cm):
+                raise UserError(f"{name}: candidates are not aligned to {bh}x{bw} blocks")
+            bc = _u8(bp)
+        r = (rows - torch.arange(0, rows, bh, device=w.device)).clamp(max=bh)
+        c = (cols - torch.arange(0, cols, bw, device=w.device)).clamp(max=bw)
+        sizes = (r[:, None] * c[None, :]).to(torch.int32).reshape(-1)
+        scores = block_sq_norms(w, block)
+        bmasks[name] = torch.empty(nbr * nbc, dtype=torch.uint8, device=w.device)
+        segments.append(Segment(_bits(scores), bc, sizes, bmasks[name], group[name], _NAN_ABOVE[torch.float32]))
+    select_units(segments, keep, what, tile=tile)
+    bsz, warps = _tile(tile)
+    for name, w in ws.items():
+        cols = math.prod(w.shape[1:])
+        if w.numel():
+            _expand_kernel[(triton.cdiv(w.numel(), bsz),)](
+                _bits(w), bmasks[name], out[name].reshape(-1), w.numel(), cols, -(-cols // bw), bh, bw,
+                APPLY=apply, BLOCK=bsz, num_warps=warps,
+            )
+
+
+def rerank_masks(
+    weights: dict[str, Tensor],
+    sparsity: float,
+    *,
+    kind: str = "unstructured",
+    n: int = 2,
+    m: int = 4,
+    block: tuple[int, int] = (4, 4),
+    scope: str = "global",
+    candidates: dict[str, Tensor] | None = None,
+    always_keep: dict[str, Tensor] | None = None,
+    apply: bool = False,
+    backend: str = "triton",
+) -> dict[str, Tensor]:
+    """Exact magnitude masks (``True`` = kept), bit-identical to ``ranking.magnitude_masks``.
+
+    ``weights``: name -> float32/bf16/fp16 tensor (``[out, in, ...]`` for ``nm``/``block``, any
+    shape for ``unstructured``); ``candidates``/``always_keep``: name -> bool mask of the same
+    shape. Returns name -> bool mask of each weight's shape, in dict order. ``apply=True``
+    zeroes the pruned weights in place (kept ones untouched). ``backend``: ``"triton"`` or
+    ``"torch"`` (``naive.py``); ``always_keep`` is only implemented by the torch backend, which
+    the triton backend falls back to when it is given. Raises ``ValueError`` on bad arguments and
+    :class:`UserError` on NaN weights or too few candidates.
+    """
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+    if backend == "torch" or always_keep:
+        return rerank_masks_torch(
+            weights, sparsity, kind=kind, n=n, m=m, block=block, scope=scope,
+            candidates=candidates, always_keep=always_keep, apply=apply,
+        )
+    out = {name: torch.empty(w.shape, dtype=torch.uint8, device=w.device) for name, w in weights.items()}
+    if apply:
+        # Non-contiguous weights: select on a copy, write the zeros back through the original.
+        conts = {name: w if w.is_contiguous() else w.detach().contiguous() for name, w in weights.items()}
+        rerank_masks_into(conts, sparsity, out, kind=kind, n=n, m=m, block=block, scope=scope,
+                          candidates=candidates, apply=True)
+        with torch.no_grad():
+            for name, w in weights.items():
+                if conts[name] is not w:
+                    w.copy_(conts[name])
+    else:
+        rerank_masks_into(weights, sparsity, out, kind=kind, n=n, m=m, block=block, scope=scope,
+                          candidates=candidates)
+    return {name: o.view(torch.bool) for name, o in out.items()}
+
+
+def magnitude_threshold(
+    weights: dict[str, Tensor], sparsity: float, *, candidates: dict[str, Tensor] | None = None
+) -> tuple[float, int]:
+    """Global unstructured selection summary: (K-th largest ``|w|`` among candidates, ties kept).
+
+    The kept set is every candidate with ``|w| >`` the threshold plus the first ``ties kept``
+    candidates equal to it (flat order). ``(inf, 0)`` when nothing is kept.
+    """
+    masks = {name: torch.empty(w.shape, dtype=torch.uint8, device=w.device) for name, w in weights.items()}
+    check_args(weights, sparsity, "unstructured", 2, 4, (4, 4), "global", {"candidates": candidates})
+    if len({w.dtype for w in weights.values()}) > 1:
+        raise ValueError("magnitude_threshold needs tensors of one dtype")
+    ws = {name: w.detach().contiguous() for name, w in weights.items()}
+    total = sum(w.numel() for w in ws.values())
+    cands = {name: _u8(c) for name, c in (candidates or {}).items()}
+    segs = [
+        Segment(_bits(w), cands.get(name), None, masks[name].reshape(-1), 0, _NAN_ABOVE[w.dtype])
+        for name, w in ws.items()
+    ]
+    (t, need), = select_units(segs, [total - pruned_count(sparsity, total)], ["global scope"])
+    if need == 0:
+        return math.inf, 0
+    dt = next(iter(ws.values())).dtype
+    if dt == torch.float32:
+        val = torch.tensor([t], dtype=torch.int32).view(torch.float32)
+    else:
+        val = torch.tensor([t], dtype=torch.int16).view(dt)
+    return float(val.item()), need

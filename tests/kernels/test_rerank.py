@@ -1,0 +1,414 @@
+"""Exact magnitude re-ranking: Triton kernels (interpreter on CPU) and the torch reference must
+give the same masks as ``sparse_rnnt.pruning.ranking.magnitude_masks``, bit for bit."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sparse_rnnt.kernels.rerank import (
+    block_sq_norms,
+    magnitude_threshold,
+    rerank_masks,
+    rerank_masks_into,
+    rerank_masks_torch,
+)
+
+from sparse_rnnt.errors import UserError
+from sparse_rnnt.pruning import ranking
+from sparse_rnnt.pruning.ranking import Granularity, magnitude_masks
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SPARSITIES = [0.0, 0.003, 0.5, 0.7, 1.0]
+SHAPES = [(37, 53), (5, 7), (1, 1)]
+POISON = 0xAB  # not a valid mask byte: any element the kernel does not write stays visible
+TILE = 256  # small tiles under the interpreter: several tiles per tensor, tie ranks cross tiles
+
+
+# The Triton interpreter trips a NumPy deprecation on every scalar index; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+
+def _weights(shapes, dtype, seed, tied=False, device="cpu"):
+    """Random weights; ``tied``: drawn from a few values incl. 0.0 and -0.0 (lots of ties)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, shape in enumerate(shapes):
+        if tied:
+            vals = torch.tensor([0.0, -0.0, 0.5, -0.5, 1.25, -2.0, 2.0])
+            w = vals[torch.randint(0, len(vals), shape, generator=g)]
+        else:
+            w = torch.randn(shape, generator=g)
+        out[f"w{i}"] = w.to(dtype).to(device)
+    return out
+
+
+def _candidates(weights, seed, frac=0.8):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: (torch.rand(w.shape, generator=g) < frac).to(w.device)
+        for k, w in list(weights.items())[:-1]  # the last tensor is absent: all candidates
+    }
+
+
+def _gran(kind, n=2, m=4, block=(4, 4)):
+    return Granularity(kind, n=n, m=m, block=block)
+
+
+def _triton(weights, sparsity, **kw):
+    """Run the kernels into poisoned uint8 outputs; check every byte was written; return bool."""
+    out = {k: torch.full(w.shape, POISON, dtype=torch.uint8, device=w.device) for k, w in weights.items()}
+    rerank_masks_into(weights, sparsity, out, tile=kw.pop("tile", TILE), **kw)
+    for k, o in out.items():
+        assert bool(((o == 0) | (o == 1)).all()), f"{k}: unwritten or invalid mask bytes"
+    return {k: o.bool() for k, o in out.items()}
+
+
+def _assert_same(a, b):
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == torch.bool and b[k].dtype == torch.bool
+        assert torch.equal(a[k], b[k]), f"{k}: masks differ at {int((a[k] != b[k]).sum())} places"
+
+
+def _bits(t):
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+# ----------------------------------------------------------------------------- unstructured
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tied", [False, True])
+def test_unstructured_matches_reference(dtype, tied):
+    w = _weights(SHAPES, dtype, seed=1, tied=tied)
+    for scope in ("global", "per_tensor"):
+        for s in SPARSITIES:
+            ref = magnitude_masks(w, s, scope=scope)
+            _assert_same(_triton(w, s, scope=scope), ref)
+            _assert_same(rerank_masks_torch(w, s, scope=scope), ref)
+            # exactly P pruned (per scope), as the contract says
+            if scope == "global":
+                total = sum(x.numel() for x in w.values())
+                kept = sum(int(m.sum()) for m in ref.values())
+                assert kept == total - ranking.pruned_count(s, total)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unstructured_candidates(dtype):
+    for tied in (False, True):
+        w = _weights(SHAPES, dtype, seed=2, tied=tied)
+        cand = _candidates(w, seed=3)
+        for scope in ("global", "per_tensor"):
+            for s in (0.3, 0.5, 0.7, 1.0):
+                ref = magnitude_masks(w, s, scope=scope, candidates=cand)
+                got = _triton(w, s, scope=scope, candidates=cand)
+                _assert_same(got, ref)
+                _assert_same(rerank_masks_torch(w, s, scope=scope, candidates=cand), ref)
+                for k, c in cand.items():
+                    assert not bool((got[k] & ~c).any())
+
+
+def test_one_tile_equals_many_tiles_and_default_api():
+    w = _weights([(64, 33), (19, 11)], torch.bfloat16, seed=4, tied=True)
+    ref = magnitude_masks(w, 0.55)
+    _assert_same(_triton(w, 0.55, tile=16), ref)
+    _assert_same(_triton(w, 0.55, tile=4096), ref)
+    _assert_same(rerank_masks(w, 0.55), ref)
+
+
+def test_mixed_dtypes_rank_in_float32():
+    g = torch.Generator().manual_seed(5)
+    w = {
+        "a": torch.randn(20, 9, generator=g),
+        "b": torch.randn(7, 13, generator=g).to(torch.bfloat16),
+        "c": torch.randn(3, 17, generator=g).to(torch.float16),
+    }
+    for s in (0.2, 0.6):
+        ref = magnitude_masks(w, s)
+        _assert_same(_triton(w, s), ref)
+        ww = {k: v.clone() for k, v in w.items()}
+        got = rerank_masks(ww, s, apply=True)
+        _assert_same(got, ref)
+        for k in w:
+            assert torch.equal(_bits(ww[k]), _bits(torch.where(ref[k], w[k], torch.zeros_like(w[k]))))
+
+
+def test_zero_and_negative_zero_tie_by_index():
+    # Hand-checked: scores |w| = [0, 0, 1, 0, 0]; keep 3 -> the 1.0 and the first two zeros.
+    w = {"a": torch.tensor([[-0.0, 0.0, 1.0]]), "b": torch.tensor([[0.0, -0.0]])}
+    expect = {"a": torch.tensor([[True, True, True]]), "b": torch.tensor([[False, False]])}
+    s = 0.4  # P = floor(0.4 * 5 + 0.5) = 2
+    _assert_same(_triton(w, s), expect)
+    _assert_same(rerank_masks_torch(w, s), expect)
+    _assert_same(magnitude_masks(w, s), expect)
+
+
+# ----------------------------------------------------------------------------- apply
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["unstructured", "nm", "block"])
+def test_apply_zeroes_exactly_the_pruned_weights(dtype, kind):
+    w = _weights([(13, 22), (6, 5)], dtype, seed=6, tied=True)
+    s = 0.5 if kind == "nm" else 0.62
+    ref = magnitude_masks(w, s, _gran(kind, block=(3, 4)))
+    for backend in ("triton", "torch"):
+        ww = {k: v.clone() for k, v in w.items()}
+        got = rerank_masks(ww, s, kind=kind, block=(3, 4), apply=True, backend=backend)
+        _assert_same(got, ref)
+        for k in w:
+            kept = ref[k]
+            # kept weights bit-identical (-0.0 stays -0.0), pruned ones exactly +0.0
+            assert torch.equal(_bits(ww[k])[kept], _bits(w[k])[kept])
+            assert bool((_bits(ww[k])[~kept] == 0).all())
+
+
+def test_apply_on_non_contiguous_weight():
+    base = torch.randn(9, 14, generator=torch.Generator().manual_seed(7))
+    orig = base.clone()
+    w = {"t": base.t()}  # [14, 9] view, not contiguous
+    ref = magnitude_masks({"t": orig.t().contiguous()}, 0.4)
+    got = rerank_masks(w, 0.4, apply=True)
+    _assert_same(got, ref)
+    assert torch.equal(base.t(), torch.where(ref["t"], orig.t(), 0.0))
+    assert int((base == 0).sum()) == ranking.pruned_count(0.4, base.numel())
+
+
+# ----------------------------------------------------------------------------- N:M
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 3), (3, 8)])
+def test_nm_matches_reference(dtype, n, m):
+    w = _weights([(9, 23), (4, 3, 3), (2, 4)], dtype, seed=8, tied=True)  # 23 % m != 0: tail groups
+    s = 1 - n / m
+    ref = magnitude_masks(w, s, _gran("nm", n, m))
+    _assert_same(_triton(w, s, kind="nm", n=n, m=m), ref)
+    _assert_same(rerank_masks_torch(w, s, kind="nm", n=n, m=m), ref)
+
+
+def test_nm_tail_quota_by_hand():
+    # One row of 6 with 2:4: group [0..3] keeps 2, tail of L=2 keeps ceil(2*2/4) = 1.
+    w = {"a": torch.tensor([[0.1, -0.4, 0.4, 0.3, 0.0, -0.0]])}
+    expect = torch.tensor([[False, True, True, False, True, False]])
+    assert torch.equal(_triton(w, 0.5, kind="nm")["a"], expect)
+    assert torch.equal(magnitude_masks(w, 0.5, _gran("nm"))["a"], expect)
+
+
+def test_nm_candidates():
+    w = _weights([(11, 18), (3, 8)], torch.float32, seed=9, tied=True)
+    g = torch.Generator().manual_seed(10)
+    # at most one non-candidate per group of 4 (and none in the 2-wide tail) so quotas are met
+    cand = {}
+    for k, v in w.items():
+        c = torch.ones(v.shape, dtype=torch.bool)
+        full = v.shape[1] // 4 * 4
+        pos = torch.randint(0, 4, (v.shape[0], full // 4), generator=g)
+        c[:, :full].view(v.shape[0], -1, 4).scatter_(2, pos[..., None], False)
+        cand[k] = c
+    ref = magnitude_masks(w, 0.5, _gran("nm"), candidates=cand)
+    _assert_same(_triton(w, 0.5, kind="nm", candidates=cand), ref)
+    _assert_same(rerank_masks_torch(w, 0.5, kind="nm", candidates=cand), ref)
+    bad = {"w0": torch.zeros(11, 18, dtype=torch.bool)}
+    for fn in (_triton, rerank_masks_torch):
+        with pytest.raises(UserError, match="fewer candidates"):
+            fn(w, 0.5, kind="nm", candidates=bad)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_scores_bit_identical(dtype):
+    w = torch.randn(23, 2, 9, generator=torch.Generator().manual_seed(11)).to(dtype) * 30
+    for blk in [(4, 4), (3, 5), (1, 1), (8, 32)]:
+        ref = ranking.block_sq_norms(w, blk)
+        got = block_sq_norms(w, blk)
+        assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_matches_reference(dtype):
+    for tied, blk in ((False, (3, 5)), (True, (4, 4))):
+        w = _weights([(37, 53), (5, 7), (1, 1), (8, 8)], dtype, seed=12, tied=tied)
+        for scope in ("global", "per_tensor"):
+            for s in SPARSITIES:
+                ref = magnitude_masks(w, s, _gran("block", block=blk), scope=scope)
+                _assert_same(_triton(w, s, kind="block", block=blk, scope=scope), ref)
+                _assert_same(rerank_masks_torch(w, s, kind="block", block=blk, scope=scope), ref)
+
+
+def test_block_weighted_prefix_by_hand():
+    # 5x5 with 4x4 blocks: sizes [[16, 4], [4, 1]], all blocks of equal norm 1 -> ties by index.
+    # Keep K = 25 - floor(0.5*25+0.5) = 12: block 0 (16) alone reaches 12 -> prune 9 (exact to one block).
+    w = torch.zeros(5, 5)
+    w[0, 0] = w[0, 4] = w[4, 0] = w[4, 4] = 1.0
+    expect = torch.zeros(5, 5, dtype=torch.bool)
+    expect[:4, :4] = True
+    assert torch.equal(_triton({"a": w}, 0.5, kind="block")["a"], expect)
+    assert torch.equal(magnitude_masks({"a": w}, 0.5, _gran("block"))["a"], expect)
+    # K = 25 - floor(0.9*25+0.5) = 2: the smallest prefix >= 2 is block 0 again (16 elements).
+    assert torch.equal(_triton({"a": w}, 0.9, kind="block")["a"], expect)
+
+
+def test_block_candidates():
+    w = _weights([(12, 10), (7, 9)], torch.float32, seed=13, tied=True)
+    g = torch.Generator().manual_seed(14)
+    bm = torch.rand(3, 3, generator=g) < 0.7
+    cand = {"w0": bm.repeat_interleave(4, 0).repeat_interleave(4, 1)[:12, :10]}
+    outcomes = set()
+    for scope in ("global", "per_tensor"):
+        for s in (0.1, 0.3, 0.6, 0.9):
+            try:
+                ref = magnitude_masks(w, s, _gran("block"), scope=scope, candidates=cand)
+            except UserError:  # too few candidates: ours must refuse too
+                outcomes.add("raise")
+                with pytest.raises(UserError, match="candidates"):
+                    _triton(w, s, kind="block", scope=scope, candidates=cand)
+                continue
+            outcomes.add("ok")
+            _assert_same(_triton(w, s, kind="block", scope=scope, candidates=cand), ref)
+    assert outcomes == {"ok", "raise"}
+    unaligned = {"w0": torch.ones(12, 10, dtype=torch.bool)}
+    unaligned["w0"][0, 1] = False
+    for fn in (_triton, rerank_masks_torch):
+        with pytest.raises(UserError, match="aligned"):
+            fn(w, 0.5, kind="block", candidates=unaligned)
+
+
+# ----------------------------------------------------------------------------- errors, helpers
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "nm", "block"])
+def test_nan_raises(kind):
+    w = _weights([(8, 8), (4, 6)], torch.bfloat16, seed=15)
+    w["w1"][2, 3] = float("nan")
+    cand = {"w1": torch.zeros(4, 6, dtype=torch.bool)}  # NaN raises even on a non-candidate
+    cand["w1"][:, :2] = True
+    for fn in (_triton, rerank_masks_torch):
+        with pytest.raises(UserError, match="NaN"):
+            fn(w, 0.5, kind=kind)
+        if kind == "unstructured":
+            with pytest.raises(UserError, match="NaN"):
+                fn(w, 0.1, candidates=cand)
+    with pytest.raises(UserError, match="NaN"):
+        magnitude_masks(w, 0.5, _gran(kind))
+
+
+def test_too_few_candidates_raise_and_leave_weights_untouched():
+    w = _weights([(6, 6)], torch.float32, seed=16)
+    before = w["w0"].clone()
+    cand = {"w0": torch.zeros(6, 6, dtype=torch.bool)}
+    cand["w0"][0] = True  # 6 candidates, K = 36 - 18 = 18
+    for backend in ("triton", "torch"):
+        with pytest.raises(UserError, match="candidates"):
+            rerank_masks(w, 0.5, candidates=cand, apply=True, backend=backend)
+    with pytest.raises(UserError):
+        magnitude_masks(w, 0.5, candidates=cand)
+    assert torch.equal(w["w0"], before)
+
+
+def test_bad_arguments():
+    w = {"a": torch.randn(4, 4)}
+    with pytest.raises(ValueError):
+        rerank_masks(w, 1.5)
+    with pytest.raises(ValueError):
+        rerank_masks(w, 0.3, kind="nm")  # 2:4 fixes s = 0.5
+    with pytest.raises(ValueError):
+        rerank_masks(w, 0.5, candidates={"b": torch.ones(4, 4, dtype=torch.bool)})
+    with pytest.raises(ValueError):
+        rerank_masks(w, 0.5, backend="cuda")
+
+
+def test_always_keep_falls_back_to_reference():
+    w = _weights([(10, 12), (3, 5)], torch.float32, seed=17, tied=True)
+    g = torch.Generator().manual_seed(18)
+    forced = {"w0": torch.rand(10, 12, generator=g) < 0.1}
+    cand = {"w0": forced["w0"] | (torch.rand(10, 12, generator=g) < 0.7)}
+    for scope in ("global", "per_tensor"):
+        ref = magnitude_masks(w, 0.6, scope=scope, candidates=cand, always_keep=forced)
+        _assert_same(rerank_masks(w, 0.6, scope=scope, candidates=cand, always_keep=forced), ref)
+    ref = magnitude_masks(w, 0.5, _gran("nm"), always_keep={"w1": torch.eye(3, 5, dtype=torch.bool)})
+    _assert_same(rerank_masks_torch(w, 0.5, kind="nm", always_keep={"w1": torch.eye(3, 5, dtype=torch.bool)}), ref)
+
+
+def test_magnitude_threshold():
+    w = _weights([(30, 7), (9, 4)], torch.float32, seed=19, tied=True)
+    allv = torch.cat([v.abs().reshape(-1) for v in w.values()])
+    total = allv.numel()
+    keep = total - ranking.pruned_count(0.45, total)
+    kth = torch.sort(allv, descending=True).values[keep - 1]
+    t, ties_kept = magnitude_threshold(w, 0.45)
+    assert t == float(kth)
+    assert ties_kept == keep - int((allv > kth).sum())
+    assert magnitude_threshold(w, 1.0) == (math.inf, 0)
+
+
+# ----------------------------------------------------------------------------- property
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 11)), min_size=1, max_size=3),
+    sparsity=st.floats(0.0, 1.0),
+    dtype=st.sampled_from(DTYPES),
+    kind=st.sampled_from(["unstructured", "block"]),
+    scope=st.sampled_from(["global", "per_tensor"]),
+    tied=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_property_matches_reference(shapes, sparsity, dtype, kind, scope, tied, seed):
+    w = _weights(shapes, dtype, seed, tied=tied)
+    ref = magnitude_masks(w, sparsity, _gran(kind, block=(2, 3)), scope=scope)
+    _assert_same(_triton(w, sparsity, kind=kind, block=(2, 3), scope=scope, tile=16), ref)
+    _assert_same(rerank_masks_torch(w, sparsity, kind=kind, block=(2, 3), scope=scope), ref)
+
+
+# ----------------------------------------------------------------------------- CUDA, large
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_unstructured_large(dtype):
+    w = _weights([(4096, 1023), (1537, 2049), (3, 5)], dtype, seed=20, device="cuda")
+    wt = _weights([(2048, 999)], dtype, seed=21, tied=True, device="cuda")
+    cand = _candidates({**w, "x": w["w0"][:1]}, seed=22)
+    for s in (0.5, 0.9):
+        for scope in ("global", "per_tensor"):
+            _assert_same(_triton(w, s, scope=scope, tile=None), magnitude_masks(w, s, scope=scope))
+            _assert_same(_triton(wt, s, scope=scope, tile=None), magnitude_masks(wt, s, scope=scope))
+        ref = magnitude_masks(w, s, candidates=cand)
+        _assert_same(_triton(w, s, candidates=cand, tile=None), ref)
+    ww = {k: v.clone() for k, v in w.items()}
+    ref = magnitude_masks(w, 0.7)
+    _assert_same(rerank_masks(ww, 0.7, apply=True), ref)
+    for k in w:
+        assert torch.equal(_bits(ww[k]), _bits(torch.where(ref[k], w[k], torch.zeros_like(w[k]))))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_nm_and_block_large(dtype):
+    w = _weights([(2048, 1022), (515, 4093)], dtype, seed=23, device="cuda")
+    ref = magnitude_masks(w, 0.5, _gran("nm"))
+    _assert_same(_triton(w, 0.5, kind="nm", tile=None), ref)
+    for blk in [(4, 4), (16, 32)]:
+        for s in (0.5, 0.8):
+            ref = magnitude_masks(w, s, _gran("block", block=blk))
+            _assert_same(_triton(w, s, kind="block", block=blk, tile=None), ref)
+        for v in w.values():
+            assert torch.equal(block_sq_norms(v, blk).cpu().view(torch.int32),
+                               ranking.block_sq_norms(v.cpu(), blk).view(torch.int32))

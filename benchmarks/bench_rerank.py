@@ -52,8 +52,9 @@ def run(device: str, quick: bool) -> list[dict]:
     """Benchmark rows: ``{"bench", "shape", "dtype", "provider", "ms", ...}`` (``ms``: median)."""
     cuda = device.startswith("cuda")
     if cuda:
-        from sparse_rnnt.kernels.rerank import rerank_masks
         from triton.testing import do_bench
+
+        from sparse_rnnt.kernels.rerank import rerank_masks
 
         sizes = [10_000_000] if quick else [10_000_000, 63_000_000, 187_000_000]
 

@@ -78,6 +78,15 @@ to ``target_sparsity`` over ``interval * max(1, len(levels) - 1)`` steps, an eve
 ``interval``). A level in force at step 0 is applied by :meth:`Pruner.prepare`; ``update_mask``
 ignores step 0.
 
+Backends (``PruningConfig.backend``): ``"torch"`` ranks with :func:`ranking.magnitude_masks` and
+masks the forward by substituting ``theta ⊙ m``; ``"triton"`` ranks with the exact radix-select
+kernel (``sparse_rnnt.kernels.rerank``, bit-identical masks) and, for soft methods and pathways,
+swaps the in-scope ``nn.Linear`` layers for :class:`~sparse_rnnt.model.masked.MaskedLinear`
+(fused masked matmul, mask as row-packed bits, ``W ⊙ M`` never materialized; undone by
+:meth:`Pruner.close`); in-scope weights outside linear layers still use the substitution.
+``"auto"`` (default) picks triton when the model is on CUDA. Both give the same masks; outputs
+agree to float rounding.
+
 History: ``Pruner.history`` holds one dict per mask update: ``step``, ``event`` (``"level"`` or
 ``"rerank"``), ``level`` (target), ``sparsity`` (achieved), ``churn`` (fraction of the mask's
 weights flipped), and ``language`` for dynamic pathways.
@@ -90,7 +99,9 @@ optimizer state are not included (the trainer saves them).
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -100,6 +111,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..model.masked import LinearSwap, swap_linears
 from .masks import LanguageMasks, MaskSet
 from .ranking import SCOPES, Granularity, magnitude_masks
 from .schedules import SparsitySchedule, schedule_from_config
@@ -111,8 +123,11 @@ MULTILINGUAL_METHODS: frozenset[str] = frozenset({"dynamic-pathways", "pathways"
 AGGREGATIONS: tuple[str, ...] = ("alternate", "sum")
 VARIANTS: tuple[str, ...] = ("imp", "lth")
 SCHEDULE_KINDS: tuple[str, ...] = ("staircase", "cubic", "oneshot")
+BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 STATE_FORMAT = "sparse_rnnt.pruner"
 STATE_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 def _is_int(x: object) -> bool:
@@ -144,6 +159,9 @@ class PruningConfig:
     init_masks: str = ""
     # With a run directory in init_masks: take the mask saved when that run reached this level.
     init_level: float | None = None
+    # Kernels for re-ranking and masked forward/backward: "triton", "torch", or "auto" (triton
+    # when the model is on CUDA, torch otherwise). The choice is logged.
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.levels, list):
@@ -186,6 +204,8 @@ class PruningConfig:
             raise UserError(
                 f"pruning.aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}"
             )
+        if self.backend not in BACKENDS:
+            raise UserError(f"pruning.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if not isinstance(self.init_masks, str):
             raise UserError(f"pruning.init_masks must be a string, got {self.init_masks!r}")
         lvl = self.init_level
@@ -210,6 +230,20 @@ class PruningConfig:
             steps=self.interval * max(1, len(self.levels) - 1),
             frequency=self.interval,
         )
+
+
+def resolve_backend(choice: str, params: dict[str, nn.Parameter]) -> str:
+    """``"auto"`` -> ``"triton"`` on CUDA, else ``"torch"``; ``"triton"`` off CUDA needs the Triton
+    interpreter (``TRITON_INTERPRET=1``, slow: for tests)."""
+    on_cuda = bool(params) and all(p.is_cuda for p in params.values())
+    if choice == "auto":
+        return "triton" if on_cuda else "torch"
+    if choice == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError(
+            "pruning.backend triton needs the model on CUDA (or TRITON_INTERPRET=1 for the slow "
+            "CPU interpreter); use pruning.backend=torch or auto"
+        )
+    return choice
 
 
 class Pruner:
@@ -240,6 +274,16 @@ class Pruner:
         self._pathway_masks_given = False
         self._union: MaskSet | None = None
         self._grad_sum: dict[str, Tensor] | None = None
+        self.backend = resolve_backend(config.backend, self.params)
+        # Triton: soft methods and pathways run their masked forward through the fused masked
+        # linear (swapped in now, undone by close()); hard single-mask methods keep exact zeros
+        # in theta and need no masking in the forward.
+        self._swap: LinearSwap | None = None
+        self._packed: dict[str | None, tuple[MaskSet, dict[str, Tensor]]] = {}
+        if self.backend == "triton" and (config.soft or self.pathways):
+            self._swap = swap_linears(model, list(self.params))
+        log.info("pruning %s: backend %s (config %r)%s", config.method, self.backend, config.backend,
+                 f", {len(self._swap.layers)} linear layers swapped for fused masked ones" if self._swap else "")
 
     # ---- setup
     def prepare(
@@ -445,9 +489,44 @@ class Pruner:
         if not self.pathways and not self.config.soft:
             yield
             return
-        mask = self.masks(self._lang(language) if self.multilingual else None)
-        with mask.substituted(self.params):
-            yield
+        lang = self._lang(language) if self.multilingual else None
+        mask = self.masks(lang)
+        if self._swap is None:
+            with mask.substituted(self.params):
+                yield
+            return
+        packed = self._packed_rows(lang, mask)
+        for name, layer in self._swap.layers.items():
+            layer.set_mask(packed[name], hard=self.pathways)
+        rest = MaskSet({n: m for n, m in mask.items() if n not in self._swap.layers}) if len(
+            self._swap.layers) < len(self.params) else None
+        try:
+            if rest is not None:  # in-scope weights outside nn.Linear layers
+                with rest.substituted(self.params):
+                    yield
+            else:
+                yield
+        finally:
+            self._swap.clear_masks()
+
+    def _packed_rows(self, language: str | None, mask: MaskSet) -> dict[str, Tensor]:
+        """Row-packed bit masks of the swapped layers (cached until the mask object changes)."""
+        from ..kernels.masked_linear import pack_rows
+
+        assert self._swap is not None
+        cached = self._packed.get(language)
+        if cached is not None and cached[0] is mask:
+            return cached[1]
+        packed = {name: pack_rows(mask[name].to(self.params[name].device)) for name in self._swap.layers}
+        self._packed[language] = (mask, packed)
+        return packed
+
+    def close(self) -> None:
+        """Undo the layer swap of the triton backend (the model is an ordinary model again)."""
+        if self._swap is not None:
+            self._swap.restore()
+            self._swap = None
+        self._packed.clear()
 
     def before_optimizer_step(self, step: int, language: str | None = None) -> None:
         """Hard: zero the pruned weights' gradients. Adaptive: nothing. Dynamic pathways: zero the
@@ -516,11 +595,20 @@ class Pruner:
         return {n: p.detach() for n, p in self.params.items()}
 
     def _rank(self, candidates: dict[str, Tensor] | None) -> MaskSet:
+        g = self.config.granularity
+        if self.backend == "triton":
+            from ..kernels.rerank import rerank_masks
+
+            try:
+                masks = rerank_masks(
+                    self._weights(), self.level, kind=g.kind, n=g.n, m=g.m, block=g.block,
+                    scope=self.config.ranking, candidates=candidates, backend="triton",
+                )
+            except ValueError as e:
+                raise UserError(f"pruning: {e}") from None
+            return MaskSet(masks)
         return MaskSet(
-            magnitude_masks(
-                self._weights(), self.level, self.config.granularity,
-                scope=self.config.ranking, candidates=candidates,
-            )
+            magnitude_masks(self._weights(), self.level, g, scope=self.config.ranking, candidates=candidates)
         )
 
     def _record(self, step: int, event: str, old: MaskSet, new: MaskSet, language: str | None) -> bool:

@@ -604,6 +604,8 @@ class Trainer:
                     self.save()
                     self.write_analytics()
         bar.close()
+        if self.pruner is not None:
+            self.pruner.close()  # undo the triton backend's layer swap
         if writer is not None:
             writer.close()
         result = {"steps": self.step, "train_seconds": time.perf_counter() - start,

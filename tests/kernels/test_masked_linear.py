@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+
 from sparse_rnnt.kernels.masked_linear import (
     fused,
     mask_format,

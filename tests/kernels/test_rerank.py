@@ -13,6 +13,8 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from sparse_rnnt.errors import UserError
 from sparse_rnnt.kernels.rerank import (
     block_sq_norms,
     magnitude_threshold,
@@ -20,8 +22,6 @@ from sparse_rnnt.kernels.rerank import (
     rerank_masks_into,
     rerank_masks_torch,
 )
-
-from sparse_rnnt.errors import UserError
 from sparse_rnnt.pruning import ranking
 from sparse_rnnt.pruning.ranking import Granularity, magnitude_masks
 

@@ -294,3 +294,24 @@ def test_init_masks_user_errors(dense_run, stage1, tmp_path):
         Trainer(cfg, tmp_path / "x", init_checkpoint=dense_run).run()
     with pytest.raises(UserError, match="init_masks"):
         config_from_tree(load_checkpoint(dense_run).config, ["pruning.method=pathways", "batch.mode=monolingual"])
+
+
+@pytest.mark.slow  # the Triton interpreter runs every kernel program in Python: ~1 min per run
+def test_training_with_triton_backend_matches_torch(dense_run, tmp_path):
+    # The CPU counterpart at small sizes for every method: tests/pruning/test_backend.py.
+    import json
+
+    curves, finals = {}, {}
+    for backend in ("torch", "triton"):
+        cfg = _prune_cfg(dense_run, "adaptive", **{"pruning.backend": backend, "train.max_steps": 4,
+                                                   "data.dev_max_utterances": 1})
+        Trainer(cfg, tmp_path / backend, init_checkpoint=dense_run).run()
+        rows = [json.loads(line) for line in (tmp_path / backend / "metrics.jsonl").read_text().splitlines()]
+        curves[backend] = torch.tensor([r["loss"] for r in rows if "loss" in r])
+        finals[backend] = load_checkpoint(tmp_path / backend)
+    assert len(curves["torch"]) == 4
+    torch.testing.assert_close(curves["triton"], curves["torch"], rtol=1e-3, atol=1e-4)
+    a, b = finals["torch"], finals["triton"]
+    masks = [k for k in a.state_tensors if "/mask/" in k]
+    assert masks and all(torch.equal(a.state_tensors[k], b.state_tensors[k]) for k in masks)
+    assert a.meta["extra"]["pruner"]["history"] == b.meta["extra"]["pruner"]["history"]

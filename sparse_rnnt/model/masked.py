@@ -1,0 +1,97 @@
+"""Masked linear layers: the explicit, reversible swap through which pruning reaches the kernels.
+
+:func:`swap_linears` replaces chosen ``nn.Linear`` modules of a model by :class:`MaskedLinear`
+modules that share the *same* ``weight`` and ``bias`` Parameter objects (so parameter names,
+``state_dict`` keys and optimizer state are untouched) and :meth:`LinearSwap.restore` puts the
+original modules back. A :class:`MaskedLinear` without a mask is an ordinary linear layer; with
+one (:meth:`MaskedLinear.set_mask`, a row-packed bit mask) its forward is the fused Triton
+``y = x (W ⊙ M)ᵀ + b`` whose backward gives the straight-through weight gradient ``dYᵀX`` (soft
+pruning) or ``(dYᵀX) ⊙ M`` (``hard``), without ever materializing ``W ⊙ M``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MaskedLinear(nn.Linear):
+    """``nn.Linear`` sharing another layer's parameters; masked by the fused kernel when a mask is set."""
+
+    mask: Tensor | None
+    hard: bool
+    backend: str
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear, backend: str = "triton") -> MaskedLinear:
+        """A MaskedLinear over ``linear``'s own Parameter objects (no copy)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer.train(linear.training)
+        layer.mask, layer.hard, layer.backend = None, False, backend
+        return layer
+
+    def set_mask(self, mask: Tensor | None, hard: bool = False) -> None:
+        """``mask``: ``[out, ceil(in / 8)]`` uint8 row-packed bits (or ``[out, in]`` bool), None = dense."""
+        self.mask, self.hard = mask, hard
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: ``[*, in]`` -> ``[*, out]``."""
+        if self.mask is None:
+            return F.linear(x, self.weight, self.bias)
+        from ..kernels.masked_linear import masked_linear
+
+        w, b = self.weight, self.bias
+        kind = x.device.type
+        if torch.is_autocast_enabled(kind):
+            # Autocast does not reach custom kernels: cast like it would for F.linear.
+            dtype = torch.get_autocast_dtype(kind)
+            x, w = x.to(dtype), w.to(dtype)
+            b = None if b is None else b.to(dtype)
+            with torch.autocast(kind, enabled=False):
+                return masked_linear(x, w, self.mask, b, hard=self.hard, backend=self.backend)
+        if x.dtype != w.dtype:
+            x = x.to(w.dtype)
+        return masked_linear(x, w, self.mask, b, hard=self.hard, backend=self.backend)
+
+
+@dataclass
+class LinearSwap:
+    """The swapped layers, by the name of their weight parameter; :meth:`restore` undoes the swap."""
+
+    model: nn.Module
+    layers: dict[str, MaskedLinear] = field(default_factory=dict)
+    _originals: dict[str, tuple[nn.Module, str, nn.Linear]] = field(default_factory=dict)
+
+    def restore(self) -> None:
+        for parent, attr, original in self._originals.values():
+            setattr(parent, attr, original)
+        self.layers.clear()
+        self._originals.clear()
+
+    def clear_masks(self) -> None:
+        for layer in self.layers.values():
+            layer.set_mask(None)
+
+
+def swap_linears(model: nn.Module, weight_names: list[str] | set[str], backend: str = "triton") -> LinearSwap:
+    """Swap every ``nn.Linear`` whose ``weight`` is named in ``weight_names`` (e.g.
+    ``"encoder.layers.0.linear.weight"``) for a :class:`MaskedLinear`; others are left alone."""
+    wanted = set(weight_names)
+    swap = LinearSwap(model)
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if type(mod) is nn.Linear and f"{name}.weight" in wanted]
+    for name, mod in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = MaskedLinear.wrap(mod, backend)
+        setattr(parent, attr, layer)
+        swap.layers[f"{name}.weight"] = layer
+        swap._originals[f"{name}.weight"] = (parent, attr, mod)
+    return swap

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow lint bench bench-kernels bench-cpu clean
 
 $(VENV):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.pipeline
+
+bench-kernels: $(STAMP)
+	$(BIN)/python -m benchmarks.kernels
+
+bench-cpu: $(STAMP)
+	$(BIN)/python -m pytest -q benchmarks/test_cpu_benchmarks.py -p no:cacheprovider --benchmark-enable \
+		--benchmark-json benchmarks/results/cpu-pytest-benchmark.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -7,3 +7,41 @@ def test_environment_records_machine_versions_commit_and_date():
         assert key in env
     assert env["torch"].startswith("2.11")
     assert len(env["commit"]) >= 7
+
+
+def test_kernel_benchmark_targets_are_ratios_of_rows_in_one_run():
+    from benchmarks.kernels import summarize
+
+    rows = [
+        {"bench": "masked_linear fwd+bwd", "shape": "s", "dtype": "bfloat16", "provider": "cublas", "ms": 2.0},
+        {"bench": "masked_linear fwd+bwd", "shape": "s", "dtype": "bfloat16", "provider": "triton", "ms": 2.1},
+        {"bench": "masked_linear fwd+bwd", "shape": "s", "dtype": "bfloat16", "provider": "unfused", "ms": 2.1},
+        {"bench": "rerank", "shape": "10", "dtype": "float32", "provider": "triton", "ms": 3.0},
+        {"bench": "rerank", "shape": "10", "dtype": "float32", "provider": "floor", "ms": 1.0},
+        {"bench": "rerank", "shape": "10", "dtype": "float32", "provider": "kthvalue", "ms": 600.0},
+        {"bench": "train_step", "shape": "t", "provider": "torch", "ms": 10.0, "overhead_at_100": 0.01},
+    ]
+    got = {(t["bench"], t["ratio"]): (t["value"], t["met"]) for t in summarize(rows)}
+    assert got[("masked_linear fwd+bwd", "triton / cublas time")] == (2.1 / 2.0, True)
+    assert got[("masked_linear fwd+bwd", "unfused / triton time (speed-up over unfused)")] == (1.0, False)
+    assert got[("rerank", "triton / floor time")] == (3.0, False)
+    assert got[("rerank", "kthvalue / triton time")] == (200.0, True)
+    assert ("rerank", "topk / triton time") not in got  # no topk row: no ratio invented
+    assert got[("train_step", "re-rank overhead at n=100")] == (0.01, True)
+
+
+def test_kernel_benchmark_runs_on_cpu(tmp_path):
+    import json
+
+    from benchmarks.kernels import main
+
+    assert main(["--device", "cpu", "--quick", "--sections", "train_step,masked_linear", "--out-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "kernels-cpu.json").read_text())
+    assert result["environment"]["torch"].startswith("2.11")
+    step = next(r for r in result["rows"] if r["bench"] == "train_step")
+    assert step["provider"] == "torch" and step["ms"] > 0 and step["rerank_ms"] > 0
+    assert step["step_ms_rerank_every_100"] == step["ms"] + step["rerank_ms"] / 100
+    providers = {r["provider"] for r in result["rows"] if r["bench"].startswith("masked_linear")}
+    assert providers == {"dense", "unfused"}
+    header = (tmp_path / "kernels-cpu.csv").read_text().splitlines()[0]
+    assert header.startswith("bench,shape,provider,ms")

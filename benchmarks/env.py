@@ -48,7 +48,7 @@ def environment() -> dict[str, Any]:
     except Exception:
         torchaudio_version = None
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "commit": _commit(),
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),

@@ -217,6 +217,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import ExportOptions, export_checkpoint
+
+    try:
+        block = tuple(int(x) for x in args.block.lower().split("x")) if args.block else (16, 16)
+    except ValueError:
+        raise UserError(f"--block: expected HxW, e.g. 16x16, got {args.block!r}") from None
+    opts = ExportOptions(fmt=args.format, language=args.language, multilingual=args.all_languages,
+                         block=block, dtype=args.dtype, tolerance=args.tolerance, device=args.device)
+    manifest = export_checkpoint(args.checkpoint, args.out, opts)
+    sizes = manifest["sizes"]
+    print(f"exported {', '.join(manifest['languages'])} as {args.format} ({args.dtype}) to {args.out}")
+    print(f"in-scope weights: {sizes['kept']:,} kept of {sizes['weights']:,}; bytes per format: " + ", ".join(
+        f"{f} {sizes[f + '_bytes']:,}" for f in ("dense", "2:4", "bsr", "bitmap") if sizes.get(f + "_bytes")))
+    errs = manifest["verification"]["max_relative_error"]
+    print("verified: max relative error " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
+          + f" (tolerance {manifest['verification']['tolerance']:g})")
+    return 0
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .languages import parse_languages
     from .reproduce import ReproduceOptions, format_table, run_reproduce
@@ -384,6 +404,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="delete an existing --out first")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="export a language's pathway as a compact, self-verified artifact",
+                       description="Write the pathway theta ⊙ m_L of a (pruned) checkpoint as an artifact directory: "
+                       "compressed weights (safetensors), config.json, tokenizer, feature stats and a manifest with "
+                       "the size of every format. The artifact is loaded back and its outputs compared with the "
+                       "masked model's on a probe batch; export refuses above the tolerance.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory (dense or pruned)")
+    p.add_argument("--out", required=True, help="artifact directory to create (must not exist or be empty)")
+    p.add_argument("--format", choices=("dense", "2:4", "bsr", "bitmap"), default="dense",
+                   help="dense; 2:4 semi-structured (an unstructured mask is projected, the lost magnitude "
+                   "is reported); bsr block-sparse; bitmap (kept values + 1 bit per weight) (default dense)")
+    p.add_argument("--language", default=None,
+                   help="the pathway to export (required for per-language models unless --all-languages)")
+    p.add_argument("--all-languages", dest="all_languages", action="store_true",
+                   help="per-language models: store theta once and every language's mask as bits "
+                   "(format dense or bitmap); the pathway is chosen at load time")
+    p.add_argument("--block", default=None, help="bsr block size HxW (default 16x16)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="weight dtype of the artifact (default float32)")
+    p.add_argument("--tolerance", type=_positive_float, default=None,
+                   help="largest accepted max|diff|/max|logit| against the masked model "
+                   "(default 1e-4 float32, 3e-2 bfloat16, 1e-2 float16)")
+    p.add_argument("--device", default="cpu", help="device of the verification run (default cpu)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("reproduce", help="run the paper's pruning comparisons and print its tables with our numbers",
                        description="Scenario 1: dense, LAP, IMP, LTH, ASR Pathways (IMP, LTH) and adaptive masking "

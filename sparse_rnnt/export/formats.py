@@ -1,0 +1,194 @@
+"""Compressed weight formats of exported layers, and the modules that compute with them.
+
+Each format turns one pruned linear weight ``W ⊙ M`` (``[N, K]``, out × in) into named tensors
+for safetensors plus JSON-able parameters, and back into an ``nn.Module`` computing
+``y = x (W ⊙ M)ᵀ + b`` for ``x [*, K]``:
+
+- ``dense``: ``W ⊙ M`` as a dense matrix (the baseline; cuBLAS).
+- ``2:4``: semi-structured sparsity. Groups of 4 along the input dimension keep 2 weights: the
+  kept values ``[N, K/2]`` and a row-packed bit mask ``[N, ceil(K/8)]`` (1 bit per weight). A
+  mask that is not 2:4 is projected first (in each group the 2 largest ``|W ⊙ M|`` are kept);
+  the magnitude this loses is reported (``lost_l1``: Σ|dropped| / Σ|W ⊙ M|; 0 for masks trained
+  with 2:4 granularity). On CUDA with fp16/bf16 the layer runs on
+  ``torch.sparse.to_sparse_semi_structured`` (sparse tensor cores) when the shape allows it,
+  else on the dense masked weight; ``runtime`` says which.
+- ``bsr``: block-sparse rows (:class:`~sparse_rnnt.kernels.small_row.BsrWeight`), blocks that
+  hold any kept weight are stored whole; Triton small-row kernel on CUDA, reference on CPU.
+- ``bitmap``: unstructured, kept values plus one bit per weight, tiled
+  (:class:`~sparse_rnnt.kernels.small_row.BitmapWeight`); the CUDA C++ kernel of ``csrc/`` when it
+  builds, else Triton on CUDA, reference on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+FORMATS: tuple[str, ...] = ("dense", "2:4", "bsr", "bitmap")
+
+
+def _pack_rows(mask: Tensor) -> Tensor:
+    from ..kernels.masked_linear import pack_rows
+
+    return pack_rows(mask)
+
+
+def _unpack_rows(packed: Tensor, k: int) -> Tensor:
+    from ..kernels.masked_linear import unpack_rows
+
+    return unpack_rows(packed, k)
+
+
+def project_2to4(weight: Tensor) -> tuple[Tensor, float]:
+    """Keep the 2 largest ``|w|`` of every group of 4 along the input dim (lower index on ties).
+    ``weight [N, K]`` (already masked, ``K % 4 == 0``) -> (bool mask ``[N, K]``, lost L1 fraction)."""
+    n, k = weight.shape
+    groups = weight.detach().abs().float().reshape(n, k // 4, 4)
+    # Stable descending order: a tie keeps the lower index.
+    order = torch.sort(-groups, dim=-1, stable=True).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order[..., :2], True).reshape(n, k)
+    total = float(weight.detach().abs().double().sum())
+    lost = float(weight.detach().abs().double()[~keep].sum())
+    return keep, (lost / total if total > 0 else 0.0)
+
+
+def encode(fmt: str, weight: Tensor, mask: Tensor, *, block: tuple[int, int] = (16, 16)) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``weight [N, K]`` and bool ``mask [N, K]`` -> (tensors, params) of format ``fmt``."""
+    w = (weight.detach() * mask).contiguous()
+    n, k = w.shape
+    if fmt == "dense":
+        return {"weight": w.cpu()}, {"nnz": int(mask.sum())}
+    if fmt == "2:4":
+        if k % 4:
+            raise UserError(f"2:4 needs the input dimension to be a multiple of 4, got a [{n}, {k}] weight")
+        keep, lost = project_2to4(w)
+        values = w[keep].reshape(n, k // 2)
+        return {"values": values.cpu(), "mask": _pack_rows(keep).cpu()}, {"lost_l1": lost, "nnz": int((keep & mask).sum())}
+    if fmt == "bsr":
+        from ..kernels.small_row import BsrWeight
+
+        bw = BsrWeight.from_dense(w, mask, blocksize=block)
+        return {k_: v.cpu() for k_, v in bw.tensors().items()}, {"block": list(block), "nnz": int(mask.sum())}
+    if fmt == "bitmap":
+        from ..kernels.small_row import BitmapWeight
+
+        bm = BitmapWeight.from_dense(w, mask)
+        return {k_: v.cpu() for k_, v in bm.tensors().items()}, {"nnz": int(mask.sum()), "tile": bm.tile}
+    raise UserError(f"unknown export format {fmt!r}: choose from {', '.join(FORMATS)}")
+
+
+class ExportedLinear(nn.Module):
+    """A linear layer computing from a compressed weight; ``runtime`` names the path it takes."""
+
+    def __init__(self, fmt: str, shape: tuple[int, int], bias: Tensor | None) -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.out_features, self.in_features = shape
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.runtime = "torch"
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, format={self.fmt}, runtime={self.runtime}"
+
+
+class DenseExported(ExportedLinear):
+    def __init__(self, weight: Tensor, bias: Tensor | None, fmt: str = "dense", runtime: str = "cublas") -> None:
+        super().__init__(fmt, tuple(weight.shape), bias)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.runtime = runtime if weight.is_cuda else "torch"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
+class SemiStructuredExported(ExportedLinear):
+    """2:4 weight on sparse tensor cores (CUDA fp16/bf16), else the dense masked weight."""
+
+    def __init__(self, dense: Tensor, bias: Tensor | None) -> None:
+        super().__init__("2:4", tuple(dense.shape), bias)
+        self.weight: Tensor | nn.Parameter = nn.Parameter(dense, requires_grad=False)
+        if dense.is_cuda and dense.dtype in (torch.float16, torch.bfloat16):
+            try:
+                from torch.sparse import to_sparse_semi_structured
+
+                self.weight = nn.Parameter(to_sparse_semi_structured(dense), requires_grad=False)
+                self.runtime = "semi-structured"
+            except (RuntimeError, ValueError) as e:  # shape or arch not supported: dense fallback
+                log.info("2:4 layer %s kept dense: %s", list(dense.shape), str(e).splitlines()[0])
+                self.runtime = "dense-fallback"
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.to(self.weight.dtype)
+        if self.runtime != "semi-structured":
+            return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, self.in_features)
+        y = F.linear(rows, self.weight, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class SmallRowExported(ExportedLinear):
+    """BSR or bitmap weight through the small-row kernels (``sparse_rnnt.kernels.small_row``).
+    Built on its final device (the packed weight is not a registered buffer: do not ``.to()`` it)."""
+
+    def __init__(self, fmt: str, packed: Any, bias: Tensor | None, backend: str, dtype: torch.dtype) -> None:
+        super().__init__(fmt, tuple(packed.shape), bias)
+        self.packed = packed
+        self.runtime = backend
+        self.dtype = dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        from ..kernels.small_row import bitmap_linear, bsr_linear
+
+        fn = bsr_linear if self.fmt == "bsr" else bitmap_linear
+        return fn(x.to(self.dtype), self.packed, self.bias, backend=self.runtime)
+
+
+def _small_row_backend(fmt: str, device: torch.device) -> str:
+    if device.type != "cuda":
+        return "torch"
+    if fmt == "bitmap":
+        from ..kernels.small_row.cuda_ext import get_extension
+
+        if get_extension() is not None:  # builds once; a failed build logs once and falls back
+            return "cuda"
+    return "triton"
+
+
+def decode(fmt: str, tensors: dict[str, Tensor], shape: tuple[int, int], params: dict[str, Any],
+           bias: Tensor | None, device: torch.device, dtype: torch.dtype) -> ExportedLinear:
+    """The module computing with a weight stored by :func:`encode` (``ValueError`` if inconsistent)."""
+    n, k = shape
+    tensors = {name: t.to(device) for name, t in tensors.items()}
+    bias = None if bias is None else bias.to(device=device, dtype=dtype)
+    if fmt == "dense":
+        w = tensors["weight"]
+        if list(w.shape) != [n, k]:
+            raise ValueError(f"dense weight has shape {list(w.shape)}, expected {[n, k]}")
+        return DenseExported(w.to(dtype), bias)
+    if fmt == "2:4":
+        values, packed = tensors["values"], tensors["mask"]
+        if list(values.shape) != [n, k // 2] or k % 4:
+            raise ValueError(f"2:4 values have shape {list(values.shape)}, expected {[n, k // 2]}")
+        keep = _unpack_rows(packed, k)
+        if list(keep.shape) != [n, k] or not bool((keep.reshape(n, k // 4, 4).sum(-1) == 2).all()):
+            raise ValueError("2:4 mask does not keep exactly 2 of every 4 weights")
+        dense = torch.zeros(n, k, dtype=dtype, device=device)
+        dense[keep] = values.reshape(-1).to(dtype)
+        return SemiStructuredExported(dense, bias)
+    if fmt in ("bsr", "bitmap"):
+        from ..kernels.small_row import BitmapWeight, BsrWeight
+
+        cls = BsrWeight if fmt == "bsr" else BitmapWeight
+        extra = {"blocksize": tuple(params["block"])} if fmt == "bsr" else {"tile": int(params["tile"])}
+        packed = cls.from_tensors({name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()},
+                                  (n, k), **extra)
+        return SmallRowExported(fmt, packed, bias, _small_row_backend(fmt, device), dtype)
+    raise ValueError(f"unknown format {fmt!r}")

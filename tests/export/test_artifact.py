@@ -1,0 +1,142 @@
+"""Export round trips: the artifact's outputs equal the masked model's; tampering is caught."""
+
+import json
+
+import pytest
+import torch
+
+from sparse_rnnt.cli import main
+from sparse_rnnt.errors import UserError
+from sparse_rnnt.export import ExportOptions, export_checkpoint, load_artifact
+from sparse_rnnt.export.artifact import probe_logits, relative_error
+from sparse_rnnt.export.formats import project_2to4
+from sparse_rnnt.training.inference import load_recognizer
+from sparse_rnnt.training.trainer import Trainer
+from tests.training.test_prune import _prune_cfg, dense_run  # noqa: F401  (module fixture)
+
+
+@pytest.fixture(scope="module")
+def pruned(dense_run, tmp_path_factory):  # noqa: F811
+    """{"adaptive": unstructured single mask, "nm": 2:4-trained IMP, "dynamic": per-language}."""
+    root = tmp_path_factory.mktemp("export_runs")
+    runs = {}
+    for key, method, extra in (
+        ("adaptive", "adaptive", {}),
+        ("nm", "imp", {"pruning.granularity": "{kind: nm, n: 2, m: 4}", "pruning.levels": "[0.5]",
+                       "pruning.schedule": "oneshot"}),
+        ("dynamic", "dynamic-pathways", {"train.max_steps": 5}),  # by step 5 the pathways differ
+    ):
+        cfg = _prune_cfg(dense_run, method, **{"train.max_steps": 3, **extra})
+        Trainer(cfg, root / key, init_checkpoint=dense_run).run()
+        runs[key] = root / key
+    return runs
+
+
+def _masked_ref(run, language=None):
+    rec = load_recognizer(run)
+    with rec.masked(language):
+        return probe_logits(rec.model, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("fmt", ["dense", "2:4"])
+def test_single_pathway_round_trip(fmt, pruned, tmp_path):
+    run = pruned["nm"] if fmt == "2:4" else pruned["adaptive"]
+    manifest = export_checkpoint(run, tmp_path / "a", ExportOptions(fmt=fmt, language="en"))
+    art = load_artifact(tmp_path / "a")
+    err = relative_error(probe_logits(art.model, torch.device("cpu")), _masked_ref(run))
+    assert err <= 1e-5
+    assert manifest["verification"]["max_relative_error"]["en"] == pytest.approx(err, abs=1e-7)
+    layers = manifest["layers"]
+    rec = load_recognizer(run)
+    kept = sum(int(m.sum()) for m in rec.masks.as_dict().values())
+    assert manifest["sizes"]["kept"] == kept
+    if fmt == "2:4":  # masks trained with 2:4 granularity lose nothing
+        assert all(info["lost_l1"] == 0.0 for info in layers.values())
+        # values [N, K/2] + 1 bit per weight
+        assert manifest["sizes"]["2:4_bytes"] == sum(
+            p.numel() // 2 * 4 + p.shape[0] * ((p.shape[1] + 7) // 8)
+            for n, p in rec.model.named_parameters() if n in layers)
+    on_disk = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert on_disk["weight_format"] == fmt and set(on_disk["files"]) >= {"weights.safetensors", "config.json"}
+
+
+def test_unstructured_mask_projected_to_2to4_reports_loss_and_is_refused(pruned, tmp_path):
+    rec = load_recognizer(pruned["adaptive"])
+    _, w = next((n, p.detach()) for n, p in rec.model.named_parameters() if n in rec.masks)
+    keep, lost = project_2to4(w)
+    groups = w.abs().reshape(w.shape[0], -1, 4)
+    top2 = groups.sort(dim=-1, descending=True).values[..., :2].sum()
+    assert lost == pytest.approx(float(1 - top2 / groups.sum()), rel=1e-5)  # independent: top-2 per group
+    assert bool((keep.reshape(w.shape[0], -1, 4).sum(-1) == 2).all())
+    with pytest.raises(UserError, match=r"export refused.*differ"):
+        export_checkpoint(pruned["adaptive"], tmp_path / "b", ExportOptions(fmt="2:4"))
+    assert not (tmp_path / "b").exists()
+    manifest = export_checkpoint(pruned["adaptive"], tmp_path / "c", ExportOptions(fmt="2:4", tolerance=10.0))
+    assert any(info["lost_l1"] > 0 for info in manifest["layers"].values())
+
+
+def test_multilingual_artifact_switches_pathway_without_reloading(pruned, tmp_path):
+    run = pruned["dynamic"]
+    for fmt in ("dense",):
+        export_checkpoint(run, tmp_path / fmt, ExportOptions(fmt=fmt, multilingual=True))
+        art = load_artifact(tmp_path / fmt)
+        assert art.languages == ["en", "fr"]
+        outs = {}
+        for lang in ("fr", "en", "fr"):
+            art.set_language(lang)
+            outs[lang] = probe_logits(art.model, torch.device("cpu"))
+            assert relative_error(outs[lang], _masked_ref(run, lang)) <= 1e-5
+        rec = load_recognizer(run)
+        assert not rec.language_masks["en"].equal(rec.language_masks["fr"])
+        assert not torch.allclose(outs["en"], outs["fr"])
+        with pytest.raises(UserError, match="no pathway"):
+            art.set_language("it")
+
+
+def test_tampered_artifacts_give_clear_errors(pruned, tmp_path):
+    export_checkpoint(pruned["adaptive"], tmp_path / "a", ExportOptions())
+    art_dir = tmp_path / "a"
+    manifest = json.loads((art_dir / "manifest.json").read_text())
+
+    def rewrite(m):
+        (art_dir / "manifest.json").write_text(json.dumps(m))
+
+    (art_dir / "cmvn.safetensors").rename(art_dir / "cmvn.bak")
+    with pytest.raises(UserError, match=r"missing file cmvn\.safetensors"):
+        load_artifact(art_dir)
+    (art_dir / "cmvn.bak").rename(art_dir / "cmvn.safetensors")
+    rewrite({**manifest, "files": {**manifest["files"], "../outside": {"sha256": "0"}}})
+    with pytest.raises(UserError, match="outside the artifact directory"):
+        load_artifact(art_dir)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(art_dir / "weights.safetensors"))
+    key = next(k for k in tensors if k.startswith("sparse/"))
+    tensors[key] = tensors[key][:-1].contiguous()  # wrong shape
+    save_file(tensors, str(art_dir / "weights.safetensors"))
+    with pytest.raises(UserError, match="SHA-256"):
+        rewrite(manifest)
+        load_artifact(art_dir)
+    from sparse_rnnt.export.artifact import _sha256
+
+    files = {**manifest["files"], "weights.safetensors": {"sha256": _sha256(art_dir / "weights.safetensors")}}
+    rewrite({**manifest, "files": files})
+    with pytest.raises(UserError, match=r"corrupt artifact weights.*shape"):
+        load_artifact(art_dir)
+
+
+def test_export_cli(pruned, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = capsys.readouterr().out
+    for opt in ("--checkpoint", "--language", "--format", "--out", "--all-languages", "--dtype", "--tolerance"):
+        assert opt in text
+    assert main(["export", "--checkpoint", str(pruned["dynamic"]), "--out", str(tmp_path / "x")]) == 2
+    assert "--language" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(pruned["adaptive"]), "--out", str(tmp_path / "x"),
+                 "--language", "it"]) == 2
+    assert "not trained on 'it'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(["export", "--checkpoint", str(pruned["dynamic"]), "--out", str(tmp_path / "y"),
+                 "--language", "fr"]) == 0
+    assert "verified" in capsys.readouterr().out

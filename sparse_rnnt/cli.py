@@ -237,6 +237,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stream(args: argparse.Namespace) -> int:
+    from .streaming.files import stream_files
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    last: dict[str, str] = {}
+
+    def show(path: str, part) -> None:
+        if not args.quiet and part.text is not None and part.text != last.get(path):
+            last[path] = part.text
+            print(f"{path} [{(part.chunk + 1) * args.chunk_ms / 1000:6.2f}s] {part.text}", flush=True)
+
+    results, stats = stream_files(args.artifact, args.audio, language=args.language, piece_ms=args.chunk_ms,
+                                  device=args.device, on_partial=show)
+    for r in results:
+        print(f"{r.stream_id}: {r.text}  (audio {r.audio_s:.2f} s, RTF {r.rtf:.3f})")
+    print(f"chunk steps: {int(stats['steps'])}, latency p50 {1e3 * stats['p50_s']:.1f} ms, "
+          f"p99 {1e3 * stats['p99_s']:.1f} ms; overall RTF {stats['rtf']:.3f}")
+    return 0
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .languages import parse_languages
     from .reproduce import ReproduceOptions, format_table, run_reproduce
@@ -428,6 +451,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 1e-4 float32, 3e-2 bfloat16, 1e-2 float16)")
     p.add_argument("--device", default="cpu", help="device of the verification run (default cpu)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("stream", help="decode audio files chunk by chunk through an exported artifact",
+                       description="Feed each audio file (FLAC, WAV or Opus; resampled to 16 kHz) in chunks as if it "
+                       "arrived live, through the Emformer with its state (segment + right-context look-ahead), "
+                       "greedy RNN-T decoding; prints partial hypotheses as they change, the final text, the "
+                       "real-time factor and per-chunk latency.")
+    p.add_argument("audio", nargs="+", help="audio files")
+    p.add_argument("--artifact", required=True, help="artifact directory written by 'sparse-rnnt export'")
+    p.add_argument("--language", default=None, help="pathway to use (required for multilingual artifacts)")
+    p.add_argument("--chunk-ms", dest="chunk_ms", type=_positive_float, default=160.0,
+                   help="audio arriving per tick, in ms (default 160 = one Emformer segment)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=_nonneg_int, default=0, help="CPU threads (default 0 = torch's default)")
+    p.add_argument("--quiet", action="store_true", help="print only the final results")
+    p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("reproduce", help="run the paper's pruning comparisons and print its tables with our numbers",
                        description="Scenario 1: dense, LAP, IMP, LTH, ASR Pathways (IMP, LTH) and adaptive masking "

@@ -38,7 +38,7 @@ def _masked_ref(run, language=None):
         return probe_logits(rec.model, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("fmt", ["dense", "2:4"])
+@pytest.mark.parametrize("fmt", ["dense", "2:4", "bsr", "bitmap"])
 def test_single_pathway_round_trip(fmt, pruned, tmp_path):
     run = pruned["nm"] if fmt == "2:4" else pruned["adaptive"]
     manifest = export_checkpoint(run, tmp_path / "a", ExportOptions(fmt=fmt, language="en"))
@@ -56,6 +56,11 @@ def test_single_pathway_round_trip(fmt, pruned, tmp_path):
         assert manifest["sizes"]["2:4_bytes"] == sum(
             p.numel() // 2 * 4 + p.shape[0] * ((p.shape[1] + 7) // 8)
             for n, p in rec.model.named_parameters() if n in layers)
+    if fmt == "bitmap":  # kept values + 1 bit per weight + one int32 offset per 128-weight tile
+        assert manifest["sizes"]["bitmap_bytes"] == sum(
+            int(rec.masks[n].sum()) * 4 + p.shape[0] * (-(-p.shape[1] // 32)) * 4 + p.shape[0] * (-(-p.shape[1] // 128)) * 4
+            for n, p in rec.model.named_parameters() if n in layers)
+        assert manifest["sizes"]["bitmap_bytes"] < manifest["sizes"]["dense_bytes"]
     on_disk = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert on_disk["weight_format"] == fmt and set(on_disk["files"]) >= {"weights.safetensors", "config.json"}
 
@@ -77,7 +82,7 @@ def test_unstructured_mask_projected_to_2to4_reports_loss_and_is_refused(pruned,
 
 def test_multilingual_artifact_switches_pathway_without_reloading(pruned, tmp_path):
     run = pruned["dynamic"]
-    for fmt in ("dense",):
+    for fmt in ("dense", "bitmap"):
         export_checkpoint(run, tmp_path / fmt, ExportOptions(fmt=fmt, multilingual=True))
         art = load_artifact(tmp_path / fmt)
         assert art.languages == ["en", "fr"]
@@ -140,3 +145,41 @@ def test_export_cli(pruned, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(pruned["dynamic"]), "--out", str(tmp_path / "y"),
                  "--language", "fr"]) == 0
     assert "verified" in capsys.readouterr().out
+
+
+def _full_utterance_text(art, wave):
+    """Reference: the whole utterance through the artifact model, batched greedy decoding."""
+    from sparse_rnnt.data.features import LogMel
+    from sparse_rnnt.model.decoding import greedy_search
+
+    feats = art.cmvn.normalize(LogMel(art.features)(wave))
+    with torch.inference_mode():
+        tokens = greedy_search(art.model, feats[None], torch.tensor([feats.shape[0]]))[0]
+    return art.tokenizer.decode(tokens)
+
+
+@pytest.mark.parametrize("multilingual", [False, True])
+def test_stream_cli_equals_full_utterance_decoding(multilingual, pruned, tiny_manifests, tmp_path, capsys):
+    from sparse_rnnt.data.manifest import load_split
+    from sparse_rnnt.streaming.files import read_wave
+
+    run = pruned["dynamic"]
+    opts = ExportOptions(multilingual=True) if multilingual else ExportOptions(language="fr")
+    export_checkpoint(run, tmp_path / "art", opts)
+    utts = [u for u in load_split(tiny_manifests, "test") if u.language == "fr"][:3]
+    art = load_artifact(tmp_path / "art")
+    art.set_language("fr")
+    expected = [_full_utterance_text(art, read_wave(u.audio)) for u in utts]
+    assert any(expected)  # the model emits text: the comparison is not between empty strings
+    args = ["stream", "--artifact", str(tmp_path / "art"), *[u.audio for u in utts], "--chunk-ms", "70"]
+    if multilingual:
+        assert main(args) == 2  # several pathways: the language must be named
+        assert "--language" in capsys.readouterr().err
+        args += ["--language", "fr"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    finals = [line for line in out if "(audio " in line]
+    assert len(finals) == 3
+    for line, u, text in zip(finals, utts, expected, strict=True):
+        assert line.startswith(f"{u.audio}: {text}  (audio ")
+    assert "latency p50" in out[-1]

@@ -1,0 +1,178 @@
+"""Small-row sparse matmul ``y = x Wᵀ + b`` (``x [R, K]``, R <= 64) with compact sparse weights.
+
+    python -m benchmarks.bench_small_row [--device cuda] [--quick]
+
+Shapes: the Emformer feed-forward layers of ``base`` (``[2048 x 512]`` up, ``[512 x 2048]``
+down) and ``paper-187m`` (``[3072 x 768]``, ``[768 x 3072]``), weights ``[N, K]``, for R in
+{1, 8, 32, 64} rows (streams × frames of a chunk); ``quick``: the base layers at R in {1, 32}.
+bfloat16, 70% sparsity: an unstructured mask for the bitmap format, 16x16 blocks for BSR.
+
+Providers on CUDA (``triton.testing.do_bench``, median, L2 flushed):
+
+- ``cublas``: dense ``F.linear`` (the baseline every ratio refers to);
+- ``torch-2:4``: ``torch.sparse.to_sparse_semi_structured`` at 2:4 (50% sparsity, not 70%:
+  noted in the row);
+- ``torch-bsr``: PyTorch's BSR matmul (``torch.sparse._triton_ops.bsr_dense_mm``);
+- ``ours-bsr``, ``ours-bitmap`` (Triton) and ``ours-bitmap-cuda`` (the CUDA extension, when it
+  builds).
+
+Each row gives ``format_bytes`` (bytes the provider's weight stores), ``ideal_ratio`` = dense
+weight bytes / ``format_bytes`` (the speed-up a purely memory-bound kernel could reach) and
+``achieved_fraction`` = (``dense_ms`` / ``ms``) / ``ideal_ratio``. On CPU only PyTorch
+providers run (``dense``, ``torch-bsr``, ``bitmap-torch``), float32, at a tiny shape, timed with a
+median of ``time.perf_counter`` repetitions, so the harness can be tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sparse_rnnt.kernels.small_row import BitmapWeight, BsrWeight, bitmap_linear, bsr_linear
+from sparse_rnnt.model.configs import MODEL_SIZES
+
+DENSITY = 0.3
+BLOCK = (16, 16)
+
+
+def _shapes(quick: bool, device: str) -> list[tuple[str, int, int, int]]:
+    """(label, R, N, K) rows of the benchmark; the weight is ``[N, K]``."""
+    if device == "cpu":
+        cfg = MODEL_SIZES["tiny"]
+        return [(f"tiny ffn-up R={r} [{cfg.transformer_ffn_dim}x{cfg.width}]", r, cfg.transformer_ffn_dim, cfg.width)
+                for r in (1, 8)]
+    out = []
+    for name in ("base", "paper-187m"):
+        cfg = MODEL_SIZES[name]
+        width, ffn = cfg.width, cfg.transformer_ffn_dim
+        for r in (1, 32) if quick else (1, 8, 32, 64):
+            out.append((f"{name} ffn-up R={r} [{ffn}x{width}]", r, ffn, width))
+            out.append((f"{name} ffn-down R={r} [{width}x{ffn}]", r, width, ffn))
+        if quick:
+            break
+    return out
+
+
+def _time(fn: Callable[[], object], device: str) -> float:
+    if device == "cpu":
+        for _ in range(2):
+            fn()
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1e3 * statistics.median(times)
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _semi_structured(w: torch.Tensor) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], int] | None:
+    """``(fn(x, b), format_bytes)`` for ``w`` pruned 2:4 (largest 2 of every 4), or None if unsupported."""
+    try:
+        from torch.sparse import to_sparse_semi_structured
+
+        n, k = w.shape
+        groups = w.reshape(n, k // 4, 4)
+        top = groups.abs().topk(2, dim=-1).indices
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
+        ws = to_sparse_semi_structured((groups * keep).reshape(n, k))
+        parts = [getattr(ws, a) for a in ("packed", "meta") if isinstance(getattr(ws, a, None), torch.Tensor)]
+        size = _nbytes(*parts) if parts else n * k // 2 * w.element_size() + n * k // 8
+
+        def fn(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            r = x.shape[0]
+            pad = (-r) % 16  # its kernels want a few rows more than one; pad to 16
+            xp = F.pad(x, (0, 0, 0, pad)) if pad else x
+            return F.linear(xp, ws, b)[:r]
+
+        fn(torch.zeros(1, k, dtype=w.dtype, device=w.device), torch.zeros(n, dtype=w.dtype, device=w.device))
+        return fn, size
+    except Exception:  # unsupported GPU / dtype / build: the provider is skipped
+        return None
+
+
+def _providers(device: str, w: torch.Tensor, mask: torch.Tensor, bmask: torch.Tensor) -> dict[str, Any]:
+    """name -> (fn(x, b) -> y, format_bytes, note)."""
+    bitmap = BitmapWeight.from_dense(w, mask)
+    bsr = BsrWeight.from_dense(w, bmask, BLOCK)
+    dense = w * mask
+    provs: dict[str, Any] = {
+        "cublas" if device != "cpu" else "dense": (lambda x, b: F.linear(x, dense, b), _nbytes(w), "dense weight"),
+        "torch-bsr": (lambda x, b: bsr_linear(x, bsr, b, backend="torch-bsr"), bsr.nbytes,
+                      f"blocks {BLOCK}, {DENSITY:.0%} of blocks kept"),
+    }
+    if device == "cpu":
+        provs["bitmap-torch"] = (lambda x, b: bitmap_linear(x, bitmap, b, backend="torch"), bitmap.nbytes,
+                                 "to_dense + F.linear")
+        return provs
+    semi = _semi_structured(w)
+    if semi is not None:
+        provs["torch-2:4"] = (semi[0], semi[1], "2:4 semi-structured = 50% sparsity (not 70%)")
+    provs["ours-bsr"] = (lambda x, b: bsr_linear(x, bsr, b), bsr.nbytes, f"blocks {BLOCK}")
+    provs["ours-bitmap"] = (lambda x, b: bitmap_linear(x, bitmap, b), bitmap.nbytes, f"tile {bitmap.tile}")
+    from sparse_rnnt.kernels.small_row.cuda_ext import get_extension
+
+    if get_extension() is not None:
+        provs["ours-bitmap-cuda"] = (lambda x, b: bitmap_linear(x, bitmap, b, backend="cuda"), bitmap.nbytes,
+                                     "CUDA extension")
+    return provs
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    """Benchmark rows ``{"bench", "shape", "provider", "ms", ...}`` (see module doc)."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    rows: list[dict] = []
+    for label, r, n, k in _shapes(quick, device):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(r, k, generator=g).to(device, dtype)
+        w = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)
+        b = torch.randn(n, generator=g).to(device, dtype)
+        mask = (torch.rand(n, k, generator=g) < DENSITY).to(device)
+        keep = torch.rand((n + BLOCK[0] - 1) // BLOCK[0], (k + BLOCK[1] - 1) // BLOCK[1], generator=g) < DENSITY
+        bmask = keep.repeat_interleave(BLOCK[0], 0).repeat_interleave(BLOCK[1], 1)[:n, :k].to(device)
+        dense_bytes = _nbytes(w)
+        dense_ms = None
+        for provider, (fn, fmt_bytes, note) in _providers(device, w, mask, bmask).items():
+            def call(fn: Callable = fn, x: torch.Tensor = x, b: torch.Tensor = b) -> object:
+                with torch.no_grad():
+                    return fn(x, b)
+
+            ms = _time(call, device)
+            dense_ms = ms if dense_ms is None else dense_ms  # the dense provider comes first
+            ideal = dense_bytes / fmt_bytes
+            rows.append({
+                "bench": "small_row_linear", "shape": label, "provider": provider, "ms": ms,
+                "dtype": str(dtype).removeprefix("torch."), "R": r, "N": n, "K": k,
+                "density": 0.5 if provider == "torch-2:4" else DENSITY,
+                "format_bytes": fmt_bytes, "dense_bytes": dense_bytes, "ideal_ratio": ideal,
+                "speedup": dense_ms / ms, "achieved_fraction": dense_ms / ms / ideal,
+                "gb_per_s": (fmt_bytes + _nbytes(x, b) + r * n * x.element_size()) / (ms * 1e-3) / 1e9,
+                "note": note,
+            })
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    for row in run(args.device, args.quick):
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+// Bitmap sparse matmul for few rows: y[R, N] = x[R, K] W^T (+ b), W stored as a BitmapWeight
+// (see sparse_rnnt/kernels/small_row/naive.py for the layout):
+//   bits    int32 [N, ceil(K/32)]: bit j of word i of row n is W[n, 32 i + j] != pruned;
+//   values  [nnz]: kept weights, row-major (row by row, columns ascending);
+//   offsets int32 [N, ceil(K/T)]: index in `values` of the first kept weight of tile t of row n.
+// Only offsets[n, 0] (the row start) is read here; each warp tracks its running offset with
+// __popc while it walks the row, so the tile size T does not matter to this kernel.
+//
+// One warp per output row, WARPS rows per block. The block walks K in chunks of CHUNK columns;
+// x[:, chunk] is staged in shared memory once per block and reused by all its rows. In a chunk,
+// lane l owns column 32 j + l of every word j: it reads the (broadcast) word, finds its value's
+// index with __popc of the lower bits, and accumulates R_MAX fp32 partial sums in registers.
+// A butterfly shuffle reduction then sums the 32 lanes per row.
+//
+// Registered as torch.ops.sparse_rnnt_small_row.bitmap_linear (TORCH_LIBRARY, no pybind).
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+namespace {
+
+constexpr int kWarps = 4;     // output rows per block
+constexpr int kChunk = 128;   // columns staged per step (4 words)
+constexpr int kMaxRows = 64;  // rows of x per launch; the host loops over chunks of 64
+
+template <typename scalar_t, int R_MAX>
+__global__ void __launch_bounds__(kWarps * 32) bitmap_spmm_kernel(
+    const scalar_t* __restrict__ x, const int32_t* __restrict__ bits,
+    const scalar_t* __restrict__ values, const int32_t* __restrict__ offsets,
+    const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
+    int64_t R, int64_t N, int64_t K, int64_t n_words, int64_t n_tiles,
+    int64_t stride_xr, int64_t stride_yr) {
+  __shared__ float xs[R_MAX][kChunk];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const bool row_ok = n < N;
+  const uint32_t below = (1u << lane) - 1u;  // bits of lower columns in a word
+
+  float acc[R_MAX];
+#pragma unroll
+  for (int r = 0; r < R_MAX; ++r) acc[r] = 0.f;
+  int64_t off = row_ok ? static_cast<int64_t>(offsets[n * n_tiles]) : 0;
+
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    __syncthreads();  // previous chunk fully consumed
+    for (int i = threadIdx.x; i < R_MAX * kChunk; i += kWarps * 32) {
+      const int r = i / kChunk;
+      const int64_t c = k0 + (i % kChunk);
+      xs[r][i % kChunk] = (r < R && c < K) ? static_cast<float>(x[r * stride_xr + c]) : 0.f;
+    }
+    __syncthreads();
+    if (row_ok) {
+#pragma unroll
+      for (int j = 0; j < kChunk / 32; ++j) {
+        const int64_t word_idx = k0 / 32 + j;
+        const uint32_t word = word_idx < n_words
+            ? static_cast<uint32_t>(__ldg(bits + n * n_words + word_idx)) : 0u;
+        float v = 0.f;
+        if ((word >> lane) & 1u) {
+          v = static_cast<float>(values[off + __popc(word & below)]);
+        }
+        off += __popc(word);
+#pragma unroll
+        for (int r = 0; r < R_MAX; ++r) acc[r] = fmaf(v, xs[r][j * 32 + lane], acc[r]);
+      }
+    }
+  }
+  if (!row_ok) return;
+#pragma unroll
+  for (int r = 0; r < R_MAX; ++r) {
+    float s = acc[r];
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(0xffffffffu, s, d);
+    acc[r] = s;
+  }
+  if (lane == 0) {
+    const float b = bias != nullptr ? static_cast<float>(bias[n]) : 0.f;
+#pragma unroll
+    for (int r = 0; r < R_MAX; ++r) {
+      if (r < R) y[r * stride_yr + n] = static_cast<scalar_t>(acc[r] + b);
+    }
+  }
+}
+
+template <typename scalar_t, int R_MAX>
+void launch(const at::Tensor& x, const at::Tensor& bits, const at::Tensor& values,
+            const at::Tensor& offsets, const scalar_t* bias, at::Tensor& y, int64_t R) {
+  const int64_t N = bits.size(0);
+  const int64_t K = x.size(1);
+  const dim3 grid(static_cast<unsigned>((N + kWarps - 1) / kWarps));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  bitmap_spmm_kernel<scalar_t, R_MAX><<<grid, kWarps * 32, 0, stream>>>(
+      x.data_ptr<scalar_t>(), bits.data_ptr<int32_t>(), values.data_ptr<scalar_t>(),
+      offsets.data_ptr<int32_t>(), bias, y.data_ptr<scalar_t>(), R, N, K, bits.size(1),
+      offsets.size(1), x.stride(0), y.stride(0));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// x [R, K] (R <= 64, unit column stride), bits int32 [N, W], values [nnz], offsets int32 [N, T],
+// bias [N] or None -> y [R, N] in x's dtype.
+at::Tensor bitmap_linear(const at::Tensor& x, const at::Tensor& bits, const at::Tensor& values,
+                         const at::Tensor& offsets, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.is_cuda() && bits.is_cuda() && values.is_cuda() && offsets.is_cuda(),
+              "bitmap_linear: all tensors must be on CUDA");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "bitmap_linear: x must be [R, K] with unit column stride");
+  TORCH_CHECK(x.size(0) <= kMaxRows, "bitmap_linear: at most 64 rows per call");
+  TORCH_CHECK(bits.scalar_type() == at::kInt && offsets.scalar_type() == at::kInt,
+              "bitmap_linear: bits and offsets must be int32");
+  TORCH_CHECK(bits.is_contiguous() && values.is_contiguous() && offsets.is_contiguous(),
+              "bitmap_linear: bits, values and offsets must be contiguous");
+  TORCH_CHECK(values.scalar_type() == x.scalar_type(), "bitmap_linear: values and x dtypes differ");
+  TORCH_CHECK(bits.size(1) * 32 >= x.size(1), "bitmap_linear: bits narrower than K");
+  TORCH_CHECK(offsets.size(0) == bits.size(0) && offsets.size(1) >= 1, "bitmap_linear: bad offsets shape");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->is_cuda() && bias->is_contiguous() && bias->numel() == bits.size(0) &&
+                bias->scalar_type() == x.scalar_type(), "bitmap_linear: bias must be [N], x's dtype");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t R = x.size(0);
+  auto y = at::empty({R, bits.size(0)}, x.options());
+  if (R == 0 || bits.size(0) == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bitmap_linear", [&] {
+    const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    if (R <= 1) launch<scalar_t, 1>(x, bits, values, offsets, b, y, R);
+    else if (R <= 2) launch<scalar_t, 2>(x, bits, values, offsets, b, y, R);
+    else if (R <= 4) launch<scalar_t, 4>(x, bits, values, offsets, b, y, R);
+    else if (R <= 8) launch<scalar_t, 8>(x, bits, values, offsets, b, y, R);
+    else if (R <= 16) launch<scalar_t, 16>(x, bits, values, offsets, b, y, R);
+    else if (R <= 32) launch<scalar_t, 32>(x, bits, values, offsets, b, y, R);
+    else launch<scalar_t, 64>(x, bits, values, offsets, b, y, R);
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sparse_rnnt_small_row, m) {
+  m.def("bitmap_linear(Tensor x, Tensor bits, Tensor values, Tensor offsets, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sparse_rnnt_small_row, CUDA, m) {
+  m.impl("bitmap_linear", &bitmap_linear);
+}

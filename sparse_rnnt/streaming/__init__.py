@@ -1,0 +1,29 @@
+"""Streaming (chunk-by-chunk) recognition with the Emformer RNN-T, one or many streams."""
+
+from .encoder import EncoderGeometry, EncoderState, encoder_step, geometry, initial_state
+from .features import StreamingLogMel
+from .stream import (
+    PartialResult,
+    StepTiming,
+    Stream,
+    StreamingDecoder,
+    StreamResult,
+    iter_pieces,
+    percentile,
+)
+
+__all__ = [
+    "EncoderGeometry",
+    "EncoderState",
+    "PartialResult",
+    "StepTiming",
+    "Stream",
+    "StreamResult",
+    "StreamingDecoder",
+    "StreamingLogMel",
+    "encoder_step",
+    "geometry",
+    "initial_state",
+    "iter_pieces",
+    "percentile",
+]

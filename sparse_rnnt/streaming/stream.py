@@ -1,0 +1,522 @@
+"""Chunk-by-chunk streaming recognition with an Emformer RNN-T, one or many streams at once.
+
+Pipeline per stream: PCM pieces -> :class:`~sparse_rnnt.streaming.features.StreamingLogMel`
+(the full front end's frames, computed incrementally) -> global CMVN -> every time
+``segment + right_context`` frames are buffered, one Emformer chunk (``segment`` new frames plus
+``right_context`` look-ahead frames) -> greedy RNN-T decoding of the ``segment // stride`` new
+encoder frames, continuing from the stream's predictor state and hypothesis.
+
+All streams that have a chunk ready in a :meth:`StreamingDecoder.step` are encoded in ONE batched
+encoder call (:func:`~sparse_rnnt.streaming.encoder.encoder_step`, which masks per-stream state so
+that streams at different positions batch exactly) and decoded in one batched greedy loop; a
+stream with no chunk ready is left out of that step. When the decoder has a ``mask_context``
+(per-language pathway masks), one call is made per language present in the step.
+
+End of stream matches the full-utterance path (:meth:`EmformerRNNT.encode`): the features are
+trimmed to a multiple of the time-reduction stride (``trim_to_stride``), and after the last real
+frame the look-ahead is zeros (``pad_right_context``); a last segment shorter than
+``segment_length`` is encoded with its padded frames masked, like the full path's short last
+segment. The final hypothesis therefore equals :func:`~sparse_rnnt.model.decoding.greedy_search`
+on the whole utterance, up to float rounding (encoder outputs agree to ~1e-6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..data.features import FeatureConfig, GlobalCMVN, LogMel
+from ..model.rnnt import EmformerRNNT
+from .encoder import EncoderState, encoder_step, geometry, initial_state
+from .features import StreamingLogMel
+
+if TYPE_CHECKING:
+    from ..data.tokenizer import Tokenizer
+    from ..export.artifact import Artifact
+    from ..training.inference import Recognizer
+
+PredictorState = list[list[torch.Tensor]]  # per LSTM layer: [h [B, H], c [B, H]]
+
+
+@dataclass
+class StepTiming:
+    """Wall time of one batched chunk step (seconds). ``language``: the mask group, if any."""
+
+    step: int
+    batch_size: int
+    encoder_s: float  # chunk assembly + state stacking + encoder
+    decoder_s: float  # greedy search + state unstacking
+    language: str | None = None
+
+    @property
+    def total_s(self) -> float:
+        return self.encoder_s + self.decoder_s
+
+
+@dataclass
+class PartialResult:
+    """A stream's hypothesis after one chunk."""
+
+    stream_id: str
+    chunk: int  # 0-based chunk index within the stream
+    tokens: list[int]  # hypothesis so far, this chunk's tokens included
+    new_tokens: list[int]  # emitted by this chunk
+    text: str | None  # tokenizer.decode(tokens) when the decoder has a tokenizer
+    latency_s: float  # encoder + decoder time of the step this chunk was in
+    final: bool  # True for the stream's last chunk
+
+
+@dataclass
+class StreamResult:
+    """Final result of a stream.
+
+    ``processing_s`` is the stream's own feature time plus the full wall time of every batched
+    step it took part in (the latency it saw); ``rtf = processing_s / audio_s``.
+    """
+
+    stream_id: str
+    language: str | None
+    tokens: list[int]
+    text: str | None
+    audio_s: float
+    processing_s: float
+    rtf: float
+    chunk_latencies_s: list[float]
+    num_chunks: int
+
+
+@dataclass
+class Stream:
+    """One audio stream's incremental state (create with :meth:`StreamingDecoder.open`)."""
+
+    id: str
+    language: str | None
+    frontend: StreamingLogMel
+    encoder_state: EncoderState
+    pred_out: torch.Tensor  # [1, 1, encoding_dim]: predictor output after the last token
+    pred_state: PredictorState
+    frames: torch.Tensor  # [n, F] CMVN-normalized frames from utterance frame ``start`` on
+    start: int = 0  # utterance frame where the next segment begins
+    received_frames: int = 0  # frames produced by the front end so far
+    ended: bool = False
+    total_frames: int | None = None  # after end: frames kept by trim_to_stride
+    tokens: list[int] = field(default_factory=list)
+    chunks: int = 0
+    feature_s: float = 0.0
+    step_s: float = 0.0
+    chunk_latencies_s: list[float] = field(default_factory=list)
+
+    @property
+    def audio_s(self) -> float:
+        return self.frontend.num_samples / self.frontend.config.sample_rate
+
+    @property
+    def done(self) -> bool:
+        """Ended and every segment encoded."""
+        return self.ended and self.total_frames is not None and self.start >= self.total_frames
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated ``q``-th percentile (0..100) of ``values``; NaN when empty."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+class StreamingDecoder:
+    """Streaming greedy RNN-T recognition for any number of concurrent streams.
+
+    Typical single-stream use::
+
+        dec = StreamingDecoder(model, cmvn, tokenizer=tok)
+        s = dec.open()
+        for piece in pcm_pieces:            # float32 16 kHz, any sizes
+            for partial in dec.feed(s, piece):
+                print(partial.text)
+        result = dec.finalize(s)
+
+    Many streams: :meth:`open` each, :meth:`accept` audio as it arrives, call :meth:`step` (one
+    batched chunk for every stream that has one ready) and :meth:`finish` the streams that end.
+
+    ``mask_context(language)``: a context manager under which the model's weights are those of
+    ``language`` (e.g. :meth:`Recognizer.masked`); when given, each step batches streams per
+    language. The default is a no-op and all ready streams share one encoder call.
+    """
+
+    def __init__(
+        self,
+        model: EmformerRNNT,
+        cmvn: GlobalCMVN | None,
+        feature_config: FeatureConfig | None = None,
+        *,
+        tokenizer: Tokenizer | None = None,
+        max_symbols_per_frame: int = 4,
+        mask_context: Callable[[str | None], AbstractContextManager[None]] | None = None,
+        on_partial: Callable[[PartialResult], None] | None = None,
+    ) -> None:
+        model.eval()  # dropout off: streaming must equal full-utterance inference
+        self.model = model
+        self.cmvn = cmvn
+        self.logmel = LogMel(feature_config)
+        self.tokenizer = tokenizer
+        self.max_symbols_per_frame = max_symbols_per_frame
+        self._mask_context = mask_context
+        self.on_partial = on_partial
+        self.geometry = geometry(model.rnnt)
+        self.device = next(model.parameters()).device
+        self.streams: dict[str, Stream] = {}
+        self.step_timings: list[StepTiming] = []
+        self.total_audio_s = 0.0  # audio of finished streams
+        self.total_feature_s = 0.0
+        self._ids = itertools.count()
+        if cmvn is not None and cmvn.dim != self.logmel.config.n_mels:
+            raise ValueError(f"CMVN has {cmvn.dim} bins, the front end {self.logmel.config.n_mels}")
+
+    @classmethod
+    def from_recognizer(cls, recognizer: Recognizer, **kwargs: object) -> StreamingDecoder:
+        """A decoder for a loaded checkpoint; per-language pruned models get its mask hook."""
+        masked = recognizer.masked if recognizer.language_masks is not None else None
+        return cls(
+            recognizer.model, recognizer.cmvn, recognizer.config.features,
+            tokenizer=recognizer.tokenizer, mask_context=masked, **kwargs,  # type: ignore[arg-type]
+        )
+
+    # --- stream lifecycle -------------------------------------------------------------------
+
+    @classmethod
+    def from_artifact(cls, artifact: Artifact, **kwargs: object) -> StreamingDecoder:
+        """A decoder for an exported artifact; a multilingual one switches pathway per stream."""
+        hook = artifact.pathway if artifact.multilingual else None
+        return cls(
+            artifact.model, artifact.cmvn, artifact.features, tokenizer=artifact.tokenizer,
+            mask_context=hook, **kwargs,  # type: ignore[arg-type]
+        )
+
+    def mask_context(self, language: str | None) -> AbstractContextManager[None]:
+        """The weights to use for ``language``; a no-op unless a hook was given."""
+        if self._mask_context is None:
+            return contextlib.nullcontext()
+        return self._mask_context(language)
+
+    def open(self, language: str | None = None, stream_id: str | None = None) -> Stream:
+        """Start a stream (it joins the next :meth:`step` that finds a chunk ready for it)."""
+        sid = stream_id if stream_id is not None else f"s{next(self._ids)}"
+        if sid in self.streams:
+            raise ValueError(f"stream {sid!r} is already open")
+        with self.mask_context(language), torch.inference_mode():
+            start = torch.full((1, 1), self.model.blank, dtype=torch.int32, device=self.device)
+            ones = torch.ones(1, dtype=torch.int32, device=self.device)
+            pred_out, _, pred_state = self.model.rnnt.predict(start, ones, None)
+        stream = Stream(
+            id=sid,
+            language=language,
+            frontend=StreamingLogMel(self.logmel),
+            encoder_state=initial_state(self.geometry, self.device),
+            pred_out=pred_out,
+            pred_state=pred_state,
+            frames=torch.zeros(0, self.logmel.config.n_mels),
+        )
+        self.streams[sid] = stream
+        return stream
+
+    def _get(self, stream: Stream | str) -> Stream:
+        sid = stream if isinstance(stream, str) else stream.id
+        if sid not in self.streams:
+            raise ValueError(f"no open stream {sid!r}")
+        return self.streams[sid]
+
+    def _add_frames(self, stream: Stream, frames: torch.Tensor) -> None:
+        if frames.numel():
+            if self.cmvn is not None:
+                frames = self.cmvn.normalize(frames)
+            stream.frames = torch.cat([stream.frames, frames])
+            stream.received_frames += frames.size(0)
+
+    def accept(self, stream: Stream | str, samples: torch.Tensor) -> None:
+        """Buffer ``samples [n]`` (float 16 kHz mono, any ``n``) and compute the frames they complete."""
+        s = self._get(stream)
+        if s.ended:
+            raise ValueError(f"stream {s.id!r} has ended; it accepts no more audio")
+        if samples.dim() > 1 and samples.numel() != samples.shape[-1]:
+            raise ValueError(f"expected mono samples [n], got shape {tuple(samples.shape)}")
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            self._add_frames(s, s.frontend.accept(samples))
+        s.feature_s += time.perf_counter() - t0
+
+    def end(self, stream: Stream | str) -> None:
+        """Mark the end of a stream's audio: compute the last frames and trim to the stride."""
+        s = self._get(stream)
+        if s.ended:
+            return
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                self._add_frames(s, s.frontend.flush())
+        except ValueError:
+            self.streams.pop(s.id, None)  # too short to have any frame: nothing to resume
+            raise
+        s.feature_s += time.perf_counter() - t0
+        s.ended = True
+        stride = self.geometry.stride
+        s.total_frames = s.received_frames - s.received_frames % stride
+
+    def ready(self, stream: Stream | str) -> bool:
+        """Whether the stream has a chunk to encode now."""
+        s = self._get(stream)
+        if s.ended:
+            return not s.done
+        return s.received_frames >= s.start + self.geometry.chunk
+
+    def close(self, stream: Stream | str) -> None:
+        """Drop a stream without a result."""
+        self.streams.pop(self._get(stream).id)
+
+    # --- processing -------------------------------------------------------------------------
+
+    def _take_chunk(self, s: Stream) -> tuple[torch.Tensor, int]:
+        """The stream's next ``[segment + right_context, F]`` chunk and its real segment frames.
+
+        Past the (trimmed) end of an ended stream, frames are zeros, as in the full path's
+        right-context padding; the segment part of a short last chunk is masked in the encoder.
+        """
+        geo = self.geometry
+        limit = s.total_frames if s.ended else s.received_frames
+        assert limit is not None
+        avail = min(geo.chunk, limit - s.start)
+        chunk = torch.zeros(geo.chunk, s.frames.size(1))
+        chunk[:avail] = s.frames[:avail]
+        valid = min(geo.segment, avail)
+        # The next segment starts after this one; its frames stay buffered (they are this
+        # chunk's look-ahead).
+        s.frames = s.frames[geo.segment :]
+        s.start += geo.segment
+        return chunk, valid
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def step(self, streams: Iterable[Stream | str] | None = None) -> list[PartialResult]:
+        """Encode and decode one chunk of every given (default: every open) stream that has one.
+
+        Returns one :class:`PartialResult` per processed stream (also passed to ``on_partial``).
+        """
+        pool = self.streams.values() if streams is None else [self._get(s) for s in streams]
+        batch = [s for s in pool if self.ready(s)]
+        if not batch:
+            return []
+        groups: dict[str | None, list[Stream]] = {}
+        if self._mask_context is None:
+            groups[None] = batch
+        else:
+            for s in batch:
+                groups.setdefault(s.language, []).append(s)
+        results: list[PartialResult] = []
+        for language, group in groups.items():
+            with self.mask_context(language):
+                results.extend(self._step_group(group, language))
+        return results
+
+    def _step_group(self, group: list[Stream], language: str | None) -> list[PartialResult]:
+        geo = self.geometry
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            taken = [self._take_chunk(s) for s in group]
+            chunk = torch.stack([c for c, _ in taken]).to(self.device)  # [B, chunk, F]
+            valid = torch.tensor([v for _, v in taken], device=self.device)
+            enc, new_states = encoder_step(self.model.rnnt, chunk, valid, [s.encoder_state for s in group])
+            self._sync()
+            t1 = time.perf_counter()
+            frames = valid // geo.stride
+            new_tokens = self._greedy(group, enc, frames)
+            for s, state in zip(group, new_states, strict=True):
+                s.encoder_state = state
+            self._sync()
+        t2 = time.perf_counter()
+        timing = StepTiming(len(self.step_timings), len(group), t1 - t0, t2 - t1, language)
+        self.step_timings.append(timing)
+        results = []
+        for s, new in zip(group, new_tokens, strict=True):
+            s.step_s += timing.total_s
+            s.chunk_latencies_s.append(timing.total_s)
+            partial = PartialResult(
+                stream_id=s.id, chunk=s.chunks, tokens=list(s.tokens), new_tokens=new,
+                text=self._text(s.tokens), latency_s=timing.total_s, final=s.done,
+            )
+            s.chunks += 1
+            results.append(partial)
+            if self.on_partial is not None:
+                self.on_partial(partial)
+        return results
+
+    def _greedy(self, group: list[Stream], enc: torch.Tensor, frames: torch.Tensor) -> list[list[int]]:
+        """Batched greedy search over ``enc [B, T, D]`` (row ``b`` has ``frames[b]`` real frames),
+        continuing each stream's predictor state; the same rule as ``greedy_search``."""
+        rnnt = self.model.rnnt
+        blank = self.model.blank
+        batch = enc.size(0)
+        ones = torch.ones(batch, dtype=torch.int32, device=self.device)
+        pred = torch.cat([s.pred_out for s in group])  # [B, 1, D]
+        state = [
+            [torch.cat([s.pred_state[layer][i] for s in group]) for i in range(len(group[0].pred_state[layer]))]
+            for layer in range(len(group[0].pred_state))
+        ]
+        new: list[list[int]] = [[] for _ in range(batch)]
+        for t in range(int(frames.max())):
+            active = t < frames
+            frame = enc[:, t : t + 1]
+            for _ in range(self.max_symbols_per_frame):
+                joint, _, _ = rnnt.join(frame, ones, pred, ones)
+                best = joint[:, 0, 0].argmax(-1)
+                emit = active & (best != blank)
+                if not bool(emit.any()):
+                    break
+                new_pred, _, new_state = rnnt.predict(best[:, None].to(torch.int32), ones, state)
+                pred = torch.where(emit[:, None, None], new_pred, pred)
+                state = [
+                    [torch.where(emit[:, None], n, o) for n, o in zip(ln, lo, strict=True)]
+                    for ln, lo in zip(new_state, state, strict=True)
+                ]
+                for b in emit.nonzero().flatten().tolist():
+                    new[b].append(int(best[b]))
+                active = emit
+        for b, s in enumerate(group):
+            s.pred_out = pred[b : b + 1]
+            s.pred_state = [[x[b : b + 1] for x in layer] for layer in state]
+            s.tokens.extend(new[b])
+        return new
+
+    def _text(self, tokens: list[int]) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode(tokens)
+
+    def feed(self, stream: Stream | str, samples: torch.Tensor) -> list[PartialResult]:
+        """Single-stream convenience: :meth:`accept` then process every chunk now ready."""
+        s = self._get(stream)
+        self.accept(s, samples)
+        out: list[PartialResult] = []
+        while self.ready(s):
+            out.extend(self.step([s]))
+        return out
+
+    def finish(self, streams: Iterable[Stream | str]) -> list[StreamResult]:
+        """End the given streams, encode their remaining chunks (batched) and close them."""
+        group = [self._get(s) for s in streams]
+        for s in group:
+            self.end(s)
+        while any(self.ready(s) for s in group):
+            self.step(group)
+        return [self._result(s) for s in group]
+
+    def finalize(self, stream: Stream | str) -> StreamResult:
+        """End one stream, flush its tail and return its final result (the stream is closed)."""
+        return self.finish([stream])[0]
+
+    def _result(self, s: Stream) -> StreamResult:
+        self.streams.pop(s.id, None)
+        self.total_audio_s += s.audio_s
+        self.total_feature_s += s.feature_s
+        processing = s.feature_s + s.step_s
+        audio = s.audio_s
+        return StreamResult(
+            stream_id=s.id, language=s.language, tokens=list(s.tokens), text=self._text(s.tokens),
+            audio_s=audio, processing_s=processing, rtf=processing / audio if audio > 0 else math.nan,
+            chunk_latencies_s=list(s.chunk_latencies_s), num_chunks=s.chunks,
+        )
+
+    # --- convenience and statistics ---------------------------------------------------------
+
+    def transcribe(
+        self, wave: torch.Tensor, piece_sizes: Iterable[int] | None = None, language: str | None = None
+    ) -> StreamResult:
+        """Stream ``wave [T]`` through a fresh stream in pieces of ``piece_sizes`` samples
+        (cycled; default 1600 = 100 ms) and return the final result."""
+        s = self.open(language=language)
+        for piece in iter_pieces(wave.reshape(-1), piece_sizes if piece_sizes is not None else [1600]):
+            self.feed(s, piece)
+        return self.finalize(s)
+
+    def run_concurrent(
+        self,
+        waves: Sequence[torch.Tensor],
+        piece_samples: int = 1600,
+        start_ticks: Sequence[int] | None = None,
+        languages: Sequence[str | None] | None = None,
+    ) -> list[StreamResult]:
+        """Simulate ``S`` live streams: on every tick each started stream receives its next
+        ``piece_samples`` samples, then one :meth:`step` (repeated while chunks are ready) runs
+        all streams with a chunk ready in one batch. Stream ``i`` joins at ``start_ticks[i]`` and
+        leaves (is finished, batched with others ending on that tick) after its last piece.
+        ``waves``: ``S`` tensors ``[T_i]``. Returns the results in input order."""
+        n = len(waves)
+        starts = list(start_ticks) if start_ticks is not None else [0] * n
+        langs = list(languages) if languages is not None else [None] * n
+        if len(starts) != n or len(langs) != n:
+            raise ValueError("start_ticks and languages need one entry per wave")
+        opened: dict[int, Stream] = {}
+        results: dict[int, StreamResult] = {}
+        pos = [0] * n
+        for tick in itertools.count():
+            if len(results) == n:
+                break
+            ending = []
+            for i in range(n):
+                if i in results or tick < starts[i]:
+                    continue
+                if i not in opened:
+                    opened[i] = self.open(language=langs[i])
+                wave = waves[i].reshape(-1)
+                self.accept(opened[i], wave[pos[i] : pos[i] + piece_samples])
+                pos[i] += piece_samples
+                if pos[i] >= wave.numel():
+                    ending.append(i)
+            live = [s for i, s in opened.items() if i not in results]
+            while self.step(live):
+                pass
+            for i, res in zip(ending, self.finish([opened[i] for i in ending]), strict=True):
+                results[i] = res
+        return [results[i] for i in range(n)]
+
+    def latency_stats(self) -> dict[str, float]:
+        """Per-step latency summary (seconds) and throughput over finished streams.
+
+        ``rtf`` = (feature time of finished streams + all step time) / audio of finished streams.
+        """
+        totals = [t.total_s for t in self.step_timings]
+        step_s = sum(totals)
+        audio = self.total_audio_s
+        return {
+            "steps": float(len(totals)),
+            "mean_batch": sum(t.batch_size for t in self.step_timings) / len(totals) if totals else math.nan,
+            "p50_s": percentile(totals, 50),
+            "p99_s": percentile(totals, 99),
+            "encoder_p50_s": percentile([t.encoder_s for t in self.step_timings], 50),
+            "decoder_p50_s": percentile([t.decoder_s for t in self.step_timings], 50),
+            "audio_s": audio,
+            "processing_s": self.total_feature_s + step_s,
+            "rtf": (self.total_feature_s + step_s) / audio if audio > 0 else math.nan,
+        }
+
+
+def iter_pieces(wave: torch.Tensor, sizes: Iterable[int]) -> Iterator[torch.Tensor]:
+    """Split ``wave [T]`` into consecutive pieces of the given sizes (cycled) -> ``[n_i]`` each."""
+    sizes = list(sizes)
+    if not sizes or any(n <= 0 for n in sizes):
+        raise ValueError(f"piece sizes must be positive, got {sizes}")
+    pos = 0
+    for n in itertools.cycle(sizes):
+        if pos >= wave.numel():
+            return
+        yield wave[pos : pos + n]
+        pos += n

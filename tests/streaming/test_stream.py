@@ -1,0 +1,413 @@
+"""Streaming recognition equals full-utterance recognition (tiny random Emformer RNN-T, CPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from sparse_rnnt.data.features import GlobalCMVN, LogMel
+from sparse_rnnt.model import EmformerRNNT, build_model, model_config
+from sparse_rnnt.model.decoding import greedy_search
+from sparse_rnnt.streaming import (
+    PartialResult,
+    StreamingDecoder,
+    StreamingLogMel,
+    encoder_step,
+    geometry,
+    initial_state,
+    iter_pieces,
+    percentile,
+)
+
+SR = 16000
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny ops: thread hand-off costs more than it saves on a loaded 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(left_context: int = 6, memory: int = 0, seed: int = 0) -> EmformerRNNT:
+    """2-layer random model; left context of 6 Emformer frames (< 2 chunks) so the
+    left-context window fills and slides within a short utterance."""
+    torch.manual_seed(seed)
+    cfg = model_config(
+        "tiny", encoding_dim=64, time_reduction_input_dim=16, transformer_ffn_dim=64,
+        transformer_num_layers=2, symbol_embedding_dim=32, transformer_left_context_length=left_context,
+        transformer_max_memory_size=memory,
+    )
+    model = build_model(cfg, 12, verbose=False).eval()
+    with torch.no_grad():  # random joiner emits on every frame; make blank win about half the time
+        model.rnnt.joiner.linear.bias[model.blank] += 1.0
+    return model
+
+
+def synth(num_samples: int, seed: int) -> torch.Tensor:
+    """Noise plus two sines, ``[num_samples]``."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(num_samples) / SR
+    f1, f2 = 200 + 600 * torch.rand(2, generator=g)
+    return 0.3 * torch.sin(2 * math.pi * f1 * t) + 0.2 * torch.sin(2 * math.pi * f2 * t) + 0.05 * torch.randn(
+        num_samples, generator=g
+    )
+
+
+# Lengths (samples) covering: a whole number of chunks, a partial last segment, a frame count
+# that is not a multiple of the time-reduction stride, and a very short utterance.
+LENGTHS = (16000, 23457, 41000, 9001, 30720)
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[EmformerRNNT, GlobalCMVN, list[torch.Tensor]]:
+    waves = [synth(n, seed=i) for i, n in enumerate(LENGTHS)]
+    cmvn = GlobalCMVN.fit([LogMel()(w) for w in waves])
+    return tiny_model(), cmvn, waves
+
+
+def full_greedy(model: EmformerRNNT, cmvn: GlobalCMVN, wave: torch.Tensor) -> list[int]:
+    """The reference: full-utterance front end + CMVN + batched greedy_search."""
+    x = cmvn.normalize(LogMel()(wave))
+    return greedy_search(model, x[None], torch.tensor([x.size(0)]))[0]
+
+
+def random_sizes(seed: int, count: int = 64, high: int = 4000) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, high, (count,), generator=g).tolist()
+
+
+# --- front end -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_samples", [257, 400, 16000, 16159, 16160, 16161, 23457])
+def test_streaming_logmel_equals_full_frontend(num_samples: int) -> None:
+    logmel = LogMel()
+    wave = synth(num_samples, seed=num_samples)
+    ref = logmel(wave)
+    assert ref.shape[0] == 1 + num_samples // 160
+    for seed in range(3):
+        fe = StreamingLogMel(logmel)
+        parts = [fe.accept(p) for p in iter_pieces(wave, random_sizes(seed, high=700))]
+        parts.append(fe.flush())
+        got = torch.cat(parts)
+        assert got.shape == ref.shape
+        # Same window/FFT/filterbank; only batched-kernel rounding may differ (~1 ulp of log-mel).
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+def test_streaming_logmel_emits_frames_as_soon_as_final() -> None:
+    fe = StreamingLogMel(LogMel())
+    assert fe.accept(torch.zeros(256)).shape[0] == 0  # reflect pad needs 257 samples
+    # Frame t needs samples up to t*160 + 256: 1000 samples -> frames 0..4 (4*160+256 = 896).
+    assert fe.accept(torch.zeros(744)).shape[0] == 5
+    assert fe.flush().shape[0] == 1 + 1000 // 160 - 5
+
+
+def test_streaming_logmel_too_short() -> None:
+    fe = StreamingLogMel(LogMel())
+    fe.accept(torch.zeros(100))
+    with pytest.raises(ValueError, match="shorter than the 257 samples"):
+        fe.flush()
+
+
+# --- encoder ---------------------------------------------------------------------------------
+
+
+def _chunks(model: EmformerRNNT, feats: torch.Tensor) -> Iterator[tuple[torch.Tensor, int]]:
+    """``feats [T, F]`` -> the streaming chunks ``[1, chunk, F]`` and real segment frames."""
+    geo = geometry(model.rnnt)
+    frames = feats.size(0) - feats.size(0) % geo.stride
+    padded = torch.cat([feats[:frames], torch.zeros(geo.chunk, feats.size(1))])
+    for start in range(0, frames, geo.segment):
+        chunk = padded[start : start + geo.chunk].clone()
+        valid = min(geo.segment, frames - start)
+        chunk[valid : geo.segment] = 0
+        yield chunk[None], valid
+
+
+@pytest.mark.parametrize(("left_context", "memory"), [(6, 0), (6, 2), (0, 0), (30, 0)])
+@pytest.mark.parametrize("frames", [64, 68, 83, 100, 36])
+def test_encoder_chunks_equal_full_encode(left_context: int, memory: int, frames: int) -> None:
+    model = tiny_model(left_context, memory, seed=frames)
+    geo = geometry(model.rnnt)
+    feats = torch.randn(frames, 80, generator=torch.Generator().manual_seed(frames))
+    with torch.inference_mode():
+        ref, ref_len = model.encode(feats[None], torch.tensor([frames]))
+        states = [initial_state(geo)]
+        outs = []
+        for chunk, valid in _chunks(model, feats):
+            out, states = encoder_step(model.rnnt, chunk, torch.tensor([valid]), states)
+            outs.append(out[:, : valid // geo.stride])
+    got = torch.cat(outs, dim=1)
+    assert got.shape[1] == int(ref_len[0]) == (frames - frames % 4) // 4
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-5)
+
+
+def test_encoder_full_chunks_equal_torchaudio_streaming() -> None:
+    """Peer check: for whole segments, one stream alone, torchaudio's own transcribe_streaming."""
+    model = tiny_model(6, 2)
+    geo = geometry(model.rnnt)
+    feats = torch.randn(96, 80, generator=torch.Generator().manual_seed(1))
+    states = [initial_state(geo)]
+    ta_state = None
+    with torch.inference_mode():
+        for chunk, valid in _chunks(model, feats):
+            assert valid == geo.segment
+            ours, states = encoder_step(model.rnnt, chunk, torch.tensor([valid]), states)
+            theirs, _, ta_state = model.rnnt.transcribe_streaming(chunk, torch.tensor([geo.chunk]), ta_state)
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_encoder_batch_of_streams_at_different_positions() -> None:
+    """Rows at different chunk indices (and one short last segment) in one call equal each row alone."""
+    model = tiny_model(6, 2)
+    geo = geometry(model.rnnt)
+    g = torch.Generator().manual_seed(2)
+    feats = [torch.randn(n, 80, generator=g) for n in (40, 96, 88)]
+    chunk_lists = [list(_chunks(model, f)) for f in feats]
+    # Advance the streams alone to different positions: 0, 3 and 5 chunks done.
+    done = [0, 3, 5]
+    states = []
+    with torch.inference_mode():
+        for chunks, k in zip(chunk_lists, done, strict=True):
+            st = [initial_state(geo)]
+            for chunk, valid in chunks[:k]:
+                _, st = encoder_step(model.rnnt, chunk, torch.tensor([valid]), st)
+            states.append(st[0])
+        nxt = [chunks[k] for chunks, k in zip(chunk_lists, done, strict=True)]
+        assert nxt[0][1] == geo.segment and nxt[2][1] < geo.segment  # includes a short last segment
+        batch = torch.cat([c for c, _ in nxt])
+        valid = torch.tensor([v for _, v in nxt])
+        out, new_states = encoder_step(model.rnnt, batch, valid, states)
+        for b, (chunk, v) in enumerate(nxt):
+            alone, alone_state = encoder_step(model.rnnt, chunk, torch.tensor([v]), [states[b]])
+            n = v // geo.stride
+            torch.testing.assert_close(out[b : b + 1, :n], alone[:, :n], rtol=0, atol=1e-5)
+            torch.testing.assert_close(new_states[b].key, alone_state[0].key, rtol=0, atol=1e-5)
+            assert new_states[b].past == alone_state[0].past == (done[b] + 1) * geo.segment_reduced
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+def test_streaming_equals_full_utterance_greedy(setup) -> None:
+    model, cmvn, waves = setup
+    dec = StreamingDecoder(model, cmvn)
+    geo = dec.geometry
+    for i, wave in enumerate(waves):
+        ref = full_greedy(model, cmvn, wave)
+        frames = (1 + wave.numel() // 160) // geo.stride
+        assert 0 < len(ref) < 4 * frames  # the reference emits tokens and blanks
+        result = dec.transcribe(wave, random_sizes(i))
+        assert result.tokens == ref
+        assert result.num_chunks == math.ceil(frames * geo.stride / geo.segment)
+
+
+def test_piece_sizes_do_not_change_results(setup) -> None:
+    model, cmvn, waves = setup
+    wave = waves[1]
+    runs = []
+    for sizes in ([wave.numel()], [1], [160], [2560], random_sizes(7), random_sizes(8, high=50)):
+        partials: list[PartialResult] = []
+        dec = StreamingDecoder(model, cmvn, on_partial=partials.append)
+        s = dec.open()
+        # [1] would be 23k pieces: feed single samples only for the first 2000.
+        pieces = [*iter_pieces(wave[:2000], sizes), wave[2000:]] if sizes == [1] else iter_pieces(wave, sizes)
+        for p in pieces:
+            dec.feed(s, p)
+        final = dec.finalize(s)
+        runs.append((final.tokens, [p.tokens for p in partials]))
+    assert all(r == runs[0] for r in runs[1:])
+
+
+def test_partial_hypotheses_grow_per_chunk(setup) -> None:
+    model, cmvn, waves = setup
+    wave = waves[2]
+    seen: list[PartialResult] = []
+    dec = StreamingDecoder(model, cmvn, on_partial=seen.append)
+    s = dec.open(language="en")
+    returned = []
+    for piece in iter_pieces(wave, [2560]):  # 160 ms pieces: about one chunk each
+        returned.extend(dec.feed(s, piece))
+    assert returned and returned == seen  # feed returns what the callback got
+    final = dec.finalize(s)
+    assert [p.chunk for p in seen] == list(range(final.num_chunks))
+    assert [p.final for p in seen] == [False] * (final.num_chunks - 1) + [True]
+    hyp: list[int] = []
+    for p in seen:
+        assert p.tokens == hyp + p.new_tokens and p.stream_id == s.id  # hypothesis so far
+        hyp = p.tokens
+    assert hyp == final.tokens == full_greedy(model, cmvn, wave)
+    assert final.language == "en" and s.id not in dec.streams
+
+
+def test_multi_stream_batches_equal_single_stream(setup) -> None:
+    model, cmvn, waves = setup
+    singles = [StreamingDecoder(model, cmvn).transcribe(w).tokens for w in waves]
+    dec = StreamingDecoder(model, cmvn)
+    # 160 ms per tick: every live stream has about one chunk per tick, at different positions.
+    results = dec.run_concurrent(waves, piece_samples=2560, start_ticks=[0, 2, 3, 3, 7])
+    assert [r.tokens for r in results] == singles
+    assert [r.tokens for r in results] == [full_greedy(model, cmvn, w) for w in waves]
+    sizes = [t.batch_size for t in dec.step_timings]
+    assert max(sizes) >= 3  # streams really shared encoder calls
+    # One encoder call per step: every chunk of every stream is in exactly one step.
+    assert sum(sizes) == sum(r.num_chunks for r in results)
+    assert not dec.streams
+
+
+def test_streams_join_and_leave_between_steps(setup) -> None:
+    model, cmvn, waves = setup
+    dec = StreamingDecoder(model, cmvn)
+    a, b = dec.open(), dec.open()
+    pos = {a.id: 0, b.id: 0}
+    wave = {a.id: waves[0], b.id: waves[3]}
+    results = {}
+    c = None
+    for tick in range(200):
+        if c is not None and not dec.streams:
+            break
+        for s in list(dec.streams.values()):
+            w = wave[s.id]
+            dec.accept(s, w[pos[s.id] : pos[s.id] + 1000])
+            pos[s.id] += 1000
+            if pos[s.id] >= w.numel():
+                results[s.id] = dec.finalize(s)  # leaves; the others go on
+        if tick == 4:  # joins late
+            c = dec.open()
+            pos[c.id], wave[c.id] = 0, waves[2]
+        ready = [s.id for s in dec.streams.values() if dec.ready(s)]
+        stepped = dec.step()
+        assert sorted(p.stream_id for p in stepped) == sorted(ready)  # not-ready streams sit out
+    assert c is not None and set(results) == {a.id, b.id, c.id}
+    for sid, res in results.items():
+        assert res.tokens == full_greedy(model, cmvn, wave[sid])
+
+
+def test_mask_context_per_language(setup) -> None:
+    """A pathway hook that zeroes half of one encoder weight for 'fr': each stream is decoded
+    with its own language's weights, also when both share steps."""
+    model, cmvn, waves = setup
+    param = model.rnnt.transcriber.input_linear.weight
+    keep = (torch.arange(param.numel()) % 2 == 0).view_as(param).to(param.dtype)
+    entered: list[str | None] = []
+
+    @contextlib.contextmanager
+    def masked(language: str | None) -> Iterator[None]:
+        entered.append(language)
+        if language != "fr":
+            yield
+            return
+        saved = param.detach().clone()
+        with torch.no_grad():
+            param.mul_(keep)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                param.copy_(saved)
+
+    with masked("fr"):
+        ref_fr = full_greedy(model, cmvn, waves[1])
+    ref_en = full_greedy(model, cmvn, waves[0])
+    assert ref_fr != ref_en
+    dec = StreamingDecoder(model, cmvn, mask_context=masked)
+    entered.clear()
+    en, fr = dec.run_concurrent([waves[0], waves[1]], piece_samples=2560, languages=["en", "fr"])
+    assert en.tokens == ref_en and fr.tokens == ref_fr
+    assert {"en", "fr"} <= set(entered)
+    assert all(t.language in ("en", "fr") and t.batch_size == 1 for t in dec.step_timings)
+    # Without a hook there is a single group per step, languages kept as labels.
+    plain = StreamingDecoder(model, cmvn)
+    en2, fr2 = plain.run_concurrent([waves[0], waves[1]], piece_samples=2560, languages=["en", "fr"])
+    assert fr2.language == "fr" and max(t.batch_size for t in plain.step_timings) == 2
+    assert en2.tokens == ref_en and fr2.tokens == full_greedy(model, cmvn, waves[1])
+
+
+# --- timing, text, errors --------------------------------------------------------------------
+
+
+def test_timing_and_rtf(setup) -> None:
+    model, cmvn, waves = setup
+    dec = StreamingDecoder(model, cmvn)
+    results = [dec.transcribe(w) for w in waves[:2]]
+    for r, w in zip(results, waves[:2], strict=True):
+        assert r.audio_s == pytest.approx(w.numel() / SR)
+        assert len(r.chunk_latencies_s) == r.num_chunks and all(x > 0 for x in r.chunk_latencies_s)
+        assert r.processing_s >= sum(r.chunk_latencies_s) > 0
+        assert r.rtf == pytest.approx(r.processing_s / r.audio_s)
+    timings = dec.step_timings
+    assert len(timings) == sum(r.num_chunks for r in results)
+    assert all(t.encoder_s > 0 and t.decoder_s > 0 and t.total_s == t.encoder_s + t.decoder_s for t in timings)
+    stats = dec.latency_stats()
+    totals = [t.total_s for t in timings]
+    assert stats["p50_s"] == pytest.approx(float(np.percentile(totals, 50)))
+    assert stats["p99_s"] == pytest.approx(float(np.percentile(totals, 99)))
+    assert stats["audio_s"] == pytest.approx(sum(r.audio_s for r in results))
+    assert stats["rtf"] == pytest.approx(stats["processing_s"] / stats["audio_s"])
+
+
+@pytest.mark.parametrize("q", [0, 10, 50, 90, 99, 100])
+def test_percentile_matches_numpy(q: float) -> None:
+    values = [0.3, 0.1, 0.7, 0.2, 0.9, 0.4, 0.05]
+    assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert math.isnan(percentile([], q))
+
+
+def test_text_from_tokenizer(setup) -> None:
+    model, cmvn, waves = setup
+
+    class Letters:  # duck-typed tokenizer: id i -> letter i
+        def decode(self, ids: list[int]) -> str:
+            return "".join(chr(ord("a") + i) for i in ids)
+
+    dec = StreamingDecoder(model, cmvn, tokenizer=Letters())  # type: ignore[arg-type]
+    r = dec.transcribe(waves[3])
+    assert r.text == "".join(chr(ord("a") + i) for i in full_greedy(model, cmvn, waves[3]))
+
+
+def test_errors(setup) -> None:
+    model, cmvn, _ = setup
+    dec = StreamingDecoder(model, cmvn)
+    s = dec.open(stream_id="x")
+    with pytest.raises(ValueError, match="already open"):
+        dec.open(stream_id="x")
+    dec.accept(s, torch.zeros(100))
+    with pytest.raises(ValueError, match="shorter than"):
+        dec.finalize(s)
+    assert "x" not in dec.streams  # a failed stream is dropped
+    t = dec.open()
+    dec.accept(t, torch.zeros(1000))
+    dec.end(t)
+    with pytest.raises(ValueError, match="has ended"):
+        dec.accept(t, torch.zeros(10))
+    with pytest.raises(ValueError, match="no open stream"):
+        dec.step(["nope"])
+
+
+def test_from_recognizer(setup) -> None:
+    from pathlib import Path
+
+    from sparse_rnnt.config import ExperimentConfig
+    from sparse_rnnt.training.inference import Recognizer
+
+    model, cmvn, waves = setup
+
+    class Letters:
+        def decode(self, ids: list[int]) -> str:
+            return "".join(chr(ord("a") + i) for i in ids)
+
+    rec = Recognizer(model, Letters(), cmvn, ExperimentConfig(), ["en"], Path("ckpt"), 0)  # type: ignore[arg-type]
+    dec = StreamingDecoder.from_recognizer(rec)
+    assert dec._mask_context is None  # dense model: no per-language grouping
+    r = dec.transcribe(waves[3], [1234])
+    assert r.tokens == full_greedy(model, cmvn, waves[3])
+    assert r.text == Letters().decode(r.tokens)

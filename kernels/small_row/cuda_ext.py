@@ -9,6 +9,7 @@ which is the only state kept here.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ __all__ = ["SOURCE", "cuda_bitmap_linear", "get_extension"]
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "bitmap_spmm.cu"
+# csrc/ at the top of the repository, installed as the package sparse_rnnt.csrc.
+SOURCE = Path(importlib.import_module("sparse_rnnt.csrc").__file__ or "").resolve().parent / "bitmap_spmm.cu"
 _NAME = "sparse_rnnt_small_row_bitmap"
 MAX_ROWS = 64  # rows per call of the CUDA op (csrc kMaxRows)
 

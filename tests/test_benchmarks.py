@@ -45,3 +45,12 @@ def test_kernel_benchmark_runs_on_cpu(tmp_path):
     assert providers == {"dense", "unfused"}
     header = (tmp_path / "kernels-cpu.csv").read_text().splitlines()[0]
     assert header.startswith("bench,shape,provider,ms")
+
+
+def test_stream_load_test_small_on_cpu():
+    from benchmarks.stream import load_test
+
+    result = load_test("cpu", minutes=0.05, n_streams=3)
+    assert result["identical_to_alone"] == {"s0": True, "s2": True}
+    assert result["p99_ms"] >= result["p50_ms"] > 0
+    assert len(result["memory"]) >= 2 and all(m["bytes"] > 0 for m in result["memory"])

@@ -288,6 +288,28 @@ class Artifact:
         return out
 
 
+def convert_linears(
+    model: EmformerRNNT, masks: dict[str, Tensor], fmt: str, *, block: tuple[int, int] = (16, 16),
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+) -> dict[str, str]:
+    """In place: every ``nn.Linear`` whose weight is named in ``masks`` computes with ``W ⊙ M`` in
+    format ``fmt`` (as an artifact would load it), other tensors cast to ``dtype`` on ``device``.
+    Returns the runtime of each converted layer. For benchmarks and tests without files."""
+    dev = torch.device(device)
+    mods = {f"{n}.weight": (n, m) for n, m in model.named_modules() if type(m) is nn.Linear}
+    model.to(device=dev, dtype=dtype)
+    runtimes = {}
+    for name, mask in masks.items():
+        mod_name, mod = mods[name]
+        parts, info = encode(fmt, mod.weight.detach(), mask.to(dev), block=block)
+        bias = None if mod.bias is None else mod.bias.detach()
+        layer = decode(fmt, parts, tuple(mod.weight.shape), info, bias, dev, dtype)
+        parent_name, _, attr = mod_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
+        runtimes[name] = layer.runtime
+    return runtimes
+
+
 def _safe_member(root: Path, name: object) -> Path:
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") \
             or Path(name).is_absolute():

@@ -13,10 +13,13 @@ for safetensors plus JSON-able parameters, and back into an ``nn.Module`` comput
   ``torch.sparse.to_sparse_semi_structured`` (sparse tensor cores) when the shape allows it,
   else on the dense masked weight; ``runtime`` says which.
 - ``bsr``: block-sparse rows (:class:`~sparse_rnnt.kernels.small_row.BsrWeight`), blocks that
-  hold any kept weight are stored whole; Triton small-row kernel on CUDA, reference on CPU.
+  hold any kept weight are stored whole; Triton small-row kernel on CUDA.
 - ``bitmap``: unstructured, kept values plus one bit per weight, tiled
   (:class:`~sparse_rnnt.kernels.small_row.BitmapWeight`); the CUDA C++ kernel of ``csrc/`` when it
-  builds, else Triton on CUDA, reference on CPU.
+  builds, else Triton on CUDA.
+
+On CPU there are no sparse small-row kernels: bsr and bitmap layers are decompressed once at
+load time and run dense (the artifact is compact on disk, not in memory).
 """
 
 from __future__ import annotations
@@ -190,5 +193,8 @@ def decode(fmt: str, tensors: dict[str, Tensor], shape: tuple[int, int], params:
         extra = {"blocksize": tuple(params["block"])} if fmt == "bsr" else {"tile": int(params["tile"])}
         packed = cls.from_tensors({name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()},
                                   (n, k), **extra)
+        if device.type != "cuda":
+            # No sparse small-row kernel on CPU: decompress once at load (compact on disk only).
+            return DenseExported(packed.to_dense(), bias, fmt=fmt, runtime="torch")
         return SmallRowExported(fmt, packed, bias, _small_row_backend(fmt, device), dtype)
     raise ValueError(f"unknown format {fmt!r}")

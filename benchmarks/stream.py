@@ -1,0 +1,226 @@
+"""Streaming benchmark: per-chunk latency and real-time factor of exported formats, side by side.
+
+    python -m benchmarks.stream [--device cuda|cpu] [--quick] [--load-minutes M] [--out-dir DIR]
+
+For each model size (CUDA: ``base`` and ``paper-187m``; CPU: ``tiny``), random weights pruned to
+70% by global magnitude (2:4 is 50% by construction), every format (dense, 2:4, bsr, bitmap) and
+1 / 8 / 32 / 64 concurrent streams (CPU: 1 / 8 / 64): S streams of random audio are fed one
+160 ms chunk per tick through :class:`~sparse_rnnt.streaming.StreamingDecoder` (one batched
+encoder call per chunk step + greedy decoding), after a warm-up, and the per-step latency
+p50 / p99 (encoder + decoder, device synchronized) and the real-time factor are recorded. The
+floor of a step is the bytes of the in-scope weights in that format read once at the bandwidth
+of a measured device copy. CUDA runs bf16 weights, CPU fp32. Ratios are against ``dense`` of the
+same size and stream count, measured in the same process.
+
+``--load-minutes M`` adds the load test: 64 streams fed M minutes of audio each (CPU: tiny,
+CUDA: base, dense), memory sampled along the way (RSS; CUDA: allocated) to show no growth per
+stream, two streams re-decoded alone to check identical outputs, and the p99 step latency.
+Results: ``stream-<device>.json`` with machine, versions, commit and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.env import environment
+from sparse_rnnt.io import atomic_write_json
+
+SPARSITY = 0.7
+CHUNK = 2560  # samples per tick: 160 ms at 16 kHz
+
+
+def _build(size: str, fmt: str, device: str, dtype: torch.dtype, seed: int = 0):
+    from sparse_rnnt.export.artifact import convert_linears
+    from sparse_rnnt.model import MODEL_SIZES, build_model
+    from sparse_rnnt.pruning.ranking import Granularity, magnitude_masks
+    from sparse_rnnt.pruning.scope import ScopeConfig, select_parameters
+
+    torch.manual_seed(seed)
+    model = build_model(MODEL_SIZES[size], 256, verbose=False).eval()
+    params = {n: p for n, p in select_parameters(model, ScopeConfig()).items()}
+    linear = {f"{n}.weight" for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    weights = {n: p.detach() for n, p in params.items() if n in linear}
+    if fmt == "2:4":
+        ok = {n: w for n, w in weights.items() if w.shape[1] % 4 == 0}
+        masks = magnitude_masks(ok, 0.5, Granularity(kind="nm", n=2, m=4))
+    else:
+        masks = magnitude_masks(weights, SPARSITY)
+    nbytes = 0
+    runtimes = convert_linears(model, masks, fmt, dtype=dtype, device=device)
+    for m in model.modules():
+        if hasattr(m, "packed"):
+            nbytes += sum(t.numel() * t.element_size() for t in m.packed.tensors().values())
+        elif hasattr(m, "runtime") and isinstance(getattr(m, "weight", None), torch.Tensor):
+            w = m.weight
+            nbytes += w.numel() * w.element_size() if w.layout == torch.strided else _semi_bytes(w)
+    return model, masks, nbytes, runtimes
+
+
+def _semi_bytes(w: Any) -> int:
+    try:
+        return sum(t.numel() * t.element_size() for t in (w.packed, w.meta) if t is not None)
+    except AttributeError:
+        return w.numel() * 2 // 2
+
+
+def _bandwidth_gbps(device: str) -> float:
+    n = (256 << 20) if device == "cuda" else (64 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        ms = float(do_bench(lambda: dst.copy_(src), return_mode="median"))
+    else:
+        dst.copy_(src)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            dst.copy_(src)
+        ms = (time.perf_counter() - t0) / 5 * 1e3
+    return 2 * n / (ms * 1e-3) / 1e9  # a copy reads and writes n bytes
+
+
+def _run_streams(model, device: str, n_streams: int, seconds: float, seed: int = 1) -> dict[str, float]:
+    from sparse_rnnt.streaming import StreamingDecoder
+
+    dec = StreamingDecoder(model, None)
+    g = torch.Generator().manual_seed(seed)
+    # warm-up: autotuning and allocator, not timed
+    warm = [dec.open() for _ in range(n_streams)]
+    for s in warm:
+        dec.accept(s, 0.1 * torch.randn(CHUNK * 3, generator=g))
+    while dec.step(warm):
+        pass
+    dec.finish(warm)
+    dec.step_timings.clear()
+    dec.total_audio_s = dec.total_feature_s = 0.0
+    streams = [dec.open() for _ in range(n_streams)]
+    samples = int(seconds * 16000)
+    audio = [0.1 * torch.randn(samples, generator=g) for _ in range(n_streams)]
+    for start in range(0, samples, CHUNK):
+        for s, a in zip(streams, audio, strict=True):
+            dec.accept(s, a[start:start + CHUNK])
+        dec.step(streams)
+    dec.finish(streams)
+    return dec.latency_stats()
+
+
+def bench(device: str, quick: bool) -> list[dict[str, Any]]:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    sizes = ["tiny"] if device == "cpu" else (["base"] if quick else ["base", "paper-187m"])
+    counts = (1, 8, 64) if device == "cpu" else ((1, 32) if quick else (1, 8, 32, 64))
+    seconds = 2.0 if device == "cpu" else 4.0
+    bw = _bandwidth_gbps(device)
+    rows = []
+    for size in sizes:
+        for fmt in ("dense", "2:4", "bsr", "bitmap"):
+            try:
+                model, _, nbytes, runtimes = _build(size, fmt, device, dtype)
+            except Exception as e:  # a format this machine cannot build: recorded, not hidden
+                rows.append({"bench": "stream", "size": size, "format": fmt, "error": str(e).splitlines()[0]})
+                continue
+            for n in counts:
+                stats = _run_streams(model, device, n, seconds)
+                rows.append({
+                    "bench": "stream", "size": size, "format": fmt, "streams": n, "dtype": str(dtype)[6:],
+                    "sparsity": 0.5 if fmt == "2:4" else SPARSITY, "weight_bytes": nbytes,
+                    "p50_ms": 1e3 * stats["p50_s"], "p99_ms": 1e3 * stats["p99_s"],
+                    "encoder_p50_ms": 1e3 * stats["encoder_p50_s"], "rtf": stats["rtf"],
+                    "mean_batch": stats["mean_batch"], "floor_ms": 1e3 * nbytes / (bw * 1e9),
+                    "runtimes": sorted(set(runtimes.values())),
+                })
+            del model
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    dense = {(r["size"], r["streams"]): r["p50_ms"] for r in rows if r.get("format") == "dense" and "p50_ms" in r}
+    for r in rows:
+        if "p50_ms" in r:
+            r["speedup_vs_dense_p50"] = dense[(r["size"], r["streams"])] / r["p50_ms"]
+    return rows
+
+
+def _memory(device: str) -> int:
+    if device == "cuda":
+        return int(torch.cuda.memory_allocated())
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def load_test(device: str, minutes: float, n_streams: int = 64) -> dict[str, Any]:
+    """``n_streams`` streams fed ``minutes`` of audio each; memory along the way; outputs vs alone."""
+    from sparse_rnnt.streaming import StreamingDecoder
+
+    size = "tiny" if device == "cpu" else "base"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model, _, _, _ = _build(size, "dense", device, dtype)
+    dec = StreamingDecoder(model, None)
+    g = torch.Generator().manual_seed(7)
+    samples = int(minutes * 60 * 16000)
+    seeds = list(range(n_streams))
+    streams = [dec.open(stream_id=f"s{i}") for i in seeds]
+    memory = []
+    t0 = time.perf_counter()
+    ticks = (samples + CHUNK - 1) // CHUNK
+    gens = [torch.Generator().manual_seed(1000 + i) for i in seeds]
+    for tick in range(ticks):
+        n = min(CHUNK, samples - tick * CHUNK)
+        for s, gi in zip(streams, gens, strict=True):
+            dec.accept(s, 0.1 * torch.randn(n, generator=gi))
+        dec.step(streams)
+        if tick % max(1, ticks // 20) == 0:
+            memory.append({"tick": tick, "audio_s": tick * CHUNK / 16000, "bytes": _memory(device)})
+    results = {r.stream_id: r.tokens for r in dec.finish(streams)}
+    wall = time.perf_counter() - t0
+    stats = dec.latency_stats()
+    same = {}
+    for i in (0, n_streams - 1):  # the same audio alone, in one piece per tick
+        alone = StreamingDecoder(model, None)
+        gi = torch.Generator().manual_seed(1000 + i)
+        s = alone.open()
+        for tick in range(ticks):
+            alone.accept(s, 0.1 * torch.randn(min(CHUNK, samples - tick * CHUNK), generator=gi))
+            alone.step([s])
+        same[f"s{i}"] = alone.finalize(s).tokens == results[f"s{i}"]
+    del g
+    first, last = memory[1]["bytes"] if len(memory) > 1 else memory[0]["bytes"], memory[-1]["bytes"]
+    return {
+        "bench": "load", "size": size, "streams": n_streams, "minutes_per_stream": minutes,
+        "p50_ms": 1e3 * stats["p50_s"], "p99_ms": 1e3 * stats["p99_s"], "rtf": stats["rtf"], "wall_s": wall,
+        "memory": memory, "memory_growth_bytes": last - first,
+        "memory_growth_per_stream_bytes": (last - first) / n_streams, "identical_to_alone": same,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and stream counts")
+    parser.add_argument("--load-minutes", type=float, default=0.0, help="also run the load test (minutes per stream)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = bench(args.device, args.quick)
+    result: dict[str, Any] = {"environment": environment(), "device": args.device, "rows": rows,
+                              "threads": torch.get_num_threads()}
+    if args.load_minutes > 0:
+        result["load"] = load_test(args.device, args.load_minutes)
+    out = Path(args.out_dir) / f"stream-{args.device}.json"
+    atomic_write_json(out, result)
+    for r in rows:
+        print(json.dumps(r))
+    if "load" in result:
+        print(json.dumps({k: v for k, v in result["load"].items() if k != "memory"}))
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

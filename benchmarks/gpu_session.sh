@@ -10,7 +10,11 @@ if [ -d .whl ]; then pip install -q --no-deps --target /tmp/site .whl/*.whl >/de
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export SPARSE_RNNT_COMMIT=${SPARSE_RNNT_COMMIT:-unknown}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-timeout 300 python -m pytest -q -x tests/kernels tests/test_cuda.py -p no:cacheprovider > "$OUT/tests-gpu.log" 2>&1
-echo "kernel tests rc=$?" >> "$OUT/tests-gpu.log"
-timeout 240 python -m benchmarks.kernels --device cuda --out-dir "$OUT" > "$OUT/kernels.log" 2>&1
+timeout 200 python -m pytest -q tests/kernels tests/test_cuda.py tests/export tests/streaming -p no:cacheprovider \
+  > "$OUT/tests-gpu.log" 2>&1
+echo "tests rc=$?" >> "$OUT/tests-gpu.log"
+timeout 150 python -m benchmarks.kernels --device cuda --quick --out-dir "$OUT" > "$OUT/kernels.log" 2>&1
 echo "kernels rc=$?" >> "$OUT/kernels.log"
+timeout 60 python -m benchmarks.bench_small_row --device cuda --quick > "$OUT/small_row.jsonl" 2>&1
+timeout 120 python -m benchmarks.stream --device cuda --quick --out-dir "$OUT" > "$OUT/stream.log" 2>&1
+echo "stream rc=$?" >> "$OUT/stream.log"

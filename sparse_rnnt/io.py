@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +22,20 @@ def _current_umask() -> int:
 # mkstemp/mkdtemp create 0600/0700 entries; outputs should get the usual permissions.
 _FILE_MODE = 0o666 & ~_current_umask()
 _DIR_MODE = 0o777 & ~_current_umask()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Flush a file or a directory's entry list to disk (best effort: errors are ignored)."""
+    _fsync_dir(Path(path))
 
 
 def _fsync_dir(path: Path) -> None:

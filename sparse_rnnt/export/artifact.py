@@ -24,7 +24,6 @@ and every tensor's shape, and never unpickles.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -42,7 +41,7 @@ from ..config import from_dict
 from ..data.features import FeatureConfig, GlobalCMVN
 from ..data.tokenizer import Tokenizer
 from ..errors import UserError
-from ..io import atomic_path, atomic_write_json
+from ..io import atomic_path, atomic_write_json, sha256_file
 from ..model.configs import ModelConfig
 from ..model.rnnt import EmformerRNNT
 from ..pruning.masks import LanguageMasks, MaskSet
@@ -54,14 +53,6 @@ MANIFEST, CONFIG, WEIGHTS, MASKS = "manifest.json", "config.json", "weights.safe
 TOKENIZER, CMVN = "tokenizer.model", "cmvn.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _linear_names(model: nn.Module) -> set[str]:
@@ -191,7 +182,7 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike
         shutil.copyfile(rec.checkpoint / TOKENIZER, tmp / TOKENIZER)
         shutil.copyfile(rec.checkpoint / CMVN, tmp / CMVN)
         files = [WEIGHTS, CONFIG, TOKENIZER, CMVN] + ([MASKS] if opts.multilingual else [])
-        manifest["files"] = {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}
+        manifest["files"] = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}
         atomic_write_json(tmp / MANIFEST, manifest)
         manifest["verification"] = _verify(tmp, rec, export_langs, opts)
         for name, layer in load_artifact(tmp, device=opts.device).runtimes().items():
@@ -340,7 +331,7 @@ def load_artifact(path: str | os.PathLike[str], device: str = "cpu") -> Artifact
         fpath = _safe_member(root, name)
         if not fpath.is_file():
             raise UserError(f"{root}: missing file {name}")
-        if not isinstance(meta, dict) or _sha256(fpath) != meta.get("sha256"):
+        if not isinstance(meta, dict) or sha256_file(fpath) != meta.get("sha256"):
             raise UserError(f"{fpath}: corrupt or modified (SHA-256 differs from the manifest)")
     try:
         cfg = json.loads((root / CONFIG).read_text(encoding="utf-8"))

@@ -122,9 +122,9 @@ def test_tampered_artifacts_give_clear_errors(pruned, tmp_path):
     with pytest.raises(UserError, match="SHA-256"):
         rewrite(manifest)
         load_artifact(art_dir)
-    from sparse_rnnt.export.artifact import _sha256
+    from sparse_rnnt.io import sha256_file
 
-    files = {**manifest["files"], "weights.safetensors": {"sha256": _sha256(art_dir / "weights.safetensors")}}
+    files = {**manifest["files"], "weights.safetensors": {"sha256": sha256_file(art_dir / "weights.safetensors")}}
     rewrite({**manifest, "files": files})
     with pytest.raises(UserError, match=r"corrupt artifact weights.*shape"):
         load_artifact(art_dir)

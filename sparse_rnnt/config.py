@@ -253,7 +253,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise UserError(f"--set expects key=value, got {item!r}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, UnicodeDecodeError):
             value = raw
         _set_path(tree, key, value)
     return tree
@@ -278,7 +278,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
             raise UserError(f"config file not found: {p}")
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise UserError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
         if loaded is None:
             loaded = {}

@@ -1,9 +1,17 @@
-"""Utterances -> normalized (optionally augmented) features and token targets, and batching."""
+"""Utterances -> normalized (optionally augmented) features and token targets, and batching.
+
+Unreadable audio at load time (features not cached, file deleted or corrupted since the run
+started): ``dataset[i]`` raises :class:`UnreadableAudioError` (a :class:`UserError` naming the
+utterance and file), and :meth:`SpeechDataset.load_items` -- what a training loop should call --
+skips such items instead, logs a warning once per utterance and records them in
+``dataset.unreadable``, so one bad file costs one utterance, not the run.
+"""
 
 from __future__ import annotations
 
+import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +23,18 @@ from .audio import AudioError, load_audio
 from .features import FeatureConfig, GlobalCMVN, LogMel, SpecAugmentConfig, spec_augment
 from .manifest import Utterance
 from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class UnreadableAudioError(UserError):
+    """An item's audio cannot be loaded; ``key`` and ``path`` name the utterance and file."""
+
+    def __init__(self, key: str, path: str, reason: str) -> None:
+        super().__init__(f"utterance {key}: {reason}")
+        self.key = key
+        self.path = path
+        self.reason = reason
 
 
 @dataclass
@@ -118,6 +138,7 @@ class SpeechDataset(torch.utils.data.Dataset):
                 stacklevel=2,
             )
         self._logmel: LogMel | None = None
+        self.unreadable: dict[str, str] = {}  # key -> reason, filled by load_items
 
     def __len__(self) -> int:
         return len(self.utterances)
@@ -143,8 +164,8 @@ class SpeechDataset(torch.utils.data.Dataset):
             wave = load_audio(u.audio, expected_rate=self.feature_config.sample_rate)
             with torch.no_grad():
                 return self._logmel(wave)
-        except (AudioError, ValueError) as e:
-            raise UserError(f"utterance {u.key}: {e}") from None
+        except (AudioError, ValueError, RuntimeError) as e:
+            raise UnreadableAudioError(u.key, u.audio, str(e)) from None
 
     def _generator(self, index: int) -> torch.Generator:
         words = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, np.uint32)
@@ -164,6 +185,21 @@ class SpeechDataset(torch.utils.data.Dataset):
             "language_id": self._language_index[u.language],
             "key": u.key,
         }
+
+    def load_items(self, indices: Iterable[int]) -> list[dict[str, Any]]:
+        """``[self[i] for i in indices]`` minus the items whose audio cannot be loaded (see the
+        module docstring); may return fewer items than asked for, or none."""
+        out = []
+        for i in indices:
+            key = self.utterances[i].key
+            if key in self.unreadable:
+                continue
+            try:
+                out.append(self[i])
+            except UnreadableAudioError as e:
+                self.unreadable[key] = e.reason
+                log.warning("skipping %s: %s", key, e.reason)
+        return out
 
 
 def collate(items: list[dict[str, Any]]) -> Batch:

@@ -318,7 +318,7 @@ def load_artifact(path: str | os.PathLike[str], device: str = "cpu") -> Artifact
         raise UserError(f"{root}: not an artifact directory (no {MANIFEST})")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
         raise UserError(f"{mpath}: unreadable manifest ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
         raise UserError(f"{mpath}: not a sparse_rnnt artifact manifest")
@@ -347,8 +347,14 @@ def load_artifact(path: str | os.PathLike[str], device: str = "cpu") -> Artifact
         raise UserError(f"{root}: bad artifact config ({e})") from None
 
     dev = torch.device(device)
-    model = EmformerRNNT(model_cfg, num_symbols)
-    tensors = load_file(str(root / WEIGHTS))
+    try:
+        model = EmformerRNNT(model_cfg, num_symbols)
+    except (ValueError, TypeError, RuntimeError, OverflowError) as e:
+        raise UserError(f"{root}: bad artifact config ({e})") from None
+    try:
+        tensors = load_file(str(root / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types on malformed files
+        raise UserError(f"{root / WEIGHTS}: unreadable weights ({e})") from None
     params = dict(model.named_parameters())
     weights: dict[str, tuple[str, nn.Module]] = {}
     try:

@@ -10,16 +10,31 @@ A checkpoint is a directory ``<run>/checkpoints/step-NNNNNNN/``:
 
 ``<run>/checkpoints/latest`` names the newest complete checkpoint; it is written only after the
 checkpoint directory is in place, so a crash mid-write leaves the previous one as latest.
+
+Crash safety: every file is fsynced before the directory is renamed into place, temporaries left
+by a killed writer (``.step-*.tmp``, ``.latest.*.tmp``) are removed by the next save, and loading a
+*run* directory (:func:`load_checkpoint`, :func:`load_latest_valid`) verifies the latest
+checkpoint and, if it is truncated or corrupt, logs a warning naming the checkpoint and the bad
+file and falls back to the newest older checkpoint that verifies. An explicitly named checkpoint
+directory is never replaced by another one: if it is corrupt, loading it raises
+:class:`UserError` naming the file.
+
+Test hook: when the environment variable ``SPARSE_RNNT_TEST_CHECKPOINT_DELAY`` holds a number of
+seconds, :func:`save_checkpoint` sleeps that long in the middle of writing (model tensors written,
+metadata not yet), so crash tests can kill the process during a checkpoint write. It is off unless
+set and changes nothing else.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,20 +43,49 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-from ..io import atomic_path, atomic_write_text
+from ..io import atomic_path, atomic_write_text, fsync_path, sha256_file
 from ..pruning.masks import LanguageMasks, MaskSet
 
 FORMAT_VERSION = 1
 PRUNER_PREFIX = "pruner/"  # pruner tensors live under "extra.pruner/<key>" in state.safetensors
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# Leftovers of a writer killed mid-save: atomic_path's ".step-N.<random>.tmp" directories (and
+# ".step-N.old", the replaced copy of a re-saved step), atomic_write_text's ".latest.<random>.tmp".
+_STALE_TMP = re.compile(r"^\.((step-\d+|latest)\..+\.tmp|step-\d+\.old)$")
+TEST_DELAY_ENV = "SPARSE_RNNT_TEST_CHECKPOINT_DELAY"  # test hook, see the module docstring
+
+log = logging.getLogger(__name__)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _test_delay() -> None:
+    """The crash-test hook (off unless ``SPARSE_RNNT_TEST_CHECKPOINT_DELAY`` is set)."""
+    raw = os.environ.get(TEST_DELAY_ENV, "")
+    if raw:
+        try:
+            seconds = float(raw)
+        except ValueError:
+            return
+        if seconds > 0:
+            time.sleep(seconds)
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Delete what a writer killed mid-save left in ``run_dir/checkpoints`` (never a checkpoint
+    that ``list_checkpoints`` lists); returns the removed paths. Only one process (rank 0) may
+    write a run's checkpoints."""
+    root = Path(run_dir) / "checkpoints"
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for p in sorted(root.iterdir()):
+        if _STALE_TMP.match(p.name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            removed.append(p)
+    return removed
 
 
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -121,13 +165,18 @@ def save_checkpoint(
     """Write ``run_dir/checkpoints/step-<step>`` atomically, point ``latest`` at it, prune old ones.
 
     ``files`` maps a name inside the checkpoint to a file to copy there (tokenizer, CMVN stats).
+    Pruning keeps the new checkpoint and the ``keep - 1`` newest older ones; checkpoints of a
+    *later* step than ``step`` are deleted: they belong to the timeline abandoned when the run
+    resumed from an older checkpoint (e.g. after the latest one was found corrupt).
     """
     ckpt_root = Path(run_dir) / "checkpoints"
     final = ckpt_root / f"step-{step:07d}"
+    remove_stale_temporaries(run_dir)
     with atomic_path(final) as tmp:
         tmp.mkdir()
         model_sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(model_sd, str(tmp / "model.safetensors"))
+        _test_delay()
         state: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["rng.cuda"] = torch.cuda.get_rng_state()
@@ -140,7 +189,7 @@ def save_checkpoint(
         save_file(state, str(tmp / "state.safetensors"))
         for name, src in (files or {}).items():
             shutil.copyfile(src, tmp / name)
-        hashes = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         meta = {
             "format_version": FORMAT_VERSION,
             "step": step,
@@ -151,10 +200,26 @@ def save_checkpoint(
             "sha256": hashes,
         }
         (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for f in tmp.iterdir():
+            fsync_path(f)
+        fsync_path(tmp)
     atomic_write_text(ckpt_root / "latest", final.name + "\n")
-    for old in list_checkpoints(run_dir)[:-keep]:
+    older = []
+    for old in list_checkpoints(run_dir):
+        if old == final:
+            continue
+        if _step_of(old) > step:
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            older.append(old)
+    for old in older[: max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _step_of(path: Path) -> int:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else -1
 
 
 def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
@@ -166,50 +231,125 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """Accept a checkpoint directory or a run directory (uses its ``latest``)."""
-    p = Path(path)
+def _is_checkpoint_dir(p: Path) -> bool:
+    """A checkpoint directory (as opposed to a run directory): holds ``checkpoint.json``, or is
+    named ``step-N`` (then a missing ``checkpoint.json`` is its own problem, not "no checkpoint")."""
     if (p / "checkpoint.json").is_file():
-        return p
-    latest = p / "checkpoints" / "latest"
+        return True
+    return p.is_dir() and bool(_STEP_DIR.match(p.name)) and not (p / "checkpoints").is_dir()
+
+
+def _candidates(run_dir: Path) -> tuple[list[Path], list[str]]:
+    """Checkpoints of a run to try, best first: the one ``latest`` names, then every other one,
+    newest first. Also returns problems with the ``latest`` pointer itself."""
+    problems: list[str] = []
+    ckpts = list_checkpoints(run_dir)
+    order: list[Path] = []
+    latest = run_dir / "checkpoints" / "latest"
     if latest.is_file():
-        target = p / "checkpoints" / latest.read_text().strip()
-        if (target / "checkpoint.json").is_file():
-            return target
-    ckpts = list_checkpoints(p)
-    if ckpts:
-        return ckpts[-1]
+        try:
+            name = latest.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append(f"{latest}: unreadable ({e})")
+            name = ""
+        if name and _STEP_DIR.match(name) and (run_dir / "checkpoints" / name).is_dir():
+            order.append(run_dir / "checkpoints" / name)
+        elif name:
+            problems.append(f"{latest}: names {name!r}, which is not a checkpoint directory of this run")
+    order.extend(p for p in reversed(ckpts) if p not in order)
+    return order, problems
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """Accept a checkpoint directory or a run directory (uses its ``latest``, without verifying
+    it: :func:`load_checkpoint` verifies and falls back to an older checkpoint when needed)."""
+    p = Path(path)
+    if _is_checkpoint_dir(p):
+        return p
+    order, _ = _candidates(p)
+    if order:
+        return order[0]
     if not p.exists():
         raise UserError(f"checkpoint not found: {p}")
     raise UserError(f"no checkpoint in {p} (expected checkpoint.json or checkpoints/latest)")
 
 
+def _load_dir(p: Path, verify: bool) -> Checkpoint:
+    """Load one checkpoint directory; any defect raises :class:`UserError` naming the file."""
+    meta_path = p / "checkpoint.json"
+    if not meta_path.is_file():
+        raise UserError(f"{p}: checkpoint file checkpoint.json is missing")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{meta_path}: unreadable checkpoint metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path}: unreadable checkpoint metadata (not a JSON object)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{p}: unsupported checkpoint format {meta.get('format_version')!r}")
+    hashes = meta.get("sha256", {})
+    try:
+        step = int(meta["step"])
+        if not isinstance(hashes, dict):
+            raise TypeError("sha256 is not a mapping")
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{meta_path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+    if verify:
+        for name, digest in hashes.items():
+            f = p / str(name)
+            if "/" in str(name) or not f.is_file():
+                raise UserError(f"{p}: checkpoint file {name} is missing")
+            if sha256_file(f) != digest:
+                raise UserError(f"{p}: checkpoint file {name} is corrupted (SHA-256 mismatch)")
+    tensors: list[dict[str, torch.Tensor]] = []
+    for name in ("model.safetensors", "state.safetensors"):
+        try:
+            tensors.append(load_file(str(p / name)))
+        except Exception as e:  # safetensors raises several types for bad files
+            raise UserError(f"{p}: checkpoint file {name} is unreadable ({e})") from None
+    return Checkpoint(path=p, step=step, model=tensors[0], state_tensors=tensors[1], meta=meta)
+
+
+def load_latest_valid(run_dir: str | os.PathLike[str], verify: bool = True) -> tuple[Checkpoint, list[str]]:
+    """The newest checkpoint of a run directory that loads and verifies, and the problems found
+    on the way (one message per skipped checkpoint, naming it and the bad file).
+
+    Tries the checkpoint ``latest`` names first, then the others newest first. Each problem is
+    also logged as a warning. Raises :class:`UserError` when the run has no checkpoint or none
+    is sound (listing every problem).
+    """
+    p = Path(run_dir)
+    order, problems = _candidates(p)
+    if not order:
+        if not p.exists():
+            raise UserError(f"checkpoint not found: {p}")
+        raise UserError(f"no checkpoint in {p} (expected checkpoint.json or checkpoints/latest)")
+    for cand in order:
+        try:
+            ckpt = _load_dir(cand, verify)
+        except UserError as e:
+            problems.append(str(e))
+            log.warning("skipping damaged checkpoint %s: %s", cand.name, e)
+            continue
+        if problems:
+            log.warning("%s: resuming from %s (step %d), the newest sound checkpoint", p, cand.name, ckpt.step)
+        return ckpt, problems
+    raise UserError(f"{p}: no sound checkpoint ({'; '.join(problems)})")
+
+
 def load_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> Checkpoint:
     """Load a checkpoint (directory or run directory) without unpickling anything.
 
-    With ``verify``, every file's SHA-256 is checked against ``checkpoint.json``; a mismatch or a
-    missing file raises :class:`UserError` naming the file.
+    With ``verify``, every file's SHA-256 is checked against ``checkpoint.json``. A checkpoint
+    directory with a mismatch, a missing file or unreadable metadata raises :class:`UserError`
+    naming the file; for a run directory, a damaged latest checkpoint is reported (logged
+    warning naming it and the file) and the newest sound older one is returned instead (see
+    :func:`load_latest_valid`).
     """
-    p = resolve_checkpoint(path)
-    try:
-        meta = json.loads((p / "checkpoint.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{p / 'checkpoint.json'}: unreadable checkpoint metadata ({e})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{p}: unsupported checkpoint format {meta.get('format_version')!r}")
-    if verify:
-        for name, digest in meta.get("sha256", {}).items():
-            f = p / name
-            if not f.is_file():
-                raise UserError(f"{p}: checkpoint file {name} is missing")
-            if _sha256(f) != digest:
-                raise UserError(f"{p}: checkpoint file {name} is corrupted (SHA-256 mismatch)")
-    try:
-        model = load_file(str(p / "model.safetensors"))
-        state = load_file(str(p / "state.safetensors"))
-    except Exception as e:
-        raise UserError(f"{p}: unreadable checkpoint tensors ({e})") from None
-    return Checkpoint(path=p, step=int(meta["step"]), model=model, state_tensors=state, meta=meta)
+    p = Path(path)
+    if _is_checkpoint_dir(p):
+        return _load_dir(p, verify)
+    return load_latest_valid(p, verify)[0]
 
 
 def checkpoint_masks(ckpt: Checkpoint) -> MaskSet | LanguageMasks | None:

@@ -54,7 +54,7 @@ def _run(method: str, backend: str, aggregation: str = "alternate"):
             with pruner.masked_forward(lang):
                 loss = model(*_batch(step)).loss
                 loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         pruner.before_optimizer_step(step, lang)
         opt.step()
         pruner.after_optimizer_step(step)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,7 +109,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
     result = Trainer(cfg, out, resume=args.resume).run()
-    print(json.dumps(result, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        print(json.dumps(result, indent=2))
     return 0
 
 
@@ -176,7 +178,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
     result = Trainer(cfg, Path(args.out), resume=args.resume, init_checkpoint=dense.path).run()
-    print(json.dumps(result, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        print(json.dumps(result, indent=2))
     return 0
 
 

@@ -37,6 +37,8 @@ class DataConfig:
     max_duration: float = 30.0  # seconds; longer training utterances are skipped (and counted)
     dev_max_utterances: int = 200  # per language, for periodic dev evaluation
     workers: int = 0  # feature extraction processes; 0 = all cores
+    max_bad_fraction: float = 0.05  # stop if more of the training items are bad (see data_report.json)
+    clip_fraction: float = 0.01  # audio with more samples at full scale counts as clipped
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
     threads: int = 0  # torch intra-op threads on CPU; 0 = all cores
+    max_nonfinite_steps: int = 5  # NaN/Inf losses in a row (each step skipped) before the run stops
     progress: bool = True
 
 
@@ -113,6 +116,12 @@ class ExperimentConfig:
             raise UserError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
         if self.data.max_duration <= 0:
             raise UserError("data.max_duration must be positive")
+        for key in ("max_bad_fraction", "clip_fraction"):
+            value = getattr(self.data, key)
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"data.{key} must be a fraction in [0, 1], got {value}")
+        if self.train.max_nonfinite_steps < 0:
+            raise UserError(f"train.max_nonfinite_steps must be >= 0, got {self.train.max_nonfinite_steps}")
         for sub in (self.features, self.spec_augment, self.tokenizer, self.batch):
             validate = getattr(sub, "validate", None)
             if validate is not None:

@@ -6,6 +6,10 @@ dense checkpoint (``init_checkpoint``) whose tokenizer and CMVN stats the pruned
 Resuming restores the model, optimizer, scheduler, sampler position and RNG states, so a run
 interrupted at step k and resumed reaches the same weights as an uninterrupted run (bit-exact on
 CPU with the same thread count).
+
+Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) the trainer runs data-parallel: see
+:mod:`sparse_rnnt.training.distributed` for the batch split, the gradient all-reduce, the mask
+checks and what rank 0 does.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -29,11 +34,12 @@ from ..config import ExperimentConfig, from_dict, save_config, to_dict
 from ..data.dataset import Batch, SpeechDataset, collate
 from ..data.features import GlobalCMVN, compute_features
 from ..data.manifest import Utterance, cap_per_language, load_split, manifest_path
+from ..data.quality import QualityLimits, screen
 from ..data.sampler import BucketBatchSampler
 from ..data.tokenizer import Tokenizer
 from ..errors import UserError
 from ..io import atomic_write_json
-from ..model.rnnt import EmformerRNNT, build_model
+from ..model.rnnt import EmformerRNNT, LossOutput, build_model
 from ..pruning.analytics import (
     churn_series,
     mask_report,
@@ -49,10 +55,14 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from .distributed import Distributed, Shard, as_shard, read_env, split_batch
 from .evaluate import EvalResult, evaluate
+from .guard import LossGuard
 from .stage_masks import resolve_init_masks, save_level_snapshot
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 TOKENIZER_FILE = "tokenizer.model"
 CMVN_FILE = "cmvn.safetensors"
@@ -136,12 +146,27 @@ class Trainer:
         self.resume = resume
         self.init_checkpoint = init_checkpoint
         self.pruner: Pruner | None = None
+        self.guard = LossGuard(cfg.train.max_nonfinite_steps)
         self._history_logged = 0
-        self.progress = cfg.train.progress
+        env = read_env()  # torchrun: data-parallel over WORLD_SIZE processes
+        self.is_main = env is None or env.rank == 0  # only rank 0 writes files and evaluates
+        self.progress = cfg.train.progress and self.is_main
         self.device = resolve_device(cfg.train.device)
+        if env is not None and self.device.type == "cuda":
+            if self.device.index is not None:
+                raise UserError(
+                    f"train.device={cfg.train.device} under torchrun: use auto or cuda (each rank takes "
+                    "cuda:LOCAL_RANK)"
+                )
+            if env.local_rank >= torch.cuda.device_count():
+                raise UserError(f"LOCAL_RANK={env.local_rank} but only {torch.cuda.device_count()} GPU(s)")
+            self.device = torch.device("cuda", env.local_rank)
+            torch.cuda.set_device(self.device)
         if self.device.type == "cpu":
-            torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+            per_process = (os.cpu_count() or 1) // (env.local_world_size if env is not None else 1)
+            torch.set_num_threads(cfg.train.threads or max(per_process, 1))
         self._check_out_dir()
+        self.dist: Distributed | None = Distributed(env, self.device) if env is not None else None
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -160,6 +185,21 @@ class Trainer:
             raise UserError(f"{self.out} already holds a training run: pass --resume or choose another --out")
 
     def setup(self) -> None:
+        """Read the data, build the model (and pruner), restore a resumed run.
+
+        Under torchrun rank 0 sets up first (it writes the config, tokenizer, CMVN stats and data
+        report) while the others wait; then they set up from its files, and all ranks check that
+        they hold the same weights and masks."""
+        if self.dist is None:
+            self._setup()
+            return
+        self.dist.on_main(self._setup, "set up the run")
+        self.dist.everywhere(lambda: None if self.is_main else self._setup(), "set up the run")
+        self.dist.check_model(self.model, self.step)
+        if self.pruner is not None:
+            self.dist.check_masks(self.pruner, self.step)
+
+    def _setup(self) -> None:
         cfg = self.cfg
         if not cfg.data.manifest_dir:
             raise UserError("data.manifest_dir is not set (the directory with train.jsonl and dev.jsonl)")
@@ -168,7 +208,7 @@ class Trainer:
         # Read the dense checkpoint first: a bad --init must fail before anything is written.
         self.init: Checkpoint | None = load_checkpoint(self.init_checkpoint) if self.init_checkpoint else None
         self.out.mkdir(parents=True, exist_ok=True)
-        if not self.resume:
+        if not self.resume and self.is_main:
             save_config(cfg, self.out / "config.yaml")
 
         train = load_split(cfg.data.manifest_dir, "train")
@@ -181,23 +221,22 @@ class Trainer:
         dev = cap_per_language(dev, cfg.data.dev_max_utterances)
 
         self.tokenizer = self._tokenizer(train)
-        skipped: dict[str, list[str]] = {"too_long": [], "unencodable": [], "empty_text": []}
-        kept: list[Utterance] = []
-        for u in train:
-            if u.duration > cfg.data.max_duration:
-                skipped["too_long"].append(u.key)
-            elif not u.text.strip():
-                skipped["empty_text"].append(u.key)
-            elif not self.tokenizer.encodable(u.text):
-                skipped["unencodable"].append(u.key)
-            else:
-                kept.append(u)
+        # Bad items (unreadable, empty, wrong-rate, clipped or too long audio; empty or
+        # untokenizable text) are skipped with a reason; above data.max_bad_fraction the run stops.
+        limits = QualityLimits(max_duration=cfg.data.max_duration, clip_fraction=cfg.data.clip_fraction,
+                               max_bad_fraction=cfg.data.max_bad_fraction)
+        kept, skipped = screen(train, self.tokenizer, cfg.features, limits, workers=min(8, self._feature_workers()),
+                               progress=self.progress)
+        for reason, keys in skipped.items():
+            if keys:
+                self._say(f"data: skipped {len(keys)} training utterance(s): {reason} (e.g. {', '.join(keys[:3])})")
         if not kept:
             raise UserError("every training utterance was skipped (see data_report.json)")
         self.train_utts, self.dev_utts = kept, dev
         counts = {lang: sum(u.language == lang for u in kept) for lang in self.languages}
         self.report = DataReport(kept=counts, skipped=skipped)
-        atomic_write_json(self.out / "data_report.json", self.report.to_dict())
+        if self.is_main:
+            atomic_write_json(self.out / "data_report.json", self.report.to_dict())
         n_skip = sum(len(v) for v in skipped.values())
         self._say(f"data: {len(kept)} training utterances ({', '.join(f'{k} {v}' for k, v in counts.items())}), "
                   f"{n_skip} skipped, {len(dev)} dev")
@@ -212,6 +251,7 @@ class Trainer:
             kept, self.tokenizer, self.cmvn, features=self.features, feature_config=cfg.features,
             spec_augment=cfg.spec_augment, languages=self.languages, seed=cfg.train.seed,
         )
+        self._utterance_languages = self.dataset.utterance_languages
         self.sampler = BucketBatchSampler(
             self.dataset.durations, self.dataset.utterance_languages, cfg.batch,
             frames_per_second=cfg.features.frames_per_second,
@@ -273,6 +313,8 @@ class Trainer:
 
     def _tokenizer(self, train: list[Utterance]) -> Tokenizer:
         path = self.out / TOKENIZER_FILE
+        if not self.is_main:  # rank 0 set up first: read its (checked) tokenizer
+            return Tokenizer.load(path)
         if self.init is not None:
             # The pruned model must share the dense model's vocabulary.
             src_tok = self.init.path / TOKENIZER_FILE
@@ -302,6 +344,8 @@ class Trainer:
 
     def _cmvn(self) -> GlobalCMVN:
         path = self.out / CMVN_FILE
+        if not self.is_main:  # rank 0 set up first: read its statistics
+            return GlobalCMVN.load(path)
         if self.resume and path.exists():
             return GlobalCMVN.load(path)
         if self.init is not None:
@@ -325,6 +369,8 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt.optimizer_state())
         self.step = ckpt.step
         self.scheduler.load_state_dict({**self.scheduler.state_dict(), **ckpt.meta["extra"]["scheduler"]})
+        if "loss_guard" in ckpt.meta["extra"]:
+            self.guard.load_state_dict(ckpt.meta["extra"]["loss_guard"])
         if self.language_samplers is not None:
             states = ckpt.meta["extra"]["language_samplers"]
             for lang, (_, sampler) in self.language_samplers.items():
@@ -340,6 +386,13 @@ class Trainer:
             self.pruner.load_state_dict({"meta": extra["pruner"], "tensors": tensors})
             self._history_logged = len(self.pruner.history)
         ckpt.restore_rng()
+        # The global batch schedule does not depend on the world size: resuming on another number
+        # of ranks re-splits the remaining global batches (see distributed.py).
+        saved_world = int(ckpt.meta["extra"].get("world_size", 1))
+        world = self.dist.world_size if self.dist is not None else 1
+        if saved_world != world:
+            self._say(f"resuming a run saved on {saved_world} process(es) on {world}: the global batches "
+                      "continue unchanged, split over the new number of ranks")
         self._say(f"resumed from {ckpt.path} at step {self.step}")
 
     # -- loop ---------------------------------------------------------------------------------
@@ -352,29 +405,64 @@ class Trainer:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _batch_language(self, batch: Batch) -> str | None:
-        """The batch's language for per-language pruners (monolingual batches), else None."""
+    def _batch_language(self, batch: Batch | Shard) -> str | None:
+        """The batch's language for per-language pruners (monolingual batches), else None. Under
+        DDP it is the global batch's language, the same on every rank."""
         if self.pruner is None or not self.pruner.multilingual:
             return None
-        langs = set(batch.languages)
+        langs = as_shard(batch).languages
         if len(langs) != 1:
-            raise RuntimeError(f"per-language pruning needs monolingual batches, got {sorted(langs)}")
-        return batch.languages[0]
+            raise RuntimeError(f"per-language pruning needs monolingual batches, got {list(langs)}")
+        return langs[0]
 
-    def train_step(self, batch: Batch | dict[str, Batch]) -> dict[str, float]:
-        """One optimizer step on ``batch`` (a dict ``{language: Batch}`` for pathways "sum")."""
-        if isinstance(batch, dict):
-            return self._summed_step(batch)
-        self.model.train()
-        batch = batch.to(self.device)
+    def _forward_backward(self, shard: Shard, language: str | None) -> LossOutput | None:
+        """Loss and backward pass on this rank's part of the batch (None if it has no utterance)."""
+        if shard.batch is None:
+            return None
+        batch = shard.batch.to(self.device)
         pruner = self.pruner
-        language = self._batch_language(batch)
         masked = pruner.masked_forward(language) if pruner is not None else contextlib.nullcontext()
-        self.optimizer.zero_grad(set_to_none=True)
         with masked:  # soft masks: the backward pass must see the masked weights too
             with self._autocast():
                 out = self.model(batch.features, batch.feature_lengths, batch.targets, batch.target_lengths)
-            out.loss.backward()
+            # DDP: weight by this rank's share of the global batch; the all-reduce SUMs (distributed.py).
+            (out.loss if self.dist is None else out.loss * shard.weight).backward()
+        return out
+
+    def _reduce(self, outs: list[tuple[LossOutput | None, Shard]]) -> list[dict[str, float]]:
+        """Losses per forward pass (``loss``, ``rnnt``, ``ctc``). DDP: first all-reduce the gradients
+        into the global batch's mean gradient (identical on every rank); the losses returned are
+        then the global batches' means."""
+        if self.dist is None:
+            done = [out for out, _ in outs if out is not None]  # single process: every part has utterances
+            return [{"loss": float(out.loss.detach()), "rnnt": float(out.rnnt),
+                     **({"ctc": float(out.ctc)} if out.ctc is not None else {})} for out in done]
+        keys = ("loss", "rnnt", "ctc") if self.model.ctc_head is not None else ("loss", "rnnt")
+        values = []
+        for out, shard in outs:
+            for k in keys:
+                value = None if out is None else getattr(out, k)
+                values.append(0.0 if value is None else float(value.detach()) * shard.weight)
+        summed = self.dist.reduce_gradients(list(self.model.parameters()), values)
+        return [dict(zip(keys, summed[i * len(keys):(i + 1) * len(keys)], strict=True)) for i in range(len(outs))]
+
+    def train_step(self, batch: Batch | Shard | dict[str, Batch] | dict[str, Shard]) -> dict[str, float]:
+        """One optimizer step on ``batch`` (a dict ``{language: Batch}`` for pathways "sum"; under
+        DDP a :class:`Shard`: this rank's part of the global batch)."""
+        if isinstance(batch, dict):
+            return self._summed_step(batch)
+        self.model.train()
+        shard = as_shard(batch)
+        pruner = self.pruner
+        language = self._batch_language(shard)
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self._forward_backward(shard, language)
+        # --- DDP: the gradients become the global-batch mean on every rank HERE, before the
+        # pruner masks them (same masks on all ranks: masking commutes with the averaging).
+        losses = self._reduce([(out, shard)])[0]
+        # Decided on the reduced (global) loss, so every rank skips the same steps.
+        if not self._loss_ok(losses, [shard]):
+            return {**losses, "skipped": 1.0}
         if pruner is not None:
             pruner.before_optimizer_step(self.step + 1, language)
         clip = self.cfg.optim.grad_clip
@@ -386,33 +474,41 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        stats = {"loss": float(out.loss.detach()), "rnnt": float(out.rnnt), "grad_norm": float(norm)}
+        stats = {**losses, "grad_norm": float(norm)}
         if pruner is not None:
             pruner.after_optimizer_step(self.step)
             pruner.update_mask(self.step, language)
-        if out.ctc is not None:
-            stats["ctc"] = float(out.ctc)
         return stats
 
-    def _summed_step(self, batches: dict[str, Batch]) -> dict[str, float]:
+    def _loss_ok(self, losses: dict[str, float], shards: list[Shard]) -> bool:
+        """False for a non-finite loss: the step is skipped (gradients dropped, no optimizer
+        step), counted, and too many in a row stop the run naming the batches."""
+        keys = [k for s in shards if s.batch is not None for k in s.batch.keys]
+        if self.guard.check(torch.tensor(losses["loss"]), keys, self.step + 1):
+            return True
+        self.optimizer.zero_grad(set_to_none=True)
+        self._say(f"step {self.step + 1}: non-finite loss, step skipped ({self.guard.skipped} so far)")
+        return False
+
+    def _summed_step(self, batches: dict[str, Batch] | dict[str, Shard]) -> dict[str, float]:
         """ASR Pathways, summed aggregation: ``Σ_l m_l ⊙ g_l`` over one batch per language."""
         pruner = self.pruner
         assert pruner is not None
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        losses: dict[str, list[float]] = {"loss": [], "rnnt": [], "ctc": []}
+        outs = []
         for lang, batch in batches.items():
-            batch = batch.to(self.device)
-            with pruner.masked_forward(lang):
-                with self._autocast():
-                    out = self.model(batch.features, batch.feature_lengths, batch.targets, batch.target_lengths)
-                out.loss.backward()
+            shard = as_shard(batch)
+            outs.append((self._forward_backward(shard, lang), shard))
             pruner.accumulate_grads(lang)
-            losses["loss"].append(float(out.loss.detach()))
-            losses["rnnt"].append(float(out.rnnt))
-            if out.ctc is not None:
-                losses["ctc"].append(float(out.ctc))
         pruner.before_optimizer_step(self.step + 1, None)
+        # DDP: one all-reduce of Σ_l m_l ⊙ (n_r/N_l) g_{l,r}, now back in .grad: the sum over ranks
+        # is Σ_l m_l ⊙ mean_l (identical masks). Reducing per language before accumulate_grads
+        # would give the same result with one collective per language.
+        per_language = self._reduce(outs)
+        losses: dict[str, list[float]] = {k: [d[k] for d in per_language if k in d] for k in ("loss", "rnnt", "ctc")}
+        if not self._loss_ok({"loss": sum(losses["loss"])}, [s for _, s in outs]):
+            return {"loss": sum(losses["loss"]), "skipped": 1.0}
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.cfg.optim.grad_clip
         if clip > 0:
@@ -438,15 +534,33 @@ class Trainer:
         while True:
             self.dataset.set_epoch(self.sampler.epoch)
             for idx in self.sampler:
-                yield collate([self.dataset[i] for i in idx])
+                batch = self._collate(idx)
+                if batch is not None:
+                    yield batch
             self.sampler.set_epoch(self.sampler.epoch + 1)
 
     def _language_stream(self, idx: list[int], sampler: BucketBatchSampler):
         while True:
             for sub in sampler:
                 self.dataset.set_epoch(sampler.epoch)  # SpecAugment draws depend on the epoch
-                yield collate([self.dataset[idx[i]] for i in sub])
+                batch = self._collate([idx[i] for i in sub])
+                if batch is not None:
+                    yield batch
             sampler.set_epoch(sampler.epoch + 1)
+
+    def _collate(self, idx: list[int]) -> Batch | Shard | None:
+        """The batch of dataset indices ``idx``; under DDP ``idx`` is the global batch (the same on
+        every rank) and this rank collates only its part of it."""
+        if self.dist is None:
+            items = self.dataset.load_items(idx)  # drops items whose audio turned out unreadable
+            return collate(items) if items else None
+        part = split_batch(idx, self.dist.rank, self.dist.world_size)
+        items = self.dataset.load_items(part)
+        return Shard(
+            batch=collate(items) if items else None,
+            global_size=len(idx),
+            languages=tuple(sorted({self._utterance_languages[i] for i in idx})),
+        )
 
     @property
     def epoch(self) -> int:
@@ -457,7 +571,7 @@ class Trainer:
     def _snapshot_levels(self, step: int) -> None:
         """Save the masks right after a sparsity step taken at ``step`` (``masks/level-*.safetensors``)."""
         pruner = self.pruner
-        if pruner is None:
+        if pruner is None or not self.is_main:
             return
         if any(h["event"] == "level" and h["step"] == step for h in reversed(pruner.history)):
             masks = pruner.language_masks() if pruner.multilingual else pruner.masks()
@@ -523,7 +637,8 @@ class Trainer:
             "sampler": self.sampler.state_dict(), "languages": self.languages,
             **({"language_samplers": {lang: smp.state_dict() for lang, (_, smp) in self.language_samplers.items()}}
                if self.language_samplers is not None else {}),
-            "num_symbols": self.tokenizer.num_symbols,
+            "num_symbols": self.tokenizer.num_symbols, "loss_guard": self.guard.state_dict(),
+            "world_size": self.dist.world_size if self.dist is not None else 1,
         }
         extra_tensors: dict[str, torch.Tensor] = {}
         if self.pruner is not None:
@@ -537,19 +652,42 @@ class Trainer:
             extra=extra, extra_tensors=extra_tensors, files=files, keep=self.cfg.train.keep_checkpoints,
         )
 
+    def _on_main(self, fn: Callable[[], _T], what: str) -> _T | None:
+        """``fn()`` on rank 0 only (DDP: the other ranks wait and get None)."""
+        return fn() if self.dist is None else self.dist.on_main(fn, what)
+
+    def _save_all(self) -> None:
+        self.save()
+        self.write_analytics()
+
+    def _frames(self, batch: Batch | Shard | dict[str, Batch] | dict[str, Shard]) -> float:
+        """Feature frames trained on in this step (DDP: summed over the ranks)."""
+        parts = [as_shard(b).batch for b in (batch.values() if isinstance(batch, dict) else (batch,))]
+        frames = float(sum(b.feature_lengths.sum() for b in parts if b is not None))
+        return frames if self.dist is None else self.dist.sum_values([frames])[0]
+
     def run(self) -> dict[str, Any]:
-        """Train to ``train.max_steps``; returns the final dev result (if any) and timings."""
+        """Train to ``train.max_steps``; returns the final dev result (if any) and timings.
+        Under torchrun every rank calls it; it leaves the process group it joined at the end."""
+        try:
+            return self._run()
+        finally:
+            if self.dist is not None:
+                self.dist.close()
+
+    def _run(self) -> dict[str, Any]:
         created = not self.out.exists()
         try:
             self.setup()
         except (UserError, KeyboardInterrupt):
             # Bad input found during set-up: leave nothing behind (a started run stays resumable).
-            if created:
+            if created and self.is_main:
                 shutil.rmtree(self.out, ignore_errors=True)
             raise
         t = self.cfg.train
-        metrics_path = self.out / "metrics.jsonl"
-        writer = _tensorboard(self.out)
+        # DDP: only rank 0 writes metrics and TensorBoard logs.
+        metrics_path = self.out / "metrics.jsonl" if self.is_main else Path(os.devnull)
+        writer = _tensorboard(self.out) if self.is_main else None
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
         start = time.perf_counter()
         window: list[dict[str, float]] = []
@@ -558,24 +696,31 @@ class Trainer:
         with metrics_path.open("a", encoding="utf-8") as metrics:
             while self.step < t.max_steps:
                 batch = next(batches)
+                if self.dist is not None:  # dropout: per (seed, step, rank), so resumes are exact
+                    self.dist.seed_step(t.seed, self.step)
                 t0 = time.perf_counter()
                 stats = self.train_step(batch)
+                if "skipped" in stats:  # non-finite loss: no optimizer step was taken
+                    continue
                 stats["sec"] = time.perf_counter() - t0
-                parts = batch.values() if isinstance(batch, dict) else (batch,)
-                stats["frames"] = float(sum(b.feature_lengths.sum() for b in parts))
+                stats["frames"] = self._frames(batch)
                 window.append(stats)
                 bar.update(1)
                 if self.pruner is not None and len(self.pruner.history) > self._history_logged:
-                    # Mask updates (level steps and re-ranks) with their sparsity and churn.
+                    # Mask updates (level steps and re-ranks) with their sparsity and churn. The
+                    # events follow the schedule, so every rank checks its masks at the same step.
+                    if self.dist is not None:
+                        self.dist.check_masks(self.pruner, self.step)
                     self._snapshot_levels(self.step)
                     events = self.pruner.history[self._history_logged:]
                     self._history_logged = len(self.pruner.history)
-                    metrics.write(json.dumps({"step": self.step, "sparsity": self.sparsity(),
-                                              "pruning": events}) + "\n")
-                    metrics.flush()
+                    if self.is_main:
+                        metrics.write(json.dumps({"step": self.step, "sparsity": self.sparsity(),
+                                                  "pruning": events}) + "\n")
+                        metrics.flush()
                 if t.log_every and (self.step % t.log_every == 0 or self.step == t.max_steps):
                     row = {k: sum(w[k] for w in window if k in w) / len(window) for k in window[-1]}
-                    if self.pruner is not None:  # a pass over every mask: only when logging
+                    if self.pruner is not None and self.is_main:  # a pass over every mask: only when logging
                         row["sparsity"] = self.sparsity()
                     row.update(step=self.step, epoch=self.epoch, lr=self.scheduler.get_last_lr()[0],
                                frames_per_sec=row["frames"] / max(row["sec"], 1e-9))
@@ -589,7 +734,7 @@ class Trainer:
                     window = []
                 done = self.step == t.max_steps
                 if (t.eval_every and self.step % t.eval_every == 0) or done:
-                    last_dev = self.evaluate_dev()
+                    last_dev = self._on_main(self.evaluate_dev, "evaluate on dev")
                     if last_dev is not None:
                         row = {"step": self.step, "dev_average_wer": last_dev.average_wer,
                                "dev_wer": {k: v.wer for k, v in last_dev.per_language.items()}}
@@ -601,8 +746,7 @@ class Trainer:
                         if writer is not None:
                             writer.add_scalar("dev/average_wer", last_dev.average_wer, self.step)
                 if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or done:
-                    self.save()
-                    self.write_analytics()
+                    self._on_main(self._save_all, "save a checkpoint")  # the others wait
         bar.close()
         if self.pruner is not None:
             self.pruner.close()  # undo the triton backend's layer swap

@@ -1,0 +1,70 @@
+"""The trainer skips bad data and non-finite steps, as issue #6 asks, end to end."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+from sparse_rnnt.data.manifest import read_manifest, write_manifest
+from sparse_rnnt.errors import UserError
+from sparse_rnnt.training.checkpoint import load_checkpoint
+from sparse_rnnt.training.trainer import Trainer
+from tests.training.test_trainer import _cfg
+
+
+class _NaNAt(Trainer):
+    """Makes the loss NaN on the given (1-based) batches."""
+
+    nan_steps: frozenset[int] = frozenset()
+    calls = 0
+
+    def _forward_backward(self, shard, language):
+        out = super()._forward_backward(shard, language)
+        self.calls += 1
+        if self.calls in self.nan_steps and out is not None:
+            out.loss = out.loss * float("nan")
+        return out
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tiny_manifests, tmp_path):
+    cfg = _cfg(tiny_manifests, **{"train.max_steps": 4, "train.checkpoint_every": 4})
+    trainer = type("T", (_NaNAt,), {"nan_steps": frozenset({2})})(cfg, tmp_path / "run")
+    trainer.run()
+    assert trainer.guard.skipped == 1 and trainer.step == 4 and trainer.calls == 5
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)  # no NaN logged
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.meta["extra"]["loss_guard"]["skipped"] == 1
+    assert all(torch.isfinite(t).all() for t in ckpt.model.values())
+
+
+def test_too_many_nonfinite_steps_stop_the_run_naming_the_batches(tiny_manifests, tmp_path):
+    cfg = _cfg(tiny_manifests, **{"train.max_steps": 6, "train.max_nonfinite_steps": 1})
+    trainer = type("T", (_NaNAt,), {"nan_steps": frozenset({2, 3, 4, 5, 6})})(cfg, tmp_path / "run")
+    with pytest.raises(UserError) as exc:
+        trainer.run()
+    msg = str(exc.value)
+    assert "step" in msg and any(u.key in msg for u in read_manifest(tiny_manifests / "train.jsonl"))
+
+
+def test_bad_audio_is_skipped_with_a_reason_and_a_limit(tiny_manifests, tmp_path):
+    man = tmp_path / "manifests"
+    shutil.copytree(tiny_manifests, man)
+    train = read_manifest(man / "train.jsonl")
+    broken = tmp_path / "broken.flac"
+    broken.write_bytes(b"not audio at all")
+    bad = train[0]
+    train[0] = dataclasses.replace(bad, audio=str(broken))
+    write_manifest(man / "train.jsonl", train)
+    cfg = _cfg(man, **{"train.max_steps": 2, "data.max_bad_fraction": 0.2})
+    Trainer(cfg, tmp_path / "run").run()
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["skipped"]["unreadable_audio"]["count"] == 1
+    assert report["skipped"]["unreadable_audio"]["first"] == [bad.key]
+    assert sum(report["kept"].values()) == len(train) - 1
+    strict = _cfg(man, **{"train.max_steps": 2, "data.max_bad_fraction": 0.0})
+    with pytest.raises(UserError, match="unreadable_audio"):
+        Trainer(strict, tmp_path / "strict").run()
+    assert not (tmp_path / "strict").exists()

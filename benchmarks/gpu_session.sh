@@ -18,3 +18,6 @@ echo "kernels rc=$?" >> "$OUT/kernels.log"
 timeout 60 python -m benchmarks.bench_small_row --device cuda --quick > "$OUT/small_row.jsonl" 2>&1
 timeout 120 python -m benchmarks.stream --device cuda --quick --out-dir "$OUT" > "$OUT/stream.log" 2>&1
 echo "stream rc=$?" >> "$OUT/stream.log"
+# The 64-stream load test on base (10 minutes of audio per stream); last, as it is the longest.
+timeout 240 python -m benchmarks.stream --device cuda --quick --load-minutes 10 --out-dir "$OUT/load" > "$OUT/load.log" 2>&1
+echo "load rc=$?" >> "$OUT/load.log"

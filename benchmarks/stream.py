@@ -174,7 +174,8 @@ def load_test(device: str, minutes: float, n_streams: int = 64) -> dict[str, Any
             dec.accept(s, 0.1 * torch.randn(n, generator=gi))
         dec.step(streams)
         if tick % max(1, ticks // 20) == 0:
-            memory.append({"tick": tick, "audio_s": tick * CHUNK / 16000, "bytes": _memory(device)})
+            memory.append({"tick": tick, "audio_s": tick * CHUNK / 16000, "bytes": _memory(device),
+                           "hypothesis_tokens": sum(len(s.tokens) for s in streams)})
     results = {r.stream_id: r.tokens for r in dec.finish(streams)}
     wall = time.perf_counter() - t0
     stats = dec.latency_stats()
@@ -188,12 +189,17 @@ def load_test(device: str, minutes: float, n_streams: int = 64) -> dict[str, Any
             alone.step([s])
         same[f"s{i}"] = alone.finalize(s).tokens == results[f"s{i}"]
     del g
-    first, last = memory[1]["bytes"] if len(memory) > 1 else memory[0]["bytes"], memory[-1]["bytes"]
+    a, b = (memory[1] if len(memory) > 1 else memory[0]), memory[-1]
+    first, last = a["bytes"], b["bytes"]
+    # The hypotheses themselves grow with the audio (8 bytes per token in a list of small ints).
+    hyp_bytes = 8 * (b["hypothesis_tokens"] - a["hypothesis_tokens"])
     return {
         "bench": "load", "size": size, "streams": n_streams, "minutes_per_stream": minutes,
         "p50_ms": 1e3 * stats["p50_s"], "p99_ms": 1e3 * stats["p99_s"], "rtf": stats["rtf"], "wall_s": wall,
         "memory": memory, "memory_growth_bytes": last - first,
-        "memory_growth_per_stream_bytes": (last - first) / n_streams, "identical_to_alone": same,
+        "memory_growth_per_stream_bytes": (last - first) / n_streams,
+        "hypothesis_growth_bytes": hyp_bytes,
+        "state_growth_per_stream_bytes": (last - first - hyp_bytes) / n_streams, "identical_to_alone": same,
     }
 
 

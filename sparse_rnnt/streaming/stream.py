@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ if TYPE_CHECKING:
     from ..data.tokenizer import Tokenizer
     from ..export.artifact import Artifact
     from ..training.inference import Recognizer
+
+LATENCY_WINDOW = 4096  # chunks per stream kept for latency statistics
+STEP_WINDOW = 65536  # decoder steps kept for latency_stats()
 
 PredictorState = list[list[torch.Tensor]]  # per LSTM layer: [h [B, H], c [B, H]]
 
@@ -112,7 +116,8 @@ class Stream:
     chunks: int = 0
     feature_s: float = 0.0
     step_s: float = 0.0
-    chunk_latencies_s: list[float] = field(default_factory=list)
+    # Bounded: a stream that runs for hours must not grow (the latest LATENCY_WINDOW chunks).
+    chunk_latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
     @property
     def audio_s(self) -> float:
@@ -176,7 +181,8 @@ class StreamingDecoder:
         self.geometry = geometry(model.rnnt)
         self.device = next(model.parameters()).device
         self.streams: dict[str, Stream] = {}
-        self.step_timings: list[StepTiming] = []
+        self.step_timings: deque[StepTiming] = deque(maxlen=STEP_WINDOW)  # bounded, latest steps
+        self._steps = 0
         self.total_audio_s = 0.0  # audio of finished streams
         self.total_feature_s = 0.0
         self._ids = itertools.count()
@@ -345,7 +351,8 @@ class StreamingDecoder:
                 s.encoder_state = state
             self._sync()
         t2 = time.perf_counter()
-        timing = StepTiming(len(self.step_timings), len(group), t1 - t0, t2 - t1, language)
+        timing = StepTiming(self._steps, len(group), t1 - t0, t2 - t1, language)
+        self._steps += 1
         self.step_timings.append(timing)
         results = []
         for s, new in zip(group, new_tokens, strict=True):

@@ -322,9 +322,31 @@ def summarize(rows: list[Row], runs: dict[str, Run], wer: dict[int, dict[str, di
         "interval": opts.budget // len(opts.levels),
         "adapt_every": opts.adapt_every or max(1, (opts.budget // len(opts.levels)) // 4),
         "lr": opts.lr, "seeds": list(opts.seeds), "rows": out_rows, "version": __version__,
+        "environment": _provenance(opts),
         "runs": {name: {"method": r.method, "languages": list(r.languages), "levels": list(r.levels)}
                  for name, r in runs.items()},
     }
+
+
+def _provenance(opts: ReproduceOptions) -> dict[str, Any]:
+    """Machine, versions, commit (best effort) and date of the tables."""
+    import datetime as dt
+    import platform
+    import subprocess
+
+    import torch
+    import torchaudio
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "commit": commit,
+            "python": platform.python_version(), "torch": torch.__version__, "torchaudio": torchaudio.__version__,
+            "machine": platform.processor() or platform.machine(), "gpu": gpu, "device": opts.device,
+            "threads": opts.threads}
 
 
 def format_table(table: dict[str, Any]) -> str:

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.timing import median_ms
 from sparse_rnnt.model.configs import MODEL_SIZES
 
 SIZES = ("small", "base", "paper-187m")
@@ -55,23 +54,8 @@ def _shapes(quick: bool, device: str) -> list[tuple[str, int, int, int]]:
     return out
 
 
-def _time_cpu(fn: Callable[[], object], repeat: int = 7, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def _time(fn: Callable[[], object], device: str) -> float:
-    if device == "cpu":
-        return _time_cpu(fn)
-    import triton
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return median_ms(fn, device)
 
 
 def _providers(device: str, mask: torch.Tensor, packed: torch.Tensor) -> dict[str, tuple[Callable, int, int]]:

@@ -18,25 +18,15 @@ favoured. CUDA times are ``triton.testing.do_bench`` medians (L2 flushed); CPU o
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
+from benchmarks.timing import median_ms
+
 SPARSITY = 0.7
 COLS = 1000
 PARTS = 8
-
-
-def _median_cpu(fn: Callable[[], object], reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def _weights(total: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
@@ -52,17 +42,15 @@ def run(device: str, quick: bool) -> list[dict]:
     """Benchmark rows: ``{"bench", "shape", "dtype", "provider", "ms", ...}`` (``ms``: median)."""
     cuda = device.startswith("cuda")
     if cuda:
-        from triton.testing import do_bench
-
         from sparse_rnnt.kernels.rerank import rerank_masks
 
         sizes = [10_000_000] if quick else [10_000_000, 63_000_000, 187_000_000]
-
-        def timer(fn: Callable[[], object]) -> float:
-            return float(do_bench(fn, return_mode="median"))
     else:
         sizes = [1_000_000]
-        timer = _median_cpu
+
+    def timer(fn: Callable[[], object]) -> float:
+        return median_ms(fn, "cuda" if cuda else "cpu", repeat=5, warmup=1)
+
     rows: list[dict] = []
     for total in sizes:
         for dtype in (torch.float32, torch.bfloat16):

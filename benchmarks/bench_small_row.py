@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.timing import median_ms
 from sparse_rnnt.kernels.small_row import BitmapWeight, BsrWeight, bitmap_linear, bsr_linear
 from sparse_rnnt.model.configs import MODEL_SIZES
 
@@ -61,18 +60,7 @@ def _shapes(quick: bool, device: str) -> list[tuple[str, int, int, int]]:
 
 
 def _time(fn: Callable[[], object], device: str) -> float:
-    if device == "cpu":
-        for _ in range(2):
-            fn()
-        times = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return 1e3 * statistics.median(times)
-    import triton
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return median_ms(fn, device)
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:

@@ -23,8 +23,6 @@ import argparse
 import csv
 import io
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ import torch
 
 from benchmarks import bench_masked_linear, bench_rerank
 from benchmarks.env import environment
+from benchmarks.timing import median_ms
 from sparse_rnnt.io import atomic_write_json, atomic_write_text
 
 RERANK_EVERY = 100
@@ -52,21 +51,7 @@ TARGETS = {
 
 
 def _timer(device: str) -> Callable[[Callable[[], object]], float]:
-    if device == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: float(do_bench(fn, return_mode="median"))
-
-    def cpu(fn: Callable[[], object], reps: int = 5) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return 1e3 * statistics.median(times)
-
-    return cpu
+    return lambda fn: median_ms(fn, device, repeat=5, warmup=1)
 
 
 def _train_step_row(size: str, device: str) -> dict[str, Any]:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,17 +25,12 @@ from sparse_rnnt.model import build_model, model_config
 from sparse_rnnt.model.decoding import greedy_search
 
 from .env import environment
+from .timing import median_ms
 
 
 def median_time(fn: Callable[[], object], repeat: int = 7, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median CPU seconds of ``fn()`` (see :mod:`benchmarks.timing`)."""
+    return median_ms(fn, "cpu", repeat=repeat, warmup=warmup) / 1e3
 
 
 def bench_features() -> list[dict]:

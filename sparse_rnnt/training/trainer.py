@@ -465,6 +465,15 @@ class Trainer:
             return {**losses, "skipped": 1.0}
         if pruner is not None:
             pruner.before_optimizer_step(self.step + 1, language)
+        norm = self._optimizer_step()
+        stats = {**losses, "grad_norm": float(norm)}
+        if pruner is not None:
+            pruner.after_optimizer_step(self.step)
+            pruner.update_mask(self.step, language)
+        return stats
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """Clip the global gradient norm (returned, before clipping), step Adam and the LR schedule."""
         clip = self.cfg.optim.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         if clip > 0:
@@ -474,11 +483,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        stats = {**losses, "grad_norm": float(norm)}
-        if pruner is not None:
-            pruner.after_optimizer_step(self.step)
-            pruner.update_mask(self.step, language)
-        return stats
+        return norm
 
     def _loss_ok(self, losses: dict[str, float], shards: list[Shard]) -> bool:
         """False for a non-finite loss: the step is skipped (gradients dropped, no optimizer
@@ -509,15 +514,7 @@ class Trainer:
         losses: dict[str, list[float]] = {k: [d[k] for d in per_language if k in d] for k in ("loss", "rnnt", "ctc")}
         if not self._loss_ok({"loss": sum(losses["loss"])}, [s for _, s in outs]):
             return {"loss": sum(losses["loss"]), "skipped": 1.0}
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        clip = self.cfg.optim.grad_clip
-        if clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.step += 1
+        norm = self._optimizer_step()
         pruner.after_optimizer_step(self.step)
         pruner.update_mask(self.step, None)
         stats = {k: sum(v) / len(v) for k, v in losses.items() if v}

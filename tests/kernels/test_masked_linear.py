@@ -5,14 +5,8 @@ Tolerances: the kernel's error against a float64 reference may be at most twice 
 error in the same dtype, plus one unit in the last place of the largest reference value.
 """
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 
 from sparse_rnnt.kernels.masked_linear import (
     fused,

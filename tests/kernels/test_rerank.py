@@ -1,16 +1,11 @@
 """Exact magnitude re-ranking: Triton kernels (interpreter on CPU) and the torch reference must
 give the same masks as ``sparse_rnnt.pruning.ranking.magnitude_masks``, bit for bit."""
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import math
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

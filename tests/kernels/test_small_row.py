@@ -6,16 +6,10 @@ float64 dense reference, with the kernel's error allowed to be at most twice PyT
 error in the same dtype plus one unit in the last place of the largest reference value.
 """
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import logging
 
 import pytest
+import torch
 import torch.nn.functional as F
 
 from sparse_rnnt.kernels.small_row import (

@@ -305,8 +305,11 @@ def test_training_with_triton_backend_matches_torch(dense_run, tmp_path):
 
     curves, finals = {}, {}
     for backend in ("torch", "triton"):
+        # optim.eps 1e-4: Adam turns float noise in near-zero gradients into full steps of either
+        # sign (soft-pruned weights regrow from exactly zero), which would make the two backends'
+        # re-ranks differ near the threshold for reasons unrelated to the kernels.
         cfg = _prune_cfg(dense_run, "adaptive", **{"pruning.backend": backend, "train.max_steps": 4,
-                                                   "data.dev_max_utterances": 1})
+                                                   "data.dev_max_utterances": 1, "optim.eps": 1e-4})
         Trainer(cfg, tmp_path / backend, init_checkpoint=dense_run).run()
         rows = [json.loads(line) for line in (tmp_path / backend / "metrics.jsonl").read_text().splitlines()]
         curves[backend] = torch.tensor([r["loss"] for r in rows if "loss" in r])

@@ -88,3 +88,25 @@ def test_demo_recipe_matches_tiny_cpu_config():
     shipped = load_config(Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml")
     demo = load_config(None, ["data.manifest_dir=manifests", f"train.max_steps={DEMO_STEPS}", *DEMO_TRAIN_OVERRIDES])
     assert to_dict(shipped) == to_dict(demo)
+
+
+def test_readme_configuration_example_is_a_valid_config():
+    # The README's configuration block must stay in step with the config classes.
+    from pathlib import Path
+
+    import yaml
+
+    from sparse_rnnt.config import config_from_tree, to_dict
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = text[text.index("```yaml") + len("```yaml"):]
+    tree = yaml.safe_load(block[: block.index("```")])
+    cfg = config_from_tree(tree)
+    assert cfg.pruning is not None and cfg.pruning.method == tree["pruning"]["method"]
+    dumped = to_dict(cfg)
+    for section, values in tree.items():  # the values shown survive validation and the round trip
+        for key, value in values.items():
+            if isinstance(value, dict):
+                continue
+            got = dumped[section][key]
+            assert (list(got) if isinstance(got, (list, tuple)) else got) == value, (section, key)

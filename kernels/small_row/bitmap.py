@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .naive import BitmapWeight, bitmap_linear_ref, check_linear_inputs
+from .naive import BitmapWeight, bitmap_linear_ref, prepare_inference_inputs
 
 __all__ = ["bitmap_linear", "max_rows_block", "pick_split"]
 
@@ -199,13 +199,8 @@ def bitmap_linear(x: Tensor, w: BitmapWeight, bias: Tensor | None = None, *, bac
         return bitmap_linear_ref(x, w, bias)
     if backend not in ("triton", "cuda"):
         raise ValueError(f"bitmap_linear: backend must be 'triton', 'cuda' or 'torch', got {backend!r}")
-    check_linear_inputs(x, w.shape, w.dtype, w.device, bias, "bitmap_linear")
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        raise ValueError("bitmap_linear: the triton/cuda backends are inference-only (no autograd); "
-                         "call under torch.no_grad() or use backend='torch'")
+    x2, bias_c = prepare_inference_inputs(x, w, bias, "bitmap_linear", "triton/cuda")
     n, k = w.shape
-    x2 = x.reshape(-1, k).contiguous()
-    bias_c = bias.contiguous() if bias is not None else None
     if k == 0:  # empty reduction: y = b (also keeps the CUDA op away from 0-tile offsets)
         y = bias_c.expand(x2.shape[0], n).clone() if bias_c is not None else x2.new_zeros(x2.shape[0], n)
     elif backend == "cuda":

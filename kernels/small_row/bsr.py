@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import bitmap
 from .bitmap import max_rows_block, pick_split, reduce_partials
-from .naive import BsrWeight, bsr_linear_ref, check_linear_inputs
+from .naive import BsrWeight, bsr_linear_ref, prepare_inference_inputs
 
 __all__ = ["bsr_linear", "torch_bsr_linear"]
 
@@ -159,13 +159,8 @@ def bsr_linear(x: Tensor, w: BsrWeight, bias: Tensor | None = None, *, backend: 
         return bsr_linear_ref(x, w, bias)
     if backend not in ("triton", "torch-bsr"):
         raise ValueError(f"bsr_linear: backend must be 'triton', 'torch' or 'torch-bsr', got {backend!r}")
-    check_linear_inputs(x, w.shape, w.dtype, w.device, bias, "bsr_linear")
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        raise ValueError("bsr_linear: the triton/torch-bsr backends are inference-only (no autograd); "
-                         "call under torch.no_grad() or use backend='torch'")
-    n, k = w.shape
-    x2 = x.reshape(-1, k).contiguous()
-    bias_c = bias.contiguous() if bias is not None else None
+    x2, bias_c = prepare_inference_inputs(x, w, bias, "bsr_linear", "triton/torch-bsr")
+    n = w.shape[0]
     if backend == "torch-bsr":
         y = torch_bsr_linear(x2, w, bias_c)
     else:

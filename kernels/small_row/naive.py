@@ -418,6 +418,17 @@ def check_linear_inputs(x: Tensor, shape: tuple[int, int], dtype: torch.dtype, d
         _require(bias.dtype == dtype and bias.device == device, f"{op}: bias must be {dtype} on {device}")
 
 
+def prepare_inference_inputs(x: Tensor, w: BitmapWeight | BsrWeight, bias: Tensor | None, op: str,
+                             backends: str) -> tuple[Tensor, Tensor | None]:
+    """Checks shared by the inference-only kernel backends; ``x [*, K]`` -> contiguous ``[R, K]``
+    rows and a contiguous bias. Raises ``ValueError`` on bad inputs or when autograd is wanted."""
+    check_linear_inputs(x, w.shape, w.dtype, w.device, bias, op)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        raise ValueError(f"{op}: the {backends} backends are inference-only (no autograd); "
+                         "call under torch.no_grad() or use backend='torch'")
+    return x.reshape(-1, w.shape[1]).contiguous(), (bias.contiguous() if bias is not None else None)
+
+
 def bitmap_linear_ref(x: Tensor, w: BitmapWeight, bias: Tensor | None = None) -> Tensor:
     """``y [*, N] = x [*, K] Wᵀ + b`` with ``W = w.to_dense()`` (``F.linear``)."""
     check_linear_inputs(x, w.shape, w.dtype, w.device, bias, "bitmap_linear")

@@ -12,29 +12,32 @@ def _select_state(mask: torch.Tensor, new: list[list[torch.Tensor]], old: list[l
     return [[torch.where(mask[:, None], n, o) for n, o in zip(ln, lo, strict=True)] for ln, lo in zip(new, old, strict=True)]
 
 
-@torch.no_grad()
-def greedy_search(
-    model: EmformerRNNT,
-    features: torch.Tensor,
-    lengths: torch.Tensor,
-    max_symbols_per_frame: int = 4,
-) -> list[list[int]]:
-    """Batched greedy RNN-T decoding. ``features [B, T, F]``, ``lengths [B]`` -> token ids per utterance.
+PredictorState = list[list[torch.Tensor]]  # per LSTM layer: [h [B, H], c [B, H]]
 
-    At each encoder frame every utterance emits tokens until the joiner's argmax is blank (or
-    ``max_symbols_per_frame`` is reached); the predictor advances only for rows that emitted.
+
+def greedy_frames(
+    model: EmformerRNNT,
+    enc: torch.Tensor,
+    frames: torch.Tensor,
+    pred: torch.Tensor,
+    state: PredictorState,
+    max_symbols_per_frame: int = 4,
+) -> tuple[list[list[int]], torch.Tensor, PredictorState]:
+    """The greedy RNN-T rule over encoder frames, from a given predictor state.
+
+    ``enc [B, T, D]`` with ``frames [B]`` real frames per row, ``pred [B, 1, D]`` the predictor
+    output after each row's last token and ``state`` its LSTM state. At each frame every row emits
+    tokens until the joiner's argmax is blank (or ``max_symbols_per_frame`` is reached); the
+    predictor advances only for rows that emitted. Returns the new tokens per row and the final
+    ``pred`` and ``state`` (so a stream can continue from them).
     """
     rnnt = model.rnnt
     blank = model.blank
-    enc, enc_lengths = model.encode(features, lengths)
-    batch, frames, _ = enc.shape
-    device = enc.device
-    ones = torch.ones(batch, dtype=torch.int32, device=device)
-    start = torch.full((batch, 1), blank, dtype=torch.int32, device=device)
-    pred, _, state = rnnt.predict(start, ones, None)
+    batch = enc.size(0)
+    ones = torch.ones(batch, dtype=torch.int32, device=enc.device)
     hyps: list[list[int]] = [[] for _ in range(batch)]
-    for t in range(frames):
-        active = t < enc_lengths
+    for t in range(int(frames.max()) if batch else 0):
+        active = t < frames
         if not bool(active.any()):
             break
         frame = enc[:, t : t + 1]
@@ -50,6 +53,24 @@ def greedy_search(
             for b in emit.nonzero().flatten().tolist():
                 hyps[b].append(int(best[b]))
             active = emit
+    return hyps, pred, state
+
+
+@torch.no_grad()
+def greedy_search(
+    model: EmformerRNNT,
+    features: torch.Tensor,
+    lengths: torch.Tensor,
+    max_symbols_per_frame: int = 4,
+) -> list[list[int]]:
+    """Batched greedy RNN-T decoding. ``features [B, T, F]``, ``lengths [B]`` -> token ids per
+    utterance (the rule of :func:`greedy_frames`, from the blank start symbol)."""
+    enc, enc_lengths = model.encode(features, lengths)
+    batch = enc.size(0)
+    ones = torch.ones(batch, dtype=torch.int32, device=enc.device)
+    start = torch.full((batch, 1), model.blank, dtype=torch.int32, device=enc.device)
+    pred, _, state = model.rnnt.predict(start, ones, None)
+    hyps, _, _ = greedy_frames(model, enc, enc_lengths, pred, state, max_symbols_per_frame)
     return hyps
 
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..data.features import FeatureConfig, GlobalCMVN, LogMel
+from ..model.decoding import PredictorState, greedy_frames
 from ..model.rnnt import EmformerRNNT
 from .encoder import EncoderState, encoder_step, geometry, initial_state
 from .features import StreamingLogMel
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 LATENCY_WINDOW = 4096  # chunks per stream kept for latency statistics
 STEP_WINDOW = 65536  # decoder steps kept for latency_stats()
 
-PredictorState = list[list[torch.Tensor]]  # per LSTM layer: [h [B, H], c [B, H]]
+
 
 
 @dataclass
@@ -371,34 +372,12 @@ class StreamingDecoder:
     def _greedy(self, group: list[Stream], enc: torch.Tensor, frames: torch.Tensor) -> list[list[int]]:
         """Batched greedy search over ``enc [B, T, D]`` (row ``b`` has ``frames[b]`` real frames),
         continuing each stream's predictor state; the same rule as ``greedy_search``."""
-        rnnt = self.model.rnnt
-        blank = self.model.blank
-        batch = enc.size(0)
-        ones = torch.ones(batch, dtype=torch.int32, device=self.device)
         pred = torch.cat([s.pred_out for s in group])  # [B, 1, D]
         state = [
             [torch.cat([s.pred_state[layer][i] for s in group]) for i in range(len(group[0].pred_state[layer]))]
             for layer in range(len(group[0].pred_state))
         ]
-        new: list[list[int]] = [[] for _ in range(batch)]
-        for t in range(int(frames.max())):
-            active = t < frames
-            frame = enc[:, t : t + 1]
-            for _ in range(self.max_symbols_per_frame):
-                joint, _, _ = rnnt.join(frame, ones, pred, ones)
-                best = joint[:, 0, 0].argmax(-1)
-                emit = active & (best != blank)
-                if not bool(emit.any()):
-                    break
-                new_pred, _, new_state = rnnt.predict(best[:, None].to(torch.int32), ones, state)
-                pred = torch.where(emit[:, None, None], new_pred, pred)
-                state = [
-                    [torch.where(emit[:, None], n, o) for n, o in zip(ln, lo, strict=True)]
-                    for ln, lo in zip(new_state, state, strict=True)
-                ]
-                for b in emit.nonzero().flatten().tolist():
-                    new[b].append(int(best[b]))
-                active = emit
+        new, pred, state = greedy_frames(self.model, enc, frames, pred, state, self.max_symbols_per_frame)
         for b, s in enumerate(group):
             s.pred_out = pred[b : b + 1]
             s.pred_state = [[x[b : b + 1] for x in layer] for layer in state]

@@ -49,8 +49,6 @@ LATENCY_WINDOW = 4096  # chunks per stream kept for latency statistics
 STEP_WINDOW = 65536  # decoder steps kept for latency_stats()
 
 
-
-
 @dataclass
 class StepTiming:
     """Wall time of one batched chunk step (seconds). ``language``: the mask group, if any."""

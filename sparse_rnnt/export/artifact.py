@@ -184,8 +184,9 @@ def export_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike
         files = [WEIGHTS, CONFIG, TOKENIZER, CMVN] + ([MASKS] if opts.multilingual else [])
         manifest["files"] = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}
         atomic_write_json(tmp / MANIFEST, manifest)
-        manifest["verification"] = _verify(tmp, rec, export_langs, opts)
-        for name, layer in load_artifact(tmp, device=opts.device).runtimes().items():
+        art = load_artifact(tmp, device=opts.device)
+        manifest["verification"] = _verify(art, rec, export_langs, opts)
+        for name, layer in art.runtimes().items():
             layers[name]["runtime"] = layer
         atomic_write_json(tmp / MANIFEST, manifest)
     return manifest
@@ -210,11 +211,10 @@ def _format_sizes(params: dict[str, Tensor], masks: dict[str, Tensor], opts: Exp
     return out
 
 
-def _verify(path: Path, rec: Any, languages: list[str], opts: ExportOptions) -> dict[str, Any]:
+def _verify(art: Artifact, rec: Any, languages: list[str], opts: ExportOptions) -> dict[str, Any]:
     """Artifact logits vs the masked dense model's, per language; refuse above the tolerance."""
     device = torch.device(opts.device)
     tol = opts.tolerance if opts.tolerance is not None else DEFAULT_TOLERANCE[opts.dtype]
-    art = load_artifact(path, device=opts.device)
     rec.model.to(device)
     errors = {}
     for lang in languages:

@@ -152,8 +152,12 @@ def _memory(device: str) -> int:
         return int(f.read().split()[1]) * 4096
 
 
-def load_test(device: str, minutes: float, n_streams: int = 64) -> dict[str, Any]:
-    """``n_streams`` streams fed ``minutes`` of audio each; memory along the way; outputs vs alone."""
+def load_test(device: str, minutes: float, n_streams: int = 64, max_wall_s: float = 0.0) -> dict[str, Any]:
+    """``n_streams`` streams fed ``minutes`` of audio each; memory along the way; outputs vs alone.
+
+    ``max_wall_s`` > 0 bounds the run (a device lease is short): feeding stops once 30% of it
+    has passed, leaving time for the single-stream re-decodes, and ``minutes_fed`` records how
+    much audio each stream actually got."""
     from sparse_rnnt.streaming import StreamingDecoder
 
     size = "tiny" if device == "cpu" else "base"
@@ -168,7 +172,11 @@ def load_test(device: str, minutes: float, n_streams: int = 64) -> dict[str, Any
     t0 = time.perf_counter()
     ticks = (samples + CHUNK - 1) // CHUNK
     gens = [torch.Generator().manual_seed(1000 + i) for i in seeds]
+    fed = 0
     for tick in range(ticks):
+        if max_wall_s > 0 and time.perf_counter() - t0 > 0.3 * max_wall_s:
+            break
+        fed = tick + 1
         n = min(CHUNK, samples - tick * CHUNK)
         for s, gi in zip(streams, gens, strict=True):
             dec.accept(s, 0.1 * torch.randn(n, generator=gi))
@@ -184,7 +192,7 @@ def load_test(device: str, minutes: float, n_streams: int = 64) -> dict[str, Any
         alone = StreamingDecoder(model, None)
         gi = torch.Generator().manual_seed(1000 + i)
         s = alone.open()
-        for tick in range(ticks):
+        for tick in range(fed):
             alone.accept(s, 0.1 * torch.randn(min(CHUNK, samples - tick * CHUNK), generator=gi))
             alone.step([s])
         same[f"s{i}"] = alone.finalize(s).tokens == results[f"s{i}"]
@@ -195,6 +203,7 @@ def load_test(device: str, minutes: float, n_streams: int = 64) -> dict[str, Any
     hyp_bytes = 8 * (b["hypothesis_tokens"] - a["hypothesis_tokens"])
     return {
         "bench": "load", "size": size, "streams": n_streams, "minutes_per_stream": minutes,
+        "minutes_fed": min(fed * CHUNK, samples) / 16000 / 60, "truncated": fed < ticks,
         "p50_ms": 1e3 * stats["p50_s"], "p99_ms": 1e3 * stats["p99_s"], "rtf": stats["rtf"], "wall_s": wall,
         "memory": memory, "memory_growth_bytes": last - first,
         "memory_growth_per_stream_bytes": (last - first) / n_streams,
@@ -208,16 +217,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and stream counts")
     parser.add_argument("--load-minutes", type=float, default=0.0, help="also run the load test (minutes per stream)")
+    parser.add_argument("--load-only", action="store_true", help="run the load test alone (no format table)")
+    parser.add_argument("--max-wall-s", type=float, default=0.0,
+                        help="bound the load test's wall time (feeding stops at 30%% of it, leaving time for the single-stream re-decodes; 0: no bound)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = bench(args.device, args.quick)
+    if args.load_only and args.load_minutes <= 0:
+        parser.error("--load-only needs --load-minutes > 0")
+    rows = [] if args.load_only else bench(args.device, args.quick)
     result: dict[str, Any] = {"environment": environment(), "device": args.device, "rows": rows,
                               "threads": torch.get_num_threads()}
     if args.load_minutes > 0:
-        result["load"] = load_test(args.device, args.load_minutes)
+        result["load"] = load_test(args.device, args.load_minutes, max_wall_s=args.max_wall_s)
     out = Path(args.out_dir) / f"stream-{args.device}.json"
     atomic_write_json(out, result)
     for r in rows:

@@ -18,6 +18,12 @@ if [ -d .whl ]; then
     >> "$LOG" 2>&1
 fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+# Uninstalled source tree (the GPU image has no venv): the two mapped packages as links, the
+# layout `pip install` would give them.
+if ! python3 -c "import sparse_rnnt.kernels, sparse_rnnt.csrc" 2>/dev/null; then
+  ln -sfn ../kernels sparse_rnnt/kernels
+  ln -sfn ../csrc sparse_rnnt/csrc
+fi
 export SPARSE_RNNT_COMMIT=${SPARSE_RNNT_COMMIT:-unknown}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 

@@ -179,6 +179,8 @@ class StreamingDecoder:
         self.on_partial = on_partial
         self.geometry = geometry(model.rnnt)
         self.device = next(model.parameters()).device
+        # Features, encoder state and caches follow the model's weights (bf16 on GPU artifacts).
+        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         self.streams: dict[str, Stream] = {}
         self.step_timings: deque[StepTiming] = deque(maxlen=STEP_WINDOW)  # bounded, latest steps
         self._steps = 0
@@ -227,7 +229,7 @@ class StreamingDecoder:
             id=sid,
             language=language,
             frontend=StreamingLogMel(self.logmel),
-            encoder_state=initial_state(self.geometry, self.device),
+            encoder_state=initial_state(self.geometry, self.device, self.dtype),
             pred_out=pred_out,
             pred_state=pred_state,
             frames=torch.zeros(0, self.logmel.config.n_mels),
@@ -339,7 +341,7 @@ class StreamingDecoder:
         t0 = time.perf_counter()
         with torch.inference_mode():
             taken = [self._take_chunk(s) for s in group]
-            chunk = torch.stack([c for c, _ in taken]).to(self.device)  # [B, chunk, F]
+            chunk = torch.stack([c for c, _ in taken]).to(self.device, self.dtype)  # [B, chunk, F]
             valid = torch.tensor([v for _, v in taken], device=self.device)
             enc, new_states = encoder_step(self.model.rnnt, chunk, valid, [s.encoder_state for s in group])
             self._sync()

@@ -411,3 +411,17 @@ def test_from_recognizer(setup) -> None:
     r = dec.transcribe(waves[3], [1234])
     assert r.tokens == full_greedy(model, cmvn, waves[3])
     assert r.text == Letters().decode(r.tokens)
+
+
+def test_bfloat16_model_streams_like_its_full_utterance_decoding(setup) -> None:
+    # GPU artifacts are bf16: features and encoder state must follow the weights' dtype.
+    _, cmvn, waves = setup
+    m16 = tiny_model().to(torch.bfloat16)
+    dec = StreamingDecoder(m16, cmvn)
+    s = dec.open()
+    assert s.encoder_state.key.dtype == s.encoder_state.memory.dtype == torch.bfloat16
+    dec.close(s)
+    for wave in waves[:2]:
+        x = cmvn.normalize(LogMel()(wave))
+        ref = greedy_search(m16, x[None].to(torch.bfloat16), torch.tensor([x.size(0)]))[0]
+        assert len(ref) > 0 and dec.transcribe(wave, random_sizes(3)).tokens == ref

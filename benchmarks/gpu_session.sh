@@ -27,10 +27,14 @@ fi
 export SPARSE_RNNT_COMMIT=${SPARSE_RNNT_COMMIT:-unknown}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 
+# STEPS (default: all) picks steps by name; KERNEL_ARGS replaces the kernel benchmark's default
+# `--quick`; LOAD_DTYPE sets the load test's weights (default bf16 on CUDA).
+STEPS=${STEPS:-tests kernels small_row stream load}
 # step NAME BUDGET_S CMD...: runs CMD for at most min(BUDGET_S, time left before the deadline).
 step() {
   local name=$1 budget=$2
   shift 2
+  case " $STEPS " in *" $name "*) ;; *) return ;; esac
   local left=$((DEADLINE_S - ($(date +%s) - START)))
   [ "$budget" -gt "$left" ] && budget=$left
   if [ "$budget" -le 5 ]; then echo "=== $name: skipped, no time left" >> "$LOG"; return; fi
@@ -40,14 +44,14 @@ step() {
 }
 
 # CUDA tests (their CPU counterparts run under the Triton interpreter in `make test`).
-step tests 120 python3 -m pytest -q -x -n 4 -p no:cacheprovider -k "cuda or gpu" \
+step tests 190 python3 -m pytest -q -n 12 -p no:cacheprovider -k "cuda or gpu" \
   tests/kernels tests/test_cuda.py tests/export tests/streaming
-step kernels 150 python3 -m benchmarks.kernels --device cuda --quick --out-dir "$OUT"
+step kernels 150 python3 -m benchmarks.kernels --device cuda ${KERNEL_ARGS:---quick} --out-dir "$OUT"
 step small_row 50 sh -c "python3 -m benchmarks.bench_small_row --device cuda --quick > $OUT/small-row-cuda.jsonl"
 step stream 80 python3 -m benchmarks.stream --device cuda --quick --out-dir "$OUT"
 # The 64-stream load test on base; last, as it is the longest.
 LOAD_WALL=$((DEADLINE_S - ($(date +%s) - START) - 40))
 [ "$LOAD_WALL" -gt 300 ] && LOAD_WALL=300
 step load $((LOAD_WALL + 30)) python3 -m benchmarks.stream --device cuda --load-only --load-minutes "${LOAD_MINUTES:-10}" \
-  --max-wall-s "$LOAD_WALL" --out-dir "$OUT/load"
+  --max-wall-s "$LOAD_WALL" ${LOAD_DTYPE:+--load-dtype $LOAD_DTYPE} --out-dir "$OUT/load"
 echo "=== done t=$(( $(date +%s) - START ))s" >> "$LOG"

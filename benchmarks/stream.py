@@ -152,16 +152,20 @@ def _memory(device: str) -> int:
         return int(f.read().split()[1]) * 4096
 
 
-def load_test(device: str, minutes: float, n_streams: int = 64, max_wall_s: float = 0.0) -> dict[str, Any]:
+def load_test(device: str, minutes: float, n_streams: int = 64, max_wall_s: float = 0.0,
+              dtype: torch.dtype | None = None) -> dict[str, Any]:
     """``n_streams`` streams fed ``minutes`` of audio each; memory along the way; outputs vs alone.
 
     ``max_wall_s`` > 0 bounds the run (a device lease is short): feeding stops once 30% of it
     has passed, leaving time for the single-stream re-decodes, and ``minutes_fed`` records how
-    much audio each stream actually got."""
+    much audio each stream actually got. ``dtype``: the weights' (default: bf16 on CUDA, fp32 on
+    CPU); batched bf16 matmuls round differently from single-row ones, so bitwise-identical
+    hypotheses are only expected in float32."""
     from sparse_rnnt.streaming import StreamingDecoder
 
     size = "tiny" if device == "cpu" else "base"
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if dtype is None:
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
     model, _, _, _ = _build(size, "dense", device, dtype)
     dec = StreamingDecoder(model, None)
     g = torch.Generator().manual_seed(7)
@@ -202,7 +206,8 @@ def load_test(device: str, minutes: float, n_streams: int = 64, max_wall_s: floa
     # The hypotheses themselves grow with the audio (8 bytes per token in a list of small ints).
     hyp_bytes = 8 * (b["hypothesis_tokens"] - a["hypothesis_tokens"])
     return {
-        "bench": "load", "size": size, "streams": n_streams, "minutes_per_stream": minutes,
+        "bench": "load", "size": size, "dtype": str(dtype).removeprefix("torch."), "streams": n_streams,
+        "minutes_per_stream": minutes,
         "minutes_fed": min(fed * CHUNK, samples) / 16000 / 60, "truncated": fed < ticks,
         "p50_ms": 1e3 * stats["p50_s"], "p99_ms": 1e3 * stats["p99_s"], "rtf": stats["rtf"], "wall_s": wall,
         "memory": memory, "memory_growth_bytes": last - first,
@@ -220,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-only", action="store_true", help="run the load test alone (no format table)")
     parser.add_argument("--max-wall-s", type=float, default=0.0,
                         help="bound the load test's wall time (feeding stops at 30%% of it, leaving time for the single-stream re-decodes; 0: no bound)")
+    parser.add_argument("--load-dtype", choices=("float32", "bfloat16"), default=None,
+                        help="weights of the load test (default: bfloat16 on cuda, float32 on cpu)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args(argv)
@@ -231,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"environment": environment(), "device": args.device, "rows": rows,
                               "threads": torch.get_num_threads()}
     if args.load_minutes > 0:
-        result["load"] = load_test(args.device, args.load_minutes, max_wall_s=args.max_wall_s)
+        dtype = getattr(torch, args.load_dtype) if args.load_dtype else None
+        result["load"] = load_test(args.device, args.load_minutes, max_wall_s=args.max_wall_s, dtype=dtype)
     out = Path(args.out_dir) / f"stream-{args.device}.json"
     atomic_write_json(out, result)
     for r in rows:

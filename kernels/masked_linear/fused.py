@@ -63,6 +63,7 @@ _FWD_CONFIGS = _configs(_MMA, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
 _DX_CONFIGS = _configs(_MMA, ("BLOCK_M", "BLOCK_K", "BLOCK_N"))
 _DW_CONFIGS = _configs(_MMA, ("BLOCK_N", "BLOCK_K", "BLOCK_M"))
 _KEY = ["N", "K", "R_BUCKET", "MASK_MODE", "PATHWAY", "PREC"]
+_ACC_ROWS: tl.constexpr = tl.constexpr(256)  # rows per partial sum of the fp32 weight gradient
 
 
 @triton.jit
@@ -218,20 +219,43 @@ def _dx_kernel(
 @triton.jit
 def _dw_rows(dy_ptr, x_ptr, perm_ptr, start, end, offs_n, n_ok, offs_k, k_ok,
              stride_dyr, stride_dyn, stride_xr, stride_xk, PATHWAY: tl.constexpr, PREC: tl.constexpr,
-             UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``dy[rows]ᵀ x[rows]`` tile ``[BLOCK_N, BLOCK_K]`` over sorted rows ``start .. end``."""
+             UPCAST: tl.constexpr, SPLIT_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+    """``dy[rows]ᵀ x[rows]`` tile ``[BLOCK_N, BLOCK_K]`` over sorted rows ``start .. end``.
+
+    ``SPLIT_ACC`` (float32 inputs): rows are summed in groups of ``_ACC_ROWS`` whose partial sums
+    are then added, so the rounding error grows with ``_ACC_ROWS + R / _ACC_ROWS`` terms instead
+    of ``R``; one long running sum over thousands of tokens lost ~6x cuBLAS's accuracy in fp32.
+    """
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_M):
-        rows, r_ok = _rows(perm_ptr, r0, end, BLOCK_M, PATHWAY)
-        dyt = tl.load(dy_ptr + rows[:, None] * stride_dyr + offs_n[None, :] * stride_dyn,
-                      mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        xt = tl.load(x_ptr + rows[:, None] * stride_xr + offs_k[None, :] * stride_xk,
-                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:
-            dyt = dyt.to(tl.float32)
-            xt = xt.to(tl.float32)
-        acc = tl.dot(tl.trans(dyt), xt, acc, input_precision=PREC)
+    if SPLIT_ACC:
+        for g0 in range(start, end, _ACC_ROWS):
+            part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for r0 in range(g0, tl.minimum(g0 + _ACC_ROWS, end), BLOCK_M):
+                part = _dw_tile(dy_ptr, x_ptr, perm_ptr, r0, end, offs_n, n_ok, offs_k, k_ok, stride_dyr,
+                                stride_dyn, stride_xr, stride_xk, part, PATHWAY, PREC, UPCAST, BLOCK_M)
+            acc += part
+    else:
+        for r0 in range(start, end, BLOCK_M):
+            acc = _dw_tile(dy_ptr, x_ptr, perm_ptr, r0, end, offs_n, n_ok, offs_k, k_ok, stride_dyr,
+                           stride_dyn, stride_xr, stride_xk, acc, PATHWAY, PREC, UPCAST, BLOCK_M)
     return acc
+
+
+@triton.jit
+def _dw_tile(dy_ptr, x_ptr, perm_ptr, r0, end, offs_n, n_ok, offs_k, k_ok, stride_dyr, stride_dyn,
+             stride_xr, stride_xk, acc, PATHWAY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+             BLOCK_M: tl.constexpr):
+    """``acc + dy[rows]ᵀ x[rows]`` for the ``BLOCK_M`` sorted rows from ``r0``."""
+    rows, r_ok = _rows(perm_ptr, r0, end, BLOCK_M, PATHWAY)
+    dyt = tl.load(dy_ptr + rows[:, None] * stride_dyr + offs_n[None, :] * stride_dyn,
+                  mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    xt = tl.load(x_ptr + rows[:, None] * stride_xr + offs_k[None, :] * stride_xk,
+                 mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+    if UPCAST:
+        dyt = dyt.to(tl.float32)
+        xt = xt.to(tl.float32)
+    return tl.dot(tl.trans(dyt), xt, acc, input_precision=PREC)
 
 
 @triton.autotune(configs=_DW_CONFIGS, key=[*_KEY, "HARD"])
@@ -241,7 +265,8 @@ def _dw_kernel(
     R, N, K, L, R_BUCKET,
     stride_dyr, stride_dyn, stride_xr, stride_xk, stride_ml, stride_mn, stride_dwn, stride_dwk,
     MASK_MODE: tl.constexpr, HARD: tl.constexpr, PATHWAY: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, SPLIT_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -255,14 +280,15 @@ def _dw_kernel(
         for idx in range(0, L):
             acc = _dw_rows(dy_ptr, x_ptr, perm_ptr, tl.load(seg_ptr + idx), tl.load(seg_ptr + idx + 1),
                            offs_n, n_ok, offs_k, k_ok, stride_dyr, stride_dyn, stride_xr, stride_xk,
-                           PATHWAY, PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                           PATHWAY, PREC, UPCAST, SPLIT_ACC, BLOCK_M, BLOCK_N, BLOCK_K)
             keep = _keep_tile(m_lang, offs_n, n_ok, k0, K, stride_mn, BLOCK_N, BLOCK_K, MASK_MODE)
             total += tl.where(keep, acc, 0.0)
             m_lang += stride_ml
     else:
         # One pass over all rows in their original order; hard masks in the epilogue.
         total = _dw_rows(dy_ptr, x_ptr, perm_ptr, 0, R, offs_n, n_ok, offs_k, k_ok, stride_dyr,
-                         stride_dyn, stride_xr, stride_xk, PATHWAY, PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                         stride_dyn, stride_xr, stride_xk, PATHWAY, PREC, UPCAST, SPLIT_ACC, BLOCK_M, BLOCK_N,
+                         BLOCK_K)
         if HARD:
             keep = _keep_tile(m_ptr, offs_n, n_ok, k0, K, stride_mn, BLOCK_N, BLOCK_K, MASK_MODE)
             total = tl.where(keep, total, 0.0)
@@ -375,6 +401,7 @@ def _launch_dw(dy: Tensor, x2: Tensor, m: Tensor, mode: int, hard: bool, plan: _
         dy.stride(0), dy.stride(1), x2.stride(0), x2.stride(1), m.stride(0), m.stride(1),
         dw.stride(0), dw.stride(1),
         MASK_MODE=mode, HARD=hard, PATHWAY=pathway, PREC=_prec(dy, allow_tf32), UPCAST=_upcast(x2),
+        SPLIT_ACC=x2.dtype == torch.float32,
     )
     return dw
 

@@ -15,7 +15,8 @@ How (unstructured and block; ``U`` units = weights or blocks, one *group* = one 
   (the reference ranks half precision in float32; the conversion is exact and monotonic, so the
   order and the ties are the same). The kernels read the weights through an integer view, so
   they are dtype-agnostic and ``apply`` stores the bit pattern 0 (``+0.0``).
-- **Pass 1** (every dtype): a global histogram of 32768 bins + 1 NaN bin by atomics
+- **Pass 1** (every dtype): a global histogram of 32768 bins + 1 NaN bin by atomics, spread
+  over private copies (program id mod copies) that are summed afterwards
   (float32: the high 15 key bits; 16-bit: the whole key, so one pass is exact). Candidates only
   (NaN counted for every weight, as the reference checks all). A small torch cumsum from the top
   finds the bin holding the K-th largest and the count strictly above it.
@@ -95,12 +96,14 @@ def _unit_weights(size, offs, valid, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr
 
 @triton.jit
 def _hist_kernel(
-    src, cand, size, hist, n, sel_hi, nan_above,
+    src, cand, size, hist, n, sel_hi, nan_above, copy_stride,
     PASS2: tl.constexpr, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    COPIES: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Histogram (weighted by ``size`` when given) of candidate keys of one segment."""
+    """Histogram (weighted by ``size`` when given) of candidate keys of one segment, into copy
+    ``program % COPIES`` of ``COPIES`` histograms ``copy_stride`` apart (summed afterwards)."""
     pid = tl.program_id(0).to(tl.int64)
+    hist += (pid % COPIES) * copy_stride
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     valid = offs < n
     _, key = _keys(src, offs, valid, WIDE)
@@ -260,6 +263,14 @@ def _tile(tile: int | None) -> tuple[int, int]:
     return (8192, 4) if _INTERP else (4096, 8)
 
 
+def _hist_copies(groups: int, programs: int) -> int:
+    """Private histogram copies per group: up to 64 (one selection) while the copies of all
+    groups stay within 64 histograms (8.4 MB of pass-1 bins); 1 under the interpreter."""
+    if _INTERP:
+        return 1
+    return max(1, min(64 // max(groups, 1), triton.next_power_of_2(max(programs, 1))))
+
+
 def _bits(t: Tensor) -> Tensor:
     """Integer view of a contiguous float tensor (same bits), flat."""
     return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16).reshape(-1)
@@ -301,7 +312,8 @@ def _search(hist: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def select_units(
-    segments: list[Segment], keep: list[int], what: list[str], *, tile: int | None = None
+    segments: list[Segment], keep: list[int], what: list[str], *, tile: int | None = None,
+    hist_copies: int | None = None,
 ) -> list[tuple[int, int]]:
     """Exact radix select over ``segments`` grouped into ``len(keep)`` independent selections.
 
@@ -319,18 +331,25 @@ def select_units(
         raise ValueError(f"at most 2**31 - 2 units per call, got {total}")
     grids = [triton.cdiv(s.src.numel(), block) for s in segments]
 
-    def hist_pass(h: Tensor, pass2: bool, sel_hi: list[int], live: list[bool]) -> None:
+    # Magnitudes crowd into a few hundred bins: with one histogram, millions of atomics queue on
+    # the same addresses. Programs spread them over private copies, summed after the pass.
+    copies = hist_copies if hist_copies is not None else _hist_copies(groups, max(grids, default=0))
+    if copies < 1:
+        raise ValueError(f"hist_copies must be >= 1, got {copies}")
+
+    def hist_pass(bins: int, pass2: bool, sel_hi: list[int], live: list[bool]) -> Tensor:
+        h = torch.zeros(groups, copies, bins, dtype=torch.int32, device=dev)
         for s, grid in zip(segments, grids, strict=True):
             if grid == 0 or not live[s.group]:
                 continue
             _hist_kernel[(grid,)](
-                s.src, s.cand, s.size, h[s.group], s.src.numel(), sel_hi[s.group], s.nan_above,
+                s.src, s.cand, s.size, h[s.group], s.src.numel(), sel_hi[s.group], s.nan_above, bins,
                 PASS2=pass2, WIDE=s.wide, HAS_CAND=s.cand is not None, HAS_SIZE=s.size is not None,
-                BLOCK=block, num_warps=warps,
+                COPIES=copies, BLOCK=block, num_warps=warps,
             )
+        return h[:, 0] if copies == 1 else h.sum(1, dtype=torch.int32)
 
-    h1 = torch.zeros(groups, NAN_BIN + 1, dtype=torch.int32, device=dev)
-    hist_pass(h1, False, [0] * groups, [True] * groups)
+    h1 = hist_pass(NAN_BIN + 1, False, [0] * groups, [True] * groups)
     k = torch.tensor(keep, dtype=torch.int64, device=dev)
     avail = h1[:, :NAN_BIN].sum(1, dtype=torch.int64)
     b1, above1 = _search(h1[:, :NAN_BIN], k.clamp(min=1))
@@ -351,8 +370,7 @@ def select_units(
     above = list(above1_l)
     ties = h1.gather(1, b1[:, None]).squeeze(1).tolist()
     if any(w and lv for w, lv in zip(wide, live, strict=True)):
-        h2 = torch.zeros(groups, 65536, dtype=torch.int32, device=dev)
-        hist_pass(h2, True, b1_l, [w and lv for w, lv in zip(wide, live, strict=True)])
+        h2 = hist_pass(65536, True, b1_l, [w and lv for w, lv in zip(wide, live, strict=True)])
         b2, above2 = _search(h2, (k - above1).clamp(min=1))
         t2 = h2.gather(1, b2[:, None]).squeeze(1)
         for g, (bb, aa, tt) in enumerate(zip(b2.tolist(), above2.tolist(), t2.tolist(), strict=True)):
@@ -469,12 +487,15 @@ def rerank_masks_into(
     candidates: dict[str, Tensor] | None = None,
     apply: bool = False,
     tile: int | None = None,
+    hist_copies: int | None = None,
 ) -> None:
     """Triton masks written into preallocated ``out[name]`` (contiguous uint8, weight's shape).
 
     Same rules as :func:`rerank_masks` (1 = kept). ``weights`` must be contiguous when
     ``apply=True`` (the zeros are written through them). ``tile``: elements per program
-    (power of two; None = default), exposed so tests can force many tiles.
+    (power of two; None = default), exposed so tests can force many tiles; ``hist_copies``:
+    private histogram copies per selection (None = picked from the grid; 1 under the interpreter),
+    exposed so tests can run the multi-copy path on CPU.
     """
     block = tuple(block)  # type: ignore[assignment]
     check_args(weights, sparsity, kind, n, m, block, scope, {"candidates": candidates})
@@ -524,7 +545,7 @@ def rerank_masks_into(
                 _bits(src), cands.get(name), None, out[name].reshape(-1), group[name],
                 _NAN_ABOVE[src.dtype], apply and not mixed,
             ))
-        select_units(segments, keep, what, tile=tile)
+        select_units(segments, keep, what, tile=tile, hist_copies=hist_copies)
         bsz = _tile(tile)[0]
         for name in late:
             w = ws[name]
@@ -551,7 +572,7 @@ def rerank_masks_into(
         scores = block_sq_norms(w, block)
         bmasks[name] = torch.empty(nbr * nbc, dtype=torch.uint8, device=w.device)
         segments.append(Segment(_bits(scores), bc, sizes, bmasks[name], group[name], _NAN_ABOVE[torch.float32]))
-    select_units(segments, keep, what, tile=tile)
+    select_units(segments, keep, what, tile=tile, hist_copies=hist_copies)
     bsz, warps = _tile(tile)
     for name, w in ws.items():
         cols = math.prod(w.shape[1:])

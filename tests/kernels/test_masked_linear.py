@@ -15,6 +15,7 @@ from sparse_rnnt.kernels.masked_linear import (
     masked_linear_ref,
     pack_rows,
     pathway_masked_linear,
+    pathway_masked_linear_ref,
     unpack_rows,
 )
 from sparse_rnnt.kernels.masked_linear.fused import _Plan
@@ -349,6 +350,28 @@ def test_invalid_inputs_raise_value_errors():
 
 
 # ----------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_float32_weight_gradient_over_many_rows(hard):
+    # The fp32 dW sums rows in groups of 256 (their partial sums then added): more rows than one
+    # group, a ragged last group, and pathway segments that start inside a group.
+    r, k, n = 1100, 35, 37
+    x, w, b, dy = _inputs(r, k, n, torch.float32, seed=31)
+    g = torch.Generator().manual_seed(32)
+    m = torch.rand(n, k, generator=g) < 0.4
+    _check_against_reference(
+        lambda a, c, d: masked_linear(a, c, m, d, hard=hard),
+        lambda a, c, d: masked_linear_ref(a, c, m, d, hard=hard),
+        x, w, b, dy, f"fp32 long dW hard={hard}",
+    )
+    masks = torch.rand(3, n, k, generator=g) < 0.5
+    lang = torch.randint(0, 3, (r,), generator=g)
+    _check_against_reference(
+        lambda a, c, d: pathway_masked_linear(a, c, masks, lang, d, hard=hard),
+        lambda a, c, d: pathway_masked_linear_ref(a, c, masks, lang, d, hard=hard),
+        x, w, b, dy, f"fp32 long pathway dW hard={hard}",
+    )
 
 
 @pytest.mark.gpu

@@ -119,6 +119,21 @@ def test_one_tile_equals_many_tiles_and_default_api():
     _assert_same(rerank_masks(w, 0.55), ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("kind", "scope"), [("unstructured", "global"), ("unstructured", "per_tensor"),
+                                             ("block", "global")])
+def test_private_histogram_copies_sum_to_the_same_selection(dtype, kind, scope):
+    # On GPUs the histogram passes spread atomics over private copies (program id mod copies);
+    # any number of copies, including more copies than programs, gives the reference masks.
+    w = _weights([(64, 33), (19, 11), (8, 12)], dtype, seed=6, tied=True)
+    ref = magnitude_masks(w, 0.6, _gran(kind, block=(2, 3)), scope=scope)
+    for copies in (1, 3, 4, 256):
+        got = _triton(w, 0.6, kind=kind, block=(2, 3), scope=scope, tile=16, hist_copies=copies)
+        _assert_same(got, ref)
+    with pytest.raises(ValueError, match="hist_copies"):
+        _triton(w, 0.6, hist_copies=0)
+
+
 def test_mixed_dtypes_rank_in_float32():
     g = torch.Generator().manual_seed(5)
     w = {

@@ -11,7 +11,9 @@ in float32 and bfloat16, sparsity 0.7, the weights split over 8 ``[rows, 1000]``
 - ``floor``: one read of the weights at the bandwidth of a measured device-to-device copy of
   the same bytes (``copy_ms / 2``: a copy reads and writes them once each).
 
-The torch providers get the flat tensor for free (the concatenation is not timed), so they are
+``apply=True`` zeroes the pruned weights, so every timed call after the first ranks weights that
+are already 70% zeros, as the re-ranks of a pruning run do. The torch providers get the flat
+tensor for free (the concatenation is not timed), so they are
 favoured. CUDA times are ``triton.testing.do_bench`` medians (L2 flushed); CPU ones the median of
 ``time.perf_counter`` over a few repetitions.
 """

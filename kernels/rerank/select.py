@@ -16,7 +16,8 @@ How (unstructured and block; ``U`` units = weights or blocks, one *group* = one 
   order and the ties are the same). The kernels read the weights through an integer view, so
   they are dtype-agnostic and ``apply`` stores the bit pattern 0 (``+0.0``).
 - **Pass 1** (every dtype): a global histogram of 32768 bins + 1 NaN bin by atomics, spread
-  over private copies (program id mod copies) that are summed afterwards
+  over private copies (program id mod copies) that are summed afterwards; bin 0 (zeros: the
+  pruned weights) is summed per program and added once
   (float32: the high 15 key bits; 16-bit: the whole key, so one pass is exact). Candidates only
   (NaN counted for every weight, as the reference checks all). A small torch cumsum from the top
   finds the bin holding the K-th largest and the count strictly above it.
@@ -118,7 +119,11 @@ def _hist_kernel(
         isnan = valid & (key > nan_above)
         b = tl.where(isnan, 32768, (key >> 16) if WIDE else key)
         c = c | isnan  # NaN is an error wherever it is, candidate or not
-    tl.atomic_add(hist + b, w, mask=c, sem="relaxed")
+    # Bin 0 holds the pruned weights (exact zeros), most of a sparse model: counted with one
+    # reduction and a single atomic per program instead of one atomic per zero.
+    zero = c & (b == 0)
+    tl.atomic_add(hist + b, w, mask=c & (b != 0), sem="relaxed")
+    tl.atomic_add(hist, tl.sum(tl.where(zero, w, 0)), sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["t"])

@@ -44,7 +44,7 @@ step() {
 }
 
 # CUDA tests (their CPU counterparts run under the Triton interpreter in `make test`).
-step tests 190 python3 -m pytest -v -n 12 -p no:cacheprovider -k "cuda or gpu" \
+step tests 300 python3 -m pytest -v -n 12 --timeout 120 -p no:cacheprovider -k "cuda or gpu" \
   tests/kernels tests/test_cuda.py tests/export tests/streaming
 step kernels 150 python3 -m benchmarks.kernels --device cuda ${KERNEL_ARGS:---quick} --out-dir "$OUT"
 step small_row 50 sh -c "python3 -m benchmarks.bench_small_row --device cuda --quick > $OUT/small-row-cuda.jsonl"

@@ -37,6 +37,13 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = _nonneg_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be >= 1: 0")
+    return value
+
+
 # -- commands -------------------------------------------------------------------------------
 
 
@@ -255,7 +262,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
             print(f"{path} [{(part.chunk + 1) * args.chunk_ms / 1000:6.2f}s] {part.text}", flush=True)
 
     results, stats = stream_files(args.artifact, args.audio, language=args.language, piece_ms=args.chunk_ms,
-                                  device=args.device, on_partial=show)
+                                  device=args.device, on_partial=show, decoding=args.decoding,
+                                  beam_width=args.beam_width)
     for r in results:
         print(f"{r.stream_id}: {r.text}  (audio {r.audio_s:.2f} s, RTF {r.rtf:.3f})")
     print(f"chunk steps: {int(stats['steps'])}, latency p50 {1e3 * stats['p50_s']:.1f} ms, "
@@ -458,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stream", help="decode audio files chunk by chunk through an exported artifact",
                        description="Feed each audio file (FLAC, WAV or Opus; resampled to 16 kHz) in chunks as if it "
                        "arrived live, through the Emformer with its state (segment + right-context look-ahead), "
-                       "greedy RNN-T decoding; prints partial hypotheses as they change, the final text, the "
+                       "greedy or beam RNN-T decoding continued chunk by chunk; prints partial hypotheses as they "
+                       "change (a beam's best hypothesis may revise earlier words), the final text, the "
                        "real-time factor and per-chunk latency.")
     p.add_argument("audio", nargs="+", help="audio files")
     p.add_argument("--artifact", required=True, help="artifact directory written by 'sparse-rnnt export'")
@@ -467,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="audio arriving per tick, in ms (default 160 = one Emformer segment)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=_nonneg_int, default=0, help="CPU threads (default 0 = torch's default)")
+    p.add_argument("--decoding", choices=("greedy", "beam"), default="greedy",
+                   help="greedy (default) or torchaudio's RNN-T beam search; both give exactly what "
+                   "'sparse-rnnt eval --method' gives on the whole file")
+    p.add_argument("--beam-width", dest="beam_width", type=_positive_int, default=4,
+                   help="hypotheses kept by --decoding beam (default 4)")
     p.add_argument("--quiet", action="store_true", help="print only the final results")
     p.set_defaults(func=cmd_stream)
 

@@ -14,6 +14,7 @@ COMMANDS = {
     ("eval",): ["--checkpoint", "--manifest-dir", "--split", "--method", "--beam-width", "--out"],
     ("demo",): ["--out", "--hours", "--steps", "--force"],
     ("models",): ["--num-symbols"],
+    ("stream",): ["--artifact", "--language", "--chunk-ms", "--device", "--decoding", "--beam-width", "--quiet"],
 }
 
 

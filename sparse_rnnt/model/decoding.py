@@ -1,4 +1,5 @@
-"""Decoding: batched greedy search and torchaudio's ``RNNTBeamSearch``."""
+"""Decoding: batched greedy search and torchaudio's ``RNNTBeamSearch``, both over the frames of
+:meth:`EmformerRNNT.encode`, and the beam search continued chunk by chunk for streaming."""
 
 from __future__ import annotations
 
@@ -82,19 +83,67 @@ def beam_search(
     beam_width: int = 4,
     step_max_tokens: int = 100,
 ) -> list[list[int]]:
-    """Beam search with torchaudio's ``RNNTBeamSearch``, one utterance at a time.
+    """torchaudio's RNN-T beam search over the full-utterance encoder output (:meth:`encode`,
+    the same frames as :func:`greedy_search`), one utterance at a time.
 
     ``features [B, T, F]``, ``lengths [B]`` -> the best hypothesis's token ids per utterance.
     """
-    searcher = RNNTBeamSearch(model.rnnt, model.blank, step_max_tokens=step_max_tokens)
-    out: list[list[int]] = []
-    for b in range(features.size(0)):
-        n = int(lengths[b])
-        x = model.pad_right_context(features[b : b + 1, :n])
-        hyps = searcher(x[0], torch.tensor([n], device=features.device), beam_width)
-        tokens = hyps[0][0]
-        out.append([int(t) for t in tokens if t != model.blank])
-    return out
+    search = BeamContinuation(model, beam_width, step_max_tokens)
+    enc, enc_lengths = model.encode(features, lengths)
+    return [search.best(search.extend(enc[b : b + 1, : int(n)], None)) for b, n in enumerate(enc_lengths.tolist())]
+
+
+class _EncodedFrames(torch.nn.Module):
+    """Stand-in for torchaudio's ``RNNT`` whose transcriber is the identity: its
+    ``transcribe_streaming`` hands back encoder frames that were already computed, so
+    ``RNNTBeamSearch.infer`` (torchaudio's public streaming entry) continues a beam over them.
+    The predictor and joiner are the real model's."""
+
+    def __init__(self, rnnt: torch.nn.Module) -> None:
+        super().__init__()
+        self.rnnt = rnnt
+
+    def transcribe_streaming(self, enc: torch.Tensor, lengths: torch.Tensor, state: object) -> tuple:
+        return enc, lengths, state
+
+    def predict(self, *args: torch.Tensor | object) -> tuple:
+        return self.rnnt.predict(*args)
+
+    def join(self, *args: torch.Tensor) -> tuple:
+        return self.rnnt.join(*args)
+
+
+Hypotheses = list  # torchaudio ``Hypothesis`` tuples: (tokens with a leading blank, pred_out, state, score)
+
+
+class BeamContinuation:
+    """torchaudio's RNN-T beam search, fed encoder frames piece by piece.
+
+    ``extend(enc [1, T, D], hyps)`` continues the beam ``hyps`` (None: a fresh utterance) over
+    ``T`` more frames. Searching frames in pieces gives exactly the search over all of them at
+    once: the beam after a frame depends only on the beam before it and that frame, which is how
+    torchaudio's ``infer`` streams. ``best(hyps)`` is :func:`beam_search`'s answer (blank removed).
+    """
+
+    def __init__(self, model: EmformerRNNT, beam_width: int = 4, step_max_tokens: int = 100) -> None:
+        if beam_width < 1:
+            raise ValueError(f"beam_width must be >= 1, got {beam_width}")
+        self.model = model
+        self.beam_width = beam_width
+        self._search = RNNTBeamSearch(_EncodedFrames(model.rnnt), model.blank, step_max_tokens=step_max_tokens)
+
+    def extend(self, enc: torch.Tensor, hyps: Hypotheses | None) -> Hypotheses:
+        """``enc [1, T, D]`` (``T`` may be 0): the beam after these frames, best first."""
+        if enc.dim() != 3 or enc.size(0) != 1:
+            raise ValueError(f"expected encoder frames [1, T, D], got {tuple(enc.shape)}")
+        length = torch.tensor([enc.size(1)], device=enc.device)
+        out, _ = self._search.infer(enc, length, self.beam_width, state=None, hypothesis=hyps)
+        return out
+
+    def best(self, hyps: Hypotheses | None) -> list[int]:
+        if not hyps:
+            return []
+        return [int(t) for t in hyps[0][0] if t != self.model.blank]
 
 
 def decode(

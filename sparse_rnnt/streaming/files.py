@@ -36,13 +36,20 @@ def stream_files(
     piece_ms: float = 160.0,
     device: str = "cpu",
     on_partial: Callable[[str, PartialResult], None] | None = None,
+    decoding: str = "greedy",
+    beam_width: int = 4,
 ) -> tuple[list[StreamResult], dict[str, float]]:
     """Feed each file in ``piece_ms`` pieces as if it arrived live; returns the results and the
-    latency statistics (p50/p99 per chunk step, RTF) of all steps."""
+    latency statistics (p50/p99 per chunk step, RTF) of all steps. ``decoding``: ``greedy`` or
+    ``beam`` (torchaudio's RNN-T beam search of width ``beam_width``, continued chunk by chunk)."""
     from ..export import load_artifact
 
     if piece_ms <= 0:
         raise UserError(f"--chunk-ms must be positive, got {piece_ms}")
+    if decoding not in ("greedy", "beam"):
+        raise UserError(f"--decoding must be greedy or beam, got {decoding!r}")
+    if beam_width < 1:
+        raise UserError(f"--beam-width must be at least 1, got {beam_width}")
     waves = [read_wave(p) for p in paths]  # all files are checked before any decoding
     art = load_artifact(artifact_dir, device=device)
     if language is None:
@@ -51,7 +58,7 @@ def stream_files(
         language = art.languages[0] if art.languages else None
     elif language not in art.languages:
         raise UserError(f"the artifact has no pathway for {language!r} (it has {', '.join(art.languages)})")
-    decoder = StreamingDecoder.from_artifact(art)
+    decoder = StreamingDecoder.from_artifact(art, decoding=decoding, beam_width=beam_width)
     piece = max(1, round(SAMPLE_RATE * piece_ms / 1000))
     results = []
     for path, wave in zip(paths, waves, strict=True):

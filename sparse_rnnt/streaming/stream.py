@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..data.features import FeatureConfig, GlobalCMVN, LogMel
-from ..model.decoding import PredictorState, greedy_frames
+from ..model.decoding import BeamContinuation, Hypotheses, PredictorState, greedy_frames
 from ..model.rnnt import EmformerRNNT
 from .encoder import EncoderState, encoder_step, geometry, initial_state
 from .features import StreamingLogMel
@@ -75,6 +75,9 @@ class PartialResult:
     text: str | None  # tokenizer.decode(tokens) when the decoder has a tokenizer
     latency_s: float  # encoder + decoder time of the step this chunk was in
     final: bool  # True for the stream's last chunk
+    # Beam search may change its mind: the last ``revised`` tokens of the previous hypothesis
+    # were replaced, so ``tokens == previous[:len(previous) - revised] + new_tokens`` (greedy: 0).
+    revised: int = 0
 
 
 @dataclass
@@ -112,6 +115,7 @@ class Stream:
     ended: bool = False
     total_frames: int | None = None  # after end: frames kept by trim_to_stride
     tokens: list[int] = field(default_factory=list)
+    hyps: Hypotheses | None = None  # beam decoding: the beam so far (None before the first frame)
     chunks: int = 0
     feature_s: float = 0.0
     step_s: float = 0.0
@@ -168,8 +172,16 @@ class StreamingDecoder:
         max_symbols_per_frame: int = 4,
         mask_context: Callable[[str | None], AbstractContextManager[None]] | None = None,
         on_partial: Callable[[PartialResult], None] | None = None,
+        decoding: str = "greedy",
+        beam_width: int = 4,
+        step_max_tokens: int = 100,
     ) -> None:
+        if decoding not in ("greedy", "beam"):
+            raise ValueError(f"decoding must be 'greedy' or 'beam', got {decoding!r}")
         model.eval()  # dropout off: streaming must equal full-utterance inference
+        self.decoding = decoding
+        # Beam: torchaudio's search continued chunk by chunk, per stream (as decoding.beam_search).
+        self._beam = BeamContinuation(model, beam_width, step_max_tokens) if decoding == "beam" else None
         self.model = model
         self.cmvn = cmvn
         self.logmel = LogMel(feature_config)
@@ -347,7 +359,10 @@ class StreamingDecoder:
             self._sync()
             t1 = time.perf_counter()
             frames = valid // geo.stride
-            new_tokens = self._greedy(group, enc, frames)
+            if self._beam is None:
+                new_tokens, revised = self._greedy(group, enc, frames), [0] * len(group)
+            else:
+                new_tokens, revised = self._beam_step(group, enc, frames)
             for s, state in zip(group, new_states, strict=True):
                 s.encoder_state = state
             self._sync()
@@ -356,12 +371,12 @@ class StreamingDecoder:
         self._steps += 1
         self.step_timings.append(timing)
         results = []
-        for s, new in zip(group, new_tokens, strict=True):
+        for i, (s, new) in enumerate(zip(group, new_tokens, strict=True)):
             s.step_s += timing.total_s
             s.chunk_latencies_s.append(timing.total_s)
             partial = PartialResult(
                 stream_id=s.id, chunk=s.chunks, tokens=list(s.tokens), new_tokens=new,
-                text=self._text(s.tokens), latency_s=timing.total_s, final=s.done,
+                text=self._text(s.tokens), latency_s=timing.total_s, final=s.done, revised=revised[i],
             )
             s.chunks += 1
             results.append(partial)
@@ -383,6 +398,24 @@ class StreamingDecoder:
             s.pred_state = [[x[b : b + 1] for x in layer] for layer in state]
             s.tokens.extend(new[b])
         return new
+
+    def _beam_step(self, group: list[Stream], enc: torch.Tensor,
+                   frames: torch.Tensor) -> tuple[list[list[int]], list[int]]:
+        """Continue each stream's beam over its real frames of ``enc [B, T, D]``; the new best
+        hypothesis replaces ``s.tokens``. Returns per stream the tokens after the common prefix
+        with the previous best, and how many previous tokens were replaced."""
+        assert self._beam is not None
+        new, revised = [], []
+        for b, (s, n) in enumerate(zip(group, frames.tolist(), strict=True)):
+            s.hyps = self._beam.extend(enc[b : b + 1, :n], s.hyps)
+            best = self._beam.best(s.hyps)
+            keep = 0
+            while keep < min(len(best), len(s.tokens)) and best[keep] == s.tokens[keep]:
+                keep += 1
+            new.append(best[keep:])
+            revised.append(len(s.tokens) - keep)
+            s.tokens = best
+        return new, revised
 
     def _text(self, tokens: list[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(tokens)

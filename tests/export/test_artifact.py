@@ -156,14 +156,19 @@ def test_export_cli(pruned, tmp_path, capsys):
     assert "verified" in capsys.readouterr().out
 
 
-def _full_utterance_text(art, wave):
-    """Reference: the whole utterance through the artifact model, batched greedy decoding."""
+def _full_utterance_text(art, wave, beam_width=0):
+    """Reference: the whole utterance through the artifact model, batched greedy decoding (or
+    beam search of ``beam_width``)."""
     from sparse_rnnt.data.features import LogMel
-    from sparse_rnnt.model.decoding import greedy_search
+    from sparse_rnnt.model.decoding import beam_search, greedy_search
 
     feats = art.cmvn.normalize(LogMel(art.features)(wave))
+    lengths = torch.tensor([feats.shape[0]])
     with torch.inference_mode():
-        tokens = greedy_search(art.model, feats[None], torch.tensor([feats.shape[0]]))[0]
+        if beam_width:
+            tokens = beam_search(art.model, feats[None], lengths, beam_width=beam_width)[0]
+        else:
+            tokens = greedy_search(art.model, feats[None], lengths)[0]
     return art.tokenizer.decode(tokens)
 
 
@@ -210,6 +215,27 @@ def test_stream_cli_equals_full_utterance_decoding(multilingual, pruned, tiny_ma
     for line, u, text in zip(finals, utts, expected, strict=True):
         assert line.startswith(f"{u.audio}: {text}  (audio ")
     assert "latency p50" in out[-1]
+
+
+def test_stream_cli_beam_equals_full_utterance_beam(pruned, tmp_path, tiny_manifests, capsys):
+    from sparse_rnnt.data.manifest import load_split
+    from sparse_rnnt.streaming.files import read_wave
+
+    export_checkpoint(pruned["dynamic"], tmp_path / "art", ExportOptions(language="fr"))
+    _lower_blank_bias(tmp_path / "art")
+    utts = [u for u in load_split(tiny_manifests, "test") if u.language == "fr"][:2]
+    art = load_artifact(tmp_path / "art")
+    expected = [_full_utterance_text(art, read_wave(u.audio), beam_width=3) for u in utts]
+    assert any(expected)
+    args = ["stream", "--artifact", str(tmp_path / "art"), *[u.audio for u in utts], "--chunk-ms", "90",
+            "--decoding", "beam", "--beam-width", "3", "--quiet"]
+    assert main(args) == 0
+    finals = [line for line in capsys.readouterr().out.splitlines() if "(audio " in line]
+    for line, u, text in zip(finals, utts, expected, strict=True):
+        assert line.startswith(f"{u.audio}: {text}  (audio ")
+    with pytest.raises(SystemExit):
+        main([*args[:-3], "--beam-width", "0"])
+    assert "must be >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fmt", ["bsr", "bitmap"])

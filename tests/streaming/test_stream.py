@@ -425,3 +425,61 @@ def test_bfloat16_model_streams_like_its_full_utterance_decoding(setup) -> None:
         x = cmvn.normalize(LogMel()(wave))
         ref = greedy_search(m16, x[None].to(torch.bfloat16), torch.tensor([x.size(0)]))[0]
         assert len(ref) > 0 and dec.transcribe(wave, random_sizes(3)).tokens == ref
+
+
+# --- beam search -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("beam_width", [1, 3, 5])
+def test_streaming_beam_equals_full_utterance_beam(setup, beam_width: int) -> None:
+    from sparse_rnnt.model.decoding import beam_search
+
+    model, cmvn, waves = setup
+    dec = StreamingDecoder(model, cmvn, decoding="beam", beam_width=beam_width)
+    revised = 0
+    for i, wave in enumerate(waves):
+        x = cmvn.normalize(LogMel()(wave))
+        ref = beam_search(model, x[None], torch.tensor([x.size(0)]), beam_width=beam_width)[0]
+        partials: list[PartialResult] = []
+        dec.on_partial = partials.append
+        result = dec.transcribe(wave, random_sizes(10 + i))
+        assert len(ref) > 0 and result.tokens == ref
+        prev: list[int] = []
+        for p in partials:  # the best hypothesis so far, revisions accounted for
+            assert p.tokens == prev[: len(prev) - p.revised] + p.new_tokens
+            prev = p.tokens
+            revised += p.revised
+        assert prev == ref
+    if beam_width > 1:
+        assert revised > 0  # the beam did change its mind: the revision path was exercised
+
+
+def test_beam_search_is_torchaudios_on_stride_aligned_input(setup) -> None:
+    # Independent reference: torchaudio's own RNNTBeamSearch (transcribe + search) on features
+    # trimmed to the time-reduction stride and padded with the right context, as encode() does.
+    from torchaudio.models import RNNTBeamSearch
+
+    from sparse_rnnt.model.decoding import beam_search
+
+    model, cmvn, waves = setup
+    searcher = RNNTBeamSearch(model.rnnt, model.blank)
+    for wave in waves:
+        x = cmvn.normalize(LogMel()(wave))
+        n = x.size(0) - x.size(0) % geometry(model.rnnt).stride
+        with torch.no_grad():
+            hyps = searcher(model.pad_right_context(x[None, :n])[0], torch.tensor([n]), 4)
+        expected = [int(t) for t in hyps[0][0] if t != model.blank]
+        assert beam_search(model, x[None], torch.tensor([x.size(0)]), beam_width=4)[0] == expected
+
+
+def test_batched_beam_streams_equal_single_stream(setup) -> None:
+    model, cmvn, waves = setup
+    singles = [StreamingDecoder(model, cmvn, decoding="beam", beam_width=3).transcribe(w).tokens for w in waves]
+    dec = StreamingDecoder(model, cmvn, decoding="beam", beam_width=3)
+    results = dec.run_concurrent(waves, piece_samples=2560, start_ticks=[0, 1, 1, 4, 2])
+    assert [r.tokens for r in results] == singles
+    assert max(t.batch_size for t in dec.step_timings) >= 3
+    with pytest.raises(ValueError, match="decoding"):
+        StreamingDecoder(model, cmvn, decoding="sample")
+    with pytest.raises(ValueError, match="beam_width"):
+        StreamingDecoder(model, cmvn, decoding="beam", beam_width=0)

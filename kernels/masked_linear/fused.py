@@ -63,7 +63,6 @@ _FWD_CONFIGS = _configs(_MMA, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
 _DX_CONFIGS = _configs(_MMA, ("BLOCK_M", "BLOCK_K", "BLOCK_N"))
 _DW_CONFIGS = _configs(_MMA, ("BLOCK_N", "BLOCK_K", "BLOCK_M"))
 _KEY = ["N", "K", "R_BUCKET", "MASK_MODE", "PATHWAY", "PREC"]
-_ACC_ROWS: tl.constexpr = tl.constexpr(256)  # rows per partial sum of the fp32 weight gradient
 
 
 @triton.jit
@@ -223,20 +222,17 @@ def _dw_rows(dy_ptr, x_ptr, perm_ptr, start, end, offs_n, n_ok, offs_k, k_ok,
              BLOCK_K: tl.constexpr):
     """``dy[rows]ᵀ x[rows]`` tile ``[BLOCK_N, BLOCK_K]`` over sorted rows ``start .. end``.
 
-    ``SPLIT_ACC`` (float32 inputs): rows are summed in groups of ``_ACC_ROWS`` whose partial sums
-    are then added, so the rounding error grows with ``_ACC_ROWS + R / _ACC_ROWS`` terms instead
-    of ``R``; one long running sum over thousands of tokens lost ~6x cuBLAS's accuracy in fp32.
+    ``SPLIT_ACC`` (float32 inputs): each row tile's product is formed from zero and then added,
+    so a rounding chain is ``BLOCK_M + R / BLOCK_M`` terms long instead of ``R``; one running
+    sum through thousands of tokens had 6x cuBLAS's error in fp32 (H200).
     """
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if SPLIT_ACC:
-        for g0 in range(start, end, _ACC_ROWS):
-            part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            for r0 in range(g0, tl.minimum(g0 + _ACC_ROWS, end), BLOCK_M):
-                part = _dw_tile(dy_ptr, x_ptr, perm_ptr, r0, end, offs_n, n_ok, offs_k, k_ok, stride_dyr,
-                                stride_dyn, stride_xr, stride_xk, part, PATHWAY, PREC, UPCAST, BLOCK_M)
-            acc += part
-    else:
-        for r0 in range(start, end, BLOCK_M):
+    for r0 in range(start, end, BLOCK_M):
+        if SPLIT_ACC:
+            acc += _dw_tile(dy_ptr, x_ptr, perm_ptr, r0, end, offs_n, n_ok, offs_k, k_ok, stride_dyr,
+                            stride_dyn, stride_xr, stride_xk, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32),
+                            PATHWAY, PREC, UPCAST, BLOCK_M)
+        else:
             acc = _dw_tile(dy_ptr, x_ptr, perm_ptr, r0, end, offs_n, n_ok, offs_k, k_ok, stride_dyr,
                            stride_dyn, stride_xr, stride_xk, acc, PATHWAY, PREC, UPCAST, BLOCK_M)
     return acc

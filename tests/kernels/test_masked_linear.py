@@ -354,8 +354,8 @@ def test_invalid_inputs_raise_value_errors():
 
 @pytest.mark.parametrize("hard", [False, True])
 def test_float32_weight_gradient_over_many_rows(hard):
-    # The fp32 dW sums rows in groups of 256 (their partial sums then added): more rows than one
-    # group, a ragged last group, and pathway segments that start inside a group.
+    # The fp32 dW adds one fresh product per row tile: many row tiles, a ragged last tile, and
+    # pathway segments that start inside a tile.
     r, k, n = 1100, 35, 37
     x, w, b, dy = _inputs(r, k, n, torch.float32, seed=31)
     g = torch.Generator().manual_seed(32)

@@ -9,8 +9,9 @@ For each model size (CUDA: ``base`` and ``paper-187m``; CPU: ``tiny``), random w
 encoder call per chunk step + greedy decoding), after a warm-up, and the per-step latency
 p50 / p99 (encoder + decoder, device synchronized) and the real-time factor are recorded. The
 floor of a step is the bytes of the in-scope weights in that format read once at the bandwidth
-of a measured device copy. CUDA runs bf16 weights, CPU fp32. Ratios are against ``dense`` of the
-same size and stream count, measured in the same process.
+of a measured device copy. CUDA runs bf16 weights, CPU fp32. Ratios are against ``dense`` (eager
+encoder step) of the same size and stream count, measured in the same process; ``--cuda-graphs``
+adds rows with the encoder step replayed as CUDA graphs (``step_mode``).
 
 ``--load-minutes M`` adds the load test: 64 streams fed M minutes of audio each (CPU: tiny,
 CUDA: base, dense), memory sampled along the way (RSS; CUDA: allocated) to show no growth per
@@ -86,10 +87,11 @@ def _bandwidth_gbps(device: str) -> float:
     return 2 * n / (ms * 1e-3) / 1e9  # a copy reads and writes n bytes
 
 
-def _run_streams(model, device: str, n_streams: int, seconds: float, seed: int = 1) -> dict[str, float]:
+def _run_streams(model, device: str, n_streams: int, seconds: float, seed: int = 1,
+                 step_mode: str = "eager") -> dict[str, float]:
     from sparse_rnnt.streaming import StreamingDecoder
 
-    dec = StreamingDecoder(model, None)
+    dec = StreamingDecoder(model, None, step_mode=step_mode)
     g = torch.Generator().manual_seed(seed)
     # warm-up: autotuning and allocator, not timed
     warm = [dec.open() for _ in range(n_streams)]
@@ -111,12 +113,13 @@ def _run_streams(model, device: str, n_streams: int, seconds: float, seed: int =
     return dec.latency_stats()
 
 
-def bench(device: str, quick: bool) -> list[dict[str, Any]]:
+def bench(device: str, quick: bool, cuda_graphs: bool = False) -> list[dict[str, Any]]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     sizes = ["tiny"] if device == "cpu" else (["base"] if quick else ["base", "paper-187m"])
     counts = (1, 8, 64) if device == "cpu" else ((1, 32) if quick else (1, 8, 32, 64))
     seconds = 2.0 if device == "cpu" else 4.0
     bw = _bandwidth_gbps(device)
+    modes = ("eager", "cuda-graph") if cuda_graphs else ("eager",)
     rows = []
     for size in sizes:
         for fmt in ("dense", "2:4", "bsr", "bitmap"):
@@ -125,10 +128,11 @@ def bench(device: str, quick: bool) -> list[dict[str, Any]]:
             except Exception as e:  # a format this machine cannot build: recorded, not hidden
                 rows.append({"bench": "stream", "size": size, "format": fmt, "error": str(e).splitlines()[0]})
                 continue
-            for n in counts:
-                stats = _run_streams(model, device, n, seconds)
+            for n, mode in ((n, mode) for n in counts for mode in modes):
+                stats = _run_streams(model, device, n, seconds, step_mode=mode)
                 rows.append({
                     "bench": "stream", "size": size, "format": fmt, "streams": n, "dtype": str(dtype)[6:],
+                    "step_mode": mode,
                     "sparsity": 0.5 if fmt == "2:4" else SPARSITY, "weight_bytes": nbytes,
                     "p50_ms": 1e3 * stats["p50_s"], "p99_ms": 1e3 * stats["p99_s"],
                     "encoder_p50_ms": 1e3 * stats["encoder_p50_s"], "rtf": stats["rtf"],
@@ -138,7 +142,9 @@ def bench(device: str, quick: bool) -> list[dict[str, Any]]:
             del model
             if device == "cuda":
                 torch.cuda.empty_cache()
-    dense = {(r["size"], r["streams"]): r["p50_ms"] for r in rows if r.get("format") == "dense" and "p50_ms" in r}
+    # Every row against dense eager of the same size and stream count (the baseline to beat).
+    dense = {(r["size"], r["streams"]): r["p50_ms"] for r in rows
+             if r.get("format") == "dense" and r.get("step_mode") == "eager" and "p50_ms" in r}
     for r in rows:
         if "p50_ms" in r:
             r["speedup_vs_dense_p50"] = dense[(r["size"], r["streams"])] / r["p50_ms"]
@@ -222,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and stream counts")
     parser.add_argument("--load-minutes", type=float, default=0.0, help="also run the load test (minutes per stream)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also time every format with the encoder step replayed as CUDA graphs")
     parser.add_argument("--load-only", action="store_true", help="run the load test alone (no format table)")
     parser.add_argument("--max-wall-s", type=float, default=0.0,
                         help="bound the load test's wall time (feeding stops at 30%% of it, leaving time for the single-stream re-decodes; 0: no bound)")
@@ -234,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.load_only and args.load_minutes <= 0:
         parser.error("--load-only needs --load-minutes > 0")
-    rows = [] if args.load_only else bench(args.device, args.quick)
+    if args.cuda_graphs and args.device != "cuda":
+        parser.error("--cuda-graphs needs --device cuda")
+    rows = [] if args.load_only else bench(args.device, args.quick, cuda_graphs=args.cuda_graphs)
     result: dict[str, Any] = {"environment": environment(), "device": args.device, "rows": rows,
                               "threads": torch.get_num_threads()}
     if args.load_minutes > 0:

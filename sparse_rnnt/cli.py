@@ -263,7 +263,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
     results, stats = stream_files(args.artifact, args.audio, language=args.language, piece_ms=args.chunk_ms,
                                   device=args.device, on_partial=show, decoding=args.decoding,
-                                  beam_width=args.beam_width)
+                                  beam_width=args.beam_width, cuda_graphs=args.cuda_graphs)
     for r in results:
         print(f"{r.stream_id}: {r.text}  (audio {r.audio_s:.2f} s, RTF {r.rtf:.3f})")
     print(f"chunk steps: {int(stats['steps'])}, latency p50 {1e3 * stats['p50_s']:.1f} ms, "
@@ -481,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "'sparse-rnnt eval --method' gives on the whole file")
     p.add_argument("--beam-width", dest="beam_width", type=_positive_int, default=4,
                    help="hypotheses kept by --decoding beam (default 4)")
+    p.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true",
+                   help="replay the encoder step as CUDA graphs, one per batch bucket (needs --device cuda "
+                   "and a single-language artifact; a step that cannot be captured runs eagerly)")
     p.add_argument("--quiet", action="store_true", help="print only the final results")
     p.set_defaults(func=cmd_stream)
 

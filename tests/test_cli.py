@@ -14,7 +14,8 @@ COMMANDS = {
     ("eval",): ["--checkpoint", "--manifest-dir", "--split", "--method", "--beam-width", "--out"],
     ("demo",): ["--out", "--hours", "--steps", "--force"],
     ("models",): ["--num-symbols"],
-    ("stream",): ["--artifact", "--language", "--chunk-ms", "--device", "--decoding", "--beam-width", "--quiet"],
+    ("stream",): ["--artifact", "--language", "--chunk-ms", "--device", "--decoding", "--beam-width", "--cuda-graphs",
+                  "--quiet"],
 }
 
 
@@ -94,3 +95,8 @@ def test_models_lists_sizes(capsys):
     for name in ("tiny", "small", "base", "paper-56m", "paper-187m"):
         assert name in out
     assert "76.74M" in out
+
+
+def test_stream_cuda_graphs_need_a_cuda_device(capsys):
+    assert main(["stream", "--artifact", "missing", "a.wav", "--cuda-graphs"]) == 2
+    assert "--cuda-graphs needs --device cuda" in capsys.readouterr().err

@@ -1,7 +1,15 @@
 """Streaming (chunk-by-chunk) recognition with the Emformer RNN-T, one or many streams."""
 
-from .encoder import EncoderGeometry, EncoderState, encoder_step, geometry, initial_state
+from .encoder import (
+    EncoderGeometry,
+    EncoderState,
+    encoder_step,
+    encoder_step_tensors,
+    geometry,
+    initial_state,
+)
 from .features import StreamingLogMel
+from .graphs import StaticEncoderStep
 from .stream import (
     PartialResult,
     StepTiming,
@@ -16,12 +24,14 @@ __all__ = [
     "EncoderGeometry",
     "EncoderState",
     "PartialResult",
+    "StaticEncoderStep",
     "StepTiming",
     "Stream",
     "StreamResult",
     "StreamingDecoder",
     "StreamingLogMel",
     "encoder_step",
+    "encoder_step_tensors",
     "geometry",
     "initial_state",
     "iter_pieces",

@@ -111,14 +111,56 @@ def encoder_step(
     Returns the encoder output ``[B, segment // stride, encoding_dim]`` (rows past
     ``valid_frames // stride`` are padding) and the updated states.
     """
+    batch = chunk.size(0)
+    if len(states) != batch:
+        raise ValueError(f"{len(states)} states for a batch of {batch}")
+    device = chunk.device
+    past = torch.tensor([s.past for s in states], device=device)
+    key = torch.stack([s.key for s in states], dim=2)  # [layers, lc, B, D]
+    value = torch.stack([s.value for s in states], dim=2)
+    memory = torch.stack([s.memory for s in states], dim=2)  # [layers, M, B, D]
+    out, keys, vals, mems = encoder_step_tensors(rnnt, chunk, valid_frames.to(device), past, key, value, memory)
+    return out, unstack_states(keys, vals, mems, [s.past for s in states], geometry(rnnt).segment_reduced)
+
+
+def unstack_states(
+    keys: torch.Tensor, vals: torch.Tensor, mems: torch.Tensor, past: list[int], segment_reduced: int
+) -> list[EncoderState]:
+    """Per-row :class:`EncoderState` (own memory) of stacked ``[layers, slots, B, D]`` states."""
+    return [
+        EncoderState(
+            key=keys[:, :, b].contiguous(),
+            value=vals[:, :, b].contiguous(),
+            memory=mems[:, :, b].contiguous(),
+            past=p + segment_reduced,
+        )
+        for b, p in enumerate(past)
+    ]
+
+
+def encoder_step_tensors(
+    rnnt: RNNT,
+    chunk: torch.Tensor,
+    valid_frames: torch.Tensor,
+    past: torch.Tensor,
+    key_state: torch.Tensor,
+    val_state: torch.Tensor,
+    mem_state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`encoder_step` on stacked states, with no host synchronization and shapes fixed by
+    ``B`` alone, so that a CUDA graph can capture it.
+
+    ``chunk [B, chunk, F]``, ``valid_frames [B]`` and ``past [B]`` (Emformer frames already
+    processed) on the model's device; ``key_state``/``val_state [layers, lc, B, D]``,
+    ``mem_state [layers, M, B, D]``. Returns ``out [B, segment // stride, encoding_dim]`` and the
+    new stacked key, value and memory states (same shapes as the inputs).
+    """
     enc = rnnt.transcriber
     em = enc.transformer
     geo = geometry(rnnt)
     batch = chunk.size(0)
     if chunk.size(1) != geo.chunk:
         raise ValueError(f"chunk has {chunk.size(1)} frames, the model needs {geo.chunk}")
-    if len(states) != batch:
-        raise ValueError(f"{len(states)} states for a batch of {batch}")
     device = chunk.device
     seg = geo.segment_reduced
     lc = geo.left_context_reduced
@@ -131,11 +173,7 @@ def encoder_step(
     utterance, right_context = x[:seg], x[seg:]
     rc = right_context.size(0)
 
-    past = torch.tensor([s.past for s in states], device=device)
-    valid = (valid_frames.to(device) // geo.stride).clamp(0, seg)
-    key_state = torch.stack([s.key for s in states], dim=2)  # [layers, lc, B, D]
-    val_state = torch.stack([s.value for s in states], dim=2)
-    mem_state = torch.stack([s.memory for s in states], dim=2)  # [layers, M, B, D]
+    valid = (valid_frames // geo.stride).clamp(0, seg)
 
     # Keys are laid out [memory, right context, left context, utterance].
     mem_valid = torch.clamp(torch.div(past + seg - 1, seg, rounding_mode="floor"), max=mem_slots)
@@ -200,16 +238,4 @@ def encoder_step(
         mems = out_mems
 
     out = enc.layer_norm(enc.output_linear(utterance.permute(1, 0, 2)))  # [B, seg, encoding_dim]
-    keys = torch.stack(new_key)  # [layers, lc, B, D]
-    vals = torch.stack(new_val)
-    memory = torch.stack(new_mem)
-    new_states = [
-        EncoderState(
-            key=keys[:, :, b].contiguous(),
-            value=vals[:, :, b].contiguous(),
-            memory=memory[:, :, b].contiguous(),
-            past=states[b].past + seg,
-        )
-        for b in range(batch)
-    ]
-    return out, new_states
+    return out, torch.stack(new_key), torch.stack(new_val), torch.stack(new_mem)

@@ -38,10 +38,12 @@ def stream_files(
     on_partial: Callable[[str, PartialResult], None] | None = None,
     decoding: str = "greedy",
     beam_width: int = 4,
+    cuda_graphs: bool = False,
 ) -> tuple[list[StreamResult], dict[str, float]]:
     """Feed each file in ``piece_ms`` pieces as if it arrived live; returns the results and the
     latency statistics (p50/p99 per chunk step, RTF) of all steps. ``decoding``: ``greedy`` or
-    ``beam`` (torchaudio's RNN-T beam search of width ``beam_width``, continued chunk by chunk)."""
+    ``beam`` (torchaudio's RNN-T beam search of width ``beam_width``, continued chunk by chunk).
+    ``cuda_graphs``: replay the encoder step as CUDA graphs (CUDA, single-pathway use only)."""
     from ..export import load_artifact
 
     if piece_ms <= 0:
@@ -50,6 +52,8 @@ def stream_files(
         raise UserError(f"--decoding must be greedy or beam, got {decoding!r}")
     if beam_width < 1:
         raise UserError(f"--beam-width must be at least 1, got {beam_width}")
+    if cuda_graphs and not str(device).startswith("cuda"):
+        raise UserError(f"--cuda-graphs needs --device cuda (got {device})")
     waves = [read_wave(p) for p in paths]  # all files are checked before any decoding
     art = load_artifact(artifact_dir, device=device)
     if language is None:
@@ -58,7 +62,10 @@ def stream_files(
         language = art.languages[0] if art.languages else None
     elif language not in art.languages:
         raise UserError(f"the artifact has no pathway for {language!r} (it has {', '.join(art.languages)})")
-    decoder = StreamingDecoder.from_artifact(art, decoding=decoding, beam_width=beam_width)
+    if cuda_graphs and art.multilingual:
+        raise UserError("--cuda-graphs needs a single-language artifact (a graph cannot switch pathways)")
+    decoder = StreamingDecoder.from_artifact(art, decoding=decoding, beam_width=beam_width,
+                                             step_mode="cuda-graph" if cuda_graphs else "eager")
     piece = max(1, round(SAMPLE_RATE * piece_ms / 1000))
     results = []
     for path, wave in zip(paths, waves, strict=True):

@@ -39,6 +39,7 @@ from ..model.decoding import BeamContinuation, Hypotheses, PredictorState, greed
 from ..model.rnnt import EmformerRNNT
 from .encoder import EncoderState, encoder_step, geometry, initial_state
 from .features import StreamingLogMel
+from .graphs import StaticEncoderStep
 
 if TYPE_CHECKING:
     from ..data.tokenizer import Tokenizer
@@ -157,6 +158,11 @@ class StreamingDecoder:
     Many streams: :meth:`open` each, :meth:`accept` audio as it arrives, call :meth:`step` (one
     batched chunk for every stream that has one ready) and :meth:`finish` the streams that end.
 
+    ``step_mode``: ``"eager"`` encodes each step at its own batch size; ``"static"`` pads it to
+    a fixed bucket (1, 2, 4, ... ``max_batch`` streams) with preallocated buffers, and
+    ``"cuda-graph"`` replays that bucket as a captured CUDA graph (see :mod:`.graphs`). Steps
+    with more than ``max_batch`` ready streams are split.
+
     ``mask_context(language)``: a context manager under which the model's weights are those of
     ``language`` (e.g. :meth:`Recognizer.masked`); when given, each step batches streams per
     language. The default is a no-op and all ready streams share one encoder call.
@@ -175,9 +181,16 @@ class StreamingDecoder:
         decoding: str = "greedy",
         beam_width: int = 4,
         step_max_tokens: int = 100,
+        step_mode: str = "eager",
+        max_batch: int = 64,
     ) -> None:
         if decoding not in ("greedy", "beam"):
             raise ValueError(f"decoding must be 'greedy' or 'beam', got {decoding!r}")
+        if step_mode not in ("eager", "static", "cuda-graph"):
+            raise ValueError(f"step_mode must be 'eager', 'static' or 'cuda-graph', got {step_mode!r}")
+        if step_mode == "cuda-graph" and mask_context is not None:
+            # A graph replays the weights and masks it captured; pathways switch them.
+            raise ValueError("CUDA graphs need a single-pathway model (no mask_context)")
         model.eval()  # dropout off: streaming must equal full-utterance inference
         self.decoding = decoding
         # Beam: torchaudio's search continued chunk by chunk, per stream (as decoding.beam_search).
@@ -193,6 +206,12 @@ class StreamingDecoder:
         self.device = next(model.parameters()).device
         # Features, encoder state and caches follow the model's weights (bf16 on GPU artifacts).
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        self.step_mode = step_mode
+        self.max_batch = max_batch
+        self._static = (
+            None if step_mode == "eager"
+            else StaticEncoderStep(model.rnnt, self.device, self.dtype, mode=step_mode, max_batch=max_batch)
+        )
         self.streams: dict[str, Stream] = {}
         self.step_timings: deque[StepTiming] = deque(maxlen=STEP_WINDOW)  # bounded, latest steps
         self._steps = 0
@@ -343,9 +362,12 @@ class StreamingDecoder:
             for s in batch:
                 groups.setdefault(s.language, []).append(s)
         results: list[PartialResult] = []
+        # Fixed-size steps hold at most max_batch streams: larger groups take several calls.
+        limit = self.max_batch if self._static is not None else len(batch)
         for language, group in groups.items():
             with self.mask_context(language):
-                results.extend(self._step_group(group, language))
+                for i in range(0, len(group), limit):
+                    results.extend(self._step_group(group[i : i + limit], language))
         return results
 
     def _step_group(self, group: list[Stream], language: str | None) -> list[PartialResult]:
@@ -355,7 +377,11 @@ class StreamingDecoder:
             taken = [self._take_chunk(s) for s in group]
             chunk = torch.stack([c for c, _ in taken]).to(self.device, self.dtype)  # [B, chunk, F]
             valid = torch.tensor([v for _, v in taken], device=self.device)
-            enc, new_states = encoder_step(self.model.rnnt, chunk, valid, [s.encoder_state for s in group])
+            states = [s.encoder_state for s in group]
+            if self._static is None:
+                enc, new_states = encoder_step(self.model.rnnt, chunk, valid, states)
+            else:
+                enc, new_states = self._static(chunk, valid, states)
             self._sync()
             t1 = time.perf_counter()
             frames = valid // geo.stride

@@ -59,7 +59,15 @@ else:
         (64, 64, 32, 4, 5),
     ]
 
-_FWD_CONFIGS = _configs(_MMA, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+# Forward configs come in two orientations (``W_AS_A``): ``x Wᵀ`` as written, or ``(W xᵀ)ᵀ`` with
+# the masked weight tile as the left operand. On Hopper a left operand may stay in registers
+# (wgmma's register-A form, as in dequantizing GEMMs), so the masked tile need not go back through
+# shared memory; the autotuner keeps whichever is faster per shape.
+_FWD_CONFIGS = [
+    triton.Config({**c.kwargs, "W_AS_A": w_as_a}, num_warps=c.num_warps, num_stages=c.num_stages)
+    for c in _configs(_MMA, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    for w_as_a in ((False,) if _INTERPRET else (False, True))
+]
 _DX_CONFIGS = _configs(_MMA, ("BLOCK_M", "BLOCK_K", "BLOCK_N"))
 _DW_CONFIGS = _configs(_MMA, ("BLOCK_N", "BLOCK_K", "BLOCK_M"))
 _KEY = ["N", "K", "R_BUCKET", "MASK_MODE", "PATHWAY", "PREC"]
@@ -156,12 +164,31 @@ def _fwd_kernel(
     stride_xr, stride_xk, stride_wn, stride_wk, stride_ml, stride_mn, stride_yr, stride_yn,
     MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, PATHWAY: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    W_AS_A: tl.constexpr,
 ):
     lang, start, end = _row_tile(tl.program_id(0), seg_ptr, L, R, BLOCK_M, PATHWAY)
     rows, r_ok = _rows(perm_ptr, start, end, BLOCK_M, PATHWAY)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     m_base = m_ptr + lang * stride_ml
+    if W_AS_A:
+        acc = tl.trans(_fwd_w_as_a(x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, K, stride_xr, stride_xk,
+                                   stride_wn, stride_wk, stride_mn, MASK_MODE, PREC, UPCAST, BLOCK_M, BLOCK_N,
+                                   BLOCK_K))
+    else:
+        acc = _fwd_x_as_a(x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, K, stride_xr, stride_xk,
+                          stride_wn, stride_wk, stride_mn, MASK_MODE, PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_yr + offs_n[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=r_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _fwd_x_as_a(x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, K, stride_xr, stride_xk, stride_wn, stride_wk,
+                stride_mn, MASK_MODE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N]`` tile of ``x (W ⊙ M)ᵀ``, x as the left operand."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -176,10 +203,29 @@ def _fwd_kernel(
             xt = xt.to(tl.float32)
             wt = wt.to(tl.float32)
         acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PREC)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows[:, None] * stride_yr + offs_n[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=r_ok[:, None] & n_ok[None, :])
+    return acc
+
+
+@triton.jit
+def _fwd_w_as_a(x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, K, stride_xr, stride_xk, stride_wn, stride_wk,
+                stride_mn, MASK_MODE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``[BLOCK_N, BLOCK_M]`` tile of ``(W ⊙ M) xᵀ``: the masked weight tile is the left operand."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_ok = offs_k < K
+        xt = tl.load(x_ptr + rows[:, None] * stride_xr + offs_k[None, :] * stride_xk,
+                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                     mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        keep = _keep_tile(m_base, offs_n, n_ok, k0, K, stride_mn, BLOCK_N, BLOCK_K, MASK_MODE)
+        wt = tl.where(keep, wt, 0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(wt, tl.trans(xt), acc, input_precision=PREC)
+    return acc
 
 
 @triton.autotune(configs=_DX_CONFIGS, key=_KEY)
@@ -333,8 +379,12 @@ def _upcast(x: Tensor) -> bool:
 
 
 def _launch_fwd(x2: Tensor, w: Tensor, m: Tensor, mode: int, bias: Tensor | None, plan: _Plan,
-                allow_tf32: bool, out: Tensor | None = None) -> Tensor:
-    """``[R, K] x [N, K] -> [R, N]``; ``m, mode`` from :func:`_kernel_mask`; ``out`` for tests."""
+                allow_tf32: bool, out: Tensor | None = None, config: dict[str, Any] | None = None) -> Tensor:
+    """``[R, K] x [N, K] -> [R, N]``; ``m, mode`` from :func:`_kernel_mask`; ``out`` for tests.
+
+    ``config`` (tests): explicit meta-parameters (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``,
+    ``W_AS_A``) instead of the autotuner's choice, so that every variant runs on CPU too.
+    """
     r, k = x2.shape
     n = w.shape[0]
     y = torch.empty(r, n, dtype=x2.dtype, device=x2.device) if out is None else out
@@ -344,13 +394,14 @@ def _launch_fwd(x2: Tensor, w: Tensor, m: Tensor, mode: int, bias: Tensor | None
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return plan.row_tiles(meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
 
-    _fwd_kernel[grid](
+    kernel = _fwd_kernel if config is None else _fwd_kernel.fn
+    kernel[grid](
         x2, w, m, bias, y, plan.perm, plan.seg,
         r, n, k, plan.n_lang, plan.bucket,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), m.stride(0), m.stride(1),
         y.stride(0), y.stride(1),
         MASK_MODE=mode, HAS_BIAS=bias is not None, PATHWAY=plan.pathway,
-        PREC=_prec(x2, allow_tf32), UPCAST=_upcast(w),
+        PREC=_prec(x2, allow_tf32), UPCAST=_upcast(w), **(config or {}),
     )
     return y
 

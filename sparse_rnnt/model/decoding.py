@@ -37,22 +37,24 @@ def greedy_frames(
     batch = enc.size(0)
     ones = torch.ones(batch, dtype=torch.int32, device=enc.device)
     hyps: list[list[int]] = [[] for _ in range(batch)]
-    for t in range(int(frames.max()) if batch else 0):
+    # One device-to-host transfer per joiner call (the tokens and who emitted them together):
+    # on a GPU each sync stalls the launch queue, and a step makes many joiner calls.
+    for t in range(max(frames.tolist(), default=0)):
         active = t < frames
-        if not bool(active.any()):
-            break
         frame = enc[:, t : t + 1]
         for _ in range(max_symbols_per_frame):
             joint, _, _ = rnnt.join(frame, ones, pred, ones)
             best = joint[:, 0, 0].argmax(-1)
             emit = active & (best != blank)
-            if not bool(emit.any()):
+            best_host, emit_host = torch.stack([best, emit.to(best.dtype)]).tolist()
+            if not any(emit_host):
                 break
             new_pred, _, new_state = rnnt.predict(best[:, None].to(torch.int32), ones, state)
             pred = torch.where(emit[:, None, None], new_pred, pred)
             state = _select_state(emit, new_state, state)
-            for b in emit.nonzero().flatten().tolist():
-                hyps[b].append(int(best[b]))
+            for b, emitted in enumerate(emit_host):
+                if emitted:
+                    hyps[b].append(best_host[b])
             active = emit
     return hyps, pred, state
 

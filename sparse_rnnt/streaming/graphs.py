@@ -12,15 +12,23 @@ nothing valid, no past), and the outputs of the first ``B`` rows are copied out.
 ``mode="cuda-graph"`` captures one graph per bucket on first use (after warm-up runs that let
 Triton autotune outside the capture) and replays it. A bucket whose capture fails (an op that
 cannot be captured) logs once and stays eager.
+
+Greedy decoding gets the same treatment (:class:`StaticGreedyDecoder`): per joiner call, one
+graph scores the frame and picks each row's token, one transfer brings the tokens to the host,
+and a second graph advances the predictor of the rows that emitted, in place in the bucket's
+buffers. Beam search stays eager (torchaudio's search is host-driven by design).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torchaudio.models import RNNT
 
+from ..model.decoding import PredictorState
+from ..model.rnnt import EmformerRNNT
 from .encoder import EncoderState, encoder_step_tensors, geometry, unstack_states
 
 log = logging.getLogger(__name__)
@@ -121,19 +129,142 @@ class StaticEncoderStep:
         return bucket.outputs
 
     def _capture(self, bucket: _Bucket) -> None:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
         try:
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_RUNS):
-                    bucket.run(self.rnnt)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                bucket.outputs = bucket.run(self.rnnt)
-            bucket.graph = graph
+            bucket.graph, bucket.outputs = _capture(lambda: bucket.run(self.rnnt), self.device)
         except Exception as e:  # an op that cannot be captured: this bucket stays eager
             bucket.failed = True
             bucket.graph = bucket.outputs = None
-            log.warning("CUDA graph capture of the %d-stream encoder step failed (%s: %s); "
-                        "running it eagerly", bucket.size, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            _log_capture_failure("encoder step", bucket.size, e)
+
+
+def _capture(fn: Callable[[], object], device: torch.device) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Warm ``fn`` up on a side stream (autotuning and allocations happen there), then capture it."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_RUNS):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
+
+
+def _log_capture_failure(what: str, size: int, e: Exception) -> None:
+    first = str(e).splitlines()[0] if str(e) else ""
+    log.warning("CUDA graph capture of the %d-stream %s failed (%s: %s); running it eagerly",
+                size, what, type(e).__name__, first)
+
+
+class _GreedyBucket:
+    """Static buffers of greedy decoding for one batch size: the frame being decoded, the
+    predictor output and LSTM state of every row, which rows are still active, their tokens."""
+
+    def __init__(self, size: int, frame: torch.Tensor, pred: torch.Tensor, state: PredictorState) -> None:
+        self.size = size
+        self.frame = frame.new_zeros(size, *frame.shape[1:])
+        self.pred = pred.new_zeros(size, *pred.shape[1:])
+        self.state = [[x.new_zeros(size, *x.shape[1:]) for x in layer] for layer in state]
+        self.active = torch.zeros(size, dtype=torch.bool, device=frame.device)
+        self.best = torch.zeros(size, dtype=torch.int64, device=frame.device)
+        self.emit = torch.zeros(size, dtype=torch.bool, device=frame.device)
+        self.ones = torch.ones(size, dtype=torch.int32, device=frame.device)
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self.failed = False
+
+
+class StaticGreedyDecoder:
+    """:func:`~sparse_rnnt.model.decoding.greedy_frames` over fixed-size batch buckets.
+
+    ``decode(enc [B, T, D], frames [B], pred [B, 1, D], state)`` returns the same as
+    ``greedy_frames``: new tokens per row, the final predictor output and state (copies, owned by
+    the caller). Idle rows of a bucket are never active, so they never emit.
+    """
+
+    def __init__(self, model: EmformerRNNT, device: torch.device | str, *, mode: str = "static",
+                 max_batch: int = 64, max_symbols_per_frame: int = 4) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        device = torch.device(device)
+        if mode == "cuda-graph" and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a model on a CUDA device, this one is on {device}")
+        self.model = model
+        self.mode = mode
+        self.device = device
+        self.max_symbols_per_frame = max_symbols_per_frame
+        self.sizes = [1 << i for i in range((max(max_batch, 1) - 1).bit_length() + 1)]
+        self.buckets: dict[int, _GreedyBucket] = {}
+
+    def _score(self, b: _GreedyBucket) -> None:
+        """Each row's best token for the current frame, and whether an active row emits it."""
+        joint, _, _ = self.model.rnnt.join(b.frame, b.ones, b.pred, b.ones)
+        b.best.copy_(joint[:, 0, 0].argmax(-1))
+        b.emit.copy_(b.active & (b.best != self.model.blank))
+
+    def _advance(self, b: _GreedyBucket) -> None:
+        """Feed the emitted tokens to the predictor; rows that did not emit keep their state."""
+        new_pred, _, new_state = self.model.rnnt.predict(b.best[:, None].to(torch.int32), b.ones, b.state)
+        keep = b.emit[:, None]
+        b.pred.copy_(torch.where(keep[:, :, None], new_pred, b.pred))
+        for layer, new_layer in zip(b.state, new_state, strict=True):
+            for x, nx in zip(layer, new_layer, strict=True):
+                x.copy_(torch.where(keep, nx, x))
+        b.active.copy_(b.emit)
+
+    def _replay(self, b: _GreedyBucket, name: str) -> None:
+        fn = self._score if name == "score" else self._advance
+        if self.mode == "static" or b.failed:
+            fn(b)
+            return
+        graph = b.graphs.get(name)
+        if graph is None:
+            # Capture runs fn on the buffers (warm-up included): save and restore what it changes.
+            saved = (b.pred.clone(), [[x.clone() for x in layer] for layer in b.state], b.active.clone())
+            try:
+                graph, _ = _capture(lambda: fn(b), self.device)
+                b.graphs[name] = graph
+            except Exception as e:
+                b.failed = True
+                _log_capture_failure(f"greedy {name}", b.size, e)
+            b.pred.copy_(saved[0])
+            for layer, old in zip(b.state, saved[1], strict=True):
+                for x, ox in zip(layer, old, strict=True):
+                    x.copy_(ox)
+            b.active.copy_(saved[2])
+            if b.failed:
+                fn(b)
+                return
+        graph.replay()
+
+    def decode(self, enc: torch.Tensor, frames: torch.Tensor, pred: torch.Tensor,
+               state: PredictorState) -> tuple[list[list[int]], torch.Tensor, PredictorState]:
+        batch = enc.size(0)
+        size = next((s for s in self.sizes if s >= batch), None)
+        if size is None:
+            raise ValueError(f"{batch} streams in one step, more than max_batch ({self.sizes[-1]})")
+        b = self.buckets.get(size)
+        if b is None:
+            b = self.buckets[size] = _GreedyBucket(size, enc[:, :1], pred, state)
+        b.pred[:batch].copy_(pred)
+        b.pred[batch:].zero_()
+        for layer, src in zip(b.state, state, strict=True):
+            for x, sx in zip(layer, src, strict=True):
+                x[:batch].copy_(sx)
+                x[batch:].zero_()
+        hyps: list[list[int]] = [[] for _ in range(batch)]
+        for t in range(max(frames.tolist(), default=0)):
+            b.frame[:batch].copy_(enc[:, t : t + 1])
+            b.active.zero_()
+            b.active[:batch].copy_(t < frames)
+            for _ in range(self.max_symbols_per_frame):
+                self._replay(b, "score")
+                best_host, emit_host = torch.stack([b.best[:batch], b.emit[:batch].to(torch.int64)]).tolist()
+                if not any(emit_host):
+                    break
+                self._replay(b, "advance")
+                for row, emitted in enumerate(emit_host):
+                    if emitted:
+                        hyps[row].append(best_host[row])
+        new_state = [[x[:batch].clone() for x in layer] for layer in b.state]
+        return hyps, b.pred[:batch].clone(), new_state

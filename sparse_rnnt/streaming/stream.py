@@ -39,7 +39,7 @@ from ..model.decoding import BeamContinuation, Hypotheses, PredictorState, greed
 from ..model.rnnt import EmformerRNNT
 from .encoder import EncoderState, encoder_step, geometry, initial_state
 from .features import StreamingLogMel
-from .graphs import StaticEncoderStep
+from .graphs import StaticEncoderStep, StaticGreedyDecoder
 
 if TYPE_CHECKING:
     from ..data.tokenizer import Tokenizer
@@ -158,10 +158,11 @@ class StreamingDecoder:
     Many streams: :meth:`open` each, :meth:`accept` audio as it arrives, call :meth:`step` (one
     batched chunk for every stream that has one ready) and :meth:`finish` the streams that end.
 
-    ``step_mode``: ``"eager"`` encodes each step at its own batch size; ``"static"`` pads it to
-    a fixed bucket (1, 2, 4, ... ``max_batch`` streams) with preallocated buffers, and
-    ``"cuda-graph"`` replays that bucket as a captured CUDA graph (see :mod:`.graphs`). Steps
-    with more than ``max_batch`` ready streams are split.
+    ``step_mode``: ``"eager"`` encodes and greedily decodes each step at its own batch size;
+    ``"static"`` pads it to a fixed bucket (1, 2, 4, ... ``max_batch`` streams) with preallocated
+    buffers, and ``"cuda-graph"`` replays that bucket's encoder step and greedy joiner/predictor
+    calls as captured CUDA graphs (see :mod:`.graphs`). Steps with more than ``max_batch`` ready
+    streams are split.
 
     ``mask_context(language)``: a context manager under which the model's weights are those of
     ``language`` (e.g. :meth:`Recognizer.masked`); when given, each step batches streams per
@@ -211,6 +212,11 @@ class StreamingDecoder:
         self._static = (
             None if step_mode == "eager"
             else StaticEncoderStep(model.rnnt, self.device, self.dtype, mode=step_mode, max_batch=max_batch)
+        )
+        self._static_greedy = (
+            None if step_mode == "eager"
+            else StaticGreedyDecoder(model, self.device, mode=step_mode, max_batch=max_batch,
+                                     max_symbols_per_frame=max_symbols_per_frame)
         )
         self.streams: dict[str, Stream] = {}
         self.step_timings: deque[StepTiming] = deque(maxlen=STEP_WINDOW)  # bounded, latest steps
@@ -418,7 +424,10 @@ class StreamingDecoder:
             [torch.cat([s.pred_state[layer][i] for s in group]) for i in range(len(group[0].pred_state[layer]))]
             for layer in range(len(group[0].pred_state))
         ]
-        new, pred, state = greedy_frames(self.model, enc, frames, pred, state, self.max_symbols_per_frame)
+        if self._static_greedy is None:
+            new, pred, state = greedy_frames(self.model, enc, frames, pred, state, self.max_symbols_per_frame)
+        else:
+            new, pred, state = self._static_greedy.decode(enc, frames, pred, state)
         for b, s in enumerate(group):
             s.pred_out = pred[b : b + 1]
             s.pred_state = [[x[b : b + 1] for x in layer] for layer in state]

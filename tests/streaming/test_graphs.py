@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparse_rnnt.model.decoding import greedy_frames
 from sparse_rnnt.streaming import StreamingDecoder, encoder_step, geometry, initial_state
-from sparse_rnnt.streaming.graphs import StaticEncoderStep
+from sparse_rnnt.streaming.graphs import StaticEncoderStep, StaticGreedyDecoder
 from tests.streaming.test_stream import _chunks, random_sizes, tiny_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -101,6 +102,57 @@ def test_static_decoder_equals_eager_decoder_with_split_steps() -> None:
         StreamingDecoder(model, cmvn, step_mode="graphs")
     with pytest.raises(ValueError, match="single-pathway"):
         StreamingDecoder(model, cmvn, step_mode="cuda-graph", mask_context=lambda lang: None)
+
+
+def _greedy_inputs(model, batch=3, frames=(4, 1, 3), device="cpu"):
+    """Encoder frames of ``batch`` rows (random, so the joiner emits) and each row's predictor
+    state after a few different tokens."""
+    g = torch.Generator().manual_seed(3)
+    enc = 2 * torch.randn(batch, 4, model.rnnt.joiner.linear.in_features, generator=g)
+    tokens = torch.randint(0, model.blank, (batch, 3), generator=g, dtype=torch.int32)
+    with torch.inference_mode():
+        pred, _, state = model.rnnt.predict(tokens, torch.full((batch,), 3, dtype=torch.int32), None)
+    return enc.to(device), torch.tensor(frames, device=device), pred[:, -1:].to(device), \
+        [[x.to(device) for x in layer] for layer in state]
+
+
+def test_static_greedy_equals_greedy_frames() -> None:
+    model = tiny_model()
+    enc, frames, pred, state = _greedy_inputs(model)
+    dec = StaticGreedyDecoder(model, "cpu", max_batch=8, max_symbols_per_frame=3)
+    with torch.inference_mode():
+        want = greedy_frames(model, enc, frames, pred, state, 3)
+        for _ in range(2):  # the bucket's buffers are reused
+            got = dec.decode(enc, frames, pred, state)
+            assert got[0] == want[0] and sum(map(len, want[0])) > 0
+            torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-6)
+            for layer, want_layer in zip(got[2], want[2], strict=True):
+                for x, y in zip(layer, want_layer, strict=True):
+                    torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+        assert list(dec.buckets) == [4]
+        with pytest.raises(ValueError, match="more than max_batch"):
+            StaticGreedyDecoder(model, "cpu", max_batch=2).decode(enc, frames, pred, state)
+    with pytest.raises(ValueError, match="CUDA"):
+        StaticGreedyDecoder(model, "cpu", mode="cuda-graph")
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_graph_greedy_equals_greedy_frames() -> None:
+    cpu_model = tiny_model()
+    enc, frames, pred, state = _greedy_inputs(cpu_model)
+    model = cpu_model.cuda()
+    enc, frames, pred = enc.cuda(), frames.cuda(), pred.cuda()
+    state = [[x.cuda() for x in layer] for layer in state]
+    dec = StaticGreedyDecoder(model, "cuda", mode="cuda-graph", max_symbols_per_frame=3)
+    with torch.inference_mode():
+        want = greedy_frames(model, enc, frames, pred, state, 3)
+        for _ in range(3):  # capture, then replays
+            got = dec.decode(enc, frames, pred, state)
+            assert got[0] == want[0]
+            torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-5)
+    bucket = dec.buckets[4]
+    assert not bucket.failed and set(bucket.graphs) == {"score", "advance"}
 
 
 @pytest.mark.gpu

@@ -61,16 +61,19 @@ def _bsr_kernel(
     c_hi = c_lo + cols_per_split
     acc = tl.zeros((BLOCK_R, PBH), dtype=tl.float32)
     for j in range(row_start, row_end):
+        # A block outside this split is masked off, not branched around: a loop without control
+        # flow can be software-pipelined (the loads of block j+1 overlap the dot of block j).
         c = tl.load(col_ptr + j).to(tl.int64)
-        if (c >= c_lo) & (c < c_hi):
-            offs_k = c * BW + offs_w
-            xt = tl.load(x_ptr + offs_r[:, None] * stride_xr + offs_k[None, :],
-                         mask=r_ok[:, None] & (offs_w[None, :] < BW) & (offs_k[None, :] < K), other=0.0)
-            wt = tl.load(val_ptr + j * (BH * BW) + offs_h[:, None] * BW + offs_w[None, :], mask=blk_mask, other=0.0)
-            if UPCAST:
-                xt = xt.to(tl.float32)
-                wt = wt.to(tl.float32)
-            acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PREC)
+        mine = (c >= c_lo) & (c < c_hi)
+        offs_k = c * BW + offs_w
+        xt = tl.load(x_ptr + offs_r[:, None] * stride_xr + offs_k[None, :],
+                     mask=mine & r_ok[:, None] & (offs_w[None, :] < BW) & (offs_k[None, :] < K), other=0.0)
+        wt = tl.load(val_ptr + j * (BH * BW) + offs_h[:, None] * BW + offs_w[None, :],
+                     mask=mine & blk_mask, other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PREC)
     offs_n = pid_b * BH + offs_h
     n_ok = (offs_h < BH) & (offs_n < N)
     out_mask = r_ok[:, None] & n_ok[None, :]

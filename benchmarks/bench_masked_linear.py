@@ -56,6 +56,19 @@ def _shapes(quick: bool, device: str) -> list[tuple[str, int, int, int]]:
     return out
 
 
+def _chosen_configs() -> dict[str, str]:
+    """The autotuner's latest choice per kernel (tile sizes, warps, stages, orientation)."""
+    from sparse_rnnt.kernels.masked_linear import fused
+
+    out = {}
+    for name in ("_fwd_kernel", "_dx_kernel", "_dw_kernel"):
+        best = getattr(getattr(fused, name), "best_config", None)
+        if best is not None:
+            out[name.strip("_").removesuffix("_kernel")] = (
+                f"{best.kwargs} warps={best.num_warps} stages={best.num_stages}")
+    return out
+
+
 def _time(fn: Callable[[], object], device: str) -> float:
     return median_ms(fn, device)
 
@@ -110,6 +123,7 @@ def run(device: str, quick: bool) -> list[dict]:
                     "dtype": str(dtype).removeprefix("torch."), "density": 0.3, "hard": False,
                     "tflops": flops * r * n * k / (ms * 1e-3) / 1e12,
                     "mask_bytes": mask_bytes, "temp_bytes": temp * n * k * x.element_size(),
+                    **({"configs": _chosen_configs()} if provider.startswith("triton") else {}),
                 })
             del y
     return rows

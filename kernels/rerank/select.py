@@ -40,10 +40,12 @@ How (unstructured and block; ``U`` units = weights or blocks, one *group* = one 
   (``m x m`` per group), keeps rank < quota among candidates, and flags NaN and groups with too
   few candidates into an error counter read once per tensor.
 
-Several tensors: Triton cannot take a list of pointers portably, so each tensor gets its own
-launches that accumulate into the group's shared histogram (global scope = one group, per-tensor
-scope = one group per tensor: a ``[G, bins]`` histogram whose searches run batched). Host syncs:
-one per pass (to raise errors and pick launch arguments), not one per tensor.
+Several tensors: every pass is ONE launch over all tensors of a key width. The kernels read each
+tile's tensors through device tables of addresses (cast to pointers in the kernel), sizes, groups
+and flags, plus a per-tile segment index, so a model with a hundred layers costs the same few
+launches as one tensor (per-tensor launches cost ~30 µs of host time each). Groups: global
+scope = one group, per-tensor scope = one group per tensor, a ``[G, bins]`` histogram whose
+searches run batched. Host syncs: one per pass (to raise errors and pick launch arguments).
 
 No ``triton.autotune``: the histogram kernels accumulate with atomics and the final kernel
 writes the weights in place, so autotune's benchmark reruns would double count or re-zero; and
@@ -88,87 +90,114 @@ def _keys(src, offs, valid, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _unit_weights(size, offs, valid, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+def _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK: tl.constexpr):
+    """(segment, element offsets, validity) of tile ``pid`` of a launch over several segments."""
+    seg = tl.load(tile_seg + pid).to(tl.int64)
+    local = pid - tl.load(first_tile + seg)
+    offs = local * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    return seg, offs, offs < tl.load(seg_n + seg)
+
+
+@triton.jit
+def _candidates(tab_cand, seg, offs, valid, HAS_CAND: tl.constexpr):
+    """Valid units that may be kept: a segment's candidate bytes when it has any (address != 0)."""
+    c = valid
+    if HAS_CAND:
+        addr = tl.load(tab_cand + seg)
+        cand = addr.to(tl.pointer_type(tl.uint8))
+        c = c & (tl.load(cand + offs, mask=valid & (addr != 0), other=1) != 0)
+    return c
+
+
+@triton.jit
+def _unit_weights(tab_size, seg, offs, valid, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr):
     """Element count of each unit: loaded for blocks, 1 for single weights."""
     if HAS_SIZE:
+        size = tl.load(tab_size + seg).to(tl.pointer_type(tl.int32))
         return tl.load(size + offs, mask=valid, other=0)
     return tl.full((BLOCK,), 1, tl.int32)
 
 
 @triton.jit
+def _src(tab_src, seg, WIDE: tl.constexpr):
+    return tl.load(tab_src + seg).to(tl.pointer_type(tl.int32 if WIDE else tl.int16))
+
+
+@triton.jit
 def _hist_kernel(
-    src, cand, size, hist, n, sel_hi, nan_above, copy_stride,
+    tab_src, tab_cand, tab_size, tab_group, tab_nan, tile_seg, first_tile, seg_n,
+    hist, sel_hi, live, group_stride, copy_stride,
     PASS2: tl.constexpr, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr,
     COPIES: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Histogram (weighted by ``size`` when given) of candidate keys of one segment, into copy
-    ``program % COPIES`` of ``COPIES`` histograms ``copy_stride`` apart (summed afterwards)."""
+    """Histogram (weighted by unit size when given) of candidate keys, every segment of the
+    launch in one grid, into copy ``program % COPIES`` of its group's ``COPIES`` histograms."""
     pid = tl.program_id(0).to(tl.int64)
-    hist += (pid % COPIES) * copy_stride
-    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    valid = offs < n
-    _, key = _keys(src, offs, valid, WIDE)
-    c = valid
-    if HAS_CAND:
-        c = c & (tl.load(cand + offs, mask=valid, other=0) != 0)
-    w = _unit_weights(size, offs, valid, HAS_SIZE, BLOCK)
+    seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK)
+    g = tl.load(tab_group + seg).to(tl.int64)
+    _, key = _keys(_src(tab_src, seg, WIDE), offs, valid, WIDE)
+    c = _candidates(tab_cand, seg, offs, valid, HAS_CAND)
+    w = _unit_weights(tab_size, seg, offs, valid, HAS_SIZE, BLOCK)
     if PASS2:
-        c = c & ((key >> 16) == sel_hi)
+        c = c & (tl.load(live + g) != 0) & ((key >> 16) == tl.load(sel_hi + g))
         b = key & 0xFFFF
     else:
-        isnan = valid & (key > nan_above)
+        isnan = valid & (key > tl.load(tab_nan + seg))
         b = tl.where(isnan, 32768, (key >> 16) if WIDE else key)
         c = c | isnan  # NaN is an error wherever it is, candidate or not
+    h = hist + g * group_stride + (pid % COPIES) * copy_stride
     # Bin 0 holds the pruned weights (exact zeros), most of a sparse model: counted with one
     # reduction and a single atomic per program instead of one atomic per zero.
     zero = c & (b == 0)
-    tl.atomic_add(hist + b, w, mask=c & (b != 0), sem="relaxed")
-    tl.atomic_add(hist, tl.sum(tl.where(zero, w, 0)), sem="relaxed")
+    tl.atomic_add(h + b, w, mask=c & (b != 0), sem="relaxed")
+    tl.atomic_add(h, tl.sum(tl.where(zero, w, 0)), sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit
 def _tie_count_kernel(
-    src, cand, size, counts, n, t,
+    tab_src, tab_cand, tab_size, tab_group, tile_seg, first_tile, seg_n, thr, counts,
     WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """``counts[tile]`` = (weighted) number of candidates with ``key == t`` in the tile."""
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    valid = offs < n
-    _, key = _keys(src, offs, valid, WIDE)
-    tie = valid & (key == t)
-    if HAS_CAND:
-        tie = tie & (tl.load(cand + offs, mask=valid, other=0) != 0)
-    w = _unit_weights(size, offs, valid, HAS_SIZE, BLOCK)
+    """``counts[tile]`` = (weighted) number of candidates equal to their group's threshold key."""
+    pid = tl.program_id(0).to(tl.int64)
+    seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK)
+    t = tl.load(thr + tl.load(tab_group + seg))
+    _, key = _keys(_src(tab_src, seg, WIDE), offs, valid, WIDE)
+    tie = _candidates(tab_cand, seg, offs, valid, HAS_CAND) & (key == t)
+    w = _unit_weights(tab_size, seg, offs, valid, HAS_SIZE, BLOCK)
     tl.store(counts + pid, tl.sum(tl.where(tie, w, 0), axis=0))
 
 
-@triton.jit(do_not_specialize=["t", "need"])
+@triton.jit
 def _mask_kernel(
-    src, cand, size, out, tile_start, n, t, need,
+    tab_src, tab_cand, tab_size, tab_out, tab_group, tab_apply, tile_seg, first_tile, seg_n,
+    thr, need, tile_start,
     ALL_TIES: tl.constexpr, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr,
-    APPLY: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """Write ``out = keep`` (uint8) and, with APPLY, zero ``src`` where not kept."""
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    valid = offs < n
+    """Write each segment's ``out = keep`` (uint8) and zero its ``src`` where not kept when the
+    segment applies. ``ALL_TIES``: every tie of every group is kept (no tie ranks needed; in a
+    group whose ties all fit, ranks are below ``need`` anyway)."""
+    pid = tl.program_id(0).to(tl.int64)
+    seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK)
+    g = tl.load(tab_group + seg)
+    t = tl.load(thr + g)
+    src = _src(tab_src, seg, WIDE)
     bits, key = _keys(src, offs, valid, WIDE)
-    c = valid
-    if HAS_CAND:
-        c = c & (tl.load(cand + offs, mask=valid, other=0) != 0)
+    c = _candidates(tab_cand, seg, offs, valid, HAS_CAND)
     tie = c & (key == t)
     if ALL_TIES:
         keep = (c & (key > t)) | tie
     else:
-        w = _unit_weights(size, offs, valid, HAS_SIZE, BLOCK)
+        w = _unit_weights(tab_size, seg, offs, valid, HAS_SIZE, BLOCK)
         tw = tl.where(tie, w, 0)
-        # Weight of the ties before each unit in flat order: tile start + in-tile exclusive scan.
+        # Weight of the group's ties before each unit in flat order: tile start + in-tile scan.
         rank = tl.load(tile_start + pid) + tl.cumsum(tw, axis=0) - tw
-        keep = (c & (key > t)) | (tie & (rank < need))
+        keep = (c & (key > t)) | (tie & (rank < tl.load(need + g)))
+    out = tl.load(tab_out + seg).to(tl.pointer_type(tl.uint8))
     tl.store(out + offs, keep.to(tl.uint8), mask=valid)
-    if APPLY:
-        tl.store(src + offs, tl.zeros_like(bits), mask=valid & (~keep))
+    applies = tl.load(tab_apply + seg) != 0
+    tl.store(src + offs, tl.zeros_like(bits), mask=valid & (~keep) & applies)
 
 
 @triton.jit
@@ -316,6 +345,45 @@ def _search(hist: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     return bins, above
 
 
+class _Launch:
+    """One grid over every segment of a key width (16 or 32 bits): per-segment tables (addresses,
+    sizes, groups, flags) and, per tile, its segment. Triton takes no list of pointers, so the
+    kernels read each tile's tensors through these address tables (one launch per pass instead of
+    one per tensor)."""
+
+    def __init__(self, segments: list[Segment], index: list[int], grids: list[int], block: int,
+                 device: torch.device) -> None:
+        segs = [segments[i] for i in index]
+        self.index = index
+        self.wide = segs[0].wide
+        self.has_cand = any(s.cand is not None for s in segs)
+        self.has_size = segs[0].size is not None
+        if any((s.size is not None) != self.has_size for s in segs):
+            raise ValueError("segments of one selection must all have unit sizes, or none")
+        tiles = [grids[i] for i in index]
+        first = [0]
+        for t in tiles[:-1]:
+            first.append(first[-1] + t)
+        self.tiles = sum(tiles)
+
+        def addr(t: Tensor | None) -> int:
+            return 0 if t is None else t.data_ptr()
+
+        table = torch.tensor([
+            [addr(s.src) for s in segs], [addr(s.cand) for s in segs], [addr(s.size) for s in segs],
+            [addr(s.out) for s in segs], [s.src.numel() for s in segs], first,
+            [s.group for s in segs], [s.nan_above for s in segs], [int(s.apply) for s in segs],
+        ], dtype=torch.int64).to(device)  # one host-to-device copy
+        (self.src, self.cand, self.size, self.out, self.n, self.first,
+         self.group, self.nan_above, self.apply) = table.unbind(0)
+        self.tile_seg = torch.repeat_interleave(
+            torch.arange(len(segs), device=device, dtype=torch.int32), torch.tensor(tiles, device=device))
+        self.tile_group = self.group[self.tile_seg]
+
+    def args(self) -> tuple[Tensor, ...]:
+        return self.src, self.cand, self.size
+
+
 def select_units(
     segments: list[Segment], keep: list[int], what: list[str], *, tile: int | None = None,
     hist_copies: int | None = None,
@@ -327,6 +395,7 @@ def select_units(
     ``keep[g]``. Writes every ``segment.out``; zeroes pruned ``src`` bits where ``apply``.
     Raises :class:`UserError` on NaN anywhere or too few candidates (``what[g]`` names the group).
     Returns per group ``(threshold key, need)`` (``(INT32_MAX, 0)`` when nothing is kept).
+    The segments of a group must share a key width (the callers rank mixed dtypes in float32).
     """
     block, warps = _tile(tile)
     groups = len(keep)
@@ -335,31 +404,43 @@ def select_units(
     if total >= INT32_MAX:
         raise ValueError(f"at most 2**31 - 2 units per call, got {total}")
     grids = [triton.cdiv(s.src.numel(), block) for s in segments]
+    by_width: dict[bool, list[int]] = {}
+    for i, s in enumerate(segments):
+        if grids[i]:
+            by_width.setdefault(s.wide, []).append(i)
+    launches = [_Launch(segments, index, grids, block, dev) for index in by_width.values()]
+    wide = [False] * groups
+    for s in segments:
+        wide[s.group] = s.wide
 
     # Magnitudes crowd into a few hundred bins: with one histogram, millions of atomics queue on
     # the same addresses. Programs spread them over private copies, summed after the pass.
-    copies = hist_copies if hist_copies is not None else _hist_copies(groups, max(grids, default=0))
+    copies = hist_copies if hist_copies is not None else _hist_copies(groups, sum(grids))
     if copies < 1:
         raise ValueError(f"hist_copies must be >= 1, got {copies}")
 
-    def hist_pass(bins: int, pass2: bool, sel_hi: list[int], live: list[bool]) -> Tensor:
+    def hist_pass(bins: int, pass2: bool, sel_hi: Tensor, live: Tensor) -> Tensor:
         h = torch.zeros(groups, copies, bins, dtype=torch.int32, device=dev)
-        for s, grid in zip(segments, grids, strict=True):
-            if grid == 0 or not live[s.group]:
-                continue
-            _hist_kernel[(grid,)](
-                s.src, s.cand, s.size, h[s.group], s.src.numel(), sel_hi[s.group], s.nan_above, bins,
-                PASS2=pass2, WIDE=s.wide, HAS_CAND=s.cand is not None, HAS_SIZE=s.size is not None,
+        for ln in launches:
+            if pass2 and not ln.wide:
+                continue  # 16-bit keys are exact after pass 1
+            _hist_kernel[(ln.tiles,)](
+                *ln.args(), ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n,
+                h, sel_hi, live, copies * bins, bins,
+                PASS2=pass2, WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size,
                 COPIES=copies, BLOCK=block, num_warps=warps,
             )
         return h[:, 0] if copies == 1 else h.sum(1, dtype=torch.int32)
 
-    h1 = hist_pass(NAN_BIN + 1, False, [0] * groups, [True] * groups)
+    zeros_g = torch.zeros(groups, dtype=torch.int32, device=dev)
+    h1 = hist_pass(NAN_BIN + 1, False, zeros_g, zeros_g)
     k = torch.tensor(keep, dtype=torch.int64, device=dev)
     avail = h1[:, :NAN_BIN].sum(1, dtype=torch.int64)
     b1, above1 = _search(h1[:, :NAN_BIN], k.clamp(min=1))
-    nan_count, avail_l, b1_l, above1_l = (
-        x.tolist() for x in (h1[:, NAN_BIN], avail, b1, above1)
+    ties_t = h1.gather(1, b1[:, None]).squeeze(1)
+    nan_count, avail_l, b1_l, above1_l, ties = (
+        x.tolist() for x in torch.stack([h1[:, NAN_BIN].to(torch.int64), avail, b1, above1,
+                                         ties_t.to(torch.int64)]).cpu()
     )
     if any(nan_count):
         g = next(i for i, c in enumerate(nan_count) if c)
@@ -368,17 +449,14 @@ def select_units(
         if keep[g] > avail_l[g]:
             raise UserError(f"{what[g]}: {keep[g]} weights must be kept but only {avail_l[g]} are candidates")
     live = [kg > 0 for kg in keep]
-    wide = [False] * groups
-    for s in segments:
-        wide[s.group] = s.wide
     thr = list(b1_l)
     above = list(above1_l)
-    ties = h1.gather(1, b1[:, None]).squeeze(1).tolist()
-    if any(w and lv for w, lv in zip(wide, live, strict=True)):
-        h2 = hist_pass(65536, True, b1_l, [w and lv for w, lv in zip(wide, live, strict=True)])
+    live2 = [w and lv for w, lv in zip(wide, live, strict=True)]
+    if any(live2):
+        h2 = hist_pass(65536, True, b1.to(torch.int32), torch.tensor(live2, dtype=torch.int32, device=dev))
         b2, above2 = _search(h2, (k - above1).clamp(min=1))
-        t2 = h2.gather(1, b2[:, None]).squeeze(1)
-        for g, (bb, aa, tt) in enumerate(zip(b2.tolist(), above2.tolist(), t2.tolist(), strict=True)):
+        t2 = h2.gather(1, b2[:, None]).squeeze(1).to(torch.int64)
+        for g, (bb, aa, tt) in enumerate(zip(*torch.stack([b2, above2, t2]).tolist(), strict=True)):
             if wide[g]:
                 thr[g] = (b1_l[g] << 16) | bb
                 above[g] += aa
@@ -388,44 +466,32 @@ def select_units(
         if not live[g]:
             thr[g], need[g], ties[g] = INT32_MAX, 0, 0
     all_ties = [ties[g] == need[g] for g in range(groups)]
+    group_table = torch.tensor([thr, need], dtype=torch.int64).to(dev)
+    thr_t, need_t = group_table[0].to(torch.int32), group_table[1]
 
-    # Tie ranks: per-tile counts, exclusive cumsum over each group's tiles in flat order.
-    starts: list[Tensor | None] = [None] * len(segments)
-    if not all(all_ties):
-        idx = [i for i, s in enumerate(segments) if not all_ties[s.group] and grids[i]]
-        counts = torch.zeros(sum(grids[i] for i in idx), dtype=torch.int32, device=dev)
-        pos, spans = 0, []
-        for i in idx:
-            s = segments[i]
-            _tie_count_kernel[(grids[i],)](
-                s.src, s.cand, s.size, counts[pos:], s.src.numel(), thr[s.group],
-                WIDE=s.wide, HAS_CAND=s.cand is not None, HAS_SIZE=s.size is not None,
-                BLOCK=block, num_warps=warps,
+    for ln in launches:
+        every_tie = all(all_ties[segments[i].group] for i in ln.index)
+        tile_start = zeros_g  # unread when every tie is kept
+        if not every_tie:
+            # Tie ranks: per-tile tie counts, exclusive prefix over each group's tiles in flat
+            # (segment list) order.
+            counts = torch.empty(ln.tiles, dtype=torch.int32, device=dev)
+            _tie_count_kernel[(ln.tiles,)](
+                *ln.args(), ln.group, ln.tile_seg, ln.first, ln.n, thr_t, counts,
+                WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size, BLOCK=block, num_warps=warps,
             )
-            spans.append((i, pos))
-            pos += grids[i]
-        excl = torch.cumsum(counts, 0, dtype=torch.int64) - counts
-        # Restart the count at each group's first tile.
-        seg_of_tile = torch.repeat_interleave(
-            torch.tensor([segments[i].group for i in idx], device=dev),
-            torch.tensor([grids[i] for i in idx], device=dev),
-        )
-        first = torch.full((groups,), -1, dtype=torch.int64, device=dev)
-        for i, p in reversed(spans):
-            first[segments[i].group] = p
-        base = excl[first.clamp(min=0)][seg_of_tile]
-        rel = (excl - base).to(torch.int32)
-        for i, p in spans:
-            starts[i] = rel[p:]
-
-    for i, s in enumerate(segments):
-        if grids[i] == 0:
-            continue
-        g = s.group
-        _mask_kernel[(grids[i],)](
-            s.src, s.cand, s.size, s.out, starts[i], s.src.numel(), thr[g], need[g],
-            ALL_TIES=all_ties[g], WIDE=s.wide, HAS_CAND=s.cand is not None,
-            HAS_SIZE=s.size is not None, APPLY=s.apply, BLOCK=block, num_warps=warps,
+            order = torch.argsort(ln.tile_group, stable=True)
+            sorted_groups = ln.tile_group[order]
+            c = counts[order].to(torch.int64)
+            excl = torch.cumsum(c, 0) - c
+            first = torch.searchsorted(sorted_groups, sorted_groups)  # each tile's group's first slot
+            tile_start = torch.empty(ln.tiles, dtype=torch.int32, device=dev)
+            tile_start[order] = (excl - excl[first]).to(torch.int32)
+        _mask_kernel[(ln.tiles,)](
+            *ln.args(), ln.out, ln.group, ln.apply, ln.tile_seg, ln.first, ln.n,
+            thr_t, need_t, tile_start,
+            ALL_TIES=every_tie, WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size,
+            BLOCK=block, num_warps=warps,
         )
     return [(thr[g], need[g]) for g in range(groups)]
 

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..tuning import autotune_bench
 from .naive import check_masked_linear, check_pathway, masked_linear_ref, pathway_masked_linear_ref
 
 __all__ = ["masked_linear", "pathway_masked_linear"]
@@ -156,7 +157,7 @@ def _rows(perm_ptr, start, end, BLOCK_M: tl.constexpr, PATHWAY: tl.constexpr):
     return rows, ok
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, do_bench=autotune_bench)
 @triton.jit
 def _fwd_kernel(
     x_ptr, w_ptr, m_ptr, b_ptr, y_ptr, perm_ptr, seg_ptr,
@@ -228,7 +229,7 @@ def _fwd_w_as_a(x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, K, stride_xr, st
     return acc
 
 
-@triton.autotune(configs=_DX_CONFIGS, key=_KEY)
+@triton.autotune(configs=_DX_CONFIGS, key=_KEY, do_bench=autotune_bench)
 @triton.jit
 def _dx_kernel(
     dy_ptr, w_ptr, m_ptr, dx_ptr, perm_ptr, seg_ptr,
@@ -300,7 +301,7 @@ def _dw_tile(dy_ptr, x_ptr, perm_ptr, r0, end, offs_n, n_ok, offs_k, k_ok, strid
     return tl.dot(tl.trans(dyt), xt, acc, input_precision=PREC)
 
 
-@triton.autotune(configs=_DW_CONFIGS, key=[*_KEY, "HARD"])
+@triton.autotune(configs=_DW_CONFIGS, key=[*_KEY, "HARD"], do_bench=autotune_bench)
 @triton.jit
 def _dw_kernel(
     dy_ptr, x_ptr, m_ptr, dw_ptr, perm_ptr, seg_ptr,

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..tuning import autotune_bench
 from .naive import BitmapWeight, bitmap_linear_ref, prepare_inference_inputs
 
 __all__ = ["bitmap_linear", "max_rows_block", "pick_split"]
@@ -44,7 +45,7 @@ else:
     ]
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K", "BLOCK_R", "SPLIT", "TILE", "HAS_BIAS"])
+@triton.autotune(configs=_CONFIGS, key=["N", "K", "BLOCK_R", "SPLIT", "TILE", "HAS_BIAS"], do_bench=autotune_bench)
 @triton.jit
 def _bitmap_kernel(
     x_ptr, bits_ptr, val_ptr, off_ptr, b_ptr, out_ptr,

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..tuning import autotune_bench
 from . import bitmap
 from .bitmap import max_rows_block, pick_split, reduce_partials
 from .naive import BsrWeight, bsr_linear_ref, prepare_inference_inputs
@@ -36,7 +37,7 @@ else:
     _CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (4, 3), (4, 4), (8, 3))]
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K", "BLOCK_R", "SPLIT", "BH", "BW", "HAS_BIAS"])
+@triton.autotune(configs=_CONFIGS, key=["N", "K", "BLOCK_R", "SPLIT", "BH", "BW", "HAS_BIAS"], do_bench=autotune_bench)
 @triton.jit
 def _bsr_kernel(
     x_ptr, crow_ptr, col_ptr, val_ptr, b_ptr, out_ptr,

@@ -13,7 +13,9 @@ Kernels (fp32 accumulation in all of them):
 - ``_fwd_kernel``: ``y[rows] = x[rows] (W ⊙ M_l)ᵀ + b`` on (row tile, N tile);
 - ``_dx_kernel``: ``dx[rows] = dy[rows] (W ⊙ M_l)`` on (row tile, K tile);
 - ``_dw_kernel``: ``dW = Σ_l (dy_lᵀ x_l) [⊙ M_l]`` on (N tile, K tile), looping over each
-  language's rows; soft gradients loop over all rows once, unmasked.
+  language's rows; soft gradients loop over all rows once, unmasked. Used for pathway batches and
+  fp32; a single-mask bf16/fp16 weight gradient is a plain matmul, so it is cuBLAS's ``dyᵀ x``
+  (``_mask_grad_kernel`` then zeroes the dropped weights of a hard gradient in place).
 
 ``db`` is a plain ``dy.sum(0)`` in fp32. Gradient rules and mask formats: see ``naive.py``.
 Under ``TRITON_INTERPRET=1`` one small config is used and dot operands are upcast to fp32 first,
@@ -339,6 +341,21 @@ def _dw_kernel(
              total.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
 
+@triton.jit
+def _mask_grad_kernel(g_ptr, m_ptr, N, K, stride_gn, stride_gk, stride_mn, MASK_MODE: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``g[N, K] *= M`` in place (zeros where the mask drops a weight): the hard-mask epilogue of
+    a weight gradient computed by cuBLAS."""
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    k0 = tl.program_id(1).to(tl.int64) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    ok = n_ok[:, None] & (offs_k[None, :] < K)
+    keep = _keep_tile(m_ptr, offs_n, n_ok, k0, K, stride_mn, BLOCK_N, BLOCK_K, MASK_MODE)
+    ptrs = g_ptr + offs_n[:, None] * stride_gn + offs_k[None, :] * stride_gk
+    tl.store(ptrs, tl.zeros((BLOCK_N, BLOCK_K), dtype=g_ptr.dtype.element_ty), mask=ok & ~keep)
+
+
 class _Plan:
     """How rows map to kernel tiles: identity (one mask) or sorted by language (pathway)."""
 
@@ -454,6 +471,20 @@ def _launch_dw(dy: Tensor, x2: Tensor, m: Tensor, mode: int, hard: bool, plan: _
     return dw
 
 
+def _dw_cublas(dy: Tensor, x2: Tensor, m: Tensor, mode: int, hard: bool) -> Tensor:
+    """Single-mask weight gradient ``dYᵀX`` by cuBLAS (a plain matmul: the mask only enters a
+    hard gradient, zeroed afterwards in place by one small kernel)."""
+    dw = dy.t() @ x2
+    if hard and dw.numel():
+        n, k = dw.shape
+        block_n, block_k = 32, 64
+        _mask_grad_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+            dw, m, n, k, dw.stride(0), dw.stride(1), m.stride(0),
+            MASK_MODE=mode, BLOCK_N=block_n, BLOCK_K=block_k,
+        )
+    return dw
+
+
 def _kernel_mask(masks: Tensor, k: int, bits: bool) -> tuple[Tensor, int]:
     """``[L, N, *]`` masks as the kernels read them, and the kernels' ``MASK_MODE``."""
     m = (masks.view(torch.uint8) if masks.dtype == torch.bool else masks).contiguous()
@@ -487,7 +518,12 @@ class _MaskedLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _launch_dx(dy, w, m, ctx.mode, plan, ctx.allow_tf32)
         if ctx.needs_input_grad[1]:
-            dw = _launch_dw(dy, x2, m, ctx.mode, ctx.hard, plan, ctx.allow_tf32, w.dtype)
+            if plan.pathway or w.dtype == torch.float32:
+                # Pathway: one launch sums every language's masked gradient. fp32: our kernel keeps
+                # the allow_tf32 choice (cuBLAS follows torch's global TF32 flag instead).
+                dw = _launch_dw(dy, x2, m, ctx.mode, ctx.hard, plan, ctx.allow_tf32, w.dtype)
+            else:
+                dw = _dw_cublas(dy, x2, m[0], ctx.mode, ctx.hard)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum(0, dtype=torch.float32).to(w.dtype)
         return dx, dw, db, None, None, None, None, None

@@ -174,13 +174,8 @@ def _fwd_kernel(
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     m_base = m_ptr + lang * stride_ml
-    if W_AS_A:
-        acc = tl.trans(_fwd_w_as_a(x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, K, stride_xr, stride_xk,
-                                   stride_wn, stride_wk, stride_mn, MASK_MODE, PREC, UPCAST, BLOCK_M, BLOCK_N,
-                                   BLOCK_K))
-    else:
-        acc = _fwd_x_as_a(x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, K, stride_xr, stride_xk,
-                          stride_wn, stride_wk, stride_mn, MASK_MODE, PREC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = _fwd_tile(x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, K, stride_xr, stride_xk, stride_wn,
+                    stride_wk, stride_mn, MASK_MODE, PREC, UPCAST, W_AS_A, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_yr + offs_n[None, :] * stride_yn,
@@ -188,11 +183,15 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _fwd_x_as_a(x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, K, stride_xr, stride_xk, stride_wn, stride_wk,
-                stride_mn, MASK_MODE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``[BLOCK_M, BLOCK_N]`` tile of ``x (W ⊙ M)ᵀ``, x as the left operand."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+def _fwd_tile(x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, K, stride_xr, stride_xk, stride_wn, stride_wk,
+              stride_mn, MASK_MODE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, W_AS_A: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N]`` tile of ``x (W ⊙ M)ᵀ``; ``W_AS_A``: computed as ``((W ⊙ M) xᵀ)ᵀ``,
+    the masked weight tile being the left operand."""
+    if W_AS_A:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_ok = offs_k < K
@@ -205,30 +204,15 @@ def _fwd_x_as_a(x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, K, stride_xr, st
         if UPCAST:
             xt = xt.to(tl.float32)
             wt = wt.to(tl.float32)
-        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PREC)
-    return acc
-
-
-@triton.jit
-def _fwd_w_as_a(x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, K, stride_xr, stride_xk, stride_wn, stride_wk,
-                stride_mn, MASK_MODE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``[BLOCK_N, BLOCK_M]`` tile of ``(W ⊙ M) xᵀ``: the masked weight tile is the left operand."""
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_ok = offs_k < K
-        xt = tl.load(x_ptr + rows[:, None] * stride_xr + offs_k[None, :] * stride_xk,
-                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                     mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        keep = _keep_tile(m_base, offs_n, n_ok, k0, K, stride_mn, BLOCK_N, BLOCK_K, MASK_MODE)
-        wt = tl.where(keep, wt, 0.0)
-        if UPCAST:
-            xt = xt.to(tl.float32)
-            wt = wt.to(tl.float32)
-        acc = tl.dot(wt, tl.trans(xt), acc, input_precision=PREC)
-    return acc
+        if W_AS_A:
+            acc = tl.dot(wt, tl.trans(xt), acc, input_precision=PREC)
+        else:
+            acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PREC)
+    if W_AS_A:  # noqa: SIM108 (a constexpr branch, not a runtime select)
+        out = tl.trans(acc)
+    else:
+        out = acc
+    return out
 
 
 @triton.autotune(configs=_DX_CONFIGS, key=_KEY, do_bench=autotune_bench)

@@ -7,7 +7,8 @@ in float32 and bfloat16, sparsity 0.7, the weights split over 8 ``[rows, 1000]``
 - ``topk``: ``torch.topk`` of the flat ``|w|`` + scatter into a bool mask;
 - ``sort``: ``torch.sort`` of the flat ``|w|`` (what an exact sort-based ranking costs at least);
 - ``triton``: ours, ``rerank_masks(..., apply=True)`` over the 8 tensors (exact, ties included,
-  mask written and pruned weights zeroed);
+  mask written and pruned weights zeroed); ``triton-radix``: the same with
+  ``algorithm="radix"`` (per-program ``tl.histogram`` digits instead of one atomic per weight);
 - ``floor``: one read of the weights at the bandwidth of a measured device-to-device copy of
   the same bytes (``copy_ms / 2``: a copy reads and writes them once each).
 
@@ -77,7 +78,11 @@ def run(device: str, quick: bool) -> list[dict]:
                 def ours(ws: dict[str, torch.Tensor] = ws) -> object:
                     return rerank_masks(ws, SPARSITY, apply=True)
 
+                def ours_radix(ws: dict[str, torch.Tensor] = ws) -> object:
+                    return rerank_masks(ws, SPARSITY, apply=True, algorithm="radix")
+
                 providers["triton"] = ours
+                providers["triton-radix"] = ours_radix
             base = {"bench": "rerank", "shape": f"{n}", "dtype": str(dtype).removeprefix("torch."),
                     "sparsity": SPARSITY, "bytes": nbytes}
             for name, fn in providers.items():

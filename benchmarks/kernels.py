@@ -43,9 +43,11 @@ TARGETS = {
         ("unfused / triton time (speed-up over unfused)", "unfused", "triton", 1.05, ">="),
     ],
     "rerank": [
-        ("triton / floor time", "triton", "floor", 2.5, "<="),
-        ("kthvalue / triton time", "kthvalue", "triton", 100.0, ">="),
-        ("topk / triton time", "topk", "triton", 5.0, ">="),
+        (f"{ours} / floor time", ours, "floor", 2.5, "<=") for ours in ("triton", "triton-radix")
+    ] + [
+        (f"kthvalue / {ours} time", "kthvalue", ours, 100.0, ">=") for ours in ("triton", "triton-radix")
+    ] + [
+        (f"topk / {ours} time", "topk", ours, 5.0, ">=") for ours in ("triton", "triton-radix")
     ],
 }
 

@@ -154,6 +154,32 @@ def _hist_kernel(
 
 
 @triton.jit
+def _digit_hist_kernel(
+    tab_src, tab_cand, tab_group, tab_nan, tile_seg, first_tile, seg_n,
+    hist, prefix, live, nan_count, group_stride,
+    SHIFT: tl.constexpr, BITS: tl.constexpr, FIRST: tl.constexpr, WIDE: tl.constexpr,
+    HAS_CAND: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One digit (``BITS`` key bits from bit ``SHIFT`` up) of a radix select: a per-program
+    histogram (``tl.histogram``, no per-element atomics) of the candidates whose higher digits
+    equal their group's ``prefix``, added to the group's global histogram with ``2**BITS``
+    atomics. ``FIRST`` (the top digit) also counts NaNs, which are never ranked."""
+    pid = tl.program_id(0).to(tl.int64)
+    seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK)
+    g = tl.load(tab_group + seg).to(tl.int64)
+    _, key = _keys(_src(tab_src, seg, WIDE), offs, valid, WIDE)
+    c = _candidates(tab_cand, seg, offs, valid, HAS_CAND)
+    if FIRST:
+        isnan = valid & (key > tl.load(tab_nan + seg))
+        tl.atomic_add(nan_count + g, tl.sum(isnan.to(tl.int32)), sem="relaxed")
+        c = c & ~isnan
+    else:
+        c = c & (tl.load(live + g) != 0) & ((key >> (SHIFT + BITS)) == tl.load(prefix + g))
+    local = tl.histogram((key >> SHIFT) & ((1 << BITS) - 1), 1 << BITS, mask=c)
+    tl.atomic_add(hist + g * group_stride + tl.arange(0, 1 << BITS), local, sem="relaxed")
+
+
+@triton.jit
 def _tie_count_kernel(
     tab_src, tab_cand, tab_size, tab_group, tile_seg, first_tile, seg_n, thr, counts,
     WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr,
@@ -384,38 +410,21 @@ class _Launch:
         return self.src, self.cand, self.size
 
 
-def select_units(
-    segments: list[Segment], keep: list[int], what: list[str], *, tile: int | None = None,
-    hist_copies: int | None = None,
-) -> list[tuple[int, int]]:
-    """Exact radix select over ``segments`` grouped into ``len(keep)`` independent selections.
+def _check_counts(nan_count: list[int], avail: list[int], keep: list[int], what: list[str]) -> None:
+    if any(nan_count):
+        g = next(i for i, c in enumerate(nan_count) if c)
+        raise UserError(f"cannot rank {what[g]}: it contains NaN (did training diverge?)")
+    for g, (k, a) in enumerate(zip(keep, avail, strict=True)):
+        if k > a:
+            raise UserError(f"{what[g]}: {k} weights must be kept but only {a} are candidates")
 
-    Group ``g`` keeps the (size-weighted) top ``keep[g]`` candidate units in the order
-    (key desc, flat index asc over its segments in list order), smallest prefix reaching
-    ``keep[g]``. Writes every ``segment.out``; zeroes pruned ``src`` bits where ``apply``.
-    Raises :class:`UserError` on NaN anywhere or too few candidates (``what[g]`` names the group).
-    Returns per group ``(threshold key, need)`` (``(INT32_MAX, 0)`` when nothing is kept).
-    The segments of a group must share a key width (the callers rank mixed dtypes in float32).
-    """
-    block, warps = _tile(tile)
-    groups = len(keep)
-    dev = segments[0].src.device
-    total = sum(s.src.numel() for s in segments)
-    if total >= INT32_MAX:
-        raise ValueError(f"at most 2**31 - 2 units per call, got {total}")
-    grids = [triton.cdiv(s.src.numel(), block) for s in segments]
-    by_width: dict[bool, list[int]] = {}
-    for i, s in enumerate(segments):
-        if grids[i]:
-            by_width.setdefault(s.wide, []).append(i)
-    launches = [_Launch(segments, index, grids, block, dev) for index in by_width.values()]
-    wide = [False] * groups
-    for s in segments:
-        wide[s.group] = s.wide
 
+def _threshold_atomic(launches: list[_Launch], keep: list[int], what: list[str], wide: list[bool], groups: int,
+                      block: int, warps: int, dev: torch.device,
+                      copies: int) -> tuple[list[int], list[int], list[int]]:
+    """Per group: threshold key, how many units equal to it are kept, and how many there are."""
     # Magnitudes crowd into a few hundred bins: with one histogram, millions of atomics queue on
     # the same addresses. Programs spread them over private copies, summed after the pass.
-    copies = hist_copies if hist_copies is not None else _hist_copies(groups, sum(grids))
     if copies < 1:
         raise ValueError(f"hist_copies must be >= 1, got {copies}")
 
@@ -442,12 +451,7 @@ def select_units(
         x.tolist() for x in torch.stack([h1[:, NAN_BIN].to(torch.int64), avail, b1, above1,
                                          ties_t.to(torch.int64)]).cpu()
     )
-    if any(nan_count):
-        g = next(i for i, c in enumerate(nan_count) if c)
-        raise UserError(f"cannot rank {what[g]}: it contains NaN (did training diverge?)")
-    for g in range(groups):
-        if keep[g] > avail_l[g]:
-            raise UserError(f"{what[g]}: {keep[g]} weights must be kept but only {avail_l[g]} are candidates")
+    _check_counts(nan_count, avail_l, keep, what)
     live = [kg > 0 for kg in keep]
     thr = list(b1_l)
     above = list(above1_l)
@@ -462,16 +466,115 @@ def select_units(
                 above[g] += aa
                 ties[g] = tt
     need = [keep[g] - above[g] for g in range(groups)]
-    for g in range(groups):
-        if not live[g]:
+    return _unless_live(thr, need, ties, live)
+
+
+# Radix digits (shift, bits), top digit first: 31-bit keys (float32) and 15-bit keys (16-bit floats).
+_DIGITS = {True: ((20, 11), (10, 10), (0, 10)), False: ((7, 8), (0, 7))}
+_DIGIT_BINS = 2048
+
+
+def _threshold_radix(launches: list[_Launch], keep: list[int], what: list[str], wide: list[bool], groups: int,
+                     block: int, warps: int, dev: torch.device) -> tuple[list[int], list[int], list[int]]:
+    """:func:`_threshold_atomic`'s result, digit by digit with per-program histograms."""
+    live = [kg > 0 for kg in keep]
+    prefix = [0] * groups
+    remaining = list(keep)
+    ties = [0] * groups
+    nan_count = torch.zeros(groups, dtype=torch.int32, device=dev)
+    for p in range(max((len(_DIGITS[ln.wide]) for ln in launches), default=0)):
+        hist = torch.zeros(groups, _DIGIT_BINS, dtype=torch.int32, device=dev)
+        prefix_t = torch.tensor(prefix, dtype=torch.int32, device=dev)
+        live_t = torch.tensor([lv and p < len(_DIGITS[w]) for lv, w in zip(live, wide, strict=True)],
+                              dtype=torch.int32, device=dev)
+        for ln in launches:
+            if p >= len(_DIGITS[ln.wide]):
+                continue
+            shift, bits = _DIGITS[ln.wide][p]
+            _digit_hist_kernel[(ln.tiles,)](
+                ln.src, ln.cand, ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n,
+                hist, prefix_t, live_t, nan_count, _DIGIT_BINS,
+                SHIFT=shift, BITS=bits, FIRST=p == 0, WIDE=ln.wide, HAS_CAND=ln.has_cand,
+                BLOCK=block, num_warps=warps,
+            )
+        k = torch.tensor(remaining, dtype=torch.int64, device=dev)
+        bins, above = _search(hist, k.clamp(min=1))
+        count = hist.gather(1, bins[:, None]).squeeze(1).to(torch.int64)
+        rows = [hist.sum(1, dtype=torch.int64), bins, above, count]
+        if p == 0:
+            rows.append(nan_count.to(torch.int64))
+        host = torch.stack(rows).tolist()
+        if p == 0:
+            _check_counts(host[4], host[0], keep, what)
+        for g in range(groups):
+            if live[g] and p < len(_DIGITS[wide[g]]):
+                prefix[g] = (prefix[g] << _DIGITS[wide[g]][p][1]) | host[1][g]
+                remaining[g] -= host[2][g]
+                ties[g] = host[3][g]
+    return _unless_live(prefix, remaining, ties, live)
+
+
+def _unless_live(thr: list[int], need: list[int], ties: list[int],
+                 live: list[bool]) -> tuple[list[int], list[int], list[int]]:
+    """Groups that keep nothing: a threshold above every key, nothing needed, no ties."""
+    for g, lv in enumerate(live):
+        if not lv:
             thr[g], need[g], ties[g] = INT32_MAX, 0, 0
+    return thr, need, ties
+
+
+def select_units(
+    segments: list[Segment], keep: list[int], what: list[str], *, tile: int | None = None,
+    hist_copies: int | None = None, algorithm: str = "atomic",
+) -> list[tuple[int, int]]:
+    """Exact radix select over ``segments`` grouped into ``len(keep)`` independent selections.
+
+    Group ``g`` keeps the (size-weighted) top ``keep[g]`` candidate units in the order
+    (key desc, flat index asc over its segments in list order), smallest prefix reaching
+    ``keep[g]``. Writes every ``segment.out``; zeroes pruned ``src`` bits where ``apply``.
+    Raises :class:`UserError` on NaN anywhere or too few candidates (``what[g]`` names the group).
+    Returns per group ``(threshold key, need)`` (``(INT32_MAX, 0)`` when nothing is kept).
+    The segments of a group must share a key width (the callers rank mixed dtypes in float32).
+
+    ``algorithm`` finds each group's threshold key: ``"atomic"`` (16-bit digits, one global
+    atomic per unit: one pass for 16-bit keys, two for 32-bit) or ``"radix"`` (8- to 11-bit
+    digits counted per program with ``tl.histogram``: two passes for 16-bit keys, three for
+    32-bit; single weights only). Both are exact; which is faster is measured on GPUs.
+    """
+    block, warps = _tile(tile)
+    groups = len(keep)
+    dev = segments[0].src.device
+    total = sum(s.src.numel() for s in segments)
+    if total >= INT32_MAX:
+        raise ValueError(f"at most 2**31 - 2 units per call, got {total}")
+    grids = [triton.cdiv(s.src.numel(), block) for s in segments]
+    by_width: dict[bool, list[int]] = {}
+    for i, s in enumerate(segments):
+        if grids[i]:
+            by_width.setdefault(s.wide, []).append(i)
+    launches = [_Launch(segments, index, grids, block, dev) for index in by_width.values()]
+    wide = [False] * groups
+    for s in segments:
+        wide[s.group] = s.wide
+
+    if algorithm == "radix":
+        if any(ln.has_size for ln in launches):
+            raise ValueError("algorithm='radix' ranks single weights; blocks use 'atomic'")
+        thr, need, ties = _threshold_radix(launches, keep, what, wide, groups, block, warps, dev)
+    elif algorithm == "atomic":
+        thr, need, ties = _threshold_atomic(launches, keep, what, wide, groups, block, warps, dev,
+                                            hist_copies if hist_copies is not None
+                                            else _hist_copies(groups, sum(grids)))
+    else:
+        raise ValueError(f"algorithm must be 'atomic' or 'radix', got {algorithm!r}")
     all_ties = [ties[g] == need[g] for g in range(groups)]
     group_table = torch.tensor([thr, need], dtype=torch.int64).to(dev)
     thr_t, need_t = group_table[0].to(torch.int32), group_table[1]
+    unread = torch.zeros(1, dtype=torch.int32, device=dev)
 
     for ln in launches:
         every_tie = all(all_ties[segments[i].group] for i in ln.index)
-        tile_start = zeros_g  # unread when every tie is kept
+        tile_start = unread  # when every tie is kept
         if not every_tie:
             # Tie ranks: per-tile tie counts, exclusive prefix over each group's tiles in flat
             # (segment list) order.
@@ -559,6 +662,7 @@ def rerank_masks_into(
     apply: bool = False,
     tile: int | None = None,
     hist_copies: int | None = None,
+    algorithm: str = "atomic",
 ) -> None:
     """Triton masks written into preallocated ``out[name]`` (contiguous uint8, weight's shape).
 
@@ -566,7 +670,9 @@ def rerank_masks_into(
     ``apply=True`` (the zeros are written through them). ``tile``: elements per program
     (power of two; None = default), exposed so tests can force many tiles; ``hist_copies``:
     private histogram copies per selection (None = picked from the grid; 1 under the interpreter),
-    exposed so tests can run the multi-copy path on CPU.
+    exposed so tests can run the multi-copy path on CPU; ``algorithm``: how the unstructured
+    threshold is found (``"atomic"`` or ``"radix"``, see :func:`select_units`; blocks and N:M
+    ignore it).
     """
     block = tuple(block)  # type: ignore[assignment]
     check_args(weights, sparsity, kind, n, m, block, scope, {"candidates": candidates})
@@ -616,7 +722,7 @@ def rerank_masks_into(
                 _bits(src), cands.get(name), None, out[name].reshape(-1), group[name],
                 _NAN_ABOVE[src.dtype], apply and not mixed,
             ))
-        select_units(segments, keep, what, tile=tile, hist_copies=hist_copies)
+        select_units(segments, keep, what, tile=tile, hist_copies=hist_copies, algorithm=algorithm)
         bsz = _tile(tile)[0]
         for name in late:
             w = ws[name]
@@ -667,6 +773,7 @@ def rerank_masks(
     always_keep: dict[str, Tensor] | None = None,
     apply: bool = False,
     backend: str = "triton",
+    algorithm: str = "atomic",
 ) -> dict[str, Tensor]:
     """Exact magnitude masks (``True`` = kept), bit-identical to ``ranking.magnitude_masks``.
 
@@ -675,8 +782,9 @@ def rerank_masks(
     shape. Returns name -> bool mask of each weight's shape, in dict order. ``apply=True``
     zeroes the pruned weights in place (kept ones untouched). ``backend``: ``"triton"`` or
     ``"torch"`` (``naive.py``); ``always_keep`` is only implemented by the torch backend, which
-    the triton backend falls back to when it is given. Raises ``ValueError`` on bad arguments and
-    :class:`UserError` on NaN weights or too few candidates.
+    the triton backend falls back to when it is given. ``algorithm``: ``"atomic"`` or ``"radix"``
+    (the triton backend's unstructured threshold search, see :func:`select_units`). Raises
+    ``ValueError`` on bad arguments and :class:`UserError` on NaN weights or too few candidates.
     """
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
@@ -690,14 +798,14 @@ def rerank_masks(
         # Non-contiguous weights: select on a copy, write the zeros back through the original.
         conts = {name: w if w.is_contiguous() else w.detach().contiguous() for name, w in weights.items()}
         rerank_masks_into(conts, sparsity, out, kind=kind, n=n, m=m, block=block, scope=scope,
-                          candidates=candidates, apply=True)
+                          candidates=candidates, apply=True, algorithm=algorithm)
         with torch.no_grad():
             for name, w in weights.items():
                 if conts[name] is not w:
                     w.copy_(conts[name])
     else:
         rerank_masks_into(weights, sparsity, out, kind=kind, n=n, m=m, block=block, scope=scope,
-                          candidates=candidates)
+                          candidates=candidates, algorithm=algorithm)
     return {name: o.view(torch.bool) for name, o in out.items()}
 
 

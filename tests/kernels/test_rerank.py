@@ -80,14 +80,18 @@ def _bits(t):
 # ----------------------------------------------------------------------------- unstructured
 
 
+ALGORITHMS = ["atomic", "radix"]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tied", [False, True])
-def test_unstructured_matches_reference(dtype, tied):
+def test_unstructured_matches_reference(dtype, tied, algorithm):
     w = _weights(SHAPES, dtype, seed=1, tied=tied)
     for scope in ("global", "per_tensor"):
         for s in SPARSITIES:
             ref = magnitude_masks(w, s, scope=scope)
-            _assert_same(_triton(w, s, scope=scope), ref)
+            _assert_same(_triton(w, s, scope=scope, algorithm=algorithm), ref)
             _assert_same(rerank_masks_torch(w, s, scope=scope), ref)
             # exactly P pruned (per scope), as the contract says
             if scope == "global":
@@ -96,15 +100,16 @@ def test_unstructured_matches_reference(dtype, tied):
                 assert kept == total - ranking.pruned_count(s, total)
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_unstructured_candidates(dtype):
+def test_unstructured_candidates(dtype, algorithm):
     for tied in (False, True):
         w = _weights(SHAPES, dtype, seed=2, tied=tied)
         cand = _candidates(w, seed=3)
         for scope in ("global", "per_tensor"):
             for s in (0.3, 0.5, 0.7, 1.0):
                 ref = magnitude_masks(w, s, scope=scope, candidates=cand)
-                got = _triton(w, s, scope=scope, candidates=cand)
+                got = _triton(w, s, scope=scope, candidates=cand, algorithm=algorithm)
                 _assert_same(got, ref)
                 _assert_same(rerank_masks_torch(w, s, scope=scope, candidates=cand), ref)
                 for k, c in cand.items():
@@ -144,6 +149,8 @@ def test_mixed_dtypes_rank_in_float32():
     for s in (0.2, 0.6):
         ref = magnitude_masks(w, s)
         _assert_same(_triton(w, s), ref)
+        # per tensor: 32- and 16-bit key groups in one call (3 and 2 radix digits)
+        _assert_same(_triton(w, s, scope="per_tensor", algorithm="radix"), magnitude_masks(w, s, scope="per_tensor"))
         ww = {k: v.clone() for k, v in w.items()}
         got = rerank_masks(ww, s, apply=True)
         _assert_same(got, ref)
@@ -309,6 +316,9 @@ def test_nan_raises(kind):
         if kind == "unstructured":
             with pytest.raises(UserError, match="NaN"):
                 fn(w, 0.1, candidates=cand)
+    if kind == "unstructured":
+        with pytest.raises(UserError, match="NaN"):
+            _triton(w, 0.1, candidates=cand, algorithm="radix")
     with pytest.raises(UserError, match="NaN"):
         magnitude_masks(w, 0.5, _gran(kind))
 
@@ -321,6 +331,10 @@ def test_too_few_candidates_raise_and_leave_weights_untouched():
     for backend in ("triton", "torch"):
         with pytest.raises(UserError, match="candidates"):
             rerank_masks(w, 0.5, candidates=cand, apply=True, backend=backend)
+    with pytest.raises(UserError, match="candidates"):
+        rerank_masks(w, 0.5, candidates=cand, apply=True, algorithm="radix")
+    with pytest.raises(ValueError, match="algorithm"):
+        rerank_masks(w, 0.5, algorithm="bucket")
     with pytest.raises(UserError):
         magnitude_masks(w, 0.5, candidates=cand)
     assert torch.equal(w["w0"], before)
@@ -374,11 +388,13 @@ def test_magnitude_threshold():
     scope=st.sampled_from(["global", "per_tensor"]),
     tied=st.booleans(),
     seed=st.integers(0, 10_000),
+    algorithm=st.sampled_from(ALGORITHMS),
 )
-def test_property_matches_reference(shapes, sparsity, dtype, kind, scope, tied, seed):
+def test_property_matches_reference(shapes, sparsity, dtype, kind, scope, tied, seed, algorithm):
     w = _weights(shapes, dtype, seed, tied=tied)
     ref = magnitude_masks(w, sparsity, _gran(kind, block=(2, 3)), scope=scope)
-    _assert_same(_triton(w, sparsity, kind=kind, block=(2, 3), scope=scope, tile=16), ref)
+    algo = algorithm if kind == "unstructured" else "atomic"
+    _assert_same(_triton(w, sparsity, kind=kind, block=(2, 3), scope=scope, tile=16, algorithm=algo), ref)
     _assert_same(rerank_masks_torch(w, sparsity, kind=kind, block=(2, 3), scope=scope), ref)
 
 
@@ -396,11 +412,14 @@ def test_cuda_unstructured_large(dtype):
     wt = _weights([(2048, 999)], dtype, seed=21, tied=True, device="cuda")
     cand = _candidates({**w, "x": w["w0"][:1]}, seed=22)
     for s in (0.5, 0.9):
-        for scope in ("global", "per_tensor"):
-            _assert_same(_triton(w, s, scope=scope, tile=None), magnitude_masks(w, s, scope=scope))
-            _assert_same(_triton(wt, s, scope=scope, tile=None), magnitude_masks(wt, s, scope=scope))
-        ref = magnitude_masks(w, s, candidates=cand)
-        _assert_same(_triton(w, s, candidates=cand, tile=None), ref)
+        for algorithm in ALGORITHMS:
+            for scope in ("global", "per_tensor"):
+                _assert_same(_triton(w, s, scope=scope, tile=None, algorithm=algorithm),
+                             magnitude_masks(w, s, scope=scope))
+                _assert_same(_triton(wt, s, scope=scope, tile=None, algorithm=algorithm),
+                             magnitude_masks(wt, s, scope=scope))
+            ref = magnitude_masks(w, s, candidates=cand)
+            _assert_same(_triton(w, s, candidates=cand, tile=None, algorithm=algorithm), ref)
     ww = {k: v.clone() for k, v in w.items()}
     ref = magnitude_masks(w, 0.7)
     _assert_same(rerank_masks(ww, 0.7, apply=True), ref)

@@ -126,12 +126,14 @@ def encoder_step(
 def unstack_states(
     keys: torch.Tensor, vals: torch.Tensor, mems: torch.Tensor, past: list[int], segment_reduced: int
 ) -> list[EncoderState]:
-    """Per-row :class:`EncoderState` (own memory) of stacked ``[layers, slots, B, D]`` states."""
+    """Per-row :class:`EncoderState` of stacked ``[layers, slots, B, D]`` states. Each row is
+    copied into its own memory: the stacked tensors may be buffers that the next step overwrites
+    (a one-row slice would be contiguous, so ``contiguous()`` alone would not copy it)."""
     return [
         EncoderState(
-            key=keys[:, :, b].contiguous(),
-            value=vals[:, :, b].contiguous(),
-            memory=mems[:, :, b].contiguous(),
+            key=keys[:, :, b].clone(memory_format=torch.contiguous_format),
+            value=vals[:, :, b].clone(memory_format=torch.contiguous_format),
+            memory=mems[:, :, b].clone(memory_format=torch.contiguous_format),
             past=p + segment_reduced,
         )
         for b, p in enumerate(past)

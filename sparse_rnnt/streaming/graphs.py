@@ -112,9 +112,8 @@ class StaticEncoderStep:
             dst[:, :, :batch].copy_(torch.stack([getattr(s, name) for s in states], dim=2))
             dst[:, :, batch:].zero_()
         out, keys, vals, mems = self._run(bucket)
-        # Copies: a graph's outputs are overwritten by its next replay (and a one-row slice of
-        # them would be contiguous, so unstacking alone would not copy it).
-        keys, vals, mems = (t[:, :, :batch].clone() for t in (keys, vals, mems))
+        # A graph's outputs are overwritten by its next replay: the caller gets copies
+        # (unstack_states copies every row).
         return out[:batch].clone(), unstack_states(keys, vals, mems, past, self.geometry.segment_reduced)
 
     def _run(self, bucket: _Bucket) -> tuple[torch.Tensor, ...]:

@@ -68,6 +68,20 @@ def test_static_buckets_equal_the_eager_step(max_batch: int) -> None:
     assert sorted(static.buckets) == [1, 4]
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_unstacked_states_do_not_alias_the_stacked_buffers(batch: int) -> None:
+    from sparse_rnnt.streaming.encoder import unstack_states
+
+    keys, vals, mems = (torch.randn(2, 5, batch, 4) for _ in range(3))
+    states = unstack_states(keys, vals, mems, [7] * batch, segment_reduced=4)
+    expected = [s.key.clone() for s in states]
+    for t in (keys, vals, mems):
+        t.zero_()  # the next replay of a graph overwrites its output buffers like this
+    for s, e in zip(states, expected, strict=True):
+        assert torch.equal(s.key, e) and s.value.abs().sum() > 0 and s.memory.abs().sum() > 0
+        assert s.past == 11 and s.key.is_contiguous()
+
+
 def test_static_step_errors() -> None:
     model = tiny_model(6, 2)
     batch, valid, states = _streams_at_positions(model)

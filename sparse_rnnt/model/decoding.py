@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torchaudio.models import RNNTBeamSearch
 
@@ -33,30 +35,61 @@ def greedy_frames(
     ``pred`` and ``state`` (so a stream can continue from them).
     """
     rnnt = model.rnnt
-    blank = model.blank
-    batch = enc.size(0)
-    ones = torch.ones(batch, dtype=torch.int32, device=enc.device)
-    hyps: list[list[int]] = [[] for _ in range(batch)]
-    # One device-to-host transfer per joiner call (the tokens and who emitted them together):
-    # on a GPU each sync stalls the launch queue, and a step makes many joiner calls.
+    ones = torch.ones(enc.size(0), dtype=torch.int32, device=enc.device)
+    frame = active = best = emit = enc  # set by the callbacks below before any use
+
+    def begin(t: int) -> None:
+        nonlocal frame, active
+        frame, active = enc[:, t : t + 1], t < frames
+
+    def score() -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal best, emit
+        joint, _, _ = rnnt.join(frame, ones, pred, ones)
+        best = joint[:, 0, 0].argmax(-1)
+        emit = active & (best != model.blank)
+        return best, emit
+
+    def advance() -> None:
+        nonlocal pred, state, active
+        new_pred, _, new_state = rnnt.predict(best[:, None].to(torch.int32), ones, state)
+        pred = torch.where(emit[:, None, None], new_pred, pred)
+        state = _select_state(emit, new_state, state)
+        active = emit
+
+    hyps = greedy_loop(frames, begin, score, advance, max_symbols_per_frame)
+    return hyps, pred, state
+
+
+def greedy_loop(
+    frames: torch.Tensor,
+    begin: Callable[[int], None],
+    score: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    advance: Callable[[], None],
+    max_symbols_per_frame: int,
+) -> list[list[int]]:
+    """The host side of the greedy rule, shared by :func:`greedy_frames` and the fixed-size
+    streaming decoder (which runs the same steps as CUDA graphs).
+
+    ``frames [B]``: real frames per row. ``begin(t)`` selects frame ``t`` (rows with ``t <
+    frames`` active); ``score()`` returns each row's best token ``[B]`` and whether an active row
+    emits it (not blank) ``[B]``; ``advance()`` feeds the emitted tokens to the predictor (rows
+    that emit stay active for the next symbol of the frame). One device-to-host transfer per
+    ``score`` brings the tokens and the emit flags together: on a GPU each sync stalls the launch
+    queue. Returns the new tokens per row.
+    """
+    hyps: list[list[int]] = [[] for _ in range(frames.numel())]
     for t in range(max(frames.tolist(), default=0)):
-        active = t < frames
-        frame = enc[:, t : t + 1]
+        begin(t)
         for _ in range(max_symbols_per_frame):
-            joint, _, _ = rnnt.join(frame, ones, pred, ones)
-            best = joint[:, 0, 0].argmax(-1)
-            emit = active & (best != blank)
+            best, emit = score()
             best_host, emit_host = torch.stack([best, emit.to(best.dtype)]).tolist()
             if not any(emit_host):
                 break
-            new_pred, _, new_state = rnnt.predict(best[:, None].to(torch.int32), ones, state)
-            pred = torch.where(emit[:, None, None], new_pred, pred)
-            state = _select_state(emit, new_state, state)
-            for b, emitted in enumerate(emit_host):
+            advance()
+            for row, emitted in enumerate(emit_host):
                 if emitted:
-                    hyps[b].append(best_host[b])
-            active = emit
-    return hyps, pred, state
+                    hyps[row].append(best_host[row])
+    return hyps
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torchaudio.models import RNNT
 
-from ..model.decoding import PredictorState
+from ..model.decoding import PredictorState, greedy_loop
 from ..model.rnnt import EmformerRNNT
 from .encoder import EncoderState, encoder_step_tensors, geometry, unstack_states
 
@@ -59,7 +59,31 @@ class _Bucket:
         return encoder_step_tensors(rnnt, self.chunk, self.valid, self.past, self.key, self.value, self.memory)
 
 
-class StaticEncoderStep:
+class _Bucketed:
+    """Mode, device and the batch buckets (1, 2, 4, ... ``max_batch`` rounded up to a power of
+    two) shared by the fixed-size encoder step and greedy decoder."""
+
+    def __init__(self, device: torch.device | str, mode: str, max_batch: int) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        device = torch.device(device)
+        if mode == "cuda-graph" and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a model on a CUDA device, this one is on {device}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.mode = mode
+        self.device = device
+        self.sizes = [1 << i for i in range((max_batch - 1).bit_length() + 1)]
+
+    def bucket_size(self, batch: int) -> int:
+        """The smallest bucket holding ``batch`` rows."""
+        for size in self.sizes:
+            if size >= batch:
+                return size
+        raise ValueError(f"{batch} streams in one step, more than max_batch ({self.sizes[-1]})")
+
+
+class StaticEncoderStep(_Bucketed):
     """:func:`~sparse_rnnt.streaming.encoder.encoder_step` over fixed-size batch buckets.
 
     Call it like ``encoder_step`` (without the model): ``step(chunk [B, C, F], valid [B], states)``
@@ -69,27 +93,11 @@ class StaticEncoderStep:
 
     def __init__(self, rnnt: RNNT, device: torch.device | str, dtype: torch.dtype, *, mode: str = "static",
                  max_batch: int = 64) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        device = torch.device(device)
-        if mode == "cuda-graph" and device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a model on a CUDA device, this one is on {device}")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        super().__init__(device, mode, max_batch)
         self.rnnt = rnnt
-        self.mode = mode
-        self.device = device
         self.dtype = dtype
         self.geometry = geometry(rnnt)
-        self.sizes = [1 << i for i in range((max_batch - 1).bit_length() + 1)]
         self.buckets: dict[int, _Bucket] = {}
-
-    def bucket_size(self, batch: int) -> int:
-        """The smallest bucket holding ``batch`` rows."""
-        for size in self.sizes:
-            if size >= batch:
-                return size
-        raise ValueError(f"{batch} streams in one step, more than max_batch ({self.sizes[-1]})")
 
     def __call__(self, chunk: torch.Tensor, valid_frames: torch.Tensor,
                  states: list[EncoderState]) -> tuple[torch.Tensor, list[EncoderState]]:
@@ -173,7 +181,7 @@ class _GreedyBucket:
         self.failed = False
 
 
-class StaticGreedyDecoder:
+class StaticGreedyDecoder(_Bucketed):
     """:func:`~sparse_rnnt.model.decoding.greedy_frames` over fixed-size batch buckets.
 
     ``decode(enc [B, T, D], frames [B], pred [B, 1, D], state)`` returns the same as
@@ -183,16 +191,9 @@ class StaticGreedyDecoder:
 
     def __init__(self, model: EmformerRNNT, device: torch.device | str, *, mode: str = "static",
                  max_batch: int = 64, max_symbols_per_frame: int = 4) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        device = torch.device(device)
-        if mode == "cuda-graph" and device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a model on a CUDA device, this one is on {device}")
+        super().__init__(device, mode, max_batch)
         self.model = model
-        self.mode = mode
-        self.device = device
         self.max_symbols_per_frame = max_symbols_per_frame
-        self.sizes = [1 << i for i in range((max(max_batch, 1) - 1).bit_length() + 1)]
         self.buckets: dict[int, _GreedyBucket] = {}
 
     def _score(self, b: _GreedyBucket) -> None:
@@ -239,9 +240,7 @@ class StaticGreedyDecoder:
     def decode(self, enc: torch.Tensor, frames: torch.Tensor, pred: torch.Tensor,
                state: PredictorState) -> tuple[list[list[int]], torch.Tensor, PredictorState]:
         batch = enc.size(0)
-        size = next((s for s in self.sizes if s >= batch), None)
-        if size is None:
-            raise ValueError(f"{batch} streams in one step, more than max_batch ({self.sizes[-1]})")
+        size = self.bucket_size(batch)
         b = self.buckets.get(size)
         if b is None:
             b = self.buckets[size] = _GreedyBucket(size, enc[:, :1], pred, state)
@@ -251,19 +250,16 @@ class StaticGreedyDecoder:
             for x, sx in zip(layer, src, strict=True):
                 x[:batch].copy_(sx)
                 x[batch:].zero_()
-        hyps: list[list[int]] = [[] for _ in range(batch)]
-        for t in range(max(frames.tolist(), default=0)):
+
+        def begin(t: int) -> None:
             b.frame[:batch].copy_(enc[:, t : t + 1])
             b.active.zero_()
             b.active[:batch].copy_(t < frames)
-            for _ in range(self.max_symbols_per_frame):
-                self._replay(b, "score")
-                best_host, emit_host = torch.stack([b.best[:batch], b.emit[:batch].to(torch.int64)]).tolist()
-                if not any(emit_host):
-                    break
-                self._replay(b, "advance")
-                for row, emitted in enumerate(emit_host):
-                    if emitted:
-                        hyps[row].append(best_host[row])
+
+        def score() -> tuple[torch.Tensor, torch.Tensor]:
+            self._replay(b, "score")
+            return b.best[:batch], b.emit[:batch]
+
+        hyps = greedy_loop(frames, begin, score, lambda: self._replay(b, "advance"), self.max_symbols_per_frame)
         new_state = [[x[:batch].clone() for x in layer] for layer in b.state]
         return hyps, b.pred[:batch].clone(), new_state

@@ -43,7 +43,8 @@ How (unstructured and block; ``U`` units = weights or blocks, one *group* = one 
 Several tensors: every pass is ONE launch over all tensors of a key width. The kernels read each
 tile's tensors through device tables of addresses (cast to pointers in the kernel), sizes, groups
 and flags, plus a per-tile segment index, so a model with a hundred layers costs the same few
-launches as one tensor (per-tensor launches cost ~30 µs of host time each). Groups: global
+launches as one tensor (each Triton launch costs host time; the H200 run took 6.6 ms at
+10M weights in 8 tensors before the atomics fix, 1.1 ms after, mostly fixed cost). Groups: global
 scope = one group, per-tensor scope = one group per tensor, a ``[G, bins]`` histogram whose
 searches run batched. Host syncs: one per pass (to raise errors and pick launch arguments).
 

@@ -45,6 +45,21 @@ else:
     ]
 
 
+@triton.jit
+def store_rows(acc, out_ptr, b_ptr, offs_r, r_ok, offs_n, n_ok, pid_s, stride_os, stride_or,
+               HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr):
+    """Epilogue of the split-K small-row kernels: ``y[rows, cols]`` (+ bias, cast to ``y``'s
+    dtype) when there is a single split, else this split's fp32 partial sums ``part[pid_s]``."""
+    out_mask = r_ok[:, None] & n_ok[None, :]
+    if DIRECT:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_r[:, None] * stride_or + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out_ptr + pid_s * stride_os + offs_r[:, None] * stride_or + offs_n[None, :], acc, mask=out_mask)
+
+
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "BLOCK_R", "SPLIT", "TILE", "HAS_BIAS"], do_bench=autotune_bench)
 @triton.jit
 def _bitmap_kernel(
@@ -82,14 +97,7 @@ def _bitmap_kernel(
             xt = xt.to(tl.float32)
             wt = wt.to(tl.float32)
         acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PREC)
-    out_mask = r_ok[:, None] & n_ok[None, :]
-    if DIRECT:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_r[:, None] * stride_or + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(out_ptr + pid_s * stride_os + offs_r[:, None] * stride_or + offs_n[None, :], acc, mask=out_mask)
+    store_rows(acc, out_ptr, b_ptr, offs_r, r_ok, offs_n, n_ok, pid_s, stride_os, stride_or, HAS_BIAS, DIRECT)
 
 
 @triton.jit

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..tuning import autotune_bench
 from . import bitmap
-from .bitmap import max_rows_block, pick_split, reduce_partials
+from .bitmap import max_rows_block, pick_split, reduce_partials, store_rows
 from .naive import BsrWeight, bsr_linear_ref, prepare_inference_inputs
 
 __all__ = ["bsr_linear", "torch_bsr_linear"]
@@ -77,14 +77,7 @@ def _bsr_kernel(
         acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PREC)
     offs_n = pid_b * BH + offs_h
     n_ok = (offs_h < BH) & (offs_n < N)
-    out_mask = r_ok[:, None] & n_ok[None, :]
-    if DIRECT:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_r[:, None] * stride_or + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(out_ptr + pid_s * stride_os + offs_r[:, None] * stride_or + offs_n[None, :], acc, mask=out_mask)
+    store_rows(acc, out_ptr, b_ptr, offs_r, r_ok, offs_n, n_ok, pid_s, stride_os, stride_or, HAS_BIAS, DIRECT)
 
 
 def _launch(x2: Tensor, w: BsrWeight, bias: Tensor | None, split_k: int | None, y: Tensor) -> Tensor:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils import cpp_extension
 
 from sparse_rnnt.kernels.small_row import BitmapWeight, bitmap_linear, cuda_ext
+from tests.kernels.tolerance import assert_linear_close_to
 
 
 def _nvcc() -> str | None:
@@ -53,15 +53,6 @@ def test_bitmap_spmm_compiles_for_sm90(tmp_path: Path) -> None:
         assert "TORCH_LIBRARY_init_sparse_rnnt_small_row" in syms
 
 
-def _assert_close_to(out, x, dense_w, b, what):
-    ref64 = F.linear(x.double(), dense_w.double(), b.double())
-    torch_err = (F.linear(x, dense_w, b).double() - ref64).abs().max().item()
-    err = (out.double() - ref64).abs().max().item()
-    ulp = torch.finfo(out.dtype).eps * ref64.abs().max().item()
-    assert not out.isnan().any(), what
-    assert err <= 2 * torch_err + ulp, f"{what}: error {err:.3g} vs torch {torch_err:.3g}"
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -75,4 +66,4 @@ def test_cuda_extension_matches_reference(r, n, k, dtype):
     mask = (torch.rand(n, k, generator=g) < 0.3).cuda()
     with torch.no_grad():
         y = bitmap_linear(x, BitmapWeight.from_dense(w, mask), b, backend="cuda")
-    _assert_close_to(y, x, w * mask, b, f"cuda ext r={r} {dtype}")
+    assert_linear_close_to(y, x, w * mask, b, f"cuda ext r={r} {dtype}")

@@ -19,20 +19,11 @@ from sparse_rnnt.kernels.masked_linear import (
     unpack_rows,
 )
 from sparse_rnnt.kernels.masked_linear.fused import _Plan
+from tests.kernels.tolerance import assert_close_to
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def _assert_close_to(out: torch.Tensor, ref64: torch.Tensor, torch_out: torch.Tensor, what: str) -> None:
-    """``out`` (kernel) within 2x the error of ``torch_out`` (PyTorch, same dtype) of ``ref64``."""
-    assert out.shape == ref64.shape, what
-    assert not out.isnan().any(), f"{what}: NaN (unwritten element?)"
-    torch_err = (torch_out.double() - ref64).abs().max().item()
-    err = (out.double() - ref64).abs().max().item()
-    ulp = torch.finfo(out.dtype).eps * ref64.abs().max().item()
-    assert err <= 2 * torch_err + ulp, f"{what}: error {err:.3g} vs torch {torch_err:.3g} (ulp {ulp:.3g})"
 
 
 def _inputs(r, k, n, dtype, device="cpu", seed=0, bias=True):
@@ -59,7 +50,7 @@ def _check_against_reference(fn, ref_fn, x, w, b, dy, what):
     d = [t.double() if t is not None else None for t in (x, w, b, dy)]
     ref64 = _grads(ref_fn, *d)
     for name, a, t, r in zip(("y", "dx", "dW", "db"), got, in_dtype, ref64, strict=False):
-        _assert_close_to(a, r, t, f"{what} {name}")
+        assert_close_to(a, r, t, f"{what} {name}")
 
 
 # ----------------------------------------------------------------------------- mask packing
@@ -205,9 +196,9 @@ def test_kernels_write_every_output_element(dtype, pathway, hard, k):
             else:
                 refs_dtype = (y_ref, dx_ref, dw_ref)
         for name, out, r64, rd in zip(("y", "dx", "dW"), (y, dx, dw), refs64, refs_dtype, strict=True):
-            _assert_close_to(out, r64, rd, f"{name} mode={mode}")
+            assert_close_to(out, r64, rd, f"{name} mode={mode}")
         for w_as_a, out in zip((False, True), y_variants, strict=True):
-            _assert_close_to(out, refs64[0], refs_dtype[0], f"y W_AS_A={w_as_a} mode={mode}")
+            assert_close_to(out, refs64[0], refs_dtype[0], f"y W_AS_A={w_as_a} mode={mode}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -22,6 +22,7 @@ from sparse_rnnt.kernels.small_row import (
 )
 from sparse_rnnt.kernels.small_row import bitmap as bitmap_mod
 from sparse_rnnt.kernels.small_row.naive import pack_bits, popcount32, unpack_bits
+from tests.kernels.tolerance import assert_linear_close_to
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
@@ -46,18 +47,6 @@ def _problem(r, n, k, dtype, density=0.3, seed=0, device="cpu", block=None):
         mask = keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:n, :k]
         mask &= torch.rand(n, k, generator=g) < 0.8  # some pruned weights inside kept blocks
     return x, w, mask.to(device), b
-
-
-def _assert_close_to(out, x, dense_w, b, what):
-    """``out`` vs float64 ``F.linear``; tolerance from PyTorch's own error in ``out.dtype``."""
-    ref64 = F.linear(x.double(), dense_w.double(), None if b is None else b.double())
-    torch_out = F.linear(x, dense_w, b)
-    assert out.shape == ref64.shape, what
-    assert not out.isnan().any(), f"{what}: NaN (unwritten element?)"
-    torch_err = (torch_out.double() - ref64).abs().max().item()
-    err = (out.double() - ref64).abs().max().item()
-    ulp = torch.finfo(out.dtype).eps * ref64.abs().max().item()
-    assert err <= 2 * torch_err + ulp, f"{what}: error {err:.3g} vs torch {torch_err:.3g} (ulp {ulp:.3g})"
 
 
 # ----------------------------------------------------------------------------- bitmap format
@@ -253,7 +242,7 @@ def nan_partials(monkeypatch):
 def test_bitmap_gather_reference(r, k):
     x, w, mask, b = _problem(r, 37, k, torch.float32, seed=r)
     bw = BitmapWeight.from_dense(w, mask, tile=32)
-    _assert_close_to(bitmap_linear_gather(x, bw, b), x, w * mask, b, "gather")
+    assert_linear_close_to(bitmap_linear_gather(x, bw, b), x, w * mask, b, "gather")
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -269,7 +258,7 @@ def test_bitmap_triton_matches_reference(r, k, tile, dtype, bias, nan_partials):
         with torch.no_grad():
             y = bitmap_linear(x, bw, b, split_k=split, out=out)
         assert y.data_ptr() == out.data_ptr()
-        _assert_close_to(y, x, w * mask, b, f"bitmap split={split}")
+        assert_linear_close_to(y, x, w * mask, b, f"bitmap split={split}")
     assert torch.equal(bitmap_linear(x, bw, b, backend="torch"), F.linear(x, w * mask, b))
 
 
@@ -285,14 +274,14 @@ def test_bsr_triton_matches_reference(r, k, block, dtype, bias, nan_partials):
         out = torch.full((r, 37), float("nan"), dtype=dtype)
         with torch.no_grad():
             y = bsr_linear(x, bs, b, split_k=split, out=out)
-        _assert_close_to(y, x, w * mask, b, f"bsr split={split}")
+        assert_linear_close_to(y, x, w * mask, b, f"bsr split={split}")
     assert torch.equal(bsr_linear(x, bs, b, backend="torch"), F.linear(x, w * mask, b))
 
 
 def test_torch_bsr_backend_matches_reference():
     x, w, mask, b = _problem(5, 37, 53, torch.float32, density=0.5, block=(16, 16))
     bs = BsrWeight.from_dense(w, mask, (16, 16))
-    _assert_close_to(bsr_linear(x, bs, b, backend="torch-bsr"), x, w * mask, b, "torch-bsr")
+    assert_linear_close_to(bsr_linear(x, bs, b, backend="torch-bsr"), x, w * mask, b, "torch-bsr")
 
 
 def test_leading_dims_and_errors():
@@ -304,8 +293,8 @@ def test_leading_dims_and_errors():
         y = bitmap_linear(x3, bw, b)
         z = bsr_linear(x3, bs, b)
     assert y.shape == z.shape == (2, 3, 37)
-    _assert_close_to(y.reshape(6, 37), x, w * mask, b, "bitmap [2, 3, K]")
-    _assert_close_to(z.reshape(6, 37), x, w * mask, b, "bsr [2, 3, K]")
+    assert_linear_close_to(y.reshape(6, 37), x, w * mask, b, "bitmap [2, 3, K]")
+    assert_linear_close_to(z.reshape(6, 37), x, w * mask, b, "bsr [2, 3, K]")
     with pytest.raises(ValueError, match="backend"):
         bitmap_linear(x, bw, backend="cublas")
     with pytest.raises(ValueError, match="backend"):
@@ -364,10 +353,10 @@ def test_cuda_real_shapes(r, n, k, dtype):
     x, w, mask, b = _problem(r, n, k, dtype, density=0.3, device=DEV)
     bw = BitmapWeight.from_dense(w, mask)
     with torch.no_grad():
-        _assert_close_to(bitmap_linear(x, bw, b), x, w * mask, b, "bitmap triton")
+        assert_linear_close_to(bitmap_linear(x, bw, b), x, w * mask, b, "bitmap triton")
         if cuda_ext.get_extension() is not None:
-            _assert_close_to(bitmap_linear(x, bw, b, backend="cuda"), x, w * mask, b, "bitmap cuda")
+            assert_linear_close_to(bitmap_linear(x, bw, b, backend="cuda"), x, w * mask, b, "bitmap cuda")
         x, w, mask, b = _problem(r, n, k, dtype, density=0.3, device=DEV, block=(16, 16))
         bs = BsrWeight.from_dense(w, mask, (16, 16))
-        _assert_close_to(bsr_linear(x, bs, b), x, w * mask, b, "bsr triton")
-        _assert_close_to(bsr_linear(x, bs, b, backend="torch-bsr"), x, w * mask, b, "torch-bsr")
+        assert_linear_close_to(bsr_linear(x, bs, b), x, w * mask, b, "bsr triton")
+        assert_linear_close_to(bsr_linear(x, bs, b, backend="torch-bsr"), x, w * mask, b, "torch-bsr")

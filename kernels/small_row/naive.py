@@ -16,9 +16,10 @@ independent check of the layout.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -109,8 +110,36 @@ def _check_dense_inputs(weight: Tensor, mask: Tensor, fmt: str) -> None:
 # ----------------------------------------------------------------------------- bitmap
 
 
+class _Stored:
+    """What both formats derive from their stored tensors (:meth:`tensors`, keyed by field name)."""
+
+    values: Tensor
+
+    def tensors(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored (every tensor of :meth:`tensors`)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the values."""
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the tensors."""
+        return self.values.device
+
+    def to(self, device: torch.device | str) -> Self:
+        """The same weight on ``device``."""
+        return dataclasses.replace(self, **{k: t.to(device) for k, t in self.tensors().items()})
+
+
 @dataclass
-class BitmapWeight:
+class BitmapWeight(_Stored):
     """Unstructured sparse weight ``[N, K]``: a bitmap plus the kept values, tiled along K.
 
     Layout (all tensors contiguous, on one device):
@@ -201,25 +230,6 @@ class BitmapWeight:
         """Number of kept weights."""
         return self.values.numel()
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes stored (bits + values + offsets)."""
-        return sum(t.numel() * t.element_size() for t in (self.bits, self.values, self.offsets))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Dtype of the values."""
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the tensors."""
-        return self.values.device
-
-    def to(self, device: torch.device | str) -> BitmapWeight:
-        """The same weight on ``device``."""
-        return BitmapWeight(self.bits.to(device), self.values.to(device), self.offsets.to(device),
-                            self.shape, self.tile)
 
 
 def _check_tile(tile: int) -> None:
@@ -244,7 +254,7 @@ def _tile_offsets(bits: Tensor, k: int, tile: int) -> Tensor:
 
 
 @dataclass
-class BsrWeight:
+class BsrWeight(_Stored):
     """Block-sparse weight ``[N, K]`` with blocks ``(bh, bw)``, laid out like torch's BSR.
 
     - ``crow_indices`` int32 ``[ceil(N/bh) + 1]``: blocks of block row ``i`` are
@@ -364,25 +374,6 @@ class BsrWeight:
         """Number of stored blocks."""
         return int(self.values.shape[0])
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes stored (indices + values)."""
-        return sum(t.numel() * t.element_size() for t in (self.crow_indices, self.col_indices, self.values))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Dtype of the values."""
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the tensors."""
-        return self.values.device
-
-    def to(self, device: torch.device | str) -> BsrWeight:
-        """The same weight on ``device``."""
-        return BsrWeight(self.crow_indices.to(device), self.col_indices.to(device), self.values.to(device),
-                         self.shape)
 
     def to_torch_bsr(self) -> Tensor:
         """PyTorch sparse BSR tensor of the padded ``[ceil(N/bh) bh, ceil(K/bw) bw]`` matrix."""

@@ -360,3 +360,16 @@ def test_cuda_real_shapes(r, n, k, dtype):
         bs = BsrWeight.from_dense(w, mask, (16, 16))
         assert_linear_close_to(bsr_linear(x, bs, b), x, w * mask, b, "bsr triton")
         assert_linear_close_to(bsr_linear(x, bs, b, backend="torch-bsr"), x, w * mask, b, "torch-bsr")
+
+
+def test_formats_move_between_devices_and_count_their_bytes():
+    _, w, mask, _ = _problem(3, 37, 70, torch.float32, seed=40, block=(4, 8))
+    for packed in (BitmapWeight.from_dense(w, mask, tile=64), BsrWeight.from_dense(w, mask, blocksize=(4, 8))):
+        moved = packed.to("meta")
+        assert moved.device.type == "meta" and moved.dtype == packed.dtype and moved.shape == packed.shape
+        assert type(moved) is type(packed) and moved.tensors().keys() == packed.tensors().keys()
+        assert getattr(moved, "tile", None) == getattr(packed, "tile", None)
+        back = packed.to("cpu")
+        assert all(torch.equal(a, b) for a, b in zip(back.tensors().values(), packed.tensors().values(), strict=True))
+        assert packed.nbytes == sum(t.numel() * t.element_size() for t in packed.tensors().values())
+        assert torch.equal(back.to_dense(), packed.to_dense())

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks.rows_cli import print_rows
 from benchmarks.timing import median_ms
 
 SPARSITY = 0.7
@@ -104,9 +105,4 @@ def run(device: str, quick: bool) -> list[dict]:
 
 
 if __name__ == "__main__":
-    import json
-    import sys
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    for row in run(dev, quick="--quick" in sys.argv):
-        print(json.dumps(row))
+    print_rows(run, __doc__.split("\n")[0])

@@ -25,14 +25,13 @@ median of ``time.perf_counter`` repetitions, so the harness can be tested withou
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.rows_cli import print_rows
 from benchmarks.timing import median_ms
 from sparse_rnnt.kernels.small_row import BitmapWeight, BsrWeight, bitmap_linear, bsr_linear
 from sparse_rnnt.model.configs import MODEL_SIZES
@@ -153,14 +152,5 @@ def run(device: str, quick: bool) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    for row in run(args.device, args.quick):
-        print(json.dumps(row))
-
-
 if __name__ == "__main__":
-    main()
+    print_rows(run, __doc__.split("\n")[0])

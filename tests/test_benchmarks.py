@@ -54,3 +54,19 @@ def test_stream_load_test_small_on_cpu():
     assert result["identical_to_alone"] == {"s0": True, "s2": True}
     assert result["p99_ms"] >= result["p50_ms"] > 0
     assert len(result["memory"]) >= 2 and all(m["bytes"] > 0 for m in result["memory"])
+
+
+def test_single_benchmark_command_line(capsys):
+    import json
+
+    from benchmarks.rows_cli import print_rows
+
+    seen = []
+
+    def run(device, quick):
+        seen.append((device, quick))
+        return [{"provider": "a", "ms": 1.5}, {"provider": "b", "ms": 2.0}]
+
+    print_rows(run, "demo", ["--device", "cpu", "--quick"])
+    assert seen == [("cpu", True)]
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == run("cpu", True)

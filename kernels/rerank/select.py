@@ -405,7 +405,6 @@ class _Launch:
          self.group, self.nan_above, self.apply) = table.unbind(0)
         self.tile_seg = torch.repeat_interleave(
             torch.arange(len(segs), device=device, dtype=torch.int32), torch.tensor(tiles, device=device))
-        self.tile_group = self.group[self.tile_seg]
 
     def args(self) -> tuple[Tensor, ...]:
         return self.src, self.cand, self.size
@@ -584,8 +583,9 @@ def select_units(
                 *ln.args(), ln.group, ln.tile_seg, ln.first, ln.n, thr_t, counts,
                 WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size, BLOCK=block, num_warps=warps,
             )
-            order = torch.argsort(ln.tile_group, stable=True)
-            sorted_groups = ln.tile_group[order]
+            tile_group = ln.group[ln.tile_seg]
+            order = torch.argsort(tile_group, stable=True)
+            sorted_groups = tile_group[order]
             c = counts[order].to(torch.int64)
             excl = torch.cumsum(c, 0) - c
             first = torch.searchsorted(sorted_groups, sorted_groups)  # each tile's group's first slot

@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from sparse_rnnt.model.decoding import greedy_frames
 from sparse_rnnt.streaming import StreamingDecoder, encoder_step, geometry, initial_state
-from sparse_rnnt.streaming.graphs import StaticEncoderStep, StaticGreedyDecoder
+from sparse_rnnt.streaming.graphs import (
+    StaticEncoderStep,
+    StaticGreedyDecoder,
+    _Bucket,
+    _GreedyBucket,
+)
 from tests.streaming.test_stream import _chunks, random_sizes, tiny_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -189,3 +196,56 @@ def test_cuda_graph_step_equals_eager_step(dtype) -> None:
             _assert_steps_equal(got, static(batch, valid, states), valid, geo.stride, atol=atol)
             states = got[1]  # would be overwritten by the next replay if they aliased its outputs
     assert graphed.buckets[4].graph is not None and not graphed.buckets[4].failed
+
+
+_HOST_READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique2",
+               "aten.item", "aten.is_nonzero", "aten.equal"}
+
+
+class _CaptureRules(TorchDispatchMode):
+    """Records ops a CUDA graph cannot capture: reading a device value on the host (``item``,
+    ``bool(t)``, data-dependent shapes) and tensors with data on the host (a host-to-device copy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        host = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.device.type == "cpu"
+                and t.dim() > 0]
+        if name in _HOST_READS or host:
+            self.broken.append(f"{func} ({len(host)} host tensors)")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_captured_regions_never_read_the_device_from_the_host(dtype) -> None:
+    # The CPU counterpart of the CUDA capture tests: on the meta device there are no values to
+    # read, so a host sync raises, and the dispatch mode catches the ones that would only stall.
+    model = tiny_model(6, 2).to("meta", dtype)
+    meta = torch.device("meta")
+    bucket = _Bucket(model.rnnt, 4, meta, dtype)
+    rules = _CaptureRules()
+    with torch.inference_mode(), rules:
+        out, keys, vals, mems = bucket.run(model.rnnt)
+    assert mems.shape == bucket.memory.shape and vals.shape == bucket.value.shape
+    assert rules.broken == [] and out.shape[0] == 4 and keys.shape == bucket.key.shape
+
+    cpu_model = tiny_model()
+    enc, _, pred, state = _greedy_inputs(cpu_model)
+    dec = StaticGreedyDecoder(cpu_model.to("meta", dtype), meta, max_batch=4)
+    greedy = _GreedyBucket(4, enc[:, :1].to(meta, dtype), pred.to(meta, dtype),
+                           [[x.to(meta, dtype) for x in layer] for layer in state])
+    rules = _CaptureRules()
+    with torch.inference_mode(), rules:
+        dec._score(greedy)
+        dec._advance(greedy)
+    assert rules.broken == []
+    # The rules do catch what breaks a capture: a host-to-device copy, a host read.
+    with torch.inference_mode(), rules:
+        torch.ones(3).to(meta)
+        with pytest.raises(RuntimeError, match="meta"):
+            greedy.best.sum().item()
+    assert len(rules.broken) == 2 and "1 host tensors" in rules.broken[0]
+    assert rules.broken[1].startswith("aten.item")

@@ -43,9 +43,11 @@ step() {
   echo "=== $name rc=$? t=$(( $(date +%s) - START ))s" >> "$LOG"
 }
 
-# CUDA tests (their CPU counterparts run under the Triton interpreter in `make test`).
-step tests 300 python3 -m pytest -v -n 12 --timeout 120 -p no:cacheprovider -k "cuda or gpu" \
-  tests/kernels tests/test_cuda.py tests/export tests/streaming
+# CUDA tests (their CPU counterparts run under the Triton interpreter in `make test`). Failures
+# print their tracebacks as they happen (tests/conftest.py) and --durations names the slow ones,
+# so a run cut by its budget still says why and where the time went.
+step tests 300 env SPARSE_RNNT_FAILURES_NOW=1 python3 -m pytest -v -n 12 --timeout 120 --durations=25 \
+  -p no:cacheprovider -k "cuda or gpu" tests/kernels tests/test_cuda.py tests/export tests/streaming
 step kernels 150 python3 -m benchmarks.kernels --device cuda ${KERNEL_ARGS:---quick} --out-dir "$OUT"
 step small_row 50 sh -c "python3 -m benchmarks.bench_small_row --device cuda --quick > $OUT/small-row-cuda.jsonl"
 step stream 120 python3 -m benchmarks.stream --device cuda --quick --cuda-graphs --out-dir "$OUT"

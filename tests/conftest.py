@@ -26,3 +26,13 @@ def tiny_manifests(tmp_path_factory) -> Path:
     utts, report = read_mls(root / "corpus", progress=False)
     write_manifests(root / "manifests", utts, report)
     return root / "manifests"
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With ``SPARSE_RNNT_FAILURES_NOW=1``, print each failure's traceback as soon as it is known.
+
+    The GPU session runs the tests under a wall-clock bound; pytest prints tracebacks only at the
+    end, so a run cut by the bound would keep the test names and lose the reasons.
+    """
+    if os.environ.get("SPARSE_RNNT_FAILURES_NOW") == "1" and report.failed:
+        print(f"\n--- FAILED {report.nodeid} ({report.when})\n{report.longreprtext[-3000:]}\n---", flush=True)

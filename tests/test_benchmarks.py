@@ -70,3 +70,25 @@ def test_single_benchmark_command_line(capsys):
     print_rows(run, "demo", ["--device", "cpu", "--quick"])
     assert seen == [("cpu", True)]
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == run("cpu", True)
+
+
+def test_gpu_session_failures_print_as_they_happen(tmp_path):
+    # gpu_session.sh sets SPARSE_RNNT_FAILURES_NOW=1: the reason of a failure must be in the
+    # output before pytest's end-of-run summary (which a wall-clock bound may cut off).
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "test_one.py").write_text("def test_fails():\n    assert 2 + 2 == 5, 'why: arithmetic'\n\n"
+                                          "def test_passes():\n    assert True\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SPARSE_RNNT_FAILURES_NOW": "1", "PYTHONPATH": str(root)}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:randomly",
+                          "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(tmp_path / "test_one.py")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    out = run.stdout
+    assert run.returncode == 1
+    early = out.index("--- FAILED")
+    assert "why: arithmetic" in out[early:] and early < out.index("short test summary")
+    assert "test_passes" not in out[early:out.index("---\n", early + 3)]

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torchaudio.models import RNNTBeamSearch
 
@@ -16,6 +14,21 @@ def _select_state(mask: torch.Tensor, new: list[list[torch.Tensor]], old: list[l
 
 
 PredictorState = list[list[torch.Tensor]]  # per LSTM layer: [h [B, H], c [B, H]]
+
+
+def _score(model: EmformerRNNT, frame: torch.Tensor, pred: torch.Tensor, active: torch.Tensor,
+           ones: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's best token ``[B]`` at ``frame [B, 1, D]``, and whether an active row emits it."""
+    joint, _, _ = model.rnnt.join(frame, ones, pred, ones)
+    best = joint[:, 0, 0].argmax(-1)
+    return best, active & (best != model.blank)
+
+
+def _advance(model: EmformerRNNT, best: torch.Tensor, emit: torch.Tensor, pred: torch.Tensor,
+             state: PredictorState, ones: torch.Tensor) -> tuple[torch.Tensor, PredictorState]:
+    """The predictor after the emitted tokens; rows that did not emit keep theirs."""
+    new_pred, _, new_state = model.rnnt.predict(best[:, None].to(torch.int32), ones, state)
+    return torch.where(emit[:, None, None], new_pred, pred), _select_state(emit, new_state, state)
 
 
 def greedy_frames(
@@ -34,62 +47,62 @@ def greedy_frames(
     predictor advances only for rows that emitted. Returns the new tokens per row and the final
     ``pred`` and ``state`` (so a stream can continue from them).
     """
-    rnnt = model.rnnt
     ones = torch.ones(enc.size(0), dtype=torch.int32, device=enc.device)
-    frame = active = best = emit = enc  # set by the callbacks below before any use
-
-    def begin(t: int) -> None:
-        nonlocal frame, active
-        frame, active = enc[:, t : t + 1], t < frames
-
-    def score() -> tuple[torch.Tensor, torch.Tensor]:
-        nonlocal best, emit
-        joint, _, _ = rnnt.join(frame, ones, pred, ones)
-        best = joint[:, 0, 0].argmax(-1)
-        emit = active & (best != model.blank)
-        return best, emit
-
-    def advance() -> None:
-        nonlocal pred, state, active
-        new_pred, _, new_state = rnnt.predict(best[:, None].to(torch.int32), ones, state)
-        pred = torch.where(emit[:, None, None], new_pred, pred)
-        state = _select_state(emit, new_state, state)
-        active = emit
-
-    hyps = greedy_loop(frames, begin, score, advance, max_symbols_per_frame)
-    return hyps, pred, state
-
-
-def greedy_loop(
-    frames: torch.Tensor,
-    begin: Callable[[int], None],
-    score: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-    advance: Callable[[], None],
-    max_symbols_per_frame: int,
-) -> list[list[int]]:
-    """The host side of the greedy rule, shared by :func:`greedy_frames` and the fixed-size
-    streaming decoder (which runs the same steps as CUDA graphs).
-
-    ``frames [B]``: real frames per row. ``begin(t)`` selects frame ``t`` (rows with ``t <
-    frames`` active); ``score()`` returns each row's best token ``[B]`` and whether an active row
-    emits it (not blank) ``[B]``; ``advance()`` feeds the emitted tokens to the predictor (rows
-    that emit stay active for the next symbol of the frame). One device-to-host transfer per
-    ``score`` brings the tokens and the emit flags together: on a GPU each sync stalls the launch
-    queue. Returns the new tokens per row.
-    """
-    hyps: list[list[int]] = [[] for _ in range(frames.numel())]
+    hyps: list[list[int]] = [[] for _ in range(enc.size(0))]
     for t in range(max(frames.tolist(), default=0)):
-        begin(t)
+        frame, active = enc[:, t : t + 1], t < frames
         for _ in range(max_symbols_per_frame):
-            best, emit = score()
+            best, emit = _score(model, frame, pred, active, ones)
+            # One device-to-host transfer per joiner call (on a GPU each one stalls the queue).
             best_host, emit_host = torch.stack([best, emit.to(best.dtype)]).tolist()
             if not any(emit_host):
                 break
-            advance()
+            pred, state = _advance(model, best, emit, pred, state, ones)
+            active = emit
             for row, emitted in enumerate(emit_host):
                 if emitted:
                     hyps[row].append(best_host[row])
-    return hyps
+    return hyps, pred, state
+
+
+def greedy_frames_on_device(
+    model: EmformerRNNT,
+    enc: torch.Tensor,
+    frames: torch.Tensor,
+    pred: torch.Tensor,
+    state: PredictorState,
+    max_symbols_per_frame: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor, PredictorState]:
+    """:func:`greedy_frames`'s rule with no host synchronization, so that a CUDA graph can capture
+    it and the host never waits on the device.
+
+    Every frame runs ``max_symbols_per_frame`` joiner and predictor steps whatever the rows emit:
+    a row that emitted blank, or is past its ``frames``, is masked out (its token is -1 and its
+    predictor state kept), so the result equals the host loop's, which stops as soon as no row
+    emits. Fixed work instead of early exits: worth it where each step costs kernel launches and
+    a host round trip (GPU), not where it costs arithmetic (CPU).
+
+    ``enc [B, T, D]``, ``frames [B]``, ``pred [B, 1, D]``, ``state`` as in :func:`greedy_frames`.
+    Returns ``tokens [B, T, max_symbols_per_frame]`` (int64, -1 where nothing was emitted; see
+    :func:`token_lists`) and the final ``pred`` and ``state``.
+    """
+    batch, n_frames = enc.shape[:2]
+    ones = torch.ones(batch, dtype=torch.int32, device=enc.device)
+    tokens = torch.full((batch, n_frames, max_symbols_per_frame), -1, dtype=torch.int64, device=enc.device)
+    for t in range(n_frames):
+        frame, active = enc[:, t : t + 1], t < frames
+        for sym in range(max_symbols_per_frame):
+            best, emit = _score(model, frame, pred, active, ones)
+            tokens[:, t, sym] = torch.where(emit, best, -1)
+            pred, state = _advance(model, best, emit, pred, state, ones)
+            active = emit
+    return tokens, pred, state
+
+
+def token_lists(tokens: torch.Tensor) -> list[list[int]]:
+    """``[B, ...]`` token ids with -1 for none -> each row's tokens in order (one device-to-host
+    transfer)."""
+    return [[t for t in row if t >= 0] for row in tokens.reshape(tokens.size(0), -1).tolist()]
 
 
 @torch.no_grad()

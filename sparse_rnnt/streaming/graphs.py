@@ -13,10 +13,11 @@ nothing valid, no past), and the outputs of the first ``B`` rows are copied out.
 Triton autotune outside the capture) and replays it. A bucket whose capture fails (an op that
 cannot be captured) logs once and stays eager.
 
-Greedy decoding gets the same treatment (:class:`StaticGreedyDecoder`): per joiner call, one
-graph scores the frame and picks each row's token, one transfer brings the tokens to the host,
-and a second graph advances the predictor of the rows that emitted, in place in the bucket's
-buffers. Beam search stays eager (torchaudio's search is host-driven by design).
+Greedy decoding gets the same treatment (:class:`StaticGreedyDecoder`): one graph per bucket
+runs the whole chunk's greedy search (:func:`~sparse_rnnt.model.decoding.greedy_frames_on_device`:
+every frame's ``max_symbols_per_frame`` joiner and predictor steps, rows that stopped emitting
+masked), and one transfer brings the chunk's tokens to the host. Beam search stays eager
+(torchaudio's search is host-driven by design).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torchaudio.models import RNNT
 
-from ..model.decoding import PredictorState, greedy_loop
+from ..model.decoding import PredictorState, greedy_frames_on_device, token_lists
 from ..model.rnnt import EmformerRNNT
 from .encoder import EncoderState, encoder_step_tensors, geometry, unstack_states
 
@@ -37,12 +38,26 @@ MODES = ("static", "cuda-graph")
 WARMUP_RUNS = 3  # eager runs on a side stream before capture (autotuning, allocator, cuBLAS)
 
 
-class _Bucket:
-    """Static buffers of one batch size, and the captured graph once there is one."""
+class _GraphBucket:
+    """Static buffers of one batch size, and the captured graph once there is one. ``run()``
+    computes from the buffers only and returns its outputs (the graph's outputs on replay)."""
+
+    size: int
+    graph: torch.cuda.CUDAGraph | None = None
+    outputs: tuple | None = None
+    failed = False
+
+    def run(self) -> tuple:
+        raise NotImplementedError
+
+
+class _Bucket(_GraphBucket):
+    """The encoder step's buffers: chunk, valid frames, past and the stacked states."""
 
     def __init__(self, rnnt: RNNT, size: int, device: torch.device, dtype: torch.dtype) -> None:
         geo = geometry(rnnt)
         n_mels = rnnt.transcriber.input_linear.in_features
+        self.rnnt = rnnt
         self.size = size
         self.chunk = torch.zeros(size, geo.chunk, n_mels, device=device, dtype=dtype)
         self.valid = torch.zeros(size, dtype=torch.int64, device=device)
@@ -51,12 +66,9 @@ class _Bucket:
         self.key = torch.zeros(kv, device=device, dtype=dtype)
         self.value = torch.zeros(kv, device=device, dtype=dtype)
         self.memory = torch.zeros(geo.layers, geo.max_memory, size, geo.width, device=device, dtype=dtype)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.outputs: tuple[torch.Tensor, ...] | None = None
-        self.failed = False
 
-    def run(self, rnnt: RNNT) -> tuple[torch.Tensor, ...]:
-        return encoder_step_tensors(rnnt, self.chunk, self.valid, self.past, self.key, self.value, self.memory)
+    def run(self) -> tuple[torch.Tensor, ...]:
+        return encoder_step_tensors(self.rnnt, self.chunk, self.valid, self.past, self.key, self.value, self.memory)
 
 
 class _Bucketed:
@@ -81,6 +93,25 @@ class _Bucketed:
             if size >= batch:
                 return size
         raise ValueError(f"{batch} streams in one step, more than max_batch ({self.sizes[-1]})")
+
+    def _execute(self, bucket: _GraphBucket, what: str) -> tuple:
+        """``bucket.run()``: eagerly (``static``, or a failed capture), else by graph replay,
+        capturing the graph on first use."""
+        if self.mode == "static" or bucket.failed:
+            return bucket.run()
+        if bucket.graph is None:
+            try:
+                bucket.graph, bucket.outputs = _capture(bucket.run, self.device)
+            except Exception as e:  # an op that cannot be captured: this bucket stays eager
+                bucket.failed = True
+                bucket.graph = bucket.outputs = None
+                first = str(e).splitlines()[0] if str(e) else ""
+                log.warning("CUDA graph capture of the %d-stream %s failed (%s: %s); running it eagerly",
+                            bucket.size, what, type(e).__name__, first)
+                return bucket.run()
+        assert bucket.graph is not None and bucket.outputs is not None
+        bucket.graph.replay()
+        return bucket.outputs
 
 
 class StaticEncoderStep(_Bucketed):
@@ -119,29 +150,10 @@ class StaticEncoderStep(_Bucketed):
         for dst, name in ((bucket.key, "key"), (bucket.value, "value"), (bucket.memory, "memory")):
             dst[:, :, :batch].copy_(torch.stack([getattr(s, name) for s in states], dim=2))
             dst[:, :, batch:].zero_()
-        out, keys, vals, mems = self._run(bucket)
+        out, keys, vals, mems = self._execute(bucket, "encoder step")
         # A graph's outputs are overwritten by its next replay: the caller gets copies
         # (unstack_states copies every row).
         return out[:batch].clone(), unstack_states(keys, vals, mems, past, self.geometry.segment_reduced)
-
-    def _run(self, bucket: _Bucket) -> tuple[torch.Tensor, ...]:
-        if self.mode == "static" or bucket.failed:
-            return bucket.run(self.rnnt)
-        if bucket.graph is None:
-            self._capture(bucket)
-            if bucket.failed:
-                return bucket.run(self.rnnt)
-        assert bucket.graph is not None and bucket.outputs is not None
-        bucket.graph.replay()
-        return bucket.outputs
-
-    def _capture(self, bucket: _Bucket) -> None:
-        try:
-            bucket.graph, bucket.outputs = _capture(lambda: bucket.run(self.rnnt), self.device)
-        except Exception as e:  # an op that cannot be captured: this bucket stays eager
-            bucket.failed = True
-            bucket.graph = bucket.outputs = None
-            _log_capture_failure("encoder step", bucket.size, e)
 
 
 def _capture(fn: Callable[[], object], device: torch.device) -> tuple[torch.cuda.CUDAGraph, object]:
@@ -158,35 +170,32 @@ def _capture(fn: Callable[[], object], device: torch.device) -> tuple[torch.cuda
     return graph, outputs
 
 
-def _log_capture_failure(what: str, size: int, e: Exception) -> None:
-    first = str(e).splitlines()[0] if str(e) else ""
-    log.warning("CUDA graph capture of the %d-stream %s failed (%s: %s); running it eagerly",
-                size, what, type(e).__name__, first)
+class _GreedyBucket(_GraphBucket):
+    """Greedy decoding's buffers: a chunk's encoder frames, real frames per row, the predictor
+    output and LSTM state of every row. Idle rows have no real frames, so they never emit."""
 
-
-class _GreedyBucket:
-    """Static buffers of greedy decoding for one batch size: the frame being decoded, the
-    predictor output and LSTM state of every row, which rows are still active, their tokens."""
-
-    def __init__(self, size: int, frame: torch.Tensor, pred: torch.Tensor, state: PredictorState) -> None:
+    def __init__(self, model: EmformerRNNT, size: int, enc: torch.Tensor, pred: torch.Tensor,
+                 state: PredictorState, max_symbols_per_frame: int) -> None:
+        self.model = model
         self.size = size
-        self.frame = frame.new_zeros(size, *frame.shape[1:])
+        self.max_symbols_per_frame = max_symbols_per_frame
+        self.enc = enc.new_zeros(size, *enc.shape[1:])
+        self.frames = torch.zeros(size, dtype=torch.int64, device=enc.device)
         self.pred = pred.new_zeros(size, *pred.shape[1:])
         self.state = [[x.new_zeros(size, *x.shape[1:]) for x in layer] for layer in state]
-        self.active = torch.zeros(size, dtype=torch.bool, device=frame.device)
-        self.best = torch.zeros(size, dtype=torch.int64, device=frame.device)
-        self.emit = torch.zeros(size, dtype=torch.bool, device=frame.device)
-        self.ones = torch.ones(size, dtype=torch.int32, device=frame.device)
-        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
-        self.failed = False
+
+    def run(self) -> tuple[torch.Tensor, torch.Tensor, PredictorState]:
+        return greedy_frames_on_device(self.model, self.enc, self.frames, self.pred, self.state,
+                                       self.max_symbols_per_frame)
 
 
 class StaticGreedyDecoder(_Bucketed):
-    """:func:`~sparse_rnnt.model.decoding.greedy_frames` over fixed-size batch buckets.
+    """:func:`~sparse_rnnt.model.decoding.greedy_frames` over fixed-size batch buckets, as one
+    :func:`~sparse_rnnt.model.decoding.greedy_frames_on_device` call (one graph) per chunk.
 
     ``decode(enc [B, T, D], frames [B], pred [B, 1, D], state)`` returns the same as
     ``greedy_frames``: new tokens per row, the final predictor output and state (copies, owned by
-    the caller). Idle rows of a bucket are never active, so they never emit.
+    the caller). Buckets are kept per (batch size, ``T``).
     """
 
     def __init__(self, model: EmformerRNNT, device: torch.device | str, *, mode: str = "static",
@@ -194,72 +203,26 @@ class StaticGreedyDecoder(_Bucketed):
         super().__init__(device, mode, max_batch)
         self.model = model
         self.max_symbols_per_frame = max_symbols_per_frame
-        self.buckets: dict[int, _GreedyBucket] = {}
-
-    def _score(self, b: _GreedyBucket) -> None:
-        """Each row's best token for the current frame, and whether an active row emits it."""
-        joint, _, _ = self.model.rnnt.join(b.frame, b.ones, b.pred, b.ones)
-        b.best.copy_(joint[:, 0, 0].argmax(-1))
-        b.emit.copy_(b.active & (b.best != self.model.blank))
-
-    def _advance(self, b: _GreedyBucket) -> None:
-        """Feed the emitted tokens to the predictor; rows that did not emit keep their state."""
-        new_pred, _, new_state = self.model.rnnt.predict(b.best[:, None].to(torch.int32), b.ones, b.state)
-        keep = b.emit[:, None]
-        b.pred.copy_(torch.where(keep[:, :, None], new_pred, b.pred))
-        for layer, new_layer in zip(b.state, new_state, strict=True):
-            for x, nx in zip(layer, new_layer, strict=True):
-                x.copy_(torch.where(keep, nx, x))
-        b.active.copy_(b.emit)
-
-    def _replay(self, b: _GreedyBucket, name: str) -> None:
-        fn = self._score if name == "score" else self._advance
-        if self.mode == "static" or b.failed:
-            fn(b)
-            return
-        graph = b.graphs.get(name)
-        if graph is None:
-            # Capture runs fn on the buffers (warm-up included): save and restore what it changes.
-            saved = (b.pred.clone(), [[x.clone() for x in layer] for layer in b.state], b.active.clone())
-            try:
-                graph, _ = _capture(lambda: fn(b), self.device)
-                b.graphs[name] = graph
-            except Exception as e:
-                b.failed = True
-                _log_capture_failure(f"greedy {name}", b.size, e)
-            b.pred.copy_(saved[0])
-            for layer, old in zip(b.state, saved[1], strict=True):
-                for x, ox in zip(layer, old, strict=True):
-                    x.copy_(ox)
-            b.active.copy_(saved[2])
-            if b.failed:
-                fn(b)
-                return
-        graph.replay()
+        self.buckets: dict[tuple[int, int], _GreedyBucket] = {}
 
     def decode(self, enc: torch.Tensor, frames: torch.Tensor, pred: torch.Tensor,
                state: PredictorState) -> tuple[list[list[int]], torch.Tensor, PredictorState]:
-        batch = enc.size(0)
+        batch, n_frames = enc.shape[:2]
         size = self.bucket_size(batch)
-        b = self.buckets.get(size)
+        b = self.buckets.get((size, n_frames))
         if b is None:
-            b = self.buckets[size] = _GreedyBucket(size, enc[:, :1], pred, state)
+            b = self.buckets[size, n_frames] = _GreedyBucket(self.model, size, enc, pred, state,
+                                                            self.max_symbols_per_frame)
+        b.enc[:batch].copy_(enc)
+        b.enc[batch:].zero_()
+        b.frames[:batch].copy_(frames)
+        b.frames[batch:].zero_()
         b.pred[:batch].copy_(pred)
         b.pred[batch:].zero_()
         for layer, src in zip(b.state, state, strict=True):
             for x, sx in zip(layer, src, strict=True):
                 x[:batch].copy_(sx)
                 x[batch:].zero_()
-
-        def begin(t: int) -> None:
-            b.frame[:batch].copy_(enc[:, t : t + 1])
-            b.active.zero_()
-            b.active[:batch].copy_(t < frames)
-
-        def score() -> tuple[torch.Tensor, torch.Tensor]:
-            self._replay(b, "score")
-            return b.best[:batch], b.emit[:batch]
-
-        hyps = greedy_loop(frames, begin, score, lambda: self._replay(b, "advance"), self.max_symbols_per_frame)
-        new_state = [[x[:batch].clone() for x in layer] for layer in b.state]
-        return hyps, b.pred[:batch].clone(), new_state
+        tokens, new_pred, new_state = self._execute(b, "greedy decoder")
+        return (token_lists(tokens[:batch]), new_pred[:batch].clone(),
+                [[x[:batch].clone() for x in layer] for layer in new_state])

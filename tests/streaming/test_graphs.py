@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from sparse_rnnt.model.decoding import greedy_frames
+from sparse_rnnt.model.decoding import greedy_frames, greedy_frames_on_device, token_lists
 from sparse_rnnt.streaming import StreamingDecoder, encoder_step, geometry, initial_state
 from sparse_rnnt.streaming.graphs import (
     StaticEncoderStep,
@@ -150,11 +150,56 @@ def test_static_greedy_equals_greedy_frames() -> None:
             for layer, want_layer in zip(got[2], want[2], strict=True):
                 for x, y in zip(layer, want_layer, strict=True):
                     torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
-        assert list(dec.buckets) == [4]
+        assert list(dec.buckets) == [(4, 4)]
         with pytest.raises(ValueError, match="more than max_batch"):
             StaticGreedyDecoder(model, "cpu", max_batch=2).decode(enc, frames, pred, state)
     with pytest.raises(ValueError, match="CUDA"):
         StaticGreedyDecoder(model, "cpu", mode="cuda-graph")
+
+
+def _greedy_case(seed: int):
+    """A tiny model, 5 rows of 6 encoder frames (loud frames emit, quiet ones often do not), real
+    frames per row (one row has none) and each row's predictor state after two tokens."""
+    model = tiny_model(seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    loudness = torch.tensor([3, 3, 0.3, 3, 0.0, 3.0])[None, :, None]
+    enc = loudness * torch.randn(5, 6, model.rnnt.joiner.linear.in_features, generator=g)
+    tokens_in = torch.randint(0, model.blank, (5, 2), generator=g, dtype=torch.int32)
+    with torch.inference_mode():
+        pred, _, state = model.rnnt.predict(tokens_in, torch.full((5,), 2, dtype=torch.int32), None)
+    return model, enc, torch.tensor([6, 0, 3, 1, 5]), pred[:, -1:], state
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("max_symbols", [1, 2, 4])
+def test_greedy_on_device_equals_the_host_loop(seed: int, max_symbols: int) -> None:
+    # The fixed-work loop (every frame runs max_symbols steps, stopped rows masked) against the
+    # host loop that stops when no row emits: same tokens, same predictor state, bit for bit.
+    model, enc, frames, pred, state = _greedy_case(seed)
+    with torch.inference_mode():
+        want, want_pred, want_state = greedy_frames(model, enc, frames, pred, state, max_symbols)
+        tokens, got_pred, got_state = greedy_frames_on_device(model, enc, frames, pred, state, max_symbols)
+    assert tokens.shape == (5, 6, max_symbols)
+    assert token_lists(tokens) == want and want[1] == []
+    assert (tokens[frames[:, None] <= torch.arange(6)] == -1).all()  # nothing past a row's frames
+    torch.testing.assert_close(got_pred, want_pred, rtol=0, atol=0)
+    for layer, want_layer in zip(got_state, want_state, strict=True):
+        for x, y in zip(layer, want_layer, strict=True):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_greedy_on_device_cases_are_exercised() -> None:
+    # Across the seeds above, the comparison sees rows that hit the symbol limit and frames where
+    # no row emits (the host loop's early exit).
+    at_limit = silent_frame = False
+    for seed in range(4):
+        model, enc, frames, pred, state = _greedy_case(seed)
+        with torch.inference_mode():
+            tokens, _, _ = greedy_frames_on_device(model, enc, frames, pred, state, 2)
+        emitted = tokens >= 0
+        at_limit |= bool(emitted.all(-1).any())
+        silent_frame |= bool((~emitted[:, :, 0]).all(0).any())
+    assert at_limit and silent_frame
 
 
 @pytest.mark.gpu
@@ -172,8 +217,8 @@ def test_cuda_graph_greedy_equals_greedy_frames() -> None:
             got = dec.decode(enc, frames, pred, state)
             assert got[0] == want[0]
             torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-5)
-    bucket = dec.buckets[4]
-    assert not bucket.failed and set(bucket.graphs) == {"score", "advance"}
+    bucket = dec.buckets[4, 4]
+    assert not bucket.failed and bucket.graph is not None
 
 
 @pytest.mark.gpu
@@ -228,24 +273,22 @@ def test_captured_regions_never_read_the_device_from_the_host(dtype) -> None:
     bucket = _Bucket(model.rnnt, 4, meta, dtype)
     rules = _CaptureRules()
     with torch.inference_mode(), rules:
-        out, keys, vals, mems = bucket.run(model.rnnt)
+        out, keys, vals, mems = bucket.run()
     assert mems.shape == bucket.memory.shape and vals.shape == bucket.value.shape
     assert rules.broken == [] and out.shape[0] == 4 and keys.shape == bucket.key.shape
 
     cpu_model = tiny_model()
     enc, _, pred, state = _greedy_inputs(cpu_model)
-    dec = StaticGreedyDecoder(cpu_model.to("meta", dtype), meta, max_batch=4)
-    greedy = _GreedyBucket(4, enc[:, :1].to(meta, dtype), pred.to(meta, dtype),
-                           [[x.to(meta, dtype) for x in layer] for layer in state])
+    greedy = _GreedyBucket(cpu_model.to("meta", dtype), 4, enc.to(meta, dtype), pred.to(meta, dtype),
+                           [[x.to(meta, dtype) for x in layer] for layer in state], max_symbols_per_frame=3)
     rules = _CaptureRules()
     with torch.inference_mode(), rules:
-        dec._score(greedy)
-        dec._advance(greedy)
-    assert rules.broken == []
+        tokens, _, _ = greedy.run()
+    assert rules.broken == [] and tokens.shape == (4, enc.size(1), 3)
     # The rules do catch what breaks a capture: a host-to-device copy, a host read.
     with torch.inference_mode(), rules:
         torch.ones(3).to(meta)
         with pytest.raises(RuntimeError, match="meta"):
-            greedy.best.sum().item()
+            tokens.sum().item()
     assert len(rules.broken) == 2 and "1 host tensors" in rules.broken[0]
     assert rules.broken[1].startswith("aten.item")

@@ -13,12 +13,16 @@ Providers on CUDA (timed with ``triton.testing.do_bench``, median, L2 flushed):
 
 - ``cublas``: dense ``F.linear`` (no mask; the speed of light);
 - ``unfused``: ``W * M`` then ``F.linear``, with autograd (materializes ``W ⊙ M`` every call);
-- ``triton``: ours with a bit-packed mask; ``triton-bytes``: ours with a bool mask.
+- ``triton``: ours with a bit-packed mask; ``triton-bytes``: ours with a bool mask;
+- ``triton-nomask``: our kernels with the mask compiled out (a diagnostic: ``triton-nomask`` vs
+  ``cublas`` is how far our tiling is from cuBLAS, ``triton`` vs ``triton-nomask`` what the mask
+  costs).
 
 On CPU only the PyTorch providers run (``dense``, ``unfused``), float32, at a tiny shape, timed
 with a median of ``time.perf_counter`` repetitions, so the harness can be tested without a GPU.
-Each row also gives the stored mask size (``mask_bytes``) and per-call temporaries
-(``temp_bytes``: the materialized masked weight of ``unfused``).
+Each row also gives the stored mask size (``mask_bytes``), per-call temporaries
+(``temp_bytes``: the materialized masked weight of ``unfused``) and the host time per call
+(``host_ms``: calls issued without waiting for the GPU; near ``ms``, the row is launch-bound).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.rows_cli import print_rows
-from benchmarks.timing import median_ms
+from benchmarks.timing import host_ms, median_ms
 from sparse_rnnt.model.configs import MODEL_SIZES
 
 SIZES = ("small", "base", "paper-187m")
@@ -80,9 +84,11 @@ def _providers(device: str, mask: torch.Tensor, packed: torch.Tensor) -> dict[st
     }
     if device != "cpu":
         from sparse_rnnt.kernels.masked_linear import masked_linear
+        from sparse_rnnt.kernels.masked_linear.fused import unmasked_linear
 
         provs["triton"] = (lambda x, w, b: masked_linear(x, w, packed, b), packed.numel(), 0)
         provs["triton-bytes"] = (lambda x, w, b: masked_linear(x, w, mask, b), mask.numel(), 0)
+        provs["triton-nomask"] = (lambda x, w, b: unmasked_linear(x, w, b), 0, 0)
     return provs
 
 
@@ -119,6 +125,7 @@ def run(device: str, quick: bool) -> list[dict]:
                 ms = _time(call, device)
                 rows.append({
                     "bench": f"masked_linear {bench}", "shape": label, "provider": provider, "ms": ms,
+                    "host_ms": host_ms(call, device),
                     "dtype": str(dtype).removeprefix("torch."), "density": 0.3, "hard": False,
                     "tflops": flops * r * n * k / (ms * 1e-3) / 1e12,
                     "mask_bytes": mask_bytes, "temp_bytes": temp * n * k * x.element_size(),

@@ -25,3 +25,27 @@ def median_ms(fn: Callable[[], object], device: str = "cpu", *, repeat: int = 7,
         fn()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
+
+
+def host_ms(fn: Callable[[], object], device: str = "cpu", *, repeat: int = 20) -> float:
+    """Host time per call of ``fn()`` in milliseconds: the calls are issued back to back without
+    waiting for the device, so on CUDA this is what launching costs the CPU. When it is close to
+    :func:`median_ms`, the device waits for the host (the timing is launch-bound). On CPU it is
+    the wall time."""
+    sync = _sync(device)
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    elapsed = time.perf_counter() - t0
+    sync()
+    return 1e3 * elapsed / repeat
+
+
+def _sync(device: str) -> Callable[[], None]:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.synchronize
+    return lambda: None

@@ -43,8 +43,24 @@ def test_kernel_benchmark_runs_on_cpu(tmp_path):
     assert step["step_ms_rerank_every_100"] == step["ms"] + step["rerank_ms"] / 100
     providers = {r["provider"] for r in result["rows"] if r["bench"].startswith("masked_linear")}
     assert providers == {"dense", "unfused"}
+    assert all(r["host_ms"] > 0 for r in result["rows"] if r["bench"].startswith("masked_linear"))
     header = (tmp_path / "kernels-cpu.csv").read_text().splitlines()[0]
     assert header.startswith("bench,shape,provider,ms")
+
+
+def test_host_time_per_call():
+    import time
+
+    from benchmarks.timing import host_ms
+
+    calls = []
+
+    def slow() -> None:
+        calls.append(1)
+        time.sleep(0.003)
+
+    ms = host_ms(slow, "cpu", repeat=5)
+    assert len(calls) == 6 and 3.0 <= ms < 30.0  # one untimed call first, then 5 timed
 
 
 def test_stream_load_test_small_on_cpu():

@@ -35,7 +35,7 @@ from torch import Tensor
 from ..tuning import autotune_bench
 from .naive import check_masked_linear, check_pathway, masked_linear_ref, pathway_masked_linear_ref
 
-__all__ = ["masked_linear", "pathway_masked_linear"]
+__all__ = ["masked_linear", "pathway_masked_linear", "unmasked_linear"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -82,10 +82,14 @@ def _keep_tile(m_ptr, offs_n, n_ok, k0, K, stride_mn, BLOCK_N: tl.constexpr, BLO
     """Bool ``[BLOCK_N, BLOCK_K]``: the mask at rows ``offs_n`` and columns ``k0 .. k0+BLOCK_K``.
 
     ``MASK_MODE``: 0 bytes; 1 bits read byte by byte; 2 the same bits read as little-endian int32
-    words (``m_ptr`` and ``stride_mn`` in words). ``k0`` is a multiple of ``BLOCK_K``, itself a
-    multiple of 32, so a bits tile starts on a word.
+    words (``m_ptr`` and ``stride_mn`` in words); 3 no mask, every weight kept (the benchmarks'
+    ``triton-nomask`` row: the same kernels without the mask, to separate its cost from the
+    matmul's). ``k0`` is a multiple of ``BLOCK_K``, itself a multiple of 32, so a bits tile starts
+    on a word.
     """
-    if MASK_MODE == 2:
+    if MASK_MODE == 3:
+        keep = tl.full((BLOCK_N, BLOCK_K), 1, tl.int1)
+    elif MASK_MODE == 2:
         n_words = (K + 31) // 32
         offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32).to(tl.int64)
         packed = tl.load(
@@ -481,13 +485,20 @@ def _kernel_mask(masks: Tensor, k: int, bits: bool) -> tuple[Tensor, int]:
     return m, 1
 
 
+_NO_MASK = 3  # MASK_MODE of unmasked_linear
+
+
 class _MaskedLinearFn(torch.autograd.Function):
-    """Autograd of the fused kernels; ``m`` is ``[L, N, *]`` and ``lang`` is None when ``L == 1``."""
+    """Autograd of the fused kernels; ``masks`` is ``[L, N, *]`` (None: no mask, ``MASK_MODE``
+    3) and ``lang`` is None when ``L == 1``."""
 
     @staticmethod
-    def forward(ctx: Any, x2: Tensor, w: Tensor, bias: Tensor | None, masks: Tensor, lang: Tensor | None,
+    def forward(ctx: Any, x2: Tensor, w: Tensor, bias: Tensor | None, masks: Tensor | None, lang: Tensor | None,
                 bits: bool, hard: bool, allow_tf32: bool) -> Tensor:
-        m, mode = _kernel_mask(masks, w.shape[1], bits)
+        if masks is None:
+            m, mode = torch.ones(1, 1, 1, dtype=torch.uint8, device=w.device), _NO_MASK
+        else:
+            m, mode = _kernel_mask(masks, w.shape[1], bits)
         plan = _Plan(x2.shape[0], lang, m.shape[0])
         ctx.save_for_backward(x2, w, m)
         ctx.plan, ctx.mode, ctx.hard, ctx.allow_tf32 = plan, mode, hard, allow_tf32
@@ -545,6 +556,19 @@ def masked_linear(
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
     n, k = weight.shape
     y = _MaskedLinearFn.apply(x.reshape(-1, k), weight, bias, mask[None], None, fmt == "bits", hard, allow_tf32)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def unmasked_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, allow_tf32: bool = False) -> Tensor:
+    """``y = x Wᵀ + b`` through the fused kernels with the mask compiled out (``MASK_MODE`` 3).
+
+    A diagnostic for the benchmarks: beside ``masked_linear`` and cuBLAS it separates what the
+    mask costs from how far the kernels' matmul is from cuBLAS's. Shapes as in
+    :func:`masked_linear`; the weight gradient is the dense ``dYᵀX``.
+    """
+    n, k = weight.shape
+    check_masked_linear(x, weight, torch.ones(n, k, dtype=torch.bool, device=weight.device), bias)
+    y = _MaskedLinearFn.apply(x.reshape(-1, k), weight, bias, None, None, False, False, allow_tf32)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -18,7 +18,7 @@ from sparse_rnnt.kernels.masked_linear import (
     pathway_masked_linear_ref,
     unpack_rows,
 )
-from sparse_rnnt.kernels.masked_linear.fused import _Plan
+from sparse_rnnt.kernels.masked_linear.fused import _Plan, unmasked_linear
 from tests.kernels.tolerance import assert_close_to
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -347,6 +347,21 @@ def test_invalid_inputs_raise_value_errors():
     for fn, match in cases:
         with pytest.raises(ValueError, match=match):
             fn()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unmasked_linear_is_the_dense_linear(dtype):
+    # The benchmarks' no-mask diagnostic: the same kernels with the mask compiled out.
+    r, k, n = 37, 45, 29
+    x, w, b, dy = _inputs(r, k, n, dtype, seed=41)
+    keep_all = torch.ones(n, k, dtype=torch.bool)
+    _check_against_reference(
+        lambda a, c, d: unmasked_linear(a, c, d),
+        lambda a, c, d: masked_linear_ref(a, c, keep_all, d),
+        x, w, b, dy, f"unmasked {dtype}",
+    )
+    with pytest.raises(ValueError, match="bias"):
+        unmasked_linear(x, w, b[:3])
 
 
 # ----------------------------------------------------------------------------- CUDA

@@ -51,8 +51,11 @@ if _INTERPRET:
     _MMA = [(32, 32, 32, 4, 1)]
 else:
     # (tile0, tile1, reduction tile, warps, stages): H100-sized tiles plus smaller ones so that
-    # narrow layers still fill the SMs.
+    # narrow layers still fill the SMs. Masking costs a few ALU ops per weight element and K step,
+    # against tile0 tensor-core MACs per element in the forward and dX (x rows); H100's published
+    # rates give about 16 bf16 MACs per ALU op, hence a 256-row tile: it halves the mask's share.
     _MMA = [
+        (256, 128, 64, 8, 3),
         (128, 128, 64, 8, 3),
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),

@@ -18,7 +18,12 @@ Providers on CUDA (``triton.testing.do_bench``, median, L2 flushed):
 
 Each row gives ``format_bytes`` (bytes the provider's weight stores), ``ideal_ratio`` = dense
 weight bytes / ``format_bytes`` (the speed-up a purely memory-bound kernel could reach) and
-``achieved_fraction`` = (``dense_ms`` / ``ms``) / ``ideal_ratio``. On CPU only PyTorch
+``achieved_fraction`` = (``dense_ms`` / ``ms``) / ``ideal_ratio``. On CUDA two more timings say
+where the time goes: ``host_ms``, the host time per call (near ``ms``: launch-bound), and
+``graph_ms``, the time per call inside a CUDA graph of back-to-back calls on copies of the weight
+that together exceed twice the L2 cache (the regime of a graph-captured streaming step: no
+launch overhead, weights read from memory), with ``graph_speedup`` = dense ``graph_ms`` / ``graph_ms``
+and ``graph_achieved_fraction`` its share of ``ideal_ratio``. On CPU only PyTorch
 providers run (``dense``, ``torch-bsr``, ``bitmap-torch``), float32, at a tiny shape, timed with a
 median of ``time.perf_counter`` repetitions, so the harness can be tested without a GPU.
 """
@@ -26,13 +31,14 @@ median of ``time.perf_counter`` repetitions, so the harness can be tested withou
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.rows_cli import print_rows
-from benchmarks.timing import median_ms
+from benchmarks.timing import graph_ms, host_ms, median_ms
 from sparse_rnnt.kernels.small_row import BitmapWeight, BsrWeight, bitmap_linear, bsr_linear
 from sparse_rnnt.model.configs import MODEL_SIZES
 
@@ -131,15 +137,18 @@ def run(device: str, quick: bool) -> list[dict]:
         keep = torch.rand((n + BLOCK[0] - 1) // BLOCK[0], (k + BLOCK[1] - 1) // BLOCK[1], generator=g) < DENSITY
         bmask = keep.repeat_interleave(BLOCK[0], 0).repeat_interleave(BLOCK[1], 1)[:n, :k].to(device)
         dense_bytes = _nbytes(w)
-        dense_ms = None
-        for provider, (fn, fmt_bytes, note) in _providers(device, w, mask, bmask).items():
-            def call(fn: Callable = fn, x: torch.Tensor = x, b: torch.Tensor = b) -> object:
-                with torch.no_grad():
-                    return fn(x, b)
-
+        providers = _providers(device, w, mask, bmask)
+        copies = [_providers(device, w.clone(), mask, bmask) for _ in range(_graph_copies(device, dense_bytes))]
+        dense_ms = dense_graph_ms = None
+        for provider, (fn, fmt_bytes, note) in providers.items():
+            call = partial(_no_grad, fn, x, b)
             ms = _time(call, device)
-            dense_ms = ms if dense_ms is None else dense_ms  # the dense provider comes first
+            # A provider that failed to build on a copy (2:4 on some shapes) is timed on the rest.
+            in_graph = graph_ms([partial(_no_grad, c[provider][0], x, b) for c in copies if provider in c], device)
+            if dense_ms is None:  # the dense provider comes first
+                dense_ms, dense_graph_ms = ms, in_graph
             ideal = dense_bytes / fmt_bytes
+            graph_speedup = dense_graph_ms / in_graph if in_graph and dense_graph_ms else None
             rows.append({
                 "bench": "small_row_linear", "shape": label, "provider": provider, "ms": ms,
                 "dtype": str(dtype).removeprefix("torch."), "R": r, "N": n, "K": k,
@@ -147,9 +156,25 @@ def run(device: str, quick: bool) -> list[dict]:
                 "format_bytes": fmt_bytes, "dense_bytes": dense_bytes, "ideal_ratio": ideal,
                 "speedup": dense_ms / ms, "achieved_fraction": dense_ms / ms / ideal,
                 "gb_per_s": (fmt_bytes + _nbytes(x, b) + r * n * x.element_size()) / (ms * 1e-3) / 1e9,
+                "host_ms": host_ms(call, device) if device == "cuda" else None,
+                "graph_ms": in_graph, "graph_speedup": graph_speedup,
+                "graph_achieved_fraction": graph_speedup / ideal if graph_speedup else None,
                 "note": note,
             })
     return rows
+
+
+def _graph_copies(device: str, weight_bytes: int) -> int:
+    """Copies of a weight that together exceed twice the L2 cache (at least 4); 0 on CPU."""
+    if device != "cuda":
+        return 0
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    return max(4, -(-2 * l2 // weight_bytes))
+
+
+def _no_grad(fn: Callable, x: torch.Tensor, b: torch.Tensor) -> object:
+    with torch.no_grad():
+        return fn(x, b)
 
 
 if __name__ == "__main__":

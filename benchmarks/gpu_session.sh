@@ -49,7 +49,7 @@ step() {
 step tests 300 env SPARSE_RNNT_FAILURES_NOW=1 python3 -m pytest -v -n 12 --timeout 120 --durations=25 \
   -p no:cacheprovider -k "cuda or gpu" tests/kernels tests/test_cuda.py tests/export tests/streaming
 step kernels 150 python3 -m benchmarks.kernels --device cuda ${KERNEL_ARGS:---quick} --out-dir "$OUT"
-step small_row 50 sh -c "python3 -m benchmarks.bench_small_row --device cuda --quick > $OUT/small-row-cuda.jsonl"
+step small_row 80 sh -c "python3 -m benchmarks.bench_small_row --device cuda --quick > $OUT/small-row-cuda.jsonl"
 step stream 120 python3 -m benchmarks.stream --device cuda --quick --cuda-graphs --out-dir "$OUT"
 # The 64-stream load test on base; last, as it is the longest.
 LOAD_WALL=$((DEADLINE_S - ($(date +%s) - START) - 40))

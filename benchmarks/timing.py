@@ -49,3 +49,30 @@ def _sync(device: str) -> Callable[[], None]:
 
         return torch.cuda.synchronize
     return lambda: None
+
+
+def graph_ms(calls: list[Callable[[], object]], device: str = "cpu") -> float | None:
+    """Device time per call of ``calls`` captured back to back in one CUDA graph and replayed:
+    what each costs inside a captured step, without launch overhead. Give calls on different
+    buffers (more bytes than the L2 cache holds) to time reads from memory, not from L2.
+
+    ``None`` on CPU, or when a call cannot be captured.
+    """
+    if device != "cuda" or not calls:
+        return None
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (autotuning, allocations)
+        for fn in calls:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for fn in calls:
+                fn()
+    except Exception:  # an op that cannot be captured: no graph timing
+        return None
+    return median_ms(graph.replay, device) / len(calls)

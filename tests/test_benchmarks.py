@@ -1,3 +1,6 @@
+import pytest
+import torch
+
 from benchmarks.env import environment
 
 
@@ -61,6 +64,27 @@ def test_host_time_per_call():
 
     ms = host_ms(slow, "cpu", repeat=5)
     assert len(calls) == 6 and 3.0 <= ms < 30.0  # one untimed call first, then 5 timed
+
+
+def test_graph_timing_needs_cuda():
+    from benchmarks.timing import graph_ms
+
+    assert graph_ms([lambda: None], "cpu") is None
+    assert graph_ms([], "cuda") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_timing_is_per_call_and_skips_what_cannot_be_captured():
+    from benchmarks.timing import graph_ms, median_ms
+
+    a = torch.randn(2048, 2048, device="cuda")
+    one = graph_ms([lambda: a @ a], "cuda")
+    four = graph_ms([lambda: a @ a] * 4, "cuda")
+    eager = median_ms(lambda: a @ a, "cuda")
+    assert one is not None and four is not None
+    assert 0.5 * one < four < 1.5 * one and four < 1.5 * eager  # per call, not per graph
+    assert graph_ms([lambda: a.sum().item()], "cuda") is None  # a host sync cannot be captured
 
 
 def test_stream_load_test_small_on_cpu():

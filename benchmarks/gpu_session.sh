@@ -28,7 +28,9 @@ export SPARSE_RNNT_COMMIT=${SPARSE_RNNT_COMMIT:-unknown}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 
 # STEPS (default: all) picks steps by name; KERNEL_ARGS replaces the kernel benchmark's default
-# `--quick`; LOAD_DTYPE sets the load test's weights (default bf16 on CUDA).
+# `--quick`; LOAD_DTYPE sets the load test's weights (default bf16 on CUDA); LOAD_STEP_MODE its
+# steps (default cuda-graph). All steps take more than one 600 s call: a 15-minute lease fits
+# `STEPS="tests kernels small_row" DEADLINE_S=540`, then `STEPS="stream load" DEADLINE_S=240`.
 STEPS=${STEPS:-tests kernels small_row stream load}
 # step NAME BUDGET_S CMD...: runs CMD for at most min(BUDGET_S, time left before the deadline).
 step() {
@@ -55,5 +57,6 @@ step stream 120 python3 -m benchmarks.stream --device cuda --quick --cuda-graphs
 LOAD_WALL=$((DEADLINE_S - ($(date +%s) - START) - 40))
 [ "$LOAD_WALL" -gt 300 ] && LOAD_WALL=300
 step load $((LOAD_WALL + 30)) python3 -m benchmarks.stream --device cuda --load-only --load-minutes "${LOAD_MINUTES:-10}" \
-  --max-wall-s "$LOAD_WALL" ${LOAD_DTYPE:+--load-dtype $LOAD_DTYPE} --out-dir "$OUT/load"
+  --max-wall-s "$LOAD_WALL" --load-step-mode "${LOAD_STEP_MODE:-cuda-graph}" ${LOAD_DTYPE:+--load-dtype $LOAD_DTYPE} \
+  --out-dir "$OUT/load"
 echo "=== done t=$(( $(date +%s) - START ))s" >> "$LOG"

@@ -159,21 +159,22 @@ def _memory(device: str) -> int:
 
 
 def load_test(device: str, minutes: float, n_streams: int = 64, max_wall_s: float = 0.0,
-              dtype: torch.dtype | None = None) -> dict[str, Any]:
+              dtype: torch.dtype | None = None, step_mode: str = "eager") -> dict[str, Any]:
     """``n_streams`` streams fed ``minutes`` of audio each; memory along the way; outputs vs alone.
 
     ``max_wall_s`` > 0 bounds the run (a device lease is short): feeding stops once 30% of it
     has passed, leaving time for the single-stream re-decodes, and ``minutes_fed`` records how
     much audio each stream actually got. ``dtype``: the weights' (default: bf16 on CUDA, fp32 on
     CPU); batched bf16 matmuls round differently from single-row ones, so bitwise-identical
-    hypotheses are only expected in float32."""
+    hypotheses are only expected in float32. ``step_mode``: the decoders' (``"cuda-graph"``
+    replays each step as CUDA graphs; the single-stream re-decodes use the same mode)."""
     from sparse_rnnt.streaming import StreamingDecoder
 
     size = "tiny" if device == "cpu" else "base"
     if dtype is None:
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
     model, _, _, _ = _build(size, "dense", device, dtype)
-    dec = StreamingDecoder(model, None)
+    dec = StreamingDecoder(model, None, step_mode=step_mode)
     g = torch.Generator().manual_seed(7)
     samples = int(minutes * 60 * 16000)
     seeds = list(range(n_streams))
@@ -199,7 +200,7 @@ def load_test(device: str, minutes: float, n_streams: int = 64, max_wall_s: floa
     stats = dec.latency_stats()
     same = {}
     for i in (0, n_streams - 1):  # the same audio alone, in one piece per tick
-        alone = StreamingDecoder(model, None)
+        alone = StreamingDecoder(model, None, step_mode=step_mode)
         gi = torch.Generator().manual_seed(1000 + i)
         s = alone.open()
         for tick in range(fed):
@@ -213,6 +214,7 @@ def load_test(device: str, minutes: float, n_streams: int = 64, max_wall_s: floa
     hyp_bytes = 8 * (b["hypothesis_tokens"] - a["hypothesis_tokens"])
     return {
         "bench": "load", "size": size, "dtype": str(dtype).removeprefix("torch."), "streams": n_streams,
+        "step_mode": step_mode,
         "minutes_per_stream": minutes,
         "minutes_fed": min(fed * CHUNK, samples) / 16000 / 60, "truncated": fed < ticks,
         "p50_ms": 1e3 * stats["p50_s"], "p99_ms": 1e3 * stats["p99_s"], "rtf": stats["rtf"], "wall_s": wall,
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="bound the load test's wall time (feeding stops at 30%% of it, leaving time for the single-stream re-decodes; 0: no bound)")
     parser.add_argument("--load-dtype", choices=("float32", "bfloat16"), default=None,
                         help="weights of the load test (default: bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--load-step-mode", choices=("eager", "static", "cuda-graph"), default="eager",
+                        help="how the load test runs each step (cuda-graph: replayed as CUDA graphs; static: the same fixed-size path eagerly)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args(argv)
@@ -244,12 +248,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--load-only needs --load-minutes > 0")
     if args.cuda_graphs and args.device != "cuda":
         parser.error("--cuda-graphs needs --device cuda")
+    if args.load_step_mode == "cuda-graph" and args.device != "cuda":
+        parser.error("--load-step-mode cuda-graph needs --device cuda")
     rows = [] if args.load_only else bench(args.device, args.quick, cuda_graphs=args.cuda_graphs)
     result: dict[str, Any] = {"environment": environment(), "device": args.device, "rows": rows,
                               "threads": torch.get_num_threads()}
     if args.load_minutes > 0:
         dtype = getattr(torch, args.load_dtype) if args.load_dtype else None
-        result["load"] = load_test(args.device, args.load_minutes, max_wall_s=args.max_wall_s, dtype=dtype)
+        result["load"] = load_test(args.device, args.load_minutes, max_wall_s=args.max_wall_s, dtype=dtype,
+                                   step_mode=args.load_step_mode)
     out = Path(args.out_dir) / f"stream-{args.device}.json"
     atomic_write_json(out, result)
     for r in rows:

@@ -135,25 +135,34 @@ class StaticEncoderStep(_Bucketed):
         batch = chunk.size(0)
         if len(states) != batch:
             raise ValueError(f"{len(states)} states for a batch of {batch}")
+        past = [s.past for s in states]
+        out, keys, vals, mems = self.run_stacked(
+            chunk, valid_frames, torch.tensor(past, device=self.device),
+            *(torch.stack([getattr(s, name) for s in states], dim=2) for name in ("key", "value", "memory")))
+        # The outputs are the graph's, overwritten by its next replay: the caller gets copies
+        # (unstack_states copies every row).
+        return out.clone(), unstack_states(keys, vals, mems, past, self.geometry.segment_reduced)
+
+    def run_stacked(self, chunk: torch.Tensor, valid_frames: torch.Tensor, past: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:func:`~sparse_rnnt.streaming.encoder.encoder_step_tensors` (same arguments, stacked
+        states of ``B`` streams) through the bucket of ``B``. The results are views of the
+        bucket's outputs, valid until its next run: copy what must outlive it."""
+        batch = chunk.size(0)
         size = self.bucket_size(batch)
         bucket = self.buckets.get(size)
         if bucket is None:
             bucket = self.buckets[size] = _Bucket(self.rnnt, size, self.device, self.dtype)
         # Rows >= batch are idle streams: no audio, nothing valid, no past (their outputs are
         # never read; with nothing to attend to but zeros they stay finite).
-        bucket.chunk[:batch].copy_(chunk)
-        bucket.chunk[batch:].zero_()
-        bucket.valid[:batch].copy_(valid_frames)
-        bucket.valid[batch:].zero_()
-        past = [s.past for s in states]
-        bucket.past.copy_(torch.tensor(past + [0] * (size - batch)))
-        for dst, name in ((bucket.key, "key"), (bucket.value, "value"), (bucket.memory, "memory")):
-            dst[:, :, :batch].copy_(torch.stack([getattr(s, name) for s in states], dim=2))
+        for dst, src in ((bucket.chunk, chunk), (bucket.valid, valid_frames), (bucket.past, past)):
+            dst[:batch].copy_(src)
+            dst[batch:].zero_()
+        for dst, src in ((bucket.key, key), (bucket.value, value), (bucket.memory, memory)):
+            dst[:, :, :batch].copy_(src)
             dst[:, :, batch:].zero_()
         out, keys, vals, mems = self._execute(bucket, "encoder step")
-        # A graph's outputs are overwritten by its next replay: the caller gets copies
-        # (unstack_states copies every row).
-        return out[:batch].clone(), unstack_states(keys, vals, mems, past, self.geometry.segment_reduced)
+        return out[:batch], keys[:, :, :batch], vals[:, :, :batch], mems[:, :, :batch]
 
 
 def _capture(fn: Callable[[], object], device: torch.device) -> tuple[torch.cuda.CUDAGraph, object]:

@@ -35,11 +35,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..data.features import FeatureConfig, GlobalCMVN, LogMel
-from ..model.decoding import BeamContinuation, Hypotheses, PredictorState, greedy_frames
+from ..model.decoding import BeamContinuation, Hypotheses, greedy_frames
 from ..model.rnnt import EmformerRNNT
-from .encoder import EncoderState, encoder_step, geometry, initial_state
+from .encoder import EncoderState, encoder_step_tensors, geometry
 from .features import StreamingLogMel
 from .graphs import StaticEncoderStep, StaticGreedyDecoder
+from .pool import StatePool
 
 if TYPE_CHECKING:
     from ..data.tokenizer import Tokenizer
@@ -56,8 +57,8 @@ class StepTiming:
 
     step: int
     batch_size: int
-    encoder_s: float  # chunk assembly + state stacking + encoder
-    decoder_s: float  # greedy search + state unstacking
+    encoder_s: float  # chunk assembly + state gather/store + encoder
+    decoder_s: float  # greedy or beam search + predictor state gather/store
     language: str | None = None
 
     @property
@@ -102,14 +103,16 @@ class StreamResult:
 
 @dataclass
 class Stream:
-    """One audio stream's incremental state (create with :meth:`StreamingDecoder.open`)."""
+    """One audio stream's incremental state (create with :meth:`StreamingDecoder.open`).
+
+    Its encoder and predictor state live in row ``slot`` of the decoder's :class:`StatePool`
+    (:meth:`StreamingDecoder.encoder_state` returns a copy).
+    """
 
     id: str
     language: str | None
     frontend: StreamingLogMel
-    encoder_state: EncoderState
-    pred_out: torch.Tensor  # [1, 1, encoding_dim]: predictor output after the last token
-    pred_state: PredictorState
+    slot: int
     frames: torch.Tensor  # [n, F] CMVN-normalized frames from utterance frame ``start`` on
     start: int = 0  # utterance frame where the next segment begins
     received_frames: int = 0  # frames produced by the front end so far
@@ -218,6 +221,7 @@ class StreamingDecoder:
             else StaticGreedyDecoder(model, self.device, mode=step_mode, max_batch=max_batch,
                                      max_symbols_per_frame=max_symbols_per_frame)
         )
+        self.pool = StatePool(self.geometry, self.device, self.dtype)
         self.streams: dict[str, Stream] = {}
         self.step_timings: deque[StepTiming] = deque(maxlen=STEP_WINDOW)  # bounded, latest steps
         self._steps = 0
@@ -262,17 +266,25 @@ class StreamingDecoder:
             start = torch.full((1, 1), self.model.blank, dtype=torch.int32, device=self.device)
             ones = torch.ones(1, dtype=torch.int32, device=self.device)
             pred_out, _, pred_state = self.model.rnnt.predict(start, ones, None)
+            slot = self.pool.acquire(pred_out, pred_state)
         stream = Stream(
             id=sid,
             language=language,
             frontend=StreamingLogMel(self.logmel),
-            encoder_state=initial_state(self.geometry, self.device, self.dtype),
-            pred_out=pred_out,
-            pred_state=pred_state,
+            slot=slot,
             frames=torch.zeros(0, self.logmel.config.n_mels),
         )
         self.streams[sid] = stream
         return stream
+
+    def _drop(self, s: Stream) -> None:
+        """Forget a stream and give its state slot back."""
+        if self.streams.pop(s.id, None) is not None:
+            self.pool.release(s.slot)
+
+    def encoder_state(self, stream: Stream | str) -> EncoderState:
+        """A copy of an open stream's encoder state."""
+        return self.pool.encoder_state(self._get(stream).slot)
 
     def _get(self, stream: Stream | str) -> Stream:
         sid = stream if isinstance(stream, str) else stream.id
@@ -309,7 +321,7 @@ class StreamingDecoder:
             with torch.inference_mode():
                 self._add_frames(s, s.frontend.flush())
         except ValueError:
-            self.streams.pop(s.id, None)  # too short to have any frame: nothing to resume
+            self._drop(s)  # too short to have any frame: nothing to resume
             raise
         s.feature_s += time.perf_counter() - t0
         s.ended = True
@@ -325,7 +337,7 @@ class StreamingDecoder:
 
     def close(self, stream: Stream | str) -> None:
         """Drop a stream without a result."""
-        self.streams.pop(self._get(stream).id)
+        self._drop(self._get(stream))
 
     # --- processing -------------------------------------------------------------------------
 
@@ -383,20 +395,22 @@ class StreamingDecoder:
             taken = [self._take_chunk(s) for s in group]
             chunk = torch.stack([c for c, _ in taken]).to(self.device, self.dtype)  # [B, chunk, F]
             valid = torch.tensor([v for _, v in taken], device=self.device)
-            states = [s.encoder_state for s in group]
+            slots = [s.slot for s in group]
+            idx = self.pool.index(slots)
+            args = (chunk, valid, self.pool.past_of(slots), *self.pool.encoder_rows(idx))
             if self._static is None:
-                enc, new_states = encoder_step(self.model.rnnt, chunk, valid, states)
+                enc, keys, vals, mems = encoder_step_tensors(self.model.rnnt, *args)
             else:
-                enc, new_states = self._static(chunk, valid, states)
+                # Views of the bucket's outputs: stored (copied) before its next run.
+                enc, keys, vals, mems = self._static.run_stacked(*args)
+            self.pool.store_encoder(slots, idx, keys, vals, mems)
             self._sync()
             t1 = time.perf_counter()
             frames = valid // geo.stride
             if self._beam is None:
-                new_tokens, revised = self._greedy(group, enc, frames), [0] * len(group)
+                new_tokens, revised = self._greedy(group, idx, enc, frames), [0] * len(group)
             else:
                 new_tokens, revised = self._beam_step(group, enc, frames)
-            for s, state in zip(group, new_states, strict=True):
-                s.encoder_state = state
             self._sync()
         t2 = time.perf_counter()
         timing = StepTiming(self._steps, len(group), t1 - t0, t2 - t1, language)
@@ -416,21 +430,18 @@ class StreamingDecoder:
                 self.on_partial(partial)
         return results
 
-    def _greedy(self, group: list[Stream], enc: torch.Tensor, frames: torch.Tensor) -> list[list[int]]:
+    def _greedy(self, group: list[Stream], idx: torch.Tensor, enc: torch.Tensor,
+                frames: torch.Tensor) -> list[list[int]]:
         """Batched greedy search over ``enc [B, T, D]`` (row ``b`` has ``frames[b]`` real frames),
-        continuing each stream's predictor state; the same rule as ``greedy_search``."""
-        pred = torch.cat([s.pred_out for s in group])  # [B, 1, D]
-        state = [
-            [torch.cat([s.pred_state[layer][i] for s in group]) for i in range(len(group[0].pred_state[layer]))]
-            for layer in range(len(group[0].pred_state))
-        ]
+        continuing the predictor state of the streams in slots ``idx``; the rule of
+        ``greedy_search``."""
+        pred, state = self.pool.predictor_rows(idx)
         if self._static_greedy is None:
             new, pred, state = greedy_frames(self.model, enc, frames, pred, state, self.max_symbols_per_frame)
         else:
             new, pred, state = self._static_greedy.decode(enc, frames, pred, state)
+        self.pool.store_predictor(idx, pred, state)
         for b, s in enumerate(group):
-            s.pred_out = pred[b : b + 1]
-            s.pred_state = [[x[b : b + 1] for x in layer] for layer in state]
             s.tokens.extend(new[b])
         return new
 
@@ -478,7 +489,7 @@ class StreamingDecoder:
         return self.finish([stream])[0]
 
     def _result(self, s: Stream) -> StreamResult:
-        self.streams.pop(s.id, None)
+        self._drop(s)
         self.total_audio_s += s.audio_s
         self.total_feature_s += s.feature_s
         processing = s.feature_s + s.step_s

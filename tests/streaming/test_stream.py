@@ -419,7 +419,8 @@ def test_bfloat16_model_streams_like_its_full_utterance_decoding(setup) -> None:
     m16 = tiny_model().to(torch.bfloat16)
     dec = StreamingDecoder(m16, cmvn)
     s = dec.open()
-    assert s.encoder_state.key.dtype == s.encoder_state.memory.dtype == torch.bfloat16
+    state = dec.encoder_state(s)
+    assert state.key.dtype == state.memory.dtype == torch.bfloat16
     dec.close(s)
     for wave in waves[:2]:
         x = cmvn.normalize(LogMel()(wave))

@@ -49,7 +49,8 @@ step() {
 # print their tracebacks as they happen (tests/conftest.py) and --durations names the slow ones,
 # so a run cut by its budget still says why and where the time went.
 step tests 300 env SPARSE_RNNT_FAILURES_NOW=1 python3 -m pytest -v -n 12 --timeout 120 --durations=25 \
-  -p no:cacheprovider -k "cuda or gpu" tests/kernels tests/test_cuda.py tests/export tests/streaming
+  -p no:cacheprovider -k "cuda or gpu" tests/kernels tests/test_cuda.py tests/export tests/streaming \
+  tests/training/test_distributed.py tests/test_benchmarks.py
 step kernels 150 python3 -m benchmarks.kernels --device cuda ${KERNEL_ARGS:---quick} --out-dir "$OUT"
 step small_row 80 sh -c "python3 -m benchmarks.bench_small_row --device cuda --quick > $OUT/small-row-cuda.jsonl"
 step stream 120 python3 -m benchmarks.stream --device cuda --quick --cuda-graphs --out-dir "$OUT"

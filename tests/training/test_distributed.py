@@ -242,3 +242,55 @@ def test_a_corrupted_mask_on_one_rank_fails_loudly_on_every_rank(runs):
         assert "rank(s) 1 disagree with rank 0" in result["error"]
     # It failed before the step-2 checkpoint: nothing saved from a diverged model.
     assert list_checkpoints(root / "ddp-corrupt") == []
+
+
+def _collectives_worker(rank: int, port: int, device: str, report: str) -> None:
+    """A one-rank process group on ``device`` (NCCL on CUDA, gloo on CPU) through every collective
+    the trainer uses; with one rank each must return its input."""
+    from sparse_rnnt.training.distributed import DistEnv, Distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+    outcome: dict[str, Any] = {}
+    try:
+        d = Distributed(DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1), torch.device(device))
+        outcome["backend"] = d.backend
+        outcome["sums"] = d.sum_values([1.5, -2.0])
+        lin = torch.nn.Linear(3, 2).to(device)
+        unused = torch.nn.Parameter(torch.ones(2, device=device))
+        lin(torch.ones(4, 3, device=device)).square().sum().backward()
+        before = [p.grad.clone() for p in lin.parameters()]
+        outcome["means"] = d.reduce_gradients([*lin.parameters(), unused], [0.25])
+        outcome["grads_kept"] = all(torch.equal(p.grad, g) for p, g in zip(lin.parameters(), before, strict=True))
+        outcome["unused_grad_none"] = unused.grad is None
+        outcome["on_main"] = d.on_main(lambda: 42, "answer")
+        d.check_model(lin, step=3)  # one rank always agrees with itself
+        try:
+            d.everywhere(lambda: (_ for _ in ()).throw(UserError("bad input")), "fail")
+        except UserError as e:
+            outcome["user_error"] = str(e)
+        d.close()
+        outcome["closed"] = not dist.is_initialized()
+    except Exception:
+        outcome["trace"] = traceback.format_exc()
+    Path(report).write_text(json.dumps(outcome))
+
+
+def _check_collectives(device: str, backend: str, tmp_path: Path) -> None:
+    report = tmp_path / "collectives.json"
+    mp.spawn(_collectives_worker, args=(_free_port(), device, str(report)), nprocs=1, join=True)
+    out = json.loads(report.read_text())
+    assert "trace" not in out, out.get("trace")
+    assert out == {"backend": backend, "sums": [1.5, -2.0], "means": [0.25], "grads_kept": True,
+                   "unused_grad_none": True, "on_main": 42, "user_error": "bad input", "closed": True}
+
+
+def test_collectives_on_one_gloo_rank(tmp_path):
+    _check_collectives("cpu", "gloo", tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_collectives_on_one_nccl_rank(tmp_path):
+    # NCCL refuses two ranks on one GPU and the lent machines have one: a one-rank NCCL group is
+    # what runs the NCCL paths (CUDA tensors in every collective, objects through the device).
+    _check_collectives("cuda", "nccl", tmp_path)

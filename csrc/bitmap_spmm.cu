@@ -3,14 +3,21 @@
 //   bits    int32 [N, ceil(K/32)]: bit j of word i of row n is W[n, 32 i + j] != pruned;
 //   values  [nnz]: kept weights, row-major (row by row, columns ascending);
 //   offsets int32 [N, ceil(K/T)]: index in `values` of the first kept weight of tile t of row n.
-// Only offsets[n, 0] (the row start) is read here; each warp tracks its running offset with
-// __popc while it walks the row, so the tile size T does not matter to this kernel.
+// Only offsets[n, 0] (the row start) is read here; the kernels find each kept weight's index
+// with __popc while they walk the row, so the tile size T does not matter to them.
 //
-// One warp per output row, WARPS rows per block. The block walks K in chunks of CHUNK columns;
-// x[:, chunk] is staged in shared memory once per block and reused by all its rows. In a chunk,
-// lane l owns column 32 j + l of every word j: it reads the (broadcast) word, finds its value's
-// index with __popc of the lower bits, and accumulates R_MAX fp32 partial sums in registers.
-// A butterfly shuffle reduction then sums the 32 lanes per row.
+// Both kernels: one warp per output row, kWarps rows per block; lane l owns column 32 j + l of
+// every word j, finds its value's index with __popc of the lower bits, and accumulates R_MAX
+// fp32 partial sums in registers; a butterfly shuffle reduction sums the 32 lanes per row.
+//
+// bitmap_gemv_kernel (R <= 8): a call this small is bound by latency, so nothing may wait on a
+// chain of loads. The warp reads 32 of its row's words in one coalesced load and turns their
+// popcounts into value offsets with a warp prefix sum; after that every word's value and x loads
+// are independent and, unrolled, in flight together. x is read from global memory (a few KB,
+// cache-resident): no shared-memory staging and no block barrier.
+//
+// bitmap_spmm_kernel (8 < R <= 64): the block walks K in chunks of kChunk columns; x[:, chunk]
+// is staged in shared memory once per block and reused by its kWarps rows.
 //
 // Registered as torch.ops.sparse_rnnt_small_row.bitmap_linear (TORCH_LIBRARY, no pybind).
 
@@ -28,6 +35,75 @@ namespace {
 constexpr int kWarps = 4;     // output rows per block
 constexpr int kChunk = 128;   // columns staged per step (4 words)
 constexpr int kMaxRows = 64;  // rows of x per launch; the host loops over chunks of 64
+
+constexpr int kGemvRows = 8;  // rows up to which bitmap_gemv_kernel is used
+
+template <typename scalar_t, int R_MAX>
+__device__ __forceinline__ void reduce_and_store(float (&acc)[R_MAX], int lane, int64_t n, int64_t R,
+                                                 const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
+                                                 int64_t stride_yr) {
+#pragma unroll
+  for (int r = 0; r < R_MAX; ++r) {
+    float s = acc[r];
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(0xffffffffu, s, d);
+    acc[r] = s;
+  }
+  if (lane == 0) {
+    const float b = bias != nullptr ? static_cast<float>(bias[n]) : 0.f;
+#pragma unroll
+    for (int r = 0; r < R_MAX; ++r) {
+      if (r < R) y[r * stride_yr + n] = static_cast<scalar_t>(acc[r] + b);
+    }
+  }
+}
+
+template <typename scalar_t, int R_MAX>
+__global__ void __launch_bounds__(kWarps * 32) bitmap_gemv_kernel(
+    const scalar_t* __restrict__ x, const int32_t* __restrict__ bits,
+    const scalar_t* __restrict__ values, const int32_t* __restrict__ offsets,
+    const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
+    int64_t R, int64_t N, int64_t K, int64_t n_words, int64_t n_tiles,
+    int64_t stride_xr, int64_t stride_yr) {
+  const int lane = threadIdx.x & 31;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (n >= N) return;  // n is the same for the whole warp: no shuffle loses a lane
+  const uint32_t below = (1u << lane) - 1u;  // bits of lower columns in a word
+
+  float acc[R_MAX];
+#pragma unroll
+  for (int r = 0; r < R_MAX; ++r) acc[r] = 0.f;
+  int64_t base = static_cast<int64_t>(offsets[n * n_tiles]);
+
+  for (int64_t w0 = 0; w0 < n_words; w0 += 32) {
+    const int64_t wi = w0 + lane;
+    const uint32_t mine = wi < n_words ? static_cast<uint32_t>(__ldg(bits + n * n_words + wi)) : 0u;
+    // Inclusive prefix sum of the 32 words' popcounts over the lanes.
+    const int count = __popc(mine);
+    int incl = count;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int up = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += up;
+    }
+    const int excl = incl - count;
+#pragma unroll 8
+    for (int j = 0; j < 32; ++j) {
+      const uint32_t word = __shfl_sync(0xffffffffu, mine, j);  // zero past n_words
+      const int start = __shfl_sync(0xffffffffu, excl, j);
+      const int64_t col = (w0 + j) * 32 + lane;
+      if (((word >> lane) & 1u) && col < K) {
+        const float v = static_cast<float>(values[base + start + __popc(word & below)]);
+#pragma unroll
+        for (int r = 0; r < R_MAX; ++r) {
+          if (r < R) acc[r] = fmaf(v, static_cast<float>(x[r * stride_xr + col]), acc[r]);
+        }
+      }
+    }
+    base += __shfl_sync(0xffffffffu, incl, 31);  // kept weights in these 32 words
+  }
+  reduce_and_store<scalar_t, R_MAX>(acc, lane, n, R, bias, y, stride_yr);
+}
 
 template <typename scalar_t, int R_MAX>
 __global__ void __launch_bounds__(kWarps * 32) bitmap_spmm_kernel(
@@ -73,20 +149,7 @@ __global__ void __launch_bounds__(kWarps * 32) bitmap_spmm_kernel(
     }
   }
   if (!row_ok) return;
-#pragma unroll
-  for (int r = 0; r < R_MAX; ++r) {
-    float s = acc[r];
-#pragma unroll
-    for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(0xffffffffu, s, d);
-    acc[r] = s;
-  }
-  if (lane == 0) {
-    const float b = bias != nullptr ? static_cast<float>(bias[n]) : 0.f;
-#pragma unroll
-    for (int r = 0; r < R_MAX; ++r) {
-      if (r < R) y[r * stride_yr + n] = static_cast<scalar_t>(acc[r] + b);
-    }
-  }
+  reduce_and_store<scalar_t, R_MAX>(acc, lane, n, R, bias, y, stride_yr);
 }
 
 template <typename scalar_t, int R_MAX>
@@ -96,10 +159,17 @@ void launch(const at::Tensor& x, const at::Tensor& bits, const at::Tensor& value
   const int64_t K = x.size(1);
   const dim3 grid(static_cast<unsigned>((N + kWarps - 1) / kWarps));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  bitmap_spmm_kernel<scalar_t, R_MAX><<<grid, kWarps * 32, 0, stream>>>(
-      x.data_ptr<scalar_t>(), bits.data_ptr<int32_t>(), values.data_ptr<scalar_t>(),
-      offsets.data_ptr<int32_t>(), bias, y.data_ptr<scalar_t>(), R, N, K, bits.size(1),
-      offsets.size(1), x.stride(0), y.stride(0));
+  const auto go = [&](auto kernel) {
+    kernel<<<grid, kWarps * 32, 0, stream>>>(
+        x.data_ptr<scalar_t>(), bits.data_ptr<int32_t>(), values.data_ptr<scalar_t>(),
+        offsets.data_ptr<int32_t>(), bias, y.data_ptr<scalar_t>(), R, N, K, bits.size(1),
+        offsets.size(1), x.stride(0), y.stride(0));
+  };
+  if constexpr (R_MAX <= kGemvRows) {
+    go(bitmap_gemv_kernel<scalar_t, R_MAX>);
+  } else {
+    go(bitmap_spmm_kernel<scalar_t, R_MAX>);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

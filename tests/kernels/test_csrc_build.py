@@ -43,20 +43,25 @@ def test_bitmap_spmm_compiles_for_sm90(tmp_path: Path) -> None:
     assert proc.returncode == 0, f"nvcc failed:\n{proc.stderr[-4000:]}"
     obj = tmp_path / "bitmap_spmm.o"
     assert obj.stat().st_size > 0
-    # The object holds a kernel instance per (dtype, R_MAX) and the op's registration.
+    # The object holds a kernel instance per (dtype, R_MAX), the latency-bound one up to 8 rows,
+    # and the op's registration.
     nm = shutil.which("nm")
     if nm is not None:
         syms = subprocess.run([nm, "-C", str(obj)], capture_output=True, text=True, check=True).stdout
         for dtype in ("float", "c10::Half", "c10::BFloat16"):
             for r_max in (1, 2, 4, 8, 16, 32, 64):
-                assert f"bitmap_spmm_kernel<{dtype}, {r_max}>" in syms, (dtype, r_max)
+                kernel = "bitmap_gemv_kernel" if r_max <= 8 else "bitmap_spmm_kernel"
+                other = "bitmap_spmm_kernel" if r_max <= 8 else "bitmap_gemv_kernel"
+                assert f"{kernel}<{dtype}, {r_max}>" in syms, (dtype, r_max)
+                assert f"{other}<{dtype}, {r_max}>" not in syms, (dtype, r_max)
         assert "TORCH_LIBRARY_init_sparse_rnnt_small_row" in syms
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("r,n,k", [(1, 37, 53), (3, 37, 130), (17, 512, 2048), (64, 3072, 768), (70, 768, 3072)])
+@pytest.mark.parametrize("r,n,k", [(1, 37, 53), (3, 37, 130), (8, 75, 1100), (5, 512, 2048), (17, 512, 2048),
+                                   (64, 3072, 768), (70, 768, 3072)])
 def test_cuda_extension_matches_reference(r, n, k, dtype):
     assert cuda_ext.get_extension() is not None, "the CUDA extension failed to build (see the warning)"
     g = torch.Generator().manual_seed(r)

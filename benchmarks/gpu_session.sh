@@ -6,29 +6,38 @@
 # load/stream-cuda.json.
 # The GPU image lacks soundfile/espeakng-loader/jiwer: carry their wheels in .whl/
 # (pip download ... --python-version 3.12 --only-binary=:all: -d .whl) and they go to /tmp/site.
+# DEVICE=cpu (with PYTHON=.venv/bin/python) runs the same steps on a CPU machine at CPU sizes:
+# a rehearsal of the plumbing before device time is spent on it (tests/test_benchmarks.py).
 set -u
 OUT=${OUT:-benchmarks/results}
+DEVICE=${DEVICE:-cuda}
+PYTHON=${PYTHON:-python3}
 DEADLINE_S=${DEADLINE_S:-540}
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 MAX_JOBS=16
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+if [ -d .whl ] && [ "$DEVICE" = cuda ]; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >> "$LOG" 2>&1
 fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 # Uninstalled source tree (the GPU image has no venv): the two mapped packages as links, the
 # layout `pip install` would give them.
-if ! python3 -c "import sparse_rnnt.kernels, sparse_rnnt.csrc" 2>/dev/null; then
+if ! "$PYTHON" -c "import sparse_rnnt.kernels, sparse_rnnt.csrc" 2>/dev/null; then
   ln -sfn ../kernels sparse_rnnt/kernels
   ln -sfn ../csrc sparse_rnnt/csrc
 fi
 export SPARSE_RNNT_COMMIT=${SPARSE_RNNT_COMMIT:-unknown}
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+if [ "$DEVICE" = cuda ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+  XDIST="-n 12" GRAPHS="--cuda-graphs"
+else
+  XDIST="" GRAPHS=""
+fi
 
-# STEPS (default: all) picks steps by name; KERNEL_ARGS replaces the kernel benchmark's default
-# `--quick`; LOAD_DTYPE sets the load test's weights (default bf16 on CUDA); LOAD_STEP_MODE its
+# STEPS (default: all) picks steps by name; KERNEL_ARGS and STREAM_ARGS replace the kernel and
+# stream benchmarks' default `--quick`; LOAD_DTYPE sets the load test's weights (default bf16 on CUDA); LOAD_STEP_MODE its
 # steps (default cuda-graph). All steps take more than one 600 s call: a 15-minute lease fits
 # `STEPS="tests kernels small_row" DEADLINE_S=540`, then `STEPS="stream load" DEADLINE_S=240`.
 STEPS=${STEPS:-tests kernels small_row stream load}
@@ -48,16 +57,17 @@ step() {
 # CUDA tests (their CPU counterparts run under the Triton interpreter in `make test`). Failures
 # print their tracebacks as they happen (tests/conftest.py) and --durations names the slow ones,
 # so a run cut by its budget still says why and where the time went.
-step tests 300 env SPARSE_RNNT_FAILURES_NOW=1 python3 -m pytest -v -n 12 --timeout 120 --durations=25 \
-  -p no:cacheprovider -k "cuda or gpu" tests/kernels tests/test_cuda.py tests/export tests/streaming \
+step tests 300 env SPARSE_RNNT_FAILURES_NOW=1 "$PYTHON" -m pytest -v $XDIST --timeout 120 --durations=25 \
+  -p no:cacheprovider -k "(cuda or gpu) and not rehearsal" tests/kernels tests/test_cuda.py tests/export tests/streaming \
   tests/training/test_distributed.py tests/test_benchmarks.py
-step kernels 150 python3 -m benchmarks.kernels --device cuda ${KERNEL_ARGS:---quick} --out-dir "$OUT"
-step small_row 80 sh -c "python3 -m benchmarks.bench_small_row --device cuda --quick > $OUT/small-row-cuda.jsonl"
-step stream 120 python3 -m benchmarks.stream --device cuda --quick --cuda-graphs --out-dir "$OUT"
+step kernels 150 "$PYTHON" -m benchmarks.kernels --device "$DEVICE" ${KERNEL_ARGS:---quick} --out-dir "$OUT"
+step small_row 80 sh -c "\"$PYTHON\" -m benchmarks.bench_small_row --device $DEVICE --quick > $OUT/small-row-$DEVICE.jsonl"
+step stream 120 "$PYTHON" -m benchmarks.stream --device "$DEVICE" ${STREAM_ARGS:---quick} $GRAPHS --out-dir "$OUT"
 # The 64-stream load test on base; last, as it is the longest.
 LOAD_WALL=$((DEADLINE_S - ($(date +%s) - START) - 40))
 [ "$LOAD_WALL" -gt 300 ] && LOAD_WALL=300
-step load $((LOAD_WALL + 30)) python3 -m benchmarks.stream --device cuda --load-only --load-minutes "${LOAD_MINUTES:-10}" \
-  --max-wall-s "$LOAD_WALL" --load-step-mode "${LOAD_STEP_MODE:-cuda-graph}" ${LOAD_DTYPE:+--load-dtype $LOAD_DTYPE} \
+[ "$DEVICE" = cuda ] && DEFAULT_MODE=cuda-graph || DEFAULT_MODE=static
+step load $((LOAD_WALL + 30)) "$PYTHON" -m benchmarks.stream --device "$DEVICE" --load-only --load-minutes "${LOAD_MINUTES:-10}" \
+  --max-wall-s "$LOAD_WALL" --load-step-mode "${LOAD_STEP_MODE:-$DEFAULT_MODE}" ${LOAD_DTYPE:+--load-dtype $LOAD_DTYPE} \
   --out-dir "$OUT/load"
 echo "=== done t=$(( $(date +%s) - START ))s" >> "$LOG"

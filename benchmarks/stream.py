@@ -113,10 +113,13 @@ def _run_streams(model, device: str, n_streams: int, seconds: float, seed: int =
     return dec.latency_stats()
 
 
-def bench(device: str, quick: bool, cuda_graphs: bool = False) -> list[dict[str, Any]]:
+def bench(device: str, quick: bool, cuda_graphs: bool = False,
+          streams: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+    """Format × stream count × step mode rows; ``streams`` replaces the default stream counts."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     sizes = ["tiny"] if device == "cpu" else (["base"] if quick else ["base", "paper-187m"])
     counts = (1, 8, 64) if device == "cpu" else ((1, 32) if quick else (1, 8, 32, 64))
+    counts = streams or counts
     seconds = 2.0 if device == "cpu" else 4.0
     bw = _bandwidth_gbps(device)
     modes = ("eager", "cuda-graph") if cuda_graphs else ("eager",)
@@ -229,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and stream counts")
+    parser.add_argument("--streams", default=None,
+                        help="comma-separated stream counts of the table (default: 1,8,64 on cpu; cuda 1,32 with --quick, else 1,8,32,64)")
     parser.add_argument("--load-minutes", type=float, default=0.0, help="also run the load test (minutes per stream)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also time every format with the encoder step replayed as CUDA graphs")
@@ -250,7 +255,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--cuda-graphs needs --device cuda")
     if args.load_step_mode == "cuda-graph" and args.device != "cuda":
         parser.error("--load-step-mode cuda-graph needs --device cuda")
-    rows = [] if args.load_only else bench(args.device, args.quick, cuda_graphs=args.cuda_graphs)
+    try:
+        streams = tuple(int(n) for n in args.streams.split(",")) if args.streams else None
+    except ValueError:
+        parser.error(f"--streams must be comma-separated integers, got {args.streams!r}")
+    if streams is not None and min(streams) < 1:
+        parser.error("--streams counts must be >= 1")
+    rows = [] if args.load_only else bench(args.device, args.quick, cuda_graphs=args.cuda_graphs, streams=streams)
     result: dict[str, Any] = {"environment": environment(), "device": args.device, "rows": rows,
                               "threads": torch.get_num_threads()}
     if args.load_minutes > 0:

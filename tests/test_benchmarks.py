@@ -133,3 +133,33 @@ def test_gpu_session_failures_print_as_they_happen(tmp_path):
     early = out.index("--- FAILED")
     assert "why: arithmetic" in out[early:] and early < out.index("short test summary")
     assert "test_passes" not in out[early:out.index("---\n", early + 3)]
+
+
+def test_gpu_session_script_rehearsal_on_cpu(tmp_path):
+    # The GPU session script with DEVICE=cpu: every benchmark step's command line, the deadline
+    # bookkeeping and the output files, before any device time is spent on them. (Its test step
+    # is the pytest run above; it leaves this test out, which would recurse.)
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "DEVICE": "cpu", "PYTHON": sys.executable, "DEADLINE_S": "300",
+           "STEPS": "kernels small_row stream load", "KERNEL_ARGS": "--quick --sections masked_linear",
+           "STREAM_ARGS": "--quick --streams 2", "LOAD_MINUTES": "0.02"}
+    run = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    log = (tmp_path / "session.log").read_text()
+    for name in ("kernels", "small_row", "stream", "load"):
+        assert f"=== {name} rc=0" in log, log[-3000:]
+    kernels = json.loads((tmp_path / "kernels-cpu.json").read_text())
+    assert {r["provider"] for r in kernels["rows"]} == {"dense", "unfused"}
+    small = [json.loads(line) for line in (tmp_path / "small-row-cpu.jsonl").read_text().splitlines()]
+    assert small and all(r["bench"] == "small_row_linear" for r in small)
+    stream = json.loads((tmp_path / "stream-cpu.json").read_text())
+    assert {r["streams"] for r in stream["rows"] if "streams" in r} == {2}
+    load = json.loads((tmp_path / "load" / "stream-cpu.json").read_text())["load"]
+    assert load["step_mode"] == "static" and load["identical_to_alone"] == {"s0": True, "s63": True}

@@ -94,17 +94,9 @@ class StatePool:
         self._free.append(slot)
         self._free.sort(reverse=True)
 
-    def index(self, slots: list[int]) -> torch.Tensor:
-        """``[B]`` int64 slot indices on the pool's device (one host-to-device copy)."""
-        return torch.tensor(slots, dtype=torch.int64, device=self.device)
-
     def encoder_rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stacked ``key``, ``value`` ``[layers, lc, B, D]`` and ``memory`` of slots ``idx [B]``."""
         return self.key.index_select(2, idx), self.value.index_select(2, idx), self.memory.index_select(2, idx)
-
-    def past_of(self, slots: list[int]) -> torch.Tensor:
-        """``[B]`` frames processed per slot, on the device."""
-        return torch.tensor([self.past[s] for s in slots], dtype=torch.int64, device=self.device)
 
     def store_encoder(self, slots: list[int], idx: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       memory: torch.Tensor) -> None:

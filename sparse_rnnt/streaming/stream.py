@@ -394,10 +394,11 @@ class StreamingDecoder:
         with torch.inference_mode():
             taken = [self._take_chunk(s) for s in group]
             chunk = torch.stack([c for c, _ in taken]).to(self.device, self.dtype)  # [B, chunk, F]
-            valid = torch.tensor([v for _, v in taken], device=self.device)
             slots = [s.slot for s in group]
-            idx = self.pool.index(slots)
-            args = (chunk, valid, self.pool.past_of(slots), *self.pool.encoder_rows(idx))
+            # Real frames, frames processed and state slot of every stream: one host-to-device copy.
+            valid, past, idx = torch.tensor(
+                [[v for _, v in taken], [self.pool.past[i] for i in slots], slots]).to(self.device).unbind(0)
+            args = (chunk, valid, past, *self.pool.encoder_rows(idx))
             if self._static is None:
                 enc, keys, vals, mems = encoder_step_tensors(self.model.rnnt, *args)
             else:

@@ -21,11 +21,15 @@ def _pool(capacity: int = 2) -> tuple[StatePool, torch.Tensor, list[list[torch.T
     return pool, pred, state
 
 
+def _idx(slots: list[int]) -> torch.Tensor:
+    return torch.tensor(slots, dtype=torch.int64)
+
+
 def test_slots_grow_keep_their_contents_and_are_reused() -> None:
     pool, pred, state = _pool(capacity=2)
     a, b = pool.acquire(pred, state), pool.acquire(pred, state)
     assert (a, b) == (0, 1) and pool.capacity == 2
-    idx = pool.index([a, b])
+    idx = _idx([a, b])
     key, value, memory = (torch.randn_like(t) for t in pool.encoder_rows(idx))
     pool.store_encoder([a, b], idx, key, value, memory)
     c = pool.acquire(pred, state)  # full: the pool doubles, rows 0 and 1 move along
@@ -37,11 +41,11 @@ def test_slots_grow_keep_their_contents_and_are_reused() -> None:
     assert torch.equal(pool.encoder_state(c).key, torch.zeros_like(key[:, :, 0]))
     # A released slot comes back reset: nothing processed, the initial predictor state.
     pool.release(a)
-    pred_rows, state_rows = pool.predictor_rows(pool.index([b]))
-    pool.store_predictor(pool.index([b]), pred_rows + 1, [[x + 1 for x in layer] for layer in state_rows])
+    pred_rows, state_rows = pool.predictor_rows(_idx([b]))
+    pool.store_predictor(_idx([b]), pred_rows + 1, [[x + 1 for x in layer] for layer in state_rows])
     assert pool.acquire(pred, state) == a  # lowest free slot first
     assert pool.past[a] == 0 and pool.encoder_state(a).memory.abs().sum() == 0
-    again, again_state = pool.predictor_rows(pool.index([a, b]))
+    again, again_state = pool.predictor_rows(_idx([a, b]))
     torch.testing.assert_close(again[0], pred[0], rtol=0, atol=0)
     torch.testing.assert_close(again[1], pred_rows[0] + 1, rtol=0, atol=0)
     torch.testing.assert_close(again_state[0][0][0], state[0][0][0], rtol=0, atol=0)

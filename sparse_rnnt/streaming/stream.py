@@ -163,9 +163,9 @@ class StreamingDecoder:
 
     ``step_mode``: ``"eager"`` encodes and greedily decodes each step at its own batch size;
     ``"static"`` pads it to a fixed bucket (1, 2, 4, ... ``max_batch`` streams) with preallocated
-    buffers, and ``"cuda-graph"`` replays that bucket's encoder step and greedy joiner/predictor
-    calls as captured CUDA graphs (see :mod:`.graphs`). Steps with more than ``max_batch`` ready
-    streams are split.
+    buffers, and ``"cuda-graph"`` replays that bucket's encoder step and the chunk's whole greedy
+    search as captured CUDA graphs (see :mod:`.graphs`). Steps with more than ``max_batch`` ready
+    streams are split. Every stream's state is a row of :attr:`pool` (a :class:`StatePool`).
 
     ``mask_context(language)``: a context manager under which the model's weights are those of
     ``language`` (e.g. :meth:`Recognizer.masked`); when given, each step batches streams per

@@ -9,7 +9,8 @@ from .encoder import (
     initial_state,
 )
 from .features import StreamingLogMel
-from .graphs import StaticEncoderStep
+from .graphs import StaticEncoderStep, StaticGreedyDecoder
+from .pool import StatePool
 from .stream import (
     PartialResult,
     StepTiming,
@@ -24,7 +25,9 @@ __all__ = [
     "EncoderGeometry",
     "EncoderState",
     "PartialResult",
+    "StatePool",
     "StaticEncoderStep",
+    "StaticGreedyDecoder",
     "StepTiming",
     "Stream",
     "StreamResult",

@@ -166,6 +166,19 @@ def _rows(perm_ptr, start, end, BLOCK_M: tl.constexpr, PATHWAY: tl.constexpr):
     return rows, ok
 
 
+@triton.jit
+def _mma(a, b, acc, PREC: tl.constexpr, SPLIT_ACC: tl.constexpr):
+    """``acc + a @ b``. ``SPLIT_ACC`` (float32 inputs, whose dot is a chain of FMAs): the tile's
+    product is formed from zero and then added, so a rounding chain is ``tile + K / tile`` terms
+    long instead of ``K``. One running sum over a long reduction had 6x cuBLAS's error in fp32
+    (weight gradient over 4099 rows, H200), and cuBLAS may split K where we do not."""
+    if SPLIT_ACC:
+        out = acc + tl.dot(a, b, input_precision=PREC)
+    else:
+        out = tl.dot(a, b, acc, input_precision=PREC)
+    return out
+
+
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY, do_bench=autotune_bench)
 @triton.jit
 def _fwd_kernel(
@@ -173,8 +186,8 @@ def _fwd_kernel(
     R, N, K, L, R_BUCKET,
     stride_xr, stride_xk, stride_wn, stride_wk, stride_ml, stride_mn, stride_yr, stride_yn,
     MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, PATHWAY: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    W_AS_A: tl.constexpr,
+    UPCAST: tl.constexpr, SPLIT_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, W_AS_A: tl.constexpr,
 ):
     lang, start, end = _row_tile(tl.program_id(0), seg_ptr, L, R, BLOCK_M, PATHWAY)
     rows, r_ok = _rows(perm_ptr, start, end, BLOCK_M, PATHWAY)
@@ -182,7 +195,7 @@ def _fwd_kernel(
     n_ok = offs_n < N
     m_base = m_ptr + lang * stride_ml
     acc = _fwd_tile(x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, K, stride_xr, stride_xk, stride_wn,
-                    stride_wk, stride_mn, MASK_MODE, PREC, UPCAST, W_AS_A, BLOCK_M, BLOCK_N, BLOCK_K)
+                    stride_wk, stride_mn, MASK_MODE, PREC, UPCAST, SPLIT_ACC, W_AS_A, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_yr + offs_n[None, :] * stride_yn,
@@ -191,8 +204,9 @@ def _fwd_kernel(
 
 @triton.jit
 def _fwd_tile(x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, K, stride_xr, stride_xk, stride_wn, stride_wk,
-              stride_mn, MASK_MODE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, W_AS_A: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              stride_mn, MASK_MODE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+              SPLIT_ACC: tl.constexpr, W_AS_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
     """``[BLOCK_M, BLOCK_N]`` tile of ``x (W ⊙ M)ᵀ``; ``W_AS_A``: computed as ``((W ⊙ M) xᵀ)ᵀ``,
     the masked weight tile being the left operand."""
     if W_AS_A:
@@ -212,9 +226,9 @@ def _fwd_tile(x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, K, stride_xr, stri
             xt = xt.to(tl.float32)
             wt = wt.to(tl.float32)
         if W_AS_A:
-            acc = tl.dot(wt, tl.trans(xt), acc, input_precision=PREC)
+            acc = _mma(wt, tl.trans(xt), acc, PREC, SPLIT_ACC)
         else:
-            acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PREC)
+            acc = _mma(xt, tl.trans(wt), acc, PREC, SPLIT_ACC)
     if W_AS_A:  # noqa: SIM108 (a constexpr branch, not a runtime select)
         out = tl.trans(acc)
     else:
@@ -229,7 +243,7 @@ def _dx_kernel(
     R, N, K, L, R_BUCKET,
     stride_dyr, stride_dyn, stride_wn, stride_wk, stride_ml, stride_mn, stride_dxr, stride_dxk,
     MASK_MODE: tl.constexpr, PATHWAY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     lang, start, end = _row_tile(tl.program_id(0), seg_ptr, L, R, BLOCK_M, PATHWAY)
     rows, r_ok = _rows(perm_ptr, start, end, BLOCK_M, PATHWAY)
@@ -250,7 +264,7 @@ def _dx_kernel(
         if UPCAST:
             dyt = dyt.to(tl.float32)
             wt = wt.to(tl.float32)
-        acc = tl.dot(dyt, wt, acc, input_precision=PREC)
+        acc = _mma(dyt, wt, acc, PREC, SPLIT_ACC)
     tl.store(dx_ptr + rows[:, None] * stride_dxr + offs_k[None, :] * stride_dxk,
              acc.to(dx_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
 
@@ -260,28 +274,19 @@ def _dw_rows(dy_ptr, x_ptr, perm_ptr, start, end, offs_n, n_ok, offs_k, k_ok,
              stride_dyr, stride_dyn, stride_xr, stride_xk, PATHWAY: tl.constexpr, PREC: tl.constexpr,
              UPCAST: tl.constexpr, SPLIT_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr):
-    """``dy[rows]ᵀ x[rows]`` tile ``[BLOCK_N, BLOCK_K]`` over sorted rows ``start .. end``.
-
-    ``SPLIT_ACC`` (float32 inputs): each row tile's product is formed from zero and then added,
-    so a rounding chain is ``BLOCK_M + R / BLOCK_M`` terms long instead of ``R``; one running
-    sum through thousands of tokens had 6x cuBLAS's error in fp32 (H200).
-    """
+    """``dy[rows]ᵀ x[rows]`` tile ``[BLOCK_N, BLOCK_K]`` over sorted rows ``start .. end``
+    (``SPLIT_ACC``: see :func:`_mma`)."""
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_M):
-        if SPLIT_ACC:
-            acc += _dw_tile(dy_ptr, x_ptr, perm_ptr, r0, end, offs_n, n_ok, offs_k, k_ok, stride_dyr,
-                            stride_dyn, stride_xr, stride_xk, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32),
-                            PATHWAY, PREC, UPCAST, BLOCK_M)
-        else:
-            acc = _dw_tile(dy_ptr, x_ptr, perm_ptr, r0, end, offs_n, n_ok, offs_k, k_ok, stride_dyr,
-                           stride_dyn, stride_xr, stride_xk, acc, PATHWAY, PREC, UPCAST, BLOCK_M)
+        acc = _dw_tile(dy_ptr, x_ptr, perm_ptr, r0, end, offs_n, n_ok, offs_k, k_ok, stride_dyr, stride_dyn,
+                       stride_xr, stride_xk, acc, PATHWAY, PREC, UPCAST, SPLIT_ACC, BLOCK_M)
     return acc
 
 
 @triton.jit
 def _dw_tile(dy_ptr, x_ptr, perm_ptr, r0, end, offs_n, n_ok, offs_k, k_ok, stride_dyr, stride_dyn,
              stride_xr, stride_xk, acc, PATHWAY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-             BLOCK_M: tl.constexpr):
+             SPLIT_ACC: tl.constexpr, BLOCK_M: tl.constexpr):
     """``acc + dy[rows]ᵀ x[rows]`` for the ``BLOCK_M`` sorted rows from ``r0``."""
     rows, r_ok = _rows(perm_ptr, r0, end, BLOCK_M, PATHWAY)
     dyt = tl.load(dy_ptr + rows[:, None] * stride_dyr + offs_n[None, :] * stride_dyn,
@@ -291,7 +296,7 @@ def _dw_tile(dy_ptr, x_ptr, perm_ptr, r0, end, offs_n, n_ok, offs_k, k_ok, strid
     if UPCAST:
         dyt = dyt.to(tl.float32)
         xt = xt.to(tl.float32)
-    return tl.dot(tl.trans(dyt), xt, acc, input_precision=PREC)
+    return _mma(tl.trans(dyt), xt, acc, PREC, SPLIT_ACC)
 
 
 @triton.autotune(configs=_DW_CONFIGS, key=[*_KEY, "HARD"], do_bench=autotune_bench)
@@ -381,6 +386,12 @@ def _prec(x: Tensor, allow_tf32: bool) -> str:
     return "tf32" if allow_tf32 and x.dtype == torch.float32 and not _INTERPRET else "ieee"
 
 
+def _split_acc(x: Tensor) -> bool:
+    # float32 dots are FMA chains (ieee) or tf32 MMAs: split them (see _mma). bf16/fp16 MMAs
+    # accumulate in fp32 registers and met the accuracy rule unsplit.
+    return x.dtype == torch.float32
+
+
 def _upcast(x: Tensor) -> bool:
     # The interpreter's tl.dot multiplies bfloat16 tiles as raw uint16 bits; fp32 products of
     # bf16 values are exact, so upcasting there gives what tensor cores compute.
@@ -410,7 +421,7 @@ def _launch_fwd(x2: Tensor, w: Tensor, m: Tensor, mode: int, bias: Tensor | None
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), m.stride(0), m.stride(1),
         y.stride(0), y.stride(1),
         MASK_MODE=mode, HAS_BIAS=bias is not None, PATHWAY=plan.pathway,
-        PREC=_prec(x2, allow_tf32), UPCAST=_upcast(w), **(config or {}),
+        PREC=_prec(x2, allow_tf32), UPCAST=_upcast(w), SPLIT_ACC=_split_acc(x2), **(config or {}),
     )
     return y
 
@@ -433,6 +444,7 @@ def _launch_dx(dy: Tensor, w: Tensor, m: Tensor, mode: int, plan: _Plan, allow_t
         dy.stride(0), dy.stride(1), w.stride(0), w.stride(1), m.stride(0), m.stride(1),
         dx.stride(0), dx.stride(1),
         MASK_MODE=mode, PATHWAY=plan.pathway, PREC=_prec(dy, allow_tf32), UPCAST=_upcast(w),
+        SPLIT_ACC=_split_acc(dy),
     )
     return dx
 
@@ -457,7 +469,7 @@ def _launch_dw(dy: Tensor, x2: Tensor, m: Tensor, mode: int, hard: bool, plan: _
         dy.stride(0), dy.stride(1), x2.stride(0), x2.stride(1), m.stride(0), m.stride(1),
         dw.stride(0), dw.stride(1),
         MASK_MODE=mode, HARD=hard, PATHWAY=pathway, PREC=_prec(dy, allow_tf32), UPCAST=_upcast(x2),
-        SPLIT_ACC=x2.dtype == torch.float32,
+        SPLIT_ACC=_split_acc(x2),
     )
     return dw
 

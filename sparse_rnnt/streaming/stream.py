@@ -262,18 +262,14 @@ class StreamingDecoder:
         sid = stream_id if stream_id is not None else f"s{next(self._ids)}"
         if sid in self.streams:
             raise ValueError(f"stream {sid!r} is already open")
+        frontend = StreamingLogMel(self.logmel)
         with self.mask_context(language), torch.inference_mode():
             start = torch.full((1, 1), self.model.blank, dtype=torch.int32, device=self.device)
             ones = torch.ones(1, dtype=torch.int32, device=self.device)
             pred_out, _, pred_state = self.model.rnnt.predict(start, ones, None)
-            slot = self.pool.acquire(pred_out, pred_state)
-        stream = Stream(
-            id=sid,
-            language=language,
-            frontend=StreamingLogMel(self.logmel),
-            slot=slot,
-            frames=torch.zeros(0, self.logmel.config.n_mels),
-        )
+            slot = self.pool.acquire(pred_out, pred_state)  # last: nothing after it can fail
+        stream = Stream(id=sid, language=language, frontend=frontend, slot=slot,
+                        frames=torch.zeros(0, self.logmel.config.n_mels))
         self.streams[sid] = stream
         return stream
 

@@ -105,3 +105,26 @@ def test_step_work_does_not_grow_by_a_copy_per_stream_and_state(mode: str) -> No
     # two slices of the feature buffer); per-stream states cost 13 ops per stream before.
     per_stream = (_ops_per_step(16, mode) - _ops_per_step(2, mode)) / 14
     assert per_stream <= 4.5
+
+
+def test_streams_give_their_slots_back_on_every_exit() -> None:
+    import contextlib
+
+    @contextlib.contextmanager
+    def pathway(language):
+        if language == "xx":
+            raise ValueError("no pathway for language 'xx'")
+        yield
+
+    dec = StreamingDecoder(tiny_model(), None, mask_context=pathway)
+    with pytest.raises(ValueError, match="no pathway"):
+        dec.open(language="xx")
+    assert dec.pool.in_use == 0
+    closed, finished, short = dec.open("en"), dec.open("en"), dec.open("en")
+    assert dec.pool.in_use == 3
+    dec.close(closed)
+    dec.accept(finished, synth(8000, seed=1))
+    dec.finalize(finished)
+    with pytest.raises(ValueError):  # too short for a single frame
+        dec.end(short)
+    assert dec.pool.in_use == 0 and not dec.streams

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -110,13 +111,14 @@ def _check_dense_inputs(weight: Tensor, mask: Tensor, fmt: str) -> None:
 # ----------------------------------------------------------------------------- bitmap
 
 
-class _Stored:
+class _Stored(ABC):
     """What both formats derive from their stored tensors (:meth:`tensors`, keyed by field name)."""
 
     values: Tensor
 
+    @abstractmethod
     def tensors(self) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """The stored tensors by field name."""
 
     @property
     def nbytes(self) -> int:

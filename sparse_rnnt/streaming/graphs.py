@@ -23,6 +23,7 @@ masked), and one transfer brings the chunk's tokens to the host. Beam search sta
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -38,17 +39,17 @@ MODES = ("static", "cuda-graph")
 WARMUP_RUNS = 3  # eager runs on a side stream before capture (autotuning, allocator, cuBLAS)
 
 
-class _GraphBucket:
-    """Static buffers of one batch size, and the captured graph once there is one. ``run()``
-    computes from the buffers only and returns its outputs (the graph's outputs on replay)."""
+class _GraphBucket(ABC):
+    """Static buffers of one batch size, and the captured graph once there is one."""
 
     size: int
     graph: torch.cuda.CUDAGraph | None = None
     outputs: tuple | None = None
     failed = False
 
+    @abstractmethod
     def run(self) -> tuple:
-        raise NotImplementedError
+        """Compute from the buffers only and return the outputs (the graph's outputs on replay)."""
 
 
 class _Bucket(_GraphBucket):

@@ -18,6 +18,8 @@ rounding. The attention follows ``_EmformerAttention._forward_impl`` /
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -111,16 +113,27 @@ def encoder_step(
     Returns the encoder output ``[B, segment // stride, encoding_dim]`` (rows past
     ``valid_frames // stride`` are padding) and the updated states.
     """
+    return per_stream(functools.partial(encoder_step_tensors, rnnt), chunk, valid_frames, states,
+                      geometry(rnnt).segment_reduced)
+
+
+StackedStep = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def per_stream(step: StackedStep, chunk: torch.Tensor, valid_frames: torch.Tensor, states: list[EncoderState],
+               segment_reduced: int) -> tuple[torch.Tensor, list[EncoderState]]:
+    """Run a stacked-state step (``step(chunk, valid, past, key, value, memory)``, the arguments
+    of :func:`encoder_step_tensors` without the model) on per-stream states: stack them, step,
+    and copy each row's new state out. Returns a copy of the encoder output too, so nothing
+    returned aliases buffers the step may reuse."""
     batch = chunk.size(0)
     if len(states) != batch:
         raise ValueError(f"{len(states)} states for a batch of {batch}")
     device = chunk.device
-    past = torch.tensor([s.past for s in states], device=device)
-    key = torch.stack([s.key for s in states], dim=2)  # [layers, lc, B, D]
-    value = torch.stack([s.value for s in states], dim=2)
-    memory = torch.stack([s.memory for s in states], dim=2)  # [layers, M, B, D]
-    out, keys, vals, mems = encoder_step_tensors(rnnt, chunk, valid_frames.to(device), past, key, value, memory)
-    return out, unstack_states(keys, vals, mems, [s.past for s in states], geometry(rnnt).segment_reduced)
+    past = [s.past for s in states]
+    stacked = (torch.stack([getattr(s, name) for s in states], dim=2) for name in ("key", "value", "memory"))
+    out, keys, vals, mems = step(chunk, valid_frames.to(device), torch.tensor(past, device=device), *stacked)
+    return out.clone(), unstack_states(keys, vals, mems, past, segment_reduced)
 
 
 def unstack_states(

@@ -31,7 +31,7 @@ from torchaudio.models import RNNT
 
 from ..model.decoding import PredictorState, greedy_frames_on_device, token_lists
 from ..model.rnnt import EmformerRNNT
-from .encoder import EncoderState, encoder_step_tensors, geometry, unstack_states
+from .encoder import EncoderState, encoder_step_tensors, geometry, per_stream
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +133,8 @@ class StaticEncoderStep(_Bucketed):
 
     def __call__(self, chunk: torch.Tensor, valid_frames: torch.Tensor,
                  states: list[EncoderState]) -> tuple[torch.Tensor, list[EncoderState]]:
-        batch = chunk.size(0)
-        if len(states) != batch:
-            raise ValueError(f"{len(states)} states for a batch of {batch}")
-        past = [s.past for s in states]
-        out, keys, vals, mems = self.run_stacked(
-            chunk, valid_frames, torch.tensor(past, device=self.device),
-            *(torch.stack([getattr(s, name) for s in states], dim=2) for name in ("key", "value", "memory")))
-        # The outputs are the graph's, overwritten by its next replay: the caller gets copies
-        # (unstack_states copies every row).
-        return out.clone(), unstack_states(keys, vals, mems, past, self.geometry.segment_reduced)
+        # Copies out: a graph's outputs are overwritten by its next replay.
+        return per_stream(self.run_stacked, chunk, valid_frames, states, self.geometry.segment_reduced)
 
     def run_stacked(self, chunk: torch.Tensor, valid_frames: torch.Tensor, past: torch.Tensor, key: torch.Tensor,
                     value: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -204,8 +196,9 @@ class StaticGreedyDecoder(_Bucketed):
     :func:`~sparse_rnnt.model.decoding.greedy_frames_on_device` call (one graph) per chunk.
 
     ``decode(enc [B, T, D], frames [B], pred [B, 1, D], state)`` returns the same as
-    ``greedy_frames``: new tokens per row, the final predictor output and state (copies, owned by
-    the caller). Buckets are kept per (batch size, ``T``).
+    ``greedy_frames``: new tokens per row, the final predictor output and state. Like
+    :meth:`StaticEncoderStep.run_stacked`, the tensors are views of the bucket's outputs, valid
+    until its next run: copy what must outlive it. Buckets are kept per (batch size, ``T``).
     """
 
     def __init__(self, model: EmformerRNNT, device: torch.device | str, *, mode: str = "static",
@@ -234,5 +227,4 @@ class StaticGreedyDecoder(_Bucketed):
                 x[:batch].copy_(sx)
                 x[batch:].zero_()
         tokens, new_pred, new_state = self._execute(b, "greedy decoder")
-        return (token_lists(tokens[:batch]), new_pred[:batch].clone(),
-                [[x[:batch].clone() for x in layer] for layer in new_state])
+        return token_lists(tokens[:batch]), new_pred[:batch], [[x[:batch] for x in layer] for layer in new_state]

@@ -7,8 +7,9 @@ Pipeline per stream: PCM pieces -> :class:`~sparse_rnnt.streaming.features.Strea
 encoder frames, continuing from the stream's predictor state and hypothesis.
 
 All streams that have a chunk ready in a :meth:`StreamingDecoder.step` are encoded in ONE batched
-encoder call (:func:`~sparse_rnnt.streaming.encoder.encoder_step`, which masks per-stream state so
-that streams at different positions batch exactly) and decoded in one batched greedy loop; a
+encoder call (:func:`~sparse_rnnt.streaming.encoder.encoder_step_tensors` on their rows of the
+:class:`~sparse_rnnt.streaming.pool.StatePool`, masking per-stream state so that streams at
+different positions batch exactly) and decoded in one batched greedy loop; a
 stream with no chunk ready is left out of that step. When the decoder has a ``mask_context``
 (per-language pathway masks), one call is made per language present in the step.
 

@@ -125,7 +125,7 @@ def run(device: str, quick: bool) -> list[dict]:
                 ms = _time(call, device)
                 rows.append({
                     "bench": f"masked_linear {bench}", "shape": label, "provider": provider, "ms": ms,
-                    "host_ms": host_ms(call, device),
+                    "host_ms": host_ms(call, device) if device == "cuda" else None,  # CPU: it is ms
                     "dtype": str(dtype).removeprefix("torch."), "density": 0.3, "hard": False,
                     "tflops": flops * r * n * k / (ms * 1e-3) / 1e12,
                     "mask_bytes": mask_bytes, "temp_bytes": temp * n * k * x.element_size(),

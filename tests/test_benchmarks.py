@@ -46,7 +46,7 @@ def test_kernel_benchmark_runs_on_cpu(tmp_path):
     assert step["step_ms_rerank_every_100"] == step["ms"] + step["rerank_ms"] / 100
     providers = {r["provider"] for r in result["rows"] if r["bench"].startswith("masked_linear")}
     assert providers == {"dense", "unfused"}
-    assert all(r["host_ms"] > 0 for r in result["rows"] if r["bench"].startswith("masked_linear"))
+    assert all(r["host_ms"] is None for r in result["rows"] if r["bench"].startswith("masked_linear"))
     header = (tmp_path / "kernels-cpu.csv").read_text().splitlines()[0]
     assert header.startswith("bench,shape,provider,ms")
 

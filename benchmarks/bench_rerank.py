@@ -9,6 +9,8 @@ in float32 and bfloat16, sparsity 0.7, the weights split over 8 ``[rows, 1000]``
 - ``triton``: ours, ``rerank_masks(..., apply=True)`` over the 8 tensors (exact, ties included,
   mask written and pruned weights zeroed); ``triton-radix``: the same with
   ``algorithm="radix"`` (per-program ``tl.histogram`` digits instead of one atomic per weight);
+  ``triton-window``: ``algorithm="window"`` (one read of the weights around a sampled bracket,
+  sparse writes, the window sorted; see ``kernels/rerank/window.py``);
 - ``floor``: one read of the weights at the bandwidth of a measured device-to-device copy of
   the same bytes (``copy_ms / 2``: a copy reads and writes them once each).
 
@@ -82,8 +84,12 @@ def run(device: str, quick: bool) -> list[dict]:
                 def ours_radix(ws: dict[str, torch.Tensor] = ws) -> object:
                     return rerank_masks(ws, SPARSITY, apply=True, algorithm="radix")
 
+                def ours_window(ws: dict[str, torch.Tensor] = ws) -> object:
+                    return rerank_masks(ws, SPARSITY, apply=True, algorithm="window")
+
                 providers["triton"] = ours
                 providers["triton-radix"] = ours_radix
+                providers["triton-window"] = ours_window
             base = {"bench": "rerank", "shape": f"{n}", "dtype": str(dtype).removeprefix("torch."),
                     "sparsity": SPARSITY, "bytes": nbytes}
             for name, fn in providers.items():

@@ -43,11 +43,11 @@ TARGETS = {
         ("unfused / triton time (speed-up over unfused)", "unfused", "triton", 1.05, ">="),
     ],
     "rerank": [
-        (f"{ours} / floor time", ours, "floor", 2.5, "<=") for ours in ("triton", "triton-radix")
+        (f"{ours} / floor time", ours, "floor", 2.5, "<=") for ours in ("triton", "triton-radix", "triton-window")
     ] + [
-        (f"kthvalue / {ours} time", "kthvalue", ours, 100.0, ">=") for ours in ("triton", "triton-radix")
+        (f"kthvalue / {ours} time", "kthvalue", ours, 100.0, ">=") for ours in ("triton", "triton-radix", "triton-window")
     ] + [
-        (f"topk / {ours} time", "topk", ours, 5.0, ">=") for ours in ("triton", "triton-radix")
+        (f"topk / {ours} time", "topk", ours, 5.0, ">=") for ours in ("triton", "triton-radix", "triton-window")
     ],
 }
 

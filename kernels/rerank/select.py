@@ -59,8 +59,6 @@ reference (``naive.py``) when it is given.
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -69,59 +67,30 @@ from torch import Tensor
 
 from sparse_rnnt.errors import UserError
 
+from ._segments import (
+    _INTERP,
+    _NAN_ABOVE,
+    INT32_MAX,
+    Segment,
+    _bits,
+    _candidates,
+    _check_counts,
+    _keys,
+    _Launch,
+    _segment_tile,
+    _src,
+    _tile,
+    _unit_weights,
+)
 from .naive import check_args, pruned_count, rerank_masks_torch
+from .window import window_select
 
 NAN_BIN = 32768  # bins 0..32767 hold keys (or their high 15 bits); 32768 counts NaNs
-INT32_MAX = 2**31 - 1
-_NAN_ABOVE = {torch.float32: 0x7F800000, torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
-_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _keys(src, offs, valid, WIDE: tl.constexpr):
-    """Load raw bits and return (bits, key): key = bit pattern of |x| as int32."""
-    bits = tl.load(src + offs, mask=valid, other=0)
-    key = bits.to(tl.int32) & (0x7FFFFFFF if WIDE else 0x7FFF)
-    return bits, key
-
-
-@triton.jit
-def _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK: tl.constexpr):
-    """(segment, element offsets, validity) of tile ``pid`` of a launch over several segments."""
-    seg = tl.load(tile_seg + pid).to(tl.int64)
-    local = pid - tl.load(first_tile + seg)
-    offs = local * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    return seg, offs, offs < tl.load(seg_n + seg)
-
-
-@triton.jit
-def _candidates(tab_cand, seg, offs, valid, HAS_CAND: tl.constexpr):
-    """Valid units that may be kept: a segment's candidate bytes when it has any (address != 0)."""
-    c = valid
-    if HAS_CAND:
-        addr = tl.load(tab_cand + seg)
-        cand = addr.to(tl.pointer_type(tl.uint8))
-        c = c & (tl.load(cand + offs, mask=valid & (addr != 0), other=1) != 0)
-    return c
-
-
-@triton.jit
-def _unit_weights(tab_size, seg, offs, valid, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr):
-    """Element count of each unit: loaded for blocks, 1 for single weights."""
-    if HAS_SIZE:
-        size = tl.load(tab_size + seg).to(tl.pointer_type(tl.int32))
-        return tl.load(size + offs, mask=valid, other=0)
-    return tl.full((BLOCK,), 1, tl.int32)
-
-
-@triton.jit
-def _src(tab_src, seg, WIDE: tl.constexpr):
-    return tl.load(tab_src + seg).to(tl.pointer_type(tl.int32 if WIDE else tl.int16))
 
 
 @triton.jit
@@ -315,49 +284,12 @@ def _apply_kernel(w, mask, n, BLOCK: tl.constexpr):
 # --------------------------------------------------------------------------------------------
 
 
-def _tile(tile: int | None) -> tuple[int, int]:
-    """(elements per program, num_warps). Big tiles under the interpreter: fewer Python programs."""
-    if tile is not None:
-        if tile < 16 or tile & (tile - 1):
-            raise ValueError(f"tile must be a power of two >= 16, got {tile}")
-        return tile, 4
-    return (8192, 4) if _INTERP else (4096, 8)
-
-
 def _hist_copies(groups: int, programs: int) -> int:
     """Private histogram copies per group: up to 64 (one selection) while the copies of all
     groups stay within 64 histograms (8.4 MB of pass-1 bins); 1 under the interpreter."""
     if _INTERP:
         return 1
     return max(1, min(64 // max(groups, 1), triton.next_power_of_2(max(programs, 1))))
-
-
-def _bits(t: Tensor) -> Tensor:
-    """Integer view of a contiguous float tensor (same bits), flat."""
-    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16).reshape(-1)
-
-
-@dataclass
-class Segment:
-    """One tensor of units taking part in a selection.
-
-    ``src``: flat int32/int16 bit view of the scores' source (weights, or float32 block scores);
-    ``cand``: flat uint8 (1 = may be kept) or None; ``size``: flat int32 unit weights or None
-    (= 1); ``out``: flat uint8 output mask; ``group``: which selection it belongs to;
-    ``nan_above``: keys above this are NaN; ``apply``: zero ``src`` where pruned.
-    """
-
-    src: Tensor
-    cand: Tensor | None
-    size: Tensor | None
-    out: Tensor
-    group: int
-    nan_above: int
-    apply: bool = False
-
-    @property
-    def wide(self) -> bool:
-        return self.src.dtype == torch.int32
 
 
 def _search(hist: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
@@ -370,53 +302,6 @@ def _search(hist: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     bins = hist.shape[1] - 1 - idx
     above = cum.gather(1, idx[:, None]).squeeze(1) - hist.gather(1, bins[:, None]).squeeze(1)
     return bins, above
-
-
-class _Launch:
-    """One grid over every segment of a key width (16 or 32 bits): per-segment tables (addresses,
-    sizes, groups, flags) and, per tile, its segment. Triton takes no list of pointers, so the
-    kernels read each tile's tensors through these address tables (one launch per pass instead of
-    one per tensor)."""
-
-    def __init__(self, segments: list[Segment], index: list[int], grids: list[int], block: int,
-                 device: torch.device) -> None:
-        segs = [segments[i] for i in index]
-        self.index = index
-        self.wide = segs[0].wide
-        self.has_cand = any(s.cand is not None for s in segs)
-        self.has_size = segs[0].size is not None
-        if any((s.size is not None) != self.has_size for s in segs):
-            raise ValueError("segments of one selection must all have unit sizes, or none")
-        tiles = [grids[i] for i in index]
-        first = [0]
-        for t in tiles[:-1]:
-            first.append(first[-1] + t)
-        self.tiles = sum(tiles)
-
-        def addr(t: Tensor | None) -> int:
-            return 0 if t is None else t.data_ptr()
-
-        table = torch.tensor([
-            [addr(s.src) for s in segs], [addr(s.cand) for s in segs], [addr(s.size) for s in segs],
-            [addr(s.out) for s in segs], [s.src.numel() for s in segs], first,
-            [s.group for s in segs], [s.nan_above for s in segs], [int(s.apply) for s in segs],
-        ], dtype=torch.int64).to(device)  # one host-to-device copy
-        (self.src, self.cand, self.size, self.out, self.n, self.first,
-         self.group, self.nan_above, self.apply) = table.unbind(0)
-        self.tile_seg = torch.repeat_interleave(
-            torch.arange(len(segs), device=device, dtype=torch.int32), torch.tensor(tiles, device=device))
-
-    def args(self) -> tuple[Tensor, ...]:
-        return self.src, self.cand, self.size
-
-
-def _check_counts(nan_count: list[int], avail: list[int], keep: list[int], what: list[str]) -> None:
-    if any(nan_count):
-        g = next(i for i, c in enumerate(nan_count) if c)
-        raise UserError(f"cannot rank {what[g]}: it contains NaN (did training diverge?)")
-    for g, (k, a) in enumerate(zip(keep, avail, strict=True)):
-        if k > a:
-            raise UserError(f"{what[g]}: {k} weights must be kept but only {a} are candidates")
 
 
 def _threshold_atomic(launches: list[_Launch], keep: list[int], what: list[str], wide: list[bool], groups: int,
@@ -525,7 +410,7 @@ def _unless_live(thr: list[int], need: list[int], ties: list[int],
 
 def select_units(
     segments: list[Segment], keep: list[int], what: list[str], *, tile: int | None = None,
-    hist_copies: int | None = None, algorithm: str = "atomic",
+    hist_copies: int | None = None, algorithm: str = "atomic", window_margin: int | None = None,
 ) -> list[tuple[int, int]]:
     """Exact radix select over ``segments`` grouped into ``len(keep)`` independent selections.
 
@@ -539,8 +424,22 @@ def select_units(
     ``algorithm`` finds each group's threshold key: ``"atomic"`` (16-bit digits, one global
     atomic per unit: one pass for 16-bit keys, two for 32-bit) or ``"radix"`` (8- to 11-bit
     digits counted per program with ``tl.histogram``: two passes for 16-bit keys, three for
-    32-bit; single weights only). Both are exact; which is faster is measured on GPUs.
+    32-bit; single weights only) or ``"window"`` (one pass over the weights around a sampled
+    bracket, sparse writes; single weights only; a missed bracket falls back to ``"atomic"``,
+    see :mod:`.window`). All are exact; which is fastest is measured on GPUs.
+    ``window_margin``: the window's half-width in sample ranks (None: from the sample's spread),
+    exposed so tests can force a missed bracket.
     """
+    return _select_units(segments, keep, what, tile=tile, hist_copies=hist_copies, algorithm=algorithm,
+                         window_margin=window_margin, thresholds=True)
+
+
+def _select_units(
+    segments: list[Segment], keep: list[int], what: list[str], *, tile: int | None,
+    hist_copies: int | None, algorithm: str, window_margin: int | None, thresholds: bool,
+) -> list[tuple[int, int]]:
+    """:func:`select_units`; ``thresholds=False`` lets the window select skip a host sync (the
+    result is then only meaningful for the other algorithms)."""
     block, warps = _tile(tile)
     groups = len(keep)
     dev = segments[0].src.device
@@ -557,16 +456,22 @@ def select_units(
     for s in segments:
         wide[s.group] = s.wide
 
+    if algorithm in ("radix", "window") and any(ln.has_size for ln in launches):
+        raise ValueError(f"algorithm={algorithm!r} ranks single weights; blocks use 'atomic'")
+    if algorithm == "window":
+        done = window_select(launches, segments, keep, block, warps, margin=window_margin,
+                             thresholds=thresholds)
+        if done is not None:
+            return done
+        algorithm = "atomic"
     if algorithm == "radix":
-        if any(ln.has_size for ln in launches):
-            raise ValueError("algorithm='radix' ranks single weights; blocks use 'atomic'")
         thr, need, ties = _threshold_radix(launches, keep, what, wide, groups, block, warps, dev)
     elif algorithm == "atomic":
         thr, need, ties = _threshold_atomic(launches, keep, what, wide, groups, block, warps, dev,
                                             hist_copies if hist_copies is not None
                                             else _hist_copies(groups, sum(grids)))
     else:
-        raise ValueError(f"algorithm must be 'atomic' or 'radix', got {algorithm!r}")
+        raise ValueError(f"algorithm must be 'atomic', 'radix' or 'window', got {algorithm!r}")
     all_ties = [ties[g] == need[g] for g in range(groups)]
     group_table = torch.tensor([thr, need], dtype=torch.int64).to(dev)
     thr_t, need_t = group_table[0].to(torch.int32), group_table[1]
@@ -664,6 +569,7 @@ def rerank_masks_into(
     tile: int | None = None,
     hist_copies: int | None = None,
     algorithm: str = "atomic",
+    window_margin: int | None = None,
 ) -> None:
     """Triton masks written into preallocated ``out[name]`` (contiguous uint8, weight's shape).
 
@@ -672,8 +578,8 @@ def rerank_masks_into(
     (power of two; None = default), exposed so tests can force many tiles; ``hist_copies``:
     private histogram copies per selection (None = picked from the grid; 1 under the interpreter),
     exposed so tests can run the multi-copy path on CPU; ``algorithm``: how the unstructured
-    threshold is found (``"atomic"`` or ``"radix"``, see :func:`select_units`; blocks and N:M
-    ignore it).
+    threshold is found (``"atomic"``, ``"radix"`` or ``"window"``, see :func:`select_units`;
+    blocks and N:M ignore it); ``window_margin``: see :func:`select_units`.
     """
     block = tuple(block)  # type: ignore[assignment]
     check_args(weights, sparsity, kind, n, m, block, scope, {"candidates": candidates})
@@ -723,7 +629,8 @@ def rerank_masks_into(
                 _bits(src), cands.get(name), None, out[name].reshape(-1), group[name],
                 _NAN_ABOVE[src.dtype], apply and not mixed,
             ))
-        select_units(segments, keep, what, tile=tile, hist_copies=hist_copies, algorithm=algorithm)
+        _select_units(segments, keep, what, tile=tile, hist_copies=hist_copies, algorithm=algorithm,
+                      window_margin=window_margin, thresholds=False)
         bsz = _tile(tile)[0]
         for name in late:
             w = ws[name]
@@ -783,8 +690,8 @@ def rerank_masks(
     shape. Returns name -> bool mask of each weight's shape, in dict order. ``apply=True``
     zeroes the pruned weights in place (kept ones untouched). ``backend``: ``"triton"`` or
     ``"torch"`` (``naive.py``); ``always_keep`` is only implemented by the torch backend, which
-    the triton backend falls back to when it is given. ``algorithm``: ``"atomic"`` or ``"radix"``
-    (the triton backend's unstructured threshold search, see :func:`select_units`). Raises
+    the triton backend falls back to when it is given. ``algorithm``: ``"atomic"``, ``"radix"``
+    or ``"window"`` (the triton backend's unstructured selection, see :func:`select_units`). Raises
     ``ValueError`` on bad arguments and :class:`UserError` on NaN weights or too few candidates.
     """
     if backend not in ("triton", "torch"):

@@ -91,7 +91,8 @@ swaps the in-scope ``nn.Linear`` layers for :class:`~sparse_rnnt.model.masked.Ma
 (fused masked matmul, mask as row-packed bits, ``W ⊙ M`` never materialized; undone by
 :meth:`Pruner.close`); in-scope weights outside linear layers still use the substitution.
 ``"auto"`` (default) picks triton when the model is on CUDA. Both give the same masks; outputs
-agree to float rounding.
+agree to float rounding. ``PruningConfig.rerank_algorithm`` picks the triton backend's unstructured
+selection (``"atomic"``, ``"radix"``, ``"window"``: same masks, different speed).
 
 History: ``Pruner.history`` holds one dict per mask update: ``step``, ``event`` (``"level"`` or
 ``"rerank"``), ``level`` (target), ``sparsity`` (achieved), ``churn`` (fraction of the mask's
@@ -130,6 +131,7 @@ AGGREGATIONS: tuple[str, ...] = ("alternate", "sum")
 VARIANTS: tuple[str, ...] = ("imp", "lth")
 SCHEDULE_KINDS: tuple[str, ...] = ("staircase", "cubic", "oneshot")
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+RERANK_ALGORITHMS: tuple[str, ...] = ("atomic", "radix", "window")
 STATE_FORMAT = "sparse_rnnt.pruner"
 STATE_VERSION = 1
 
@@ -168,6 +170,9 @@ class PruningConfig:
     # Kernels for re-ranking and masked forward/backward: "triton", "torch", or "auto" (triton
     # when the model is on CUDA, torch otherwise). The choice is logged.
     backend: str = "auto"
+    # How the triton backend finds unstructured thresholds: "atomic", "radix" or "window" (see
+    # sparse_rnnt.kernels.rerank); all three give the same masks, they differ in speed.
+    rerank_algorithm: str = "atomic"
 
     def __post_init__(self) -> None:
         if isinstance(self.levels, list):
@@ -212,6 +217,9 @@ class PruningConfig:
             )
         if self.backend not in BACKENDS:
             raise UserError(f"pruning.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.rerank_algorithm not in RERANK_ALGORITHMS:
+            raise UserError(f"pruning.rerank_algorithm must be one of {', '.join(RERANK_ALGORITHMS)}, "
+                            f"got {self.rerank_algorithm!r}")
         if not isinstance(self.init_masks, str):
             raise UserError(f"pruning.init_masks must be a string, got {self.init_masks!r}")
         lvl = self.init_level
@@ -621,6 +629,7 @@ class Pruner:
                 masks = rerank_masks(
                     self._weights(), self.level, kind=g.kind, n=g.n, m=g.m, block=g.block,
                     scope=self.config.ranking, candidates=candidates, backend="triton",
+                    algorithm=self.config.rerank_algorithm,
                 )
             except ValueError as e:
                 raise UserError(f"pruning: {e}") from None

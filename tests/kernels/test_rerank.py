@@ -2,6 +2,7 @@
 give the same masks as ``sparse_rnnt.pruning.ranking.magnitude_masks``, bit for bit."""
 
 
+import logging
 import math
 
 import pytest
@@ -80,7 +81,7 @@ def _bits(t):
 # ----------------------------------------------------------------------------- unstructured
 
 
-ALGORITHMS = ["atomic", "radix"]
+ALGORITHMS = ["atomic", "radix", "window"]
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -376,6 +377,147 @@ def test_magnitude_threshold():
     assert magnitude_threshold(w, 1.0) == (math.inf, 0)
 
 
+# ----------------------------------------------------------------------------- window select
+
+WINDOW_LOG = "sparse_rnnt.kernels.rerank.window"
+# Big enough for a real sample: with TILE = 256 every tile gives 16 sample keys, so these tensors
+# give ~470 of them, and the window is a small part of the weights.
+WINDOW_SHAPES = [(61, 97), (40, 51), (13, 7)]
+
+
+def _window(weights, sparsity, caplog, **kw):
+    """Masks by the window select, and whether its bracket missed (logged)."""
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger=WINDOW_LOG):
+        got = _triton(weights, sparsity, algorithm="window", **kw)
+    return got, any("missed" in r.getMessage() for r in caplog.records)
+
+
+def _window_apply(weights, sparsity, caplog, **kw):
+    """Masks by the window select with ``apply=True`` (weights zeroed in place), its log kept."""
+    out = {k: torch.full(v.shape, POISON, dtype=torch.uint8) for k, v in weights.items()}
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger=WINDOW_LOG):
+        rerank_masks_into(weights, sparsity, out, apply=True, algorithm="window", tile=TILE, **kw)
+    return {k: o.bool() for k, o in out.items()}
+
+
+def _applied(w, ref):
+    return {k: torch.where(ref[k], w[k], torch.zeros_like(w[k])) for k in w}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_window_select_hits_its_bracket_and_matches_reference(dtype, scope, caplog):
+    # Sparse writes, ties in bf16/fp16 broken by flat index inside the sorted window, candidates.
+    w = _weights(WINDOW_SHAPES, dtype, seed=30)
+    cand = _candidates(w, seed=31)
+    for s in (0.05, 0.5, 0.7, 0.93):
+        for c in (None, cand) if s > 0.3 else (None,):  # 80% candidates: K must fit
+            got, missed = _window(w, s, caplog, scope=scope, candidates=c)
+            _assert_same(got, magnitude_masks(w, s, scope=scope, candidates=c))
+            # the last tensor (91 weights) has too few samples: in per-tensor scope its whole
+            # group is the window, which is exact without a bracket
+            assert not missed, caplog.text
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_window_apply_dense_then_steady_state(dtype, caplog):
+    # First re-rank of a dense model: most weights are newly pruned, more than the undo log
+    # holds, so the zeroing takes one more pass. Then the re-ranks of a pruning run: weights are
+    # already zeros where pruned, the window sits above them, and only a few weights change.
+    w = _weights(WINDOW_SHAPES, dtype, seed=32)
+    ww = {k: v.clone() for k, v in w.items()}
+    ref = magnitude_masks(w, 0.7)
+    got = _window_apply(ww, 0.7, caplog)
+    assert "missed" not in caplog.text and "one more pass" in caplog.text
+    _assert_same(got, ref)
+    for k in w:
+        assert torch.equal(_bits(ww[k]), _bits(_applied(w, ref)[k]))
+    # drift a few kept weights down into the pruned range, then re-rank at a higher sparsity
+    g = torch.Generator().manual_seed(33)
+    for k in ww:
+        shrink = (torch.rand(ww[k].shape, generator=g) < 0.02) & ref[k]
+        ww[k][shrink] *= 0.01
+    before = {k: v.clone() for k, v in ww.items()}
+    ref2 = magnitude_masks(before, 0.75)
+    got2 = _window_apply(ww, 0.75, caplog)
+    assert "missed" not in caplog.text and "one more pass" not in caplog.text, caplog.text
+    _assert_same(got2, ref2)
+    for k in w:
+        assert torch.equal(_bits(ww[k]), _bits(_applied(before, ref2)[k]))
+
+
+def _sampled(shapes, tile=TILE, per_tile=16):
+    """Flat positions the window select samples (tile ``t`` of the launch: ``h + j * stride``
+    inside the tile, ``h = t * 40503 mod stride``), per tensor."""
+    stride, pid, out = tile // per_tile, 0, []
+    for shape in shapes:
+        n = math.prod(shape)
+        pos = []
+        for t in range(-(-n // tile)):
+            h = (pid * 40503) % stride
+            pos += [p for p in range(t * tile + h, (t + 1) * tile, stride) if p < n]
+            pid += 1
+        out.append(torch.tensor(pos))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_missed_bracket_restores_weights_and_falls_back(dtype, caplog):
+    # Every sampled weight is large, the rest small: the sample puts the K-th largest among the
+    # large ones, where it is not. On the way the pass zeroed small weights (through the undo
+    # log); they must come back before the histogram select runs, or kept weights are lost.
+    w = _weights(WINDOW_SHAPES, dtype, seed=34)
+    for v, pos in zip(w.values(), _sampled(WINDOW_SHAPES), strict=True):
+        v.view(-1)[pos] = (100 + torch.arange(len(pos), dtype=torch.float32)).to(dtype)
+    for s in (0.3, 0.7):
+        ww = {k: v.clone() for k, v in w.items()}
+        ref = magnitude_masks(w, s)
+        _assert_same(_window_apply(ww, s, caplog), ref)
+        assert "missed" in caplog.text
+        for k in w:
+            assert torch.equal(_bits(ww[k]), _bits(_applied(w, ref)[k]))
+        got, missed = _window(w, s, caplog)
+        assert missed
+        _assert_same(got, ref)
+    # the same weights without the planted sample: the bracket holds
+    _, missed = _window(_weights(WINDOW_SHAPES, dtype, seed=34), 0.7, caplog)
+    assert not missed
+
+
+def test_window_zero_ties_and_nan_fall_back(caplog):
+    # The K-th largest among exact zeros (sparsity below the zero share) is outside every
+    # window (lo >= 1): the histogram select handles the ties. NaN: same error as the others,
+    # and weights as they were.
+    w = _weights(WINDOW_SHAPES, torch.float32, seed=35)
+    for k in w:
+        w[k][torch.rand(w[k].shape, generator=torch.Generator().manual_seed(36)) < 0.6] = 0.0
+    got, missed = _window(w, 0.3, caplog)
+    assert missed
+    _assert_same(got, magnitude_masks(w, 0.3))
+    w["w0"][5, 5] = float("nan")
+    before = {k: v.clone() for k, v in w.items()}
+    with pytest.raises(UserError, match="NaN"):
+        rerank_masks(w, 0.7, apply=True, algorithm="window")
+    for k in w:
+        assert torch.equal(_bits(w[k]), _bits(before[k]))
+
+
+def test_window_thresholds_equal_the_histogram_select():
+    from sparse_rnnt.kernels.rerank import Segment, select_units
+
+    w = _weights(WINDOW_SHAPES, torch.bfloat16, seed=37)
+    for s in (0.2, 0.7):
+        res = {}
+        for algorithm in ("atomic", "window"):
+            segs = [Segment(_bits(v).reshape(-1), None, None, torch.empty(v.numel(), dtype=torch.uint8), i,
+                            0x7F80) for i, v in enumerate(w.values())]
+            keep = [v.numel() - ranking.pruned_count(s, v.numel()) for v in w.values()]
+            res[algorithm] = select_units(segs, keep, list(w), tile=TILE, algorithm=algorithm)
+        assert res["window"] == res["atomic"]
+
+
 # ----------------------------------------------------------------------------- property
 
 
@@ -420,11 +562,12 @@ def test_cuda_unstructured_large(dtype):
                              magnitude_masks(wt, s, scope=scope))
             ref = magnitude_masks(w, s, candidates=cand)
             _assert_same(_triton(w, s, candidates=cand, tile=None, algorithm=algorithm), ref)
-    ww = {k: v.clone() for k, v in w.items()}
     ref = magnitude_masks(w, 0.7)
-    _assert_same(rerank_masks(ww, 0.7, apply=True), ref)
-    for k in w:
-        assert torch.equal(_bits(ww[k]), _bits(torch.where(ref[k], w[k], torch.zeros_like(w[k]))))
+    for algorithm in ALGORITHMS:
+        ww = {k: v.clone() for k, v in w.items()}
+        _assert_same(rerank_masks(ww, 0.7, apply=True, algorithm=algorithm), ref)
+        for k in w:
+            assert torch.equal(_bits(ww[k]), _bits(torch.where(ref[k], w[k], torch.zeros_like(w[k]))))
 
 
 @pytest.mark.gpu

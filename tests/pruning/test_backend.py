@@ -21,10 +21,10 @@ def _batch(step: int):
     return _inputs(seed=step, frames=(40, 28, 20))
 
 
-def _run(method: str, backend: str, aggregation: str = "alternate"):
+def _run(method: str, backend: str, aggregation: str = "alternate", algorithm: str = "atomic"):
     model = tiny_model(3)
     cfg = PruningConfig(method=method, backend=backend, levels=(0.3, 0.6), target_sparsity=0.6, interval=3,
-                        adapt_every=1, aggregation=aggregation)
+                        adapt_every=1, aggregation=aggregation, rerank_algorithm=algorithm)
     multi = method in ("dynamic-pathways", "pathways")
     pruner = Pruner(cfg, model, languages=LANGS if multi else None)
     assert pruner.backend == backend
@@ -85,6 +85,28 @@ def test_triton_backend_matches_torch(method, aggregation):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-5)
     for (n, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-3, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("algorithm", ["radix", "window"])
+def test_rerank_algorithm_reaches_the_kernels(algorithm, monkeypatch):
+    # Every re-rank of the run goes through the chosen algorithm, and the masks are the torch ones.
+    from sparse_rnnt.kernels import rerank
+
+    seen = []
+    real = rerank.rerank_masks
+
+    def spy(*args, **kw):
+        seen.append(kw.get("algorithm"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(rerank, "rerank_masks", spy)
+    _, _, ref_masks = _run("adaptive", "torch")
+    _, _, masks = _run("adaptive", "triton", algorithm=algorithm)
+    assert seen and set(seen) == {algorithm}
+    for step, (a, b) in enumerate(zip(ref_masks, masks, strict=True), 1):
+        assert _equal(a, b), f"masks differ after step {step}"
+    with pytest.raises(UserError, match=r"pruning\.rerank_algorithm"):
+        PruningConfig(method="adaptive", rerank_algorithm="bucket").validate()
 
 
 def test_backend_resolution_and_errors(monkeypatch):

@@ -1,0 +1,148 @@
+"""What the re-rank kernels share: the segments of a selection, their launch tables, and the
+Triton helpers that read a tile of a segment (keys, candidates, unit sizes).
+
+Private to ``sparse_rnnt.kernels.rerank``: :mod:`.select` (histogram / radix select) and
+:mod:`.window` (sampled window select) both launch over the same tables.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from sparse_rnnt.errors import UserError
+
+INT32_MAX = 2**31 - 1
+_NAN_ABOVE = {torch.float32: 0x7F800000, torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _keys(src, offs, valid, WIDE: tl.constexpr):
+    """Load raw bits and return (bits, key): key = bit pattern of |x| as int32."""
+    bits = tl.load(src + offs, mask=valid, other=0)
+    key = bits.to(tl.int32) & (0x7FFFFFFF if WIDE else 0x7FFF)
+    return bits, key
+
+
+@triton.jit
+def _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK: tl.constexpr):
+    """(segment, element offsets, validity) of tile ``pid`` of a launch over several segments."""
+    seg = tl.load(tile_seg + pid).to(tl.int64)
+    local = pid - tl.load(first_tile + seg)
+    offs = local * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    return seg, offs, offs < tl.load(seg_n + seg)
+
+
+@triton.jit
+def _candidates(tab_cand, seg, offs, valid, HAS_CAND: tl.constexpr):
+    """Valid units that may be kept: a segment's candidate bytes when it has any (address != 0)."""
+    c = valid
+    if HAS_CAND:
+        addr = tl.load(tab_cand + seg)
+        cand = addr.to(tl.pointer_type(tl.uint8))
+        c = c & (tl.load(cand + offs, mask=valid & (addr != 0), other=1) != 0)
+    return c
+
+
+@triton.jit
+def _unit_weights(tab_size, seg, offs, valid, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """Element count of each unit: loaded for blocks, 1 for single weights."""
+    if HAS_SIZE:
+        size = tl.load(tab_size + seg).to(tl.pointer_type(tl.int32))
+        return tl.load(size + offs, mask=valid, other=0)
+    return tl.full((BLOCK,), 1, tl.int32)
+
+
+@triton.jit
+def _src(tab_src, seg, WIDE: tl.constexpr):
+    return tl.load(tab_src + seg).to(tl.pointer_type(tl.int32 if WIDE else tl.int16))
+
+
+def _tile(tile: int | None) -> tuple[int, int]:
+    """(elements per program, num_warps). Big tiles under the interpreter: fewer Python programs."""
+    if tile is not None:
+        if tile < 16 or tile & (tile - 1):
+            raise ValueError(f"tile must be a power of two >= 16, got {tile}")
+        return tile, 4
+    return (8192, 4) if _INTERP else (4096, 8)
+
+
+def _bits(t: Tensor) -> Tensor:
+    """Integer view of a contiguous float tensor (same bits), flat."""
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16).reshape(-1)
+
+
+@dataclass
+class Segment:
+    """One tensor of units taking part in a selection.
+
+    ``src``: flat int32/int16 bit view of the scores' source (weights, or float32 block scores);
+    ``cand``: flat uint8 (1 = may be kept) or None; ``size``: flat int32 unit weights or None
+    (= 1); ``out``: flat uint8 output mask; ``group``: which selection it belongs to;
+    ``nan_above``: keys above this are NaN; ``apply``: zero ``src`` where pruned.
+    """
+
+    src: Tensor
+    cand: Tensor | None
+    size: Tensor | None
+    out: Tensor
+    group: int
+    nan_above: int
+    apply: bool = False
+
+    @property
+    def wide(self) -> bool:
+        return self.src.dtype == torch.int32
+
+
+class _Launch:
+    """One grid over every segment of a key width (16 or 32 bits): per-segment tables (addresses,
+    sizes, groups, flags) and, per tile, its segment. Triton takes no list of pointers, so the
+    kernels read each tile's tensors through these address tables (one launch per pass instead of
+    one per tensor)."""
+
+    def __init__(self, segments: list[Segment], index: list[int], grids: list[int], block: int,
+                 device: torch.device) -> None:
+        segs = [segments[i] for i in index]
+        self.index = index
+        self.wide = segs[0].wide
+        self.has_cand = any(s.cand is not None for s in segs)
+        self.has_size = segs[0].size is not None
+        if any((s.size is not None) != self.has_size for s in segs):
+            raise ValueError("segments of one selection must all have unit sizes, or none")
+        tiles = [grids[i] for i in index]
+        first = [0]
+        for t in tiles[:-1]:
+            first.append(first[-1] + t)
+        self.tiles = sum(tiles)
+
+        def addr(t: Tensor | None) -> int:
+            return 0 if t is None else t.data_ptr()
+
+        table = torch.tensor([
+            [addr(s.src) for s in segs], [addr(s.cand) for s in segs], [addr(s.size) for s in segs],
+            [addr(s.out) for s in segs], [s.src.numel() for s in segs], first,
+            [s.group for s in segs], [s.nan_above for s in segs], [int(s.apply) for s in segs],
+        ], dtype=torch.int64).to(device)  # one host-to-device copy
+        (self.src, self.cand, self.size, self.out, self.n, self.first,
+         self.group, self.nan_above, self.apply) = table.unbind(0)
+        self.tile_seg = torch.repeat_interleave(
+            torch.arange(len(segs), device=device, dtype=torch.int32), torch.tensor(tiles, device=device))
+
+    def args(self) -> tuple[Tensor, ...]:
+        return self.src, self.cand, self.size
+
+
+def _check_counts(nan_count: list[int], avail: list[int], keep: list[int], what: list[str]) -> None:
+    if any(nan_count):
+        g = next(i for i, c in enumerate(nan_count) if c)
+        raise UserError(f"cannot rank {what[g]}: it contains NaN (did training diverge?)")
+    for g, (k, a) in enumerate(zip(keep, avail, strict=True)):
+        if k > a:
+            raise UserError(f"{what[g]}: {k} weights must be kept but only {a} are candidates")

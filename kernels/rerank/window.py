@@ -1,0 +1,347 @@
+"""Exact magnitude selection through a sampled window (``algorithm="window"``), in Triton.
+
+The histogram selects of :mod:`.select` read every weight two or three times and spend most of a
+pass on atomics. This one reads every weight once, and its writes are sparse:
+
+1. **Sample.** Each tile gives ``SAMPLES_PER_TILE`` keys at a fixed stride from a hashed offset
+   (non-candidates count as ``-1``, below every key). One torch sort per call, no host sync.
+2. **Bracket.** Per group, the sample ranks around the expected rank of the ``K``-th largest,
+   ``r = K * samples / units``, give a key interval ``[lo, hi]``: the ranks ``r +- m`` with
+   ``m = 5 sigma + 16`` (``sigma`` the binomial spread of a sample rank). ``lo >= 1``, so the
+   pruned zeros of a pruning run stay out of the window.
+3. **One pass** over every weight. Candidates with ``key > hi`` are kept (mask 1), the rest get
+   mask 0 for now. Candidates with ``lo <= key <= hi`` (the *window*) go, with their place, into a
+   compact buffer. Per group it counts ``above`` (``key > hi``), the window and NaNs. With
+   ``apply``, nonzero weights that are surely pruned (``key < lo`` or not a candidate) are zeroed,
+   and their old bits go into an undo log first.
+4. **One host sync** checks the bracket: no NaN, ``above < K <= above + window`` per group, and
+   the window fits its buffer. The window entries are then sorted (key descending, flat index
+   ascending: the reference's tie order), the first ``K - above`` of each group are kept, and a
+   kernel writes their mask bytes and zeroes the others where the weights are applied.
+
+Exactness never depends on the sample: a missed bracket (or a NaN, or a full window buffer)
+restores the logged weights and leaves the call to the histogram select, which also gives its
+errors. That is logged at DEBUG. So are undo-log overflows (the first re-rank of a dense model
+prunes most weights): the masked zeroing then runs as one more pass over the launch.
+
+Tiny groups (fewer than ``_MIN_SAMPLES`` sample slots in range) put all their candidates in the
+window, which makes the sort exact for them too, zeros included.
+
+Costs per call: one read of every weight, one mask byte per weight written, about ``1/256`` of the
+weights read for the sample, a sort of the sample and of the window (about ``2 m`` sample ranks'
+worth of weights), and the launches: sample, pass, settle, plus one host sync.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._segments import (
+    INT32_MAX,
+    Segment,
+    _candidates,
+    _keys,
+    _Launch,
+    _segment_tile,
+    _src,
+)
+
+log = logging.getLogger(__name__)
+
+SAMPLES_PER_TILE = 16
+_HASH = 40503  # odd multiplier: the sample offset differs between neighbouring tiles
+_MIN_SAMPLES = 64  # fewer sample slots in range: the whole group is the window
+_SIGMAS = 5.0
+_SLACK = 16
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sample_kernel(tab_src, tab_cand, tile_seg, first_tile, seg_n, sample,
+                   WIDE: tl.constexpr, HAS_CAND: tl.constexpr, SPT: tl.constexpr, STRIDE: tl.constexpr):
+    """``sample[pid, i]`` = key of element ``h + i * STRIDE`` of tile ``pid`` (``-1``: out of
+    range or not a candidate), ``h`` a hash of ``pid`` below ``STRIDE``."""
+    pid = tl.program_id(0).to(tl.int64)
+    seg = tl.load(tile_seg + pid).to(tl.int64)
+    local = pid - tl.load(first_tile + seg)
+    h = (pid * 40503) % STRIDE  # _HASH
+    offs = local * (SPT * STRIDE) + h + tl.arange(0, SPT).to(tl.int64) * STRIDE
+    valid = offs < tl.load(seg_n + seg)
+    _, key = _keys(_src(tab_src, seg, WIDE), offs, valid, WIDE)
+    c = _candidates(tab_cand, seg, offs, valid, HAS_CAND)
+    tl.store(sample + pid * SPT + tl.arange(0, SPT), tl.where(c, key, -1))
+
+
+@triton.jit
+def _window_kernel(
+    tab_src, tab_cand, tab_out, tab_group, tab_nan, tab_apply, tab_base, tile_seg, first_tile, seg_n,
+    lo, hi, stats, reserved, win_key, win_loc, win_cap, undo_loc, undo_bits, undo_cap,
+    WIDE: tl.constexpr, HAS_CAND: tl.constexpr, APPLY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The one pass over the weights: masks of the sure keeps, the window into its buffer,
+    per-group counts ``stats[g] = (nan, above, window)``, and (``APPLY``) the sure prunes zeroed
+    through the undo log. ``reserved = (window slots, undo slots)`` taken so far."""
+    pid = tl.program_id(0).to(tl.int64)
+    seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK)
+    g = tl.load(tab_group + seg).to(tl.int64)
+    src = _src(tab_src, seg, WIDE)
+    bits, key = _keys(src, offs, valid, WIDE)
+    c = _candidates(tab_cand, seg, offs, valid, HAS_CAND)
+    t_lo = tl.load(lo + g)
+    t_hi = tl.load(hi + g)
+    above = c & (key > t_hi)
+    win = c & (key >= t_lo) & (key <= t_hi)
+    isnan = valid & (key > tl.load(tab_nan + seg))
+    nwin = tl.sum(win.to(tl.int32), axis=0)
+    tl.atomic_add(stats + g * 3, tl.sum(isnan.to(tl.int32), axis=0), sem="relaxed")
+    tl.atomic_add(stats + g * 3 + 1, tl.sum(above.to(tl.int32), axis=0), sem="relaxed")
+    tl.atomic_add(stats + g * 3 + 2, nwin, sem="relaxed")
+    loc = (seg << 32) | offs
+    # Slots in the window buffer: one atomic per program, then an in-tile scan.
+    first = tl.atomic_add(reserved, nwin, sem="relaxed").to(tl.int64)
+    pos = first + tl.cumsum(win.to(tl.int64), axis=0) - 1
+    ok = win & (pos < win_cap)
+    flat = tl.load(tab_base + seg) + offs
+    # key descending, then flat index ascending, as one descending int64 (flat < 2**31 - 1).
+    tl.store(win_key + pos, (key.to(tl.int64) << 31) | (2147483647 - flat), mask=ok)
+    tl.store(win_loc + pos, loc, mask=ok)
+    out = tl.load(tab_out + seg).to(tl.pointer_type(tl.uint8))
+    tl.store(out + offs, above.to(tl.uint8), mask=valid)
+    if APPLY:
+        applies = tl.load(tab_apply + seg) != 0
+        drop = valid & applies & (bits != 0) & ((~c) | (key < t_lo))
+        first_u = tl.atomic_add(reserved + 1, tl.sum(drop.to(tl.int32), axis=0), sem="relaxed").to(tl.int64)
+        upos = first_u + tl.cumsum(drop.to(tl.int64), axis=0) - 1
+        logged = drop & (upos < undo_cap)
+        tl.store(undo_loc + upos, loc, mask=logged)
+        tl.store(undo_bits + upos, bits.to(tl.int32), mask=logged)
+        tl.store(src + offs, tl.zeros_like(bits), mask=logged)
+
+
+@triton.jit
+def _settle_kernel(loc, keep, count, tab_src, tab_out, tab_apply, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """Window entry ``i`` at ``loc[i] = segment << 32 | offset``: mask byte ``keep[i]``, and its
+    weight zeroed when not kept and its segment applies."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    ok = i < count
+    lc = tl.load(loc + i, mask=ok, other=0)
+    seg = lc >> 32
+    off = lc & 0xFFFFFFFF
+    k = tl.load(keep + i, mask=ok, other=1)
+    out = tl.load(tab_out + seg, mask=ok, other=0).to(tl.pointer_type(tl.uint8))
+    tl.store(out + off, k, mask=ok)
+    src = tl.load(tab_src + seg, mask=ok, other=0).to(tl.pointer_type(tl.int32 if WIDE else tl.int16))
+    applies = tl.load(tab_apply + seg, mask=ok, other=0) != 0
+    tl.store(src + off, tl.zeros((BLOCK,), tl.int32 if WIDE else tl.int16), mask=ok & applies & (k == 0))
+
+
+@triton.jit
+def _restore_kernel(loc, bits, count, tab_src, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """Undo: write the logged ``bits[i]`` back at ``loc[i]``."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    ok = i < count
+    lc = tl.load(loc + i, mask=ok, other=0)
+    b = tl.load(bits + i, mask=ok, other=0)
+    src = tl.load(tab_src + (lc >> 32), mask=ok, other=0).to(tl.pointer_type(tl.int32 if WIDE else tl.int16))
+    tl.store(src + (lc & 0xFFFFFFFF), b.to(tl.int32 if WIDE else tl.int16), mask=ok)
+
+
+@triton.jit
+def _zero_pruned_kernel(tab_src, tab_out, tab_apply, tile_seg, first_tile, seg_n,
+                        WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """Zero the weights whose mask byte is 0, in the segments that apply (undo-log overflow)."""
+    pid = tl.program_id(0).to(tl.int64)
+    seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK)
+    valid = valid & (tl.load(tab_apply + seg) != 0)
+    out = tl.load(tab_out + seg).to(tl.pointer_type(tl.uint8))
+    k = tl.load(out + offs, mask=valid, other=1)
+    src = _src(tab_src, seg, WIDE)
+    tl.store(src + offs, tl.zeros((BLOCK,), tl.int32 if WIDE else tl.int16), mask=valid & (k == 0))
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _in_range_slots(n: int, first_tile: int, block: int, spt: int) -> int:
+    """Sample slots of a segment of ``n`` units that fall inside it (mirrors ``_sample_kernel``)."""
+    stride = block // spt
+    full, rem = divmod(n, block)
+    slots = full * spt
+    if rem:
+        h = ((first_tile + full) * _HASH) % stride
+        slots += max(0, -(-(rem - h) // stride))
+    return slots
+
+
+def window_select(
+    launches: list[_Launch], segments: list[Segment], keep: list[int], block: int, warps: int,
+    *, margin: int | None = None, thresholds: bool = True,
+) -> list[tuple[int, int]] | None:
+    """Masks (and ``apply`` zeros) of every segment, or None when the bracket missed.
+
+    Single weights only (no unit sizes). ``margin``: sample ranks on each side of the expected
+    rank (None: ``5 sigma + 16``), exposed so tests can force a miss. ``thresholds``: also return
+    per group ``(threshold key, ties kept)`` like :func:`.select.select_units` (one more host sync).
+    On None, every weight is as it was and the masks are partly written.
+    """
+    groups = len(keep)
+    dev = segments[0].src.device
+    spt = min(SAMPLES_PER_TILE, block)
+    stride = block // spt
+    grids = [triton.cdiv(s.src.numel(), block) for s in segments]
+
+    # Per group (host): units, sample slots in range, slots in all, and where each launch's tiles go.
+    units = [0] * groups
+    in_range = [0] * groups
+    slots = [0] * groups
+    launch_of = [-1] * groups
+    for li, ln in enumerate(launches):
+        first = 0
+        for i in ln.index:
+            s = segments[i]
+            units[s.group] += s.src.numel()
+            in_range[s.group] += _in_range_slots(s.src.numel(), first, block, spt)
+            slots[s.group] += grids[i] * spt
+            launch_of[s.group] = li
+            first += grids[i]
+
+    # 1. Sample, and sort it by (group, key descending) in one sort.
+    keyed = []
+    for ln in launches:
+        sample = torch.empty(ln.tiles * spt, dtype=torch.int32, device=dev)
+        _sample_kernel[(ln.tiles,)](
+            ln.src, ln.cand, ln.tile_seg, ln.first, ln.n, sample,
+            WIDE=ln.wide, HAS_CAND=ln.has_cand, SPT=spt, STRIDE=stride, num_warps=1,
+        )
+        slot_group = ln.group[ln.tile_seg.long()].repeat_interleave(spt)
+        keyed.append((slot_group << 32) | (INT32_MAX - sample.to(torch.int64)))
+    ordered = torch.cat(keyed).sort().values
+    sorted_keys = INT32_MAX - (ordered & 0xFFFFFFFF)  # group by group, largest first
+
+    # 2. Brackets: sample ranks around the expected rank of the K-th largest.
+    start = [0] * groups
+    for g in range(1, groups):
+        start[g] = start[g - 1] + slots[g - 1]
+    lo_idx, hi_idx, mode = [0] * groups, [0] * groups, [0] * groups  # mode 0: ranks, 1: all, 2: dead
+    cap = [0] * len(launches)
+    for g in range(groups):
+        if keep[g] == 0:
+            mode[g] = 2
+            continue
+        v = in_range[g]
+        if v < _MIN_SAMPLES:
+            mode[g] = 1
+            cap[launch_of[g]] += units[g]
+            continue
+        r = keep[g] * v / units[g]
+        p = min(max(r / v, 0.0), 1.0)
+        m = margin if margin is not None else math.ceil(_SIGMAS * math.sqrt(v * p * (1 - p)) + _SLACK)
+        hi_rank = math.floor(r - m)
+        lo_idx[g] = start[g] + min(math.ceil(r + m), slots[g] - 1)
+        hi_idx[g] = start[g] + hi_rank if hi_rank >= 0 else -1
+        cap[launch_of[g]] += min(units[g], math.ceil((2 * m + 4) * units[g] / v * 1.25))
+    plan = torch.tensor([lo_idx, hi_idx, mode], dtype=torch.int64).to(dev)
+    lo_i, hi_i, mode_t = plan.unbind(0)
+    lo = sorted_keys[lo_i].clamp(min=1)
+    hi = torch.where(hi_i < 0, INT32_MAX, sorted_keys[hi_i.clamp(min=0)])
+    hi = torch.maximum(hi, lo)
+    lo = torch.where(mode_t == 1, 0, lo)
+    hi = torch.where(mode_t == 1, INT32_MAX, hi)
+    lo = torch.where(mode_t == 2, INT32_MAX, lo).to(torch.int32)
+    hi = torch.where(mode_t == 2, INT32_MAX, hi).to(torch.int32)
+
+    # 3. The pass.
+    stats = torch.zeros(groups, 3, dtype=torch.int32, device=dev)
+    reserved = torch.zeros(len(launches), 2, dtype=torch.int32, device=dev)
+    bufs = []
+    for li, ln in enumerate(launches):
+        apply = any(segments[i].apply for i in ln.index)
+        wcap = min(cap[li] + 1024, sum(segments[i].src.numel() for i in ln.index))
+        n_ln = sum(segments[i].src.numel() for i in ln.index)
+        ucap = min(n_ln, wcap + n_ln // 32) if apply else 0
+        win_key = torch.empty(wcap, dtype=torch.int64, device=dev)
+        win_loc = torch.empty(wcap, dtype=torch.int64, device=dev)
+        undo_loc = torch.empty(max(ucap, 1), dtype=torch.int64, device=dev)
+        undo_bits = torch.empty(max(ucap, 1), dtype=torch.int32, device=dev)
+        base = torch.cumsum(ln.n, 0) - ln.n
+        _window_kernel[(ln.tiles,)](
+            ln.src, ln.cand, ln.out, ln.group, ln.nan_above, ln.apply, base, ln.tile_seg, ln.first, ln.n,
+            lo, hi, stats, reserved[li], win_key, win_loc, wcap, undo_loc, undo_bits, ucap,
+            WIDE=ln.wide, HAS_CAND=ln.has_cand, APPLY=apply, BLOCK=block, num_warps=warps,
+        )
+        bufs.append((win_key, win_loc, wcap, undo_loc, undo_bits, ucap))
+
+    # 4. One host sync: is every bracket right?
+    host = torch.cat([stats.reshape(-1), reserved.reshape(-1)]).tolist()
+    nan, above, win = host[0:3 * groups:3], host[1:3 * groups:3], host[2:3 * groups:3]
+    taken = [(host[3 * groups + 2 * li], host[3 * groups + 2 * li + 1]) for li in range(len(launches))]
+    reason = None
+    if any(nan):
+        reason = "NaN weights"
+    elif any(t[0] > b[2] for t, b in zip(taken, bufs, strict=True)):
+        reason = "the window overflowed its buffer"
+    else:
+        for g in range(groups):
+            if keep[g] and not above[g] < keep[g] <= above[g] + win[g]:
+                reason = f"group {g}: {keep[g]} kept is outside ({above[g]}, {above[g] + win[g]}]"
+                break
+    if reason is not None:
+        for li, ln in enumerate(launches):
+            _, _, _, undo_loc, undo_bits, ucap = bufs[li]
+            n_undo = min(taken[li][1], ucap)
+            if n_undo:
+                _restore_kernel[(triton.cdiv(n_undo, block),)](
+                    undo_loc, undo_bits, n_undo, ln.src, WIDE=ln.wide, BLOCK=block, num_warps=warps)
+        log.debug("window select missed (%s); the histogram select takes over", reason)
+        return None
+
+    # 5. Settle the window: sort, keep the first K - above of each group.
+    need = [keep[g] - above[g] if keep[g] else 0 for g in range(groups)]
+    need_t = torch.tensor(need, dtype=torch.int64, device=dev)
+    result: list[tuple[int, int]] = [(INT32_MAX, 0)] * groups
+    for li, ln in enumerate(launches):
+        win_key, win_loc, _, _, _, ucap = bufs[li]
+        n_win = taken[li][0]
+        if n_win:
+            sk, order = win_key[:n_win].sort(descending=True)
+            loc = win_loc[:n_win][order]
+            grp = ln.group[loc >> 32]
+            lg = sorted({segments[i].group for i in ln.index})
+            if len(lg) > 1:  # group runs, each still key-descending
+                grp, o2 = grp.sort(stable=True)
+                sk, loc = sk[o2], loc[o2]
+            first = torch.searchsorted(grp, grp, side="left")
+            rank = torch.arange(n_win, device=dev) - first
+            kept = rank < need_t[grp]
+            _settle_kernel[(triton.cdiv(n_win, block),)](
+                loc, kept.to(torch.uint8), n_win, ln.src, ln.out, ln.apply,
+                WIDE=ln.wide, BLOCK=block, num_warps=warps,
+            )
+            if thresholds:
+                key = sk >> 31
+                at = torch.zeros(groups, dtype=torch.int64, device=dev)
+                at.scatter_(0, grp[rank == need_t[grp] - 1], key[rank == need_t[grp] - 1])
+                above_t = kept & (key > at[grp])
+                gt = torch.zeros(groups, dtype=torch.int64, device=dev).scatter_add_(0, grp, above_t.long())
+                for g, (t, n_gt) in enumerate(zip(*torch.stack([at, gt]).tolist(), strict=True)):
+                    if launch_of[g] == li and need[g]:
+                        result[g] = (t, need[g] - n_gt)
+        if taken[li][1] > ucap:  # undo log full: some sure prunes were left for this pass
+            log.debug("window select: %d weights to zero, undo log holds %d; zeroing in one more pass",
+                      taken[li][1], ucap)
+            _zero_pruned_kernel[(ln.tiles,)](
+                ln.src, ln.out, ln.apply, ln.tile_seg, ln.first, ln.n,
+                WIDE=ln.wide, BLOCK=block, num_warps=warps,
+            )
+    return result

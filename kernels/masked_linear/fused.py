@@ -12,6 +12,7 @@ Kernels (fp32 accumulation in all of them):
 
 - ``_fwd_kernel``: ``y[rows] = x[rows] (W ⊙ M_l)ᵀ + b`` on (row tile, N tile);
 - ``_dx_kernel``: ``dx[rows] = dy[rows] (W ⊙ M_l)`` on (row tile, K tile);
+  the forward and dX configs each come in two orientations (``W_AS_A``), see ``_FWD_CONFIGS``;
 - ``_dw_kernel``: ``dW = Σ_l (dy_lᵀ x_l) [⊙ M_l]`` on (N tile, K tile), looping over each
   language's rows; soft gradients loop over all rows once, unmasked. Used for pathway batches and
   fp32; a single-mask bf16/fp16 weight gradient is a plain matmul, so it is cuBLAS's ``dyᵀ x``
@@ -74,7 +75,13 @@ _FWD_CONFIGS = [
     for c in _configs(_MMA, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     for w_as_a in ((False,) if _INTERPRET else (False, True))
 ]
-_DX_CONFIGS = _configs(_MMA, ("BLOCK_M", "BLOCK_K", "BLOCK_N"))
+# dX = dY (W ⊙ M) has the masked tile on the right; its ``W_AS_A`` form computes
+# dXᵀ = (W ⊙ M)ᵀ dYᵀ so that the masked tile is the left operand here too.
+_DX_CONFIGS = [
+    triton.Config({**c.kwargs, "W_AS_A": w_as_a}, num_warps=c.num_warps, num_stages=c.num_stages)
+    for c in _configs(_MMA, ("BLOCK_M", "BLOCK_K", "BLOCK_N"))
+    for w_as_a in ((False,) if _INTERPRET else (False, True))
+]
 _DW_CONFIGS = _configs(_MMA, ("BLOCK_N", "BLOCK_K", "BLOCK_M"))
 _KEY = ["N", "K", "R_BUCKET", "MASK_MODE", "PATHWAY", "PREC"]
 
@@ -244,6 +251,7 @@ def _dx_kernel(
     stride_dyr, stride_dyn, stride_wn, stride_wk, stride_ml, stride_mn, stride_dxr, stride_dxk,
     MASK_MODE: tl.constexpr, PATHWAY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     SPLIT_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    W_AS_A: tl.constexpr,
 ):
     lang, start, end = _row_tile(tl.program_id(0), seg_ptr, L, R, BLOCK_M, PATHWAY)
     rows, r_ok = _rows(perm_ptr, start, end, BLOCK_M, PATHWAY)
@@ -251,7 +259,10 @@ def _dx_kernel(
     offs_k = k0 + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
     m_base = m_ptr + lang * stride_ml
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if W_AS_A:
+        acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         n_ok = offs_n < N
@@ -264,9 +275,16 @@ def _dx_kernel(
         if UPCAST:
             dyt = dyt.to(tl.float32)
             wt = wt.to(tl.float32)
-        acc = _mma(dyt, wt, acc, PREC, SPLIT_ACC)
+        if W_AS_A:
+            acc = _mma(tl.trans(wt), tl.trans(dyt), acc, PREC, SPLIT_ACC)
+        else:
+            acc = _mma(dyt, wt, acc, PREC, SPLIT_ACC)
+    if W_AS_A:  # noqa: SIM108 (a constexpr branch, not a runtime select)
+        out = tl.trans(acc)
+    else:
+        out = acc
     tl.store(dx_ptr + rows[:, None] * stride_dxr + offs_k[None, :] * stride_dxk,
-             acc.to(dx_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
+             out.to(dx_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
@@ -427,8 +445,9 @@ def _launch_fwd(x2: Tensor, w: Tensor, m: Tensor, mode: int, bias: Tensor | None
 
 
 def _launch_dx(dy: Tensor, w: Tensor, m: Tensor, mode: int, plan: _Plan, allow_tf32: bool,
-               out: Tensor | None = None) -> Tensor:
-    """``[R, N] x [N, K] -> [R, K]`` with the mask applied to ``w``."""
+               out: Tensor | None = None, config: dict[str, Any] | None = None) -> Tensor:
+    """``[R, N] x [N, K] -> [R, K]`` with the mask applied to ``w``; ``config`` as in
+    :func:`_launch_fwd`."""
     r, n = dy.shape
     k = w.shape[1]
     dx = torch.empty(r, k, dtype=dy.dtype, device=dy.device) if out is None else out
@@ -438,13 +457,14 @@ def _launch_dx(dy: Tensor, w: Tensor, m: Tensor, mode: int, plan: _Plan, allow_t
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return plan.row_tiles(meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"])
 
-    _dx_kernel[grid](
+    kernel = _dx_kernel if config is None else _dx_kernel.fn
+    kernel[grid](
         dy, w, m, dx, plan.perm, plan.seg,
         r, n, k, plan.n_lang, plan.bucket,
         dy.stride(0), dy.stride(1), w.stride(0), w.stride(1), m.stride(0), m.stride(1),
         dx.stride(0), dx.stride(1),
         MASK_MODE=mode, PATHWAY=plan.pathway, PREC=_prec(dy, allow_tf32), UPCAST=_upcast(w),
-        SPLIT_ACC=_split_acc(dy),
+        SPLIT_ACC=_split_acc(dy), **(config or {}),
     )
     return dx
 

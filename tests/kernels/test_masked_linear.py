@@ -173,14 +173,19 @@ def test_kernels_write_every_output_element(dtype, pathway, hard, k):
         m, mode = fused._kernel_mask(given, k, bits)
         assert mode == (0 if not bits else 2 if k % 32 == 0 else 1)
         y = fused._launch_fwd(x, w, m, mode, b, plan, False, out=torch.full((r, n), nan, dtype=dtype))
-        # Both forward orientations (x or the masked W as the left operand) at a second tile
-        # shape: on GPUs the autotuner may pick either.
+        # Both orientations of the forward and dX (the masked W as the right or the left
+        # operand) at a second tile shape: on GPUs the autotuner may pick either.
         y_variants = [
             fused._launch_fwd(x, w, m, mode, b, plan, False, out=torch.full((r, n), nan, dtype=dtype),
                               config={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "W_AS_A": w_as_a})
             for w_as_a in (False, True)
         ]
         dx = fused._launch_dx(dy, w, m, mode, plan, False, out=torch.full((r, k), nan, dtype=dtype))
+        dx_variants = [
+            fused._launch_dx(dy, w, m, mode, plan, False, out=torch.full((r, k), nan, dtype=dtype),
+                             config={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "W_AS_A": w_as_a})
+            for w_as_a in (False, True)
+        ]
         dw = fused._launch_dw(dy, x, m, mode, hard, plan, False, dtype, out=torch.full((n, k), nan, dtype=dtype))
         # float64 reference (row by row mask) and the same in the test dtype
         for ref_dtype in (torch.float64, dtype):
@@ -199,6 +204,8 @@ def test_kernels_write_every_output_element(dtype, pathway, hard, k):
             assert_close_to(out, r64, rd, f"{name} mode={mode}")
         for w_as_a, out in zip((False, True), y_variants, strict=True):
             assert_close_to(out, refs64[0], refs_dtype[0], f"y W_AS_A={w_as_a} mode={mode}")
+        for w_as_a, out in zip((False, True), dx_variants, strict=True):
+            assert_close_to(out, refs64[1], refs_dtype[1], f"dx W_AS_A={w_as_a} mode={mode}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

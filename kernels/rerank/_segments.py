@@ -121,6 +121,10 @@ class _Launch:
         for t in tiles[:-1]:
             first.append(first[-1] + t)
         self.tiles = sum(tiles)
+        self.units = sum(s.src.numel() for s in segs)
+        base = [0]  # each segment's first unit in the launch's flat order
+        for s in segs[:-1]:
+            base.append(base[-1] + s.src.numel())
 
         def addr(t: Tensor | None) -> int:
             return 0 if t is None else t.data_ptr()
@@ -128,10 +132,10 @@ class _Launch:
         table = torch.tensor([
             [addr(s.src) for s in segs], [addr(s.cand) for s in segs], [addr(s.size) for s in segs],
             [addr(s.out) for s in segs], [s.src.numel() for s in segs], first,
-            [s.group for s in segs], [s.nan_above for s in segs], [int(s.apply) for s in segs],
+            [s.group for s in segs], [s.nan_above for s in segs], [int(s.apply) for s in segs], base,
         ], dtype=torch.int64).to(device)  # one host-to-device copy
         (self.src, self.cand, self.size, self.out, self.n, self.first,
-         self.group, self.nan_above, self.apply) = table.unbind(0)
+         self.group, self.nan_above, self.apply, self.base) = table.unbind(0)
         self.tile_seg = torch.repeat_interleave(
             torch.arange(len(segs), device=device, dtype=torch.int32), torch.tensor(tiles, device=device))
 

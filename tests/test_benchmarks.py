@@ -97,6 +97,16 @@ def test_stream_load_test_small_on_cpu(step_mode):
     assert len(result["memory"]) >= 2 and all(m["bytes"] > 0 for m in result["memory"])
 
 
+def test_stream_load_test_bf16_one_bucket_on_cpu():
+    # bf16, static steps at one batch size (min_batch = max_batch = streams), the single-stream
+    # re-decodes too: the same tokens as decoding alone, which eager bf16 steps do not promise.
+    from benchmarks.stream import load_test
+
+    result = load_test("cpu", minutes=0.2, n_streams=8, dtype=torch.bfloat16, step_mode="static")
+    assert result["dtype"] == "bfloat16" and result["min_batch"] == 8
+    assert result["identical_to_alone"] == {"s0": True, "s7": True}
+
+
 def test_single_benchmark_command_line(capsys):
     import json
 

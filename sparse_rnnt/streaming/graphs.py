@@ -76,7 +76,7 @@ class _Bucketed:
     """Mode, device and the batch buckets (1, 2, 4, ... ``max_batch`` rounded up to a power of
     two) shared by the fixed-size encoder step and greedy decoder."""
 
-    def __init__(self, device: torch.device | str, mode: str, max_batch: int) -> None:
+    def __init__(self, device: torch.device | str, mode: str, max_batch: int, min_batch: int = 1) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         device = torch.device(device)
@@ -84,9 +84,14 @@ class _Bucketed:
             raise ValueError(f"CUDA graphs need a model on a CUDA device, this one is on {device}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if not 1 <= min_batch <= max_batch:
+            raise ValueError(f"min_batch must be in [1, max_batch={max_batch}], got {min_batch}")
         self.mode = mode
         self.device = device
-        self.sizes = [1 << i for i in range((max_batch - 1).bit_length() + 1)]
+        # Buckets from min_batch (rounded up to a power of two) on: min_batch = max_batch gives
+        # one bucket, so a stream's rows run in the same shapes whatever else shares its step.
+        floor = 1 << (min_batch - 1).bit_length()
+        self.sizes = [1 << i for i in range((max_batch - 1).bit_length() + 1) if 1 << i >= floor]
 
     def bucket_size(self, batch: int) -> int:
         """The smallest bucket holding ``batch`` rows."""
@@ -120,12 +125,13 @@ class StaticEncoderStep(_Bucketed):
 
     Call it like ``encoder_step`` (without the model): ``step(chunk [B, C, F], valid [B], states)``
     returns ``out [B, segment // stride, encoding_dim]`` and the new states. ``max_batch``
-    bounds ``B`` (the largest bucket is the next power of two at or above it).
+    bounds ``B`` (the largest bucket is the next power of two at or above it); ``min_batch`` is
+    the smallest bucket (rounded up to a power of two).
     """
 
     def __init__(self, rnnt: RNNT, device: torch.device | str, dtype: torch.dtype, *, mode: str = "static",
-                 max_batch: int = 64) -> None:
-        super().__init__(device, mode, max_batch)
+                 max_batch: int = 64, min_batch: int = 1) -> None:
+        super().__init__(device, mode, max_batch, min_batch)
         self.rnnt = rnnt
         self.dtype = dtype
         self.geometry = geometry(rnnt)
@@ -202,8 +208,8 @@ class StaticGreedyDecoder(_Bucketed):
     """
 
     def __init__(self, model: EmformerRNNT, device: torch.device | str, *, mode: str = "static",
-                 max_batch: int = 64, max_symbols_per_frame: int = 4) -> None:
-        super().__init__(device, mode, max_batch)
+                 max_batch: int = 64, min_batch: int = 1, max_symbols_per_frame: int = 4) -> None:
+        super().__init__(device, mode, max_batch, min_batch)
         self.model = model
         self.max_symbols_per_frame = max_symbols_per_frame
         self.buckets: dict[tuple[int, int], _GreedyBucket] = {}

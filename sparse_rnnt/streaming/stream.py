@@ -166,7 +166,12 @@ class StreamingDecoder:
     ``"static"`` pads it to a fixed bucket (1, 2, 4, ... ``max_batch`` streams) with preallocated
     buffers, and ``"cuda-graph"`` replays that bucket's encoder step and the chunk's whole greedy
     search as captured CUDA graphs (see :mod:`.graphs`). Steps with more than ``max_batch`` ready
-    streams are split. Every stream's state is a row of :attr:`pool` (a :class:`StatePool`).
+    streams are split. ``min_batch`` (static modes) is the smallest bucket: with
+    ``min_batch = max_batch`` every step runs at one batch size, so a stream's output does not
+    depend on how many streams share its steps. Matmuls may round a row differently at different
+    batch sizes (bf16 does, on CPU and GPU), which changes greedy choices between near-equal
+    logits; one fixed size removes that, at the cost of padded rows. Every stream's state is a row
+    of :attr:`pool` (a :class:`StatePool`).
 
     ``mask_context(language)``: a context manager under which the model's weights are those of
     ``language`` (e.g. :meth:`Recognizer.masked`); when given, each step batches streams per
@@ -188,11 +193,14 @@ class StreamingDecoder:
         step_max_tokens: int = 100,
         step_mode: str = "eager",
         max_batch: int = 64,
+        min_batch: int = 1,
     ) -> None:
         if decoding not in ("greedy", "beam"):
             raise ValueError(f"decoding must be 'greedy' or 'beam', got {decoding!r}")
         if step_mode not in ("eager", "static", "cuda-graph"):
             raise ValueError(f"step_mode must be 'eager', 'static' or 'cuda-graph', got {step_mode!r}")
+        if min_batch != 1 and step_mode == "eager":
+            raise ValueError("min_batch needs step_mode 'static' or 'cuda-graph' (eager steps are unpadded)")
         if step_mode == "cuda-graph" and mask_context is not None:
             # A graph replays the weights and masks it captured; pathways switch them.
             raise ValueError("CUDA graphs need a single-pathway model (no mask_context)")
@@ -215,11 +223,12 @@ class StreamingDecoder:
         self.max_batch = max_batch
         self._static = (
             None if step_mode == "eager"
-            else StaticEncoderStep(model.rnnt, self.device, self.dtype, mode=step_mode, max_batch=max_batch)
+            else StaticEncoderStep(model.rnnt, self.device, self.dtype, mode=step_mode, max_batch=max_batch,
+                                   min_batch=min_batch)
         )
         self._static_greedy = (
             None if step_mode == "eager"
-            else StaticGreedyDecoder(model, self.device, mode=step_mode, max_batch=max_batch,
+            else StaticGreedyDecoder(model, self.device, mode=step_mode, max_batch=max_batch, min_batch=min_batch,
                                      max_symbols_per_frame=max_symbols_per_frame)
         )
         self.pool = StatePool(self.geometry, self.device, self.dtype)

@@ -125,6 +125,33 @@ def test_static_decoder_equals_eager_decoder_with_split_steps() -> None:
         StreamingDecoder(model, cmvn, step_mode="cuda-graph", mask_context=lambda lang: None)
 
 
+def test_one_bucket_makes_bf16_streams_equal_to_decoding_alone() -> None:
+    # bf16 matmuls round a row differently at different batch sizes, which can flip a greedy
+    # choice between near-equal logits (here, with min_batch=1, one of the five streams differs
+    # from its decoding alone). With min_batch = max_batch every step runs at one batch size.
+    from sparse_rnnt.data.features import GlobalCMVN, LogMel
+    from tests.streaming.test_stream import LENGTHS, synth
+
+    model = tiny_model().to(torch.bfloat16)
+    waves = [synth(n, seed=i) for i, n in enumerate(LENGTHS)]
+    cmvn = GlobalCMVN.fit([LogMel()(w) for w in waves])
+    dec = StreamingDecoder(model, cmvn, step_mode="static", max_batch=8, min_batch=8)
+    together = dec.run_concurrent(waves, piece_samples=2560, start_ticks=[0, 0, 1, 1, 2])
+    assert dec._static is not None and sorted(dec._static.buckets) == [8]
+    assert dec._static_greedy is not None and {size for size, _ in dec._static_greedy.buckets} == {8}
+    for wave, got in zip(waves, together, strict=True):
+        alone = StreamingDecoder(model, cmvn, step_mode="static", max_batch=8, min_batch=8)
+        assert alone.transcribe(wave, random_sizes(3)).tokens == got.tokens
+    assert sum(len(r.tokens) for r in together) > 0
+    # a min_batch that is not a power of two rounds up; bad values are refused
+    assert StaticEncoderStep(model.rnnt, "cpu", torch.bfloat16, max_batch=64, min_batch=5).sizes == [8, 16, 32, 64]
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="min_batch"):
+            StreamingDecoder(model, cmvn, step_mode="static", max_batch=8, min_batch=bad)
+    with pytest.raises(ValueError, match="min_batch"):
+        StreamingDecoder(model, cmvn, min_batch=2)  # eager steps are not padded
+
+
 def _greedy_inputs(model, batch=3, frames=(4, 1, 3), device="cpu"):
     """Encoder frames of ``batch`` rows (random, so the joiner emits) and each row's predictor
     state after a few different tokens."""
@@ -314,3 +341,22 @@ def test_cuda_graph_decoder_equals_eager_decoder() -> None:
     assert graphed._static is not None and graphed._static_greedy is not None
     assert all(b.graph is not None and not b.failed for b in graphed._static.buckets.values())
     assert all(b.graph is not None and not b.failed for b in graphed._static_greedy.buckets.values())
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_graph_one_bucket_bf16_equals_decoding_alone() -> None:
+    # The GPU side of test_one_bucket_makes_bf16_streams_equal_to_decoding_alone: cuBLAS picks
+    # kernels by shape, so one bucket size should give every stream its tokens decoded alone.
+    from sparse_rnnt.data.features import GlobalCMVN, LogMel
+    from tests.streaming.test_stream import LENGTHS, synth
+
+    model = tiny_model().cuda().to(torch.bfloat16)
+    waves = [synth(n, seed=i) for i, n in enumerate(LENGTHS)]
+    cmvn = GlobalCMVN.fit([LogMel()(w) for w in waves])
+    dec = StreamingDecoder(model, cmvn, step_mode="cuda-graph", max_batch=8, min_batch=8)
+    together = dec.run_concurrent(waves, piece_samples=2560, start_ticks=[0, 0, 1, 1, 2])
+    for wave, got in zip(waves, together, strict=True):
+        alone = StreamingDecoder(model, cmvn, step_mode="cuda-graph", max_batch=8, min_batch=8)
+        assert alone.transcribe(wave, random_sizes(3)).tokens == got.tokens
+    assert sum(len(r.tokens) for r in together) > 0

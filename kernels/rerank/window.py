@@ -223,6 +223,8 @@ def window_select(
     On None, every weight is as it was and the masks are partly written.
     """
     groups = len(keep)
+    if not launches:  # nothing but empty tensors: nothing to keep
+        return [(INT32_MAX, 0)] * groups
     dev = segments[0].src.device
     spt = min(SAMPLES_PER_TILE, block)
     stride = block // spt

@@ -504,6 +504,23 @@ def test_window_zero_ties_and_nan_fall_back(caplog):
         assert torch.equal(_bits(w[k]), _bits(before[k]))
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_empty_tensors_and_mixed_key_widths(algorithm):
+    # Only empty tensors (no launch at all), an empty one among others, and per-tensor groups of
+    # 32- and 16-bit keys in one call (two launches; the window select sorts their samples together).
+    g = torch.Generator().manual_seed(38)
+    cases = [
+        {"a": torch.empty(0, 5)},
+        {"a": torch.empty(0, 5), "b": torch.randn(3, 4, generator=g)},
+        {"a": torch.randn(300, 70, generator=g), "b": torch.randn(50, 9, generator=g).bfloat16(),
+         "c": torch.randn(40, 40, generator=g).half()},
+    ]
+    for w in cases:
+        for scope in ("global", "per_tensor"):
+            for s in (0.0, 0.5, 1.0):
+                _assert_same(_triton(w, s, scope=scope, algorithm=algorithm), magnitude_masks(w, s, scope=scope))
+
+
 def test_window_thresholds_equal_the_histogram_select():
     from sparse_rnnt.kernels.rerank import Segment, select_units
 

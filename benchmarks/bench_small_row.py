@@ -11,7 +11,9 @@ Providers on CUDA (``triton.testing.do_bench``, median, L2 flushed):
 
 - ``cublas``: dense ``F.linear`` (the baseline every ratio refers to);
 - ``torch-2:4``: ``torch.sparse.to_sparse_semi_structured`` at 2:4 (50% sparsity, not 70%:
-  noted in the row);
+  noted in the row), with the backend torch picks (cuSPARSELt when built with it);
+  ``torch-2:4-cutlass``: the same weight as ``SparseSemiStructuredTensorCUTLASS`` (torch's CUTLASS
+  kernels, no cuSPARSELt plan per call);
 - ``torch-bsr``: PyTorch's BSR matmul (``torch.sparse._triton_ops.bsr_dense_mm``);
 - ``ours-bsr``, ``ours-bitmap`` (Triton) and ``ours-bitmap-cuda`` (the CUDA extension, when it
   builds).
@@ -72,16 +74,19 @@ def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _semi_structured(w: torch.Tensor) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], int] | None:
-    """``(fn(x, b), format_bytes)`` for ``w`` pruned 2:4 (largest 2 of every 4), or None if unsupported."""
+def _semi_structured(w: torch.Tensor, cutlass: bool = False
+                     ) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], int] | None:
+    """``(fn(x, b), format_bytes)`` for ``w`` pruned 2:4 (largest 2 of every 4), or None if
+    unsupported; ``cutlass``: torch's CUTLASS backend instead of its default choice."""
     try:
-        from torch.sparse import to_sparse_semi_structured
+        from torch.sparse import SparseSemiStructuredTensorCUTLASS, to_sparse_semi_structured
 
         n, k = w.shape
         groups = w.reshape(n, k // 4, 4)
         top = groups.abs().topk(2, dim=-1).indices
         keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
-        ws = to_sparse_semi_structured((groups * keep).reshape(n, k))
+        pruned = (groups * keep).reshape(n, k)
+        ws = SparseSemiStructuredTensorCUTLASS.from_dense(pruned) if cutlass else to_sparse_semi_structured(pruned)
         parts = [getattr(ws, a) for a in ("packed", "meta") if isinstance(getattr(ws, a, None), torch.Tensor)]
         size = _nbytes(*parts) if parts else n * k // 2 * w.element_size() + n * k // 8
 
@@ -111,9 +116,10 @@ def _providers(device: str, w: torch.Tensor, mask: torch.Tensor, bmask: torch.Te
         provs["bitmap-torch"] = (lambda x, b: bitmap_linear(x, bitmap, b, backend="torch"), bitmap.nbytes,
                                  "to_dense + F.linear")
         return provs
-    semi = _semi_structured(w)
-    if semi is not None:
-        provs["torch-2:4"] = (semi[0], semi[1], "2:4 semi-structured = 50% sparsity (not 70%)")
+    for name, cutlass in (("torch-2:4", False), ("torch-2:4-cutlass", True)):
+        semi = _semi_structured(w, cutlass)
+        if semi is not None:
+            provs[name] = (semi[0], semi[1], "2:4 semi-structured = 50% sparsity (not 70%)")
     provs["ours-bsr"] = (lambda x, b: bsr_linear(x, bsr, b), bsr.nbytes, f"blocks {BLOCK}")
     provs["ours-bitmap"] = (lambda x, b: bitmap_linear(x, bitmap, b), bitmap.nbytes, f"tile {bitmap.tile}")
     from sparse_rnnt.kernels.small_row.cuda_ext import get_extension
@@ -152,7 +158,7 @@ def run(device: str, quick: bool) -> list[dict]:
             rows.append({
                 "bench": "small_row_linear", "shape": label, "provider": provider, "ms": ms,
                 "dtype": str(dtype).removeprefix("torch."), "R": r, "N": n, "K": k,
-                "density": 0.5 if provider == "torch-2:4" else DENSITY,
+                "density": 0.5 if provider.startswith("torch-2:4") else DENSITY,
                 "format_bytes": fmt_bytes, "dense_bytes": dense_bytes, "ideal_ratio": ideal,
                 "speedup": dense_ms / ms, "achieved_fraction": dense_ms / ms / ideal,
                 "gb_per_s": (fmt_bytes + _nbytes(x, b) + r * n * x.element_size()) / (ms * 1e-3) / 1e9,

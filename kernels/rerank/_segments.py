@@ -101,6 +101,15 @@ class Segment:
         return self.src.dtype == torch.int32
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor on ``device`` without waiting for the work queued there: a blocking
+    copy from pageable memory synchronizes the stream, one from pinned memory need not (PyTorch's
+    caching host allocator keeps the pinned block until the copy is done)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class _Launch:
     """One grid over every segment of a key width (16 or 32 bits): per-segment tables (addresses,
     sizes, groups, flags) and, per tile, its segment. Triton takes no list of pointers, so the
@@ -133,11 +142,13 @@ class _Launch:
             [addr(s.src) for s in segs], [addr(s.cand) for s in segs], [addr(s.size) for s in segs],
             [addr(s.out) for s in segs], [s.src.numel() for s in segs], first,
             [s.group for s in segs], [s.nan_above for s in segs], [int(s.apply) for s in segs], base,
-        ], dtype=torch.int64).to(device)  # one host-to-device copy
+        ], dtype=torch.int64)
+        tile_seg = torch.repeat_interleave(torch.arange(len(segs), dtype=torch.int64), torch.tensor(tiles))
+        # One host-to-device copy of both, which does not wait for the device.
+        both = to_device(torch.cat([table.reshape(-1), tile_seg]), device)
         (self.src, self.cand, self.size, self.out, self.n, self.first,
-         self.group, self.nan_above, self.apply, self.base) = table.unbind(0)
-        self.tile_seg = torch.repeat_interleave(
-            torch.arange(len(segs), device=device, dtype=torch.int32), torch.tensor(tiles, device=device))
+         self.group, self.nan_above, self.apply, self.base) = both[:table.numel()].view(table.shape).unbind(0)
+        self.tile_seg = both[table.numel():]
 
     def args(self) -> tuple[Tensor, ...]:
         return self.src, self.cand, self.size

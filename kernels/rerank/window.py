@@ -14,10 +14,12 @@ pass on atomics. This one reads every weight once, and its writes are sparse:
    compact buffer. Per group it counts ``above`` (``key > hi``), the window and NaNs. With
    ``apply``, nonzero weights that are surely pruned (``key < lo`` or not a candidate) are zeroed,
    and their old bits go into an undo log first.
-4. **One host sync** checks the bracket: no NaN, ``above < K <= above + window`` per group, and
-   the window fits its buffer. The window entries are then sorted (key descending, flat index
-   ascending: the reference's tie order), the first ``K - above`` of each group are kept, and a
-   kernel writes their mask bytes and zeroes the others where the weights are applied.
+4. **Settle, still on the device.** A one-program kernel checks the brackets: no NaN,
+   ``above < K <= above + window`` per group, and the window fits its buffer. The buffer is
+   sorted (key descending, flat index ascending: the reference's tie order; empty slots last),
+   and a kernel keeps the first ``K - above`` entries of each group: it writes their mask bytes
+   and zeroes the others where the weights are applied. It does nothing when the check failed.
+5. **One host sync**, at the end, reads the check and the counts.
 
 Exactness never depends on the sample: a missed bracket (or a NaN, or a full window buffer)
 restores the logged weights and leaves the call to the histogram select, which also gives its
@@ -28,9 +30,10 @@ Tiny groups (fewer than ``_MIN_SAMPLES`` sample slots in range) put all their ca
 window, which makes the sort exact for them too, zeros included.
 
 Costs per call: one read of every weight, one mask byte per weight written, about ``1/256`` of the
-weights read for the sample, a sort of the sample and of the window, one host sync, and few
-launches (sample, its sort, bracket, counters, pass, window sort and gather, settle): the small
-steps are kernels, not chains of torch ops.
+weights read for the sample, a sort of the sample and of the window buffer, one host sync, and
+few launches (sample, its sort, bracket, counters, pass, check, buffer sort and gather, settle):
+the small steps are kernels, not chains of torch ops, and the host tables go over in pinned,
+non-blocking copies, so the host queues everything before it waits once.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from ._segments import (
     _Launch,
     _segment_tile,
     _src,
+    to_device,
 )
 
 log = logging.getLogger(__name__)
@@ -87,14 +91,14 @@ def _sample_kernel(tab_src, tab_cand, tab_group, tile_seg, first_tile, seg_n, sa
 
 @triton.jit
 def _bracket_kernel(ordered, plan, lo, hi, G, BLOCK: tl.constexpr):
-    """Per group ``g``: ``plan[g] = (lo index, hi index or -1, mode)`` into the sorted sample
+    """Per group ``g``: ``plan[g, :3] = (lo index, hi index or -1, mode)`` into the sorted sample
     ``ordered``; writes the key interval ``[lo[g], hi[g]]``. Mode 0: sample keys (``lo >= 1``,
     ``hi >= lo``, ``hi`` = every key when its index is -1); 1: every key; 2: none (keeps nothing)."""
     gs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     ok = gs < G
-    lo_i = tl.load(plan + gs * 3, mask=ok, other=0)
-    hi_i = tl.load(plan + gs * 3 + 1, mask=ok, other=0)
-    mode = tl.load(plan + gs * 3 + 2, mask=ok, other=0)
+    lo_i = tl.load(plan + gs * 5, mask=ok, other=0)
+    hi_i = tl.load(plan + gs * 5 + 1, mask=ok, other=0)
+    mode = tl.load(plan + gs * 5 + 2, mask=ok, other=0)
     k_lo = 2147483647 - (tl.load(ordered + lo_i, mask=ok, other=0) & 0xFFFFFFFF)
     k_hi = 2147483647 - (tl.load(ordered + tl.maximum(hi_i, 0), mask=ok, other=0) & 0xFFFFFFFF)
     k_lo = tl.maximum(k_lo, 1)
@@ -152,13 +156,40 @@ def _window_kernel(
 
 
 @triton.jit
-def _settle_kernel(loc, count, group_tab, tab_src, tab_out, tab_group, tab_apply,
+def _check_kernel(counters, plan, caps, group_tab, flag, G, L, BLOCK: tl.constexpr):
+    """One program, after the pass: ``flag = 1`` iff no NaN, every window fits its buffer and every
+    live group's ``K`` lies in ``(above, above + window]``; ``group_tab[g] = (run start, need)``,
+    the run start being the window entries of the same launch's earlier groups."""
+    gs = tl.arange(0, BLOCK)
+    ok = gs < G
+    nan = tl.load(counters + gs * 3, mask=ok, other=0)
+    above = tl.load(counters + gs * 3 + 1, mask=ok, other=0).to(tl.int64)
+    win = tl.load(counters + gs * 3 + 2, mask=ok, other=0).to(tl.int64)
+    keep = tl.load(plan + gs * 5 + 3, mask=ok, other=0)
+    launch = tl.load(plan + gs * 5 + 4, mask=ok, other=0)
+    bad = (nan != 0) | ((keep > 0) & ((above >= keep) | (keep > above + win)))
+    ls = tl.arange(0, 2)  # at most two launches: 32- and 16-bit keys
+    taken = tl.load(counters + G * 3 + ls * 2, mask=ls < L, other=0).to(tl.int64)
+    over = taken > tl.load(caps + ls, mask=ls < L, other=0)
+    good = (tl.sum(bad.to(tl.int32), axis=0) == 0) & (tl.sum(over.to(tl.int32), axis=0) == 0)
+    run = tl.zeros((BLOCK,), tl.int64)
+    for li in tl.static_range(2):
+        w = tl.where(launch == li, win, 0)
+        run += tl.where(launch == li, tl.cumsum(w, axis=0) - w, 0)
+    tl.store(group_tab + gs * 2, run, mask=ok)
+    tl.store(group_tab + gs * 2 + 1, tl.where(keep > 0, keep - above, 0), mask=ok)
+    tl.store(flag, good.to(tl.int32))
+
+
+@triton.jit
+def _settle_kernel(loc, taken, cap, flag, group_tab, tab_src, tab_out, tab_group, tab_apply,
                    WIDE: tl.constexpr, BLOCK: tl.constexpr):
-    """Window entry ``i`` at ``loc[i] = segment << 32 | offset``, entries in group runs, each run
-    in rank order: kept iff ``i - start[g] < need[g]`` (``group_tab[g] = (start, need)``). Writes
-    its mask byte, and zeroes its weight when not kept and its segment applies."""
+    """Window entry ``i`` at ``loc[i] = segment << 32 | offset`` (entries in group runs, each run
+    in rank order; ``taken`` entries, none when ``flag`` is 0): kept iff
+    ``i - start[g] < need[g]`` (``group_tab[g] = (start, need)``). Writes its mask byte, and
+    zeroes its weight when not kept and its segment applies."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    ok = i < count
+    ok = (i < tl.load(taken)) & (i < cap) & (tl.load(flag) != 0)
     lc = tl.load(loc + i, mask=ok, other=0)
     seg = lc >> 32
     off = lc & 0xFFFFFFFF
@@ -260,7 +291,8 @@ def window_select(
     start = [0] * groups
     for g in range(1, groups):
         start[g] = start[g - 1] + slots[g - 1]
-    plan = [[0, -1, 2] for _ in range(groups)]  # (lo index, hi index, mode: 0 ranks, 1 all, 2 none)
+    # per group: lo index, hi index, mode (0 ranks, 1 all, 2 none), K, launch
+    plan = [[0, -1, 2, keep[g], max(launch_of[g], 0)] for g in range(groups)]
     cap = [0] * len(launches)
     for g in range(groups):
         if keep[g] == 0:
@@ -274,21 +306,22 @@ def window_select(
         p = min(max(r / v, 0.0), 1.0)
         m = margin if margin is not None else math.ceil(_SIGMAS * math.sqrt(v * p * (1 - p)) + _SLACK)
         hi_rank = math.floor(r - m)
-        plan[g] = [start[g] + min(math.ceil(r + m), slots[g] - 1), start[g] + hi_rank if hi_rank >= 0 else -1, 0]
+        plan[g][:3] = [start[g] + min(math.ceil(r + m), slots[g] - 1), start[g] + hi_rank if hi_rank >= 0 else -1, 0]
         cap[launch_of[g]] += min(units[g], math.ceil((2 * m + 4) * units[g] / v * 1.25))
+    caps = [min(c + 1024, ln.units) for c, ln in zip(cap, launches, strict=True)]
+    tables = to_device(torch.tensor([x for row in plan for x in row] + caps, dtype=torch.int64), dev)
+    plan_t, caps_t = tables[:5 * groups], tables[5 * groups:]
     bounds = torch.empty(2, groups, dtype=torch.int32, device=dev)
-    _bracket_kernel[(triton.cdiv(groups, 128),)](
-        ordered, torch.tensor(plan, dtype=torch.int64).to(dev), bounds[0], bounds[1], groups, BLOCK=128,
-    )
+    _bracket_kernel[(triton.cdiv(groups, 128),)](ordered, plan_t, bounds[0], bounds[1], groups, BLOCK=128)
 
     # 3. The pass. Counters (per group: NaN, above, window; per launch: slots taken) in one buffer.
     counters = torch.zeros(3 * groups + 2 * len(launches), dtype=torch.int32, device=dev)
     bufs = []
     for li, ln in enumerate(launches):
         apply = any(segments[i].apply for i in ln.index)
-        wcap = min(cap[li] + 1024, ln.units)
+        wcap = caps[li]
         ucap = min(ln.units, wcap + ln.units // 32) if apply else 0
-        win_key = torch.empty(wcap, dtype=torch.int64, device=dev)
+        win_key = torch.full((wcap,), -1, dtype=torch.int64, device=dev)  # -1: no entry, sorts last
         win_loc = torch.empty(wcap, dtype=torch.int64, device=dev)
         undo_loc = torch.empty(max(ucap, 1), dtype=torch.int64, device=dev)
         undo_bits = torch.empty(max(ucap, 1), dtype=torch.int32, device=dev)
@@ -300,21 +333,41 @@ def window_select(
         )
         bufs.append((win_key, win_loc, wcap, undo_loc, undo_bits, ucap))
 
-    # 4. One host sync: is every bracket right?
-    host = counters.tolist()
+    # 4. On the device, no host sync: check the brackets, and settle every window (a no-op when
+    # the check failed): sort its buffer (group runs, key descending, flat index ascending; empty
+    # slots last) and keep the first K - above of each group.
+    group_tab = torch.empty(groups, 2, dtype=torch.int64, device=dev)
+    flag = torch.empty(1, dtype=torch.int32, device=dev)
+    _check_kernel[(1,)](counters, plan_t, caps_t, group_tab, flag, groups, len(launches),
+                        BLOCK=triton.next_power_of_2(groups))
+    keys = []
+    for li, ln in enumerate(launches):
+        win_key, win_loc, wcap, _, _, _ = bufs[li]
+        sk, order = win_key.sort(descending=True)
+        loc = win_loc[order]
+        if len({segments[i].group for i in ln.index}) > 1:
+            seg = (loc >> 32).clamp(0, len(ln.index) - 1)  # empty slots hold no place
+            grp = torch.where(sk < 0, groups, ln.group[seg])
+            o2 = grp.sort(stable=True).indices
+            sk, loc = sk[o2], loc[o2]
+        _settle_kernel[(triton.cdiv(wcap, block),)](
+            loc, counters[3 * groups + 2 * li:], wcap, flag, group_tab, ln.src, ln.out, ln.group, ln.apply,
+            WIDE=ln.wide, BLOCK=block, num_warps=warps,
+        )
+        keys.append(sk)
+
+    # 5. One host sync, at the end: the check, the counts, and what is left to do.
+    host = torch.cat([counters, flag]).tolist()
     nan, above, win = host[0:3 * groups:3], host[1:3 * groups:3], host[2:3 * groups:3]
     taken = [(host[3 * groups + 2 * li], host[3 * groups + 2 * li + 1]) for li in range(len(launches))]
-    reason = None
-    if any(nan):
-        reason = "NaN weights"
-    elif any(t[0] > b[2] for t, b in zip(taken, bufs, strict=True)):
-        reason = "the window overflowed its buffer"
-    else:
-        for g in range(groups):
-            if keep[g] and not above[g] < keep[g] <= above[g] + win[g]:
-                reason = f"group {g}: {keep[g]} kept is outside ({above[g]}, {above[g] + win[g]}]"
-                break
-    if reason is not None:
+    if not host[-1]:
+        if any(nan):
+            reason = "NaN weights"
+        elif any(t[0] > c for t, c in zip(taken, caps, strict=True)):
+            reason = "the window overflowed its buffer"
+        else:
+            g = next(g for g in range(groups) if keep[g] and not above[g] < keep[g] <= above[g] + win[g])
+            reason = f"group {g}: {keep[g]} kept is outside ({above[g]}, {above[g] + win[g]}]"
         for li, ln in enumerate(launches):
             _, _, _, undo_loc, undo_bits, ucap = bufs[li]
             n_undo = min(taken[li][1], ucap)
@@ -323,35 +376,8 @@ def window_select(
                     undo_loc, undo_bits, n_undo, ln.src, WIDE=ln.wide, BLOCK=block, num_warps=warps)
         log.debug("window select missed (%s); the histogram select takes over", reason)
         return None
-
-    # 5. Settle the window: sort (group runs, key descending, flat index ascending) and keep the
-    # first K - above of each group. Group runs start where the earlier groups' windows end.
-    need = [keep[g] - above[g] if keep[g] else 0 for g in range(groups)]
-    run = [0] * groups
-    for li in range(len(launches)):
-        pos = 0
-        for g in range(groups):
-            if launch_of[g] == li:
-                run[g] = pos
-                pos += win[g]
-    group_tab = torch.tensor([run, need], dtype=torch.int64).t().contiguous().to(dev)
-    result: list[tuple[int, int]] = [(INT32_MAX, 0)] * groups
     for li, ln in enumerate(launches):
-        win_key, win_loc, _, _, _, ucap = bufs[li]
-        n_win = taken[li][0]
-        if n_win:
-            sk, order = win_key[:n_win].sort(descending=True)
-            loc = win_loc[:n_win][order]
-            if len({segments[i].group for i in ln.index}) > 1:
-                o2 = ln.group[loc >> 32].sort(stable=True).indices
-                sk, loc = sk[o2], loc[o2]
-            _settle_kernel[(triton.cdiv(n_win, block),)](
-                loc, n_win, group_tab, ln.src, ln.out, ln.group, ln.apply,
-                WIDE=ln.wide, BLOCK=block, num_warps=warps,
-            )
-            if thresholds:
-                result = _thresholds(result, sk, [g for g in range(groups) if launch_of[g] == li and need[g]],
-                                     run, need)
+        ucap = bufs[li][5]
         if taken[li][1] > ucap:  # undo log full: some sure prunes were left for this pass
             log.debug("window select: %d weights to zero, undo log holds %d; zeroing in one more pass",
                       taken[li][1], ucap)
@@ -359,6 +385,17 @@ def window_select(
                 ln.src, ln.out, ln.apply, ln.tile_seg, ln.first, ln.n,
                 WIDE=ln.wide, BLOCK=block, num_warps=warps,
             )
+    result: list[tuple[int, int]] = [(INT32_MAX, 0)] * groups
+    if thresholds:
+        need = [keep[g] - above[g] if keep[g] else 0 for g in range(groups)]
+        for li in range(len(launches)):
+            run, pos = [0] * groups, 0
+            for g in range(groups):
+                if launch_of[g] == li:
+                    run[g] = pos
+                    pos += win[g]
+            live = [g for g in range(groups) if launch_of[g] == li and need[g]]
+            result = _thresholds(result, keys[li], live, run, need)
     return result
 
 

@@ -557,6 +557,42 @@ def test_property_matches_reference(shapes, sparsity, dtype, kind, scope, tied, 
     _assert_same(rerank_masks_torch(w, sparsity, kind=kind, block=(2, 3), scope=scope), ref)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.lists(st.integers(20, 90), min_size=1, max_size=3),
+    cols=st.integers(30, 70),
+    sparsity=st.floats(0.05, 0.95),
+    dtype=st.sampled_from(DTYPES),
+    scope=st.sampled_from(["global", "per_tensor"]),
+    zeros=st.floats(0.0, 0.9),
+    with_candidates=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_property_window_select_with_apply(rows, cols, sparsity, dtype, scope, zeros, with_candidates, seed):
+    # Sizes where the window select samples (TILE-sized tiles, dozens of them), weights partly
+    # zero already (a pruning run's), candidates or not: masks and applied weights as the
+    # reference's, whether the bracket holds or the histogram select takes over.
+    w = _weights([(r, cols) for r in rows], dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for v in w.values():
+        v[torch.rand(v.shape, generator=g) < zeros] = 0.0
+    cand = _candidates(w, seed + 2, frac=0.9) if with_candidates else None
+    out = {k: torch.full(v.shape, POISON, dtype=torch.uint8) for k, v in w.items()}
+    ww = {k: v.clone() for k, v in w.items()}
+    try:
+        ref = magnitude_masks(w, sparsity, scope=scope, candidates=cand)
+    except UserError:
+        with pytest.raises(UserError):
+            rerank_masks_into(ww, sparsity, out, scope=scope, candidates=cand, apply=True, algorithm="window",
+                              tile=TILE)
+        assert all(torch.equal(_bits(ww[k]), _bits(w[k])) for k in w)
+        return
+    rerank_masks_into(ww, sparsity, out, scope=scope, candidates=cand, apply=True, algorithm="window", tile=TILE)
+    _assert_same({k: o.bool() for k, o in out.items()}, ref)
+    for k in w:
+        assert torch.equal(_bits(ww[k]), _bits(_applied(w, ref)[k]))
+
+
 # ----------------------------------------------------------------------------- CUDA, large
 
 

@@ -107,6 +107,28 @@ def test_stream_load_test_bf16_one_bucket_on_cpu():
     assert result["identical_to_alone"] == {"s0": True, "s7": True}
 
 
+def test_window_size_simulation_matches_the_kernels(caplog):
+    # The simulation behind the README's window sizes counts what the kernels count (their
+    # DEBUG log), at a size where the window select samples (44 tiles of 4096).
+    import logging
+
+    from benchmarks.window_size import simulate
+    from sparse_rnnt.kernels.rerank import rerank_masks_into
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        ws = {f"w{i}": torch.randn(r, c, generator=g).to(dtype) for i, (r, c) in enumerate([(100, 1000), (57, 1000),
+                                                                                               (23, 999)])}
+        for s in (0.3, 0.7):
+            sim = simulate(list(ws.values()), s)
+            out = {k: torch.empty(w.shape, dtype=torch.uint8) for k, w in ws.items()}
+            caplog.clear()
+            with caplog.at_level(logging.DEBUG, logger="sparse_rnnt.kernels.rerank.window"):
+                rerank_masks_into(ws, s, out, algorithm="window", tile=4096)
+            counted = [r.args[0] for r in caplog.records if r.getMessage().endswith("units in the window")]
+            assert sim["holds"] and sim["samples"] >= 64 and counted == [sim["window"]]
+
+
 def test_single_benchmark_command_line(capsys):
     import json
 

@@ -377,6 +377,7 @@ def window_select(
         log.debug("window select missed (%s); the histogram select takes over", reason)
         return None
     for li, ln in enumerate(launches):
+        log.debug("window select: %d of %d units in the window", taken[li][0], ln.units)
         ucap = bufs[li][5]
         if taken[li][1] > ucap:  # undo log full: some sure prunes were left for this pass
             log.debug("window select: %d weights to zero, undo log holds %d; zeroing in one more pass",

@@ -3,7 +3,8 @@
     python -m benchmarks.stream [--device cuda|cpu] [--quick] [--load-minutes M] [--out-dir DIR]
 
 For each model size (CUDA: ``base`` and ``paper-187m``; CPU: ``tiny``), random weights pruned to
-70% by global magnitude (2:4 is 50% by construction), every format (dense, 2:4, bsr, bitmap) and
+70% by global magnitude (2:4 is 50% by construction), every format (dense, 2:4, bsr, bitmap; on
+CUDA also ``2:4-cutlass``, the 2:4 layers on torch's CUTLASS backend instead of its default) and
 1 / 8 / 32 / 64 concurrent streams (CPU: 1 / 8 / 64): S streams of random audio are fed one
 160 ms chunk per tick through :class:`~sparse_rnnt.streaming.StreamingDecoder` (one batched
 encoder call per chunk step + greedy decoding), after a warm-up, and the per-step latency
@@ -37,6 +38,7 @@ CHUNK = 2560  # samples per tick: 160 ms at 16 kHz
 
 
 def _build(size: str, fmt: str, device: str, dtype: torch.dtype, seed: int = 0):
+    fmt, _, semi = fmt.partition("-")  # "2:4-cutlass": format 2:4 on that semi-structured backend
     from sparse_rnnt.export.artifact import convert_linears
     from sparse_rnnt.model import MODEL_SIZES, build_model
     from sparse_rnnt.pruning.ranking import Granularity, magnitude_masks
@@ -53,7 +55,7 @@ def _build(size: str, fmt: str, device: str, dtype: torch.dtype, seed: int = 0):
     else:
         masks = magnitude_masks(weights, SPARSITY)
     nbytes = 0
-    runtimes = convert_linears(model, masks, fmt, dtype=dtype, device=device)
+    runtimes = convert_linears(model, masks, fmt, dtype=dtype, device=device, semi_structured=semi or "auto")
     for m in model.modules():
         if hasattr(m, "packed"):
             nbytes += sum(t.numel() * t.element_size() for t in m.packed.tensors().values())
@@ -125,7 +127,7 @@ def bench(device: str, quick: bool, cuda_graphs: bool = False,
     modes = ("eager", "cuda-graph") if cuda_graphs else ("eager",)
     rows = []
     for size in sizes:
-        for fmt in ("dense", "2:4", "bsr", "bitmap"):
+        for fmt in ("dense", "2:4", "bsr", "bitmap") + (("2:4-cutlass",) if device == "cuda" else ()):
             try:
                 model, _, nbytes, runtimes = _build(size, fmt, device, dtype)
             except Exception as e:  # a format this machine cannot build: recorded, not hidden
@@ -136,7 +138,7 @@ def bench(device: str, quick: bool, cuda_graphs: bool = False,
                 rows.append({
                     "bench": "stream", "size": size, "format": fmt, "streams": n, "dtype": str(dtype)[6:],
                     "step_mode": mode,
-                    "sparsity": 0.5 if fmt == "2:4" else SPARSITY, "weight_bytes": nbytes,
+                    "sparsity": 0.5 if fmt.startswith("2:4") else SPARSITY, "weight_bytes": nbytes,
                     "p50_ms": 1e3 * stats["p50_s"], "p99_ms": 1e3 * stats["p99_s"],
                     "encoder_p50_ms": 1e3 * stats["encoder_p50_s"], "rtf": stats["rtf"],
                     "mean_batch": stats["mean_batch"], "floor_ms": 1e3 * nbytes / (bw * 1e9),

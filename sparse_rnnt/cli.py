@@ -263,7 +263,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
     results, stats = stream_files(args.artifact, args.audio, language=args.language, piece_ms=args.chunk_ms,
                                   device=args.device, on_partial=show, decoding=args.decoding,
-                                  beam_width=args.beam_width, cuda_graphs=args.cuda_graphs)
+                                  beam_width=args.beam_width, cuda_graphs=args.cuda_graphs,
+                                  semi_structured=args.semi_structured)
     for r in results:
         print(f"{r.stream_id}: {r.text}  (audio {r.audio_s:.2f} s, RTF {r.rtf:.3f})")
     print(f"chunk steps: {int(stats['steps'])}, latency p50 {1e3 * stats['p50_s']:.1f} ms, "
@@ -484,6 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true",
                    help="replay the encoder step as CUDA graphs, one per batch bucket (needs --device cuda "
                    "and a single-language artifact; a step that cannot be captured runs eagerly)")
+    p.add_argument("--semi-structured", dest="semi_structured", choices=("auto", "cutlass", "cusparselt"),
+                   default="auto",
+                   help="torch's backend for 2:4 layers on CUDA: auto (torch's choice, cuSPARSELt when torch has "
+                   "it), cutlass or cusparselt (default auto; other formats and CPU ignore it)")
     p.add_argument("--quiet", action="store_true", help="print only the final results")
     p.set_defaults(func=cmd_stream)
 

@@ -45,7 +45,7 @@ from ..io import atomic_path, atomic_write_json, sha256_file
 from ..model.configs import ModelConfig
 from ..model.rnnt import EmformerRNNT
 from ..pruning.masks import LanguageMasks, MaskSet
-from .formats import FORMATS, decode, encode
+from .formats import FORMATS, check_semi_structured, decode, encode
 
 ARTIFACT_FORMAT = "sparse_rnnt.artifact"
 ARTIFACT_VERSION = 1
@@ -281,11 +281,13 @@ class Artifact:
 
 def convert_linears(
     model: EmformerRNNT, masks: dict[str, Tensor], fmt: str, *, block: tuple[int, int] = (16, 16),
-    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", semi_structured: str = "auto",
 ) -> dict[str, str]:
     """In place: every ``nn.Linear`` whose weight is named in ``masks`` computes with ``W ⊙ M`` in
-    format ``fmt`` (as an artifact would load it), other tensors cast to ``dtype`` on ``device``.
-    Returns the runtime of each converted layer. For benchmarks and tests without files."""
+    format ``fmt`` (as an artifact would load it), other tensors cast to ``dtype`` on ``device``;
+    ``semi_structured`` as in :func:`load_artifact`. Returns the runtime of each converted layer.
+    For benchmarks and tests without files."""
+    check_semi_structured(semi_structured)
     dev = torch.device(device)
     mods = {f"{n}.weight": (n, m) for n, m in model.named_modules() if type(m) is nn.Linear}
     model.to(device=dev, dtype=dtype)
@@ -294,7 +296,7 @@ def convert_linears(
         mod_name, mod = mods[name]
         parts, info = encode(fmt, mod.weight.detach(), mask.to(dev), block=block)
         bias = None if mod.bias is None else mod.bias.detach()
-        layer = decode(fmt, parts, tuple(mod.weight.shape), info, bias, dev, dtype)
+        layer = decode(fmt, parts, tuple(mod.weight.shape), info, bias, dev, dtype, semi_structured)
         parent_name, _, attr = mod_name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
         runtimes[name] = layer.runtime
@@ -308,8 +310,12 @@ def _safe_member(root: Path, name: object) -> Path:
     return root / name
 
 
-def load_artifact(path: str | os.PathLike[str], device: str = "cpu") -> Artifact:
-    """Load and check an artifact directory; ``UserError`` naming the problem if it is not sound."""
+def load_artifact(path: str | os.PathLike[str], device: str = "cpu", *, semi_structured: str = "auto") -> Artifact:
+    """Load and check an artifact directory; ``UserError`` naming the problem if it is not sound.
+
+    ``semi_structured``: torch's backend for 2:4 layers on CUDA, ``"auto"`` (torch's choice),
+    ``"cutlass"`` or ``"cusparselt"`` (``ValueError`` otherwise); other formats ignore it."""
+    check_semi_structured(semi_structured)
     from ..model.masked import swap_linears
 
     root = Path(path)
@@ -380,7 +386,7 @@ def load_artifact(path: str | os.PathLike[str], device: str = "cpu") -> Artifact
             prefix = f"sparse/{name}/"
             parts = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             bias = None if mod.bias is None else mod.bias.detach()
-            layer = decode(fmt, parts, shape, info, bias, dev, dtype)
+            layer = decode(fmt, parts, shape, info, bias, dev, dtype, semi_structured)
             if multilingual:  # theta of the union, computed densely with each language's bits
                 weights[name] = (mod_name, layer)
                 continue

@@ -9,9 +9,11 @@ for safetensors plus JSON-able parameters, and back into an ``nn.Module`` comput
   kept values ``[N, K/2]`` and a row-packed bit mask ``[N, ceil(K/8)]`` (1 bit per weight). A
   mask that is not 2:4 is projected first (in each group the 2 largest ``|W ⊙ M|`` are kept);
   the magnitude this loses is reported (``lost_l1``: Σ|dropped| / Σ|W ⊙ M|; 0 for masks trained
-  with 2:4 granularity). On CUDA with fp16/bf16 the layer runs on
-  ``torch.sparse.to_sparse_semi_structured`` (sparse tensor cores) when the shape allows it,
-  else on the dense masked weight; ``runtime`` says which.
+  with 2:4 granularity). On CUDA with fp16/bf16 the layer runs on torch's semi-structured
+  tensors (sparse tensor cores) when the shape allows it, else on the dense masked weight;
+  ``runtime`` says which. ``semi_structured`` picks torch's backend: ``"auto"``
+  (``to_sparse_semi_structured``: cuSPARSELt when torch has it, whose wrapper sets up a plan on
+  every call), ``"cutlass"`` or ``"cusparselt"``.
 - ``bsr``: block-sparse rows (:class:`~sparse_rnnt.kernels.small_row.BsrWeight`), blocks that
   hold any kept weight are stored whole; Triton small-row kernel on CUDA.
 - ``bitmap``: unstructured, kept values plus one bit per weight, tiled
@@ -36,6 +38,13 @@ from ..errors import UserError
 log = logging.getLogger(__name__)
 
 FORMATS: tuple[str, ...] = ("dense", "2:4", "bsr", "bitmap")
+SEMI_STRUCTURED: tuple[str, ...] = ("auto", "cutlass", "cusparselt")
+
+
+def check_semi_structured(choice: str) -> str:
+    if choice not in SEMI_STRUCTURED:
+        raise ValueError(f"semi_structured must be one of {', '.join(SEMI_STRUCTURED)}, got {choice!r}")
+    return choice
 
 
 def _pack_rows(mask: Tensor) -> Tensor:
@@ -113,24 +122,32 @@ class DenseExported(ExportedLinear):
 
 
 class SemiStructuredExported(ExportedLinear):
-    """2:4 weight on sparse tensor cores (CUDA fp16/bf16), else the dense masked weight."""
+    """2:4 weight on sparse tensor cores (CUDA fp16/bf16), else the dense masked weight.
+    ``backend``: torch's semi-structured backend (see the module docstring)."""
 
-    def __init__(self, dense: Tensor, bias: Tensor | None) -> None:
+    def __init__(self, dense: Tensor, bias: Tensor | None, backend: str = "auto") -> None:
         super().__init__("2:4", tuple(dense.shape), bias)
+        check_semi_structured(backend)
         self.weight: Tensor | nn.Parameter = nn.Parameter(dense, requires_grad=False)
         if dense.is_cuda and dense.dtype in (torch.float16, torch.bfloat16):
             try:
-                from torch.sparse import to_sparse_semi_structured
+                from torch.sparse import (
+                    SparseSemiStructuredTensorCUSPARSELT,
+                    SparseSemiStructuredTensorCUTLASS,
+                    to_sparse_semi_structured,
+                )
 
-                self.weight = nn.Parameter(to_sparse_semi_structured(dense), requires_grad=False)
-                self.runtime = "semi-structured"
+                convert = {"auto": to_sparse_semi_structured, "cutlass": SparseSemiStructuredTensorCUTLASS.from_dense,
+                           "cusparselt": SparseSemiStructuredTensorCUSPARSELT.from_dense}[backend]
+                self.weight = nn.Parameter(convert(dense), requires_grad=False)
+                self.runtime = "semi-structured" if backend == "auto" else f"semi-structured-{backend}"
             except (RuntimeError, ValueError) as e:  # shape or arch not supported: dense fallback
                 log.info("2:4 layer %s kept dense: %s", list(dense.shape), str(e).splitlines()[0])
                 self.runtime = "dense-fallback"
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.to(self.weight.dtype)
-        if self.runtime != "semi-structured":
+        if not self.runtime.startswith("semi-structured"):
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, self.in_features)
         y = F.linear(rows, self.weight, self.bias)
@@ -166,8 +183,10 @@ def _small_row_backend(fmt: str, device: torch.device) -> str:
 
 
 def decode(fmt: str, tensors: dict[str, Tensor], shape: tuple[int, int], params: dict[str, Any],
-           bias: Tensor | None, device: torch.device, dtype: torch.dtype) -> ExportedLinear:
-    """The module computing with a weight stored by :func:`encode` (``ValueError`` if inconsistent)."""
+           bias: Tensor | None, device: torch.device, dtype: torch.dtype,
+           semi_structured: str = "auto") -> ExportedLinear:
+    """The module computing with a weight stored by :func:`encode` (``ValueError`` if
+    inconsistent); ``semi_structured``: torch's 2:4 backend (see the module docstring)."""
     n, k = shape
     tensors = {name: t.to(device) for name, t in tensors.items()}
     bias = None if bias is None else bias.to(device=device, dtype=dtype)
@@ -185,7 +204,7 @@ def decode(fmt: str, tensors: dict[str, Tensor], shape: tuple[int, int], params:
             raise ValueError("2:4 mask does not keep exactly 2 of every 4 weights")
         dense = torch.zeros(n, k, dtype=dtype, device=device)
         dense[keep] = values.reshape(-1).to(dtype)
-        return SemiStructuredExported(dense, bias)
+        return SemiStructuredExported(dense, bias, semi_structured)
     if fmt in ("bsr", "bitmap"):
         from ..kernels.small_row import BitmapWeight, BsrWeight
 

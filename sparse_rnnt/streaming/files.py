@@ -39,12 +39,15 @@ def stream_files(
     decoding: str = "greedy",
     beam_width: int = 4,
     cuda_graphs: bool = False,
+    semi_structured: str = "auto",
 ) -> tuple[list[StreamResult], dict[str, float]]:
     """Feed each file in ``piece_ms`` pieces as if it arrived live; returns the results and the
     latency statistics (p50/p99 per chunk step, RTF) of all steps. ``decoding``: ``greedy`` or
     ``beam`` (torchaudio's RNN-T beam search of width ``beam_width``, continued chunk by chunk).
-    ``cuda_graphs``: replay the encoder step as CUDA graphs (CUDA, single-pathway use only)."""
+    ``cuda_graphs``: replay the encoder step as CUDA graphs (CUDA, single-pathway use only).
+    ``semi_structured``: torch's backend for 2:4 layers (see :func:`~sparse_rnnt.export.load_artifact`)."""
     from ..export import load_artifact
+    from ..export.formats import SEMI_STRUCTURED
 
     if piece_ms <= 0:
         raise UserError(f"--chunk-ms must be positive, got {piece_ms}")
@@ -54,8 +57,10 @@ def stream_files(
         raise UserError(f"--beam-width must be at least 1, got {beam_width}")
     if cuda_graphs and not str(device).startswith("cuda"):
         raise UserError(f"--cuda-graphs needs --device cuda (got {device})")
+    if semi_structured not in SEMI_STRUCTURED:
+        raise UserError(f"--semi-structured must be one of {', '.join(SEMI_STRUCTURED)}, got {semi_structured!r}")
     waves = [read_wave(p) for p in paths]  # all files are checked before any decoding
-    art = load_artifact(artifact_dir, device=device)
+    art = load_artifact(artifact_dir, device=device, semi_structured=semi_structured)
     if language is None:
         if art.multilingual:
             raise UserError(f"this artifact holds several pathways: pass --language ({', '.join(art.languages)})")

@@ -255,3 +255,60 @@ def test_small_row_layer_runs_the_triton_kernel(fmt):
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, dense, b), rtol=1e-5, atol=1e-5)
     if fmt == "bitmap":
         torch.testing.assert_close(dense, w * mask)
+
+
+def _two_of_four(n, k, g, dtype=torch.float32, device="cpu"):
+    w = torch.randn(n, k, generator=g)
+    top = w.reshape(n, k // 4, 4).abs().topk(2, dim=-1).indices
+    keep = torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(-1, top, True).reshape(n, k)
+    return (w * keep).to(device, dtype)
+
+
+def test_semi_structured_backend_choice(pruned, tmp_path, tiny_manifests, capsys):
+    # The 2:4 backend is a load-time choice: every value loads (on CPU the layers run dense, so
+    # outputs are the same), bad values are refused at each entry point.
+    from sparse_rnnt.data.manifest import load_split
+    from sparse_rnnt.export.formats import SemiStructuredExported
+    from sparse_rnnt.streaming.files import stream_files
+
+    export_checkpoint(pruned["nm"], tmp_path / "a", ExportOptions(fmt="2:4", language="en"))
+    ref = probe_logits(load_artifact(tmp_path / "a").model, torch.device("cpu"))
+    for choice in ("cutlass", "cusparselt"):
+        art = load_artifact(tmp_path / "a", semi_structured=choice)
+        assert relative_error(probe_logits(art.model, torch.device("cpu")), ref) == 0.0
+    with pytest.raises(ValueError, match="semi_structured"):
+        load_artifact(tmp_path / "a", semi_structured="cublas")
+    g = torch.Generator().manual_seed(0)
+    w = _two_of_four(6, 8, g)
+    with pytest.raises(ValueError, match="semi_structured"):
+        SemiStructuredExported(w, None, "cublas")
+    audio = [u.audio for u in load_split(tiny_manifests, "test")][:1]
+    with pytest.raises(UserError, match="--semi-structured"):
+        stream_files(tmp_path / "a", audio, semi_structured="cublas")
+    assert main(["stream", "--artifact", str(tmp_path / "a"), *audio, "--semi-structured", "cutlass", "--quiet"]) == 0
+    assert "(audio " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["stream", "--artifact", str(tmp_path / "a"), *audio, "--semi-structured", "cublas"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["auto", "cutlass", "cusparselt"])
+def test_cuda_semi_structured_layer_equals_the_dense_product(backend):
+    # Each of torch's 2:4 backends against F.linear with the same (2:4) weight, in bf16; the
+    # tolerance is the bf16 product's own error against float64, times 4.
+    from sparse_rnnt.export.formats import SemiStructuredExported
+
+    g = torch.Generator().manual_seed(1)
+    w = _two_of_four(2048, 512, g, torch.bfloat16, "cuda")
+    b = torch.randn(2048, generator=g).to("cuda", torch.bfloat16)
+    layer = SemiStructuredExported(w, b, backend)
+    if layer.runtime == "dense-fallback":
+        pytest.skip(f"torch's {backend} 2:4 backend is not available here")
+    assert layer.runtime.startswith("semi-structured")
+    for rows in (1, 5, 32, 64):
+        x = torch.randn(rows, 512, generator=g).to("cuda", torch.bfloat16)
+        exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
+        dense = torch.nn.functional.linear(x, w, b)
+        err = (layer(x).double() - exact).abs().max().item()
+        assert err <= 4 * (dense.double() - exact).abs().max().item() + 1e-2, (rows, err)

@@ -84,6 +84,38 @@ _DX_CONFIGS = [
 ]
 _DW_CONFIGS = _configs(_MMA, ("BLOCK_N", "BLOCK_K", "BLOCK_M"))
 _KEY = ["N", "K", "R_BUCKET", "MASK_MODE", "PATHWAY", "PREC"]
+# Shared memory per block on Hopper (227 KB), less a margin for what the pipeline adds to its
+# operand buffers (a config over it cannot launch).
+_SMEM_BYTES = 232448 - 8192
+
+
+def _pruner(tiles: tuple[str, str, str], elem_arg: str) -> Any:
+    """``early_config_prune`` for a kernel whose configs name (output tile 0, output tile 1,
+    reduction tile) ``tiles``, with operands of ``elem_arg``'s dtype.
+
+    Drops what compiling for sm_90 shows cannot work (``tests/kernels/sm90_compile.py``): pipeline
+    buffers (stages × both operand tiles) over the shared memory, which is every fp32 config with a
+    256-wide tile; and for fp32 without TF32, whose dot is a chain of FMAs with the accumulator
+    (twice, split) in registers, tiles over 64 accumulator elements per thread and the orientation
+    with the weight tile on the right, which spill kilobytes per thread. One config always stays.
+    """
+
+    def smem(c: triton.Config, elem: int) -> int:
+        a, b, r = (c.kwargs[t] for t in tiles)
+        return c.num_stages * (a + b) * r * elem
+
+    def prune(configs: list[triton.Config], nargs: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+        elem = nargs[elem_arg].element_size()
+        fma = elem == 4 and kwargs.get("PREC") == "ieee"
+        kept = [
+            c for c in configs
+            if smem(c, elem) <= _SMEM_BYTES and not (
+                fma and (c.kwargs[tiles[0]] * c.kwargs[tiles[1]] > 64 * 32 * c.num_warps
+                         or c.kwargs.get("W_AS_A") is False))
+        ]
+        return kept or [min(configs, key=lambda c: smem(c, elem))]
+
+    return prune
 
 
 @triton.jit
@@ -186,7 +218,8 @@ def _mma(a, b, acc, PREC: tl.constexpr, SPLIT_ACC: tl.constexpr):
     return out
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, do_bench=autotune_bench)
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, do_bench=autotune_bench,
+                 prune_configs_by={"early_config_prune": _pruner(("BLOCK_M", "BLOCK_N", "BLOCK_K"), "w_ptr")})
 @triton.jit
 def _fwd_kernel(
     x_ptr, w_ptr, m_ptr, b_ptr, y_ptr, perm_ptr, seg_ptr,
@@ -243,7 +276,8 @@ def _fwd_tile(x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, K, stride_xr, stri
     return out
 
 
-@triton.autotune(configs=_DX_CONFIGS, key=_KEY, do_bench=autotune_bench)
+@triton.autotune(configs=_DX_CONFIGS, key=_KEY, do_bench=autotune_bench,
+                 prune_configs_by={"early_config_prune": _pruner(("BLOCK_M", "BLOCK_K", "BLOCK_N"), "w_ptr")})
 @triton.jit
 def _dx_kernel(
     dy_ptr, w_ptr, m_ptr, dx_ptr, perm_ptr, seg_ptr,
@@ -317,7 +351,8 @@ def _dw_tile(dy_ptr, x_ptr, perm_ptr, r0, end, offs_n, n_ok, offs_k, k_ok, strid
     return _mma(tl.trans(dyt), xt, acc, PREC, SPLIT_ACC)
 
 
-@triton.autotune(configs=_DW_CONFIGS, key=[*_KEY, "HARD"], do_bench=autotune_bench)
+@triton.autotune(configs=_DW_CONFIGS, key=[*_KEY, "HARD"], do_bench=autotune_bench,
+                 prune_configs_by={"early_config_prune": _pruner(("BLOCK_N", "BLOCK_K", "BLOCK_M"), "x_ptr")})
 @triton.jit
 def _dw_kernel(
     dy_ptr, x_ptr, m_ptr, dw_ptr, perm_ptr, seg_ptr,

@@ -36,36 +36,70 @@ def _jit(kernel: Any) -> Any:
     return kernel
 
 
-def _compile(fn: Any, types: dict[str, str], constexprs: dict[str, Any], options: dict[str, int]) -> None:
+def _compile(fn: Any, types: dict[str, str], constexprs: dict[str, Any], options: dict[str, int]) -> Any:
+    """The compiled kernel. ``types``: each runtime argument's type; the value ``1`` stands for
+    an int argument equal to 1, which Triton's launcher turns into a constant, and a type with
+    the suffix ``:16`` for one divisible by 16, which it marks so (``tt.divisibility``). Pointers
+    are marked 16-byte aligned, as torch allocations are. These are the specializations a launch
+    on a GPU makes, and the contiguity they prove decides vectorized and asynchronous loads."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig, const = {}, {}
-    for p in fn.params:
-        if p.is_constexpr or types.get(p.name) is None:
+    sig, const, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        t = types.get(p.name)
+        if p.is_constexpr or t is None or t == 1:
             sig[p.name] = "constexpr"
-            const[p.name] = constexprs.get(p.name) if p.is_constexpr else None
-        else:
-            sig[p.name] = types[p.name]
+            const[p.name] = constexprs.get(p.name) if p.is_constexpr else t
+            continue
+        t, _, div = t.partition(":")
+        sig[p.name] = t
+        if t.startswith("*") or div == "16":
+            attrs[(i,)] = [["tt.divisibility", 16]]
     missing = [p.name for p in fn.params if p.is_constexpr and p.name not in constexprs]
     if missing:
         raise ValueError(f"{fn.__name__}: no value for constexpr {missing}")
-    triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", TARGET_ARCH, 32), options=options)
+    return triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", TARGET_ARCH, 32),
+                          options=options)
 
 
 def _ptr(dtype: str) -> str:
     return "*" + dtype
 
 
+# Row-major tensors of the benchmark shapes: unit inner strides, the rest divisible by 16.
+_ML_DIMS: dict[str, Any] = {"R": "i32", "N": "i32:16", "K": "i32:16", "L": "i32", "R_BUCKET": "i32:16"}
+_ML_STRIDES: dict[str, Any] = {
+    **{n: "i32:16" for n in ("stride_xr", "stride_wn", "stride_ml", "stride_mn", "stride_yr", "stride_dyr",
+                             "stride_dxr", "stride_dwn")},
+    **dict.fromkeys(("stride_xk", "stride_wk", "stride_yn", "stride_dyn", "stride_dxk", "stride_dwk"), 1),
+}
+_MASK_PTR = {0: "*u8", 1: "*u8", 2: "*i32", 3: "*u8"}
+
+
+def _ml_spec(kernel: str, cfg: Any, dt: str, prec: str, split: bool, mode: int, pathway: bool,
+             unaligned: bool = False) -> Spec:
+    """One masked-linear compile. ``unaligned``: the odd shapes of the CPU tests (K = 41, 389):
+    no divisibility, inner strides still 1."""
+    from sparse_rnnt.kernels.masked_linear import fused
+
+    dims = {**_ML_DIMS, **_ML_STRIDES}
+    if unaligned:
+        dims = {k: 1 if v == 1 else "i32" for k, v in dims.items()}
+    types = {**dims, "m_ptr": _MASK_PTR[mode], "perm_ptr": "*i64" if pathway else None,
+             "seg_ptr": "*i64" if pathway else None,
+             **{a: _ptr(dt) for a in ("x_ptr", "w_ptr", "y_ptr", "dy_ptr", "dx_ptr", "dw_ptr", "b_ptr")}}
+    const = {**cfg.kwargs, "MASK_MODE": mode, "PATHWAY": pathway, "PREC": prec, "UPCAST": False,
+             "SPLIT_ACC": split, "HAS_BIAS": True, "HARD": pathway}
+    name = (f"{kernel} {dt} {prec} mode={mode} pathway={pathway} {cfg.kwargs} warps={cfg.num_warps}"
+            + (" odd shape" if unaligned else ""))
+    return name, _jit(getattr(fused, kernel)), types, const, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
 def _masked_linear(full: bool) -> Iterator[Spec]:
     from sparse_rnnt.kernels.masked_linear import fused
 
-    dims = dict.fromkeys(("R", "N", "K", "L", "R_BUCKET"), "i32")
-    strides = {n: "i32" for n in ("stride_xr", "stride_xk", "stride_wn", "stride_wk", "stride_ml", "stride_mn",
-                                  "stride_yr", "stride_yn", "stride_dyr", "stride_dyn", "stride_dxr", "stride_dxk",
-                                  "stride_dwn", "stride_dwk")}
-    mask_ptr = {0: "*u8", 1: "*u8", 2: "*i32", 3: "*u8"}
     # (dtype, PREC, SPLIT_ACC): what _prec/_split_acc pick on a GPU; with the mask modes each runs.
     variants = [(dt, prec, split, mode, pathway)
                 for dt, prec, split in (("bf16", "ieee", False), ("fp16", "ieee", False), ("fp32", "tf32", True),
@@ -73,7 +107,6 @@ def _masked_linear(full: bool) -> Iterator[Spec]:
                 for mode in (0, 1, 2, 3) for pathway in (False, True)]
     for kernel, configs in (("_fwd_kernel", fused._FWD_CONFIGS), ("_dx_kernel", fused._DX_CONFIGS),
                             ("_dw_kernel", fused._DW_CONFIGS)):
-        fn = _jit(getattr(fused, kernel))
         # Default: every register layout class in bf16 bit words, and the other dtypes, precisions,
         # mask modes and pathways at the first config. Full: every config in four of those variants,
         # every variant at the first config.
@@ -85,21 +118,16 @@ def _masked_linear(full: bool) -> Iterator[Spec]:
         else:
             jobs = [(c, ("bf16", "ieee", False, 2, False)) for c in _one_per_class(configs)]
             jobs += [(configs[0], v) for v in mixed]
-        for cfg, (dt, prec, split, mode, pathway) in jobs:
+        jobs = [(c, v, False) for c, v in jobs] + [(configs[0], ("bf16", "ieee", False, 1, False), True),
+                                                    (configs[0], ("fp32", "ieee", True, 0, True), True)]
+        for cfg, (dt, prec, split, mode, pathway), unaligned in jobs:
             if kernel == "_dw_kernel" and mode == 3 and pathway:
                 continue  # no mask, no pathway
-            types = {**dims, **strides, "m_ptr": mask_ptr[mode], "perm_ptr": "*i64" if pathway else None,
-                     "seg_ptr": "*i64" if pathway else None}
-            for a in ("x_ptr", "w_ptr", "y_ptr", "dy_ptr", "dx_ptr", "dw_ptr", "b_ptr"):
-                types[a] = _ptr(dt)
-            const = {**cfg.kwargs, "MASK_MODE": mode, "PATHWAY": pathway, "PREC": prec, "UPCAST": False,
-                     "SPLIT_ACC": split, "HAS_BIAS": True, "HARD": pathway}
-            name = f"{kernel} {dt} {prec} mode={mode} pathway={pathway} {cfg.kwargs} warps={cfg.num_warps}"
-            yield name, fn, types, const, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            yield _ml_spec(kernel, cfg, dt, prec, split, mode, pathway, unaligned)
     fn = _jit(fused._mask_grad_kernel)
     for mode in (0, 1, 2):
         yield (f"_mask_grad_kernel mode={mode}", fn,
-               {"g_ptr": "*bf16", "m_ptr": mask_ptr[mode], "N": "i32", "K": "i32", "stride_gn": "i32",
+               {"g_ptr": "*bf16", "m_ptr": _MASK_PTR[mode], "N": "i32", "K": "i32", "stride_gn": "i32",
                 "stride_gk": "i32", "stride_mn": "i32"},
                {"MASK_MODE": mode, "BLOCK_N": 32, "BLOCK_K": 64}, {"num_warps": 4})
 
@@ -216,6 +244,68 @@ def _small_row(full: bool) -> Iterator[Spec]:
                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
+SMEM_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
+SPILL_LIMIT = 512  # bytes per thread a kept fp32 FMA config may spill
+
+
+def pruner_rules() -> None:
+    """What ``fused._pruner`` keeps per dtype and precision, on the GPU config lists (raises
+    ``AssertionError``): every bf16 config; fp32 pipeline buffers within the shared memory; for the
+    fp32 FMA dot, small accumulators and the weight tile on the left; never nothing."""
+    import torch
+
+    from sparse_rnnt.kernels.masked_linear import fused
+
+    for kernel, configs, arg, (a, b, r) in (
+        (fused._fwd_kernel, fused._FWD_CONFIGS, "w_ptr", ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+        (fused._dx_kernel, fused._DX_CONFIGS, "w_ptr", ("BLOCK_M", "BLOCK_K", "BLOCK_N")),
+        (fused._dw_kernel, fused._DW_CONFIGS, "x_ptr", ("BLOCK_N", "BLOCK_K", "BLOCK_M")),
+    ):
+        prune = kernel.early_config_prune
+
+        def smem(c: Any, a: str = a, b: str = b, r: str = r) -> int:
+            return c.num_stages * (c.kwargs[a] + c.kwargs[b]) * c.kwargs[r] * 4
+
+        bf16 = prune(configs, {arg: torch.empty(0, dtype=torch.bfloat16)}, PREC="ieee")
+        tf32 = prune(configs, {arg: torch.empty(0, dtype=torch.float32)}, PREC="tf32")
+        fma = prune(configs, {arg: torch.empty(0, dtype=torch.float32)}, PREC="ieee")
+        assert bf16 == configs, "every bf16 config fits"
+        assert 0 < len(fma) < len(tf32) < len(configs), (len(fma), len(tf32), len(configs))
+        assert all(smem(c) <= SMEM_LIMIT for c in tf32)
+        assert all(c.kwargs[a] * c.kwargs[b] <= 64 * 32 * c.num_warps for c in fma)
+        assert all(c.kwargs.get("W_AS_A", True) for c in fma)
+        big = [c for c in configs if c not in tf32]
+        assert prune(big, {arg: torch.empty(0, dtype=torch.float32)}, PREC="tf32") == [min(big, key=smem)]
+
+
+def check_prune() -> int:
+    """Every masked-linear config the autotuner keeps (``fused._pruner``) for fp32 (TF32 or FMA)
+    and bf16 compiles within Hopper's shared memory, and the kept FMA configs spill at most
+    ``SPILL_LIMIT`` bytes per thread. Prints one line per config; returns the number of failures."""
+    import torch
+
+    from sparse_rnnt.kernels.masked_linear import fused
+
+    failures = 0
+    kernels = (("_fwd_kernel", fused._FWD_CONFIGS, "w_ptr"), ("_dx_kernel", fused._DX_CONFIGS, "w_ptr"),
+               ("_dw_kernel", fused._DW_CONFIGS, "x_ptr"))
+    for kernel, configs, elem_arg in kernels:
+        prune = getattr(fused, kernel).early_config_prune
+        for dt, torch_dt, prec in (("fp32", torch.float32, "ieee"), ("fp32", torch.float32, "tf32"),
+                                   ("bf16", torch.bfloat16, "ieee")):
+            kept = prune(configs, {elem_arg: torch.empty(0, dtype=torch_dt)}, PREC=prec)
+            print(f"{kernel} {dt} {prec}: {len(kept)} of {len(configs)} configs kept", flush=True)
+            for cfg in kept:
+                name, fn, types, const, options = _ml_spec(kernel, cfg, dt, prec, dt == "fp32", 2, False)
+                kernel_obj = _compile(fn, types, const, options)
+                res = _resources(kernel_obj)
+                spill = int(res.split("spill=")[1])
+                bad = kernel_obj.metadata.shared > SMEM_LIMIT or (dt == "fp32" and prec == "ieee" and spill > SPILL_LIMIT)
+                failures += bad
+                print(f"{'FAIL' if bad else 'ok  '} smem={kernel_obj.metadata.shared:6d} {res}  {name}", flush=True)
+    return failures
+
+
 def specs(full: bool = False) -> Iterator[Spec]:
     """Every kernel and constexpr branch; ``full``: also every autotune config in every variant."""
     yield from _rerank()
@@ -223,24 +313,56 @@ def specs(full: bool = False) -> Iterator[Spec]:
     yield from _masked_linear(full)
 
 
+def _resources(kernel: Any) -> str:
+    """Registers and spills per thread, from ``ptxas -v`` (Triton's bundled ptxas) on the PTX."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        out = subprocess.run([get_ptxas(TARGET_ARCH).path, "-v", f"--gpu-name=sm_{TARGET_ARCH}a", ptx, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores", out)
+    return f"regs={regs.group(1) if regs else '?':>3} spill={spill.group(1) if spill else '?':>5}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true",
                         help="every autotune config of the masked-linear and small-row kernels in every dtype and "
                         "mask variant (hundreds of compiles), not one of each register layout class")
+    parser.add_argument("--resources", action="store_true",
+                        help="also print registers and spill bytes per thread (ptxas -v)")
+    parser.add_argument("--only", default="", help="compile only the kernels whose line starts with this")
+    parser.add_argument("--prune", action="store_true",
+                        help="check the masked-linear config pruning instead (see check_prune)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles", file=sys.stderr)
         return 2
+    if args.prune:
+        pruner_rules()
+        failed = check_prune()
+        print(f"config pruning: {failed} failures", flush=True)
+        return 1 if failed else 0
     failed = 0
     t0 = time.perf_counter()
     n = 0
     for name, fn, types, const, options in specs(args.full):
+        if not name.startswith(args.only):
+            continue
         n += 1
         t = time.perf_counter()
         try:
-            _compile(fn, types, const, options)
-            print(f"ok   {time.perf_counter() - t:5.1f}s  {name}", flush=True)
+            kernel = _compile(fn, types, const, options)
+            extra = f"  {_resources(kernel)}" if args.resources else ""
+            print(f"ok   {time.perf_counter() - t:5.1f}s  smem={kernel.metadata.shared:6d}{extra}  {name}", flush=True)
         except Exception:  # report every failure, not just the first
             failed += 1
             print(f"FAIL {time.perf_counter() - t:5.1f}s  {name}\n{traceback.format_exc()}", flush=True)

@@ -315,6 +315,10 @@ def window_select(
     _bracket_kernel[(triton.cdiv(groups, 128),)](ordered, plan_t, bounds[0], bounds[1], groups, BLOCK=128)
 
     # 3. The pass. Counters (per group: NaN, above, window; per launch: slots taken) in one buffer.
+    # Twice the warps of the other passes: its int64 places and sort keys take registers, and
+    # compiled for sm_90 a 4096-unit tile needs 186-205 per thread with 8 warps (one 8-warp block
+    # per SM) but 128 with 16 (16 warps per SM, more loads in flight).
+    pass_warps = min(32, 2 * warps)
     counters = torch.zeros(3 * groups + 2 * len(launches), dtype=torch.int32, device=dev)
     bufs = []
     for li, ln in enumerate(launches):
@@ -329,7 +333,7 @@ def window_select(
             ln.src, ln.cand, ln.out, ln.group, ln.nan_above, ln.apply, ln.base, ln.tile_seg, ln.first, ln.n,
             bounds[0], bounds[1], counters, counters[3 * groups + 2 * li:], win_key, win_loc, wcap,
             undo_loc, undo_bits, ucap,
-            WIDE=ln.wide, HAS_CAND=ln.has_cand, APPLY=apply, BLOCK=block, num_warps=warps,
+            WIDE=ln.wide, HAS_CAND=ln.has_cand, APPLY=apply, BLOCK=block, num_warps=pass_warps,
         )
         bufs.append((win_key, win_loc, wcap, undo_loc, undo_bits, ucap))
 

@@ -190,7 +190,7 @@ def _rerank() -> Iterator[Spec]:
             yield (f"_window_kernel apply={apply} {tag}", _jit(window._window_kernel),
                    {**tab, "lo": "*i32", "hi": "*i32", "stats": "*i32", "reserved": "*i32", "win_key": "*i64",
                     "win_loc": "*i64", "win_cap": "i32", "undo_loc": "*i64", "undo_bits": "*i32", "undo_cap": "i32"},
-                   {"WIDE": wide, "HAS_CAND": cand, "APPLY": apply, "BLOCK": 4096}, warps)
+                   {"WIDE": wide, "HAS_CAND": cand, "APPLY": apply, "BLOCK": 4096}, {"num_warps": 16})
     yield ("_bracket_kernel", _jit(window._bracket_kernel),
            {"ordered": "*i64", "plan": "*i64", "lo": "*i32", "hi": "*i32", "G": "i32"}, {"BLOCK": 128}, {"num_warps": 4})
     for block in (1, 2, 512):

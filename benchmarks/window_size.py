@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import torch
 
@@ -52,14 +51,12 @@ def simulate(weights: list[torch.Tensor], sparsity: float, tile: int = 4096) -> 
     total = flat.numel()
     keep = total - pruned_count(sparsity, total)
     ordered = torch.cat(samples).sort(descending=True).values
-    if v < win._MIN_SAMPLES:
+    ranks = win.interval_ranks(keep, v, total)
+    if ranks is None:
         lo, hi, m = 0, INT32_MAX, 0
     else:
-        r = keep * v / total
-        p = min(max(r / v, 0.0), 1.0)
-        m = math.ceil(win._SIGMAS * math.sqrt(v * p * (1 - p)) + win._SLACK)
-        lo = max(int(ordered[min(math.ceil(r + m), len(ordered) - 1)]), 1)
-        hi_rank = math.floor(r - m)
+        lo_rank, hi_rank, m = ranks
+        lo = max(int(ordered[min(lo_rank, len(ordered) - 1)]), 1)
         hi = max(int(ordered[hi_rank]) if hi_rank >= 0 else INT32_MAX, lo)
     above = int((flat > hi).sum())
     window = int(((flat >= lo) & (flat <= hi)).sum())

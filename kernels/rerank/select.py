@@ -459,7 +459,7 @@ def _select_units(
     if algorithm in ("radix", "window") and any(ln.has_size for ln in launches):
         raise ValueError(f"algorithm={algorithm!r} ranks single weights; blocks use 'atomic'")
     if algorithm == "window":
-        done = window_select(launches, segments, keep, block, warps, margin=window_margin,
+        done = window_select(launches, segments, grids, keep, block, warps, margin=window_margin,
                              thresholds=thresholds)
         if done is not None:
             return done

@@ -242,13 +242,27 @@ def _in_range_slots(n: int, first_tile: int, block: int, spt: int) -> int:
     return slots
 
 
+def interval_ranks(keep: int, samples: int, units: int, margin: int | None = None) -> tuple[int, int, int] | None:
+    """The interval rule: sample ranks ``(lo, hi, m)`` around the expected rank of the ``keep``-th
+    largest of ``units`` weights, given ``samples`` in-range sample keys sorted largest first.
+    ``lo = ceil(r + m)``, ``hi = floor(r - m)`` (``< 0``: no upper bound), ``r = keep * samples /
+    units``, ``m`` = ``margin`` or ``5 sigma + 16``. None: too few samples, the whole group is the
+    window. (``benchmarks/window_size.py`` simulates with this same rule.)"""
+    if samples < _MIN_SAMPLES:
+        return None
+    r = keep * samples / units
+    p = min(max(r / samples, 0.0), 1.0)
+    m = margin if margin is not None else math.ceil(_SIGMAS * math.sqrt(samples * p * (1 - p)) + _SLACK)
+    return math.ceil(r + m), math.floor(r - m), m
+
+
 def window_select(
-    launches: list[_Launch], segments: list[Segment], keep: list[int], block: int, warps: int,
+    launches: list[_Launch], segments: list[Segment], grids: list[int], keep: list[int], block: int, warps: int,
     *, margin: int | None = None, thresholds: bool = True,
 ) -> list[tuple[int, int]] | None:
     """Masks (and ``apply`` zeros) of every segment, or None when the bracket missed.
 
-    Single weights only (no unit sizes). ``margin``: sample ranks on each side of the expected
+    Single weights only (no unit sizes); ``grids``: each segment's tiles. ``margin``: sample ranks on each side of the expected
     rank (None: ``5 sigma + 16``), exposed so tests can force a miss. ``thresholds``: also return
     per group ``(threshold key, ties kept)`` like :func:`.select.select_units` (one more host sync).
     On None, every weight is as it was and the masks are partly written.
@@ -259,7 +273,6 @@ def window_select(
     dev = segments[0].src.device
     spt = min(SAMPLES_PER_TILE, block)
     stride = block // spt
-    grids = [triton.cdiv(s.src.numel(), block) for s in segments]
 
     # Per group (host): units, sample slots in range, slots in all, its launch.
     units = [0] * groups
@@ -297,17 +310,14 @@ def window_select(
     for g in range(groups):
         if keep[g] == 0:
             continue
-        v = in_range[g]
-        if v < _MIN_SAMPLES:
+        ranks = interval_ranks(keep[g], in_range[g], units[g], margin)
+        if ranks is None:
             plan[g][2] = 1
             cap[launch_of[g]] += units[g]
             continue
-        r = keep[g] * v / units[g]
-        p = min(max(r / v, 0.0), 1.0)
-        m = margin if margin is not None else math.ceil(_SIGMAS * math.sqrt(v * p * (1 - p)) + _SLACK)
-        hi_rank = math.floor(r - m)
-        plan[g][:3] = [start[g] + min(math.ceil(r + m), slots[g] - 1), start[g] + hi_rank if hi_rank >= 0 else -1, 0]
-        cap[launch_of[g]] += min(units[g], math.ceil((2 * m + 4) * units[g] / v * 1.25))
+        lo_rank, hi_rank, m = ranks
+        plan[g][:3] = [start[g] + min(lo_rank, slots[g] - 1), start[g] + hi_rank if hi_rank >= 0 else -1, 0]
+        cap[launch_of[g]] += min(units[g], math.ceil((2 * m + 4) * units[g] / in_range[g] * 1.25))
     caps = [min(c + 1024, ln.units) for c, ln in zip(cap, launches, strict=True)]
     tables = to_device(torch.tensor([x for row in plan for x in row] + caps, dtype=torch.int64), dev)
     plan_t, caps_t = tables[:5 * groups], tables[5 * groups:]
@@ -391,28 +401,11 @@ def window_select(
                 WIDE=ln.wide, BLOCK=block, num_warps=warps,
             )
     result: list[tuple[int, int]] = [(INT32_MAX, 0)] * groups
-    if thresholds:
-        need = [keep[g] - above[g] if keep[g] else 0 for g in range(groups)]
-        for li in range(len(launches)):
-            run, pos = [0] * groups, 0
-            for g in range(groups):
-                if launch_of[g] == li:
-                    run[g] = pos
-                    pos += win[g]
-            live = [g for g in range(groups) if launch_of[g] == li and need[g]]
-            result = _thresholds(result, keys[li], live, run, need)
+    if thresholds:  # per live group: its last kept entry's key, and how many kept entries have it
+        table = group_tab.tolist()  # (run start, need), as the settle kernel used them
+        sorted_keys = [(sk >> 31).cpu() for sk in keys]  # the windows are small
+        for g, (run, need) in enumerate(table):
+            if need:
+                kept = sorted_keys[launch_of[g]][run:run + need]
+                result[g] = (int(kept[-1]), int((kept == kept[-1]).sum()))
     return result
-
-
-def _thresholds(result: list[tuple[int, int]], sk: torch.Tensor, live: list[int], run: list[int],
-                need: list[int]) -> list[tuple[int, int]]:
-    """Per live group: (key of its last kept entry, how many kept entries have that key)."""
-    if not live:
-        return result
-    key = (sk >> 31).cpu()  # one copy; the window is small
-    out = list(result)
-    for g in live:
-        kept = key[run[g]:run[g] + need[g]]
-        t = int(kept[-1])
-        out[g] = (t, int((kept == t).sum()))
-    return out

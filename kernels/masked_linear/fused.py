@@ -206,6 +206,24 @@ def _rows(perm_ptr, start, end, BLOCK_M: tl.constexpr, PATHWAY: tl.constexpr):
 
 
 @triton.jit
+def _grouped_tile(n_tiles1, GROUP: tl.constexpr):
+    """(tile0, tile1) of this program in a 1-D grid of ``n_tiles0 * n_tiles1`` output tiles.
+
+    Programs run in groups of ``GROUP`` consecutive tile0 indices, tile0 fastest within a
+    group, so the programs resident at one time share a few tiles of each operand in L2 instead
+    of all reading the same tile1 column and streaming the other operand through L2 once per
+    column (an operand larger than L2 would then come from memory once per column).
+    """
+    pid = tl.program_id(0)
+    per_group = GROUP * n_tiles1
+    group = pid // per_group
+    first = group * GROUP
+    size = tl.minimum(tl.num_programs(0) // n_tiles1 - first, GROUP)
+    local = pid - group * per_group
+    return first + local % size, local // size
+
+
+@triton.jit
 def _mma(a, b, acc, PREC: tl.constexpr, SPLIT_ACC: tl.constexpr):
     """``acc + a @ b``. ``SPLIT_ACC`` (float32 inputs, whose dot is a chain of FMAs): the tile's
     product is formed from zero and then added, so a rounding chain is ``tile + K / tile`` terms
@@ -227,11 +245,12 @@ def _fwd_kernel(
     stride_xr, stride_xk, stride_wn, stride_wk, stride_ml, stride_mn, stride_yr, stride_yn,
     MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, PATHWAY: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, SPLIT_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, W_AS_A: tl.constexpr,
+    BLOCK_K: tl.constexpr, W_AS_A: tl.constexpr, GROUP: tl.constexpr,
 ):
-    lang, start, end = _row_tile(tl.program_id(0), seg_ptr, L, R, BLOCK_M, PATHWAY)
+    pid_m, pid_n = _grouped_tile(tl.cdiv(N, BLOCK_N), GROUP)
+    lang, start, end = _row_tile(pid_m, seg_ptr, L, R, BLOCK_M, PATHWAY)
     rows, r_ok = _rows(perm_ptr, start, end, BLOCK_M, PATHWAY)
-    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     m_base = m_ptr + lang * stride_ml
     acc = _fwd_tile(x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, K, stride_xr, stride_xk, stride_wn,
@@ -285,11 +304,12 @@ def _dx_kernel(
     stride_dyr, stride_dyn, stride_wn, stride_wk, stride_ml, stride_mn, stride_dxr, stride_dxk,
     MASK_MODE: tl.constexpr, PATHWAY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     SPLIT_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    W_AS_A: tl.constexpr,
+    W_AS_A: tl.constexpr, GROUP: tl.constexpr,
 ):
-    lang, start, end = _row_tile(tl.program_id(0), seg_ptr, L, R, BLOCK_M, PATHWAY)
+    pid_m, pid_k = _grouped_tile(tl.cdiv(K, BLOCK_K), GROUP)
+    lang, start, end = _row_tile(pid_m, seg_ptr, L, R, BLOCK_M, PATHWAY)
     rows, r_ok = _rows(perm_ptr, start, end, BLOCK_M, PATHWAY)
-    k0 = tl.program_id(1).to(tl.int64) * BLOCK_K
+    k0 = pid_k.to(tl.int64) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
     m_base = m_ptr + lang * stride_ml
@@ -360,11 +380,12 @@ def _dw_kernel(
     stride_dyr, stride_dyn, stride_xr, stride_xk, stride_ml, stride_mn, stride_dwn, stride_dwk,
     MASK_MODE: tl.constexpr, HARD: tl.constexpr, PATHWAY: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, SPLIT_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n, pid_k = _grouped_tile(tl.cdiv(K, BLOCK_K), GROUP)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    k0 = tl.program_id(1).to(tl.int64) * BLOCK_K
+    k0 = pid_k.to(tl.int64) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
     if PATHWAY:
@@ -451,12 +472,24 @@ def _upcast(x: Tensor) -> bool:
     return _INTERPRET and x.dtype == torch.bfloat16
 
 
+# Output tiles per launch-order group (``_grouped_tile``): 8 row tiles of 128-256 rows keep the
+# resident programs' operand tiles within a few MB of L2.
+_GROUP = 8
+
+
+def _meta(config: dict[str, Any] | None) -> dict[str, Any]:
+    """Launch meta-parameters: the fixed ``GROUP``, and a test's explicit config (which may set
+    ``GROUP`` too) in place of the autotuner's."""
+    return {"GROUP": _GROUP, **(config or {})}
+
+
 def _launch_fwd(x2: Tensor, w: Tensor, m: Tensor, mode: int, bias: Tensor | None, plan: _Plan,
                 allow_tf32: bool, out: Tensor | None = None, config: dict[str, Any] | None = None) -> Tensor:
     """``[R, K] x [N, K] -> [R, N]``; ``m, mode`` from :func:`_kernel_mask`; ``out`` for tests.
 
     ``config`` (tests): explicit meta-parameters (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``,
-    ``W_AS_A``) instead of the autotuner's choice, so that every variant runs on CPU too.
+    ``W_AS_A``, optionally ``GROUP``) instead of the autotuner's choice, so that every variant
+    runs on CPU too.
     """
     r, k = x2.shape
     n = w.shape[0]
@@ -464,8 +497,8 @@ def _launch_fwd(x2: Tensor, w: Tensor, m: Tensor, mode: int, bias: Tensor | None
     if r == 0 or n == 0:
         return y
 
-    def grid(meta: dict[str, Any]) -> tuple[int, int]:
-        return plan.row_tiles(meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (plan.row_tiles(meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     kernel = _fwd_kernel if config is None else _fwd_kernel.fn
     kernel[grid](
@@ -474,7 +507,7 @@ def _launch_fwd(x2: Tensor, w: Tensor, m: Tensor, mode: int, bias: Tensor | None
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), m.stride(0), m.stride(1),
         y.stride(0), y.stride(1),
         MASK_MODE=mode, HAS_BIAS=bias is not None, PATHWAY=plan.pathway,
-        PREC=_prec(x2, allow_tf32), UPCAST=_upcast(w), SPLIT_ACC=_split_acc(x2), **(config or {}),
+        PREC=_prec(x2, allow_tf32), UPCAST=_upcast(w), SPLIT_ACC=_split_acc(x2), **_meta(config),
     )
     return y
 
@@ -489,8 +522,8 @@ def _launch_dx(dy: Tensor, w: Tensor, m: Tensor, mode: int, plan: _Plan, allow_t
     if r == 0 or k == 0:
         return dx
 
-    def grid(meta: dict[str, Any]) -> tuple[int, int]:
-        return plan.row_tiles(meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"])
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (plan.row_tiles(meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
 
     kernel = _dx_kernel if config is None else _dx_kernel.fn
     kernel[grid](
@@ -499,14 +532,16 @@ def _launch_dx(dy: Tensor, w: Tensor, m: Tensor, mode: int, plan: _Plan, allow_t
         dy.stride(0), dy.stride(1), w.stride(0), w.stride(1), m.stride(0), m.stride(1),
         dx.stride(0), dx.stride(1),
         MASK_MODE=mode, PATHWAY=plan.pathway, PREC=_prec(dy, allow_tf32), UPCAST=_upcast(w),
-        SPLIT_ACC=_split_acc(dy), **(config or {}),
+        SPLIT_ACC=_split_acc(dy), **_meta(config),
     )
     return dx
 
 
 def _launch_dw(dy: Tensor, x2: Tensor, m: Tensor, mode: int, hard: bool, plan: _Plan,
-               allow_tf32: bool, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
-    """``[R, N]ᵀ x [R, K] -> [N, K]``, summed per language and masked when ``hard``."""
+               allow_tf32: bool, dtype: torch.dtype, out: Tensor | None = None,
+               config: dict[str, Any] | None = None) -> Tensor:
+    """``[R, N]ᵀ x [R, K] -> [N, K]``, summed per language and masked when ``hard``; ``config``
+    as in :func:`_launch_fwd` (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP``)."""
     r, n = dy.shape
     k = x2.shape[1]
     dw = torch.empty(n, k, dtype=dtype, device=dy.device) if out is None else out
@@ -515,16 +550,17 @@ def _launch_dw(dy: Tensor, x2: Tensor, m: Tensor, mode: int, hard: bool, plan: _
     # Soft gradients ignore languages: one pass over all rows in their original order.
     pathway = plan.pathway and hard
 
-    def grid(meta: dict[str, Any]) -> tuple[int, int]:
-        return triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"])
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),)
 
-    _dw_kernel[grid](
+    kernel = _dw_kernel if config is None else _dw_kernel.fn
+    kernel[grid](
         dy, x2, m, dw, plan.perm if pathway else None, plan.seg if pathway else None,
         r, n, k, plan.n_lang, plan.bucket,
         dy.stride(0), dy.stride(1), x2.stride(0), x2.stride(1), m.stride(0), m.stride(1),
         dw.stride(0), dw.stride(1),
         MASK_MODE=mode, HARD=hard, PATHWAY=pathway, PREC=_prec(dy, allow_tf32), UPCAST=_upcast(x2),
-        SPLIT_ACC=_split_acc(x2),
+        SPLIT_ACC=_split_acc(x2), **_meta(config),
     )
     return dw
 

@@ -91,7 +91,7 @@ def _ml_spec(kernel: str, cfg: Any, dt: str, prec: str, split: bool, mode: int, 
              "seg_ptr": "*i64" if pathway else None,
              **{a: _ptr(dt) for a in ("x_ptr", "w_ptr", "y_ptr", "dy_ptr", "dx_ptr", "dw_ptr", "b_ptr")}}
     const = {**cfg.kwargs, "MASK_MODE": mode, "PATHWAY": pathway, "PREC": prec, "UPCAST": False,
-             "SPLIT_ACC": split, "HAS_BIAS": True, "HARD": pathway}
+             "SPLIT_ACC": split, "HAS_BIAS": True, "HARD": pathway, "GROUP": 8}
     name = (f"{kernel} {dt} {prec} mode={mode} pathway={pathway} {cfg.kwargs} warps={cfg.num_warps}"
             + (" odd shape" if unaligned else ""))
     return name, _jit(getattr(fused, kernel)), types, const, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
@@ -306,6 +306,80 @@ def check_prune() -> int:
     return failures
 
 
+def k_loop(ptx: str) -> str:
+    """The PTX of the innermost loop around a kernel's first ``wgmma`` (its K loop): from the
+    loop header LLVM labels to the branch back to it."""
+    import re
+
+    first = ptx.find("wgmma.mma_async")
+    if first < 0:
+        raise ValueError("no wgmma in this kernel")
+    headers = [m for m in re.finditer(r"\n(\$L__BB\d+_\d+):[^\n]*Loop Header", ptx) if m.start() < first]
+    if not headers:
+        raise ValueError("no loop header before the first wgmma")
+    label = headers[-1].group(1)
+    back = re.compile(r"\bbra(?:\.uni)?\s+" + re.escape(label) + ";")
+    end = back.search(ptx, first)
+    if end is None:
+        raise ValueError(f"no branch back to {label}")
+    return ptx[headers[-1].start():end.start()]
+
+
+def loop_structure(ptx: str) -> dict[str, int]:
+    """What one K-loop iteration does: ``wgmma`` issued, the fewest ``wgmma`` groups left in
+    flight at a wait (0: the loop waits for its own MMAs, so no MMA overlaps the next loads and
+    mask work), and shared-memory stores and barriers (a register tile that goes back through
+    shared memory to change layout)."""
+    import re
+
+    body = k_loop(ptx)
+    waits = [int(w) for w in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+);", body)]
+    return {
+        "wgmma": body.count("wgmma.mma_async"),
+        "min_in_flight": min(waits) if waits else -1,
+        "st_shared": len(re.findall(r"\bst\.shared", body)),
+        "bar_sync": body.count("bar.sync"),
+    }
+
+
+def check_structure() -> int:
+    """How the bf16 masked-linear forward and dX K loops compile (not timed: what the code does).
+
+    Required, one line each, failures counted:
+    - with the masked weight tile as the left operand (``W_AS_A``), every mask mode keeps its
+      MMAs in flight across iterations (``min_in_flight > 0``);
+    - so does the unmasked kernel in both orientations;
+    - the forward with a byte mask applies it in the MMA's operand registers: no shared-memory
+      store in the loop (the hoist Triton does for elementwise work on a register operand).
+    Reported only: the masked tile as the right operand waits for its MMAs every iteration
+    (``min_in_flight = 0``; a right operand must come from shared memory, so the masked tile is
+    stored back there), and bit masks change the tile's layout through shared memory.
+    """
+    from sparse_rnnt.kernels.masked_linear import fused
+
+    failures = 0
+    for kernel, configs in (("_fwd_kernel", fused._FWD_CONFIGS), ("_dx_kernel", fused._DX_CONFIGS)):
+        picked = [c for c in configs if c.num_warps == 8 and c.kwargs[next(iter(c.kwargs))] == 128]
+        if not any(c.kwargs.get("W_AS_A") for c in picked):
+            print(f"FAIL {kernel}: no 8-warp, 128-row config with the masked tile on the left", flush=True)
+            failures += 1
+        for cfg in picked:
+            for mode in (3, 0, 1, 2):
+                name, fn, types, const, options = _ml_spec(kernel, cfg, "bf16", "ieee", False, mode, False)
+                got = loop_structure(_compile(fn, types, const, options).asm["ptx"])
+                w_as_a = cfg.kwargs["W_AS_A"]
+                need = []
+                if w_as_a or mode == 3:
+                    need.append(got["min_in_flight"] > 0)
+                if w_as_a and mode == 0 and kernel == "_fwd_kernel":
+                    need.append(got["st_shared"] == 0)
+                bad = not all(need)
+                failures += bad
+                tag = "FAIL" if bad else "ok  " if need else "info"
+                print(f"{tag} {got}  {name}", flush=True)
+    return failures
+
+
 def specs(full: bool = False) -> Iterator[Spec]:
     """Every kernel and constexpr branch; ``full``: also every autotune config in every variant."""
     yield from _rerank()
@@ -340,12 +414,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resources", action="store_true",
                         help="also print registers and spill bytes per thread (ptxas -v)")
     parser.add_argument("--only", default="", help="compile only the kernels whose line starts with this")
+    parser.add_argument("--structure", action="store_true",
+                        help="check how the bf16 masked-linear K loops compile instead (see check_structure)")
     parser.add_argument("--prune", action="store_true",
                         help="check the masked-linear config pruning instead (see check_prune)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles", file=sys.stderr)
         return 2
+    if args.structure:
+        failed = check_structure()
+        print(f"loop structure: {failed} failures", flush=True)
+        return 1 if failed else 0
     if args.prune:
         pruner_rules()
         failed = check_prune()

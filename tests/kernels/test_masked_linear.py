@@ -174,19 +174,24 @@ def test_kernels_write_every_output_element(dtype, pathway, hard, k):
         assert mode == (0 if not bits else 2 if k % 32 == 0 else 1)
         y = fused._launch_fwd(x, w, m, mode, b, plan, False, out=torch.full((r, n), nan, dtype=dtype))
         # Both orientations of the forward and dX (the masked W as the right or the left
-        # operand) at a second tile shape: on GPUs the autotuner may pick either.
+        # operand) at a second tile shape: on GPUs the autotuner may pick either. 16-wide tiles
+        # and launch-order groups of 2 give 2-5 row tiles by 1-3 column tiles in whole and partial
+        # groups, so a tile the grouped order skips stays NaN (bit words need 32-wide K tiles).
         y_variants = [
             fused._launch_fwd(x, w, m, mode, b, plan, False, out=torch.full((r, n), nan, dtype=dtype),
-                              config={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "W_AS_A": w_as_a})
+                              config={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "W_AS_A": w_as_a, "GROUP": 2})
             for w_as_a in (False, True)
         ]
         dx = fused._launch_dx(dy, w, m, mode, plan, False, out=torch.full((r, k), nan, dtype=dtype))
         dx_variants = [
             fused._launch_dx(dy, w, m, mode, plan, False, out=torch.full((r, k), nan, dtype=dtype),
-                             config={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "W_AS_A": w_as_a})
+                             config={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "W_AS_A": w_as_a, "GROUP": 2})
             for w_as_a in (False, True)
         ]
         dw = fused._launch_dw(dy, x, m, mode, hard, plan, False, dtype, out=torch.full((n, k), nan, dtype=dtype))
+        dw_grouped = fused._launch_dw(dy, x, m, mode, hard, plan, False, dtype,
+                                      out=torch.full((n, k), nan, dtype=dtype),
+                                      config={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP": 1})
         # float64 reference (row by row mask) and the same in the test dtype
         for ref_dtype in (torch.float64, dtype):
             row_mask = masks[lang] if pathway else masks[0].expand(r, n, k)
@@ -206,6 +211,7 @@ def test_kernels_write_every_output_element(dtype, pathway, hard, k):
             assert_close_to(out, refs64[0], refs_dtype[0], f"y W_AS_A={w_as_a} mode={mode}")
         for w_as_a, out in zip((False, True), dx_variants, strict=True):
             assert_close_to(out, refs64[1], refs_dtype[1], f"dx W_AS_A={w_as_a} mode={mode}")
+        assert_close_to(dw_grouped, refs64[2], refs_dtype[2], f"dW grouped mode={mode}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -81,3 +81,31 @@ def test_the_check_catches_a_kernel_that_does_not_compile(tmp_path):
     result = _python([str(tmp_path / "kernels.py")], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rejected:" in result.stdout
+
+
+def test_masked_linear_k_loops_keep_their_mmas_in_flight():
+    # Compiled bf16 forward and dX K loops (PTX), not timings: with the masked tile as the left
+    # operand the MMAs of one iteration run on while the next tiles load and the mask applies,
+    # and the forward's byte mask is applied in the operand's registers (no shared-memory store).
+    result = _python(["-m", "tests.kernels.sm90_compile", "--structure"], timeout=900)
+    assert result.returncode == 0 and "loop structure: 0 failures" in result.stdout, result.stdout[-6000:]
+
+
+def test_loop_structure_reads_a_hand_written_loop():
+    from tests.kernels.sm90_compile import loop_structure
+
+    ptx = "\n".join([
+        "\tmov.u32 %r1, 0;",
+        "$L__BB0_1:                              // %.lr.ph",
+        "$L__BB0_2:                              // =>This Inner Loop Header: Depth=1",
+        "\tbar.sync 0;",
+        "\tst.shared.v4.b32 [%r2], {%r3, %r4, %r5, %r6};",
+        "\twgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...};",
+        "\twgmma.wait_group.sync.aligned 2;",
+        "\twgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...};",
+        "\twgmma.wait_group.sync.aligned 0;",
+        "\t@%p1 bra \t$L__BB0_2;",
+        "\twgmma.wait_group.sync.aligned 0;",
+        "\tbar.sync 0;",
+    ])
+    assert loop_structure(ptx) == {"wgmma": 2, "min_in_flight": 0, "st_shared": 1, "bar_sync": 1}

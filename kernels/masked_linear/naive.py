@@ -30,6 +30,7 @@ __all__ = [
     "check_masked_linear",
     "check_pathway",
     "mask_format",
+    "masked_cast_ref",
     "masked_linear_ref",
     "pack_rows",
     "pathway_masked_linear_ref",
@@ -195,6 +196,14 @@ def masked_linear_ref(
     check_masked_linear(x, weight, mask, bias, float64=True)
     m = _dense_mask(mask, weight.shape[1], weight.dtype)
     return F.linear(x, _effective_weight(weight, m, hard), bias)
+
+
+def masked_cast_ref(weight: Tensor, mask: Tensor, dtype: torch.dtype, *, hard: bool = False) -> Tensor:
+    """Reference ``(W ⊙ M).to(dtype)``: ``[N, K]`` weight and mask (bytes or bits) -> ``[N, K]`` in
+    ``dtype``; the gradient reaches the weight straight through, or masked when ``hard``."""
+    _check_mask_shape(mask, (), weight.shape[0], weight.shape[1], weight.device)
+    m = _dense_mask(mask, weight.shape[1], weight.dtype)
+    return _effective_weight(weight, m, hard).to(dtype)
 
 
 def pathway_masked_linear_ref(

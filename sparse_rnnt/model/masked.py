@@ -7,6 +7,13 @@ original modules back. A :class:`MaskedLinear` without a mask is an ordinary lin
 one (:meth:`MaskedLinear.set_mask`, a row-packed bit mask) its forward is the fused Triton
 ``y = x (W ⊙ M)ᵀ + b`` whose backward gives the straight-through weight gradient ``dYᵀX`` (soft
 pruning) or ``(dYᵀX) ⊙ M`` (``hard``), without ever materializing ``W ⊙ M``.
+
+Under autocast, a weight of another dtype is copied to the autocast dtype on every forward
+anyway (autocast does the same for ``F.linear``). ``autocast_path="cast"`` (the default) zeroes
+the dropped weights in that copy (``masked_cast``, one pass) and runs ``F.linear`` on it, so the
+GEMMs are cuBLAS's; ``"fused"`` makes the plain copy and runs the fused kernel on it. Both give
+the same values and gradients; which is faster is for the benchmarks to say
+(``benchmarks/kernels.py``, ``masked_linear autocast``).
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+AUTOCAST_PATHS = ("cast", "fused")
+
 
 class MaskedLinear(nn.Linear):
     """``nn.Linear`` sharing another layer's parameters; masked by the fused kernel when a mask is set."""
@@ -24,17 +33,21 @@ class MaskedLinear(nn.Linear):
     mask: Tensor | None
     hard: bool
     backend: str
+    autocast_path: str
 
     @classmethod
-    def wrap(cls, linear: nn.Linear, backend: str = "triton") -> MaskedLinear:
-        """A MaskedLinear over ``linear``'s own Parameter objects (no copy)."""
+    def wrap(cls, linear: nn.Linear, backend: str = "triton", autocast_path: str = "cast") -> MaskedLinear:
+        """A MaskedLinear over ``linear``'s own Parameter objects (no copy); ``autocast_path``: see
+        the module doc."""
+        if autocast_path not in AUTOCAST_PATHS:
+            raise ValueError(f"autocast_path must be one of {', '.join(AUTOCAST_PATHS)}, got {autocast_path!r}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.weight = linear.weight
         layer.bias = linear.bias
         layer.train(linear.training)
-        layer.mask, layer.hard, layer.backend = None, False, backend
+        layer.mask, layer.hard, layer.backend, layer.autocast_path = None, False, backend, autocast_path
         return layer
 
     def set_mask(self, mask: Tensor | None, hard: bool = False) -> None:
@@ -50,8 +63,14 @@ class MaskedLinear(nn.Linear):
         w, b = self.weight, self.bias
         kind = x.device.type
         if torch.is_autocast_enabled(kind):
-            # Autocast does not reach custom kernels: cast like it would for F.linear.
             dtype = torch.get_autocast_dtype(kind)
+            if self.autocast_path == "cast" and w.dtype != dtype:
+                # The copy autocast would make of W becomes a copy of W ⊙ M; F.linear under
+                # autocast then casts x and b and runs cuBLAS.
+                from ..kernels.masked_linear import masked_cast
+
+                return F.linear(x, masked_cast(w, self.mask, dtype, hard=self.hard, backend=self.backend), b)
+            # Autocast does not reach custom kernels: cast like it would for F.linear.
             x, w = x.to(dtype), w.to(dtype)
             b = None if b is None else b.to(dtype)
             with torch.autocast(kind, enabled=False):
@@ -80,9 +99,13 @@ class LinearSwap:
             layer.set_mask(None)
 
 
-def swap_linears(model: nn.Module, weight_names: list[str] | set[str], backend: str = "triton") -> LinearSwap:
+def swap_linears(model: nn.Module, weight_names: list[str] | set[str], backend: str = "triton",
+                 autocast_path: str = "cast") -> LinearSwap:
     """Swap every ``nn.Linear`` whose ``weight`` is named in ``weight_names`` (e.g.
-    ``"encoder.layers.0.linear.weight"``) for a :class:`MaskedLinear`; others are left alone."""
+    ``"encoder.layers.0.linear.weight"``) for a :class:`MaskedLinear`; others are left alone.
+    ``autocast_path``: how masked layers run under autocast (module doc)."""
+    if autocast_path not in AUTOCAST_PATHS:
+        raise ValueError(f"autocast_path must be one of {', '.join(AUTOCAST_PATHS)}, got {autocast_path!r}")
     wanted = set(weight_names)
     swap = LinearSwap(model)
     targets = [(name, mod) for name, mod in model.named_modules()
@@ -90,7 +113,7 @@ def swap_linears(model: nn.Module, weight_names: list[str] | set[str], backend: 
     for name, mod in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = MaskedLinear.wrap(mod, backend)
+        layer = MaskedLinear.wrap(mod, backend, autocast_path)
         setattr(parent, attr, layer)
         swap.layers[f"{name}.weight"] = layer
         swap._originals[f"{name}.weight"] = (parent, attr, mod)

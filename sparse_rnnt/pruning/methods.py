@@ -92,7 +92,9 @@ swaps the in-scope ``nn.Linear`` layers for :class:`~sparse_rnnt.model.masked.Ma
 :meth:`Pruner.close`); in-scope weights outside linear layers still use the substitution.
 ``"auto"`` (default) picks triton when the model is on CUDA. Both give the same masks; outputs
 agree to float rounding. ``PruningConfig.rerank_algorithm`` picks the triton backend's unstructured
-selection (``"atomic"``, ``"radix"``, ``"window"``: same masks, different speed).
+selection (``"atomic"``, ``"radix"``, ``"window"``: same masks, different speed), and
+``PruningConfig.autocast_path`` how the swapped layers run under autocast (``"cast"``: the mask
+applied in autocast's weight copy, then cuBLAS; ``"fused"``: the fused kernel on the copy).
 
 History: ``Pruner.history`` holds one dict per mask update: ``step``, ``event`` (``"level"`` or
 ``"rerank"``), ``level`` (target), ``sparsity`` (achieved), ``churn`` (fraction of the mask's
@@ -118,7 +120,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..model.masked import LinearSwap, swap_linears
+from ..model.masked import AUTOCAST_PATHS, LinearSwap, swap_linears
 from .masks import LanguageMasks, MaskSet
 from .ranking import SCOPES, Granularity, magnitude_masks
 from .schedules import SparsitySchedule, schedule_from_config
@@ -173,6 +175,10 @@ class PruningConfig:
     # How the triton backend finds unstructured thresholds: "atomic", "radix" or "window" (see
     # sparse_rnnt.kernels.rerank); all three give the same masks, they differ in speed.
     rerank_algorithm: str = "atomic"
+    # How the triton backend's masked linear layers run under autocast: "cast" (the mask is
+    # applied in the weight copy autocast makes anyway, then cuBLAS) or "fused" (plain copy, then
+    # the fused masked kernel). Same values and gradients (sparse_rnnt.model.masked).
+    autocast_path: str = "cast"
 
     def __post_init__(self) -> None:
         if isinstance(self.levels, list):
@@ -220,6 +226,9 @@ class PruningConfig:
         if self.rerank_algorithm not in RERANK_ALGORITHMS:
             raise UserError(f"pruning.rerank_algorithm must be one of {', '.join(RERANK_ALGORITHMS)}, "
                             f"got {self.rerank_algorithm!r}")
+        if self.autocast_path not in AUTOCAST_PATHS:
+            raise UserError(f"pruning.autocast_path must be one of {', '.join(AUTOCAST_PATHS)}, "
+                            f"got {self.autocast_path!r}")
         if not isinstance(self.init_masks, str):
             raise UserError(f"pruning.init_masks must be a string, got {self.init_masks!r}")
         lvl = self.init_level
@@ -295,7 +304,7 @@ class Pruner:
         self._swap: LinearSwap | None = None
         self._packed: dict[str | None, tuple[MaskSet, dict[str, Tensor]]] = {}
         if self.backend == "triton" and (config.soft or self.pathways):
-            self._swap = swap_linears(model, list(self.params))
+            self._swap = swap_linears(model, list(self.params), autocast_path=config.autocast_path)
         log.info("pruning %s: backend %s (config %r)%s", config.method, self.backend, config.backend,
                  f", {len(self._swap.layers)} linear layers swapped for fused masked ones" if self._swap else "")
 

@@ -124,6 +124,16 @@ def _masked_linear(full: bool) -> Iterator[Spec]:
             if kernel == "_dw_kernel" and mode == 3 and pathway:
                 continue  # no mask, no pathway
             yield _ml_spec(kernel, cfg, dt, prec, split, mode, pathway, unaligned)
+    from sparse_rnnt.kernels.masked_linear import cast
+
+    fn = _jit(cast._masked_cast_kernel)
+    for src, dst in (("fp32", "bf16"), ("fp32", "fp16"), ("bf16", "fp32"), ("fp16", "fp32")):
+        for mode in (0, 1, 2):
+            yield (f"_masked_cast_kernel {src}->{dst} mode={mode}", fn,
+                   {"src_ptr": _ptr(src), "m_ptr": _MASK_PTR[mode], "dst_ptr": _ptr(dst), "N": "i32", "K": "i32:16",
+                    "stride_sn": "i32:16", "stride_sk": 1, "stride_mn": "i32:16", "stride_dn": "i32:16",
+                    "stride_dk": 1},
+                   {"MASK_MODE": mode, "BLOCK_N": cast._BLOCK_N, "BLOCK_K": cast._BLOCK_K}, {"num_warps": cast._WARPS})
     fn = _jit(fused._mask_grad_kernel)
     for mode in (0, 1, 2):
         yield (f"_mask_grad_kernel mode={mode}", fn,

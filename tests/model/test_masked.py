@@ -1,5 +1,6 @@
 """MaskedLinear and the reversible layer swap: the fused kernel reaches every linear layer."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,3 +80,55 @@ def test_swapped_emformer_forward_equals_substituted_weights():
     dense = model(x, lengths, targets, tlen).loss.detach()
     assert not torch.allclose(dense, ref)  # the masks matter
     swap.restore()
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_autocast_paths_give_the_same_values_and_gradients(hard):
+    # CPU bf16 autocast, the counterpart of CUDA training's. "cast" zeroes the dropped weights in
+    # the bf16 copy of W and runs F.linear on it: with the triton kernel or the torch reference
+    # the copy is the same bits, so everything after it is too. "fused" copies W and runs the
+    # fused kernel: equal to float rounding, within twice PyTorch's own bf16 error.
+    from tests.kernels.tolerance import assert_close_to
+
+    torch.manual_seed(0)
+    lin = nn.Linear(45, 29)
+    keep = torch.rand(29, 45) < 0.4
+    x = torch.randn(3, 7, 45)
+    g = torch.randn(3, 7, 29)
+    got = {}
+    for backend, path in (("torch", "cast"), ("triton", "cast"), ("triton", "fused")):
+        layer = MaskedLinear.wrap(lin, backend, path)
+        layer.set_mask(pack_rows(keep), hard=hard)
+        lin.weight.grad = lin.bias.grad = None
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(xx)
+        assert y.dtype == torch.bfloat16
+        y.float().backward(g)
+        # Every result is a bf16 value (gradients are cast back up): compared in bf16, whose
+        # rounding the tolerance allows (the interpreter truncates the fused kernels' stores).
+        got[backend, path] = (y.detach(), xx.grad.bfloat16(), lin.weight.grad.bfloat16(), lin.bias.grad.clone())
+    for a, b in zip(got["torch", "cast"], got["triton", "cast"], strict=True):
+        assert torch.equal(a, b)
+    # float64 values of the bf16 math: y = x W_mᵀ + b, dX = dY W_m, dW = dYᵀX (⊙ M when hard)
+    xb, wm = x.bfloat16().double(), (lin.weight.detach() * keep).bfloat16().double()
+    gb = g.bfloat16().double()
+    dw = gb.reshape(-1, 29).T @ xb.reshape(-1, 45)
+    refs = (xb @ wm.T + lin.bias.detach().bfloat16().double(), gb @ wm, dw * keep if hard else dw)
+    # PyTorch's own bf16 error, computed apart from MaskedLinear
+    x16, w16, g16 = x.bfloat16(), (lin.weight.detach() * keep).bfloat16(), g.bfloat16()
+    dw16 = g16.reshape(-1, 29).T @ x16.reshape(-1, 45)
+    torch_outs = (F.linear(x16, w16, lin.bias.detach().bfloat16()), g16 @ w16, dw16 * keep if hard else dw16)
+    for path in ("cast", "fused"):
+        for name, i in (("y", 0), ("dx", 1), ("dW", 2)):
+            assert_close_to(got["triton", path][i], refs[i], torch_outs[i], f"{path} {name}")
+        assert torch.equal(got["triton", path][3], got["torch", "cast"][3])
+    # the hard gradient's zeros are exact
+    assert (got["triton", "cast"][2][~keep] == 0).all() == hard
+
+
+def test_autocast_path_is_validated():
+    with pytest.raises(ValueError, match="autocast_path"):
+        MaskedLinear.wrap(nn.Linear(3, 2), "triton", "materialize")
+    with pytest.raises(ValueError, match="autocast_path"):
+        swap_linears(tiny_model(0), [], autocast_path="")

@@ -1,0 +1,104 @@
+"""The masked cast kernel ``(W ⊙ M).to(dtype)`` against its reference and hand-built values.
+
+A cast rounds each value on its own (round to nearest even, in both torch and Triton), so the
+kernel must match the reference bit for bit, not to a tolerance.
+"""
+
+import pytest
+import torch
+
+from sparse_rnnt.kernels.masked_linear import cast as cast_mod
+from sparse_rnnt.kernels.masked_linear import fused, masked_cast, masked_cast_ref, pack_rows
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _weights(n: int, k: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # Values with more mantissa than the narrow types hold, so the cast really rounds.
+    w = (torch.randn(n, k, generator=g, dtype=torch.float64) * 3).to(dtype)
+    keep = torch.rand(n, k, generator=g) < 0.3
+    return w, keep
+
+
+@pytest.mark.parametrize("src", FLOATS)
+@pytest.mark.parametrize("dst", FLOATS)
+@pytest.mark.parametrize("k", [53, 64, 300])  # 64: bits read as int32 words; 300: 3 column tiles
+def test_kernel_fills_a_poisoned_output_with_the_reference_bits(src, dst, k):
+    n = 70  # 3 row tiles, the last partial
+    w, keep = _weights(n, k, src, seed=k)
+    want = (w.double() * keep).to(dst)
+    for bits, given in ((False, keep), (True, pack_rows(keep))):
+        m, mode = fused._kernel_mask(given[None], k, bits)
+        assert mode == (0 if not bits else 2 if k % 32 == 0 else 1)
+        out = torch.full((n, k), float("nan"), dtype=dst)
+        got = cast_mod._launch_masked_cast(w, m, mode, dst, out=out)
+        assert got is out
+        assert torch.equal(got, want), f"bits={bits}"
+        assert torch.equal(masked_cast_ref(w, given, dst), want)
+
+
+def test_hand_computed_values():
+    w = torch.tensor([[1.0, -2.0, 1.0 + 2**-9, 3.0], [0.5, 7.0, -1.0 - 2**-8 - 2**-10, 9.0]])
+    keep = torch.tensor([[True, False, True, True], [False, True, True, False]])
+    got = masked_cast(w, pack_rows(keep), torch.bfloat16)
+    # bf16 keeps 8 significant bits: 1 + 2^-9 rounds to 1 (tie to even), -1 - 2^-8 - 2^-10 to -1 - 2^-7.
+    want = torch.tensor([[1.0, 0.0, 1.0, 3.0], [0.0, 7.0, -1.0 - 2**-7, 0.0]], dtype=torch.bfloat16)
+    assert torch.equal(got, want)
+
+
+def test_strided_source_and_empty_shapes():
+    w, keep = _weights(40, 90, torch.float32, seed=3)
+    wt = w.t().contiguous().t()  # same values, column-major strides
+    assert not wt.is_contiguous()
+    assert torch.equal(masked_cast(wt, keep, torch.bfloat16), (w * keep).to(torch.bfloat16))
+    empty = masked_cast(torch.zeros(0, 5), torch.zeros(0, 5, dtype=torch.bool), torch.bfloat16)
+    assert empty.shape == (0, 5) and empty.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("fmt", ["bytes", "bits"])
+@pytest.mark.parametrize("dst", [torch.bfloat16, torch.float16])
+def test_gradients_are_straight_through_or_masked(hard, fmt, dst):
+    n, k = 37, 96
+    w, keep = _weights(n, k, torch.float32, seed=11)
+    mask = keep if fmt == "bytes" else pack_rows(keep)
+    g = torch.randn(n, k, generator=torch.Generator().manual_seed(12)).to(dst)
+    grads = []
+    for backend in ("triton", "torch"):
+        wl = w.clone().requires_grad_(True)
+        out = masked_cast(wl, mask, dst, hard=hard, backend=backend)
+        assert out.dtype == dst and torch.equal(out.detach(), (w * keep).to(dst))
+        out.backward(g)
+        grads.append(wl.grad)
+    want = g.float() * keep if hard else g.float()
+    assert torch.equal(grads[0], want) and torch.equal(grads[1], want)
+
+
+def test_invalid_inputs_raise_value_errors():
+    w = torch.randn(4, 9)
+    with pytest.raises(ValueError, match="weight must be"):
+        masked_cast(w[0], torch.ones(9, dtype=torch.bool), torch.bfloat16)
+    with pytest.raises(ValueError, match="float32/bfloat16/float16"):
+        masked_cast(w, torch.ones(4, 9, dtype=torch.bool), torch.float64)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        masked_cast(w, torch.ones(4, 8, dtype=torch.bool), torch.bfloat16)
+    with pytest.raises(ValueError, match="backend"):
+        masked_cast(w, torch.ones(4, 9, dtype=torch.bool), torch.bfloat16, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["bytes", "bits"])
+@pytest.mark.parametrize("hard", [False, True])
+def test_cuda_large_masked_cast(fmt, hard):
+    # GPU counterpart of the CPU tests above, at a layer's size.
+    n, k = 3072, 768 + 5
+    w, keep = _weights(n, k, torch.float32, seed=21)
+    w, keep = w.cuda().requires_grad_(True), keep.cuda()
+    mask = keep if fmt == "bytes" else pack_rows(keep)
+    out = masked_cast(w, mask, torch.bfloat16, hard=hard)
+    assert torch.equal(out, (w.detach() * keep).to(torch.bfloat16))
+    g = torch.randn(n, k, device="cuda").to(torch.bfloat16)
+    out.backward(g)
+    assert torch.equal(w.grad, g.float() * keep if hard else g.float())

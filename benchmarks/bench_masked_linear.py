@@ -18,6 +18,14 @@ Providers on CUDA (timed with ``triton.testing.do_bench``, median, L2 flushed):
   ``cublas`` is how far our tiling is from cuBLAS, ``triton`` vs ``triton-nomask`` what the mask
   costs).
 
+``masked_linear autocast fwd+bwd``: the training case, float32 weights and inputs under bf16
+autocast, with the masked layer as training runs it (``sparse_rnnt.model.masked.MaskedLinear``):
+
+- ``cublas-autocast``: dense ``F.linear`` (autocast copies W to bf16, cuBLAS);
+- ``unfused-autocast``: ``F.linear(x, W * M)`` (the fp32 product, then autocast's copy);
+- ``triton-cast``: ``autocast_path="cast"``, the mask applied in the bf16 copy (``masked_cast``),
+  then cuBLAS; ``triton-fused``: ``autocast_path="fused"``, a plain copy, then the fused kernels.
+
 On CPU only the PyTorch providers run (``dense``, ``unfused``), float32, at a tiny shape, timed
 with a median of ``time.perf_counter`` repetitions, so the harness can be tested without a GPU.
 Each row also gives the stored mask size (``mask_bytes``), per-call temporaries
@@ -132,6 +140,53 @@ def run(device: str, quick: bool) -> list[dict]:
                     **({"configs": _chosen_configs()} if provider.startswith("triton") else {}),
                 })
             del y
+        rows += _autocast_rows(label, r, k, n, device, mask, packed)
+    return rows
+
+
+def _autocast_rows(label: str, r: int, k: int, n: int, device: str, mask: torch.Tensor,
+                   packed: torch.Tensor) -> list[dict]:
+    """``masked_linear autocast fwd+bwd`` rows (module doc): float32 ``x [r, k]`` and layer
+    ``[n, k]`` under bf16 autocast."""
+    from torch import nn
+
+    from sparse_rnnt.model.masked import MaskedLinear
+
+    g = torch.Generator().manual_seed(1)
+    lin = nn.Linear(k, n).to(device)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) / k**0.5)
+    x = torch.randn(r, k, generator=g).to(device).requires_grad_(True)
+    dy = torch.randn(r, n, generator=g).to(device, torch.bfloat16)
+    args = (x, lin.weight, lin.bias)
+    provs: dict[str, Callable[[], torch.Tensor]] = {
+        "cublas-autocast" if device != "cpu" else "dense-autocast": lambda: lin(x),
+        "unfused-autocast": lambda: F.linear(x, lin.weight * mask, lin.bias),
+    }
+    if device != "cpu":
+        for path in ("cast", "fused"):
+            layer = MaskedLinear.wrap(lin, "triton", path)
+            layer.set_mask(packed)
+            provs[f"triton-{path}"] = layer
+    rows = []
+    for provider, fn in provs.items():
+
+        def both(fn: Callable[[], torch.Tensor] = fn) -> object:
+            with torch.autocast(device, dtype=torch.bfloat16):
+                y = fn(x) if isinstance(fn, nn.Module) else fn()
+            return torch.autograd.grad(y, args, dy)
+
+        ms = _time(both, device)
+        rows.append({
+            "bench": "masked_linear autocast fwd+bwd", "shape": label, "provider": provider, "ms": ms,
+            "host_ms": host_ms(both, device) if device == "cuda" else None,
+            "dtype": "float32+autocast-bf16", "density": 0.3, "hard": False,
+            "tflops": 6 * r * n * k / (ms * 1e-3) / 1e12,
+            "mask_bytes": 0 if provider.startswith(("cublas", "dense")) else (
+                mask.numel() if provider.startswith("unfused") else packed.numel()),
+            # per call, beside autocast's own bf16 copy of W: unfused also makes the fp32 W * M
+            "temp_bytes": n * k * 4 if provider.startswith("unfused") else 0,
+        })
     return rows
 
 

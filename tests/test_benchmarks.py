@@ -45,7 +45,7 @@ def test_kernel_benchmark_runs_on_cpu(tmp_path):
     assert step["provider"] == "torch" and step["ms"] > 0 and step["rerank_ms"] > 0
     assert step["step_ms_rerank_every_100"] == step["ms"] + step["rerank_ms"] / 100
     providers = {r["provider"] for r in result["rows"] if r["bench"].startswith("masked_linear")}
-    assert providers == {"dense", "unfused"}
+    assert providers == {"dense", "unfused", "dense-autocast", "unfused-autocast"}
     assert all(r["host_ms"] is None for r in result["rows"] if r["bench"].startswith("masked_linear"))
     header = (tmp_path / "kernels-cpu.csv").read_text().splitlines()[0]
     assert header.startswith("bench,shape,provider,ms")
@@ -188,7 +188,7 @@ def test_gpu_session_script_rehearsal_on_cpu(tmp_path):
     for name in ("kernels", "small_row", "stream", "load"):
         assert f"=== {name} rc=0" in log, log[-3000:]
     kernels = json.loads((tmp_path / "kernels-cpu.json").read_text())
-    assert {r["provider"] for r in kernels["rows"]} == {"dense", "unfused"}
+    assert {r["provider"] for r in kernels["rows"]} == {"dense", "unfused", "dense-autocast", "unfused-autocast"}
     small = [json.loads(line) for line in (tmp_path / "small-row-cpu.jsonl").read_text().splitlines()]
     assert small and all(r["bench"] == "small_row_linear" for r in small)
     stream = json.loads((tmp_path / "stream-cpu.json").read_text())

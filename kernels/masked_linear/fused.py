@@ -165,6 +165,24 @@ def _keep_tile(m_ptr, offs_n, n_ok, k0, K, stride_mn, BLOCK_N: tl.constexpr, BLO
 
 
 @triton.jit
+def _keep_tile_t(m_ptr, offs_n, n_ok, k0, K, stride_mn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 MASK_MODE: tl.constexpr):
+    """:func:`_keep_tile` transposed, ``[BLOCK_K, BLOCK_N]``. A byte mask is loaded transposed
+    (with the weight tile loaded the same way, masking them is an elementwise op on two loaded
+    tiles, which Triton applies in the MMA operand's registers); bits are expanded, then
+    transposed."""
+    if MASK_MODE == 0:
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        keep = tl.load(m_ptr + offs_k[:, None] + offs_n[None, :] * stride_mn,
+                       mask=(offs_k[:, None] < K) & n_ok[None, :], other=0) != 0
+    elif MASK_MODE == 3:
+        keep = tl.full((BLOCK_K, BLOCK_N), 1, tl.int1)
+    else:
+        keep = tl.trans(_keep_tile(m_ptr, offs_n, n_ok, k0, K, stride_mn, BLOCK_N, BLOCK_K, MASK_MODE))
+    return keep
+
+
+@triton.jit
 def _row_tile(pid_m, seg_ptr, L, R, BLOCK_M: tl.constexpr, PATHWAY: tl.constexpr):
     """(language, first row, end of segment) of row tile ``pid_m``, in sorted-row coordinates.
 
@@ -322,16 +340,24 @@ def _dx_kernel(
         n_ok = offs_n < N
         dyt = tl.load(dy_ptr + rows[:, None] * stride_dyr + offs_n[None, :] * stride_dyn,
                       mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                     mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        keep = _keep_tile(m_base, offs_n, n_ok, k0, K, stride_mn, BLOCK_N, BLOCK_K, MASK_MODE)
-        wt = tl.where(keep, wt, 0.0)
-        if UPCAST:
-            dyt = dyt.to(tl.float32)
-            wt = wt.to(tl.float32)
         if W_AS_A:
-            acc = _mma(tl.trans(wt), tl.trans(dyt), acc, PREC, SPLIT_ACC)
+            # (W ⊙ M)ᵀ loaded transposed rather than transposed in registers: see _keep_tile_t.
+            wt_t = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                           mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            keep_t = _keep_tile_t(m_base, offs_n, n_ok, k0, K, stride_mn, BLOCK_N, BLOCK_K, MASK_MODE)
+            wt_t = tl.where(keep_t, wt_t, 0.0)
+            if UPCAST:
+                dyt = dyt.to(tl.float32)
+                wt_t = wt_t.to(tl.float32)
+            acc = _mma(wt_t, tl.trans(dyt), acc, PREC, SPLIT_ACC)
         else:
+            wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            keep = _keep_tile(m_base, offs_n, n_ok, k0, K, stride_mn, BLOCK_N, BLOCK_K, MASK_MODE)
+            wt = tl.where(keep, wt, 0.0)
+            if UPCAST:
+                dyt = dyt.to(tl.float32)
+                wt = wt.to(tl.float32)
             acc = _mma(dyt, wt, acc, PREC, SPLIT_ACC)
     if W_AS_A:  # noqa: SIM108 (a constexpr branch, not a runtime select)
         out = tl.trans(acc)

@@ -359,8 +359,9 @@ def check_structure() -> int:
     - with the masked weight tile as the left operand (``W_AS_A``), every mask mode keeps its
       MMAs in flight across iterations (``min_in_flight > 0``);
     - so does the unmasked kernel in both orientations;
-    - the forward with a byte mask applies it in the MMA's operand registers: no shared-memory
-      store in the loop (the hoist Triton does for elementwise work on a register operand).
+    - with a byte mask, the forward and dX apply it in the MMA's operand registers: no
+      shared-memory store in the loop (the hoist Triton does for elementwise work on a register
+      operand whose inputs are all loaded tiles).
     Reported only: the masked tile as the right operand waits for its MMAs every iteration
     (``min_in_flight = 0``; a right operand must come from shared memory, so the masked tile is
     stored back there), and bit masks change the tile's layout through shared memory.
@@ -381,7 +382,7 @@ def check_structure() -> int:
                 need = []
                 if w_as_a or mode == 3:
                     need.append(got["min_in_flight"] > 0)
-                if w_as_a and mode == 0 and kernel == "_fwd_kernel":
+                if w_as_a and mode == 0:
                     need.append(got["st_shared"] == 0)
                 bad = not all(need)
                 failures += bad

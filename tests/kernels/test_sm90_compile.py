@@ -86,7 +86,7 @@ def test_the_check_catches_a_kernel_that_does_not_compile(tmp_path):
 def test_masked_linear_k_loops_keep_their_mmas_in_flight():
     # Compiled bf16 forward and dX K loops (PTX), not timings: with the masked tile as the left
     # operand the MMAs of one iteration run on while the next tiles load and the mask applies,
-    # and the forward's byte mask is applied in the operand's registers (no shared-memory store).
+    # and a byte mask is applied in the operand's registers (no shared-memory store).
     result = _python(["-m", "tests.kernels.sm90_compile", "--structure"], timeout=900)
     assert result.returncode == 0 and "loop structure: 0 failures" in result.stdout, result.stdout[-6000:]
 

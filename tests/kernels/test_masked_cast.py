@@ -102,3 +102,41 @@ def test_cuda_large_masked_cast(fmt, hard):
     g = torch.randn(n, k, device="cuda").to(torch.bfloat16)
     out.backward(g)
     assert torch.equal(w.grad, g.float() * keep if hard else g.float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("hard", [False, True])
+def test_cuda_masked_layer_autocast_paths(hard):
+    # GPU counterpart of tests/model/test_masked.py's autocast test: a masked layer under CUDA bf16
+    # autocast, "cast" (bf16 copy of W ⊙ M, then cuBLAS) and "fused" (copy, then the fused
+    # kernel), against float64 values of the same bf16 math and PyTorch's own bf16 error.
+    from torch import nn
+
+    from sparse_rnnt.model.masked import MaskedLinear
+    from tests.kernels.tolerance import assert_close_to
+
+    torch.manual_seed(0)
+    n, k, r = 1024, 768 + 3, 2048
+    lin = nn.Linear(k, n).cuda()
+    keep = torch.rand(n, k, device="cuda") < 0.3
+    x = torch.randn(r, k, device="cuda")
+    g = torch.randn(r, n, device="cuda")
+    x16, w16, g16 = x.bfloat16(), (lin.weight.detach() * keep).bfloat16(), g.bfloat16()
+    dw16 = g16.T @ x16
+    torch_outs = (torch.nn.functional.linear(x16, w16, lin.bias.detach().bfloat16()), g16 @ w16,
+                  dw16 * keep if hard else dw16)
+    xd, wd, gd = x16.double(), w16.double(), g16.double()
+    refs = (xd @ wd.T + lin.bias.detach().bfloat16().double(), gd @ wd,
+            (gd.T @ xd) * keep if hard else gd.T @ xd)
+    for path in ("cast", "fused"):
+        layer = MaskedLinear.wrap(lin, "triton", path)
+        layer.set_mask(pack_rows(keep), hard=hard)
+        lin.weight.grad = None
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(xx)
+        y.float().backward(g)
+        for name, out, ref, tout in zip(("y", "dx", "dW"), (y, xx.grad.bfloat16(), lin.weight.grad.bfloat16()),
+                                        refs, torch_outs, strict=True):
+            assert_close_to(out, ref, tout, f"{path} {name}")

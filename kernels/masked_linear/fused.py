@@ -18,7 +18,9 @@ Kernels (fp32 accumulation in all of them):
   fp32; a single-mask bf16/fp16 weight gradient is a plain matmul, so it is cuBLAS's ``dyᵀ x``
   (``_mask_grad_kernel`` then zeroes the dropped weights of a hard gradient in place).
 
-``db`` is a plain ``dy.sum(0)`` in fp32. Gradient rules and mask formats: see ``naive.py``.
+Each kernel runs its output tiles on a 1-D grid in groups of ``GROUP`` tile rows
+(``_grouped_tile``), for L2 reuse. ``db`` is a plain ``dy.sum(0)`` in fp32. Gradient rules and
+mask formats: see ``naive.py``.
 Under ``TRITON_INTERPRET=1`` one small config is used and dot operands are upcast to fp32 first,
 because the interpreter's ``tl.dot`` multiplies bfloat16 tiles as their raw uint16 bit patterns.
 """

@@ -82,17 +82,18 @@ class _MaskedCastFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, weight: Tensor, m: Tensor, mode: int, dtype: torch.dtype, hard: bool) -> Tensor:
-        ctx.save_for_backward(m)
-        ctx.mode, ctx.hard, ctx.weight_dtype = mode, hard, weight.dtype
+        # The mask (an input that takes no gradient) is kept on ctx, not saved for backward: a
+        # copy reused across steps (MaskedLinear) may be back-propagated more than once, and
+        # saved tensors are freed by the first backward pass.
+        ctx.m, ctx.mode, ctx.hard, ctx.weight_dtype = m, mode, hard, weight.dtype
         return _launch_masked_cast(weight, m, mode, dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        (m,) = ctx.saved_tensors
         if ctx.hard:
-            g = _launch_masked_cast(grad, m, ctx.mode, ctx.weight_dtype)
+            g = _launch_masked_cast(grad, ctx.m, ctx.mode, ctx.weight_dtype)
         else:
             g = grad.to(ctx.weight_dtype)
         return g, None, None, None, None

@@ -10,10 +10,10 @@ pruning) or ``(dYᵀX) ⊙ M`` (``hard``), without ever materializing ``W ⊙ M`
 
 Under autocast, a weight of another dtype is copied to the autocast dtype on every forward
 anyway (autocast does the same for ``F.linear``). ``autocast_path="cast"`` (the default) zeroes
-the dropped weights in that copy (``masked_cast``, one pass) and runs ``F.linear`` on it, so the
-GEMMs are cuBLAS's; ``"fused"`` makes the plain copy and runs the fused kernel on it. Both give
-the same values and gradients; which is faster is for the benchmarks to say
-(``benchmarks/kernels.py``, ``masked_linear autocast``).
+the dropped weights in that copy (``masked_cast``, one pass, reused like autocast's copy while
+the weight is unchanged) and runs ``F.linear`` on it, so the GEMMs are cuBLAS's; ``"fused"`` makes
+the plain copy and runs the fused kernel on it. Both give the same values and gradients; which
+is faster is for the benchmarks to say (``benchmarks/kernels.py``, ``masked_linear autocast``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class MaskedLinear(nn.Linear):
     hard: bool
     backend: str
     autocast_path: str
+    _copy: tuple[tuple, Tensor] | None
 
     @classmethod
     def wrap(cls, linear: nn.Linear, backend: str = "triton", autocast_path: str = "cast") -> MaskedLinear:
@@ -48,11 +49,30 @@ class MaskedLinear(nn.Linear):
         layer.bias = linear.bias
         layer.train(linear.training)
         layer.mask, layer.hard, layer.backend, layer.autocast_path = None, False, backend, autocast_path
+        layer._copy = None
         return layer
 
     def set_mask(self, mask: Tensor | None, hard: bool = False) -> None:
         """``mask``: ``[out, ceil(in / 8)]`` uint8 row-packed bits (or ``[out, in]`` bool), None = dense."""
         self.mask, self.hard = mask, hard
+        self._copy = None
+
+    def _masked_copy(self, w: Tensor, dtype: torch.dtype) -> Tensor:
+        """``(W ⊙ M).to(dtype)``, made once and reused while the weight (its version and storage),
+        the dtype and the grad mode stay the same: autocast likewise casts a weight once per
+        forward, so a layer called at every step of a recurrence (the predictor LSTM) costs one
+        cast, and its gradients meet in the copy as they do in autocast's. ``set_mask`` drops
+        the copy (the pruner sets the masks at every step). Triton backend only: the kernel's
+        backward keeps nothing that a first backward pass frees, so a reused copy can be
+        back-propagated again."""
+        from ..kernels.masked_linear import masked_cast
+
+        if self.backend != "triton":
+            return masked_cast(w, self.mask, dtype, hard=self.hard, backend=self.backend)
+        key = (w._version, w.data_ptr(), dtype, torch.is_grad_enabled())
+        if self._copy is None or self._copy[0] != key:
+            self._copy = (key, masked_cast(w, self.mask, dtype, hard=self.hard, backend=self.backend))
+        return self._copy[1]
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``[*, in]`` -> ``[*, out]``."""
@@ -67,9 +87,7 @@ class MaskedLinear(nn.Linear):
             if self.autocast_path == "cast" and w.dtype != dtype:
                 # The copy autocast would make of W becomes a copy of W ⊙ M; F.linear under
                 # autocast then casts x and b and runs cuBLAS.
-                from ..kernels.masked_linear import masked_cast
-
-                return F.linear(x, masked_cast(w, self.mask, dtype, hard=self.hard, backend=self.backend), b)
+                return F.linear(x, self._masked_copy(w, dtype), b)
             # Autocast does not reach custom kernels: cast like it would for F.linear.
             x, w = x.to(dtype), w.to(dtype)
             b = None if b is None else b.to(dtype)

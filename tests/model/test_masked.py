@@ -132,3 +132,50 @@ def test_autocast_path_is_validated():
         MaskedLinear.wrap(nn.Linear(3, 2), "triton", "materialize")
     with pytest.raises(ValueError, match="autocast_path"):
         swap_linears(tiny_model(0), [], autocast_path="")
+
+
+def test_autocast_copy_is_made_once_per_weight_version(monkeypatch):
+    # Like autocast's own copy of a weight: one cast per forward for a layer called at every step
+    # of a recurrence, its gradients summed in the bf16 copy. So three calls give exactly what a
+    # dense layer holding W ⊙ M gives under autocast, outputs and gradients bit for bit.
+    from sparse_rnnt.kernels.masked_linear import cast as cast_mod
+
+    launches = []
+    real = cast_mod._launch_masked_cast
+    monkeypatch.setattr(cast_mod, "_launch_masked_cast", lambda *a, **k: launches.append(a[3]) or real(*a, **k))
+    torch.manual_seed(0)
+    lin = nn.Linear(45, 29)
+    keep = torch.rand(29, 45) < 0.4
+    ref = nn.Linear(45, 29)
+    with torch.no_grad():
+        ref.weight.copy_(lin.weight * keep)
+        ref.bias.copy_(lin.bias)
+    layer = MaskedLinear.wrap(lin, "triton", "cast")
+    layer.set_mask(pack_rows(keep))
+    xs = torch.randn(3, 7, 45)
+    g = torch.randn(7, 29)
+
+    def run(module: nn.Module) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = sum(module(x) for x in xs)
+        y.float().backward(g)
+        return y.detach()
+
+    y, y_ref = run(layer), run(ref)
+    assert launches == [torch.bfloat16]  # one forward cast; soft gradients are cast back by torch
+    assert torch.equal(y, y_ref) and torch.equal(lin.weight.grad, ref.weight.grad)
+    first = lin.weight.grad.clone()
+    # Unchanged weight: the copy is reused, and back-propagated through a second time.
+    assert torch.equal(run(layer), y) and launches == [torch.bfloat16]
+    assert torch.equal(lin.weight.grad, 2 * first)
+    # An optimizer-style in-place update, a new mask, a no-grad forward: each makes a new copy.
+    with torch.no_grad():
+        lin.weight.add_(0.25)
+        ref.weight.add_(0.25 * keep)
+    assert torch.equal(run(layer), run(ref)) and len(launches) == 2
+    layer.set_mask(pack_rows(keep))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(xs[0])
+    assert len(launches) == 3
+    run(layer)
+    assert len(launches) == 4

@@ -13,7 +13,8 @@ ratios) and ``kernels-<device>.csv`` (the rows). Sections:
   ``torch.sort``, ours, and the floor (one read of the weights at measured copy bandwidth);
 - ``train_step``: a training step of a named model (fwd + bwd + Adam, bf16 autocast on CUDA)
   and one global re-rank of its in-scope weights with the pruner's backend; the step time with
-  a re-rank every 100 steps vs never, and the overhead.
+  a re-rank every 100 steps vs never, and the overhead; and the same step without pruning
+  (``dense_step_ms``, ``masked_vs_dense``: what the masked forward and backward cost).
 
 Ratios are only formed between rows of this run. On CPU only the PyTorch providers run (the
 Triton kernels need a GPU; their CPU checks are the interpreter tests).
@@ -90,9 +91,16 @@ def _train_step_row(size: str, device: str) -> dict[str, Any]:
     def rerank() -> None:
         pruner._rerank_single(1, "rerank", candidates=None)
 
+    def dense_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            model(x, lengths, y, ylen).loss.backward()
+        opt.step()
+
     rerank()  # the masks at 70% before timing the masked steps
     step_ms, rerank_ms = timer(step), timer(rerank)
-    pruner.close()
+    pruner.close()  # the model is an ordinary dense model again
+    dense_ms = timer(dense_step)
     n = sum(p.numel() for p in pruner.params.values())
     with_ms = step_ms + rerank_ms / RERANK_EVERY
     return {
@@ -100,6 +108,8 @@ def _train_step_row(size: str, device: str) -> dict[str, Any]:
         "ms": step_ms, "rerank_ms": rerank_ms, "weights_in_scope": n,
         "step_ms_rerank_every_100": with_ms, "step_ms_never": step_ms,
         "overhead_at_100": with_ms / step_ms - 1.0,
+        # the same step of the same model unpruned: what masked training costs over dense
+        "dense_step_ms": dense_ms, "masked_vs_dense": step_ms / dense_ms,
     }
 
 

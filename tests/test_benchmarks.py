@@ -44,6 +44,7 @@ def test_kernel_benchmark_runs_on_cpu(tmp_path):
     step = next(r for r in result["rows"] if r["bench"] == "train_step")
     assert step["provider"] == "torch" and step["ms"] > 0 and step["rerank_ms"] > 0
     assert step["step_ms_rerank_every_100"] == step["ms"] + step["rerank_ms"] / 100
+    assert step["dense_step_ms"] > 0 and step["masked_vs_dense"] == step["ms"] / step["dense_step_ms"]
     providers = {r["provider"] for r in result["rows"] if r["bench"].startswith("masked_linear")}
     assert providers == {"dense", "unfused", "dense-autocast", "unfused-autocast"}
     assert all(r["host_ms"] is None for r in result["rows"] if r["bench"].startswith("masked_linear"))

@@ -17,7 +17,8 @@
 // cache-resident): no shared-memory staging and no block barrier.
 //
 // bitmap_spmm_kernel (8 < R <= 64): the block walks K in chunks of kChunk columns; x[:, chunk]
-// is staged in shared memory once per block and reused by its kWarps rows.
+// is staged in shared memory once per block and reused by its kWarps rows. The next chunk's x
+// and bit words are fetched into registers while the current one is used (see the kernel).
 //
 // Registered as torch.ops.sparse_rnnt_small_row.bitmap_linear (TORCH_LIBRARY, no pybind).
 
@@ -105,6 +106,23 @@ __global__ void __launch_bounds__(kWarps * 32) bitmap_gemv_kernel(
   reduce_and_store<scalar_t, R_MAX>(acc, lane, n, R, bias, y, stride_yr);
 }
 
+// What bitmap_spmm_kernel reads for one chunk ahead of using it: column threadIdx.x of every
+// row of x (zero past R or K), and the warp's bit words of the chunk (zero past the row's words).
+template <typename scalar_t, int R_MAX>
+__device__ __forceinline__ void fetch_chunk(float (&xn)[R_MAX], uint32_t (&wn)[kChunk / 32], int64_t k0,
+                                            const scalar_t* __restrict__ x, const int32_t* __restrict__ bits,
+                                            int64_t n, bool row_ok, int64_t R, int64_t K, int64_t n_words,
+                                            int64_t stride_xr) {
+  const int64_t c = k0 + threadIdx.x;
+#pragma unroll
+  for (int r = 0; r < R_MAX; ++r) xn[r] = (r < R && c < K) ? static_cast<float>(x[r * stride_xr + c]) : 0.f;
+#pragma unroll
+  for (int j = 0; j < kChunk / 32; ++j) {
+    const int64_t wi = k0 / 32 + j;
+    wn[j] = (row_ok && wi < n_words) ? static_cast<uint32_t>(__ldg(bits + n * n_words + wi)) : 0u;
+  }
+}
+
 template <typename scalar_t, int R_MAX>
 __global__ void __launch_bounds__(kWarps * 32) bitmap_spmm_kernel(
     const scalar_t* __restrict__ x, const int32_t* __restrict__ bits,
@@ -112,6 +130,8 @@ __global__ void __launch_bounds__(kWarps * 32) bitmap_spmm_kernel(
     const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
     int64_t R, int64_t N, int64_t K, int64_t n_words, int64_t n_tiles,
     int64_t stride_xr, int64_t stride_yr) {
+  static_assert(kWarps * 32 == kChunk, "each thread stages one column of a chunk");
+  constexpr int kWords = kChunk / 32;
   __shared__ float xs[R_MAX][kChunk];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -124,27 +144,32 @@ __global__ void __launch_bounds__(kWarps * 32) bitmap_spmm_kernel(
   for (int r = 0; r < R_MAX; ++r) acc[r] = 0.f;
   int64_t off = row_ok ? static_cast<int64_t>(offsets[n * n_tiles]) : 0;
 
+  // Software pipeline: the next chunk's x column and bit words are loaded into registers while
+  // this chunk is used, all loads of a chunk independent of each other, so each chunk waits for
+  // about one memory latency (its values) instead of one per load in a chain.
+  float xn[R_MAX];
+  uint32_t wn[kWords];
+  fetch_chunk<scalar_t, R_MAX>(xn, wn, 0, x, bits, n, row_ok, R, K, n_words, stride_xr);
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
     __syncthreads();  // previous chunk fully consumed
-    for (int i = threadIdx.x; i < R_MAX * kChunk; i += kWarps * 32) {
-      const int r = i / kChunk;
-      const int64_t c = k0 + (i % kChunk);
-      xs[r][i % kChunk] = (r < R && c < K) ? static_cast<float>(x[r * stride_xr + c]) : 0.f;
-    }
+#pragma unroll
+    for (int r = 0; r < R_MAX; ++r) xs[r][threadIdx.x] = xn[r];
+    uint32_t words[kWords];
+#pragma unroll
+    for (int j = 0; j < kWords; ++j) words[j] = wn[j];
     __syncthreads();
+    if (k0 + kChunk < K) fetch_chunk<scalar_t, R_MAX>(xn, wn, k0 + kChunk, x, bits, n, row_ok, R, K, n_words, stride_xr);
     if (row_ok) {
+      float v[kWords];
 #pragma unroll
-      for (int j = 0; j < kChunk / 32; ++j) {
-        const int64_t word_idx = k0 / 32 + j;
-        const uint32_t word = word_idx < n_words
-            ? static_cast<uint32_t>(__ldg(bits + n * n_words + word_idx)) : 0u;
-        float v = 0.f;
-        if ((word >> lane) & 1u) {
-          v = static_cast<float>(values[off + __popc(word & below)]);
-        }
-        off += __popc(word);
+      for (int j = 0; j < kWords; ++j) {
+        v[j] = ((words[j] >> lane) & 1u) ? static_cast<float>(values[off + __popc(words[j] & below)]) : 0.f;
+        off += __popc(words[j]);
+      }
 #pragma unroll
-        for (int r = 0; r < R_MAX; ++r) acc[r] = fmaf(v, xs[r][j * 32 + lane], acc[r]);
+      for (int j = 0; j < kWords; ++j) {
+#pragma unroll
+        for (int r = 0; r < R_MAX; ++r) acc[r] = fmaf(v[j], xs[r][j * 32 + lane], acc[r]);
       }
     }
   }

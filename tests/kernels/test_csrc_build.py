@@ -60,8 +60,10 @@ def test_bitmap_spmm_compiles_for_sm90(tmp_path: Path) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# Rows > 8 take the chunked kernel: (12, 7, 77) is one partial chunk and a block with an empty
+# row, (33, 45, 1000) a partial last chunk with rows to spare in a 64-row instance.
 @pytest.mark.parametrize("r,n,k", [(1, 37, 53), (3, 37, 130), (8, 75, 1100), (5, 512, 2048), (17, 512, 2048),
-                                   (64, 3072, 768), (70, 768, 3072)])
+                                   (12, 7, 77), (33, 45, 1000), (64, 3072, 768), (70, 768, 3072)])
 def test_cuda_extension_matches_reference(r, n, k, dtype):
     assert cuda_ext.get_extension() is not None, "the CUDA extension failed to build (see the warning)"
     g = torch.Generator().manual_seed(r)

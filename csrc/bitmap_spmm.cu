@@ -38,6 +38,7 @@ constexpr int kChunk = 128;   // columns staged per step (4 words)
 constexpr int kMaxRows = 64;  // rows of x per launch; the host loops over chunks of 64
 
 constexpr int kGemvRows = 8;  // rows up to which bitmap_gemv_kernel is used
+constexpr int kGemvGroup = 8;  // bit words whose loads bitmap_gemv_kernel issues together
 
 template <typename scalar_t, int R_MAX>
 __device__ __forceinline__ void reduce_and_store(float (&acc)[R_MAX], int lane, int64_t n, int64_t R,
@@ -88,17 +89,30 @@ __global__ void __launch_bounds__(kWarps * 32) bitmap_gemv_kernel(
       if (lane >= d) incl += up;
     }
     const int excl = incl - count;
-#pragma unroll 8
-    for (int j = 0; j < 32; ++j) {
-      const uint32_t word = __shfl_sync(0xffffffffu, mine, j);  // zero past n_words
-      const int start = __shfl_sync(0xffffffffu, excl, j);
-      const int64_t col = (w0 + j) * 32 + lane;
-      if (((word >> lane) & 1u) && col < K) {
-        const float v = static_cast<float>(values[base + start + __popc(word & below)]);
+    // Words in groups of kGemvGroup: every value and x load of a group is issued (predicated,
+    // no branch) before any of them is used, so a group waits for one memory latency. A branch
+    // around each word's loads made every word wait for its own.
+#pragma unroll 1
+    for (int j0 = 0; j0 < 32; j0 += kGemvGroup) {
+      float v[kGemvGroup];
+      float xv[kGemvGroup][R_MAX];
+#pragma unroll
+      for (int jj = 0; jj < kGemvGroup; ++jj) {
+        const int j = j0 + jj;
+        const uint32_t word = __shfl_sync(0xffffffffu, mine, j);  // zero past n_words
+        const int start = __shfl_sync(0xffffffffu, excl, j);
+        const int64_t col = (w0 + j) * 32 + lane;
+        const bool kept = ((word >> lane) & 1u) && col < K;
+        v[jj] = kept ? static_cast<float>(values[base + start + __popc(word & below)]) : 0.f;
 #pragma unroll
         for (int r = 0; r < R_MAX; ++r) {
-          if (r < R) acc[r] = fmaf(v, static_cast<float>(x[r * stride_xr + col]), acc[r]);
+          xv[jj][r] = (kept && r < R) ? static_cast<float>(x[r * stride_xr + col]) : 0.f;
         }
+      }
+#pragma unroll
+      for (int jj = 0; jj < kGemvGroup; ++jj) {
+#pragma unroll
+        for (int r = 0; r < R_MAX; ++r) acc[r] = fmaf(v[jj], xv[jj][r], acc[r]);
       }
     }
     base += __shfl_sync(0xffffffffu, incl, 31);  // kept weights in these 32 words

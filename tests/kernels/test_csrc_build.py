@@ -3,6 +3,7 @@ dense reference within twice PyTorch's own error in the same dtype.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -34,7 +35,7 @@ def test_bitmap_spmm_compiles_for_sm90(tmp_path: Path) -> None:
         "-arch=sm_90", "-std=c++17", "-O3", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=bitmap_spmm_build_test",
         "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-        "-D__CUDA_NO_HALF2_OPERATORS__", "-Werror", "all-warnings",
+        "-D__CUDA_NO_HALF2_OPERATORS__", "-Werror", "all-warnings", "-Xptxas", "-v",
         "-I", sysconfig.get_paths()["include"],
     ]
     for inc in cpp_extension.include_paths():
@@ -43,6 +44,10 @@ def test_bitmap_spmm_compiles_for_sm90(tmp_path: Path) -> None:
     assert proc.returncode == 0, f"nvcc failed:\n{proc.stderr[-4000:]}"
     obj = tmp_path / "bitmap_spmm.o"
     assert obj.stat().st_size > 0
+    # ptxas -v: these kernels are bound by memory latency, so no instance may spill registers to
+    # local memory (an earlier gemv spilled 24 bytes at 4 rows).
+    spills = re.findall(r"(\d+) bytes spill stores", proc.stdout + proc.stderr)
+    assert len(spills) >= 28 and all(int(b) == 0 for b in spills), spills
     # The object holds a kernel instance per (dtype, R_MAX), the latency-bound one up to 8 rows,
     # and the op's registration.
     nm = shutil.which("nm")

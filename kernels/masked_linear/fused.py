@@ -185,6 +185,25 @@ def _keep_tile_t(m_ptr, offs_n, n_ok, k0, K, stride_mn, BLOCK_N: tl.constexpr, B
 
 
 @triton.jit
+def _masked_w(w_ptr, m_ptr, offs_n, n_ok, offs_k, k_ok, k0, K, stride_wn, stride_wk, stride_mn,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MASK_MODE: tl.constexpr):
+    """``(W ⊙ M)[offs_n, offs_k]``, ``[BLOCK_N, BLOCK_K]`` (zero outside the weight)."""
+    wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                 mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    return tl.where(_keep_tile(m_ptr, offs_n, n_ok, k0, K, stride_mn, BLOCK_N, BLOCK_K, MASK_MODE), wt, 0.0)
+
+
+@triton.jit
+def _masked_w_t(w_ptr, m_ptr, offs_n, n_ok, offs_k, k_ok, k0, K, stride_wn, stride_wk, stride_mn,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MASK_MODE: tl.constexpr):
+    """:func:`_masked_w` transposed, ``[BLOCK_K, BLOCK_N]``, loaded that way rather than transposed
+    in registers (see :func:`_keep_tile_t`)."""
+    wt_t = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                   mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    return tl.where(_keep_tile_t(m_ptr, offs_n, n_ok, k0, K, stride_mn, BLOCK_N, BLOCK_K, MASK_MODE), wt_t, 0.0)
+
+
+@triton.jit
 def _row_tile(pid_m, seg_ptr, L, R, BLOCK_M: tl.constexpr, PATHWAY: tl.constexpr):
     """(language, first row, end of segment) of row tile ``pid_m``, in sorted-row coordinates.
 
@@ -297,10 +316,8 @@ def _fwd_tile(x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, K, stride_xr, stri
         k_ok = offs_k < K
         xt = tl.load(x_ptr + rows[:, None] * stride_xr + offs_k[None, :] * stride_xk,
                      mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                     mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        keep = _keep_tile(m_base, offs_n, n_ok, k0, K, stride_mn, BLOCK_N, BLOCK_K, MASK_MODE)
-        wt = tl.where(keep, wt, 0.0)
+        wt = _masked_w(w_ptr, m_base, offs_n, n_ok, offs_k, k_ok, k0, K, stride_wn, stride_wk, stride_mn,
+                       BLOCK_N, BLOCK_K, MASK_MODE)
         if UPCAST:
             xt = xt.to(tl.float32)
             wt = wt.to(tl.float32)
@@ -343,20 +360,15 @@ def _dx_kernel(
         dyt = tl.load(dy_ptr + rows[:, None] * stride_dyr + offs_n[None, :] * stride_dyn,
                       mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         if W_AS_A:
-            # (W ⊙ M)ᵀ loaded transposed rather than transposed in registers: see _keep_tile_t.
-            wt_t = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                           mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            keep_t = _keep_tile_t(m_base, offs_n, n_ok, k0, K, stride_mn, BLOCK_N, BLOCK_K, MASK_MODE)
-            wt_t = tl.where(keep_t, wt_t, 0.0)
+            wt_t = _masked_w_t(w_ptr, m_base, offs_n, n_ok, offs_k, k_ok, k0, K, stride_wn, stride_wk, stride_mn,
+                               BLOCK_N, BLOCK_K, MASK_MODE)
             if UPCAST:
                 dyt = dyt.to(tl.float32)
                 wt_t = wt_t.to(tl.float32)
             acc = _mma(wt_t, tl.trans(dyt), acc, PREC, SPLIT_ACC)
         else:
-            wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            keep = _keep_tile(m_base, offs_n, n_ok, k0, K, stride_mn, BLOCK_N, BLOCK_K, MASK_MODE)
-            wt = tl.where(keep, wt, 0.0)
+            wt = _masked_w(w_ptr, m_base, offs_n, n_ok, offs_k, k_ok, k0, K, stride_wn, stride_wk, stride_mn,
+                           BLOCK_N, BLOCK_K, MASK_MODE)
             if UPCAST:
                 dyt = dyt.to(tl.float32)
                 wt = wt.to(tl.float32)

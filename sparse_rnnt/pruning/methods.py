@@ -306,7 +306,8 @@ class Pruner:
         if self.backend == "triton" and (config.soft or self.pathways):
             self._swap = swap_linears(model, list(self.params), autocast_path=config.autocast_path)
         log.info("pruning %s: backend %s (config %r)%s", config.method, self.backend, config.backend,
-                 f", {len(self._swap.layers)} linear layers swapped for fused masked ones" if self._swap else "")
+                 f", {len(self._swap.layers)} linear layers swapped for fused masked ones (under autocast: "
+                 f"{config.autocast_path})" if self._swap else "")
 
     # ---- setup
     def prepare(

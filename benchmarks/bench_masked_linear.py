@@ -166,14 +166,21 @@ def _autocast_rows(label: str, r: int, k: int, n: int, device: str, mask: torch.
     if device != "cpu":
         for path in ("cast", "fused"):
             layer = MaskedLinear.wrap(lin, "triton", path)
-            layer.set_mask(packed)
-            provs[f"triton-{path}"] = layer
+
+            def masked(layer: MaskedLinear = layer) -> torch.Tensor:
+                # Set the mask at every call, as the pruner does at every step: the layer keeps
+                # its masked copy while the weight is unchanged, and the weight does not change
+                # between timed calls, so without this "cast" would skip its cast after the first.
+                layer.set_mask(packed)
+                return layer(x)
+
+            provs[f"triton-{path}"] = masked
     rows = []
     for provider, fn in provs.items():
 
         def both(fn: Callable[[], torch.Tensor] = fn) -> object:
             with torch.autocast(device, dtype=torch.bfloat16):
-                y = fn(x) if isinstance(fn, nn.Module) else fn()
+                y = fn()
             return torch.autograd.grad(y, args, dy)
 
         ms = _time(both, device)

@@ -91,7 +91,7 @@ def _ml_spec(kernel: str, cfg: Any, dt: str, prec: str, split: bool, mode: int, 
              "seg_ptr": "*i64" if pathway else None,
              **{a: _ptr(dt) for a in ("x_ptr", "w_ptr", "y_ptr", "dy_ptr", "dx_ptr", "dw_ptr", "b_ptr")}}
     const = {**cfg.kwargs, "MASK_MODE": mode, "PATHWAY": pathway, "PREC": prec, "UPCAST": False,
-             "SPLIT_ACC": split, "HAS_BIAS": True, "HARD": pathway, "GROUP": 8}
+             "SPLIT_ACC": split, "HAS_BIAS": True, "HARD": pathway, "GROUP": fused._GROUP}
     name = (f"{kernel} {dt} {prec} mode={mode} pathway={pathway} {cfg.kwargs} warps={cfg.num_warps}"
             + (" odd shape" if unaligned else ""))
     return name, _jit(getattr(fused, kernel)), types, const, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
@@ -370,7 +370,7 @@ def check_structure() -> int:
 
     failures = 0
     for kernel, configs in (("_fwd_kernel", fused._FWD_CONFIGS), ("_dx_kernel", fused._DX_CONFIGS)):
-        picked = [c for c in configs if c.num_warps == 8 and c.kwargs[next(iter(c.kwargs))] == 128]
+        picked = [c for c in configs if c.num_warps == 8 and c.kwargs["BLOCK_M"] == 128]
         if not any(c.kwargs.get("W_AS_A") for c in picked):
             print(f"FAIL {kernel}: no 8-warp, 128-row config with the masked tile on the left", flush=True)
             failures += 1

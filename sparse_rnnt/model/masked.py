@@ -27,6 +27,11 @@ from torch import Tensor, nn
 AUTOCAST_PATHS = ("cast", "fused")
 
 
+def _check_autocast_path(path: str) -> None:
+    if path not in AUTOCAST_PATHS:
+        raise ValueError(f"autocast_path must be one of {', '.join(AUTOCAST_PATHS)}, got {path!r}")
+
+
 class MaskedLinear(nn.Linear):
     """``nn.Linear`` sharing another layer's parameters; masked by the fused kernel when a mask is set."""
 
@@ -40,8 +45,7 @@ class MaskedLinear(nn.Linear):
     def wrap(cls, linear: nn.Linear, backend: str = "triton", autocast_path: str = "cast") -> MaskedLinear:
         """A MaskedLinear over ``linear``'s own Parameter objects (no copy); ``autocast_path``: see
         the module doc."""
-        if autocast_path not in AUTOCAST_PATHS:
-            raise ValueError(f"autocast_path must be one of {', '.join(AUTOCAST_PATHS)}, got {autocast_path!r}")
+        _check_autocast_path(autocast_path)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
@@ -122,8 +126,7 @@ def swap_linears(model: nn.Module, weight_names: list[str] | set[str], backend: 
     """Swap every ``nn.Linear`` whose ``weight`` is named in ``weight_names`` (e.g.
     ``"encoder.layers.0.linear.weight"``) for a :class:`MaskedLinear`; others are left alone.
     ``autocast_path``: how masked layers run under autocast (module doc)."""
-    if autocast_path not in AUTOCAST_PATHS:
-        raise ValueError(f"autocast_path must be one of {', '.join(AUTOCAST_PATHS)}, got {autocast_path!r}")
+    _check_autocast_path(autocast_path)
     wanted = set(weight_names)
     swap = LinearSwap(model)
     targets = [(name, mod) for name, mod in model.named_modules()

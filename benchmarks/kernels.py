@@ -23,6 +23,7 @@ Triton kernels need a GPU; their CPU checks are the interpreter tests).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -82,25 +83,20 @@ def _train_step_row(size: str, device: str) -> dict[str, Any]:
     y = torch.randint(0, vocab - 1, (batch, units), dtype=torch.int32, device=device)
     ylen = torch.full((batch,), units, dtype=torch.int32, device=device)
 
-    def step() -> None:
+    def step(masked: bool = True) -> None:
         opt.zero_grad(set_to_none=True)
-        with pruner.masked_forward(None), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        with (pruner.masked_forward(None) if masked else contextlib.nullcontext(),
+              torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")):
             model(x, lengths, y, ylen).loss.backward()
         opt.step()
 
     def rerank() -> None:
         pruner._rerank_single(1, "rerank", candidates=None)
 
-    def dense_step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            model(x, lengths, y, ylen).loss.backward()
-        opt.step()
-
     rerank()  # the masks at 70% before timing the masked steps
     step_ms, rerank_ms = timer(step), timer(rerank)
     pruner.close()  # the model is an ordinary dense model again
-    dense_ms = timer(dense_step)
+    dense_ms = timer(lambda: step(masked=False))
     n = sum(p.numel() for p in pruner.params.values())
     with_ms = step_ms + rerank_ms / RERANK_EVERY
     return {

@@ -33,11 +33,15 @@ Methods (``PruningConfig.method``):
   they win the next re-rank with meaningless values: measured on the demo model, 45-56% dev WER
   against 3-16% for IMP.)
 - ``"dynamic-pathways"`` (soft, multilingual): one mask per language over shared weights. Language
-  z re-ranks only inside ``LanguageMasks.selectable_zone(z)`` (its free zone plus its own pathway,
-  computed just before its re-rank), keeping ``(1 - level) * |theta|`` weights (global ranking) or
-  per tensor. ``update_mask(step, z)`` re-ranks z every ``adapt_every`` steps (all languages if z is
-  None); at sparsity steps every language is re-pruned, in the order of ``languages`` given to the
-  constructor: ORDER MATTERS, since an earlier language may claim free weights a later one wanted.
+  z re-ranks only inside ``LanguageMasks.selectable_zone(z)`` (its free zone plus its own pathway),
+  keeping ``(1 - level) * |theta|`` weights (global ranking) or per tensor. Every ``adapt_every``
+  steps, and at every sparsity step, ALL languages are re-ranked, whichever language the step's
+  batch had (re-ranking only the batch's language would leave a language unranked for as long as
+  its batches miss the re-rank steps: never, with two alternating languages and an even period).
+  The languages of one event are re-ranked together: every zone is computed from the masks as
+  they were before the event, so the order of ``languages`` does not matter, and two languages
+  may both take a free weight (it becomes shared), but none takes a weight that another language
+  alone kept before the event.
   A language-z step trains only z's selectable zone: ``before_optimizer_step`` zeroes the gradients
   outside it and snapshots those weights; ``after_optimizer_step`` restores them exactly (Adam
   momentum would otherwise move weights owned only by other languages). One language per optimizer
@@ -80,8 +84,9 @@ inside the context (autograd saved the masked weights). For hard methods the con
 
 Schedules: ``"staircase"`` (``levels``, one step every ``interval``; ``levels[-1]`` must equal
 ``target_sparsity``), ``"oneshot"`` (``target_sparsity`` at step 0), ``"cubic"`` (from ``levels[0]``
-to ``target_sparsity`` over ``interval * max(1, len(levels) - 1)`` steps, an event every
-``interval``). A level in force at step 0 is applied by :meth:`Pruner.prepare`; ``update_mask``
+to ``levels[-1] = target_sparsity`` over ``interval * max(1, len(levels) - 1)`` steps, an event every
+``interval``, with ``t0 = 0``: the levels between give only the number of events, their
+sparsities come from the cubic). A level in force at step 0 is applied by :meth:`Pruner.prepare`; ``update_mask``
 ignores step 0.
 
 Backends (``PruningConfig.backend``): ``"torch"`` ranks with :func:`ranking.magnitude_masks` and
@@ -213,7 +218,7 @@ class PruningConfig:
             raise UserError(f"pruning.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.ranking not in SCOPES:
             raise UserError(f"pruning.ranking must be one of {', '.join(SCOPES)}, got {self.ranking!r}")
-        if self.schedule == "staircase" and self.levels[-1] != ts:
+        if self.schedule in ("staircase", "cubic") and self.levels[-1] != ts:
             raise UserError(
                 f"pruning.levels must end at pruning.target_sparsity ({ts}), got {list(self.levels)}"
             )
@@ -610,8 +615,9 @@ class Pruner:
             return self._level_event(step)
         if self.config.soft and self.level > 0 and step % self.config.adapt_every == 0:
             if self.multilingual:
-                langs = self.languages if language is None else [self._lang(language)]
-                changed = any([self._rerank_language(step, lang, "rerank") for lang in langs])
+                if language is not None:
+                    self._lang(language)  # still checked: a typo should not pass silently
+                changed = self._rerank_languages(step, "rerank")
             else:
                 changed = self._rerank_single(step, "rerank", candidates=None)
             self._zero_unused()
@@ -664,14 +670,14 @@ class Pruner:
         self._mask = self._rank(candidates)
         return self._record(step, event, old, self._mask, None)
 
-    def _rerank_language(self, step: int, language: str, event: str) -> bool:
-        assert self._lang_masks is not None
-        old = self._lang_masks[language]
-        zone = self._lang_masks.selectable_zone(language)
-        new = self._rank(zone.as_dict())
-        masks = {lang: (new if lang == language else ms) for lang, ms in self._lang_masks.items()}
-        self._lang_masks = LanguageMasks(masks)
-        return self._record(step, event, old, new, language)
+    def _rerank_languages(self, step: int, event: str) -> bool:
+        """Every language re-ranked inside its selectable zone, all zones taken from the masks as
+        they were before this event (the order of the languages does not matter)."""
+        before = self._lang_masks
+        assert before is not None
+        new = {lang: self._rank(before.selectable_zone(lang).as_dict()) for lang in self.languages}
+        self._lang_masks = LanguageMasks({lang: new.get(lang, ms) for lang, ms in before.items()})
+        return any([self._record(step, event, before[lang], new[lang], lang) for lang in self.languages])
 
     def _rewind_all(self) -> None:
         with torch.no_grad():
@@ -692,7 +698,7 @@ class Pruner:
             self._mask.apply_(self.params)
             return changed
         if self.multilingual:
-            changed = any([self._rerank_language(step, lang, "level") for lang in self.languages])
+            changed = self._rerank_languages(step, "level")
         else:
             changed = self._rerank_single(step, "level", candidates=None)
         if lth:

@@ -217,7 +217,9 @@ def ref_zone(masks: dict[str, dict[str, Tensor]], lang: str) -> dict[str, Tensor
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), density=st.floats(0.05, 0.6), level=st.sampled_from([0.3, 0.5, 0.8]),
        lang=st.sampled_from(LANGS))
-def test_dynamic_pathways_rerank_stays_in_selectable_zone(seed: int, density: float, level: float, lang: str) -> None:
+def test_dynamic_pathways_rerank_stays_in_selectable_zones(seed: int, density: float, level: float, lang: str) -> None:
+    # A re-rank step re-ranks every language, whatever the batch's language, each inside its zone
+    # as it was before the step.
     model = tiny_model(seed % 7)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -226,26 +228,94 @@ def test_dynamic_pathways_rerank_stays_in_selectable_zone(seed: int, density: fl
     pruner = dp_pruner(model, level)
     init = {lg: {n: torch.rand(p.shape, generator=g) < density for n, p in pruner.params.items()} for lg in LANGS}
     pruner.init_masks(LanguageMasks({lg: MaskSet(init[lg]) for lg in LANGS}))
-    zone = ref_zone(init, lang)
+    zones = {lg: ref_zone(init, lg) for lg in LANGS}
     total = sum(p.numel() for p in pruner.params.values())
     keep = total - pruned_count(level, total)
-    if sum(int(z.sum()) for z in zone.values()) < keep:
+    if any(sum(int(z.sum()) for z in zones[lg].values()) < keep for lg in LANGS):
         with pytest.raises(UserError):
             pruner.update_mask(2, lang)
         return
     pruner.update_mask(2, lang)
-    new = pruner.masks(lang)
-    assert new.kept() == keep
-    exp = ref_top(weights_of(model), keep, zone)
-    for n in new:
-        assert not bool((new[n] & ~zone[n]).any())
-        assert torch.equal(new[n], exp[n])
-    for other in LANGS:
-        if other != lang:
-            assert all(torch.equal(pruner.masks(other)[n], init[other][n]) for n in new)
+    w = weights_of(model)
+    for lg in LANGS:
+        new = pruner.masks(lg)
+        assert new.kept() == keep
+        exp = ref_top(w, keep, zones[lg])
+        for n in new:
+            assert not bool((new[n] & ~zones[lg][n]).any())
+            assert torch.equal(new[n], exp[n])
+    assert sorted(h["language"] for h in pruner.history[-3:]) == sorted(LANGS)
 
 
-def test_dynamic_pathways_level_step_in_language_order_and_training() -> None:
+def _one_linear(weights: list[float]) -> nn.Module:
+    m = nn.Linear(len(weights), 1, bias=False)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([weights]))
+    return m
+
+
+def test_dynamic_pathways_event_zones_by_hand() -> None:
+    # |w| = 0.9 0.8 0.1 0.2, level 0.5 (keep 2). Before the event a = {0}, b = {1}.
+    # Zones from those masks: a may use {0, 2, 3}, b {1, 2, 3}; so a keeps {0, 3} and b {1, 3}
+    # (weight 3 becomes shared). One language after the other would give b {1, 2} instead.
+    for langs in (["a", "b"], ["b", "a"]):
+        model = _one_linear([0.9, -0.8, 0.0, 0.0])
+        cfg = PruningConfig(method="dynamic-pathways", levels=(0.5,), target_sparsity=0.5, interval=10,
+                            adapt_every=2, scope=WHOLE)
+        pruner = Pruner(cfg, model, languages=langs)
+        pruner.prepare()
+        init = {"a": torch.tensor([[True, False, False, False]]), "b": torch.tensor([[False, True, False, False]])}
+        pruner.init_masks(LanguageMasks({lg: MaskSet({"weight": init[lg]}) for lg in langs}))
+        with torch.no_grad():  # init_masks zeroed the unused weights; training regrew them
+            model.weight.copy_(torch.tensor([[0.9, -0.8, 0.1, -0.2]]))
+        assert pruner.update_mask(2, "a")
+        assert pruner.masks("a")["weight"].tolist() == [[True, False, False, True]]
+        assert pruner.masks("b")["weight"].tolist() == [[False, True, False, True]]
+        # weight 2, kept by nobody, is zeroed (soft pruning); the others keep their values
+        assert model.weight[0].tolist() == pytest.approx([0.9, -0.8, 0.0, -0.2])
+
+
+def test_dynamic_pathways_alternating_batches_rerank_every_language() -> None:
+    # Two languages alternating with an even period: every re-rank step falls on the same
+    # language's batch, and still both languages are re-ranked at each one.
+    model = tiny_model(4)
+    langs = ["en", "fr"]
+    cfg = PruningConfig(method="dynamic-pathways", levels=(0.5,), target_sparsity=0.5, interval=100,
+                        adapt_every=2, scope=WHOLE)
+    pruner = Pruner(cfg, model, languages=langs)
+    pruner.prepare()
+    g = torch.Generator().manual_seed(3)
+    pruner.init_masks(LanguageMasks({lg: MaskSet({n: torch.rand(p.shape, generator=g) < 0.4
+                                                  for n, p in pruner.params.items()}) for lg in langs}))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for step in range(1, 9):
+        lang = langs[step % 2]
+        train_step(model, opt, pruner, step, lang)
+        before = {lg: pruner.masks(lg).as_dict() for lg in langs}
+        pruner.update_mask(step, lang)
+        if step % 2 == 0:
+            w = weights_of(model)
+            keep = pruner.masks("en").kept()
+            for lg in langs:
+                exp = ref_top(w, keep, ref_zone_of(before, lg))
+                assert all(torch.equal(pruner.masks(lg)[n], exp[n]) for n in w)
+    events = [(h["step"], h["language"]) for h in pruner.history if h["event"] == "rerank"]
+    assert events == [(s, lg) for s in (2, 4, 6, 8) for lg in langs]
+
+
+def ref_zone_of(masks: dict[str, dict[str, Tensor]], lang: str) -> dict[str, Tensor]:
+    """``ref_zone`` over the languages present in ``masks``."""
+    out = {}
+    for n in masks[lang]:
+        others = torch.zeros_like(masks[lang][n])
+        for other in masks:
+            if other != lang:
+                others |= masks[other][n]
+        out[n] = ~others | masks[lang][n]
+    return out
+
+
+def test_dynamic_pathways_level_step_together_and_training() -> None:
     model = tiny_model(3)
     cfg = PruningConfig(method="dynamic-pathways", levels=(0.5, 0.8), target_sparsity=0.8,
                         interval=4, adapt_every=2, scope=WHOLE)
@@ -266,16 +336,15 @@ def test_dynamic_pathways_level_step_in_language_order_and_training() -> None:
             own = pruner.masks(lang)[n]
             assert bool((after[n][zone[n] & ~own] != before[n][zone[n] & ~own]).any())  # soft: free ones train
         pruner.update_mask(step, lang)
-    # level step at 4: languages re-pruned one after another on the shared weights
+    # level step at 4: every language re-pruned on the shared weights, zones from the masks before it
     current = {lg: pruner.masks(lg).as_dict() for lg in LANGS}
     w = weights_of(model)
     total = sum(t.numel() for t in w.values())
     keep = total - pruned_count(0.8, total)
-    for lg in LANGS:
-        current[lg] = ref_top(w, keep, ref_zone(current, lg))
+    expected = {lg: ref_top(w, keep, ref_zone(current, lg)) for lg in LANGS}
     assert pruner.update_mask(4)
     for lg in LANGS:
-        assert all(torch.equal(pruner.masks(lg)[n], current[lg][n]) for n in w)
+        assert all(torch.equal(pruner.masks(lg)[n], expected[lg][n]) for n in w)
         assert pruner.masks(lg).kept() == keep
     assert [h["language"] for h in pruner.history[-3:]] == LANGS
 
@@ -356,12 +425,35 @@ def test_load_state_dict_rejects_other_method() -> None:
         ({"method": "adaptive", "variant": "random"}, "variant"),
         ({"method": "imp", "ranking": "layer"}, "ranking"),
         ({"method": "imp", "schedule": "linear"}, "schedule"),
+        ({"method": "imp", "schedule": "cubic", "levels": (0.2, 0.5)}, "target_sparsity"),
         ({"method": "imp", "granularity": Granularity(kind="diag")}, "granularity"),
     ],
 )
 def test_config_validation(kwargs: dict, match: str) -> None:
     with pytest.raises(UserError, match=match):
         PruningConfig(**kwargs).validate()
+
+
+def test_cubic_config_drives_the_pruner_at_hand_computed_levels() -> None:
+    # s_i = 0.2, s_f = 0.7, N = 2 events after the start, T = 3: s = 0.2, 0.7 - 0.5 (1/2)^3, 0.7
+    cfg = PruningConfig(method="imp", schedule="cubic", levels=(0.2, 0.5, 0.7), interval=3, adapt_every=1,
+                        scope=WHOLE)
+    cfg.validate()
+    model = tiny_model(2)
+    pruner = Pruner(cfg, model)
+    pruner.prepare()
+    total = sum(p.numel() for p in pruner.params.values())
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    seen = {0: pruner.masks().kept()}
+    for step in range(1, 8):
+        train_step(model, opt, pruner, step)
+        pruner.update_mask(step)
+        seen[step] = pruner.masks().kept()
+    expected = {0: 0.2, 3: 0.6375, 6: 0.7}
+    for step, kept in seen.items():
+        level = max(v for k, v in expected.items() if k <= step)
+        assert kept == total - pruned_count(level, total), step
+    assert [h["step"] for h in pruner.history if h["event"] == "level"] == [0, 3, 6]
 
 
 def test_dynamic_pathways_needs_languages() -> None:

@@ -91,6 +91,11 @@ class ExperimentConfig:
                     f"pruning.method {method} trains each language on its own batches: it needs "
                     f"batch.mode=monolingual, got batch.mode={self.batch.mode!r}"
                 )
+            if method == "lap" and self.batch.mode != "mixed":
+                raise UserError(
+                    "pruning.method lap finds one language-agnostic mask on mixed multilingual batches: "
+                    f"it needs batch.mode=mixed, got batch.mode={self.batch.mode!r}"
+                )
             if method == "pathways" and not self.pruning.init_masks.strip():
                 raise UserError(
                     "pruning.method pathways needs the stage-1 per-language masks: set "

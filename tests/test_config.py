@@ -46,6 +46,8 @@ def test_round_trip_through_yaml(tmp_path):
         (["optim.betas=[0.9]"], "expected 2 values"),
         (["optim.schedule=linear"], "optim.schedule"),
         (["noequals"], "key=value"),
+        (["pruning.method=lap", "batch.mode=monolingual"], "lap .* needs batch.mode=mixed"),
+        (["pruning.method=dynamic-pathways"], "needs batch.mode=monolingual"),
     ],
 )
 def test_bad_config_is_a_clear_user_error(overrides, message):

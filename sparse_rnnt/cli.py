@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -22,8 +23,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite positive number: {text}")
     return value
 
 
@@ -42,6 +43,65 @@ def _positive_int(text: str) -> int:
     if value == 0:
         raise argparse.ArgumentTypeError("must be >= 1: 0")
     return value
+
+
+def _symbols(text: str) -> int:
+    value = _nonneg_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (blank + at least one token): {text}")
+    return value
+
+
+MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
+
+
+def _threads(text: str) -> int:
+    value = _nonneg_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_THREADS} ({os.cpu_count()} CPUs here): {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (availability is checked when the command runs)."""
+    t = text.strip().lower()
+    if t in ("auto", "cpu", "cuda") or (t.startswith("cuda:") and t[5:].isdigit()):
+        return t
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+def _require_device(device: str) -> None:
+    """A CUDA device that this machine lacks is the user's error, said before any work starts."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    index = int(device[5:]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _output_file(path: str, what: str, inputs: Sequence[str | Path] = ()) -> Path:
+    """Check an output file before the work that produces it: not a directory, its folder exists
+    and is writable, and it does not overwrite one of the command's inputs (a file under an input
+    directory, or an input file)."""
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"{what} {path}: is a directory, expected a file path")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"{what} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise UserError(f"{what} {path}: not writable")
+    if out.exists():
+        target = out.resolve()
+        for inp in inputs:
+            src = Path(inp).resolve()
+            if target == src or (src.is_dir() and src in target.parents):
+                raise UserError(f"{what} {path}: would overwrite an input ({inp}); choose another path")
+    return out
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -93,6 +153,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     from .languages import parse_languages
 
     languages = parse_languages(args.languages) if args.languages else None
+    _output_file(args.out, "--out", [args.manifest_dir])
     utts = load_split(args.manifest_dir, "train", languages)
     if not utts:
         raise UserError(f"no training transcripts in {args.manifest_dir}")
@@ -107,14 +168,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import dump_config, load_config
     from .training.trainer import Trainer
 
-    out = Path(args.out)
+    if args.out is None and not args.print_config:
+        raise UserError("--out RUN is required (the run directory)")
+    out = Path(args.out) if args.out is not None else None
     config_path = args.config
-    if args.resume and config_path is None and (out / "config.yaml").is_file():
+    if args.resume and out is not None and config_path is None and (out / "config.yaml").is_file():
         config_path = out / "config.yaml"
     cfg = load_config(config_path, args.set)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    assert out is not None
     result = Trainer(cfg, out, resume=args.resume).run()
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         print(json.dumps(result, indent=2))
@@ -196,6 +260,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .training.inference import evaluate_checkpoint
 
     languages = parse_languages(args.languages) if args.languages else None
+    _require_device(args.device)
+    if args.out:  # checked now, not after decoding the whole split
+        _output_file(args.out, "--out", [args.checkpoint, args.manifest_dir])
     result, info = evaluate_checkpoint(
         args.checkpoint, args.manifest_dir, split=args.split, languages=languages, method=args.method,
         beam_width=args.beam_width, device=args.device, progress=not args.quiet, limit=args.limit,
@@ -234,6 +301,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         block = tuple(int(x) for x in args.block.lower().split("x")) if args.block else (16, 16)
     except ValueError:
         raise UserError(f"--block: expected HxW, e.g. 16x16, got {args.block!r}") from None
+    if len(block) != 2 or not all(1 <= b <= 256 for b in block):
+        raise UserError(f"--block: expected HxW with H and W in 1..256, got {args.block!r}")
+    _require_device(args.device)
     opts = ExportOptions(fmt=args.format, language=args.language, multilingual=args.all_languages,
                          block=block, dtype=args.dtype, tolerance=args.tolerance, device=args.device)
     manifest = export_checkpoint(args.checkpoint, args.out, opts)
@@ -250,6 +320,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_stream(args: argparse.Namespace) -> int:
     from .streaming.files import stream_files
 
+    _require_device(args.device)
     if args.threads:
         import torch
 
@@ -359,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=1e-3 --set data.languages=en,fr (repeatable)")
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--out", default=None, help="run directory (required, except with --print-config)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint (reuses its config.yaml)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -418,15 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split to decode (default test)")
     p.add_argument("--languages", default=None, help="comma-separated languages (default: the checkpoint's)")
     p.add_argument("--method", choices=("greedy", "beam"), default="greedy", help="decoding (default greedy)")
-    p.add_argument("--beam-width", type=int, default=4, help="beam width for --method beam (default 4)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    p.add_argument("--beam-width", type=_positive_int, default=4, help="beam width for --method beam (default 4)")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--limit", type=_nonneg_int, default=0, help="decode at most N utterances per language (0 = all)")
     p.add_argument("--out", default=None, help="write results (WER, counts, hypotheses) to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("models", help="list the named model sizes with their parameter counts")
-    p.add_argument("--num-symbols", type=int, default=4097, help="vocabulary size incl. blank (default 4097)")
+    p.add_argument("--num-symbols", type=_symbols, default=4097, help="vocabulary size incl. blank (default 4097)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("demo", help="synthesize, train a tiny model, evaluate: the whole pipeline on a CPU",
@@ -461,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=_positive_float, default=None,
                    help="largest accepted max|diff|/max|logit| against the masked model "
                    "(default 1e-4 float32, 3e-2 bfloat16, 1e-2 float16)")
-    p.add_argument("--device", default="cpu", help="device of the verification run (default cpu)")
+    p.add_argument("--device", type=_device, default="cpu", help="device of the verification run: cpu, cuda or "
+                   "cuda:N (default cpu)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("stream", help="decode audio files chunk by chunk through an exported artifact",
@@ -475,8 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language", default=None, help="pathway to use (required for multilingual artifacts)")
     p.add_argument("--chunk-ms", dest="chunk_ms", type=_positive_float, default=160.0,
                    help="audio arriving per tick, in ms (default 160 = one Emformer segment)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--threads", type=_nonneg_int, default=0, help="CPU threads (default 0 = torch's default)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--threads", type=_threads, default=0, help="CPU threads (default 0 = torch's default)")
     p.add_argument("--decoding", choices=("greedy", "beam"), default="greedy",
                    help="greedy (default) or torchaudio's RNN-T beam search; both give exactly what "
                    "'sparse-rnnt eval --method' gives on the whole file")
@@ -516,8 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated languages (default: scenario 1 all of the dense model's, scenario 2 fr,nl)")
     p.add_argument("--eval-limit", dest="eval_limit", type=_nonneg_int, default=0,
                    help="test utterances per language (default 0 = all)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
-    p.add_argument("--threads", type=_nonneg_int, default=0, help="CPU threads per run (default 0 = all cores)")
+    p.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    p.add_argument("--threads", type=_threads, default=0, help="CPU threads per run (default 0 = all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)
     return parser
@@ -533,6 +605,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"sparse-rnnt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug or the system, keep the traceback
+            raise
+        # A path the user gave that cannot be written or read as asked (exists as a file, under a
+        # file, no permission, ...): their error, said in one line.
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
+        print(f"sparse-rnnt {args.command}: error: {where}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -100,3 +100,84 @@ def test_models_lists_sizes(capsys):
 def test_stream_cuda_graphs_need_a_cuda_device(capsys):
     assert main(["stream", "--artifact", "missing", "a.wav", "--cuda-graphs"]) == 2
     assert "--cuda-graphs needs --device cuda" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["eval", "--checkpoint", "c", "--manifest-dir", "m", "--beam-width", "0"], "--beam-width: must be >= 1"),
+        (["eval", "--checkpoint", "c", "--manifest-dir", "m", "--device", "gpu0"], "expected auto, cpu, cuda or cuda:N"),
+        (["stream", "--artifact", "a", "x.wav", "--chunk-ms", "nan"], "finite positive"),
+        (["stream", "--artifact", "a", "x.wav", "--chunk-ms", "inf"], "finite positive"),
+        (["stream", "--artifact", "a", "x.wav", "--threads", "100000"], "--threads: must be <="),
+        (["export", "--checkpoint", "c", "--out", "o", "--tolerance", "nan"], "finite positive"),
+        (["models", "--num-symbols", "1"], "must be >= 2"),
+    ],
+)
+def test_bad_option_values_are_refused_by_the_parser(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def _cuda_device_this_machine_lacks() -> str:
+    import torch
+
+    return f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+
+
+def test_missing_cuda_and_bad_block_are_user_errors_before_any_work(tmp_path, capsys):
+    dev = _cuda_device_this_machine_lacks()
+    assert main(["eval", "--checkpoint", str(tmp_path / "none"), "--manifest-dir", str(tmp_path), "--device", dev]) == 2
+    assert f"--device {dev}:" in capsys.readouterr().err  # said before the missing checkpoint
+    assert main(["stream", "--artifact", str(tmp_path / "none"), "x.wav", "--device", dev]) == 2
+    assert f"--device {dev}:" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "a"), "--device", dev]) == 2
+    assert f"--device {dev}:" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "a"), "--format", "bsr",
+                 "--block", "300x16"]) == 2
+    assert "H and W in 1..256" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_output_files_are_checked_before_the_work_and_never_overwrite_inputs(tiny_manifests, tmp_path, capsys):
+    manifest = tiny_manifests / "train.jsonl"
+    before = manifest.read_bytes()
+    assert main(["tokenizer", "--manifest-dir", str(tiny_manifests), "--out", str(manifest)]) == 2
+    assert "would overwrite an input" in capsys.readouterr().err
+    assert manifest.read_bytes() == before
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "checkpoint.json").write_text("{}")
+    cases = [
+        (ckpt / "checkpoint.json", "would overwrite an input"),
+        (tiny_manifests / "dev.jsonl", "would overwrite an input"),
+        (tmp_path, "is a directory"),
+        (tmp_path / "nowhere" / "wer.json", "does not exist"),
+    ]
+    for out, message in cases:  # refused before the (missing) model is even loaded
+        assert main(["eval", "--checkpoint", str(ckpt), "--manifest-dir", str(tiny_manifests),
+                     "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err, out
+    assert (ckpt / "checkpoint.json").read_text() == "{}"
+    # a new file beside the inputs is fine: the tokenizer lands in the manifest directory
+    assert main(["tokenizer", "--manifest-dir", str(tiny_manifests), "--out", str(tiny_manifests / "t.model")]) == 0
+    (tiny_manifests / "t.model").unlink()
+    (tiny_manifests / "t.vocab").unlink(missing_ok=True)
+
+
+def test_filesystem_errors_on_user_paths_are_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    proc = _run("synth", "--out", str(tmp_path / "afile" / "sub"), "--hours", "0.001", "--languages", "en")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "Not a directory" in proc.stderr and str(tmp_path / "afile") in proc.stderr
+
+
+def test_print_config_needs_no_out_but_training_does(capsys):
+    assert main(["train", "--print-config", "--set", "train.max_steps=7"]) == 0
+    assert "max_steps: 7" in capsys.readouterr().out
+    assert main(["train", "--set", "train.max_steps=7"]) == 2
+    assert "--out RUN is required" in capsys.readouterr().err

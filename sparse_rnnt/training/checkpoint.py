@@ -287,13 +287,23 @@ def _load_dir(p: Path, verify: bool) -> Checkpoint:
         raise UserError(f"{meta_path}: unreadable checkpoint metadata (not a JSON object)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{p}: unsupported checkpoint format {meta.get('format_version')!r}")
-    hashes = meta.get("sha256", {})
+    missing = [k for k in ("step", "config", "optimizer", "rng_python", "sha256") if k not in meta]
+    if missing:
+        raise UserError(f"{meta_path}: corrupt checkpoint metadata (missing {', '.join(missing)})")
+    hashes = meta["sha256"]
     try:
         step = int(meta["step"])
-        if not isinstance(hashes, dict):
-            raise TypeError("sha256 is not a mapping")
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{meta_path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+        for key in ("config", "sha256"):
+            if not isinstance(meta[key], dict):
+                raise TypeError(f"{key} is not a mapping")
+        if meta["optimizer"] is not None and not isinstance(meta["optimizer"], dict):
+            raise TypeError("optimizer is not a mapping")
+        # Without their hashes the weights would load unverified: a stripped list is corruption.
+        unhashed = [n for n in ("model.safetensors", "state.safetensors") if n not in hashes]
+        if unhashed:
+            raise ValueError(f"no SHA-256 for {', '.join(unhashed)}")
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{meta_path}: corrupt checkpoint metadata ({e})") from None
     if verify:
         for name, digest in hashes.items():
             f = p / str(name)

@@ -84,6 +84,26 @@ def test_corruption_is_detected_by_name(tmp_path):
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m.pop("config"), "missing config"),
+    (lambda m: m.pop("sha256"), "missing sha256"),
+    (lambda m: m["sha256"].pop("model.safetensors"), r"no SHA-256 for model\.safetensors"),
+    (lambda m: m.update(config=[1]), "config is not a mapping"),
+    (lambda m: m.update(step="x"), "corrupt checkpoint metadata"),
+])
+def test_edited_metadata_is_reported_by_name(tmp_path, edit, message):
+    # A checkpoint.json that lost a key loads as corrupt, naming the file, never a KeyError later;
+    # hashes cannot be stripped to load the weights unverified.
+    model, opt = _model_and_optimizer()
+    path = save_checkpoint(tmp_path, 1, model, config={"a": 1}, optimizer=opt)
+    meta = json.loads((path / "checkpoint.json").read_text())
+    edit(meta)
+    (path / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=message) as e:
+        load_checkpoint(path)
+    assert "checkpoint.json" in str(e.value)
+
+
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_checkpoint(tmp_path / "nope")

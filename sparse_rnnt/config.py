@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -26,6 +27,27 @@ from .model.configs import MODEL_SIZES, ModelConfig
 from .pruning.methods import PruningConfig
 
 T = TypeVar("T")
+
+MAX_SEED = 2**32 - 1  # numpy's and sentencepiece's seeds are unsigned 32-bit integers
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_Check = tuple[typing.Callable[[Any], bool], str]
+_POSITIVE_INT: _Check = (lambda v: _is_int(v) and v > 0, "positive (an integer > 0)")
+_COUNT: _Check = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+_SEED: _Check = (lambda v: _is_int(v) and 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
+_POSITIVE: _Check = (lambda v: _is_finite(v) and v > 0, "a finite number > 0")
+_NON_NEGATIVE: _Check = (lambda v: _is_finite(v) and v >= 0, "a finite number >= 0")
+_FRACTION: _Check = (lambda v: _is_finite(v) and 0 <= v <= 1, "a fraction in [0, 1]")
+_UNIT_OPEN: _Check = (lambda v: _is_finite(v) and 0 <= v < 1, "a number in [0, 1)")
+_COVERAGE: _Check = (lambda v: _is_finite(v) and 0 < v <= 1, "a number in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -102,31 +124,16 @@ class ExperimentConfig:
                     "pruning.init_masks (--init-masks en=RUN_EN,fr=RUN_FR,...) to per-language IMP/LTH runs"
                 )
         o, t = self.optim, self.train
-        if o.lr <= 0:
-            raise UserError(f"optim.lr must be positive, got {o.lr}")
         if o.schedule not in ("constant", "cosine", "inverse_sqrt"):
             raise UserError(f"optim.schedule must be constant, cosine or inverse_sqrt, got {o.schedule!r}")
-        if o.warmup_steps < 0 or o.grad_clip < 0 or not 0 <= o.min_lr_ratio <= 1:
-            raise UserError("optim.warmup_steps and optim.grad_clip must be >= 0, min_lr_ratio in [0, 1]")
-        if t.max_steps <= 0:
-            raise UserError(f"train.max_steps must be positive, got {t.max_steps}")
-        for key in ("log_every", "eval_every", "checkpoint_every"):
-            if getattr(t, key) < 0:
-                raise UserError(f"train.{key} must be >= 0")
-        if t.keep_checkpoints < 1:
-            raise UserError("train.keep_checkpoints must be >= 1")
         if t.amp not in ("auto", "bf16", "off"):
             raise UserError(f"train.amp must be auto, bf16 or off, got {t.amp!r}")
         if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
             raise UserError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
-        if self.data.max_duration <= 0:
-            raise UserError("data.max_duration must be positive")
-        for key in ("max_bad_fraction", "clip_fraction"):
-            value = getattr(self.data, key)
-            if not 0.0 <= value <= 1.0:
-                raise UserError(f"data.{key} must be a fraction in [0, 1], got {value}")
-        if self.train.max_nonfinite_steps < 0:
-            raise UserError(f"train.max_nonfinite_steps must be >= 0, got {self.train.max_nonfinite_steps}")
+        # Every number, before the sub-configs' own checks (which may do arithmetic on them).
+        for key, value, (ok, what) in self._numeric_checks():
+            if not ok(value):
+                raise UserError(f"{key} must be {what}, got {value!r}")
         for sub in (self.features, self.spec_augment, self.tokenizer, self.batch):
             validate = getattr(sub, "validate", None)
             if validate is not None:
@@ -134,6 +141,66 @@ class ExperimentConfig:
                     validate()
                 except (ValueError, TypeError) as e:
                     raise UserError(f"{type(sub).__name__}: {e}") from None
+
+    def _numeric_checks(self) -> list[tuple[str, Any, _Check]]:
+        """``(key, value, (predicate, what it must be))`` for the numbers of every section: NaN and
+        infinity, negative counts and out-of-range probabilities pass plain ``<``/``>`` checks and
+        then crash deep inside training (the pruning section checks its own)."""
+        d, o, t = self.data, self.optim, self.train
+        if not isinstance(o.betas, tuple) or len(o.betas) != 2:
+            raise UserError(f"optim.betas must be two numbers in [0, 1), got {o.betas!r}")
+        f, sa, tok, m, b = self.features, self.spec_augment, self.tokenizer, self.model, self.batch
+        checks: list[tuple[str, Any, _Check]] = [
+            ("data.max_duration", d.max_duration, _POSITIVE),
+            ("data.dev_max_utterances", d.dev_max_utterances, _COUNT),
+            ("data.workers", d.workers, _COUNT),
+            ("data.max_bad_fraction", d.max_bad_fraction, _FRACTION),
+            ("data.clip_fraction", d.clip_fraction, _FRACTION),
+            ("optim.lr", o.lr, _POSITIVE),
+            *((f"optim.betas[{i}]", beta, _UNIT_OPEN) for i, beta in enumerate(o.betas)),
+            ("optim.eps", o.eps, _POSITIVE),
+            ("optim.weight_decay", o.weight_decay, _NON_NEGATIVE),
+            ("optim.warmup_steps", o.warmup_steps, _COUNT),
+            ("optim.min_lr_ratio", o.min_lr_ratio, _FRACTION),
+            ("optim.grad_clip", o.grad_clip, _NON_NEGATIVE),
+            ("train.max_steps", t.max_steps, _POSITIVE_INT),
+            ("train.log_every", t.log_every, _COUNT),
+            ("train.eval_every", t.eval_every, _COUNT),
+            ("train.checkpoint_every", t.checkpoint_every, _COUNT),
+            ("train.keep_checkpoints", t.keep_checkpoints, _POSITIVE_INT),
+            ("train.seed", t.seed, _SEED),
+            ("train.threads", t.threads, _COUNT),
+            ("train.max_nonfinite_steps", t.max_nonfinite_steps, _COUNT),
+            ("features.sample_rate", f.sample_rate, _POSITIVE_INT),
+            ("features.n_mels", f.n_mels, _POSITIVE_INT),
+            ("features.win_ms", f.win_ms, _POSITIVE),
+            ("features.hop_ms", f.hop_ms, _POSITIVE),
+            ("features.n_fft", f.n_fft, _POSITIVE_INT),
+            ("features.f_min", f.f_min, _NON_NEGATIVE),
+            ("features.log_floor", f.log_floor, _POSITIVE),
+            ("spec_augment.freq_masks", sa.freq_masks, _COUNT),
+            ("spec_augment.freq_width", sa.freq_width, _COUNT),
+            ("spec_augment.time_masks", sa.time_masks, _COUNT),
+            ("spec_augment.time_width_ratio", sa.time_width_ratio, _FRACTION),
+            ("spec_augment.p", sa.p, _FRACTION),
+            ("tokenizer.vocab_size", tok.vocab_size, _COUNT),
+            ("tokenizer.character_coverage", tok.character_coverage, _COVERAGE),
+            ("tokenizer.seed", tok.seed, _SEED),
+            ("model.right_context_length", m.right_context_length, _COUNT),
+            ("model.transformer_left_context_length", m.transformer_left_context_length, _COUNT),
+            ("model.transformer_max_memory_size", m.transformer_max_memory_size, _COUNT),
+            ("model.transformer_dropout", m.transformer_dropout, _UNIT_OPEN),
+            ("model.lstm_dropout", m.lstm_dropout, _UNIT_OPEN),
+            ("model.lstm_layer_norm_epsilon", m.lstm_layer_norm_epsilon, _POSITIVE),
+            ("model.ctc_weight", m.ctc_weight, _NON_NEGATIVE),
+            ("batch.max_frames", b.max_frames, _POSITIVE_INT),
+            ("batch.max_batch", b.max_batch, _POSITIVE_INT),
+            ("batch.bucket_width_s", b.bucket_width_s, _POSITIVE),
+            ("batch.seed", b.seed, _SEED),
+        ]
+        if f.f_max is not None:
+            checks.append(("features.f_max", f.f_max, _POSITIVE))
+        return checks
 
 
 def _type_name(tp: Any) -> str:

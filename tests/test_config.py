@@ -112,3 +112,75 @@ def test_readme_configuration_example_is_a_valid_config():
                 continue
             got = dumped[section][key]
             assert (list(got) if isinstance(got, (list, tuple)) else got) == value, (section, key)
+
+
+# Numbers that plain ``<``/``>`` checks let through (NaN, infinity, negative counts, probabilities
+# outside [0, 1]) and that used to crash deep inside training with a traceback.
+BAD_NUMBERS = [
+    ("optim.lr", "nan"), ("optim.lr", "inf"), ("optim.lr", "-inf"), ("optim.lr", "0"),
+    ("optim.betas", "[0.9,2]"), ("optim.betas", "[1.0,0.98]"), ("optim.betas", "[-0.1,0.98]"),
+    ("optim.betas", "[0.9,nan]"),
+    ("optim.eps", "nan"), ("optim.eps", "inf"), ("optim.eps", "0"), ("optim.eps", "-1e-8"),
+    ("optim.weight_decay", "nan"), ("optim.weight_decay", "inf"), ("optim.weight_decay", "-0.1"),
+    ("optim.grad_clip", "nan"), ("optim.grad_clip", "inf"), ("optim.min_lr_ratio", "nan"),
+    ("optim.warmup_steps", "-1"),
+    ("train.seed", "-1"), ("train.seed", str(2**32)), ("train.threads", "-1"),
+    ("train.log_every", "-1"), ("train.keep_checkpoints", "0"), ("train.max_nonfinite_steps", "-1"),
+    ("data.max_duration", "nan"), ("data.max_duration", "inf"), ("data.workers", "-1"),
+    ("data.dev_max_utterances", "-5"), ("data.max_bad_fraction", "nan"), ("data.clip_fraction", "1.5"),
+    ("features.hop_ms", "inf"), ("features.win_ms", "nan"), ("features.log_floor", "nan"),
+    ("features.log_floor", "inf"), ("features.f_min", "-1"),
+    ("spec_augment.p", "nan"), ("spec_augment.time_width_ratio", "2"),
+    ("tokenizer.seed", "-1"), ("tokenizer.character_coverage", "nan"),
+    ("model.ctc_weight", "nan"), ("model.ctc_weight", "inf"), ("model.ctc_weight", "-0.5"),
+    ("model.lstm_layer_norm_epsilon", "nan"), ("model.lstm_layer_norm_epsilon", "0"),
+    ("model.right_context_length", "-4"), ("model.transformer_left_context_length", "-1"),
+    ("model.transformer_max_memory_size", "-1"), ("model.lstm_dropout", "nan"),
+    ("batch.bucket_width_s", "inf"), ("batch.seed", "-1"),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), BAD_NUMBERS)
+def test_bad_numbers_are_user_errors_naming_the_key(key, value):
+    import re
+
+    with pytest.raises(UserError, match=re.escape(key)) as exc:
+        load_config(None, [f"{key}={value}"])
+    assert "got" in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["optim.lr=1e-9", "optim.betas=[0.0,0.999]", "optim.eps=1e-12", "optim.weight_decay=0",
+         "optim.grad_clip=0", "optim.min_lr_ratio=1"],
+        ["train.seed=0", f"train.seed={2**32 - 1}", "train.threads=0", "data.workers=0",
+         "data.dev_max_utterances=0", "model.ctc_weight=2.5", "model.right_context_length=0",
+         "tokenizer.seed=7", "batch.seed=3"],
+    ],
+)
+def test_boundary_numbers_stay_valid(overrides):
+    load_config(None, overrides)
+
+
+@pytest.mark.parametrize(("key", "value"), [("optim.lr", "nan"), ("optim.betas", "[0.9,2]"), ("train.seed", "-1"),
+                                            ("train.threads", "-1")])
+def test_print_config_rejects_bad_numbers(key, value, tmp_path, capsys):
+    from sparse_rnnt.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--set", f"{key}={value}", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_validate_checks_configs_built_in_code():
+    import dataclasses
+
+    cfg = ExperimentConfig()
+    bad = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=float("nan")))
+    with pytest.raises(UserError, match=r"optim\.lr"):
+        bad.validate()
+    with pytest.raises(UserError, match=r"optim\.betas"):
+        dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, betas=(0.9,))).validate()

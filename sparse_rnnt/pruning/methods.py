@@ -205,14 +205,19 @@ class PruningConfig:
             raise UserError(f"pruning.schedule must be one of {', '.join(SCHEDULE_KINDS)}, got {self.schedule!r}")
         if not isinstance(self.levels, tuple) or not self.levels:
             raise UserError(f"pruning.levels must be a non-empty list of sparsities, got {self.levels!r}")
+        for level in self.levels:  # every schedule, also oneshot (which does not read them)
+            if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 <= level < 1.0:
+                raise UserError(f"pruning.levels must hold sparsities in [0, 1), got {list(self.levels)}")
         for name in ("interval", "adapt_every"):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 raise UserError(f"pruning.{name} must be an integer > 0, got {value!r}")
-        if self.adapt_every >= self.interval:
+        # Only the soft methods re-rank every adapt_every steps; the hard ones never read it.
+        if self.soft and self.adapt_every >= self.interval:
             raise UserError(
                 f"pruning.adapt_every ({self.adapt_every}) must be smaller than pruning.interval "
-                f"({self.interval}): re-ranking happens several times per sparsity step"
+                f"({self.interval}) for pruning.method {self.method}: re-ranking happens several "
+                "times per sparsity step"
             )
         if self.variant not in VARIANTS:
             raise UserError(f"pruning.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")

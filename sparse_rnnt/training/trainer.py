@@ -141,6 +141,9 @@ class Trainer:
         resume: bool = False,
         init_checkpoint: str | os.PathLike[str] | None = None,
     ) -> None:
+        # The whole config first: a bad value must fail here, before anything below uses it (the
+        # thread count, the device) and before the run directory is created or written.
+        cfg.validate()
         self.cfg = cfg
         self.out = Path(out_dir)
         self.resume = resume

@@ -417,7 +417,11 @@ def test_load_state_dict_rejects_other_method() -> None:
     ("kwargs", "match"),
     [
         ({"method": "magic"}, "pruning.method"),
-        ({"method": "imp", "adapt_every": 1000}, "adapt_every"),
+        ({"method": "adaptive", "adapt_every": 1000}, "adapt_every"),
+        ({"method": "dynamic-pathways", "interval": 50}, "adapt_every"),
+        ({"method": "imp", "adapt_every": 0}, "adapt_every"),
+        ({"method": "imp", "schedule": "oneshot", "levels": (float("nan"),)}, "pruning.levels"),
+        ({"method": "imp", "schedule": "oneshot", "levels": (1.5,)}, "pruning.levels"),
         ({"method": "imp", "interval": 0}, "interval"),
         ({"method": "imp", "levels": (0.5, 0.2, 0.7)}, "increasing"),
         ({"method": "imp", "levels": (0.2, 0.5)}, "target_sparsity"),
@@ -432,6 +436,48 @@ def test_load_state_dict_rejects_other_method() -> None:
 def test_config_validation(kwargs: dict, match: str) -> None:
     with pytest.raises(UserError, match=match):
         PruningConfig(**kwargs).validate()
+
+
+@pytest.mark.parametrize("method", ["imp", "lth", "lap", "pathways"])
+def test_hard_methods_ignore_adapt_every(method: str) -> None:
+    # Only the soft methods re-rank every adapt_every steps: a hard method with a short interval
+    # (prune --method imp --interval 50, adapt_every left at its default 100) is a valid config.
+    cfg = PruningConfig(method=method, interval=50)
+    assert cfg.adapt_every >= cfg.interval and not cfg.soft
+    cfg.validate()
+    PruningConfig(method=method, interval=10, adapt_every=10).validate()
+
+
+@pytest.mark.parametrize("method", ["adaptive", "dynamic-pathways"])
+def test_soft_methods_need_adapt_every_below_interval(method: str) -> None:
+    with pytest.raises(UserError, match=r"pruning.adapt_every \(100\).*pruning.interval \(50\)"):
+        PruningConfig(method=method, interval=50).validate()
+    with pytest.raises(UserError, match="adapt_every"):
+        PruningConfig(method=method, interval=10, adapt_every=10).validate()
+    PruningConfig(method=method, interval=50, adapt_every=49).validate()
+
+
+def test_prune_config_accepts_imp_with_a_short_interval() -> None:
+    from sparse_rnnt.config import load_config
+
+    cfg = load_config(None, ["pruning.method=imp", "pruning.interval=50"])
+    assert cfg.pruning is not None and cfg.pruning.interval == 50 and cfg.pruning.adapt_every == 100
+    with pytest.raises(UserError, match="adapt_every"):
+        load_config(None, ["pruning.method=adaptive", "pruning.interval=50"])
+
+
+def test_prune_command_line_imp_with_a_short_interval() -> None:
+    # The command's own config path (no dense checkpoint needed to build the config).
+    from sparse_rnnt.cli import build_parser, prune_config
+
+    def cfg(method: str):
+        args = build_parser().parse_args(["prune", "--init", "dense", "--out", "run", "--method", method,
+                                          "--interval", "50"])
+        return prune_config(args, {})
+
+    assert cfg("imp").pruning.interval == 50
+    with pytest.raises(UserError, match="adapt_every"):
+        cfg("adaptive")
 
 
 def test_cubic_config_drives_the_pruner_at_hand_computed_levels() -> None:

@@ -119,3 +119,46 @@ def test_bf16_autocast_step_runs_on_cpu(tiny_manifests, tmp_path):
     Trainer(cfg, tmp_path / "run").run()
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
+
+
+def _replace(cfg, key, value):
+    """``cfg`` with the dotted ``key`` set, bypassing load_config's validation (a config built in code)."""
+    import dataclasses
+
+    section, name = key.split(".")
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
+
+
+BAD_TRAIN_VALUES = [
+    ("optim.lr", float("nan")), ("optim.lr", float("inf")), ("optim.betas", (0.9, 2.0)),
+    ("optim.eps", float("nan")), ("optim.eps", -1.0), ("optim.weight_decay", -1.0),
+    ("optim.weight_decay", float("nan")), ("train.seed", -1), ("train.threads", -1),
+    ("features.hop_ms", float("inf")), ("model.ctc_weight", float("nan")), ("batch.seed", -1),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), BAD_TRAIN_VALUES)
+def test_bad_config_value_fails_before_the_run_directory_is_created(tiny_manifests, tmp_path, key, value):
+    cfg = _replace(_cfg(tiny_manifests), key, value)
+    threads = torch.get_num_threads()
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        Trainer(cfg, run).run()
+    assert not run.exists()  # no config.yaml, tokenizer, CMVN stats or data report left behind
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize(("key", "value"), [("optim.lr", "nan"), ("optim.lr", "inf"), ("optim.betas", "[0.9,2]"),
+                                            ("optim.eps", "nan"), ("optim.weight_decay", "-1"),
+                                            ("train.seed", "-1"), ("train.threads", "-1")])
+def test_train_command_with_a_bad_value_is_one_line_and_leaves_nothing(tiny_manifests, tmp_path, capsys, key, value):
+    from sparse_rnnt.cli import main
+
+    run = tmp_path / "run"
+    sets = [f"data.manifest_dir={tiny_manifests}", "data.workers=1", "train.max_steps=2", "train.threads=1",
+            "train.progress=false", "batch.max_frames=400", "model.transformer_num_layers=2", f"{key}={value}"]
+    assert main(["train", "--out", str(run), *[a for s in sets for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and key in err and "Traceback" not in err
+    assert not run.exists()
+

@@ -8,6 +8,7 @@ voices) and print the WER table and where everything was written.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -41,6 +42,12 @@ DEMO_TRAIN_OVERRIDES = [
 ]
 
 
+# Written into ``--out`` before anything else: only a directory holding it (or a finished demo's
+# ``demo_summary.json``) is one that ``--force`` may replace.
+DEMO_MARKER = ".sparse-rnnt-demo"
+MAX_SEED = 2**32 - 1
+
+
 @dataclass
 class DemoOptions:
     out: Path = Path("demo_out")
@@ -51,36 +58,97 @@ class DemoOptions:
     progress: bool = True
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_demo_output(path: Path) -> bool:
+    """Whether ``path`` is a directory a demo wrote (its marker or its finished summary)."""
+    return (path / DEMO_MARKER).is_file() or (path / "demo_summary.json").is_file()
+
+
+def validate_options(opts: DemoOptions) -> tuple[float, int]:
+    """Check every option, touching nothing; return the (hours, steps) to use.
+
+    Raises :class:`UserError` for a bad value, and for an ``--out`` that is not a directory, or
+    that is a non-empty directory which ``--force`` may not replace (not empty and not written by
+    a demo: refusing keeps a typo from deleting a user's data).
+    """
+    hours = opts.hours if opts.hours is not None else DEMO_HOURS
+    steps = opts.steps if opts.steps is not None else DEMO_STEPS
+    if isinstance(hours, bool) or not isinstance(hours, (int, float)) or not math.isfinite(hours) or hours <= 0:
+        raise UserError(f"--hours must be a finite positive number, got {opts.hours!r}")
+    if not _is_int(steps) or steps <= 0:
+        raise UserError(f"--steps must be a positive integer, got {opts.steps!r}")
+    if not _is_int(opts.seed) or not 0 <= opts.seed <= MAX_SEED:
+        raise UserError(f"--seed must be an integer in [0, {MAX_SEED}], got {opts.seed!r}")
+    out = Path(opts.out)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise UserError(f"--out {out} exists and is not a directory")
+        if any(out.iterdir()):
+            if not opts.force:
+                raise UserError(f"{out} is not empty: pass --force to replace it or choose another --out")
+            if out.is_symlink() or not is_demo_output(out):
+                raise UserError(
+                    f"--force: {out} is not empty and is not a demo output (no {DEMO_MARKER} or "
+                    "demo_summary.json in it); refusing to delete it, choose another --out"
+                )
+    return float(hours), steps
+
+
 def _stage(name: str, t0: float) -> None:
     print(f"[{time.perf_counter() - t0:6.1f}s] {name}", flush=True)
 
 
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
+    """Validate everything, then (re)create ``opts.out`` and run the pipeline in it.
+
+    On a :class:`UserError` during the run, the partial output is removed (an ``--out`` that was
+    an empty directory before is left as an empty directory).
+    """
+    from .data.synth import SynthConfig
+
+    hours, steps = validate_options(opts)
+    out = Path(opts.out)
+    synth_config = SynthConfig(languages=DEMO_LANGUAGES, hours=hours, seed=opts.seed, lexicon_size=DEMO_LEXICON,
+                               **DEMO_SPEAKERS)
+    synth_config.validate()
+    cfg = load_config(None, [
+        f"data.manifest_dir={out / 'manifests'}",
+        f"data.tokenizer={out / 'tokenizer.model'}",
+        f"train.max_steps={steps}",
+        f"train.seed={opts.seed}",
+        f"train.progress={str(opts.progress).lower()}",
+        *DEMO_TRAIN_OVERRIDES,
+    ])
+    was_empty_dir = out.is_dir() and not any(out.iterdir())
+    if out.exists() and not was_empty_dir:
+        shutil.rmtree(out)  # validate_options: a demo output, and --force
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by sparse-rnnt demo; --force may replace this directory\n")
+    try:
+        return _pipeline(opts, out, hours, steps, synth_config, cfg)
+    except UserError:
+        shutil.rmtree(out, ignore_errors=True)
+        if was_empty_dir:
+            out.mkdir(parents=True, exist_ok=True)
+        raise
+
+
+def _pipeline(opts: DemoOptions, out: Path, hours: float, steps: int, synth_config, cfg) -> dict[str, Any]:
     from .data.mls import read_mls, write_manifests
-    from .data.synth import SynthConfig, synthesize_corpus
+    from .data.synth import synthesize_corpus
     from .data.tokenizer import Tokenizer, TokenizerConfig
     from .training.inference import evaluate_checkpoint
     from .training.trainer import Trainer
 
-    out = Path(opts.out)
-    if out.exists() and any(out.iterdir()):
-        if not opts.force:
-            raise UserError(f"{out} is not empty: pass --force to replace it or choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    hours = opts.hours if opts.hours is not None else DEMO_HOURS
-    steps = opts.steps if opts.steps is not None else DEMO_STEPS
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
     _stage(f"1/5 synthesizing {hours} h per language ({', '.join(DEMO_LANGUAGES)}) with eSpeak NG", t0)
     corpus = out / "corpus"
-    synth = synthesize_corpus(
-        corpus,
-        SynthConfig(languages=DEMO_LANGUAGES, hours=hours, seed=opts.seed, lexicon_size=DEMO_LEXICON,
-                    **DEMO_SPEAKERS),
-        progress=opts.progress,
-    )
+    synth = synthesize_corpus(corpus, synth_config, progress=opts.progress)
     timings["synth"] = time.perf_counter() - t0
 
     _stage("2/5 reading the corpus into manifests", t0)
@@ -97,14 +165,6 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
     _stage(f"4/5 training a tiny dense multilingual model for {steps} steps", t0)
     run_dir = out / "run"
-    cfg = load_config(None, [
-        f"data.manifest_dir={manifests}",
-        f"data.tokenizer={tok_path}",
-        f"train.max_steps={steps}",
-        f"train.seed={opts.seed}",
-        f"train.progress={str(opts.progress).lower()}",
-        *DEMO_TRAIN_OVERRIDES,
-    ])
     train = Trainer(cfg, run_dir).run()
     timings["train"] = time.perf_counter() - t0 - sum(timings.values())
 

@@ -25,11 +25,15 @@ standard deviation) over ``seeds`` (the training seed: batch order and SpecAugme
 of training stages and the total optimizer steps a method needs for all its languages.
 
 Everything lands in ``out``: ``seed-<s>/<run>/`` (ordinary run directories, resumed if a
-previous call was interrupted, skipped if complete), ``results.json`` and ``scenario-<n>.md``.
+previous call was interrupted, skipped if complete), ``scores/`` (test WERs, each keyed by the
+exact checkpoint, test manifest, utterance cap, language and decoding, so a changed input is
+scored again; nothing is written into ``--dense``), ``scenario-<n>.json`` and ``scenario-<n>.md``.
+Every option and input is checked before ``out`` is created.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -47,6 +51,8 @@ from .io import atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 SCENARIO2_LANGUAGES = ("fr", "nl")
+MAX_SEED = 2**32 - 1
+DECODING = "greedy"  # how every model is scored on the test split
 
 
 @dataclass(frozen=True)
@@ -81,8 +87,33 @@ class ReproduceOptions:
             raise UserError(f"--adapt-every must be in [1, {interval - 1}] (below the interval), got {self.adapt_every}")
         if not self.seeds:
             raise UserError("--seeds: give at least one seed")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
+        bad = [s for s in self.seeds if not _is_int(s) or not 0 <= s <= MAX_SEED]
+        if bad:
+            raise UserError(f"--seeds must be integers in [0, {MAX_SEED}], got {bad[0]!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"--seeds: each seed once, got {list(self.seeds)}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) \
+                or self.lr <= 0:
+            raise UserError(f"--lr must be a finite positive number, got {self.lr!r}")
+        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+            raise UserError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+        if not _is_int(self.eval_limit) or self.eval_limit < 0:
+            raise UserError(f"--eval-limit must be a non-negative integer, got {self.eval_limit!r}")
+        if not _is_int(self.threads) or self.threads < 0:
+            raise UserError(f"--threads must be a non-negative integer, got {self.threads!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.languages is not None:
+            if not self.languages:
+                raise UserError("--languages: give at least one language")
+            if len(set(self.languages)) != len(self.languages):
+                raise UserError(f"--languages: each language once, got {', '.join(self.languages)}")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise UserError(f"--out {self.out} exists and is not a directory")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -214,39 +245,126 @@ def _train(cfg, run_dir: Path, dense: Path, steps: int) -> None:
     Trainer(cfg, run_dir, resume=resume, init_checkpoint=dense).run()
 
 
-def _score(model_dir: Path, manifests: Path, language: str, opts: ReproduceOptions) -> float:
-    """Test WER of ``model_dir`` on ``language``, cached in ``<model_dir>/test_wer-<lang>.json``."""
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def score_key(ckpt, manifests: Path, language: str, opts: ReproduceOptions) -> dict[str, Any]:
+    """Everything that determines a test WER: the exact checkpoint (resolved directory, step and
+    the SHA-256 of its files, which ``load_checkpoint`` verified), the test manifest (resolved
+    directory and the SHA-256 of ``test.jsonl``), the utterance cap, the language and decoding."""
+    return {
+        "checkpoint": str(Path(ckpt.path).resolve()),
+        "step": int(ckpt.step),
+        "checkpoint_sha256": dict(sorted(ckpt.meta.get("sha256", {}).items())),
+        "manifests": str(Path(manifests).resolve()),
+        "test_sha256": _file_sha256(Path(manifests) / "test.jsonl"),
+        "split": "test",
+        "eval_limit": opts.eval_limit,
+        "language": language,
+        "decoding": DECODING,
+    }
+
+
+def score_cache_path(out: Path, key: dict[str, Any]) -> Path:
+    """``<out>/scores/<lang>-<hash of key>.json``: under the reproduce output, never the model's."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(out) / "scores" / f"{key['language']}-{digest}.json"
+
+
+def _score(ckpt, manifests: Path, language: str, opts: ReproduceOptions) -> float:
+    """Test WER of checkpoint ``ckpt`` on ``language``, cached under ``<out>/scores/`` by
+    :func:`score_key` (a cached score is used only when every part of its key matches)."""
     from .training.inference import evaluate_checkpoint
 
-    cache = model_dir / f"test_wer-{language}.json"
+    key = score_key(ckpt, manifests, language, opts)
+    cache = score_cache_path(opts.out, key)
     if cache.is_file():
-        return float(json.loads(cache.read_text())["wer"])
-    result, info = evaluate_checkpoint(model_dir, manifests, split="test", languages=[language],
+        try:
+            saved = json.loads(cache.read_text(encoding="utf-8"))
+            if saved.get("key") == key:
+                return float(saved["wer"])
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
+            pass  # unreadable: score again and overwrite
+    result, info = evaluate_checkpoint(ckpt.path, manifests, split="test", languages=[language], method=DECODING,
                                        device=opts.device, progress=False, limit=opts.eval_limit)
     wer = result.per_language[language].wer
-    atomic_write_json(cache, {"wer": wer, "checkpoint": info["checkpoint"], "counts": result.to_dict()["per_language"]})
+    atomic_write_json(cache, {"key": key, "wer": wer, "checkpoint": info["checkpoint"],
+                              "counts": result.to_dict()["per_language"]})
     return wer
 
 
-def _ensure_dense(opts: ReproduceOptions) -> tuple[Path, Path]:
-    """(dense checkpoint or run directory, manifest directory); runs the demo when neither is given."""
+@dataclass
+class Inputs:
+    """The checked inputs of a call: the dense checkpoint (None: the demo will make it in
+    ``<out>/demo``), the manifest directory (None likewise) and the languages to compare."""
+
+    dense: Any
+    manifests: Path | None
+    languages: list[str]
+
+
+def check_inputs(opts: ReproduceOptions) -> Inputs:
+    """Validate the options and every input, creating and writing nothing.
+
+    Raises :class:`UserError` for a bad option, a missing or pruned ``--dense``, a missing or
+    incomplete manifest directory, ``--data`` without ``--dense``, or a language the dense model
+    (or the manifests) lacks, e.g. scenario 2's default fr,nl on a model without nl.
+    """
     from .training.checkpoint import load_checkpoint
 
+    opts.validate()
     if opts.dense is not None:
         dense = load_checkpoint(opts.dense)
         if "pruner" in dense.meta.get("extra", {}):
             raise UserError(f"--dense {opts.dense}: expected a dense checkpoint, this one is pruned")
-        manifests = opts.data or Path(dense.config.get("data", {}).get("manifest_dir", ""))
-        return dense.path, _manifest_dir(manifests)
-    if opts.data is not None:
-        raise UserError("--data without --dense: train a dense model first (sparse-rnnt train) and pass --dense")
-    from .demo import DemoOptions, run_demo
+        if opts.data is not None:
+            manifests = opts.data
+        else:
+            configured = str(dense.config.get("data", {}).get("manifest_dir", "") or "")
+            if not configured:
+                raise UserError(f"--dense {opts.dense}: its config names no data.manifest_dir; pass --data")
+            manifests = Path(configured)
+        manifests = _manifest_dir(manifests)
+        known = list(dense.meta.get("extra", {}).get("languages", []))
+    else:
+        if opts.data is not None:
+            raise UserError("--data without --dense: train a dense model first (sparse-rnnt train) and pass --dense")
+        from .demo import DEMO_LANGUAGES, DemoOptions, validate_options
 
-    demo = opts.out / "demo"
-    if not (demo / "demo_summary.json").is_file():
-        log.info("no --dense given: running the demo (synthetic corpus + tiny dense model) in %s", demo)
-        run_demo(DemoOptions(out=demo, force=True, progress=opts.progress))
-    return demo / "run", demo / "manifests"
+        demo = opts.out / "demo"
+        dense, manifests = None, None
+        if (demo / "demo_summary.json").is_file():
+            dense = load_checkpoint(demo / "run")
+            manifests = _manifest_dir(demo / "manifests")
+            known = list(dense.meta.get("extra", {}).get("languages", []))
+        else:
+            validate_options(DemoOptions(out=demo, force=True, progress=opts.progress))
+            known = list(DEMO_LANGUAGES)
+    wanted = list(opts.languages or (SCENARIO2_LANGUAGES if opts.scenario == 2 else known))
+    unknown = [x for x in wanted if x not in known]
+    if unknown:
+        hint = " (scenario 2 compares fr,nl by default: choose others with --languages)" \
+            if opts.scenario == 2 and not opts.languages else ""
+        raise UserError(f"the dense model was not trained on {', '.join(unknown)} (it knows {', '.join(known)}){hint}")
+    if manifests is not None:
+        _check_languages(manifests, wanted)
+    return Inputs(dense, manifests, wanted)
+
+
+def _check_languages(manifests: Path, languages: list[str]) -> None:
+    """Every language needs training utterances (its runs) and test utterances (its score)."""
+    from .data.manifest import load_split
+
+    for split in ("train", "test"):
+        have = {u.language for u in load_split(manifests, split, languages)}
+        missing = [x for x in languages if x not in have]
+        if missing:
+            raise UserError(f"{manifests / (split + '.jsonl')} has no utterances for {', '.join(missing)}")
 
 
 def _manifest_dir(path: Path) -> Path:
@@ -256,18 +374,38 @@ def _manifest_dir(path: Path) -> Path:
 
 
 def run_reproduce(opts: ReproduceOptions) -> dict[str, Any]:
-    """Run (or resume) every run of the scenario for every seed, score, write and return the table."""
+    """Run (or resume) every run of the scenario for every seed, score, write and return the table.
+
+    Every option and input is checked before ``opts.out`` is created (:func:`check_inputs`).
+    """
+    inputs = check_inputs(opts)
+    created = not opts.out.exists()
+    opts.out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _reproduce(opts, inputs)
+    except UserError:
+        if created and not any(opts.out.iterdir()):
+            opts.out.rmdir()  # nothing of this call's worth keeping
+        raise
+
+
+def _reproduce(opts: ReproduceOptions, inputs: Inputs) -> dict[str, Any]:
     from .training.checkpoint import load_checkpoint
 
-    opts.validate()
-    opts.out.mkdir(parents=True, exist_ok=True)
-    dense_path, manifests = _ensure_dense(opts)
-    dense = load_checkpoint(dense_path)
-    known = list(dense.meta.get("extra", {}).get("languages", []))
-    wanted = list(opts.languages or (SCENARIO2_LANGUAGES if opts.scenario == 2 else known))
-    unknown = [x for x in wanted if x not in known]
-    if unknown:
-        raise UserError(f"the dense model was not trained on {', '.join(unknown)} (it knows {', '.join(known)})")
+    dense, manifests, wanted = inputs.dense, inputs.manifests, inputs.languages
+    if dense is None:
+        from .demo import DemoOptions, run_demo
+
+        demo = opts.out / "demo"
+        log.info("no --dense given: running the demo (synthetic corpus + tiny dense model) in %s", demo)
+        run_demo(DemoOptions(out=demo, force=True, progress=opts.progress))
+        dense = load_checkpoint(demo / "run")
+        manifests = _manifest_dir(demo / "manifests")
+        known = list(dense.meta.get("extra", {}).get("languages", []))
+        unknown = [x for x in wanted if x not in known]
+        if unknown:
+            raise UserError(f"the demo model was not trained on {', '.join(unknown)} (it knows {', '.join(known)})")
+    assert manifests is not None
     runs, rows = plan(opts, wanted)
     by_name = {r.name: r for r in runs}
     t0 = time.perf_counter()
@@ -281,12 +419,15 @@ def run_reproduce(opts: ReproduceOptions) -> dict[str, Any]:
             if opts.progress:
                 print(f"[{time.perf_counter() - t0:7.0f}s] seed {seed}: {run.name} ({i}/{len(runs)})", flush=True)
             _train(cfg, dirs[run.name], dense.path, opts.budget)
+        models = {"dense": dense}
         wer[seed] = {}
         for row in rows:
-            wer[seed][row.label] = {
-                lang: _score(dense.path if model == "dense" else dirs[model], manifests, lang, opts)
-                for lang, model in row.models.items()
-            }
+            scores = {}
+            for lang, model in row.models.items():
+                if model not in models:
+                    models[model] = load_checkpoint(dirs[model])
+                scores[lang] = _score(models[model], manifests, lang, opts)
+            wer[seed][row.label] = scores
     table = summarize(rows, by_name, wer, wanted, opts)
     atomic_write_json(opts.out / f"scenario-{opts.scenario}.json", table)
     atomic_write_text(opts.out / f"scenario-{opts.scenario}.md", format_table(table))

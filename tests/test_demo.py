@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from sparse_rnnt.demo import DemoOptions, run_demo
+from sparse_rnnt.demo import DEMO_MARKER, DemoOptions, run_demo, validate_options
 from sparse_rnnt.errors import UserError
 
 
@@ -23,6 +23,9 @@ def test_demo_pipeline_end_to_end_small(tmp_path, capsys):
     # a second run refuses to overwrite without --force
     with pytest.raises(UserError, match="--force"):
         run_demo(DemoOptions(out=out, hours=0.01, steps=3, progress=False))
+    # ... but with --force it may: the demo marked the directory as its own.
+    assert (out / DEMO_MARKER).is_file()
+    assert validate_options(DemoOptions(out=out, hours=0.01, steps=3, force=True)) == (0.01, 3)
 
 
 @pytest.mark.slow

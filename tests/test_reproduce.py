@@ -112,4 +112,4 @@ def test_reproduce_cli_errors(dense, tmp_path, capsys):
     assert "--levels" in capsys.readouterr().err
     with pytest.raises(UserError, match="too small"):
         ReproduceOptions(scenario=1, out=tmp_path, budget=3, levels=(0.2, 0.5, 0.7)).validate()
-    assert not list_checkpoints(tmp_path / "o") and not os.path.exists(tmp_path / "o" / "seed-0")
+    assert not list_checkpoints(tmp_path / "o") and not os.path.exists(tmp_path / "o")  # checked before created

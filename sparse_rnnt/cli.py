@@ -381,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="synthesize a multilingual corpus in the MLS layout (eSpeak NG)",
                        description="Synthesize an offline multilingual speech corpus with eSpeak NG, in "
                        "exactly the Multilingual LibriSpeech layout (mls_<language>/<split>/...).")
-    p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    p.add_argument("--out", required=True,
+                   help="output directory: absent, empty, or a synthesized corpus to add other languages to "
+                   "(each requested language's mls_<language> directory must be absent or empty)")
     p.add_argument("--languages", default="en,fr,it,nl", help="comma-separated: en, fr, it, nl (default: all four)")
     p.add_argument("--hours", type=_positive_float, default=0.5, help="hours of audio per language, all splits (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same corpus (default 0)")

@@ -9,11 +9,28 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from ..errors import UserError
+
 SAMPLE_RATE = 16000
 
 
-class AudioError(Exception):
-    """An audio file that cannot be used; the message names the file."""
+class AudioError(UserError):
+    """An audio file that cannot be used (missing, unreadable, wrong rate, empty, non-finite
+    samples); the message names the file and ``path`` holds it.
+
+    A :class:`UserError`: bad input that the CLI reports as one line. Code that can go on without
+    the file (training's bad-item skipping, the MLS reader) catches it explicitly.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else os.fspath(path)
+
+
+def _unreadable(path: str | os.PathLike[str], e: Exception) -> AudioError:
+    if not os.path.lexists(path):  # libsndfile only says "System error."
+        return AudioError(f"{path}: audio file not found", path)
+    return AudioError(f"{path}: unreadable audio ({e})", path)
 
 
 @dataclass(frozen=True)
@@ -32,24 +49,31 @@ def audio_info(path: str | os.PathLike[str]) -> AudioInfo:
     try:
         info = sf.info(str(path))
     except Exception as e:  # libsndfile raises several types for unreadable files
-        raise AudioError(f"{path}: unreadable audio ({e})") from None
+        raise _unreadable(path, e) from None
     return AudioInfo(sample_rate=int(info.samplerate), frames=int(info.frames), channels=int(info.channels))
 
 
-def load_audio(path: str | os.PathLike[str], expected_rate: int | None = SAMPLE_RATE) -> torch.Tensor:
+def load_audio(
+    path: str | os.PathLike[str], expected_rate: int | None = SAMPLE_RATE, *, allow_empty: bool = False
+) -> torch.Tensor:
     """Decode a file to mono float32 in [-1, 1]: ``[T]``.
 
     Raises :class:`AudioError` for unreadable files, a sample rate other than ``expected_rate``
-    (when given) or empty audio. Multichannel audio is averaged to mono.
+    (when given), empty audio (unless ``allow_empty``) or NaN/Inf samples (float WAV can hold
+    them; they would turn every feature frame they touch into NaN). Multichannel audio is
+    averaged to mono.
     """
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:
-        raise AudioError(f"{path}: unreadable audio ({e})") from None
+        raise _unreadable(path, e) from None
     if expected_rate is not None and rate != expected_rate:
-        raise AudioError(f"{path}: sample rate {rate} Hz, expected {expected_rate} Hz")
-    if data.shape[0] == 0:
-        raise AudioError(f"{path}: empty audio")
+        raise AudioError(f"{path}: sample rate {rate} Hz, expected {expected_rate} Hz", path)
+    if data.shape[0] == 0 and not allow_empty:
+        raise AudioError(f"{path}: empty audio", path)
+    bad = data.size - int(np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise AudioError(f"{path}: {bad} non-finite sample(s) (NaN or Inf)", path)
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     return torch.from_numpy(np.ascontiguousarray(mono))
 

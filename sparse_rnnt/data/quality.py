@@ -6,7 +6,9 @@
 - ``empty_text`` / ``unencodable``: blank transcript / characters the tokenizer maps to ``<unk>``;
 - ``unreadable_audio``: missing, corrupt or truncated file (libsndfile cannot open or decode it);
 - ``wrong_sample_rate``: not the feature config's rate;
-- ``empty_audio``: a valid header with no samples;
+- ``empty_audio``: a valid header with no samples, or fewer than one feature frame needs
+  (``n_fft // 2 + 1``: the centred STFT's reflect padding);
+- ``non_finite_audio``: NaN or Inf samples (float WAV), which would make the features NaN;
 - ``clipped``: more than ``clip_fraction`` of the samples at full scale (``|x| >= clip_level``).
 
 :func:`screen` checks a whole list (threads: libsndfile releases the GIL while decoding), keeps
@@ -37,9 +39,10 @@ UNENCODABLE = "unencodable"
 UNREADABLE_AUDIO = "unreadable_audio"
 WRONG_SAMPLE_RATE = "wrong_sample_rate"
 EMPTY_AUDIO = "empty_audio"
+NON_FINITE_AUDIO = "non_finite_audio"
 CLIPPED = "clipped"
 REASONS: tuple[str, ...] = (TOO_LONG, EMPTY_TEXT, UNENCODABLE, UNREADABLE_AUDIO, WRONG_SAMPLE_RATE, EMPTY_AUDIO,
-                            CLIPPED)
+                            NON_FINITE_AUDIO, CLIPPED)
 
 _PROGRESS_MIN = 1000  # a bar only for lists long enough to take a while
 _CHUNK = 4096  # futures in flight: bounds memory on millions of files
@@ -61,7 +64,7 @@ class QualityLimits:
 
     ``clip_level`` is below 1.0 because 16-bit PCM tops out at 32767/32768; ``check_audio=False``
     skips every audio check (manifest-only screening); ``decode=False`` reads headers only (no
-    clipping or corruption-past-the-header detection, much faster).
+    clipping, non-finite sample or corruption-past-the-header detection, much faster).
     """
 
     max_duration: float = 30.0  # seconds
@@ -82,13 +85,17 @@ class QualityLimits:
             raise UserError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
 
-def _clipped_fraction(f: sf.SoundFile, level: float) -> float:
-    """Share of samples (all channels) with ``|x| >= level``, decoded block by block."""
+def _clipped_fraction(f: sf.SoundFile, level: float) -> tuple[float, bool]:
+    """Share of samples (all channels) with ``|x| >= level``, decoded block by block, and
+    whether any sample is NaN or Inf."""
     hits = total = 0
+    finite = True
     for block in f.blocks(blocksize=_BLOCK, dtype="float32", always_2d=True):
-        hits += int(np.count_nonzero(np.abs(block) >= level))
+        ok = np.isfinite(block)
+        finite = finite and bool(ok.all())
+        hits += int(np.count_nonzero(ok & (np.abs(block) >= level)))
         total += block.size
-    return hits / total if total else 0.0
+    return (hits / total if total else 0.0), not finite
 
 
 def _check_audio(path: str, feature_config: FeatureConfig, limits: QualityLimits) -> str | None:
@@ -96,15 +103,17 @@ def _check_audio(path: str, feature_config: FeatureConfig, limits: QualityLimits
         with sf.SoundFile(path) as f:
             if int(f.samplerate) != int(feature_config.sample_rate):
                 return WRONG_SAMPLE_RATE
-            if f.frames <= 0:
+            if f.frames < feature_config.n_fft // 2 + 1:  # LogMel cannot frame it
                 return EMPTY_AUDIO
             if f.frames / f.samplerate > limits.max_duration:
                 return TOO_LONG
             if not limits.decode:
                 return None
-            frac = _clipped_fraction(f, limits.clip_level)
+            frac, non_finite = _clipped_fraction(f, limits.clip_level)
     except Exception:  # libsndfile raises several types for missing, corrupt or truncated files
         return UNREADABLE_AUDIO
+    if non_finite:
+        return NON_FINITE_AUDIO
     return CLIPPED if frac > limits.clip_fraction else None
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import multiprocessing as mp
 import os
@@ -508,13 +509,61 @@ def language_dir(language: str, fmt: str) -> str:
     return f"mls_{MLS_NAMES[language]}" + ("_opus" if fmt == "opus" else "")
 
 
-def _check_output(out: Path, languages: Sequence[str], fmt: str) -> None:
+SUMMARY_FILE = "synth_summary.json"
+# Summary fields that describe one synthesis run (the others describe the corpus).
+_RUN_FIELDS = ("config", "seconds", "x_real_time", "workers", "cpu_count", "format")
+
+
+def _check_output(out: Path, languages: Sequence[str], fmt: str) -> dict[str, Any] | None:
+    """Refuse an ``out`` where the corpus cannot go; returns the summary of the corpus already
+    in ``out`` (None if there is none), which the new languages are added to.
+
+    Only the requested languages' directories must be absent or empty: languages can be added
+    to an existing corpus, one run at a time. Nothing is written here.
+    """
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} exists and is not a directory")
     for lang in languages:
         d = out / language_dir(lang, fmt)
         if d.exists() and (not d.is_dir() or any(d.iterdir())):
             raise UserError(f"{d} already exists and is not empty: remove it or choose another output directory")
+    path = out / SUMMARY_FILE
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        langs = old["languages"]
+        if not isinstance(langs, dict) or not all(
+            isinstance(v, dict) and isinstance(v["directory"], str) and isinstance(v["utterances"], int)
+            and isinstance(v["hours"], int | float) for v in langs.values()
+        ):
+            raise TypeError("unexpected 'languages' entries")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a readable synth summary ({e}), so the new languages cannot be added to it: "
+                        "remove it or choose another output directory") from None
+    for lang in languages:
+        if lang in langs:
+            d = out / langs[lang]["directory"]
+            if d.is_dir() and any(d.iterdir()):  # the language in the other format
+                raise UserError(f"{path} already describes {lang} ({d}): remove it or choose another output directory")
+    return old
+
+
+def _merge_summary(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The summary of a corpus that already held ``old`` and received ``new``'s languages:
+    per-language entries of both (a language synthesized again is replaced), totals over all,
+    the run fields (``config``, ``seconds``, ``x_real_time``...) of the new run and the earlier
+    runs' in ``previous_runs``."""
+    langs = dict(sorted({**old["languages"], **new["languages"]}.items()))  # as the JSON file holds them
+    earlier = [r for r in old.get("previous_runs", []) if isinstance(r, dict)]
+    earlier.append({k: old[k] for k in _RUN_FIELDS if k in old})
+    return {
+        **new,
+        "languages": langs,
+        "utterances": sum(v["utterances"] for v in langs.values()),
+        "hours": round(sum(v["hours"] for v in langs.values()), 6),
+        "previous_runs": earlier,
+    }
 
 
 def synthesize_corpus(out: str | os.PathLike[str], config: SynthConfig, progress: bool = True) -> dict[str, Any]:
@@ -526,13 +575,20 @@ def synthesize_corpus(out: str | os.PathLike[str], config: SynthConfig, progress
     Raises :class:`UserError` for a bad config or when ``out/mls_<language>`` (``_opus``) exists
     and is not empty. The summary holds utterances, hours, speakers and books per language and split, the
     wall time in ``seconds`` and the throughput ``x_real_time`` (audio seconds written per wall
-    second, pilot included in the time). Workers are started through multiprocessing's
+    second, pilot included in the time).
+
+    Languages can be added to an existing corpus: ``out`` may hold other languages (and their
+    summary). The summary then covers every language (``utterances`` and ``hours`` are totals
+    over all of them), its run fields (``config``, ``seconds``, ``x_real_time``, ``workers``,
+    ``cpu_count``, ``format``) describe this run, and ``previous_runs`` lists the earlier runs'
+    run fields. Every check (including that the existing summary is readable) happens before
+    anything is written. Workers are started through multiprocessing's
     forkserver (spawn where unavailable): call this under ``if __name__ == "__main__":`` in scripts.
     """
     config.validate()
     out = Path(out)
     languages = list(config.languages)
-    _check_output(out, languages, config.fmt)
+    previous = _check_output(out, languages, config.fmt)
     workers = config.workers or os.cpu_count() or 1
     start = time.perf_counter()
     speakers = {lang: plan_speakers(config, lang) for lang in languages}
@@ -579,7 +635,9 @@ def synthesize_corpus(out: str | os.PathLike[str], config: SynthConfig, progress
 
     seconds = time.perf_counter() - start
     summary = _summary(config, languages, jobs, owners, samples, fits, seconds, workers)
-    atomic_write_json(out / "synth_summary.json", summary)
+    if previous is not None:
+        summary = _merge_summary(previous, summary)
+    atomic_write_json(out / SUMMARY_FILE, summary)
     return summary
 
 

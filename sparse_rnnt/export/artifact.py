@@ -225,9 +225,13 @@ def _verify(art: Artifact, rec: Any, languages: list[str], opts: ExportOptions) 
         errors[lang] = relative_error(probe_logits(art.model, device, DTYPES[opts.dtype]), ref)
     worst = max(errors.values())
     if not worst <= tol:
+        hint = ""
+        if opts.fmt == "2:4":  # the usual cause: an unstructured mask projected to 2:4
+            hint = ("; a mask not trained as 2:4 loses weights in the projection: prune with "
+                    "--granularity 2:4 for a lossless export, or raise --tolerance to accept the loss")
         raise UserError(
             f"export refused: the artifact's outputs differ from the masked model's by {worst:.3g} "
-            f"(max |diff| / max |logit|; tolerance {tol:g}, format {opts.fmt}, dtype {opts.dtype})"
+            f"(max |diff| / max |logit|; tolerance {tol:g}, format {opts.fmt}, dtype {opts.dtype}){hint}"
         )
     return {"max_relative_error": errors, "tolerance": tol, "device": str(device),
             "probe": "joiner logits of a seeded [2, 160, 80] batch"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torchaudio.models import RNNTBeamSearch
 
+from ..errors import UserError
 from .rnnt import EmformerRNNT
 
 
@@ -176,6 +177,9 @@ class BeamContinuation:
     def __init__(self, model: EmformerRNNT, beam_width: int = 4, step_max_tokens: int = 100) -> None:
         if beam_width < 1:
             raise ValueError(f"beam_width must be >= 1, got {beam_width}")
+        if beam_width > model.num_symbols - 1:  # torchaudio's first step takes top-k of the tokens
+            raise UserError(f"beam width {beam_width} exceeds the model's {model.num_symbols - 1} non-blank "
+                            f"symbols, the most torchaudio's beam search can keep")
         self.model = model
         self.beam_width = beam_width
         self._search = RNNTBeamSearch(_EncodedFrames(model.rnnt), model.blank, step_max_tokens=step_max_tokens)

@@ -10,7 +10,11 @@ reflect(x)[N-2:N-2-p:-1]``) and frame ``t`` is the window ``P[t*hop : t*hop + n_
 * frame ``t`` is final as soon as its window lies inside ``left pad ++ samples so far``
   (``t*hop + n_fft <= p + received``);
 * the last few frames touch the right reflect pad, which depends on the last ``p + 1`` samples,
-  so they are computed by :meth:`StreamingLogMel.flush` at the end of the stream.
+  so they are computed by :meth:`StreamingLogMel.flush` at the end of the stream;
+* a stream of fewer than ``p + 1`` samples (16 ms at the defaults) has no frame at all: the full
+  front end cannot reflect-pad it (:class:`LogMel` raises), so the stream yields no frames and
+  decodes to an empty hypothesis (with time-reduction stride >= 3, the at most 2 frames it could
+  have had would be trimmed away by ``trim_to_stride`` anyway).
 
 The same windowing, FFT, mel matrix and log as :class:`LogMel` are applied (its own
 ``MelSpectrogram`` module with centring switched off, on the padded signal), so incremental
@@ -99,17 +103,16 @@ class StreamingLogMel:
     def flush(self) -> torch.Tensor:
         """End of stream: the remaining frames (those touching the right pad) ``[k, n_mels]``.
 
-        Raises ``ValueError`` when fewer than ``n_fft // 2 + 1`` samples were received, as
-        :class:`LogMel` does (reflect padding needs more samples than the pad width).
+        A stream of fewer than ``n_fft // 2 + 1`` samples (none included) has no frame: the
+        result is empty (:class:`LogMel` raises there, as reflect padding needs more samples
+        than the pad width).
         """
         if self.flushed:
             return self._empty()
         self.flushed = True
-        if self._buf is None:
-            raise ValueError(
-                f"waveform of {self.num_samples} samples is shorter than the {self.pad + 1} samples "
-                "the centred STFT needs"
-            )
+        if self._buf is None:  # too short to frame: no frame, like no audio
+            self._head = []
+            return self._empty()
         # x[N-1-p .. N-2] sit at P indices N-1 .. N-2+p; reflect them (edge sample excluded).
         right = self._buf[self.num_samples - 1 - self._buf_start : -1].flip(0)
         self._buf = torch.cat([self._buf, right])

@@ -13,15 +13,14 @@ from .stream import PartialResult, StreamingDecoder, StreamResult
 
 
 def read_wave(path: str | os.PathLike[str]) -> torch.Tensor:
-    """Mono float32 ``[T]`` at 16 kHz from FLAC/WAV/Opus (resampled if needed)."""
-    from ..data.audio import AudioError
+    """Mono float32 ``[T]`` at 16 kHz from FLAC/WAV/Opus (resampled if needed); any length,
+    none included (a stream that short decodes to an empty hypothesis).
 
-    try:
-        rate = audio_info(path).sample_rate
-        wave = load_audio(path, expected_rate=None)
-    except AudioError as e:
-        raise UserError(str(e)) from None
-    if rate != SAMPLE_RATE:
+    Raises :class:`~sparse_rnnt.data.audio.AudioError` (a :class:`UserError` naming the file)
+    for a missing or unreadable file or NaN/Inf samples."""
+    rate = audio_info(path).sample_rate
+    wave = load_audio(path, expected_rate=None, allow_empty=True)
+    if rate != SAMPLE_RATE and wave.numel():
         import torchaudio.functional as AF
 
         wave = AF.resample(wave, rate, SAMPLE_RATE)

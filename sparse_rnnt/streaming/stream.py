@@ -18,7 +18,9 @@ trimmed to a multiple of the time-reduction stride (``trim_to_stride``), and aft
 frame the look-ahead is zeros (``pad_right_context``); a last segment shorter than
 ``segment_length`` is encoded with its padded frames masked, like the full path's short last
 segment. The final hypothesis therefore equals :func:`~sparse_rnnt.model.decoding.greedy_search`
-on the whole utterance, up to float rounding (encoder outputs agree to ~1e-6).
+on the whole utterance, up to float rounding (encoder outputs agree to ~1e-6). Any length can be
+streamed: audio too short for a single feature frame (under ``n_fft // 2 + 1`` samples, no
+audio at all included) ends with no frames and an empty hypothesis.
 """
 
 from __future__ import annotations
@@ -306,29 +308,31 @@ class StreamingDecoder:
             stream.received_frames += frames.size(0)
 
     def accept(self, stream: Stream | str, samples: torch.Tensor) -> None:
-        """Buffer ``samples [n]`` (float 16 kHz mono, any ``n``) and compute the frames they complete."""
+        """Buffer ``samples [n]`` (float 16 kHz mono, any ``n``) and compute the frames they complete.
+
+        NaN or Inf samples raise ``ValueError`` (the stream stays open, without them): they would
+        turn every frame they touch, and through the encoder state the rest of the stream, to NaN."""
         s = self._get(stream)
         if s.ended:
             raise ValueError(f"stream {s.id!r} has ended; it accepts no more audio")
         if samples.dim() > 1 and samples.numel() != samples.shape[-1]:
             raise ValueError(f"expected mono samples [n], got shape {tuple(samples.shape)}")
+        if samples.is_floating_point() and not bool(torch.isfinite(samples).all()):
+            raise ValueError(f"stream {s.id!r}: non-finite samples (NaN or Inf)")
         t0 = time.perf_counter()
         with torch.inference_mode():
             self._add_frames(s, s.frontend.accept(samples))
         s.feature_s += time.perf_counter() - t0
 
     def end(self, stream: Stream | str) -> None:
-        """Mark the end of a stream's audio: compute the last frames and trim to the stride."""
+        """Mark the end of a stream's audio: compute the last frames and trim to the stride
+        (a stream too short for one frame ends with none)."""
         s = self._get(stream)
         if s.ended:
             return
         t0 = time.perf_counter()
-        try:
-            with torch.inference_mode():
-                self._add_frames(s, s.frontend.flush())
-        except ValueError:
-            self._drop(s)  # too short to have any frame: nothing to resume
-            raise
+        with torch.inference_mode():
+            self._add_frames(s, s.frontend.flush())
         s.feature_s += time.perf_counter() - t0
         s.ended = True
         stride = self.geometry.stride

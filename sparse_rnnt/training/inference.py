@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from ..config import ExperimentConfig, from_dict
-from ..data.features import GlobalCMVN
-from ..data.manifest import cap_per_language, load_split, manifest_path
+from ..data.audio import AudioError, audio_info
+from ..data.features import FeatureConfig, GlobalCMVN
+from ..data.manifest import Utterance, cap_per_language, load_split, manifest_path
 from ..data.tokenizer import Tokenizer
 from ..errors import UserError
 from ..model.rnnt import EmformerRNNT
@@ -89,6 +90,46 @@ def load_recognizer(path: str | os.PathLike[str], device: str = "cpu") -> Recogn
     return Recognizer(model, tokenizer, cmvn, cfg, languages, ckpt.path, ckpt.step, single, per_language)
 
 
+_STALE_HINT = ("if the corpus moved or changed since the manifests were built, re-run `sparse-rnnt data mls`; "
+               "otherwise replace the file or remove the utterance from the manifest")
+
+
+def _audio_problem(u: Utterance, problem: AudioError | str, manifest: Path) -> UserError:
+    """One line naming the utterance, its file (``problem`` names it) and the manifest."""
+    return UserError(f"utterance {u.key} in {manifest}: {problem}; {_STALE_HINT}")
+
+
+def min_eval_samples(features: FeatureConfig, time_reduction_stride: int) -> int:
+    """The fewest samples a whole utterance can be decoded from: the centred STFT needs
+    ``n_fft // 2 + 1`` (reflect padding) and the encoder one output frame, i.e. ``stride``
+    feature frames (``1 + samples // hop`` of them) after ``trim_to_stride``. Shorter audio has
+    no encoder frame at all (alone in a batch it cannot even be encoded)."""
+    return max(features.n_fft // 2 + 1, (time_reduction_stride - 1) * features.hop_length)
+
+
+def check_eval_audio(utts: list[Utterance], features: FeatureConfig, manifest: Path, min_samples: int) -> None:
+    """Header checks of every utterance's audio before decoding: it exists, is readable, has the
+    feature sample rate and at least ``min_samples`` samples (:func:`min_eval_samples`).
+
+    An evaluation must not quietly drop utterances (its WER would change denominator), so the
+    first bad one raises :class:`UserError`. Problems only decoding finds (NaN samples,
+    corruption past the header) are reported by :func:`evaluate_checkpoint` the same way.
+    """
+    ms = 1000 * min_samples / features.sample_rate
+    for u in utts:
+        try:
+            info = audio_info(u.audio)
+        except AudioError as e:
+            raise _audio_problem(u, e, manifest) from None
+        if info.sample_rate != features.sample_rate:
+            raise _audio_problem(u, f"{u.audio}: sample rate {info.sample_rate} Hz, expected "
+                                    f"{features.sample_rate} Hz", manifest)
+        if info.frames < min_samples:
+            what = "empty audio" if info.frames <= 0 else f"{info.frames} sample(s)"
+            raise _audio_problem(u, f"{u.audio}: {what}, shorter than the {min_samples} samples ({ms:g} ms) "
+                                    "the model needs for one output frame", manifest)
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike[str],
     manifest_dir: str | os.PathLike[str],
@@ -101,7 +142,10 @@ def evaluate_checkpoint(
     progress: bool = True,
     limit: int = 0,
 ) -> tuple[EvalResult, dict[str, Any]]:
-    """Decode ``<manifest_dir>/<split>.jsonl`` (restricted to ``languages``) and count errors."""
+    """Decode ``<manifest_dir>/<split>.jsonl`` (restricted to ``languages``) and count errors.
+
+    Audio that cannot be decoded (missing, unreadable, wrong rate, too short, NaN/Inf samples)
+    raises :class:`UserError` naming the utterance and the file: nothing is skipped."""
     if method not in ("greedy", "beam"):
         raise UserError(f"unknown decoding method {method!r} (greedy or beam)")
     rec = load_recognizer(checkpoint, device=device)
@@ -113,6 +157,9 @@ def evaluate_checkpoint(
     utts = cap_per_language(load_split(manifest_dir, split, langs), limit)
     if not utts:
         raise UserError(f"no utterances for {', '.join(langs or ['any language'])} in {manifest_path(manifest_dir, split)}")
+    manifest = manifest_path(manifest_dir, split)
+    min_samples = min_eval_samples(rec.config.features, rec.config.model.time_reduction_stride)
+    check_eval_audio(utts, rec.config.features, manifest, min_samples)  # fail before any decoding
     dev = next(rec.model.parameters()).device
     groups: dict[str | None, list] = {None: utts}
     if rec.language_masks is not None:  # decode each language with its own pathway
@@ -122,10 +169,16 @@ def evaluate_checkpoint(
     parts = []
     for lang, group in groups.items():
         with rec.masked(lang), torch.inference_mode():
-            parts.append(evaluate(
-                rec.model, group, rec.tokenizer, rec.cmvn, rec.config.features, method=method,
-                beam_width=beam_width, device=dev, progress=progress,
-            ))
+            try:
+                parts.append(evaluate(
+                    rec.model, group, rec.tokenizer, rec.cmvn, rec.config.features, method=method,
+                    beam_width=beam_width, device=dev, progress=progress,
+                ))
+            except AudioError as e:  # found while decoding: NaN samples, corrupt past the header
+                u = next((u for u in group if e.path is not None and os.fspath(u.audio) == e.path), None)
+                if u is None:
+                    raise UserError(f"{manifest}: {e}; {_STALE_HINT}") from None
+                raise _audio_problem(u, e, manifest) from None
     result = parts[0] if len(parts) == 1 else merge_results(parts)
     info = {"checkpoint": str(rec.checkpoint), "step": rec.step, "split": split, "beam_width": beam_width}
     return result, info

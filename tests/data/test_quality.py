@@ -67,6 +67,20 @@ def corpus(tmp_path_factory) -> dict[str, tuple[Utterance, str | None]]:
     empty = d / "empty.wav"
     sf.write(str(empty), np.zeros(0, np.float32), RATE)
     add("empty_audio", empty, "empty_audio")
+    # 256 samples: fewer than the n_fft // 2 + 1 = 257 the centred STFT needs, LogMel cannot frame it.
+    short = d / "short.wav"
+    sf.write(str(short), _tone(256), RATE)
+    add("too_short", short, "empty_audio")
+    shortest = d / "shortest.wav"
+    sf.write(str(shortest), _tone(257), RATE)
+    add("shortest", shortest, None)
+    # Float WAV can hold NaN/Inf; they would make every feature frame they touch NaN.
+    for name, value in (("nan", np.nan), ("inf", np.inf)):
+        wave = _tone(4800)
+        wave[1234] = value
+        path = d / f"{name}.wav"
+        sf.write(str(path), wave, RATE, subtype="FLOAT")
+        add(name, path, "non_finite_audio")
     junk = d / "junk.flac"
     junk.write_bytes(b"fLaC this is not audio" * 10)
     add("junk", junk, "unreadable_audio")
@@ -102,10 +116,35 @@ def test_each_bad_utterance_gets_its_reason(corpus, tok):
 
 def test_unreadable_means_the_trainer_could_not_load_it(corpus):
     """Independent reference: every file screened as unreadable also fails load_audio."""
-    for name in ("junk", "missing", "truncated"):
+    for name in ("junk", "missing", "truncated", "nan", "inf"):
         with pytest.raises(AudioError):
             load_audio(corpus[name][0].audio)
     load_audio(corpus["good"][0].audio)
+    # Too short: loads, but the feature front end refuses it (what empty_audio spares training).
+    with pytest.raises(ValueError, match="shorter than the 257 samples"):
+        LogMel()(load_audio(corpus["too_short"][0].audio))
+    assert LogMel()(load_audio(corpus["shortest"][0].audio)).shape == (2, 80)
+
+
+def test_non_finite_audio_is_only_found_by_decoding(corpus, tok):
+    u = corpus["nan"][0]
+    assert check_utterance(u, tok, FC, QualityLimits(decode=False)) is None  # headers only
+
+
+def test_training_with_cached_features_survives_screened_bad_audio(corpus, tok):
+    """What the trainer does: screen, then compute the feature cache of what was kept; the
+    cache raises on any bad file, so the screen must have caught NaN and too-short audio."""
+    from sparse_rnnt.data.features import compute_features
+
+    names = ("good", "nan", "inf", "too_short", "shortest")
+    kept, skipped = screen([corpus[n][0] for n in names], tok, FC, QualityLimits(max_bad_fraction=1.0),
+                           workers=1, progress=False)
+    assert kept == [corpus["good"][0], corpus["shortest"][0]]
+    assert skipped["non_finite_audio"] == [corpus["nan"][0].key, corpus["inf"][0].key]
+    assert skipped["empty_audio"] == [corpus["too_short"][0].key]
+    assert set(compute_features(kept, FC, progress=False)) == {u.key for u in kept}
+    with pytest.raises(UserError, match="non-finite"):
+        compute_features([corpus["nan"][0]], FC, progress=False)
 
 
 def test_clip_fraction_is_configurable(corpus, tok):
@@ -131,7 +170,7 @@ def test_screen_keeps_order_counts_reasons_and_matches_one_by_one(corpus, tok):
         expected["too_long"].sort()
         skipped["too_long"].sort()
         assert skipped == expected
-        assert kept == [corpus["good"][0]]
+        assert kept == [corpus["good"][0], corpus["shortest"][0]]
 
 
 def test_bad_share_over_the_limit_raises_with_counts(corpus, tok):
@@ -171,6 +210,13 @@ def test_dataset_skips_audio_that_became_unreadable(tmp_path, tok, caplog):
         items = ds.load_items([0, 1, 2])
     assert [it["key"] for it in items] == [utts[0].key, utts[2].key]
     assert list(ds.unreadable) == [utts[1].key] and utts[1].key in caplog.text
+    # NaN samples written after the screen: skipped with the reason too, not trained on.
+    wave = _tone(3200, seed=9)
+    wave[7] = np.nan
+    sf.write(str(paths[2]), wave, RATE, subtype="FLOAT")
+    fresh = SpeechDataset(utts, tok, cmvn)
+    assert [it["key"] for it in fresh.load_items([2, 0])] == [utts[0].key]
+    assert "non-finite" in fresh.unreadable[utts[2].key]
     batch = collate(items)
     # Frames of the two good files by hand: 1 + samples // hop (centred frames).
     assert batch.feature_lengths.tolist() == [1 + 3200 // 160, 1 + 3520 // 160]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -312,3 +313,65 @@ def test_render_trims_to_short_padding_and_sets_snr() -> None:
     speech = speech[np.abs(speech) > np.max(np.abs(speech)) * 0.01]
     snr = 20 * np.log10(np.sqrt(np.mean(speech**2)) / noise_rms)
     assert snr == pytest.approx(30.0, abs=4.0)
+
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in _walk(root)}
+
+
+ADD_IT = dataclasses.replace(
+    TINY, languages=("it",), hours=0.004, seed=3, train_speakers=2, dev_speakers=1, test_speakers=1,
+)  # fmt: skip
+
+
+def test_adding_a_language_merges_the_summary(corpus: tuple[Path, dict], tmp_path: Path) -> None:
+    """Only the requested languages' directories must be empty (see test_refuses_non_empty_output),
+    so a language can be added to a corpus; the summary must then describe all of them."""
+    src, first = corpus
+    out = tmp_path / "corpus"
+    shutil.copytree(src, out)
+    merged = synthesize_corpus(out, ADD_IT, progress=False)
+    assert json.loads((out / "synth_summary.json").read_text()) == merged
+    assert sorted(p.name for p in out.iterdir()) == ["mls_dutch", "mls_english", "mls_italian", "synth_summary.json"]
+    assert list(merged["languages"]) == ["en", "it", "nl"]
+    for lang in ("en", "nl"):  # untouched
+        assert merged["languages"][lang] == first["languages"][lang]
+    langs = merged["languages"].values()
+    assert merged["utterances"] == sum(v["utterances"] for v in langs) > first["utterances"]
+    assert merged["hours"] == pytest.approx(sum(v["hours"] for v in langs), abs=1e-6)
+    # Run fields: this run; the first run's are kept in previous_runs.
+    assert merged["config"]["languages"] == ["it"] and merged["config"]["seed"] == 3
+    it_hours = merged["languages"]["it"]["hours"]
+    assert merged["x_real_time"] == pytest.approx(it_hours * 3600 / merged["seconds"], rel=0.01)
+    run_fields = ("config", "seconds", "x_real_time", "workers", "cpu_count", "format")
+    assert merged["previous_runs"] == [{k: first[k] for k in run_fields}]
+    # The MLS reader finds exactly what the summary describes.
+    data, report = read_mls(out, progress=False)
+    assert report.num_problems == 0, report.format()
+    for lang, entry in merged["languages"].items():
+        for split in ("train", "dev", "test"):
+            n = sum(u.language == lang for u in data[split])
+            assert n == entry["splits"][split]["utterances"], (lang, split)
+    # A third run keeps both earlier runs.
+    third = synthesize_corpus(out, dataclasses.replace(ADD_IT, languages=("fr",)), progress=False)
+    assert list(third["languages"]) == ["en", "fr", "it", "nl"]
+    assert third["previous_runs"] == [*merged["previous_runs"], {k: merged[k] for k in run_fields}]
+
+
+def test_adding_a_language_checks_the_summary_before_writing(corpus: tuple[Path, dict], tmp_path: Path) -> None:
+    src, _ = corpus
+    out = tmp_path / "corpus"
+    shutil.copytree(src, out)
+    summary = out / "synth_summary.json"
+    # English already synthesized as FLAC: the Opus edition would be a second "en" in one summary.
+    before = _snapshot(out)
+    with pytest.raises(UserError, match=rf"already describes en \({re.escape(str(out / 'mls_english'))}\)"):
+        synthesize_corpus(out, dataclasses.replace(ADD_IT, languages=("en",), fmt="opus"), progress=False)
+    assert _snapshot(out) == before
+    for text in ("{not json", '{"languages": []}', '{"languages": {"en": {"directory": "mls_english"}}}'):
+        summary.write_text(text)
+        before = _snapshot(out)
+        with pytest.raises(UserError, match=rf"{re.escape(str(summary))}: not a readable synth summary"):
+            synthesize_corpus(out, ADD_IT, progress=False)
+        assert _snapshot(out) == before  # nothing written: no mls_italian

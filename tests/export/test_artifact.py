@@ -82,7 +82,7 @@ def test_unstructured_mask_projected_to_2to4_reports_loss_and_is_refused(pruned,
     top2 = groups.sort(dim=-1, descending=True).values[..., :2].sum()
     assert lost == pytest.approx(float(1 - top2 / groups.sum()), rel=1e-5)  # independent: top-2 per group
     assert bool((keep.reshape(w.shape[0], -1, 4).sum(-1) == 2).all())
-    with pytest.raises(UserError, match=r"export refused.*differ"):
+    with pytest.raises(UserError, match=r"export refused.*differ.*--granularity 2:4.*--tolerance"):
         export_checkpoint(pruned["adaptive"], tmp_path / "b", ExportOptions(fmt="2:4"))
     assert not (tmp_path / "b").exists()
     manifest = export_checkpoint(pruned["adaptive"], tmp_path / "c", ExportOptions(fmt="2:4", tolerance=10.0))

@@ -132,6 +132,17 @@ def test_beam_search_outputs_valid_tokens():
     assert all(0 <= t < 11 for h in hyps for t in h)
 
 
+def test_beam_width_up_to_the_non_blank_symbols():
+    # torchaudio's search takes the top beam_width of the first frame's non-blank tokens: 11 of 12
+    # symbols here is the widest beam that runs; wider is a clear error, not "index out of range".
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny"), 12, verbose=False).eval()
+    x, xl, _, _ = _inputs()
+    assert len(beam_search(model, x[:1], xl[:1], beam_width=11)) == 1
+    with pytest.raises(UserError, match="beam width 12 exceeds the model's 11 non-blank symbols"):
+        beam_search(model, x[:1], xl[:1], beam_width=12)
+
+
 def test_config_validation():
     with pytest.raises(UserError, match="divisible"):
         model_config("tiny", transformer_num_heads=5)

@@ -111,11 +111,19 @@ def test_streaming_logmel_emits_frames_as_soon_as_final() -> None:
     assert fe.flush().shape[0] == 1 + 1000 // 160 - 5
 
 
-def test_streaming_logmel_too_short() -> None:
+@pytest.mark.parametrize("num_samples", [0, 1, 100, 256])
+def test_streaming_logmel_too_short_has_no_frames(num_samples: int) -> None:
+    # The full front end cannot reflect-pad fewer than n_fft // 2 + 1 = 257 samples...
+    if num_samples:
+        with pytest.raises(ValueError, match="shorter than the 257 samples"):
+            LogMel()(torch.zeros(num_samples))
+    # ...so the stream has no frame at all, and ending it is not an error.
     fe = StreamingLogMel(LogMel())
-    fe.accept(torch.zeros(100))
-    with pytest.raises(ValueError, match="shorter than the 257 samples"):
-        fe.flush()
+    assert fe.accept(synth(num_samples, seed=1)).shape == (0, 80)
+    assert fe.flush().shape == (0, 80)
+    assert fe.flush().shape == (0, 80)  # idempotent
+    with pytest.raises(RuntimeError, match="after flush"):
+        fe.accept(torch.zeros(10))
 
 
 # --- encoder ---------------------------------------------------------------------------------
@@ -380,10 +388,12 @@ def test_errors(setup) -> None:
     s = dec.open(stream_id="x")
     with pytest.raises(ValueError, match="already open"):
         dec.open(stream_id="x")
-    dec.accept(s, torch.zeros(100))
-    with pytest.raises(ValueError, match="shorter than"):
-        dec.finalize(s)
-    assert "x" not in dec.streams  # a failed stream is dropped
+    with pytest.raises(ValueError, match="non-finite"):
+        dec.accept(s, torch.tensor([0.1, float("nan"), 0.2]))
+    with pytest.raises(ValueError, match="non-finite"):
+        dec.accept(s, torch.tensor([float("inf")]))
+    assert s.frontend.num_samples == 0  # the rejected pieces were not buffered
+    dec.close(s)
     t = dec.open()
     dec.accept(t, torch.zeros(1000))
     dec.end(t)
@@ -484,3 +494,31 @@ def test_batched_beam_streams_equal_single_stream(setup) -> None:
         StreamingDecoder(model, cmvn, decoding="sample")
     with pytest.raises(ValueError, match="beam_width"):
         StreamingDecoder(model, cmvn, decoding="beam", beam_width=0)
+
+
+@pytest.mark.parametrize("num_samples", [0, 1, 256])
+def test_audio_too_short_for_a_frame_decodes_to_an_empty_hypothesis(setup, num_samples: int) -> None:
+    model, cmvn, _ = setup
+    dec = StreamingDecoder(model, cmvn)
+    r = dec.transcribe(synth(num_samples, seed=7))
+    assert r.tokens == [] and r.num_chunks == 0
+    assert r.audio_s == num_samples / SR
+    assert dec.streams == {}  # finished and closed
+    # The decoder goes on serving streams of any length.
+    s = dec.open()
+    dec.accept(s, torch.zeros(0))
+    assert dec.finalize(s).tokens == []
+    assert dec.transcribe(synth(16000, seed=3)).tokens == full_greedy(model, cmvn, synth(16000, seed=3))
+
+
+def test_short_streams_around_one_encoder_frame(setup) -> None:
+    model, cmvn, _ = setup
+    dec = StreamingDecoder(model, cmvn)
+    # 257..479 samples: 2-3 feature frames, trimmed to the stride (4) -> no encoder frame, empty
+    # hypothesis (the full path cannot encode zero frames at all).
+    for n in (257, 479):
+        r = dec.transcribe(synth(n, seed=n), piece_sizes=[100])
+        assert r.tokens == [] and r.num_chunks == 0
+    for n in (480, 641, 1119):  # 4, 5 and 7 frames -> one encoder frame: as the full path
+        wave = synth(n, seed=n)
+        assert dec.transcribe(wave, piece_sizes=[100]).tokens == full_greedy(model, cmvn, wave)

@@ -125,6 +125,18 @@ def select_languages(cfg: ExperimentConfig, train: list[Utterance]) -> list[str]
     return list(cfg.data.languages)
 
 
+def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, value in a, value in b)`` wherever two config trees differ."""
+    out: list[tuple[str, Any, Any]] = []
+    for key in sorted(set(a) | set(b), key=str):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.extend(_config_diff(va, vb, f"{prefix}{key}."))
+        elif va != vb:
+            out.append((f"{prefix}{key}", va, vb))
+    return out
+
+
 class Trainer:
     """Multilingual training of an Emformer RNN-T: dense, or pruned when ``cfg.pruning`` is set.
 
@@ -180,9 +192,12 @@ class Trainer:
                 raise UserError(f"--resume: no checkpoint in {self.out}")
             saved = from_dict(ExperimentConfig, _load_yaml(self.out / "config.yaml"))
             if to_dict(saved) != to_dict(self.cfg):
+                diff = _config_diff(to_dict(saved), to_dict(self.cfg))
+                shown = ", ".join(f"{k} (saved {a!r}, given {b!r})" for k, a, b in diff[:3])
+                more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
                 raise UserError(
-                    f"--resume: the config differs from the one saved in {self.out / 'config.yaml'}; "
-                    "resume with the same config (or omit --config to reuse the saved one)"
+                    f"--resume: the config differs from the one saved in {self.out / 'config.yaml'} in "
+                    f"{shown}{more}; resume with the saved config (without the --config/--set that change it)"
                 )
         elif has_ckpt:
             raise UserError(f"{self.out} already holds a training run: pass --resume or choose another --out")

@@ -221,6 +221,12 @@ class Trainer:
         cfg = self.cfg
         if not cfg.data.manifest_dir:
             raise UserError("data.manifest_dir is not set (the directory with train.jsonl and dev.jsonl)")
+        train_manifest = manifest_path(cfg.data.manifest_dir, "train")
+        if not train_manifest.is_file():  # before anything is written, and saying where the path came from
+            where = (f" (relative to the working directory {Path.cwd()}; a config saved by another run keeps "
+                     "the path as it was given there: pass --set data.manifest_dir=DIR)"
+                     if not Path(cfg.data.manifest_dir).is_absolute() else "")
+            raise UserError(f"manifest not found: {train_manifest}: data.manifest_dir={cfg.data.manifest_dir}{where}")
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         # Read the dense checkpoint first: a bad --init must fail before anything is written.

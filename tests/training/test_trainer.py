@@ -162,3 +162,17 @@ def test_train_command_with_a_bad_value_is_one_line_and_leaves_nothing(tiny_mani
     assert len(err.strip().splitlines()) == 1 and key in err and "Traceback" not in err
     assert not run.exists()
 
+
+
+def test_missing_relative_manifest_dir_says_where_it_was_looked_for(tiny_manifests, tmp_path):
+    # A run's saved config keeps a relative data.manifest_dir as given; from another working
+    # directory it is not found, and the error says so before anything is written.
+    cfg = _cfg(tiny_manifests, **{"data.manifest_dir": "no-such-manifests"})
+    with pytest.raises(UserError, match=r"manifest not found: no-such-manifests/train\.jsonl.*relative to the "
+                       r"working directory.*--set data\.manifest_dir=DIR"):
+        Trainer(cfg, tmp_path / "run").run()
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(UserError, match="manifest not found") as e:
+        Trainer(_cfg(tiny_manifests, **{"data.manifest_dir": str(tmp_path / "abs")}), tmp_path / "run2").run()
+    assert "working directory" not in str(e.value)
+    assert not (tmp_path / "run2").exists()

@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hours", type=_positive_float, default=0.5, help="hours of audio per language, all splits (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same corpus (default 0)")
     p.add_argument("--format", choices=("flac", "opus"), default="flac", help="audio format (default flac)")
-    p.add_argument("--workers", type=_nonneg_int, default=0, help="worker processes (default 0 = all cores)")
+    p.add_argument("--workers", type=_threads, default=0, help="worker processes (default 0 = all cores)")
     p.add_argument("--lexicon-size", type=int, default=None,
                    help="cap each word class of the grammar to its first K words (smaller = easier corpus)")
     p.add_argument("--max-words", type=int, default=8, help="longest sentence in words (default 8)")
@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restrict train to a limited_supervision subset (handles.txt)")
     q.add_argument("--format", choices=("flac", "opus"), default=None,
                    help="which variant to read when both exist (default flac)")
-    q.add_argument("--workers", type=_nonneg_int, default=0, help="threads reading audio headers (default: auto)")
+    q.add_argument("--workers", type=_threads, default=0, help="threads reading audio headers (default: auto)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_data_mls)
 

@@ -112,6 +112,7 @@ def test_stream_cuda_graphs_need_a_cuda_device(capsys):
         (["stream", "--artifact", "a", "x.wav", "--threads", "100000"], "--threads: must be <="),
         (["export", "--checkpoint", "c", "--out", "o", "--tolerance", "nan"], "finite positive"),
         (["models", "--num-symbols", "1"], "must be >= 2"),
+        (["synth", "--out", "s", "--workers", "100000"], "--workers: must be <="),
     ],
 )
 def test_bad_option_values_are_refused_by_the_parser(args, message, capsys):

@@ -315,6 +315,30 @@ def ref_zone_of(masks: dict[str, dict[str, Tensor]], lang: str) -> dict[str, Ten
     return out
 
 
+def test_dynamic_pathways_forward_uses_each_languages_own_pathway() -> None:
+    # Inside masked_forward(z) the model computes with theta ⊙ m_z: a weight another language
+    # keeps but z does not is zero for z, and the dense theta is back afterwards.
+    model = tiny_model(6)
+    pruner = dp_pruner(model, 0.5)
+    g = torch.Generator().manual_seed(8)
+    init = {lg: {n: torch.rand(p.shape, generator=g) < 0.6 for n, p in pruner.params.items()} for lg in LANGS}
+    pruner.init_masks(LanguageMasks({lg: MaskSet(init[lg]) for lg in LANGS}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)  # soft pruning: weights no language keeps regrow, so theta has no zeros
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, _ = batch(0)
+    for lang in LANGS:
+        ref = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
+        with torch.no_grad():
+            for n, p in ref.named_parameters():
+                p.copy_(theta[n] * init[lang][n] if n in init[lang] else theta[n])
+        with torch.no_grad(), pruner.masked_forward(lang):
+            got = model(x)
+        assert torch.equal(got, ref(x).detach())
+        assert all(torch.equal(p, theta[n]) for n, p in model.named_parameters())
+
+
 def test_dynamic_pathways_level_step_together_and_training() -> None:
     model = tiny_model(3)
     cfg = PruningConfig(method="dynamic-pathways", levels=(0.5, 0.8), target_sparsity=0.8,

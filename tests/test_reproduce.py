@@ -6,26 +6,18 @@ import os
 import pytest
 
 from sparse_rnnt.cli import main
-from sparse_rnnt.config import config_from_tree
 from sparse_rnnt.errors import UserError
 from sparse_rnnt.reproduce import ReproduceOptions, format_table, plan, run_reproduce
 from sparse_rnnt.training.checkpoint import list_checkpoints, load_checkpoint
 from sparse_rnnt.training.inference import evaluate_checkpoint
-from sparse_rnnt.training.trainer import Trainer
+from tests.training.run_fixture import train_tiny_dense
 
 BUDGET = 6
 
 
 @pytest.fixture(scope="module")
 def dense(tiny_manifests, tmp_path_factory):
-    out = tmp_path_factory.mktemp("repro") / "dense"
-    over = {
-        "data.manifest_dir": str(tiny_manifests), "data.workers": 1, "train.max_steps": 4, "train.log_every": 0,
-        "train.eval_every": 0, "train.checkpoint_every": 4, "train.threads": 1, "train.progress": False,
-        "batch.max_frames": 400, "model.transformer_num_layers": 2, "optim.warmup_steps": 2,
-    }
-    Trainer(config_from_tree({}, [f"{k}={v}" for k, v in over.items()]), out).run()
-    return out
+    return train_tiny_dense(tiny_manifests, tmp_path_factory.mktemp("repro") / "dense", steps=4)
 
 
 def _opts(tmp_path, dense, scenario, **kw):

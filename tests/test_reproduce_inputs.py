@@ -10,7 +10,6 @@ import pytest
 
 import sparse_rnnt.training.inference as inference
 from sparse_rnnt.cli import main
-from sparse_rnnt.config import config_from_tree
 from sparse_rnnt.errors import UserError
 from sparse_rnnt.reproduce import (
     ReproduceOptions,
@@ -21,20 +20,13 @@ from sparse_rnnt.reproduce import (
     score_key,
 )
 from sparse_rnnt.training.checkpoint import list_checkpoints, load_checkpoint
-from sparse_rnnt.training.trainer import Trainer
+from tests.training.run_fixture import train_tiny_dense
 
 
 @pytest.fixture(scope="module")
 def dense(tiny_manifests, tmp_path_factory):
     """A dense en+fr run directory (2 steps)."""
-    out = tmp_path_factory.mktemp("repro_inputs") / "dense"
-    over = {
-        "data.manifest_dir": str(tiny_manifests), "data.workers": 1, "train.max_steps": 2, "train.log_every": 0,
-        "train.eval_every": 0, "train.checkpoint_every": 2, "train.threads": 1, "train.progress": False,
-        "batch.max_frames": 400, "model.transformer_num_layers": 2, "optim.warmup_steps": 1,
-    }
-    Trainer(config_from_tree({}, [f"{k}={v}" for k, v in over.items()]), out).run()
-    return out
+    return train_tiny_dense(tiny_manifests, tmp_path_factory.mktemp("repro_inputs") / "dense", steps=2)
 
 
 def _opts(out, **kw):

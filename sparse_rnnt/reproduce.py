@@ -46,7 +46,7 @@ from typing import Any
 
 from .config import config_from_tree
 from .errors import UserError
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -245,14 +245,6 @@ def _train(cfg, run_dir: Path, dense: Path, steps: int) -> None:
     Trainer(cfg, run_dir, resume=resume, init_checkpoint=dense).run()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def score_key(ckpt, manifests: Path, language: str, opts: ReproduceOptions) -> dict[str, Any]:
     """Everything that determines a test WER: the exact checkpoint (resolved directory, step and
     the SHA-256 of its files, which ``load_checkpoint`` verified), the test manifest (resolved
@@ -262,7 +254,7 @@ def score_key(ckpt, manifests: Path, language: str, opts: ReproduceOptions) -> d
         "step": int(ckpt.step),
         "checkpoint_sha256": dict(sorted(ckpt.meta.get("sha256", {}).items())),
         "manifests": str(Path(manifests).resolve()),
-        "test_sha256": _file_sha256(Path(manifests) / "test.jsonl"),
+        "test_sha256": sha256_file(Path(manifests) / "test.jsonl"),
         "split": "test",
         "eval_limit": opts.eval_limit,
         "language": language,

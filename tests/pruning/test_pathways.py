@@ -154,6 +154,29 @@ def test_sum_applies_sum_of_masked_gradients() -> None:
     assert bool((model[0].weight.detach()[~union] == 0).all())  # outside the union stays zero
 
 
+def test_sum_with_adam_keeps_weights_outside_the_union_exactly_zero() -> None:
+    # Adam moves every weight with a nonzero moment by about lr per step, whatever its gradient:
+    # over several summed steps, the weights no pathway keeps must still be exactly zero, and the
+    # kept ones train.
+    model, pruner, masks, opt = make("sum", opt="adam")
+    start = weights(model)
+    for step in range(1, 6):
+        for i, lang in enumerate(LANGS):
+            with pruner.masked_forward(lang):
+                loss_of(model, 10 * step + i).backward()
+            pruner.accumulate_grads(lang)
+        pruner.before_optimizer_step(step, None)
+        opt.step()
+        opt.zero_grad()
+        pruner.after_optimizer_step(step)
+    now = weights(model)
+    for n in masks.names:
+        union = masks["en"][n] | masks["fr"][n]
+        assert bool((now[n][~union] == 0).all()), n
+        # (a kept weight whose unit feeds only pruned weights gets no gradient: most, not all)
+        assert float((now[n][union] != start[n][union]).float().mean()) > 0.5, n
+
+
 def test_sum_shared_weight_gets_both_contributions() -> None:
     """Single shared weight, hand-checked: the update is g_en + g_fr there, g_en where only en keeps."""
     model, pruner, masks, opt = make("sum", opt="sgd")

@@ -304,6 +304,33 @@ def test_dynamic_pathways_alternating_batches_rerank_every_language() -> None:
     assert events == [(s, lg) for s in (2, 4, 6, 8) for lg in langs]
 
 
+def test_dynamic_pathways_prepared_with_initial_masks_reranks_inside_their_zones() -> None:
+    # The trainer's path: prepare(initial_masks=...) with a schedule level at step 0. Every
+    # language is ranked at that level inside the zone the initial masks define.
+    model = tiny_model(9)
+    cfg = PruningConfig(method="dynamic-pathways", levels=(0.6, 0.8), target_sparsity=0.8, interval=10,
+                        adapt_every=2, scope=WHOLE)
+    pruner = Pruner(cfg, model, languages=LANGS)
+    g = torch.Generator().manual_seed(12)
+    init = {lg: {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in pruner.params.items()} for lg in LANGS}
+    w = weights_of(model)
+    pruner.prepare(initial_masks=LanguageMasks({lg: MaskSet(init[lg]) for lg in LANGS}))
+    total = sum(t.numel() for t in w.values())
+    keep = total - pruned_count(0.6, total)
+    assert pruner.level == 0.6
+    # init_masks first zeroes what no initial mask keeps (soft pruning), then the step-0 event ranks
+    union = {n: init["en"][n] | init["fr"][n] | init["it"][n] for n in w}
+    w = {n: t * union[n] for n, t in w.items()}
+    kept = {n: torch.zeros_like(t, dtype=torch.bool) for n, t in w.items()}
+    for lg in LANGS:
+        exp = ref_top(w, keep, ref_zone(init, lg))
+        assert all(torch.equal(pruner.masks(lg)[n], exp[n]) for n in w), lg
+        for n in w:
+            kept[n] |= exp[n]
+    now = weights_of(model)  # soft: only the weights no language keeps are zeroed
+    assert all(torch.equal(now[n], w[n] * kept[n]) for n in w)
+
+
 def test_dynamic_pathways_forward_uses_each_languages_own_pathway() -> None:
     # Inside masked_forward(z) the model computes with theta ⊙ m_z: a weight another language
     # keeps but z does not is zero for z, and the dense theta is back afterwards.

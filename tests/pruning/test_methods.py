@@ -520,6 +520,28 @@ def test_prune_command_line_imp_with_a_short_interval() -> None:
         cfg("adaptive")
 
 
+def test_adaptive_event_timing_when_n_does_not_divide_t_and_after_the_last_level() -> None:
+    # T = 5, n = 3, levels 0.2 -> 0.5: sparsity steps at 0 and 5; re-ranks at every other multiple
+    # of 3, also after the last level (at 0.5, over all weights).
+    cfg = PruningConfig(method="adaptive", levels=(0.2, 0.5), target_sparsity=0.5, interval=5, adapt_every=3,
+                        scope=WHOLE)
+    model = tiny_model(1)
+    pruner = Pruner(cfg, model)
+    pruner.prepare()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    total = sum(p.numel() for p in pruner.params.values())
+    for step in range(1, 14):
+        train_step(model, opt, pruner, step)
+        trained = {n: p.detach().clone() for n, p in pruner.params.items()}  # ranked before zeroing
+        pruner.update_mask(step)
+        if step % 3 == 0 and step != 5:
+            exp = ref_top(trained, total - pruned_count(pruner.level, total))
+            assert all(torch.equal(pruner.masks()[n], exp[n]) for n in exp), step
+    assert [(h["step"], h["event"], h["level"]) for h in pruner.history] == [
+        (0, "level", 0.2), (3, "rerank", 0.2), (5, "level", 0.5), (6, "rerank", 0.5), (9, "rerank", 0.5),
+        (12, "rerank", 0.5)]
+
+
 def test_cubic_config_drives_the_pruner_at_hand_computed_levels() -> None:
     # s_i = 0.2, s_f = 0.7, N = 2 events after the start, T = 3: s = 0.2, 0.7 - 0.5 (1/2)^3, 0.7
     cfg = PruningConfig(method="imp", schedule="cubic", levels=(0.2, 0.5, 0.7), interval=3, adapt_every=1,

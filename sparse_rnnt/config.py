@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import types
 import typing
@@ -18,6 +17,7 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
+from .checks import MAX_SEED, is_device_spec, is_finite_number, is_int
 from .data.features import FeatureConfig, SpecAugmentConfig
 from .data.sampler import BatchConfig
 from .data.tokenizer import TokenizerConfig
@@ -28,26 +28,19 @@ from .pruning.methods import PruningConfig
 
 T = TypeVar("T")
 
-MAX_SEED = 2**32 - 1  # numpy's and sentencepiece's seeds are unsigned 32-bit integers
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 _Check = tuple[typing.Callable[[Any], bool], str]
-_POSITIVE_INT: _Check = (lambda v: _is_int(v) and v > 0, "positive (an integer > 0)")
-_COUNT: _Check = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
-_SEED: _Check = (lambda v: _is_int(v) and 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
-_POSITIVE: _Check = (lambda v: _is_finite(v) and v > 0, "a finite number > 0")
-_NON_NEGATIVE: _Check = (lambda v: _is_finite(v) and v >= 0, "a finite number >= 0")
-_FRACTION: _Check = (lambda v: _is_finite(v) and 0 <= v <= 1, "a fraction in [0, 1]")
-_UNIT_OPEN: _Check = (lambda v: _is_finite(v) and 0 <= v < 1, "a number in [0, 1)")
-_COVERAGE: _Check = (lambda v: _is_finite(v) and 0 < v <= 1, "a number in (0, 1]")
+_POSITIVE_INT: _Check = (lambda v: is_int(v) and v > 0, "positive (an integer > 0)")
+_COUNT: _Check = (lambda v: is_int(v) and v >= 0, "an integer >= 0")
+_SEED: _Check = (lambda v: is_int(v) and 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
+_POSITIVE: _Check = (lambda v: is_finite_number(v) and v > 0, "a finite number > 0")
+_NON_NEGATIVE: _Check = (lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0")
+_FRACTION: _Check = (lambda v: is_finite_number(v) and 0 <= v <= 1, "a fraction in [0, 1]")
+_UNIT_OPEN: _Check = (lambda v: is_finite_number(v) and 0 <= v < 1, "a number in [0, 1)")
+_COVERAGE: _Check = (lambda v: is_finite_number(v) and 0 < v <= 1, "a number in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -128,7 +121,7 @@ class ExperimentConfig:
             raise UserError(f"optim.schedule must be constant, cosine or inverse_sqrt, got {o.schedule!r}")
         if t.amp not in ("auto", "bf16", "off"):
             raise UserError(f"train.amp must be auto, bf16 or off, got {t.amp!r}")
-        if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
+        if not is_device_spec(t.device):
             raise UserError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
         # Every number, before the sub-configs' own checks (which may do arithmetic on them).
         for key, value, (ok, what) in self._numeric_checks():

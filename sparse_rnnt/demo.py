@@ -8,13 +8,13 @@ voices) and print the WER table and where everything was written.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checks import MAX_SEED, is_finite_number, is_int
 from .config import load_config
 from .errors import UserError
 from .io import atomic_write_json
@@ -45,7 +45,6 @@ DEMO_TRAIN_OVERRIDES = [
 # Written into ``--out`` before anything else: only a directory holding it (or a finished demo's
 # ``demo_summary.json``) is one that ``--force`` may replace.
 DEMO_MARKER = ".sparse-rnnt-demo"
-MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -57,9 +56,6 @@ class DemoOptions:
     force: bool = False
     progress: bool = True
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_demo_output(path: Path) -> bool:
@@ -76,11 +72,11 @@ def validate_options(opts: DemoOptions) -> tuple[float, int]:
     """
     hours = opts.hours if opts.hours is not None else DEMO_HOURS
     steps = opts.steps if opts.steps is not None else DEMO_STEPS
-    if isinstance(hours, bool) or not isinstance(hours, (int, float)) or not math.isfinite(hours) or hours <= 0:
+    if not is_finite_number(hours) or hours <= 0:
         raise UserError(f"--hours must be a finite positive number, got {opts.hours!r}")
-    if not _is_int(steps) or steps <= 0:
+    if not is_int(steps) or steps <= 0:
         raise UserError(f"--steps must be a positive integer, got {opts.steps!r}")
-    if not _is_int(opts.seed) or not 0 <= opts.seed <= MAX_SEED:
+    if not is_int(opts.seed) or not 0 <= opts.seed <= MAX_SEED:
         raise UserError(f"--seed must be an integer in [0, {MAX_SEED}], got {opts.seed!r}")
     out = Path(opts.out)
     if out.exists() or out.is_symlink():

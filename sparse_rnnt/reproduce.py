@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checks import MAX_SEED, is_device_spec, is_finite_number, is_int
 from .config import config_from_tree
 from .errors import UserError
 from .io import atomic_write_json, atomic_write_text, sha256_file
@@ -51,7 +52,6 @@ from .io import atomic_write_json, atomic_write_text, sha256_file
 log = logging.getLogger(__name__)
 
 SCENARIO2_LANGUAGES = ("fr", "nl")
-MAX_SEED = 2**32 - 1
 DECODING = "greedy"  # how every model is scored on the test split
 
 
@@ -87,21 +87,20 @@ class ReproduceOptions:
             raise UserError(f"--adapt-every must be in [1, {interval - 1}] (below the interval), got {self.adapt_every}")
         if not self.seeds:
             raise UserError("--seeds: give at least one seed")
-        bad = [s for s in self.seeds if not _is_int(s) or not 0 <= s <= MAX_SEED]
+        bad = [s for s in self.seeds if not is_int(s) or not 0 <= s <= MAX_SEED]
         if bad:
             raise UserError(f"--seeds must be integers in [0, {MAX_SEED}], got {bad[0]!r}")
         if len(set(self.seeds)) != len(self.seeds):
             raise UserError(f"--seeds: each seed once, got {list(self.seeds)}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) \
-                or self.lr <= 0:
+        if not is_finite_number(self.lr) or self.lr <= 0:
             raise UserError(f"--lr must be a finite positive number, got {self.lr!r}")
-        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
             raise UserError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
-        if not _is_int(self.eval_limit) or self.eval_limit < 0:
+        if not is_int(self.eval_limit) or self.eval_limit < 0:
             raise UserError(f"--eval-limit must be a non-negative integer, got {self.eval_limit!r}")
-        if not _is_int(self.threads) or self.threads < 0:
+        if not is_int(self.threads) or self.threads < 0:
             raise UserError(f"--threads must be a non-negative integer, got {self.threads!r}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if not is_device_spec(self.device):
             raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.languages is not None:
             if not self.languages:
@@ -111,9 +110,6 @@ class ReproduceOptions:
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise UserError(f"--out {self.out} exists and is not a directory")
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checks import is_int
 from ..errors import UserError
 
 GRANULARITIES: tuple[str, ...] = ("unstructured", "nm", "block")
@@ -84,18 +85,15 @@ class Granularity:
         """Raise :class:`UserError` on a malformed value."""
         if self.kind not in GRANULARITIES:
             raise UserError(f"pruning.granularity must be one of {', '.join(GRANULARITIES)}, got {self.kind!r}")
-        if self.kind == "nm" and not (_is_int(self.n) and _is_int(self.m) and 1 <= self.n <= self.m):
+        if self.kind == "nm" and not (is_int(self.n) and is_int(self.m) and 1 <= self.n <= self.m):
             raise UserError(f"pruning N:M needs integers 1 <= n <= m, got n={self.n!r}, m={self.m!r}")
         if self.kind == "block":
             ok = isinstance(self.block, tuple) and len(self.block) == 2 and all(
-                _is_int(b) and b >= 1 for b in self.block
+                is_int(b) and b >= 1 for b in self.block
             )
             if not ok:
                 raise UserError(f"pruning block size must be two integers >= 1, got {self.block!r}")
 
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def pruned_count(sparsity: float, total: int) -> int:
@@ -261,7 +259,7 @@ def topk_mask(scores: Tensor, keep: int, candidates: Tensor | None = None) -> Te
     tensor shaped like ``scores``. Raises :class:`UserError` if ``keep`` exceeds the number of
     candidates, ``ValueError`` on a bad argument.
     """
-    if not _is_int(keep) or keep < 0:
+    if not is_int(keep) or keep < 0:
         raise ValueError(f"keep must be an integer >= 0, got {keep!r}")
     priority = None
     if candidates is not None:

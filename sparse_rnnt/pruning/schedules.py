@@ -19,6 +19,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from ..checks import is_int
 from ..errors import UserError
 
 
@@ -33,16 +34,13 @@ class SparsitySchedule(Protocol):
     def levels(self) -> list[float]: ...
 
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
 
 def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _check_step(step: int) -> None:
-    if not _is_int(step) or step < 0:
+    if not is_int(step) or step < 0:
         raise ValueError(f"step must be an integer >= 0, got {step!r}")
 
 
@@ -78,7 +76,7 @@ class Staircase:
         for a, b in itertools.pairwise(self.levels_):
             if not b > a:
                 raise UserError(f"staircase levels must be strictly increasing, got {list(self.levels_)}")
-        if not _is_int(self.interval) or self.interval <= 0:
+        if not is_int(self.interval) or self.interval <= 0:
             raise UserError(f"staircase interval must be an integer > 0, got {self.interval!r}")
 
     def sparsity_at(self, step: int) -> float:
@@ -122,7 +120,7 @@ class Cubic:
         for key in ("start", "steps", "frequency"):
             value = getattr(self, key)
             low = 0 if key == "start" else 1
-            if not _is_int(value) or value < low:
+            if not is_int(value) or value < low:
                 raise UserError(f"cubic {key} must be an integer >= {low}, got {value!r}")
         if self.steps % self.frequency:
             raise UserError(f"cubic steps ({self.steps}) must be a multiple of frequency ({self.frequency})")
@@ -173,7 +171,7 @@ class OneShot:
 
     def validate(self) -> None:
         _check_sparsity("one-shot sparsity", self.sparsity)
-        if not _is_int(self.step) or self.step < 0:
+        if not is_int(self.step) or self.step < 0:
             raise UserError(f"one-shot step must be an integer >= 0, got {self.step!r}")
 
     def sparsity_at(self, step: int) -> float:

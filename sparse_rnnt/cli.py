@@ -64,23 +64,19 @@ def _threads(text: str) -> int:
 
 def _device(text: str) -> str:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (availability is checked when the command runs)."""
+    from .checks import is_device_spec
+
     t = text.strip().lower()
-    if t in ("auto", "cpu", "cuda") or (t.startswith("cuda:") and t[5:].isdigit()):
+    if is_device_spec(t):
         return t
     raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
 
 
 def _require_device(device: str) -> None:
     """A CUDA device that this machine lacks is the user's error, said before any work starts."""
-    if not device.startswith("cuda"):
-        return
-    import torch
+    from .training.trainer import resolve_device
 
-    if not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    index = int(device[5:]) if ":" in device else 0
-    if index >= torch.cuda.device_count():
-        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    resolve_device(device, what="--device")
 
 
 def _output_file(path: str, what: str, inputs: Sequence[str | Path] = ()) -> Path:

@@ -124,6 +124,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checks import is_int
 from ..errors import UserError
 from ..model.masked import AUTOCAST_PATHS, LinearSwap, swap_linears
 from .masks import LanguageMasks, MaskSet
@@ -144,9 +145,6 @@ STATE_VERSION = 1
 
 log = logging.getLogger(__name__)
 
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -210,7 +208,7 @@ class PruningConfig:
                 raise UserError(f"pruning.levels must hold sparsities in [0, 1), got {list(self.levels)}")
         for name in ("interval", "adapt_every"):
             value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise UserError(f"pruning.{name} must be an integer > 0, got {value!r}")
         # Only the soft methods re-rank every adapt_every steps; the hard ones never read it.
         if self.soft and self.adapt_every >= self.interval:
@@ -609,7 +607,7 @@ class Pruner:
         Returns True if any mask changed.
         """
         self._require_prepared()
-        if not _is_int(step) or step < 0:
+        if not is_int(step) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
         if self.pathways:
             self._require_pathway_masks()
@@ -681,7 +679,7 @@ class Pruner:
         before = self._lang_masks
         assert before is not None
         new = {lang: self._rank(before.selectable_zone(lang).as_dict()) for lang in self.languages}
-        self._lang_masks = LanguageMasks({lang: new.get(lang, ms) for lang, ms in before.items()})
+        self._lang_masks = LanguageMasks(new)
         return any([self._record(step, event, before[lang], new[lang], lang) for lang in self.languages])
 
     def _rewind_all(self) -> None:

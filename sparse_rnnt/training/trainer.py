@@ -78,11 +78,17 @@ def merge_results(parts: list[EvalResult]) -> EvalResult:
     return out
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, what: str = "train.device") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; a CUDA device this machine lacks is a
+    :class:`UserError` naming ``what`` (the config key or option that asked for it)."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={spec} but CUDA is not available")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"{what} {spec}: CUDA is not available on this machine (use cpu)")
+        index = int(spec[5:]) if ":" in spec else 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"{what} {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(spec)
 
 

@@ -392,6 +392,8 @@ def test_errors(setup) -> None:
         dec.accept(s, torch.tensor([0.1, float("nan"), 0.2]))
     with pytest.raises(ValueError, match="non-finite"):
         dec.accept(s, torch.tensor([float("inf")]))
+    with pytest.raises(ValueError, match="non-finite"):  # finite in float64, Inf as the float32 features use
+        dec.accept(s, torch.tensor([0.5, 1e39], dtype=torch.float64))
     assert s.frontend.num_samples == 0  # the rejected pieces were not buffered
     dec.close(s)
     t = dec.open()

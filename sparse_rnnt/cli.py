@@ -136,7 +136,8 @@ def cmd_data_mls(args: argparse.Namespace) -> int:
         workers=args.workers, progress=not args.quiet,
     )
     if not any(utts.values()):
-        raise UserError(f"no usable utterances under {args.root}\n{report.format()}")
+        print(report.format(), file=sys.stderr)
+        raise UserError(f"no usable utterances under {args.root} (the report above says why); nothing written")
     write_manifests(Path(args.out), utts, report)
     print(report.format())
     print(f"manifests written to {args.out}")

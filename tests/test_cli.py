@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -182,3 +183,20 @@ def test_print_config_needs_no_out_but_training_does(capsys):
     assert "max_steps: 7" in capsys.readouterr().out
     assert main(["train", "--set", "train.max_steps=7"]) == 2
     assert "--out RUN is required" in capsys.readouterr().err
+
+
+def test_data_mls_with_no_readable_audio_reports_then_fails_in_one_line(tmp_path):
+    from tests.data.mls_fixture import build_mls_fixture
+
+    fx = build_mls_fixture(tmp_path / "mls", languages=("en",), splits=("dev",), per_split=2)
+    for u in fx["utterances"]["en"]["dev"]:
+        Path(u["audio"]).write_bytes(b"not audio")
+    proc = _run("data", "mls", str(fx["root"]), "--splits", "dev", "--out", str(tmp_path / "m"), "--quiet")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert "error: no usable utterances under" in lines[-1] and "nothing written" in lines[-1]
+    report = "\n".join(lines[:-1])
+    for u in fx["utterances"]["en"]["dev"]:
+        assert u["id"] in report  # the report names every skipped utterance
+    assert not (tmp_path / "m").exists()

@@ -58,7 +58,7 @@ from .checkpoint import (
 from .distributed import Distributed, Shard, as_shard, read_env, split_batch
 from .evaluate import EvalResult, evaluate
 from .guard import LossGuard
-from .stage_masks import resolve_init_masks, save_level_snapshot
+from .stage_masks import MASKS_DIR, resolve_init_masks, save_level_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,12 @@ _T = TypeVar("_T")
 
 TOKENIZER_FILE = "tokenizer.model"
 CMVN_FILE = "cmvn.safetensors"
+# Everything a run writes at the top of its directory; a fresh run refuses a folder holding
+# anything else, so a mistyped --out cannot scatter a run among a user's files.
+RUN_ENTRIES = frozenset({
+    "config.yaml", "data_report.json", TOKENIZER_FILE, CMVN_FILE, "metrics.jsonl",
+    "checkpoints", "analytics", "tensorboard", MASKS_DIR,
+})
 
 
 def merge_results(parts: list[EvalResult]) -> EvalResult:
@@ -207,6 +213,17 @@ class Trainer:
                 )
         elif has_ckpt:
             raise UserError(f"{self.out} already holds a training run: pass --resume or choose another --out")
+        elif self.out.is_dir():
+            # A run that stopped before its first checkpoint may be re-run in place; hidden names
+            # are interrupted atomic writes.
+            foreign = sorted(p.name for p in self.out.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                raise UserError(
+                    f"{self.out} holds files that are not a training run's ({shown}): choose a new or empty --out"
+                )
+        elif self.out.exists():
+            raise UserError(f"--out {self.out} exists and is not a directory")
 
     def setup(self) -> None:
         """Read the data, build the model (and pruner), restore a resumed run.

@@ -8,7 +8,7 @@ from sparse_rnnt.config import config_from_tree, to_dict
 from sparse_rnnt.pruning.scope import select_parameters
 from sparse_rnnt.training.checkpoint import load_checkpoint
 from sparse_rnnt.training.inference import evaluate_checkpoint, load_recognizer
-from sparse_rnnt.training.trainer import Trainer
+from sparse_rnnt.training.trainer import RUN_ENTRIES, Trainer
 
 METHODS = ("imp", "lth", "lap", "adaptive", "dynamic-pathways", "pathways-alternate", "pathways-sum")
 PER_LANGUAGE = ("dynamic-pathways", "pathways-alternate", "pathways-sum")
@@ -275,6 +275,8 @@ def test_prune_writes_mask_analytics(dense_run, tmp_path):
     for name in ("overlap.png", "sparsity_churn.png"):
         data = (tmp_path / "p" / "analytics" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n", name
+    # a fresh run refuses folders holding anything else, so this list must name all it writes
+    assert {p.name for p in (tmp_path / "p").iterdir()} <= RUN_ENTRIES
 
 
 def test_init_masks_user_errors(dense_run, stage1, tmp_path):

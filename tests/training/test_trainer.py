@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from sparse_rnnt.config import load_config
 from sparse_rnnt.errors import UserError
 from sparse_rnnt.training.checkpoint import load_checkpoint
 from sparse_rnnt.training.inference import evaluate_checkpoint
-from sparse_rnnt.training.trainer import Trainer, lr_lambda
+from sparse_rnnt.training.trainer import RUN_ENTRIES, Trainer, lr_lambda
 
 
 def _cfg(manifests, **over):
@@ -91,6 +92,27 @@ def test_run_directory_is_protected(tiny_manifests, tmp_path):
         Trainer(_cfg(tiny_manifests, **{"train.max_steps": 9}), tmp_path / "run", resume=True)
     with pytest.raises(UserError, match="no checkpoint"):
         Trainer(cfg, tmp_path / "empty", resume=True)
+
+
+def test_fresh_run_refuses_a_folder_of_other_files(tiny_manifests, tmp_path):
+    cfg = _cfg(tiny_manifests, **{"train.max_steps": 2, "train.checkpoint_every": 2})
+    run = tmp_path / "run"
+    Trainer(cfg, run).run()
+    assert {p.name for p in run.iterdir()} <= RUN_ENTRIES
+    # A run stopped before its first checkpoint (with an interrupted atomic write) re-runs in place.
+    shutil.rmtree(run / "checkpoints")
+    (run / ".metrics.jsonl.x1.tmp").write_text("")
+    Trainer(cfg, run).run()
+    assert load_checkpoint(run).step == 2
+    home = tmp_path / "home"
+    (home / "data").mkdir(parents=True)
+    (home / "thesis.tex").write_text("x")
+    with pytest.raises(UserError, match=r"not a training run's \(data, thesis\.tex\)"):
+        Trainer(cfg, home)
+    assert sorted(p.name for p in home.iterdir()) == ["data", "thesis.tex"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="exists and is not a directory"):
+        Trainer(cfg, tmp_path / "file")
 
 
 def test_unknown_language_and_empty_manifest(tiny_manifests, tmp_path):

@@ -38,8 +38,10 @@ fi
 
 # STEPS (default: all) picks steps by name; KERNEL_ARGS and STREAM_ARGS replace the kernel and
 # stream benchmarks' default `--quick`; LOAD_DTYPE sets the load test's weights (default bf16 on CUDA); LOAD_STEP_MODE its
-# steps (default cuda-graph). All steps take more than one 600 s call: a 15-minute lease fits
-# `STEPS="tests kernels small_row" DEADLINE_S=540`, then `STEPS="stream load" DEADLINE_S=240`.
+# steps (default cuda-graph). All steps take more than one 600 s call. A 15-minute lease counts
+# the machine's start (a minute or more) and idle time (it goes back after 30 s idle), so: call 1
+# `STEPS="tests kernels small_row" DEADLINE_S=480`, then at once call 2 `STEPS="stream load"
+# DEADLINE_S=180` (the load test gets what the stream step leaves).
 STEPS=${STEPS:-tests kernels small_row stream load}
 # step NAME BUDGET_S CMD...: runs CMD for at most min(BUDGET_S, time left before the deadline).
 step() {

@@ -10,7 +10,11 @@ One epoch's batches are a pure function of (durations, languages, config, epoch)
    ``len(batch) * max_frames_in_batch <= max_frames`` and ``len(batch) <= max_batch``. An
    utterance over the budget on its own forms a batch alone (counted in ``oversized``).
    ``drop_last`` drops each group's final, left-over batch.
-4. Shuffle the batches of all groups together (``shuffle``), from (seed, epoch).
+4. Order the batches. ``order="shuffled"``: shuffle the batches of all groups together
+   (``shuffle``), from (seed, epoch), so each language gets steps in proportion to its data.
+   ``order="round-robin"`` (monolingual only): the languages take turns in sorted order, one batch
+   each (with ``shuffle``, each language's batches in a random order per (seed, epoch)); a language
+   whose batches run out drops out of the cycle.
 5. Shard: with ``world_size`` ranks the list is truncated to a multiple of ``world_size`` and rank
    ``r`` takes batches ``r::world_size``, so every rank runs the same number of steps.
 """
@@ -28,6 +32,7 @@ import numpy as np
 from ..errors import UserError
 
 MODES: tuple[str, ...] = ("mixed", "monolingual")
+ORDERS: tuple[str, ...] = ("shuffled", "round-robin")
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class BatchConfig:
     max_batch: int = 64
     bucket_width_s: float = 1.0
     mode: str = "mixed"  # mixed | monolingual
+    order: str = "shuffled"  # shuffled | round-robin (monolingual: languages take turns)
     shuffle: bool = True
     seed: int = 0
     drop_last: bool = False
@@ -54,6 +60,10 @@ class BatchConfig:
             )
         if self.mode not in MODES:
             raise UserError(f"batch config: mode {self.mode!r}, choose from {', '.join(MODES)}")
+        if self.order not in ORDERS:
+            raise UserError(f"batch config: order {self.order!r}, choose from {', '.join(ORDERS)}")
+        if self.order == "round-robin" and self.mode != "monolingual":
+            raise UserError("batch config: order round-robin takes turns between languages: it needs mode monolingual")
 
 
 def duration_to_frames(duration: float, frames_per_second: float) -> int:
@@ -144,14 +154,21 @@ class BucketBatchSampler:
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """All ranks' batches of ``epoch`` before sharding (deterministic)."""
         cfg = self.config
-        batches: list[list[int]] = []
+        groups: list[list[list[int]]] = []
         for g, members in enumerate(self._groups):
             if cfg.shuffle:
                 tiebreak = self._rng(epoch, g + 1).permutation(len(members))
                 order = members[np.lexsort((tiebreak, self._buckets[members]))]
             else:
                 order = members[np.lexsort((members, self.durations[members]))]
-            batches.extend(self._pack(order))
+            groups.append(self._pack(order))
+        if cfg.order == "round-robin":
+            if cfg.shuffle:  # streams after the tiebreaks' 1..len(groups)
+                streams = (self._rng(epoch, len(groups) + 1 + g) for g in range(len(groups)))
+                groups = [[b[j] for j in rng.permutation(len(b))] for b, rng in zip(groups, streams, strict=True)]
+            turns = max((len(b) for b in groups), default=0)
+            return [b[i] for i in range(turns) for b in groups if i < len(b)]
+        batches = [b for group in groups for b in group]
         if cfg.shuffle:
             perm = self._rng(epoch, 0).permutation(len(batches))
             batches = [batches[j] for j in perm]

@@ -201,6 +201,45 @@ def test_config_errors() -> None:
         BucketBatchSampler([1.0], ["en"], BatchConfig(max_frames=0))
     with pytest.raises(UserError, match="duration"):
         BucketBatchSampler([1.0, float("nan")], ["en", "en"], BatchConfig())
+    with pytest.raises(UserError, match="order 'random'"):
+        BucketBatchSampler([1.0], ["en"], BatchConfig(mode="monolingual", order="random"))
+    with pytest.raises(UserError, match="needs mode monolingual"):
+        BucketBatchSampler([1.0], ["en"], BatchConfig(order="round-robin"))
+
+
+def test_round_robin_unshuffled_by_hand() -> None:
+    # One utterance per batch; en has 3, fr 1, it 2. Unshuffled: each language by duration, and
+    # the languages take turns in sorted order (en, fr, it) until each runs out.
+    durs = [3.0, 1.0, 2.0, 0.5, 4.0, 1.5]
+    langs = ["en", "en", "en", "fr", "it", "it"]
+    cfg = BatchConfig(max_batch=1, mode="monolingual", order="round-robin", shuffle=False)
+    assert list(BucketBatchSampler(durs, langs, cfg)) == [[1], [3], [5], [2], [4], [0]]
+
+
+def test_round_robin_shuffled_takes_turns_over_the_same_batches() -> None:
+    _, durs, langs = corpus(300, seed=5)
+    kw = {"max_frames": 4000, "max_batch": 8, "mode": "monolingual", "seed": 3}
+    rr = BucketBatchSampler(durs, langs, BatchConfig(order="round-robin", **kw))
+    shuffled = BucketBatchSampler(durs, langs, BatchConfig(**kw))
+    for epoch in (0, 1):
+        rr.set_epoch(epoch)
+        shuffled.set_epoch(epoch)
+        got = list(rr)
+        # the same batches as the shuffled order (packing does not depend on the order)
+        assert sorted(map(sorted, got)) == sorted(map(sorted, shuffled))
+        # turns: the batch languages follow the sorted cycle, a language leaving when it runs out
+        left = Counter(langs[b[0]] for b in got)
+        expected = []
+        while sum(left.values()):
+            for lang in sorted(left):
+                if left[lang]:
+                    expected.append(lang)
+                    left[lang] -= 1
+        assert [langs[b[0]] for b in got] == expected
+    rr.set_epoch(0)
+    first = list(rr)
+    rr.set_epoch(1)
+    assert list(rr) != first  # a language's batches come in a new order each epoch
 
 
 @st.composite
@@ -212,7 +251,8 @@ def sampler_cases(draw: st.DrawFn) -> tuple:
         max_frames=draw(st.integers(50, 5000)),
         max_batch=draw(st.integers(1, 16)),
         bucket_width_s=draw(st.sampled_from([0.25, 1.0, 5.0])),
-        mode=draw(st.sampled_from(["mixed", "monolingual"])),
+        mode=(mode := draw(st.sampled_from(["mixed", "monolingual"]))),
+        order=draw(st.sampled_from(["shuffled", "round-robin"] if mode == "monolingual" else ["shuffled"])),
         shuffle=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31)),
     )

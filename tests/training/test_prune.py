@@ -322,3 +322,17 @@ def test_training_with_triton_backend_matches_torch(dense_run, tmp_path):
     masks = [k for k in a.state_tensors if "/mask/" in k]
     assert masks and all(torch.equal(a.state_tensors[k], b.state_tensors[k]) for k in masks)
     assert a.meta["extra"]["pruner"]["history"] == b.meta["extra"]["pruner"]["history"]
+
+
+
+def test_dynamic_pathways_languages_take_turns_with_round_robin_order(dense_run, tmp_path):
+    seen: list[str | None] = []
+
+    class Recording(Trainer):
+        def train_step(self, batch):
+            seen.append(self._batch_language(batch))
+            return super().train_step(batch)
+
+    cfg = _prune_cfg(dense_run, "dynamic-pathways", **{"batch.order": "round-robin", "train.max_steps": 6})
+    Recording(cfg, tmp_path / "p", init_checkpoint=dense_run).run()
+    assert seen == ["en", "fr"] * 3  # one batch each, in sorted order

@@ -27,6 +27,7 @@ because the interpreter's ``tl.dot`` multiplies bfloat16 tiles as their raw uint
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -649,7 +650,8 @@ class _MaskedLinearFn(torch.autograd.Function):
         ctx.save_for_backward(x2, w, m)
         ctx.plan, ctx.mode, ctx.hard, ctx.allow_tf32 = plan, mode, hard, allow_tf32
         ctx.has_bias = bias is not None
-        return _launch_fwd(x2, w, m, mode, bias, plan, allow_tf32)
+        # The kernel reads the bias with unit stride.
+        return _launch_fwd(x2, w, m, mode, None if bias is None else bias.contiguous(), plan, allow_tf32)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
@@ -701,7 +703,7 @@ def masked_linear(
     if backend != "triton":
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
     n, k = weight.shape
-    y = _MaskedLinearFn.apply(x.reshape(-1, k), weight, bias, mask[None], None, fmt == "bits", hard, allow_tf32)
+    y = _MaskedLinearFn.apply(x.reshape(math.prod(x.shape[:-1]), k), weight, bias, mask[None], None, fmt == "bits", hard, allow_tf32)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -714,7 +716,7 @@ def unmasked_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, al
     """
     n, k = weight.shape
     check_masked_linear(x, weight, torch.ones(n, k, dtype=torch.bool, device=weight.device), bias)
-    y = _MaskedLinearFn.apply(x.reshape(-1, k), weight, bias, None, None, False, False, allow_tf32)
+    y = _MaskedLinearFn.apply(x.reshape(math.prod(x.shape[:-1]), k), weight, bias, None, None, False, False, allow_tf32)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -751,6 +753,6 @@ def pathway_masked_linear(
     if backend != "triton":
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
     n, k = weight.shape
-    y = _MaskedLinearFn.apply(x.reshape(-1, k), weight, bias, masks, lang.reshape(-1).to(torch.int64),
+    y = _MaskedLinearFn.apply(x.reshape(math.prod(x.shape[:-1]), k), weight, bias, masks, lang.reshape(-1).to(torch.int64),
                               fmt == "bits", hard, allow_tf32)
     return y.reshape(*x.shape[:-1], n)

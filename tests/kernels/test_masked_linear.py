@@ -262,6 +262,41 @@ def test_empty_batch_and_weight_only_gradient():
     torch.testing.assert_close(w.grad, x.reshape(-1, 10).sum(0).expand(4, 10), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pathway", [False, True])
+def test_strided_bias(dtype, pathway):
+    # A bias view with stride 2: the kernel reads the bias with unit stride, so it must get a copy.
+    x, w, _, dy = _inputs(7, 19, 6, dtype, seed=3)
+    m = torch.rand(6, 19, generator=torch.Generator().manual_seed(5)) < 0.5
+    masks, lang = torch.stack([m, ~m]), torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    ys, grads = [], []
+    for fn in ((pathway_masked_linear, pathway_masked_linear_ref) if pathway else (masked_linear, masked_linear_ref)):
+        base = torch.randn(12, generator=torch.Generator().manual_seed(4)).to(dtype).requires_grad_(True)
+        b = base[::2]
+        assert not b.is_contiguous()
+        y = fn(x, w, masks, lang, b) if pathway else fn(x, w, m, b)
+        y.backward(dy)
+        ys.append(y.detach().float())
+        grads.append(base.grad.float())
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
+    torch.testing.assert_close(ys[0], ys[1], rtol=tol, atol=tol)
+    torch.testing.assert_close(grads[0], grads[1], rtol=tol, atol=tol)
+    assert bool((grads[0][1::2] == 0).all())  # the gradient reaches the viewed elements only
+
+
+@pytest.mark.parametrize("pathway", [False, True])
+def test_zero_input_features_give_the_bias(pathway):
+    x, w, b = torch.randn(3, 0, requires_grad=True), torch.randn(4, 0), torch.randn(4, requires_grad=True)
+    if pathway:
+        y = pathway_masked_linear(x, w, torch.ones(2, 4, 0, dtype=torch.bool), torch.tensor([0, 1, 1]), b)
+    else:
+        y = masked_linear(x, w, torch.ones(4, 0, dtype=torch.bool), b)
+    torch.testing.assert_close(y, b.detach().expand(3, 4))
+    y.sum().backward()
+    torch.testing.assert_close(b.grad, torch.full((4,), 3.0))
+    assert x.grad.shape == (3, 0)
+
+
 # ----------------------------------------------------------------------------- pathway
 
 

@@ -593,12 +593,15 @@ def rerank_masks_into(
     ws = {name: w.detach().contiguous() for name, w in weights.items()}
 
     if kind == "nm":
+        # Every tensor's groups first: an error (NaN, too few candidates) leaves all weights as they were.
         for name, w in ws.items():
-            o = out[name].reshape(-1)
-            _nm_launch(w, cands.get(name), o, n, m, name)
-            if apply and w.numel():
-                bsz = _tile(tile)[0]
-                _apply_kernel[(triton.cdiv(w.numel(), bsz),)](_bits(w), o, w.numel(), BLOCK=bsz)
+            _nm_launch(w, cands.get(name), out[name].reshape(-1), n, m, name)
+        if apply:
+            bsz = _tile(tile)[0]
+            for name, w in ws.items():
+                if w.numel():
+                    _apply_kernel[(triton.cdiv(w.numel(), bsz),)](_bits(w), out[name].reshape(-1), w.numel(), BLOCK=bsz)
+            _bump_versions(weights)
         return
 
     names = list(ws)
@@ -635,6 +638,8 @@ def rerank_masks_into(
         for name in late:
             w = ws[name]
             _apply_kernel[(triton.cdiv(w.numel(), bsz),)](_bits(w), out[name].reshape(-1), w.numel(), BLOCK=bsz)
+        if apply:
+            _bump_versions(weights)
         return
 
     # Blocks: select over block units, then expand to elements.
@@ -666,6 +671,15 @@ def rerank_masks_into(
                 _bits(w), bmasks[name], out[name].reshape(-1), w.numel(), cols, -(-cols // bw), bh, bw,
                 APPLY=apply, BLOCK=bsz, num_warps=warps,
             )
+    if apply:
+        _bump_versions(weights)
+
+
+def _bump_versions(weights: dict[str, Tensor]) -> None:
+    """The kernels write the zeros through raw pointers, which autograd does not see: bump each
+    weight's version counter as an in-place torch op would, so a graph that saved the old values
+    raises instead of silently using the new ones (and version-keyed caches see the change)."""
+    torch.autograd.graph.increment_version([w for w in weights.values() if not w.is_inference()])
 
 
 def rerank_masks(

@@ -341,6 +341,38 @@ def test_too_few_candidates_raise_and_leave_weights_untouched():
     assert torch.equal(w["w0"], before)
 
 
+@pytest.mark.parametrize("kind", ["unstructured", "nm", "block"])
+@pytest.mark.parametrize("failure", ["candidates", "nan"])
+def test_a_failing_later_tensor_leaves_every_weight_untouched(kind, failure):
+    # The first tensor is fine; the second fails. Nothing may be zeroed before the error.
+    w = _weights([(4, 8), (4, 8)], torch.float32, seed=17)
+    cand = None
+    if failure == "candidates":
+        cand = {"w1": torch.zeros(4, 8, dtype=torch.bool)}
+    else:
+        w["w1"][1, 2] = float("nan")
+    before = {k: v.clone() for k, v in w.items()}
+    for backend in ("triton", "torch"):
+        with pytest.raises(UserError):
+            rerank_masks(w, 0.5, kind=kind, block=(2, 2), scope="per_tensor", candidates=cand, apply=True,
+                         backend=backend)
+        for k in w:
+            torch.testing.assert_close(w[k], before[k], rtol=0, atol=0, equal_nan=True, msg=f"{backend} {k}")
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "nm", "block"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_apply_is_an_in_place_change_autograd_sees(kind, backend):
+    # The triton kernels write through raw pointers; autograd must still see the weights change.
+    w = torch.randn(4, 8, generator=torch.Generator().manual_seed(18), requires_grad=True)
+    x = torch.randn(3, 8, requires_grad=True)
+    y = (x @ w.t()).pow(2).sum()  # saves w for x's gradient
+    with torch.no_grad():
+        rerank_masks({"w": w}, 0.5, kind=kind, block=(2, 2), apply=True, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
 def test_bad_arguments():
     w = {"a": torch.randn(4, 4)}
     with pytest.raises(ValueError):

@@ -445,3 +445,11 @@ def compute_features(
     finally:
         bar.close()
     return out
+
+
+def min_eval_samples(features: FeatureConfig, time_reduction_stride: int) -> int:
+    """The fewest samples a whole utterance can be decoded from: the centred STFT needs
+    ``n_fft // 2 + 1`` (reflect padding) and the encoder one output frame, i.e. ``stride``
+    feature frames (``1 + samples // hop`` of them) after ``trim_to_stride``. Shorter audio has
+    no encoder frame at all (alone in a batch it cannot even be encoded)."""
+    return max(features.n_fft // 2 + 1, (time_reduction_stride - 1) * features.hop_length)

@@ -8,6 +8,8 @@
 - ``wrong_sample_rate``: not the feature config's rate;
 - ``empty_audio``: a valid header with no samples, or fewer than one feature frame needs
   (``n_fft // 2 + 1``: the centred STFT's reflect padding);
+- ``too_short``: fewer than ``min_samples``, the model's minimum for one encoder frame (shorter
+  audio has none: its RNN-T loss is meaningless, and alone in a batch it cannot be encoded);
 - ``non_finite_audio``: NaN or Inf samples (float WAV), which would make the features NaN;
 - ``clipped``: more than ``clip_fraction`` of the samples at full scale (``|x| >= clip_level``).
 
@@ -41,8 +43,9 @@ WRONG_SAMPLE_RATE = "wrong_sample_rate"
 EMPTY_AUDIO = "empty_audio"
 NON_FINITE_AUDIO = "non_finite_audio"
 CLIPPED = "clipped"
+TOO_SHORT = "too_short"
 REASONS: tuple[str, ...] = (TOO_LONG, EMPTY_TEXT, UNENCODABLE, UNREADABLE_AUDIO, WRONG_SAMPLE_RATE, EMPTY_AUDIO,
-                            NON_FINITE_AUDIO, CLIPPED)
+                            NON_FINITE_AUDIO, CLIPPED, TOO_SHORT)
 
 _PROGRESS_MIN = 1000  # a bar only for lists long enough to take a while
 _CHUNK = 4096  # futures in flight: bounds memory on millions of files
@@ -73,6 +76,7 @@ class QualityLimits:
     max_bad_fraction: float = 0.05  # screen() raises BadDataError above this share
     check_audio: bool = True
     decode: bool = True
+    min_samples: int = 0  # fewer samples than this: too_short (the trainer sets the model's minimum)
 
     def validate(self) -> None:
         if not self.max_duration > 0:
@@ -105,6 +109,8 @@ def _check_audio(path: str, feature_config: FeatureConfig, limits: QualityLimits
                 return WRONG_SAMPLE_RATE
             if f.frames < feature_config.n_fft // 2 + 1:  # LogMel cannot frame it
                 return EMPTY_AUDIO
+            if f.frames < limits.min_samples:
+                return TOO_SHORT
             if f.frames / f.samplerate > limits.max_duration:
                 return TOO_LONG
             if not limits.decode:

@@ -92,6 +92,15 @@ class EmformerRNNT(nn.Module):
     ) -> LossOutput:
         """Training loss. ``features [B, T, F]``, ``feature_lengths [B]``, ``targets [B, U]``
         (padded, values in ``[0, blank)``), ``target_lengths [B]``."""
+        stride = self.config.time_reduction_stride
+        if feature_lengths.numel() and int(feature_lengths.min()) < stride:
+            # No encoder frame: the RNN-T loss of such an item is meaningless (not inf), and alone
+            # in a batch the Emformer fails deep inside.
+            short = (feature_lengths < stride).nonzero().flatten().tolist()
+            raise ValueError(
+                f"batch item(s) {short} have fewer than {stride} feature frames, so no encoder frame "
+                "(the trainer's data screen skips such audio as too_short)"
+            )
         targets = targets.to(torch.int32)
         target_lengths = target_lengths.to(torch.int32)
         enc, enc_lengths = self.encode(features, feature_lengths)

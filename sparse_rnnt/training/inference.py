@@ -18,7 +18,7 @@ import torch
 
 from ..config import ExperimentConfig, from_dict
 from ..data.audio import AudioError, audio_info
-from ..data.features import FeatureConfig, GlobalCMVN
+from ..data.features import FeatureConfig, GlobalCMVN, min_eval_samples
 from ..data.manifest import Utterance, cap_per_language, load_split, manifest_path
 from ..data.tokenizer import Tokenizer
 from ..errors import UserError
@@ -97,14 +97,6 @@ _STALE_HINT = ("if the corpus moved or changed since the manifests were built, r
 def _audio_problem(u: Utterance, problem: AudioError | str, manifest: Path) -> UserError:
     """One line naming the utterance, its file (``problem`` names it) and the manifest."""
     return UserError(f"utterance {u.key} in {manifest}: {problem}; {_STALE_HINT}")
-
-
-def min_eval_samples(features: FeatureConfig, time_reduction_stride: int) -> int:
-    """The fewest samples a whole utterance can be decoded from: the centred STFT needs
-    ``n_fft // 2 + 1`` (reflect padding) and the encoder one output frame, i.e. ``stride``
-    feature frames (``1 + samples // hop`` of them) after ``trim_to_stride``. Shorter audio has
-    no encoder frame at all (alone in a batch it cannot even be encoded)."""
-    return max(features.n_fft // 2 + 1, (time_reduction_stride - 1) * features.hop_length)
 
 
 def check_eval_audio(utts: list[Utterance], features: FeatureConfig, manifest: Path, min_samples: int) -> None:

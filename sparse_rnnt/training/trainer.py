@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ..config import ExperimentConfig, from_dict, save_config, to_dict
 from ..data.dataset import Batch, SpeechDataset, collate
-from ..data.features import GlobalCMVN, compute_features
+from ..data.features import GlobalCMVN, compute_features, min_eval_samples
 from ..data.manifest import Utterance, cap_per_language, load_split, manifest_path
 from ..data.quality import QualityLimits, screen
 from ..data.sampler import BucketBatchSampler
@@ -271,7 +271,8 @@ class Trainer:
         # Bad items (unreadable, empty, wrong-rate, clipped or too long audio; empty or
         # untokenizable text) are skipped with a reason; above data.max_bad_fraction the run stops.
         limits = QualityLimits(max_duration=cfg.data.max_duration, clip_fraction=cfg.data.clip_fraction,
-                               max_bad_fraction=cfg.data.max_bad_fraction)
+                               max_bad_fraction=cfg.data.max_bad_fraction,
+                               min_samples=min_eval_samples(cfg.features, cfg.model.time_reduction_stride))
         kept, skipped = screen(train, self.tokenizer, cfg.features, limits, workers=min(8, self._feature_workers()),
                                progress=self.progress)
         for reason, keys in skipped.items():

@@ -222,3 +222,20 @@ def test_dataset_skips_audio_that_became_unreadable(tmp_path, tok, caplog):
     assert batch.feature_lengths.tolist() == [1 + 3200 // 160, 1 + 3520 // 160]
     assert torch.equal(items[0]["features"], ds[0]["features"])
     assert ds.load_items([1]) == []  # remembered: not re-read
+
+
+def test_audio_without_an_encoder_frame_is_too_short(tmp_path, tok):
+    from sparse_rnnt.data.features import min_eval_samples
+
+    # hop 160, stride 4: 1 + n // 160 feature frames must reach 4, so n >= 3 * 160 (by hand)
+    assert min_eval_samples(FC, 4) == 480
+    limits = QualityLimits(min_samples=480)
+    for n, reason in ((256, "empty_audio"), (257, "too_short"), (479, "too_short"), (480, None)):
+        path = tmp_path / f"{n}.wav"
+        sf.write(str(path), _tone(n), RATE)
+        assert check_utterance(_utt(n, path), tok, FC, limits) == reason, n
+        if n >= 257:  # independent check: the features of the kept ones fill one stride
+            frames = LogMel()(load_audio(path)).shape[0]
+            assert (frames >= 4) == (reason is None), n
+        # without a minimum (direct use of the screen), only the STFT's limit applies
+        assert check_utterance(_utt(n, path), tok, FC, QualityLimits()) == (reason if n < 257 else None)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from torchaudio.functional import rnnt_loss
@@ -74,6 +76,19 @@ def test_encoder_output_does_not_depend_on_the_batch(lengths):
             alone, alone_len = model.encode(x[b : b + 1, :n], xl[b : b + 1])
             assert int(alone_len[0]) == int(enc_len[b]) == n // 4
             torch.testing.assert_close(enc[b, : n // 4], alone[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("frames", [(96, 3, 40), (2, 72, 0)])
+def test_items_without_an_encoder_frame_are_refused_by_position(frames):
+    # Fewer than time_reduction_stride (4) feature frames: no encoder frame after the reduction.
+    model = build_model(model_config("tiny", transformer_num_layers=1), 12, verbose=False)
+    x, xl, y, yl = _inputs(frames=frames)
+    short = [b for b, n in enumerate(frames) if n < 4]
+    with pytest.raises(ValueError, match=re.escape(f"batch item(s) {short} have fewer than 4 feature frames")):
+        model(x, xl, y, yl)
+    ok = [b for b, n in enumerate(frames) if n >= 4]
+    u = int(yl[ok].max())
+    assert torch.isfinite(model(x[ok], xl[ok], y[ok][:, :u], yl[ok]).loss)  # the rest is fine
 
 
 def test_ctc_head_adds_weighted_ctc_loss():

@@ -68,3 +68,24 @@ def test_bad_audio_is_skipped_with_a_reason_and_a_limit(tiny_manifests, tmp_path
     with pytest.raises(UserError, match="unreadable_audio"):
         Trainer(strict, tmp_path / "strict").run()
     assert not (tmp_path / "strict").exists()
+
+
+def test_audio_too_short_for_an_encoder_frame_is_skipped(tiny_manifests, tmp_path):
+    # 300 samples give 2 feature frames: no encoder frame after the stride-4 reduction. Alone in
+    # a batch (max_batch 1) it used to stop training with a traceback inside the Emformer.
+    import numpy as np
+    import soundfile as sf
+
+    man = tmp_path / "manifests"
+    shutil.copytree(tiny_manifests, man)
+    train = read_manifest(man / "train.jsonl")
+    short = tmp_path / "short.wav"
+    sf.write(str(short), (0.1 * np.sin(np.arange(300) / 5)).astype(np.float32), 16000)
+    bad = train[0]
+    train[0] = dataclasses.replace(bad, audio=str(short), duration=300 / 16000)
+    write_manifest(man / "train.jsonl", train)
+    cfg = _cfg(man, **{"train.max_steps": 3, "batch.max_batch": 1, "data.max_bad_fraction": 0.2})
+    Trainer(cfg, tmp_path / "run").run()
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["skipped"]["too_short"] == {"count": 1, "first": [bad.key]}
+    assert sum(report["kept"].values()) == len(train) - 1

@@ -5,7 +5,8 @@ A checkpoint is a directory ``<run>/checkpoints/step-NNNNNNN/``:
 - ``model.safetensors``: the model's ``state_dict``;
 - ``state.safetensors``: optimizer tensors (``optim.<param index>.<name>``) and RNG states;
 - ``checkpoint.json``: step, config, optimizer hyper-parameters, scheduler, sampler and Python RNG
-  state, and the SHA-256 of every file, checked at load time;
+  state, the SHA-256 of every file, and (``meta_sha256``) of its own other content, all checked
+  at load time (format 1, before ``meta_sha256``, still loads);
 - ``tokenizer.model`` and ``cmvn.safetensors``: so a checkpoint is usable on its own.
 
 ``<run>/checkpoints/latest`` names the newest complete checkpoint; it is written only after the
@@ -28,6 +29,7 @@ set and changes nothing else.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -46,7 +48,7 @@ from ..errors import UserError
 from ..io import atomic_path, atomic_write_text, fsync_path, sha256_file
 from ..pruning.masks import LanguageMasks, MaskSet
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checkpoint.json hashes its own content (meta_sha256); 1 still loads
 PRUNER_PREFIX = "pruner/"  # pruner tensors live under "extra.pruner/<key>" in state.safetensors
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Leftovers of a writer killed mid-save: atomic_path's ".step-N.<random>.tmp" directories (and
@@ -199,6 +201,7 @@ def save_checkpoint(
             "extra": extra or {},
             "sha256": hashes,
         }
+        meta["meta_sha256"] = _meta_digest(meta)
         (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         for f in tmp.iterdir():
             fsync_path(f)
@@ -215,6 +218,13 @@ def save_checkpoint(
     for old in older[: max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of ``checkpoint.json``'s content without its own digest (canonical JSON: a parsed
+    and re-serialized file gives the same text, so edits that still parse are caught too)."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _step_of(path: Path) -> int:
@@ -285,9 +295,11 @@ def _load_dir(p: Path, verify: bool) -> Checkpoint:
         raise UserError(f"{meta_path}: unreadable checkpoint metadata ({e})") from None
     if not isinstance(meta, dict):
         raise UserError(f"{meta_path}: unreadable checkpoint metadata (not a JSON object)")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{p}: unsupported checkpoint format {meta.get('format_version')!r}")
-    missing = [k for k in ("step", "config", "optimizer", "rng_python", "sha256") if k not in meta]
+    version = meta.get("format_version")
+    if version not in (1, FORMAT_VERSION) or isinstance(version, bool):
+        raise UserError(f"{p}: unsupported checkpoint format {version!r}")
+    required = ("step", "config", "optimizer", "rng_python", "sha256") + (("meta_sha256",) if version >= 2 else ())
+    missing = [k for k in required if k not in meta]
     if missing:
         raise UserError(f"{meta_path}: corrupt checkpoint metadata (missing {', '.join(missing)})")
     hashes = meta["sha256"]
@@ -304,6 +316,8 @@ def _load_dir(p: Path, verify: bool) -> Checkpoint:
             raise ValueError(f"no SHA-256 for {', '.join(unhashed)}")
     except (TypeError, ValueError) as e:
         raise UserError(f"{meta_path}: corrupt checkpoint metadata ({e})") from None
+    if version >= 2 and meta["meta_sha256"] != _meta_digest(meta):
+        raise UserError(f"{p}: checkpoint file checkpoint.json is corrupted (SHA-256 mismatch)")
     if verify:
         for name, digest in hashes.items():
             f = p / str(name)

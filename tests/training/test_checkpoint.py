@@ -6,7 +6,12 @@ import torch
 from safetensors import safe_open
 
 from sparse_rnnt.errors import UserError
-from sparse_rnnt.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from sparse_rnnt.training.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    load_latest_valid,
+    save_checkpoint,
+)
 
 
 def _model_and_optimizer(seed=0):
@@ -119,3 +124,36 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000001"]
     assert load_checkpoint(tmp_path).step == 1
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(step=m["step"] + 1),
+    lambda m: m["extra"]["sampler"].update(consumed=5),
+    lambda m: m["optimizer"]["param_groups"][0].update(lr=0.5),
+])
+def test_metadata_edits_that_still_parse_are_corruption_and_the_previous_checkpoint_is_used(tmp_path, edit):
+    model, opt = _model_and_optimizer()
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model, config={"a": 1}, optimizer=opt,
+                        extra={"sampler": {"epoch": 0, "consumed": step}})
+    meta_path = tmp_path / "checkpoints" / "step-0000002" / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    edit(meta)
+    meta_path.write_text(json.dumps(meta, indent=2))
+    with pytest.raises(UserError, match=r"step-0000002: checkpoint file checkpoint\.json is corrupted"):
+        load_checkpoint(meta_path.parent)
+    ckpt, problems = load_latest_valid(tmp_path)
+    assert ckpt.step == 1 and ckpt.meta["extra"]["sampler"]["consumed"] == 1
+    assert len(problems) == 1 and "checkpoint.json is corrupted" in problems[0]
+
+
+def test_format_1_checkpoints_without_a_metadata_digest_still_load(tmp_path):
+    model, opt = _model_and_optimizer()
+    path = save_checkpoint(tmp_path, 3, model, config={"a": 1}, optimizer=opt)
+    meta = json.loads((path / "checkpoint.json").read_text())
+    meta.pop("meta_sha256")
+    (path / "checkpoint.json").write_text(json.dumps({**meta, "format_version": 1}))
+    assert load_checkpoint(path).step == 3
+    (path / "checkpoint.json").write_text(json.dumps({**meta, "format_version": 2}))  # format 2 needs it
+    with pytest.raises(UserError, match="missing meta_sha256"):
+        load_checkpoint(path)

@@ -92,11 +92,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         if not target.is_symlink():
             os.chmod(target, _DIR_MODE if target.is_dir() else _FILE_MODE)
         if path.is_dir() and not path.is_symlink():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
+            # The old directory goes into our own temporary folder (never a fixed sibling name
+            # that could be a user's), and is deleted with it.
+            os.replace(path, tmp / f"{path.name}.old")
             os.replace(target, path)
-            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(target, path)
         _fsync_dir(path.parent)

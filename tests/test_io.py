@@ -45,6 +45,19 @@ def test_atomic_path_failure_keeps_old_and_cleans_up(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
+def test_atomic_path_never_touches_a_sibling_named_like_a_backup(tmp_path):
+    # ".out.old" is a user's folder here; replacing "out" must not delete it.
+    (tmp_path / "out").mkdir()
+    (tmp_path / ".out.old").mkdir()
+    (tmp_path / ".out.old" / "precious.txt").write_text("keep me")
+    with atomic_path(tmp_path / "out") as t:
+        t.mkdir()
+        (t / "new").write_text("x")
+    assert (tmp_path / ".out.old" / "precious.txt").read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path)) == [".out.old", "out"]
+    assert os.listdir(tmp_path / "out") == ["new"]
+
+
 def test_atomic_path_requires_output(tmp_path):
     with pytest.raises(FileNotFoundError), atomic_path(tmp_path / "nothing"):
         pass

@@ -642,7 +642,11 @@ def rerank_masks_into(
             _bump_versions(weights)
         return
 
-    # Blocks: select over block units, then expand to elements.
+    # Blocks: select over block units, then expand to elements. The int32 histograms count the
+    # elements the blocks stand for, so the element total is what must fit.
+    elements = sum(w.numel() for w in ws.values())
+    if elements >= INT32_MAX:
+        raise ValueError(f"block selection: at most 2**31 - 2 weights per call, got {elements}")
     bh, bw = block
     bmasks: dict[str, Tensor] = {}
     for name, w in ws.items():

@@ -106,8 +106,10 @@ def _reduce_kernel(part_ptr, b_ptr, y_ptr, S, total, N, HAS_BIAS: tl.constexpr, 
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < total
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, S):
-        acc += tl.load(part_ptr + s * total + offs, mask=ok, other=0.0)
+    ptrs = part_ptr + offs  # stepped by pointer: s * total in int32 could overflow
+    for _ in range(0, S):
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += total
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)

@@ -669,3 +669,16 @@ def test_cuda_nm_and_block_large(dtype):
         for v in w.values():
             assert torch.equal(block_sq_norms(v, blk).cpu().view(torch.int32),
                                ranking.block_sq_norms(v.cpu(), blk).view(torch.int32))
+
+
+@pytest.mark.parametrize(("kind", "shape", "message"), [
+    # blocks: the int32 histograms count the elements blocks stand for, not the blocks
+    ("block", (2**16, 2**15), "at most 2\\*\\*31 - 2 weights"),
+    ("unstructured", (2**16, 2**15), "at most 2\\*\\*31 - 2 units"),
+])
+def test_int32_counts_are_bounded_before_any_work(kind, shape, message):
+    # Meta tensors: shapes only, so the bound is checked without 8 GB of weights.
+    w = {"a": torch.empty(shape, device="meta")}
+    out = {"a": torch.empty(shape, dtype=torch.uint8, device="meta")}
+    with pytest.raises(ValueError, match=message):
+        rerank_masks_into(w, 0.5, out, kind=kind, block=(4, 4))

@@ -621,9 +621,9 @@ class Pruner:
                 if language is not None:
                     self._lang(language)  # still checked: a typo should not pass silently
                 changed = self._rerank_languages(step, "rerank")
-            else:
-                changed = self._rerank_single(step, "rerank", candidates=None)
-            self._zero_unused()
+                self._zero_unused()
+            else:  # one mask: zeroing is fused into the re-rank
+                changed = self._rerank_single(step, "rerank", candidates=None, apply=True)
             return changed
         return False
 
@@ -639,7 +639,9 @@ class Pruner:
     def _weights(self) -> dict[str, Tensor]:
         return {n: p.detach() for n, p in self.params.items()}
 
-    def _rank(self, candidates: dict[str, Tensor] | None) -> MaskSet:
+    def _rank(self, candidates: dict[str, Tensor] | None, apply: bool = False) -> MaskSet:
+        """The masks at the current level; ``apply``: also zero the weights they prune (the
+        triton backend does it in the same launches as the masks)."""
         g = self.config.granularity
         if self.backend == "triton":
             from ..kernels.rerank import rerank_masks
@@ -648,14 +650,17 @@ class Pruner:
                 masks = rerank_masks(
                     self._weights(), self.level, kind=g.kind, n=g.n, m=g.m, block=g.block,
                     scope=self.config.ranking, candidates=candidates, backend="triton",
-                    algorithm=self.config.rerank_algorithm,
+                    algorithm=self.config.rerank_algorithm, apply=apply,
                 )
             except ValueError as e:
                 raise UserError(f"pruning: {e}") from None
             return MaskSet(masks)
-        return MaskSet(
+        mask = MaskSet(
             magnitude_masks(self._weights(), self.level, g, scope=self.config.ranking, candidates=candidates)
         )
+        if apply:
+            mask.apply_(self.params)
+        return mask
 
     def _record(self, step: int, event: str, old: MaskSet, new: MaskSet, language: str | None) -> bool:
         entry: dict[str, Any] = {
@@ -667,10 +672,10 @@ class Pruner:
         self.history.append(entry)
         return new.flips(old) > 0
 
-    def _rerank_single(self, step: int, event: str, candidates: dict[str, Tensor] | None) -> bool:
+    def _rerank_single(self, step: int, event: str, candidates: dict[str, Tensor] | None, apply: bool = False) -> bool:
         assert self._mask is not None
         old = self._mask
-        self._mask = self._rank(candidates)
+        self._mask = self._rank(candidates, apply=apply)
         return self._record(step, event, old, self._mask, None)
 
     def _rerank_languages(self, step: int, event: str) -> bool:
@@ -694,19 +699,21 @@ class Pruner:
         if not self.config.soft:
             assert self._mask is not None
             # Rank only among kept weights: masks are nested and pruned zeros never come back.
-            changed = self._rerank_single(step, "level", candidates=self._mask.as_dict())
+            # LTH zeroes after the rewind; otherwise the zeroing is fused into the ranking.
+            changed = self._rerank_single(step, "level", candidates=self._mask.as_dict(), apply=not lth)
             assert self._mask is not None
             if lth:
                 self._rewind_all()
-            self._mask.apply_(self.params)
+                self._mask.apply_(self.params)
             return changed
         if self.multilingual:
             changed = self._rerank_languages(step, "level")
         else:
-            changed = self._rerank_single(step, "level", candidates=None)
+            changed = self._rerank_single(step, "level", candidates=None, apply=not lth)
         if lth:
             self._rewind_all()  # after ranking on the trained weights
-        self._zero_unused()
+        if lth or self.multilingual:
+            self._zero_unused()
         return changed
 
     # ---- checkpoints

@@ -114,6 +114,34 @@ def test_rerank_algorithm_reaches_the_kernels(algorithm, monkeypatch):
         PruningConfig(method="adaptive", rerank_algorithm="bucket").validate()
 
 
+@pytest.mark.parametrize("method", ["adaptive", "imp"])
+def test_one_mask_methods_zero_weights_inside_the_rerank_kernels(method, monkeypatch):
+    # One mask, no LTH rewind: the pruned weights are zeroed by the re-rank launches themselves
+    # (apply=True), not by a separate torch pass; the run still matches the torch backend.
+    from sparse_rnnt.kernels import rerank
+
+    applied = []
+    real = rerank.rerank_masks
+
+    def spy(*args, **kw):
+        applied.append(kw.get("apply", False))
+        return real(*args, **kw)
+
+    def no_torch_zeroing(self, params):
+        raise AssertionError("separate zeroing pass")
+
+    monkeypatch.setattr(rerank, "rerank_masks", spy)
+    ref_model, _, ref_masks = _run(method, "torch")
+    if method == "adaptive":  # (IMP also re-zeroes after every optimizer step, by design)
+        monkeypatch.setattr(MaskSet, "apply_", no_torch_zeroing)
+    model, _, masks = _run(method, "triton")
+    assert True in applied
+    for a, b in zip(ref_masks, masks, strict=True):
+        assert _equal(a, b)
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-3, atol=1e-5, msg=n)
+
+
 def _masked_loss(backend: str, path: str, keep: float | None) -> float:
     """Loss of one forward of ``tiny_model(3)`` under CPU bf16 autocast through the pruner's
     masked forward, from random starting masks keeping ``keep`` of the weights (None: dense)."""

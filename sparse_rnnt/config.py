@@ -79,6 +79,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
+    tf32: bool = False  # float32 matmuls (cuBLAS and the masked kernels) on TF32 tensor cores, CUDA only
     threads: int = 0  # torch intra-op threads on CPU; 0 = all cores
     max_nonfinite_steps: int = 5  # NaN/Inf losses in a row (each step skipped) before the run stops
     progress: bool = True

@@ -99,7 +99,9 @@ class MaskedLinear(nn.Linear):
                 return masked_linear(x, w, self.mask, b, hard=self.hard, backend=self.backend)
         if x.dtype != w.dtype:
             x = x.to(w.dtype)
-        return masked_linear(x, w, self.mask, b, hard=self.hard, backend=self.backend)
+        # float32: TF32 exactly when torch's flag gives it to the dense layers' cuBLAS calls.
+        return masked_linear(x, w, self.mask, b, hard=self.hard, backend=self.backend,
+                             allow_tf32=torch.backends.cuda.matmul.allow_tf32)
 
 
 @dataclass

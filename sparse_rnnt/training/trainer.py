@@ -714,9 +714,14 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to ``train.max_steps``; returns the final dev result (if any) and timings.
         Under torchrun every rank calls it; it leaves the process group it joined at the end."""
+        # train.tf32 rules float32 matmuls for the run only: torch's flag, which cuBLAS and the
+        # masked layers (model/masked.py) both follow, is put back afterwards.
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.cfg.train.tf32
         try:
             return self._run()
         finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
             if self.dist is not None:
                 self.dist.close()
 

@@ -39,6 +39,30 @@ def test_masked_linear_matches_dense_with_zeroed_weights():
         torch.testing.assert_close(lin.weight.grad, dw * mask if hard else dw, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("flag", [False, True])
+def test_float32_masked_layers_follow_torchs_tf32_flag(flag, monkeypatch):
+    # The masked kernels use TF32 exactly when torch's flag gives it to the dense cuBLAS layers.
+    from sparse_rnnt.kernels import masked_linear as ops
+
+    seen = []
+    real = ops.masked_linear
+
+    def spy(*args, **kw):
+        seen.append(kw.get("allow_tf32"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ops, "masked_linear", spy)
+    before = torch.backends.cuda.matmul.allow_tf32  # a property of torch's, not monkeypatch-able
+    torch.backends.cuda.matmul.allow_tf32 = flag
+    try:
+        layer = MaskedLinear.wrap(nn.Linear(6, 4))
+        layer.set_mask(pack_rows(torch.rand(4, 6) < 0.5))
+        layer(torch.randn(2, 6))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert seen == [flag]
+
+
 def _scope(model: nn.Module) -> dict[str, nn.Parameter]:
     from sparse_rnnt.pruning.scope import ScopeConfig, select_parameters
 

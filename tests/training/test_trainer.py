@@ -94,6 +94,21 @@ def test_run_directory_is_protected(tiny_manifests, tmp_path):
         Trainer(cfg, tmp_path / "empty", resume=True)
 
 
+@pytest.mark.parametrize("tf32", [False, True])
+def test_train_tf32_holds_for_the_run_only(tiny_manifests, tmp_path, tf32):
+    seen = []
+
+    class Recording(Trainer):
+        def train_step(self, batch):
+            seen.append(torch.backends.cuda.matmul.allow_tf32)
+            return super().train_step(batch)
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    Recording(_cfg(tiny_manifests, **{"train.max_steps": 1, "train.tf32": tf32}), tmp_path / "run").run()
+    assert seen == [tf32]
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
 def test_fresh_run_refuses_a_folder_of_other_files(tiny_manifests, tmp_path):
     cfg = _cfg(tiny_manifests, **{"train.max_steps": 2, "train.checkpoint_every": 2})
     run = tmp_path / "run"

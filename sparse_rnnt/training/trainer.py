@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import torch
 from tqdm import tqdm
 
-from ..config import ExperimentConfig, from_dict, save_config, to_dict
+from ..config import ExperimentConfig, load_config, save_config, to_dict
 from ..data.dataset import Batch, SpeechDataset, collate
 from ..data.features import GlobalCMVN, compute_features, min_eval_samples
 from ..data.manifest import Utterance, cap_per_language, load_split, manifest_path
@@ -38,7 +38,7 @@ from ..data.quality import QualityLimits, screen
 from ..data.sampler import BucketBatchSampler
 from ..data.tokenizer import Tokenizer
 from ..errors import UserError
-from ..io import atomic_write_json
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..model.rnnt import EmformerRNNT, LossOutput, build_model
 from ..pruning.analytics import (
     churn_series,
@@ -202,7 +202,10 @@ class Trainer:
         if self.resume:
             if not has_ckpt:
                 raise UserError(f"--resume: no checkpoint in {self.out}")
-            saved = from_dict(ExperimentConfig, _load_yaml(self.out / "config.yaml"))
+            saved_path = self.out / "config.yaml"
+            if not saved_path.is_file():
+                raise UserError(f"--resume: {saved_path} is missing")
+            saved = load_config(saved_path)  # damaged YAML: a one-line error naming the file
             if to_dict(saved) != to_dict(self.cfg):
                 diff = _config_diff(to_dict(saved), to_dict(self.cfg))
                 shown = ", ".join(f"{k} (saved {a!r}, given {b!r})" for k, a, b in diff[:3])
@@ -254,6 +257,9 @@ class Trainer:
         random.seed(cfg.train.seed)
         # Read the dense checkpoint first: a bad --init must fail before anything is written.
         self.init: Checkpoint | None = load_checkpoint(self.init_checkpoint) if self.init_checkpoint else None
+        # Resume: the newest sound checkpoint, read once; its verified tokenizer and CMVN copies
+        # take precedence over the run directory's.
+        self._resume_ckpt: Checkpoint | None = load_checkpoint(self.out) if self.resume else None
         self.out.mkdir(parents=True, exist_ok=True)
         if not self.resume and self.is_main:
             save_config(cfg, self.out / "config.yaml")
@@ -359,10 +365,24 @@ class Trainer:
                 f"{ckpt.path}: its weights do not fit the model of this config ({str(e).splitlines()[0]})"
             ) from None
 
+    def _from_resume_checkpoint(self, name: str) -> Path | None:
+        """The run directory's ``name``, made equal to the resumed checkpoint's copy (which its
+        SHA-256 vouches for); None when there is no such copy."""
+        if self._resume_ckpt is None or not (self._resume_ckpt.path / name).is_file():
+            return None
+        src, dst = self._resume_ckpt.path / name, self.out / name
+        data = src.read_bytes()
+        if not dst.is_file() or dst.read_bytes() != data:
+            self._say(f"--resume: {dst} is missing or differs from the checkpoint's copy: restored from {src}")
+            atomic_write_bytes(dst, data)
+        return dst
+
     def _tokenizer(self, train: list[Utterance]) -> Tokenizer:
         path = self.out / TOKENIZER_FILE
         if not self.is_main:  # rank 0 set up first: read its (checked) tokenizer
             return Tokenizer.load(path)
+        if (restored := self._from_resume_checkpoint(TOKENIZER_FILE)) is not None:
+            return Tokenizer.load(restored)
         if self.init is not None:
             # The pruned model must share the dense model's vocabulary.
             src_tok = self.init.path / TOKENIZER_FILE
@@ -394,6 +414,8 @@ class Trainer:
         path = self.out / CMVN_FILE
         if not self.is_main:  # rank 0 set up first: read its statistics
             return GlobalCMVN.load(path)
+        if (restored := self._from_resume_checkpoint(CMVN_FILE)) is not None:
+            return GlobalCMVN.load(restored)
         if self.resume and path.exists():
             return GlobalCMVN.load(path)
         if self.init is not None:
@@ -412,7 +434,9 @@ class Trainer:
         return cmvn
 
     def _restore(self) -> None:
-        ckpt = load_checkpoint(self.out)
+        ckpt = self._resume_ckpt
+        assert ckpt is not None
+        self._resume_ckpt = None  # its tensors are not needed once loaded
         self.model.load_state_dict(ckpt.model)
         self.optimizer.load_state_dict(ckpt.optimizer_state())
         self.step = ckpt.step
@@ -737,7 +761,10 @@ class Trainer:
         t = self.cfg.train
         # DDP: only rank 0 writes metrics and TensorBoard logs.
         metrics_path = self.out / "metrics.jsonl" if self.is_main else Path(os.devnull)
-        writer = _tensorboard(self.out) if self.is_main else None
+        if self.resume and self.is_main:
+            _rewind_metrics(metrics_path, self.step)
+        # Resumed: TensorBoard drops the events the crashed run logged after the checkpoint.
+        writer = _tensorboard(self.out, purge_step=self.step + 1 if self.resume else None) if self.is_main else None
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
         start = time.perf_counter()
         window: list[dict[str, float]] = []
@@ -809,19 +836,30 @@ class Trainer:
         return result
 
 
-def _load_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
+def _rewind_metrics(path: Path, step: int) -> None:
+    """Drop the rows a crashed run logged after the checkpoint it resumes from (steps > ``step``):
+    they are logged again, so the file reads as one uninterrupted run."""
     if not path.is_file():
-        raise UserError(f"{path} is missing")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return data or {}
+        return
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+            late = int(row.get("step", 0)) > step
+        except (ValueError, TypeError, AttributeError):
+            late = True  # a line cut by the crash
+        if late:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        atomic_write_text(path, "".join(kept))
 
 
-def _tensorboard(out: Path):
+def _tensorboard(out: Path, purge_step: int | None = None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # tensorboard is optional
         return None
-    return SummaryWriter(str(out / "tensorboard"))
+    return SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
 

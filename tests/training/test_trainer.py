@@ -74,6 +74,43 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_manifests,
     assert a.meta["extra"]["sampler"] == b.meta["extra"]["sampler"]
 
 
+def test_resume_rewinds_metrics_and_restores_the_checkpoints_tokenizer_and_cmvn(tiny_manifests, tmp_path):
+    cfg = _cfg(tiny_manifests)
+    Trainer(cfg, tmp_path / "a").run()
+    with pytest.raises(_Crash):
+        _CrashingTrainer(cfg, tmp_path / "b").run()  # logged steps 1..4, checkpoint at 3
+    run = tmp_path / "b"
+    tok, cmvn = (run / "tokenizer.model").read_bytes(), (run / "cmvn.safetensors").read_bytes()
+    (run / "tokenizer.model").write_bytes(b"damaged")  # the checkpoint's hashed copies win
+    (run / "cmvn.safetensors").unlink()
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "loss": 1.0')  # a line the crash cut
+    Trainer(cfg, run, resume=True).run()
+    assert (run / "tokenizer.model").read_bytes() == tok and (run / "cmvn.safetensors").read_bytes() == cmvn
+
+    def rows(d):
+        return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+
+    ref, got = rows(tmp_path / "a"), rows(run)
+    assert [r["step"] for r in got if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip((r for r in ref if "loss" in r), (r for r in got if "loss" in r), strict=True):
+        assert a["loss"] == b["loss"], a["step"]  # bit-exact resume: the same losses
+    a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(run)
+    for k in a.model:
+        assert torch.equal(a.model[k], b.model[k]), k
+
+
+def test_resume_with_a_damaged_saved_config_is_one_clear_error(tiny_manifests, tmp_path):
+    cfg = _cfg(tiny_manifests, **{"train.max_steps": 3})
+    Trainer(cfg, tmp_path / "run").run()
+    (tmp_path / "run" / "config.yaml").write_text("train: {max_steps: [3\n")
+    with pytest.raises(UserError, match=r"config\.yaml: invalid YAML"):
+        Trainer(cfg, tmp_path / "run", resume=True)
+    (tmp_path / "run" / "config.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(UserError, match=r"config\.yaml: expected a mapping"):
+        Trainer(cfg, tmp_path / "run", resume=True)
+
+
 def test_loss_goes_down(tiny_manifests, tmp_path):
     cfg = _cfg(tiny_manifests, **{"train.max_steps": 40, "train.checkpoint_every": 0, "optim.lr": 3e-3,
                                    "spec_augment.enabled": False})

@@ -23,7 +23,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -119,9 +119,14 @@ class DataReport:
 
     kept: dict[str, int]
     skipped: dict[str, list[str]]
+    dev_skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> dev utterance keys
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kept": self.kept, "skipped": {k: {"count": len(v), "first": v[:20]} for k, v in self.skipped.items()}}
+        def counts(d: dict[str, list[str]]) -> dict[str, Any]:
+            return {k: {"count": len(v), "first": v[:20]} for k, v in d.items()}
+
+        return {"kept": self.kept, "skipped": counts(self.skipped),
+                "dev_skipped": counts({k: v for k, v in self.dev_skipped.items() if v})}
 
 
 def select_languages(cfg: ExperimentConfig, train: list[Utterance]) -> list[str]:
@@ -286,9 +291,18 @@ class Trainer:
                 self._say(f"data: skipped {len(keys)} training utterance(s): {reason} (e.g. {', '.join(keys[:3])})")
         if not kept:
             raise UserError("every training utterance was skipped (see data_report.json)")
+        # Dev audio the periodic evaluation could not decode (unreadable, wrong rate, too short,
+        # NaN/Inf) is left out of it, counted in the report: it must not stop a training run.
+        dev_limits = QualityLimits(max_duration=math.inf, clip_fraction=1.0, max_bad_fraction=1.0,
+                                   min_samples=limits.min_samples)
+        dev, dev_skipped = screen(dev, None, cfg.features, dev_limits, workers=min(8, self._feature_workers()),
+                                  progress=self.progress)
+        for reason, keys in dev_skipped.items():
+            if keys:
+                self._say(f"data: left {len(keys)} dev utterance(s) out of evaluation: {reason} (e.g. {', '.join(keys[:3])})")
         self.train_utts, self.dev_utts = kept, dev
         counts = {lang: sum(u.language == lang for u in kept) for lang in self.languages}
-        self.report = DataReport(kept=counts, skipped=skipped)
+        self.report = DataReport(kept=counts, skipped=skipped, dev_skipped=dev_skipped)
         if self.is_main:
             atomic_write_json(self.out / "data_report.json", self.report.to_dict())
         n_skip = sum(len(v) for v in skipped.values())

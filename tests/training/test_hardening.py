@@ -89,3 +89,24 @@ def test_audio_too_short_for_an_encoder_frame_is_skipped(tiny_manifests, tmp_pat
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["skipped"]["too_short"] == {"count": 1, "first": [bad.key]}
     assert sum(report["kept"].values()) == len(train) - 1
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_bad_dev_audio_is_left_out_of_evaluation_not_fatal(tiny_manifests, tmp_path, cache):
+    # One unreadable dev file used to stop set-up (feature cache) or the final evaluation.
+    man = tmp_path / "manifests"
+    shutil.copytree(tiny_manifests, man)
+    dev = read_manifest(man / "dev.jsonl")
+    broken = tmp_path / "broken.flac"
+    broken.write_bytes(b"not audio at all")
+    bad = dev[0]
+    dev[0] = dataclasses.replace(bad, audio=str(broken))
+    write_manifest(man / "dev.jsonl", dev)
+    cfg = _cfg(man, **{"train.max_steps": 2, "data.cache_features": cache})
+    result = Trainer(cfg, tmp_path / "run").run()
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["dev_skipped"] == {"unreadable_audio": {"count": 1, "first": [bad.key]}}
+    evaluated = sum(c["utterances"] for c in result["dev"]["per_language"].values())
+    per_lang_cap = _cfg(man).data.dev_max_utterances
+    expected = sum(min(per_lang_cap, sum(u.language == lang for u in dev)) for lang in {u.language for u in dev}) - 1
+    assert evaluated == expected

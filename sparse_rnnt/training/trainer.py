@@ -69,7 +69,7 @@ CMVN_FILE = "cmvn.safetensors"
 # Everything a run writes at the top of its directory; a fresh run refuses a folder holding
 # anything else, so a mistyped --out cannot scatter a run among a user's files.
 RUN_ENTRIES = frozenset({
-    "config.yaml", "data_report.json", TOKENIZER_FILE, CMVN_FILE, "metrics.jsonl",
+    "config.yaml", "data_report.json", "skipped.jsonl", TOKENIZER_FILE, CMVN_FILE, "metrics.jsonl",
     "checkpoints", "analytics", "tensorboard", MASKS_DIR,
 })
 
@@ -290,7 +290,8 @@ class Trainer:
             if keys:
                 self._say(f"data: skipped {len(keys)} training utterance(s): {reason} (e.g. {', '.join(keys[:3])})")
         if not kept:
-            raise UserError("every training utterance was skipped (see data_report.json)")
+            why = ", ".join(f"{len(keys)} {reason}" for reason, keys in skipped.items() if keys)
+            raise UserError(f"every training utterance was skipped ({why})")
         # Dev audio the periodic evaluation could not decode (unreadable, wrong rate, too short,
         # NaN/Inf) is left out of it, counted in the report: it must not stop a training run.
         dev_limits = QualityLimits(max_duration=math.inf, clip_fraction=1.0, max_bad_fraction=1.0,
@@ -305,6 +306,12 @@ class Trainer:
         self.report = DataReport(kept=counts, skipped=skipped, dev_skipped=dev_skipped)
         if self.is_main:
             atomic_write_json(self.out / "data_report.json", self.report.to_dict())
+            # Every skipped item (the report keeps 20 per reason): {"split", "reason", "key"} per line.
+            atomic_write_text(self.out / "skipped.jsonl", "".join(
+                json.dumps({"split": split, "reason": reason, "key": key}) + "\n"
+                for split, table in (("train", skipped), ("dev", dev_skipped))
+                for reason, keys in table.items() for key in keys
+            ))
         n_skip = sum(len(v) for v in skipped.values())
         self._say(f"data: {len(kept)} training utterances ({', '.join(f'{k} {v}' for k, v in counts.items())}), "
                   f"{n_skip} skipped, {len(dev)} dev")

@@ -64,6 +64,8 @@ def test_bad_audio_is_skipped_with_a_reason_and_a_limit(tiny_manifests, tmp_path
     assert report["skipped"]["unreadable_audio"]["count"] == 1
     assert report["skipped"]["unreadable_audio"]["first"] == [bad.key]
     assert sum(report["kept"].values()) == len(train) - 1
+    listed = [json.loads(line) for line in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    assert listed == [{"split": "train", "reason": "unreadable_audio", "key": bad.key}]
     strict = _cfg(man, **{"train.max_steps": 2, "data.max_bad_fraction": 0.0})
     with pytest.raises(UserError, match="unreadable_audio"):
         Trainer(strict, tmp_path / "strict").run()
@@ -106,7 +108,22 @@ def test_bad_dev_audio_is_left_out_of_evaluation_not_fatal(tiny_manifests, tmp_p
     result = Trainer(cfg, tmp_path / "run").run()
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["dev_skipped"] == {"unreadable_audio": {"count": 1, "first": [bad.key]}}
+    listed = [json.loads(line) for line in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    assert listed == [{"split": "dev", "reason": "unreadable_audio", "key": bad.key}]
     evaluated = sum(c["utterances"] for c in result["dev"]["per_language"].values())
     per_lang_cap = _cfg(man).data.dev_max_utterances
     expected = sum(min(per_lang_cap, sum(u.language == lang for u in dev)) for lang in {u.language for u in dev}) - 1
     assert evaluated == expected
+
+
+def test_all_training_audio_bad_is_one_error_with_the_counts(tiny_manifests, tmp_path):
+    man = tmp_path / "manifests"
+    shutil.copytree(tiny_manifests, man)
+    broken = tmp_path / "broken.flac"
+    broken.write_bytes(b"not audio at all")
+    train = [dataclasses.replace(u, audio=str(broken)) for u in read_manifest(man / "train.jsonl")]
+    write_manifest(man / "train.jsonl", train)
+    cfg = _cfg(man, **{"train.max_steps": 2, "data.max_bad_fraction": 1.0})
+    with pytest.raises(UserError, match=rf"every training utterance was skipped \({len(train)} unreadable_audio\)"):
+        Trainer(cfg, tmp_path / "run").run()
+    assert not (tmp_path / "run").exists()

@@ -284,8 +284,11 @@ class Trainer:
         limits = QualityLimits(max_duration=cfg.data.max_duration, clip_fraction=cfg.data.clip_fraction,
                                max_bad_fraction=cfg.data.max_bad_fraction,
                                min_samples=min_eval_samples(cfg.features, cfg.model.time_reduction_stride))
-        kept, skipped = screen(train, self.tokenizer, cfg.features, limits, workers=min(8, self._feature_workers()),
-                               progress=self.progress)
+        if self.is_main:
+            kept, skipped = screen(train, self.tokenizer, cfg.features, limits,
+                                   workers=min(8, self._feature_workers()), progress=self.progress)
+        else:  # rank 0 screened first: the same items, without reading every file again
+            kept, skipped = self._screened_by_main(train, "train")
         for reason, keys in skipped.items():
             if keys:
                 self._say(f"data: skipped {len(keys)} training utterance(s): {reason} (e.g. {', '.join(keys[:3])})")
@@ -296,8 +299,11 @@ class Trainer:
         # NaN/Inf) is left out of it, counted in the report: it must not stop a training run.
         dev_limits = QualityLimits(max_duration=math.inf, clip_fraction=1.0, max_bad_fraction=1.0,
                                    min_samples=limits.min_samples)
-        dev, dev_skipped = screen(dev, None, cfg.features, dev_limits, workers=min(8, self._feature_workers()),
-                                  progress=self.progress)
+        if self.is_main:
+            dev, dev_skipped = screen(dev, None, cfg.features, dev_limits,
+                                      workers=min(8, self._feature_workers()), progress=self.progress)
+        else:
+            dev, dev_skipped = self._screened_by_main(dev, "dev")
         for reason, keys in dev_skipped.items():
             if keys:
                 self._say(f"data: left {len(keys)} dev utterance(s) out of evaluation: {reason} (e.g. {', '.join(keys[:3])})")
@@ -385,6 +391,17 @@ class Trainer:
             raise UserError(
                 f"{ckpt.path}: its weights do not fit the model of this config ({str(e).splitlines()[0]})"
             ) from None
+
+    def _screened_by_main(self, utts: list[Utterance], split: str) -> tuple[list[Utterance], dict[str, list[str]]]:
+        """DDP ranks other than 0: rank 0's screening of ``split`` (its ``skipped.jsonl``)."""
+        path = self.out / "skipped.jsonl"
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        skipped: dict[str, list[str]] = {}
+        for row in rows:
+            if row["split"] == split:
+                skipped.setdefault(row["reason"], []).append(row["key"])
+        gone = {key for keys in skipped.values() for key in keys}
+        return [u for u in utts if u.key not in gone], skipped
 
     def _from_resume_checkpoint(self, name: str) -> Path | None:
         """The run directory's ``name``, made equal to the resumed checkpoint's copy (which its

@@ -101,6 +101,13 @@ def _worker(rank: int, port: int, jobs: list[dict[str, Any]], report_dir: str) -
     try:
         for job in jobs:
             cls = _CorruptingTrainer if job.get("corrupt") else Trainer
+            if job.get("main_screens_only") and rank != 0:
+                import sparse_rnnt.training.trainer as trainer_module
+
+                def no_screen(*args: Any, **kwargs: Any) -> Any:
+                    raise AssertionError("only rank 0 reads the audio to screen it")
+
+                trainer_module.screen = no_screen  # this spawned rank's process only
             trainer = cls(config_from_tree(job["config"]), job["out"], init_checkpoint=job["init"])
             try:
                 result = trainer.run()
@@ -121,6 +128,23 @@ def _run_ddp(jobs: list[dict[str, Any]], report_dir: Path) -> list[dict[str, Any
 def _metrics(run: Path) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "loss" in r]
+
+
+def _bad_manifests(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` whose first train and first dev utterance point at a broken file."""
+    import dataclasses
+    import shutil
+
+    from sparse_rnnt.data.manifest import read_manifest, write_manifest
+
+    shutil.copytree(src, dst)
+    broken = dst / "broken.flac"
+    broken.write_bytes(b"not audio")
+    for split in ("train", "dev"):
+        utts = read_manifest(dst / f"{split}.jsonl")
+        utts[0] = dataclasses.replace(utts[0], audio=str(broken))
+        write_manifest(dst / f"{split}.jsonl", utts)
+    return dst
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +168,13 @@ def runs(dense, tiny_manifests, tmp_path_factory):
             for name, cfg in cfgs.items()]
     jobs.append({"name": "corrupt", "config": to_dict(cfgs["adaptive"]), "out": str(root / "ddp-corrupt"),
                  "init": str(dense), "corrupt": True})
+    # Bad train and dev audio: rank 0 screens, rank 1 takes its result (and may not read files).
+    bad = _bad_manifests(tiny_manifests, root / "bad-manifests")
+    cfgs["bad-data"] = config_from_tree(to_dict(_dense_cfg(bad)), [
+        "data.max_bad_fraction=0.2", "model.transformer_dropout=0.0", "model.lstm_dropout=0.0"])
+    Trainer(cfgs["bad-data"], root / "single-bad-data").run()
+    jobs.append({"name": "bad-data", "config": to_dict(cfgs["bad-data"]), "out": str(root / "ddp-bad-data"),
+                 "init": None, "main_screens_only": True})
     outcomes = _run_ddp(jobs, root)
     return root, cfgs, outcomes
 
@@ -231,6 +262,19 @@ def test_two_ranks_match_one_process_on_the_same_global_batches(runs, dense, met
     # Only rank 0 wrote: one metrics file, one set of checkpoints (rank 1 appended nothing).
     assert len(_metrics(two)) == STEPS
     assert [p.name for p in list_checkpoints(two)] == [p.name for p in list_checkpoints(one)]
+
+
+def test_only_rank_0_screens_the_data_and_the_ranks_agree(runs):
+    root, _, outcomes = runs
+    for out in outcomes:
+        assert out["bad-data"]["ok"], out["bad-data"]
+    single, ddp = root / "single-bad-data", root / "ddp-bad-data"
+    report = json.loads((ddp / "data_report.json").read_text())
+    assert report == json.loads((single / "data_report.json").read_text())
+    assert report["skipped"]["unreadable_audio"]["count"] == 1 and report["dev_skipped"]["unreadable_audio"]["count"] == 1
+    a, b = load_checkpoint(single), load_checkpoint(ddp)
+    for k in a.model:  # the same kept data, the same global batches
+        torch.testing.assert_close(a.model[k], b.model[k], rtol=0, atol=0.25 * 1e-3, msg=k)
 
 
 def test_a_corrupted_mask_on_one_rank_fails_loudly_on_every_rank(runs):

@@ -308,6 +308,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {', '.join(manifest['languages'])} as {args.format} ({args.dtype}) to {args.out}")
     print(f"in-scope weights: {sizes['kept']:,} kept of {sizes['weights']:,}; bytes per format: " + ", ".join(
         f"{f} {sizes[f + '_bytes']:,}" for f in ("dense", "2:4", "bsr", "bitmap") if sizes.get(f + "_bytes")))
+    proj = manifest.get("projection")
+    if proj is not None:  # what an unstructured mask lost to the 2:4 pattern (0 for a 2:4-trained one)
+        print(f"2:4 projection: dropped {proj['lost_l1']:.2%} of the masked weights' L1 magnitude"
+              + (f" (worst layer {proj['worst_layer']}: {proj['worst_lost_l1']:.2%})" if proj["worst_layer"] else ""))
     errs = manifest["verification"]["max_relative_error"]
     print("verified: max relative error " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
           + f" (tolerance {manifest['verification']['tolerance']:g})")

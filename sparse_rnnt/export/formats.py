@@ -38,6 +38,14 @@ from ..errors import UserError
 log = logging.getLogger(__name__)
 
 FORMATS: tuple[str, ...] = ("dense", "2:4", "bsr", "bitmap")
+# The tensors :func:`encode` stores per layer in each format, with their dtype (None: the
+# artifact's weight dtype); loading refuses any other name or dtype.
+PARTS: dict[str, dict[str, torch.dtype | None]] = {
+    "dense": {"weight": None},
+    "2:4": {"values": None, "mask": torch.uint8},
+    "bsr": {"crow_indices": torch.int32, "col_indices": torch.int32, "values": None},
+    "bitmap": {"bits": torch.int32, "values": None, "offsets": torch.int32},
+}
 SEMI_STRUCTURED: tuple[str, ...] = ("auto", "cutlass", "cusparselt")
 
 

@@ -8,7 +8,7 @@ import torch
 from sparse_rnnt.cli import main
 from sparse_rnnt.errors import UserError
 from sparse_rnnt.export import ExportOptions, export_checkpoint, load_artifact
-from sparse_rnnt.export.artifact import probe_logits, relative_error
+from sparse_rnnt.export.artifact import DTYPES, probe_logits, relative_error
 from sparse_rnnt.export.formats import project_2to4
 from sparse_rnnt.training.inference import load_recognizer
 from sparse_rnnt.training.trainer import Trainer
@@ -153,7 +153,14 @@ def test_export_cli(pruned, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     assert main(["export", "--checkpoint", str(pruned["dynamic"]), "--out", str(tmp_path / "y"),
                  "--language", "fr"]) == 0
-    assert "verified" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "verified" in out and "2:4 projection" not in out
+    # 2:4 from an unstructured mask: the loss the projection costs is printed, from the manifest
+    assert main(["export", "--checkpoint", str(pruned["adaptive"]), "--out", str(tmp_path / "z"),
+                 "--format", "2:4", "--tolerance", "10"]) == 0
+    proj = json.loads((tmp_path / "z" / "manifest.json").read_text())["projection"]
+    assert (f"2:4 projection: dropped {proj['lost_l1']:.2%} of the masked weights' L1 magnitude "
+            f"(worst layer {proj['worst_layer']}: {proj['worst_lost_l1']:.2%})") in capsys.readouterr().out
 
 
 def _full_utterance_text(art, wave, beam_width=0):
@@ -312,3 +319,381 @@ def test_cuda_semi_structured_layer_equals_the_dense_product(backend):
         dense = torch.nn.functional.linear(x, w, b)
         err = (layer(x).double() - exact).abs().max().item()
         assert err <= 4 * (dense.double() - exact).abs().max().item() + 1e-2, (rows, err)
+
+
+# ------------------------------------------------------------------ per-language pathways
+
+
+def _pathway_ref(run, language, project_2to4_in=None):
+    """Independent reference: probe logits of the dense model with every in-scope weight set to
+    ``θ ⊙ m_L`` by hand, in float32. ``project_2to4_in``: a dtype; then keep the 2 largest |w|
+    of each group of 4 (ranked in that dtype, ties to the lower index), as a 2:4 export must."""
+    import copy
+
+    rec = load_recognizer(run)
+    model = copy.deepcopy(rec.model)
+    masks = rec.language_masks[language]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in masks:
+                w = p * masks[name].to(p.dtype)
+                if project_2to4_in is not None:
+                    groups = w.reshape(w.shape[0], -1, 4)
+                    # Ranked as stored: values equal after rounding keep the lower index.
+                    rank = torch.sort(-groups.to(project_2to4_in).abs().float(), dim=-1, stable=True)
+                    top = rank.indices[..., :2]
+                    w = torch.zeros_like(groups).scatter_(-1, top, groups.gather(-1, top)).reshape(w.shape)
+                p.copy_(w)
+    return probe_logits(model, torch.device("cpu"))
+
+
+def _rewrite_manifest(art_dir, edit):
+    path = art_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def _rehash(art_dir, *names):
+    from sparse_rnnt.io import sha256_file
+
+    def edit(m):
+        for name in names:
+            m["files"][name]["sha256"] = sha256_file(art_dir / name)
+    _rewrite_manifest(art_dir, edit)
+
+
+def _edit_weights(art_dir, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(art_dir / "weights.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(art_dir / "weights.safetensors"))
+    _rehash(art_dir, "weights.safetensors")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("fmt", ["dense", "bsr", "bitmap", "2:4"])
+def test_language_pathway_round_trip(fmt, dtype, pruned, tmp_path):
+    # A per-language run stores a dense θ and one mask per language, so (unlike single-mask
+    # runs, whose θ is already zero outside the mask) a format that dropped the mask would
+    # show. The artifact must compute θ ⊙ m_L, built here by hand.
+    run = pruned["dynamic"]
+    ref = _pathway_ref(run, "fr")
+    unmasked = probe_logits(load_recognizer(run).model, torch.device("cpu"))
+    assert relative_error(unmasked, ref) > 0.05  # the mask matters on the probe
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    rec = load_recognizer(run)
+    if fmt == "2:4":
+        groups = [m.reshape(m.shape[0], -1, 4).sum(-1) for m in rec.language_masks["fr"].as_dict().values()]
+        assert any(bool((g > 2).any()) for g in groups)  # these masks are not 2:4: refused
+        with pytest.raises(UserError, match=r"export refused.*format 2:4"):
+            export_checkpoint(run, tmp_path / "a", ExportOptions(fmt=fmt, language="fr", dtype=dtype))
+        assert not (tmp_path / "a").exists()
+        # Accepting the loss: the artifact holds the 2:4 projection of θ ⊙ m_L, nothing else.
+        export_checkpoint(run, tmp_path / "a", ExportOptions(fmt=fmt, language="fr", dtype=dtype, tolerance=10.0))
+        ref = _pathway_ref(run, "fr", project_2to4_in=DTYPES[dtype])
+    else:
+        export_checkpoint(run, tmp_path / "a", ExportOptions(fmt=fmt, language="fr", dtype=dtype))
+    art = load_artifact(tmp_path / "a")
+    assert art.languages == ["fr"] and not art.multilingual
+    out = probe_logits(art.model, torch.device("cpu"), DTYPES[dtype])
+    assert relative_error(out, ref) <= tol
+    assert relative_error(out, _pathway_ref(run, "en")) > 10 * tol  # and not another pathway
+
+
+def test_multilingual_artifact_loads_in_its_dtype(pruned, tmp_path):
+    run = pruned["dynamic"]
+    export_checkpoint(run, tmp_path / "f32", ExportOptions(fmt="bitmap", multilingual=True))
+    export_checkpoint(run, tmp_path / "bf16", ExportOptions(fmt="bitmap", multilingual=True, dtype="bfloat16"))
+    f32, bf16 = load_artifact(tmp_path / "f32"), load_artifact(tmp_path / "bf16")
+    assert bf16.manifest["dtype"] == "bfloat16"
+    assert len(bf16._layers) > 0
+    for layer in bf16._layers.values():
+        assert layer.weight.dtype == torch.bfloat16
+        assert layer.bias is None or layer.bias.dtype == torch.bfloat16
+    for lang in ("en", "fr"):
+        f32.set_language(lang)
+        bf16.set_language(lang)
+        ref = _pathway_ref(run, lang)
+        out = probe_logits(bf16.model, torch.device("cpu"), torch.bfloat16)
+        assert relative_error(out, ref) <= 2e-2
+        # bf16 arithmetic, not float32 in disguise
+        assert relative_error(out, probe_logits(f32.model, torch.device("cpu"))) > 1e-5
+
+
+def test_multilingual_artifact_needs_a_language(pruned, tmp_path):
+    from sparse_rnnt.streaming import StreamingDecoder
+
+    run = pruned["dynamic"]
+    export_checkpoint(run, tmp_path / "ml", ExportOptions(multilingual=True))
+    art = load_artifact(tmp_path / "ml")
+    assert art.language is None
+    with pytest.raises(ValueError, match="no pathway selected"):
+        probe_logits(art.model, torch.device("cpu"))
+    with pytest.raises(ValueError, match="needs a language"), art.pathway(None):
+        pass
+    dec = StreamingDecoder.from_artifact(art)
+    with pytest.raises(ValueError, match="language"):  # the decoder's mask hook is art.pathway
+        dec.open()
+    with art.pathway("fr"):
+        assert relative_error(probe_logits(art.model, torch.device("cpu")), _pathway_ref(run, "fr")) <= 1e-5
+    dec.open(language="en")
+    with pytest.raises(ValueError, match="needs a language"), art.pathway(None):  # not "the last one set"
+        pass
+    # A single-pathway artifact keeps working without a language.
+    export_checkpoint(run, tmp_path / "fr", ExportOptions(language="fr"))
+    single = load_artifact(tmp_path / "fr")
+    with single.pathway(None):
+        assert relative_error(probe_logits(single.model, torch.device("cpu")), _pathway_ref(run, "fr")) <= 1e-5
+    StreamingDecoder.from_artifact(single).open()
+
+
+def test_multilingual_masks_file_is_required_and_checked(pruned, tmp_path):
+    import shutil
+
+    from sparse_rnnt.pruning.masks import LanguageMasks, MaskSet
+
+    base = tmp_path / "ml"
+    export_checkpoint(pruned["dynamic"], base, ExportOptions(multilingual=True))
+
+    def copy(name):
+        shutil.copytree(base, tmp_path / name)
+        return tmp_path / name
+
+    # Left out of the manifest (its hash unchecked), then swapped: refused.
+    d = copy("unlisted")
+    _rewrite_manifest(d, lambda m: m["files"].pop("masks.safetensors"))
+    lm = LanguageMasks.load(d / "masks.safetensors")
+    LanguageMasks({"en": lm["fr"], "fr": lm["en"]}).save(d / "masks.safetensors")
+    with pytest.raises(UserError, match=r"manifest\.json: the manifest lists files .* exactly .*masks\.safetensors"):
+        load_artifact(d)
+    # Listed but modified: the hash catches it.
+    d = copy("swapped")
+    LanguageMasks({"en": lm["fr"], "fr": lm["en"]}).save(d / "masks.safetensors")
+    with pytest.raises(UserError, match=r"masks\.safetensors: corrupt or modified"):
+        load_artifact(d)
+    # An extra listed file (with its right hash) is refused too.
+    d = copy("extra")
+    (d / "notes.txt").write_text("x")
+    _rewrite_manifest(d, lambda m: m["files"].update({"notes.txt": {"sha256": ""}}))
+    _rehash(d, "notes.txt")
+    with pytest.raises(UserError, match=r"lists files .*notes\.txt.* exactly"):
+        load_artifact(d)
+    # A mask of the wrong shape, [N, K-1] (the row packing is the same bytes for most K).
+    d = copy("shape")
+    name = lm.names[0]
+
+    def shrink(ms):
+        masks = ms.as_dict()
+        masks[name] = masks[name][:, :-1].contiguous()
+        return MaskSet(masks)
+
+    LanguageMasks({lang: shrink(lm[lang]) for lang in lm.languages}).save(d / "masks.safetensors")
+    _rehash(d, "masks.safetensors")
+    n, k = lm["en"][name].shape
+    with pytest.raises(UserError, match=rf"masks\.safetensors: mask '{name}' has shape \[{n}, {k - 1}\], "
+                                        rf"its layer's weight \[{n}, {k}\]"):
+        load_artifact(d)
+
+
+def test_tampered_config_and_sizes_give_clear_errors(pruned, tmp_path):
+    import shutil
+
+    from sparse_rnnt.data.features import GlobalCMVN
+    from sparse_rnnt.data.tokenizer import Tokenizer, TokenizerConfig
+
+    base = tmp_path / "a"
+    export_checkpoint(pruned["adaptive"], base, ExportOptions(language="en"))
+    cases = 0
+
+    def variant(edit):
+        nonlocal cases
+        cases += 1
+        d = tmp_path / f"v{cases}"
+        shutil.copytree(base, d)
+        edit(d)
+        return d
+
+    def edit_config(fn):
+        def edit(d):
+            cfg = json.loads((d / "config.json").read_text())
+            fn(cfg)
+            (d / "config.json").write_text(json.dumps(cfg))
+            _rehash(d, "config.json")
+        return edit
+
+    expected = [
+        (lambda d: _rewrite_manifest(d, lambda m: m.update(layers=sorted(m["layers"]))),
+         r"manifest\.json: bad manifest: layers must be an object"),
+        (lambda d: _rewrite_manifest(d, lambda m: m.update(languages="en")),
+         r"manifest\.json: bad manifest: languages"),
+        (lambda d: _rewrite_manifest(d, lambda m: m.update(multilingual="false")),
+         r"manifest\.json: bad manifest: multilingual"),
+        (lambda d: _rewrite_manifest(d, lambda m: m["files"].update({"config.json": "abc"})),
+         r"manifest\.json: bad manifest: files"),
+        (edit_config(lambda c: c.update(model=[])), r"config\.json: bad artifact config \('model' must be an object"),
+        (edit_config(lambda c: c.update(features=None)), r"config\.json: bad artifact config \('features'"),
+        (edit_config(lambda c: c["features"].update(n_mels=40)),
+         r"config\.json: features\.n_mels is 40 but the model's input_dim is 80"),
+        (edit_config(lambda c: (c["features"].update(n_mels=40), c["model"].update(input_dim=40))),
+         r"cmvn\.safetensors: 80 bins, but config\.json has features\.n_mels 40"),
+    ]
+    for edit, message in expected:
+        with pytest.raises(UserError, match=message):
+            load_artifact(variant(edit))
+
+    # A well-formed CMVN file of 40 bins under an 80-mel config.
+    def small_cmvn(d):
+        GlobalCMVN(mean=torch.zeros(40), std=torch.ones(40)).save(d / "cmvn.safetensors")
+        _rehash(d, "cmvn.safetensors")
+    with pytest.raises(UserError, match=r"cmvn\.safetensors: 40 bins, but config\.json has features\.n_mels 80"):
+        load_artifact(variant(small_cmvn))
+
+    # A valid tokenizer with fewer symbols than the model's outputs.
+    def small_tokenizer(d):
+        Tokenizer.train(["ab ba aab"], TokenizerConfig(vocab_size=0, model_type="char"), tmp_path / "small.model")
+        shutil.copyfile(tmp_path / "small.model", d / "tokenizer.model")
+        _rehash(d, "tokenizer.model")
+    n_model = json.loads((base / "config.json").read_text())["num_symbols"]
+    n_tok = Tokenizer.train(["ab ba aab"], TokenizerConfig(vocab_size=0, model_type="char"),
+                            tmp_path / "count.model").num_symbols
+    assert n_tok != n_model
+    with pytest.raises(UserError, match=rf"tokenizer\.model: {n_tok} symbols .* the model has {n_model}"):
+        load_artifact(variant(small_tokenizer))
+
+
+def test_artifact_members_must_not_be_symlinks(pruned, tmp_path):
+    import os
+    import shutil
+
+    export_checkpoint(pruned["adaptive"], tmp_path / "base", ExportOptions(language="en"))
+    outside = tmp_path / "outside_cmvn.safetensors"
+    shutil.copyfile(tmp_path / "base" / "cmvn.safetensors", outside)
+    # Same bytes (the hash matches), but the file lives outside the artifact directory.
+    d = tmp_path / "out_link"
+    shutil.copytree(tmp_path / "base", d)
+    (d / "cmvn.safetensors").unlink()
+    os.symlink(outside, d / "cmvn.safetensors")
+    with pytest.raises(UserError, match=r"cmvn\.safetensors: is a symbolic link"):
+        load_artifact(d)
+    # A manifest that is a link (to a valid manifest elsewhere) is refused as well.
+    d = tmp_path / "manifest_link"
+    shutil.copytree(tmp_path / "base", d)
+    shutil.copyfile(d / "manifest.json", tmp_path / "manifest_elsewhere.json")
+    (d / "manifest.json").unlink()
+    os.symlink(tmp_path / "manifest_elsewhere.json", d / "manifest.json")
+    with pytest.raises(UserError, match=r"manifest\.json: is a symbolic link"):
+        load_artifact(d)
+    # The artifact directory itself may be reached through a link.
+    os.symlink(tmp_path / "base", tmp_path / "dir_link")
+    assert load_artifact(tmp_path / "dir_link").languages == ["en"]
+
+
+def test_unexpected_weight_tensors_are_refused(pruned, tmp_path):
+    import shutil
+
+    base = tmp_path / "a"
+    export_checkpoint(pruned["adaptive"], base, ExportOptions(fmt="bitmap", language="en"))
+    layer = sorted(json.loads((base / "manifest.json").read_text())["layers"])[0]
+    bias = "dense/rnnt.joiner.linear.bias"
+    cases = [
+        (lambda t: t.update({"other/x": torch.zeros(1)}), r"unexpected tensor 'other/x'"),
+        (lambda t: t.update({f"sparse/{layer}/extra": torch.zeros(3)}), rf"unexpected tensor 'sparse/{layer}/extra'"),
+        (lambda t: t.update({bias: t[bias].to(torch.int64)}), rf"tensor '{bias}' is torch\.int64, expected torch\.float32"),
+        (lambda t: t[bias].__setitem__(0, float("nan")), rf"tensor '{bias}' holds NaN"),
+        (lambda t: t[f"sparse/{layer}/values"].__setitem__(0, float("inf")),
+         rf"tensor 'sparse/{layer}/values' holds NaN or infinite"),
+        (lambda t: t.pop(bias), rf"missing tensor '{bias}'"),
+    ]
+    for i, (edit, message) in enumerate(cases):
+        d = tmp_path / f"v{i}"
+        shutil.copytree(base, d)
+        _edit_weights(d, edit)
+        with pytest.raises(UserError, match=rf"weights\.safetensors: {message}"):
+            load_artifact(d)
+
+
+def test_refused_export_leaves_no_directories_and_out_is_checked(pruned, tmp_path, monkeypatch):
+    import os
+
+    run = pruned["adaptive"]
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(UserError, match="export refused"):  # an unstructured mask as 2:4
+        export_checkpoint(run, tmp_path / "kept" / "p1" / "p2" / "art", ExportOptions(fmt="2:4"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]  # made by the user: stays
+    assert list((tmp_path / "kept").iterdir()) == []
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    for out in (".", "x/.."):
+        with pytest.raises(UserError, match=r"name the new artifact directory itself, not '\.' or '\.\.'"):
+            export_checkpoint(run, out, ExportOptions())
+    assert list((tmp_path / "empty").iterdir()) == []
+    (tmp_path / "target").mkdir()
+    os.symlink(tmp_path / "target", tmp_path / "link")
+    with pytest.raises(UserError, match=r"link is a symbolic link"):
+        export_checkpoint(run, tmp_path / "link", ExportOptions())
+    assert list((tmp_path / "target").iterdir()) == []
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match=r"afile exists and is not a directory"):
+        export_checkpoint(run, tmp_path / "afile", ExportOptions())
+    with pytest.raises(UserError, match=r"afile is not a directory"):
+        export_checkpoint(run, tmp_path / "afile" / "sub", ExportOptions())
+    assert (tmp_path / "afile").read_text() == "x"
+    # A successful export keeps the parents it made.
+    export_checkpoint(run, tmp_path / "n1" / "n2" / "art", ExportOptions(language="en"))
+    assert (tmp_path / "n1" / "n2" / "art" / "manifest.json").is_file()
+
+
+def test_masked_backend_is_a_load_parameter(pruned, tmp_path, caplog):
+    import logging
+
+    export_checkpoint(pruned["dynamic"], tmp_path / "ml", ExportOptions(multilingual=True))
+    with caplog.at_level(logging.INFO, logger="sparse_rnnt.export.artifact"):
+        auto = load_artifact(tmp_path / "ml")
+    records = [r for r in caplog.records if "masked linear" in r.getMessage()]
+    assert len(records) == 1 and records[0].levelno == logging.INFO
+    assert "'torch'" in records[0].getMessage()  # auto on CPU: the torch reference
+    assert auto.masked_backend == "torch"
+    assert set(auto.runtimes().values()) == {"masked-linear-torch"}
+    triton = load_artifact(tmp_path / "ml", backend="triton")
+    assert set(triton.runtimes().values()) == {"masked-linear-triton"}
+    # One layer through the Triton kernel (interpreter on CPU) against θ ⊙ m_fr by hand.
+    rec = load_recognizer(pruned["dynamic"])
+    params = dict(rec.model.named_parameters())
+    name = sorted(triton._layers)[0]
+    triton.set_language("fr")
+    layer = triton._layers[name]
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    w = params[name] * rec.language_masks["fr"][name]
+    b = params[name.removesuffix("weight") + "bias"]
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="backend must be one of auto, triton, torch"):
+        load_artifact(tmp_path / "ml", backend="cuda")
+
+
+def test_2to4_projection_loss_is_totalled_and_named_in_the_refusal(pruned, tmp_path):
+    # The total is Σ|dropped| / Σ|θ ⊙ m| over every layer, here from the top 2 |w| of each group of 4.
+    rec = load_recognizer(pruned["adaptive"])
+    dropped = kept_l1 = 0.0
+    worst = (0.0, None)
+    for name, p in rec.model.named_parameters():
+        if name not in rec.masks:
+            continue
+        w = (p.detach() * rec.masks[name]).double().abs().reshape(p.shape[0], -1, 4)
+        lost = float(w.sum() - w.sort(dim=-1, descending=True).values[..., :2].sum())
+        dropped, kept_l1 = dropped + lost, kept_l1 + float(w.sum())
+        worst = max(worst, (lost / float(w.sum()), name), key=lambda t: t[0])
+    total = dropped / kept_l1
+    assert total > 0.01
+    with pytest.raises(UserError, match=rf"format 2:4, dtype float32\); the 2:4 projection dropped "
+                                        rf"{100 * total:.2f}% of the masked weights' L1 magnitude \(worst layer "
+                                        rf"{worst[1]}: {100 * worst[0]:.2f}%\); a mask not trained as 2:4"):
+        export_checkpoint(pruned["adaptive"], tmp_path / "b", ExportOptions(fmt="2:4"))
+    manifest = export_checkpoint(pruned["adaptive"], tmp_path / "c", ExportOptions(fmt="2:4", tolerance=10.0))
+    assert manifest["projection"]["lost_l1"] == pytest.approx(total, rel=1e-6)
+    assert manifest["projection"]["worst_layer"] == worst[1]
+    assert manifest["projection"]["worst_lost_l1"] == pytest.approx(worst[0], rel=1e-6)
+    nm = export_checkpoint(pruned["nm"], tmp_path / "d", ExportOptions(fmt="2:4", language="en"))
+    assert nm["projection"]["lost_l1"] == 0.0  # trained as 2:4: nothing dropped

@@ -77,13 +77,15 @@ def test_missing_dense_leaves_no_out(tmp_path):
 
 
 def test_pruned_dense_leaves_no_out(tmp_path, dense):
-    # A copy of the dense checkpoint whose metadata says it was pruned (the hashes cover the
-    # weight files, not checkpoint.json, so it still loads).
+    # A copy of the dense checkpoint whose metadata says it was pruned (re-hashed, so it loads).
+    from sparse_rnnt.training.checkpoint import _meta_digest
+
     src = list_checkpoints(dense)[-1]
     pruned = tmp_path / "pruned" / src.name
     shutil.copytree(src, pruned)
     meta = json.loads((pruned / "checkpoint.json").read_text())
     meta["extra"]["pruner"] = {"method": "imp", "level": 0.5}
+    meta["meta_sha256"] = _meta_digest(meta)
     (pruned / "checkpoint.json").write_text(json.dumps(meta))
     _refuses(_opts(tmp_path / "o", dense=pruned), "this one is pruned")
 

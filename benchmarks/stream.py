@@ -164,8 +164,9 @@ def _memory(device: str) -> int:
 
 
 def load_test(device: str, minutes: float, n_streams: int = 64, max_wall_s: float = 0.0,
-              dtype: torch.dtype | None = None, step_mode: str = "eager") -> dict[str, Any]:
-    """``n_streams`` streams fed ``minutes`` of audio each; memory along the way; outputs vs alone.
+              dtype: torch.dtype | None = None, step_mode: str = "eager", compare: int = 2) -> dict[str, Any]:
+    """``n_streams`` streams fed ``minutes`` of audio each; memory along the way; outputs vs alone
+    (``compare`` streams, evenly spread from the first to the last, decoded again alone; 0: all).
 
     ``max_wall_s`` > 0 bounds the run (a device lease is short): feeding stops once 30% of it
     has passed, leaving time for the single-stream re-decodes, and ``minutes_fed`` records how
@@ -207,7 +208,11 @@ def load_test(device: str, minutes: float, n_streams: int = 64, max_wall_s: floa
     wall = time.perf_counter() - t0
     stats = dec.latency_stats()
     same = {}
-    for i in (0, n_streams - 1):  # the same audio alone, in one piece per tick
+    if compare < 0:
+        raise ValueError(f"compare must be >= 0, got {compare}")
+    k = n_streams if compare == 0 else min(compare, n_streams)
+    picked = sorted({round(j * (n_streams - 1) / max(k - 1, 1)) for j in range(k)})
+    for i in picked:  # the same audio alone, in one piece per tick
         alone = StreamingDecoder(model, None, step_mode=step_mode, **fixed)
         gi = torch.Generator().manual_seed(1000 + i)
         s = alone.open()
@@ -249,11 +254,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="weights of the load test (default: bfloat16 on cuda, float32 on cpu)")
     parser.add_argument("--load-step-mode", choices=("eager", "static", "cuda-graph"), default="eager",
                         help="how the load test runs each step (cuda-graph: replayed as CUDA graphs; static: the same fixed-size path eagerly)")
+    parser.add_argument("--load-compare", type=int, default=2,
+                        help="streams the load test decodes again alone to compare outputs, spread from the first "
+                             "to the last (0: all; default 2)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.load_compare < 0:
+        parser.error("--load-compare must be >= 0")
     if args.load_only and args.load_minutes <= 0:
         parser.error("--load-only needs --load-minutes > 0")
     if args.cuda_graphs and args.device != "cuda":
@@ -272,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.load_minutes > 0:
         dtype = getattr(torch, args.load_dtype) if args.load_dtype else None
         result["load"] = load_test(args.device, args.load_minutes, max_wall_s=args.max_wall_s, dtype=dtype,
+                                   compare=args.load_compare,
                                    step_mode=args.load_step_mode)
     out = Path(args.out_dir) / f"stream-{args.device}.json"
     atomic_write_json(out, result)

@@ -540,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("stream", help="decode audio files chunk by chunk through an exported artifact",
-                       description="Feed each audio file (FLAC, WAV or Opus; resampled to 16 kHz) in chunks as if it "
+                       description="Feed each audio file (FLAC, WAV or Opus; resampled to the artifact's feature sample rate, 16 kHz by default) in chunks as if it "
                        "arrived live, through the Emformer with its state (segment + right-context look-ahead), "
                        "greedy or beam RNN-T decoding continued chunk by chunk; prints partial hypotheses as they "
                        "change (a beam's best hypothesis may revise earlier words), the final text, the "

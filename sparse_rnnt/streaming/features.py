@@ -61,7 +61,8 @@ class StreamingLogMel:
         return torch.zeros(0, self.config.n_mels)
 
     def accept(self, samples: torch.Tensor) -> torch.Tensor:
-        """Add ``samples [n]`` (float, 16 kHz mono) -> the frames that became final ``[k, n_mels]``."""
+        """Add ``samples [n]`` (float mono at ``config.sample_rate``) -> the frames that became
+        final ``[k, n_mels]``."""
         if self.flushed:
             raise RuntimeError("accept() after flush(): the stream has ended")
         samples = samples.detach().reshape(-1).to(device="cpu", dtype=torch.float32)

@@ -1,7 +1,12 @@
-"""Stream audio files through an exported artifact, chunk by chunk (``sparse-rnnt stream``)."""
+"""Stream audio files through an exported artifact, chunk by chunk (``sparse-rnnt stream``).
+
+Files are resampled to the artifact's ``features.sample_rate`` (the rate its model was trained
+on), so the front end, the reported durations and the RTF all use that rate.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
@@ -12,19 +17,29 @@ from ..errors import UserError
 from .stream import PartialResult, StreamingDecoder, StreamResult
 
 
-def read_wave(path: str | os.PathLike[str]) -> torch.Tensor:
-    """Mono float32 ``[T]`` at 16 kHz from FLAC/WAV/Opus (resampled if needed); any length,
-    none included (a stream that short decodes to an empty hypothesis).
+def _read_native(path: str | os.PathLike[str]) -> tuple[torch.Tensor, int]:
+    """Mono float32 ``[T]`` at the file's own rate, and that rate (see :func:`read_wave`)."""
+    rate = audio_info(path).sample_rate
+    return load_audio(path, expected_rate=None, allow_empty=True), rate
+
+
+def _resample(wave: torch.Tensor, rate: int, sample_rate: int) -> torch.Tensor:
+    """``wave [T]`` at ``rate`` -> ``[T']`` at ``sample_rate`` (unchanged when equal or empty)."""
+    if rate == sample_rate or not wave.numel():
+        return wave
+    import torchaudio.functional as AF
+
+    return AF.resample(wave, rate, sample_rate)
+
+
+def read_wave(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """Mono float32 ``[T]`` at ``sample_rate`` Hz from FLAC/WAV/Opus (resampled if needed); any
+    length, none included (a stream that short decodes to an empty hypothesis).
 
     Raises :class:`~sparse_rnnt.data.audio.AudioError` (a :class:`UserError` naming the file)
     for a missing or unreadable file or NaN/Inf samples."""
-    rate = audio_info(path).sample_rate
-    wave = load_audio(path, expected_rate=None, allow_empty=True)
-    if rate != SAMPLE_RATE and wave.numel():
-        import torchaudio.functional as AF
-
-        wave = AF.resample(wave, rate, SAMPLE_RATE)
-    return wave
+    wave, rate = _read_native(path)
+    return _resample(wave, rate, sample_rate)
 
 
 def stream_files(
@@ -41,15 +56,17 @@ def stream_files(
     semi_structured: str = "auto",
 ) -> tuple[list[StreamResult], dict[str, float]]:
     """Feed each file in ``piece_ms`` pieces as if it arrived live; returns the results and the
-    latency statistics (p50/p99 per chunk step, RTF) of all steps. ``decoding``: ``greedy`` or
-    ``beam`` (torchaudio's RNN-T beam search of width ``beam_width``, continued chunk by chunk).
-    ``cuda_graphs``: replay the encoder step as CUDA graphs (CUDA, single-pathway use only).
-    ``semi_structured``: torch's backend for 2:4 layers (see :func:`~sparse_rnnt.export.load_artifact`)."""
+    latency statistics (p50/p99 per chunk step, RTF) of all steps. Audio is resampled to the
+    artifact's ``features.sample_rate``, and ``audio_s``/RTF are in seconds of that audio.
+    ``decoding``: ``greedy`` or ``beam`` (torchaudio's RNN-T beam search of width ``beam_width``,
+    continued chunk by chunk). ``cuda_graphs``: replay the encoder step as CUDA graphs (CUDA,
+    single-pathway use only). ``semi_structured``: torch's backend for 2:4 layers (see
+    :func:`~sparse_rnnt.export.load_artifact`)."""
     from ..export import load_artifact
     from ..export.formats import SEMI_STRUCTURED
 
-    if piece_ms <= 0:
-        raise UserError(f"--chunk-ms must be positive, got {piece_ms}")
+    if not math.isfinite(piece_ms) or piece_ms <= 0:
+        raise UserError(f"--chunk-ms must be a positive number, got {piece_ms}")
     if decoding not in ("greedy", "beam"):
         raise UserError(f"--decoding must be greedy or beam, got {decoding!r}")
     if beam_width < 1:
@@ -58,7 +75,8 @@ def stream_files(
         raise UserError(f"--cuda-graphs needs --device cuda (got {device})")
     if semi_structured not in SEMI_STRUCTURED:
         raise UserError(f"--semi-structured must be one of {', '.join(SEMI_STRUCTURED)}, got {semi_structured!r}")
-    waves = [read_wave(p) for p in paths]  # all files are checked before any decoding
+    # All files are read (checked) before any decoding; resampled once the artifact's rate is known.
+    native = [_read_native(p) for p in paths]
     art = load_artifact(artifact_dir, device=device, semi_structured=semi_structured)
     if language is None:
         if art.multilingual:
@@ -70,9 +88,11 @@ def stream_files(
         raise UserError("--cuda-graphs needs a single-language artifact (a graph cannot switch pathways)")
     decoder = StreamingDecoder.from_artifact(art, decoding=decoding, beam_width=beam_width,
                                              step_mode="cuda-graph" if cuda_graphs else "eager")
-    piece = max(1, round(SAMPLE_RATE * piece_ms / 1000))
+    rate = art.features.sample_rate
+    piece = max(1, round(rate * piece_ms / 1000))
     results = []
-    for path, wave in zip(paths, waves, strict=True):
+    for path, (wave, file_rate) in zip(paths, native, strict=True):
+        wave = _resample(wave, file_rate, rate)
         s = decoder.open(language=language, stream_id=str(path))
         for start in range(0, wave.numel(), piece):
             for part in decoder.feed(s, wave[start:start + piece]):

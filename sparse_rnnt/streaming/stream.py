@@ -21,6 +21,9 @@ segment. The final hypothesis therefore equals :func:`~sparse_rnnt.model.decodin
 on the whole utterance, up to float rounding (encoder outputs agree to ~1e-6). Any length can be
 streamed: audio too short for a single feature frame (under ``n_fft // 2 + 1`` samples, no
 audio at all included) ends with no frames and an empty hypothesis.
+
+Audio is mono float PCM at the feature config's ``sample_rate`` (the model's training rate;
+16 kHz by default): durations and RTF are computed with that rate.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import operator
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -156,7 +160,7 @@ class StreamingDecoder:
 
         dec = StreamingDecoder(model, cmvn, tokenizer=tok)
         s = dec.open()
-        for piece in pcm_pieces:            # float32 16 kHz, any sizes
+        for piece in pcm_pieces:            # float32 at feature_config.sample_rate, any sizes
             for partial in dec.feed(s, piece):
                 print(partial.text)
         result = dec.finalize(s)
@@ -177,7 +181,12 @@ class StreamingDecoder:
 
     ``mask_context(language)``: a context manager under which the model's weights are those of
     ``language`` (e.g. :meth:`Recognizer.masked`); when given, each step batches streams per
-    language. The default is a no-op and all ready streams share one encoder call.
+    language and every stream must be opened with a language (``languages``, when given, lists
+    them in the error). The default is a no-op and all ready streams share one encoder call.
+
+    Bad arguments (a count below 1, an unknown mode) raise ``ValueError`` here, not later in a
+    step: ``max_symbols_per_frame``, ``beam_width``, ``step_max_tokens``, ``max_batch`` and
+    ``min_batch`` must be integers >= 1, with ``min_batch <= max_batch``.
     """
 
     def __init__(
@@ -196,7 +205,17 @@ class StreamingDecoder:
         step_mode: str = "eager",
         max_batch: int = 64,
         min_batch: int = 1,
+        languages: Sequence[str] | None = None,
     ) -> None:
+        # Checked up front: a count of 0 would otherwise decode nothing silently (greedy, beam),
+        # search without bound (negative step_max_tokens) or fail deep inside a step.
+        max_symbols_per_frame = _positive_int("max_symbols_per_frame", max_symbols_per_frame)
+        beam_width = _positive_int("beam_width", beam_width)
+        step_max_tokens = _positive_int("step_max_tokens", step_max_tokens)
+        max_batch = _positive_int("max_batch", max_batch)
+        min_batch = _positive_int("min_batch", min_batch)
+        if min_batch > max_batch:
+            raise ValueError(f"min_batch must be in [1, max_batch={max_batch}], got {min_batch}")
         if decoding not in ("greedy", "beam"):
             raise ValueError(f"decoding must be 'greedy' or 'beam', got {decoding!r}")
         if step_mode not in ("eager", "static", "cuda-graph"):
@@ -216,6 +235,7 @@ class StreamingDecoder:
         self.tokenizer = tokenizer
         self.max_symbols_per_frame = max_symbols_per_frame
         self._mask_context = mask_context
+        self.languages = list(languages) if languages is not None else None  # named in open()'s error
         self.on_partial = on_partial
         self.geometry = geometry(model.rnnt)
         self.device = next(model.parameters()).device
@@ -246,21 +266,24 @@ class StreamingDecoder:
     @classmethod
     def from_recognizer(cls, recognizer: Recognizer, **kwargs: object) -> StreamingDecoder:
         """A decoder for a loaded checkpoint; per-language pruned models get its mask hook."""
-        masked = recognizer.masked if recognizer.language_masks is not None else None
+        lm = recognizer.language_masks
         return cls(
             recognizer.model, recognizer.cmvn, recognizer.config.features,
-            tokenizer=recognizer.tokenizer, mask_context=masked, **kwargs,  # type: ignore[arg-type]
+            tokenizer=recognizer.tokenizer, mask_context=recognizer.masked if lm is not None else None,
+            languages=lm.languages if lm is not None else None, **kwargs,  # type: ignore[arg-type]
         )
 
     # --- stream lifecycle -------------------------------------------------------------------
 
     @classmethod
     def from_artifact(cls, artifact: Artifact, **kwargs: object) -> StreamingDecoder:
-        """A decoder for an exported artifact; a multilingual one switches pathway per stream."""
-        hook = artifact.pathway if artifact.multilingual else None
+        """A decoder for an exported artifact; a multilingual one switches pathway per stream (each
+        stream needs a language), a single-pathway one needs none."""
+        ml = artifact.multilingual
         return cls(
             artifact.model, artifact.cmvn, artifact.features, tokenizer=artifact.tokenizer,
-            mask_context=hook, **kwargs,  # type: ignore[arg-type]
+            mask_context=artifact.pathway if ml else None, languages=artifact.languages if ml else None,
+            **kwargs,  # type: ignore[arg-type]
         )
 
     def mask_context(self, language: str | None) -> AbstractContextManager[None]:
@@ -270,7 +293,16 @@ class StreamingDecoder:
         return self._mask_context(language)
 
     def open(self, language: str | None = None, stream_id: str | None = None) -> Stream:
-        """Start a stream (it joins the next :meth:`step` that finds a chunk ready for it)."""
+        """Start a stream (it joins the next :meth:`step` that finds a chunk ready for it).
+
+        A decoder that switches pathways (a ``mask_context``, e.g. a multilingual artifact) needs
+        ``language``: without one the stream would run with whichever pathway was set last.
+        """
+        if language is None and self._mask_context is not None:
+            known = f" (one of {', '.join(self.languages)})" if self.languages else ""
+            raise ValueError(f"this decoder has one pathway per language: open() needs a language{known}")
+        if stream_id is not None and not isinstance(stream_id, str):
+            raise ValueError(f"stream_id must be a str, got {type(stream_id).__name__}")
         sid = stream_id if stream_id is not None else f"s{next(self._ids)}"
         if sid in self.streams:
             raise ValueError(f"stream {sid!r} is already open")
@@ -295,10 +327,28 @@ class StreamingDecoder:
         return self.pool.encoder_state(self._get(stream).slot)
 
     def _get(self, stream: Stream | str) -> Stream:
+        if not isinstance(stream, (Stream, str)):
+            raise ValueError(f"expected a Stream or a stream id, got {type(stream).__name__}")
         sid = stream if isinstance(stream, str) else stream.id
         if sid not in self.streams:
             raise ValueError(f"no open stream {sid!r}")
         return self.streams[sid]
+
+    def _listed(self, streams: Iterable[Stream | str], method: str) -> list[Stream]:
+        """The open streams named in ``streams``, each at most once.
+
+        A stream listed twice would take two chunks from the same state in one batch (both rows
+        read the state before either is stored): its tokens would be wrong, with no error.
+        """
+        if isinstance(streams, (Stream, str)):  # a str would iterate as characters
+            raise ValueError(f"{method}() takes a list of streams, got a single one: pass [stream]")
+        group = [self._get(s) for s in streams]
+        seen: set[str] = set()
+        for s in group:
+            if s.id in seen:
+                raise ValueError(f"{method}(): stream {s.id!r} is listed more than once")
+            seen.add(s.id)
+        return group
 
     def _add_frames(self, stream: Stream, frames: torch.Tensor) -> None:
         if frames.numel():
@@ -308,7 +358,8 @@ class StreamingDecoder:
             stream.received_frames += frames.size(0)
 
     def accept(self, stream: Stream | str, samples: torch.Tensor) -> None:
-        """Buffer ``samples [n]`` (float 16 kHz mono, any ``n``) and compute the frames they complete.
+        """Buffer ``samples [n]`` (float mono at the feature config's sample rate, any ``n``) and
+        compute the frames they complete.
 
         NaN or Inf samples raise ``ValueError`` (the stream stays open, without them): they would
         turn every frame they touch, and through the encoder state the rest of the stream, to NaN."""
@@ -381,8 +432,9 @@ class StreamingDecoder:
         """Encode and decode one chunk of every given (default: every open) stream that has one.
 
         Returns one :class:`PartialResult` per processed stream (also passed to ``on_partial``).
+        A stream listed twice raises ``ValueError``.
         """
-        pool = self.streams.values() if streams is None else [self._get(s) for s in streams]
+        pool = self.streams.values() if streams is None else self._listed(streams, "step")
         batch = [s for s in pool if self.ready(s)]
         if not batch:
             return []
@@ -490,8 +542,9 @@ class StreamingDecoder:
         return out
 
     def finish(self, streams: Iterable[Stream | str]) -> list[StreamResult]:
-        """End the given streams, encode their remaining chunks (batched) and close them."""
-        group = [self._get(s) for s in streams]
+        """End the given streams, encode their remaining chunks (batched) and close them; one
+        result per stream, in the given order (a stream listed twice raises ``ValueError``)."""
+        group = self._listed(streams, "finish")
         for s in group:
             self.end(s)
         while any(self.ready(s) for s in group):
@@ -519,10 +572,14 @@ class StreamingDecoder:
     def transcribe(
         self, wave: torch.Tensor, piece_sizes: Iterable[int] | None = None, language: str | None = None
     ) -> StreamResult:
-        """Stream ``wave [T]`` through a fresh stream in pieces of ``piece_sizes`` samples
-        (cycled; default 1600 = 100 ms) and return the final result."""
+        """Stream ``wave [T]`` (or ``[1, T]``) through a fresh stream in pieces of ``piece_sizes``
+        samples (cycled positive integers; default 100 ms) and return the final result."""
+        wave = _mono(wave, "wave")
+        if piece_sizes is None:
+            piece_sizes = [max(1, self.logmel.config.sample_rate // 10)]
+        pieces = iter_pieces(wave, piece_sizes)  # validates the sizes before the stream opens
         s = self.open(language=language)
-        for piece in iter_pieces(wave.reshape(-1), piece_sizes if piece_sizes is not None else [1600]):
+        for piece in pieces:
             self.feed(s, piece)
         return self.finalize(s)
 
@@ -537,12 +594,16 @@ class StreamingDecoder:
         ``piece_samples`` samples, then one :meth:`step` (repeated while chunks are ready) runs
         all streams with a chunk ready in one batch. Stream ``i`` joins at ``start_ticks[i]`` and
         leaves (is finished, batched with others ending on that tick) after its last piece.
-        ``waves``: ``S`` tensors ``[T_i]``. Returns the results in input order."""
+        ``waves``: ``S`` mono tensors ``[T_i]`` (or ``[1, T_i]``); ``piece_samples`` an integer
+        >= 1 (1600 = 100 ms at 16 kHz); ``start_ticks`` integers >= 0. Returns the results in input order."""
+        piece_samples = _positive_int("piece_samples", piece_samples)  # 0 would never end a stream
+        waves = [_mono(w, f"waves[{i}]") for i, w in enumerate(waves)]
         n = len(waves)
         starts = list(start_ticks) if start_ticks is not None else [0] * n
         langs = list(languages) if languages is not None else [None] * n
         if len(starts) != n or len(langs) != n:
             raise ValueError("start_ticks and languages need one entry per wave")
+        starts = [_positive_int(f"start_ticks[{i}]", t, minimum=0) for i, t in enumerate(starts)]
         opened: dict[int, Stream] = {}
         results: dict[int, StreamResult] = {}
         pos = [0] * n
@@ -555,7 +616,7 @@ class StreamingDecoder:
                     continue
                 if i not in opened:
                     opened[i] = self.open(language=langs[i])
-                wave = waves[i].reshape(-1)
+                wave = waves[i]
                 self.accept(opened[i], wave[pos[i] : pos[i] + piece_samples])
                 pos[i] += piece_samples
                 if pos[i] >= wave.numel():
@@ -589,13 +650,46 @@ class StreamingDecoder:
 
 
 def iter_pieces(wave: torch.Tensor, sizes: Iterable[int]) -> Iterator[torch.Tensor]:
-    """Split ``wave [T]`` into consecutive pieces of the given sizes (cycled) -> ``[n_i]`` each."""
+    """Split ``wave [T]`` into consecutive pieces of the given sizes (cycled) -> ``[n_i]`` each.
+
+    ``sizes``: at least one integer, all >= 1 (checked when called, not at the first piece)."""
     sizes = list(sizes)
-    if not sizes or any(n <= 0 for n in sizes):
-        raise ValueError(f"piece sizes must be positive, got {sizes}")
+    if not sizes:
+        raise ValueError("piece sizes must be positive, got []")
+    sizes = [_positive_int("piece sizes", n) for n in sizes]
+    return _pieces(wave, sizes)
+
+
+def _pieces(wave: torch.Tensor, sizes: list[int]) -> Iterator[torch.Tensor]:
+    """The generator behind :func:`iter_pieces` (its sizes already checked)."""
     pos = 0
     for n in itertools.cycle(sizes):
         if pos >= wave.numel():
             return
         yield wave[pos : pos + n]
         pos += n
+
+
+def _positive_int(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` as an ``int >= minimum``; else ``ValueError`` naming ``name`` (bools and floats
+    too: a float count would fail later, in slicing)."""
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    try:
+        n = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+    if n < minimum:
+        raise ValueError(f"{name} must be {what}, got {n}")
+    return n
+
+
+def _mono(wave: torch.Tensor, name: str) -> torch.Tensor:
+    """``wave [T]`` or ``[1, T]`` (any leading 1s) -> ``[T]``; a multi-channel tensor raises
+    instead of being flattened into one channel of interleaved samples."""
+    if not isinstance(wave, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(wave).__name__}")
+    if wave.dim() > 1 and wave.numel() != wave.shape[-1]:
+        raise ValueError(f"{name}: expected mono samples [T], got shape {tuple(wave.shape)}")
+    return wave.reshape(-1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,9 @@ from sparse_rnnt.config import load_config
 from sparse_rnnt.data.audio import AudioError
 from sparse_rnnt.data.manifest import load_split
 from sparse_rnnt.errors import UserError
-from sparse_rnnt.export import ExportOptions, export_checkpoint
+from sparse_rnnt.export import ExportOptions, export_checkpoint, load_artifact
+from sparse_rnnt.export.artifact import Artifact
+from sparse_rnnt.io import sha256_file
 from sparse_rnnt.streaming.files import read_wave, stream_files
 from sparse_rnnt.training.trainer import Trainer
 
@@ -27,8 +31,8 @@ def _tone(n: int, rate: int = RATE) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def artifact(tiny_manifests, tmp_path_factory) -> Path:
-    """A dense artifact of a 1-step run (decoding quality is irrelevant here)."""
+def dense_run(tiny_manifests, tmp_path_factory) -> Path:
+    """A 1-step run (decoding quality is irrelevant here)."""
     root = tmp_path_factory.mktemp("stream_files")
     items = {
         "data.manifest_dir": str(tiny_manifests), "data.workers": 1, "train.max_steps": 1,
@@ -36,8 +40,54 @@ def artifact(tiny_manifests, tmp_path_factory) -> Path:
         "model.transformer_num_layers": 2,
     }
     Trainer(load_config(None, [f"{k}={v}" for k, v in items.items()]), root / "run").run()
-    export_checkpoint(root / "run", root / "art", ExportOptions())
-    return root / "art"
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def artifact(dense_run) -> Path:
+    """A dense artifact of the 1-step run."""
+    export_checkpoint(dense_run, dense_run.parent / "art", ExportOptions())
+    return dense_run.parent / "art"
+
+
+@pytest.fixture(scope="module")
+def ml_artifact(dense_run) -> Path:
+    """A multilingual (en, fr) artifact: one dynamic-pathways step from different per-language
+    masks (70 % kept), so the two pathways' weights differ."""
+    from sparse_rnnt.pruning.masks import LanguageMasks, MaskSet
+    from sparse_rnnt.pruning.scope import ScopeConfig, select_parameters
+    from sparse_rnnt.training.inference import load_recognizer
+    from tests.training.test_prune import _prune_cfg
+
+    root = dense_run.parent
+    params = select_parameters(load_recognizer(dense_run).model, ScopeConfig())
+    g = torch.Generator().manual_seed(0)
+    LanguageMasks({lang: MaskSet({n: torch.rand(p.shape, generator=g) < 0.7 for n, p in params.items()})
+                   for lang in ("en", "fr")}).save(root / "init.safetensors")
+    cfg = _prune_cfg(dense_run, "dynamic-pathways", **{
+        "train.max_steps": 1, "train.checkpoint_every": 1, "pruning.init_masks": str(root / "init.safetensors"),
+        "pruning.levels": "[0.5]", "pruning.target_sparsity": 0.5})
+    Trainer(cfg, root / "dyn", init_checkpoint=dense_run).run()
+    export_checkpoint(root / "dyn", root / "ml_art", ExportOptions(multilingual=True))
+    return root / "ml_art"
+
+
+def _lower_blank(model: torch.nn.Module, by: float = 3.0) -> None:
+    """Make the barely trained model emit tokens (blank is the last symbol), so that token
+    comparisons are not between empty hypotheses."""
+    with torch.no_grad():
+        model.rnnt.joiner.linear.bias[-1] -= by  # type: ignore[union-attr,index]
+
+
+def _full_utterance(art: Artifact, wave: torch.Tensor) -> list[int]:
+    """Reference: the whole utterance through the artifact's front end (its own feature config),
+    CMVN and model, batched greedy decoding."""
+    from sparse_rnnt.data.features import LogMel
+    from sparse_rnnt.model.decoding import greedy_search
+
+    feats = art.cmvn.normalize(LogMel(art.features)(wave))
+    with torch.inference_mode():
+        return greedy_search(art.model, feats[None], torch.tensor([feats.shape[0]]))[0]
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +170,79 @@ def test_decoder_refuses_a_non_finite_piece_and_goes_on(artifact):
         dec.feed(s, torch.tensor([0.0, float("nan")]))
     dec.feed(s, torch.from_numpy(_tone(4000)))
     assert dec.finalize(s).audio_s == 4000 / RATE
+
+
+def _retarget(src: Path, dst: Path, sample_rate: int) -> None:
+    """Copy an artifact with ``features.sample_rate`` changed (a valid config the trainer honours)
+    and the joiner's blank logit lowered; the manifest's hashes are updated."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["features"]["sample_rate"] = sample_rate
+    (dst / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(dst / "weights.safetensors"))
+    tensors["dense/rnnt.joiner.linear.bias"][-1] -= 3.0
+    save_file(tensors, str(dst / "weights.safetensors"))
+    manifest = json.loads((dst / "manifest.json").read_text())
+    for name in ("config.json", "weights.safetensors"):
+        manifest["files"][name]["sha256"] = sha256_file(dst / name)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_stream_files_uses_the_artifacts_sample_rate(artifact, tiny_manifests, tmp_path):
+    # A model trained on 8 kHz features expects 8 kHz audio: files are resampled to the
+    # artifact's rate (they were always resampled to 16 kHz: a 1 s file was reported as 2 s).
+    import torchaudio.functional as AF
+
+    art_dir = tmp_path / "art8k"
+    _retarget(artifact, art_dir, 8000)
+    utt = load_split(tiny_manifests, "test")[0].audio  # a 16 kHz FLAC
+    data16, rate16 = sf.read(utt, dtype="float32")
+    assert rate16 == RATE
+    wave16 = torch.from_numpy(data16)
+    file8k = tmp_path / "utt8k.wav"
+    sf.write(str(file8k), AF.resample(wave16, RATE, 8000).numpy(), 8000, subtype="FLOAT")
+    wave8 = torch.from_numpy(sf.read(str(file8k), dtype="float32")[0])  # what the 8 kHz file holds
+
+    results, stats = stream_files(art_dir, [str(file8k), utt], piece_ms=70)
+    art = load_artifact(art_dir)
+    assert art.features.sample_rate == 8000
+    at_8k = _full_utterance(art, wave8)
+    assert len(at_8k) > 0 and results[0].tokens == at_8k  # the 8 kHz file is decoded as is
+    assert results[0].audio_s == pytest.approx(wave8.numel() / 8000)
+    assert results[0].rtf == pytest.approx(results[0].processing_s / results[0].audio_s)
+    # the 16 kHz file is decoded from its audio at 8 kHz; its duration is unchanged
+    assert results[1].tokens == _full_utterance(art, AF.resample(wave16, RATE, 8000))
+    assert results[1].audio_s == pytest.approx(wave16.numel() / RATE, abs=1 / 8000)
+    assert stats["audio_s"] == pytest.approx(results[0].audio_s + results[1].audio_s)
+    assert read_wave(file8k, sample_rate=8000).shape == wave8.shape
+    assert read_wave(utt, sample_rate=8000).shape == (wave16.numel() // 2,)
+
+
+def test_multilingual_artifact_stream_needs_a_language(ml_artifact, artifact, tiny_manifests):
+    from sparse_rnnt.streaming import StreamingDecoder
+
+    wave = read_wave(next(u for u in load_split(tiny_manifests, "test") if u.language == "fr").audio)
+    art = load_artifact(ml_artifact)
+    assert art.multilingual and art.languages == ["en", "fr"]
+    _lower_blank(art.model)
+    refs = {}
+    for lang in ("en", "fr"):
+        art.set_language(lang)
+        refs[lang] = _full_utterance(art, wave)
+    assert refs["en"] != refs["fr"] and refs["fr"]  # the pathways decode differently
+    dec = StreamingDecoder.from_artifact(art)
+    # Before: the stream ran with the pathway set last (here "fr"), with no error.
+    with pytest.raises(ValueError, match=r"open\(\) needs a language \(one of en, fr\)"):
+        dec.open()
+    with pytest.raises(ValueError, match="needs a language"):
+        dec.run_concurrent([wave])
+    assert not dec.streams and dec.pool.in_use == 0
+    art.set_language("en")  # the last pathway set is not the stream's
+    assert dec.transcribe(wave, language="fr").tokens == refs["fr"]
+    # A single-language artifact needs no language.
+    single = load_artifact(artifact)
+    _lower_blank(single.model)
+    ref = _full_utterance(single, wave)
+    assert ref and StreamingDecoder.from_artifact(single).transcribe(wave).tokens == ref

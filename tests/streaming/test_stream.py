@@ -405,6 +405,116 @@ def test_errors(setup) -> None:
         dec.step(["nope"])
 
 
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Fail (TimeoutError) instead of hanging: a call that never returns is a test failure."""
+    import signal
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_a_stream_listed_twice_is_refused_and_left_intact(setup) -> None:
+    # Listed twice, a stream would take two chunks from one state in the same batch (the audit's
+    # repro: 137 tokens against 99 for the full utterance). The error comes before any work.
+    model, cmvn, waves = setup
+    wave = waves[2]
+    ref = full_greedy(model, cmvn, wave)
+    dec = StreamingDecoder(model, cmvn)
+    s, other = dec.open(), dec.open(stream_id="other")
+    dec.accept(s, wave)
+    dec.accept(other, waves[3])
+    for listed in ([s, s], [s, other, s.id]):
+        with pytest.raises(ValueError, match=f"step\\(\\): stream '{s.id}' is listed more than once"):
+            dec.step(listed)
+    assert s.chunks == 0 and s.start == 0  # nothing was taken from the stream
+    with pytest.raises(ValueError, match="takes a list of streams"):
+        dec.step(s.id)  # a str would iterate as characters
+    while dec.ready(s):
+        dec.step([s, other])
+    with pytest.raises(ValueError, match=f"finish\\(\\): stream '{s.id}' is listed more than once"):
+        dec.finish([s, s])
+    assert s.id in dec.streams and not s.ended  # not ended, not closed
+    got, got_other = dec.finish([s, other])
+    assert len(ref) > 0 and got.tokens == ref
+    assert got_other.tokens == full_greedy(model, cmvn, waves[3])
+
+
+def test_bad_streaming_arguments_raise_instead_of_hanging(setup) -> None:
+    model, cmvn, waves = setup
+    dec = StreamingDecoder(model, cmvn)
+    wave = waves[3]
+    # Before the fix: 0 never returned (the stream never reached its end), -1 walked backwards
+    # forever, 2.5 raised a TypeError from slicing.
+    for bad in (2.5, 0, -1, True):
+        with _deadline(20), pytest.raises(ValueError, match="piece_samples must be a positive integer"):
+            dec.run_concurrent([wave], piece_samples=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"start_ticks\[1\] must be an integer >= 0"):
+        dec.run_concurrent([wave, wave], start_ticks=[0, -2])
+    stereo = torch.stack([wave, wave])
+    with pytest.raises(ValueError, match=r"waves\[1\]: expected mono samples"):  # not flattened into one channel
+        dec.run_concurrent([wave, stereo])
+    with pytest.raises(ValueError, match="wave: expected mono samples"):
+        dec.transcribe(stereo)
+    with pytest.raises(ValueError, match="piece sizes must be a positive integer"):
+        dec.transcribe(wave, piece_sizes=[1600, 0.5])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="stream_id must be a str"):
+        dec.open(stream_id=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="expected a Stream or a stream id"):
+        dec.step([3])  # type: ignore[list-item]
+    assert not dec.streams  # nothing was left open by the refused calls
+    # [1, T] is mono; the refused calls left the decoder usable.
+    assert dec.run_concurrent([wave[None]], piece_samples=1000)[0].tokens == full_greedy(model, cmvn, wave)
+    # Constructor counts: 0 would decode nothing without an error (greedy, beam), a negative
+    # step_max_tokens never stops a beam step, max_batch 0 failed inside a step.
+    for kwargs, name in (
+        ({"max_symbols_per_frame": 0}, "max_symbols_per_frame"),
+        ({"decoding": "beam", "step_max_tokens": 0}, "step_max_tokens"),
+        ({"decoding": "beam", "step_max_tokens": -1}, "step_max_tokens"),
+        ({"beam_width": 0}, "beam_width"),
+        ({"max_batch": 0}, "max_batch"),
+        ({"max_batch": 2.0}, "max_batch"),
+        ({"step_mode": "static", "max_batch": 4, "min_batch": 8}, "min_batch"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            StreamingDecoder(model, cmvn, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_pathway_decoder_needs_a_language(setup) -> None:
+    # With per-language weights, a stream without a language would run with whichever pathway
+    # was set last; open() refuses it and names the languages.
+    model, cmvn, waves = setup
+    entered: list[str | None] = []
+
+    @contextlib.contextmanager
+    def pathway(language: str | None) -> Iterator[None]:
+        entered.append(language)
+        yield
+
+    with pytest.raises(ValueError, match=r"open\(\) needs a language$"):  # the hook alone: no list
+        StreamingDecoder(model, cmvn, mask_context=pathway).open()
+    dec = StreamingDecoder(model, cmvn, mask_context=pathway, languages=["en", "fr"])
+    with pytest.raises(ValueError, match=r"open\(\) needs a language \(one of en, fr\)"):
+        dec.open()
+    with pytest.raises(ValueError, match="needs a language"):
+        dec.run_concurrent([waves[3]])
+    with pytest.raises(ValueError, match="needs a language"):
+        dec.transcribe(waves[3])
+    assert entered == [] and not dec.streams and dec.pool.in_use == 0
+    assert dec.transcribe(waves[3], language="fr").tokens == full_greedy(model, cmvn, waves[3])
+    assert entered and set(entered) == {"fr"}
+    # Without a hook (one pathway) no language is needed.
+    assert StreamingDecoder(model, cmvn).transcribe(waves[3]).tokens == full_greedy(model, cmvn, waves[3])
+
+
 def test_from_recognizer(setup) -> None:
     from pathlib import Path
 

@@ -17,3 +17,35 @@ def test_every_package_folder_is_listed():
         for init in ROOT.glob(f"{top}/**/__init__.py"):
             found.add(".".join(("sparse_rnnt", *init.parent.relative_to(ROOT).parts)))
     assert listed == found
+
+
+def test_in_memory_paths_run_without_soundfile(tmp_path):
+    # The GPU image has no soundfile: training, export, streaming and the kernels must import,
+    # and an in-memory stream decode, without it; reading a file then says what is missing.
+    import subprocess
+    import sys
+
+    script = tmp_path / "nosf.py"
+    script.write_text(
+        "import sys\n"
+        "sys.modules['soundfile'] = None  # import soundfile -> ImportError\n"
+        "import torch\n"
+        "import sparse_rnnt.export, sparse_rnnt.kernels, sparse_rnnt.streaming, sparse_rnnt.training.trainer\n"
+        "from sparse_rnnt.data.audio import load_audio\n"
+        "from sparse_rnnt.errors import UserError\n"
+        "from sparse_rnnt.model import build_model, model_config\n"
+        "from sparse_rnnt.streaming import StreamingDecoder\n"
+        "model = build_model(model_config('tiny', transformer_num_layers=1), 12, verbose=False).eval()\n"
+        "result = StreamingDecoder(model, None).transcribe(0.1 * torch.randn(8000))\n"
+        "assert result.audio_s == 0.5, result.audio_s\n"
+        "try:\n"
+        "    load_audio('x.flac')\n"
+        "except UserError as e:\n"
+        "    assert 'needs the soundfile package' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

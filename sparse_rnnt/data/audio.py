@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
-import soundfile as sf
 import torch
 
 from ..errors import UserError
 
 SAMPLE_RATE = 16000
+
+
+def soundfile_module() -> ModuleType:
+    """soundfile, imported when a file is read or written: in-memory paths (streaming tensors,
+    the model, export of loaded weights) then run where it is not installed (the GPU image)."""
+    try:
+        import soundfile
+    except ImportError as e:
+        raise UserError(f"reading or writing audio files needs the soundfile package ({e})") from None
+    return soundfile
 
 
 class AudioError(UserError):
@@ -46,6 +56,7 @@ class AudioInfo:
 
 def audio_info(path: str | os.PathLike[str]) -> AudioInfo:
     """Header information without decoding the samples."""
+    sf = soundfile_module()  # outside the try: a missing package is not an unreadable file
     try:
         info = sf.info(str(path))
     except Exception as e:  # libsndfile raises several types for unreadable files
@@ -63,6 +74,7 @@ def load_audio(
     them; they would turn every feature frame they touch into NaN). Multichannel audio is
     averaged to mono.
     """
+    sf = soundfile_module()
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:
@@ -84,6 +96,7 @@ def save_audio(path: str | os.PathLike[str], wave: np.ndarray | torch.Tensor, ra
         wave = wave.detach().cpu().numpy()
     wave = np.clip(np.asarray(wave, dtype=np.float32), -1.0, 1.0)
     suffix = os.fspath(path).rsplit(".", 1)[-1].lower()
+    sf = soundfile_module()
     if suffix == "opus":
         sf.write(str(path), wave, rate, format="OGG", subtype="OPUS")
     elif suffix == "flac":

@@ -25,12 +25,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
+from typing import Any
 
 import numpy as np
-import soundfile as sf
 from tqdm import tqdm
 
 from ..errors import UserError
+from .audio import soundfile_module
 from .features import FeatureConfig
 from .manifest import Utterance
 from .tokenizer import Tokenizer
@@ -89,7 +90,7 @@ class QualityLimits:
             raise UserError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
 
-def _clipped_fraction(f: sf.SoundFile, level: float) -> tuple[float, bool]:
+def _clipped_fraction(f: Any, level: float) -> tuple[float, bool]:
     """Share of samples (all channels) with ``|x| >= level``, decoded block by block, and
     whether any sample is NaN or Inf."""
     hits = total = 0
@@ -103,6 +104,7 @@ def _clipped_fraction(f: sf.SoundFile, level: float) -> tuple[float, bool]:
 
 
 def _check_audio(path: str, feature_config: FeatureConfig, limits: QualityLimits) -> str | None:
+    sf = soundfile_module()  # outside the try: a missing package is not an unreadable file
     try:
         with sf.SoundFile(path) as f:
             if int(f.samplerate) != int(feature_config.sample_rate):

@@ -331,7 +331,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     def show(path: str, part) -> None:
         if not args.quiet and part.text is not None and part.text != last.get(path):
             last[path] = part.text
-            print(f"{path} [{(part.chunk + 1) * args.chunk_ms / 1000:6.2f}s] {part.text}", flush=True)
+            print(f"{path} [{part.audio_end_s:6.2f}s] {part.text}", flush=True)
 
     results, stats = stream_files(args.artifact, args.audio, language=args.language, piece_ms=args.chunk_ms,
                                   device=args.device, on_partial=show, decoding=args.decoding,

@@ -87,6 +87,7 @@ class PartialResult:
     # Beam search may change its mind: the last ``revised`` tokens of the previous hypothesis
     # were replaced, so ``tokens == previous[:len(previous) - revised] + new_tokens`` (greedy: 0).
     revised: int = 0
+    audio_end_s: float = 0.0  # the stream's audio this hypothesis covers (its segments' frames)
 
 
 @dataclass
@@ -483,12 +484,14 @@ class StreamingDecoder:
         self._steps += 1
         self.step_timings.append(timing)
         results = []
+        fc = self.logmel.config
         for i, (s, new) in enumerate(zip(group, new_tokens, strict=True)):
             s.step_s += timing.total_s
             s.chunk_latencies_s.append(timing.total_s)
             partial = PartialResult(
                 stream_id=s.id, chunk=s.chunks, tokens=list(s.tokens), new_tokens=new,
                 text=self._text(s.tokens), latency_s=timing.total_s, final=s.done, revised=revised[i],
+                audio_end_s=min(s.start * fc.hop_length / fc.sample_rate, s.audio_s),
             )
             s.chunks += 1
             results.append(partial)

@@ -634,3 +634,23 @@ def test_short_streams_around_one_encoder_frame(setup) -> None:
     for n in (480, 641, 1119):  # 4, 5 and 7 frames -> one encoder frame: as the full path
         wave = synth(n, seed=n)
         assert dec.transcribe(wave, piece_sizes=[100]).tokens == full_greedy(model, cmvn, wave)
+
+
+def test_partials_say_how_much_audio_they_cover(setup) -> None:
+    # Chunk k's hypothesis covers its segments' frames: (k + 1) * segment * 10 ms, at most the audio.
+    model, cmvn, waves = setup
+    dec = StreamingDecoder(model, cmvn)
+    seg = dec.geometry.segment
+    wave = waves[1]
+    s = dec.open()
+    parts = []
+    for piece in iter_pieces(wave, [700, 1300]):
+        parts.extend(dec.feed(s, piece))
+    dec.end(s)
+    while dec.ready(s):
+        parts.extend(dec.step([s]))
+    audio_s = wave.numel() / 16000
+    assert [p.chunk for p in parts] == list(range(len(parts))) and parts[-1].final
+    for p in parts:
+        assert p.audio_end_s == pytest.approx(min((p.chunk + 1) * seg * 0.01, audio_s), abs=1e-9)
+    assert parts[-1].audio_end_s == pytest.approx(audio_s, abs=0.04 + 1e-9)  # the trimmed < stride tail

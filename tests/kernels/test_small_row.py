@@ -309,6 +309,33 @@ def test_leading_dims_and_errors():
         bsr_linear(x.detach(), bs, out=torch.empty(6, 36))
 
 
+def test_failed_extension_build_is_built_once_logged_once_and_export_falls_back_to_triton(caplog, monkeypatch):
+    # CUDA "present" but the build fails (no GPU needed): one build attempt, one warning, and the
+    # exported bitmap layers choose the Triton kernels every time.
+    import torch.utils.cpp_extension as cpp_extension
+
+    from sparse_rnnt.export.formats import _small_row_backend
+
+    attempts = []
+
+    def failing_build(*args, **kwargs):
+        attempts.append(kwargs.get("name"))
+        raise RuntimeError("Error building extension: nvcc fatal")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpp_extension, "load", failing_build)
+    cuda_ext.get_extension.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=cuda_ext.__name__):
+            backends = [_small_row_backend("bitmap", torch.device("cuda")) for _ in range(4)]
+        assert backends == ["triton"] * 4
+        assert attempts == ["sparse_rnnt_small_row_bitmap"]
+        warnings = [r.getMessage() for r in caplog.records if r.name == cuda_ext.__name__]
+        assert len(warnings) == 1 and "nvcc fatal" in warnings[0]
+    finally:
+        cuda_ext.get_extension.cache_clear()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA fallback")
 def test_cuda_backend_unavailable_without_cuda(caplog):
     cuda_ext.get_extension.cache_clear()

@@ -135,7 +135,7 @@ def test_one_mask_methods_zero_weights_inside_the_rerank_kernels(method, monkeyp
     if method == "adaptive":  # (IMP also re-zeroes after every optimizer step, by design)
         monkeypatch.setattr(MaskSet, "apply_", no_torch_zeroing)
     model, _, masks = _run(method, "triton")
-    assert True in applied
+    assert any(applied)  # some re-rank zeroed the weights itself
     for a, b in zip(ref_masks, masks, strict=True):
         assert _equal(a, b)
     for (n, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):

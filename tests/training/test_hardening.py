@@ -49,15 +49,25 @@ def test_too_many_nonfinite_steps_stop_the_run_naming_the_batches(tiny_manifests
     assert "step" in msg and any(u.key in msg for u in read_manifest(tiny_manifests / "train.jsonl"))
 
 
-def test_bad_audio_is_skipped_with_a_reason_and_a_limit(tiny_manifests, tmp_path):
+def _manifests_with(src, tmp_path, split, audio=None, count=1, **fields):
+    """A copy of the manifests ``src`` whose first ``count`` (None: every) ``split`` utterances
+    point at ``audio`` (default: a file that is not audio) with ``fields`` replaced; returns the
+    copy's folder, the split as written and the first changed utterance as it was."""
     man = tmp_path / "manifests"
-    shutil.copytree(tiny_manifests, man)
-    train = read_manifest(man / "train.jsonl")
-    broken = tmp_path / "broken.flac"
-    broken.write_bytes(b"not audio at all")
-    bad = train[0]
-    train[0] = dataclasses.replace(bad, audio=str(broken))
-    write_manifest(man / "train.jsonl", train)
+    shutil.copytree(src, man)
+    if audio is None:
+        audio = tmp_path / "broken.flac"
+        audio.write_bytes(b"not audio at all")
+    utts = read_manifest(man / f"{split}.jsonl")
+    first = utts[0]
+    for i in range(len(utts) if count is None else count):
+        utts[i] = dataclasses.replace(utts[i], audio=str(audio), **fields)
+    write_manifest(man / f"{split}.jsonl", utts)
+    return man, utts, first
+
+
+def test_bad_audio_is_skipped_with_a_reason_and_a_limit(tiny_manifests, tmp_path):
+    man, train, bad = _manifests_with(tiny_manifests, tmp_path, "train")
     cfg = _cfg(man, **{"train.max_steps": 2, "data.max_bad_fraction": 0.2})
     Trainer(cfg, tmp_path / "run").run()
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
@@ -78,14 +88,9 @@ def test_audio_too_short_for_an_encoder_frame_is_skipped(tiny_manifests, tmp_pat
     import numpy as np
     import soundfile as sf
 
-    man = tmp_path / "manifests"
-    shutil.copytree(tiny_manifests, man)
-    train = read_manifest(man / "train.jsonl")
     short = tmp_path / "short.wav"
     sf.write(str(short), (0.1 * np.sin(np.arange(300) / 5)).astype(np.float32), 16000)
-    bad = train[0]
-    train[0] = dataclasses.replace(bad, audio=str(short), duration=300 / 16000)
-    write_manifest(man / "train.jsonl", train)
+    man, train, bad = _manifests_with(tiny_manifests, tmp_path, "train", audio=short, duration=300 / 16000)
     cfg = _cfg(man, **{"train.max_steps": 3, "batch.max_batch": 1, "data.max_bad_fraction": 0.2})
     Trainer(cfg, tmp_path / "run").run()
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
@@ -96,14 +101,7 @@ def test_audio_too_short_for_an_encoder_frame_is_skipped(tiny_manifests, tmp_pat
 @pytest.mark.parametrize("cache", [True, False])
 def test_bad_dev_audio_is_left_out_of_evaluation_not_fatal(tiny_manifests, tmp_path, cache):
     # One unreadable dev file used to stop set-up (feature cache) or the final evaluation.
-    man = tmp_path / "manifests"
-    shutil.copytree(tiny_manifests, man)
-    dev = read_manifest(man / "dev.jsonl")
-    broken = tmp_path / "broken.flac"
-    broken.write_bytes(b"not audio at all")
-    bad = dev[0]
-    dev[0] = dataclasses.replace(bad, audio=str(broken))
-    write_manifest(man / "dev.jsonl", dev)
+    man, dev, bad = _manifests_with(tiny_manifests, tmp_path, "dev")
     cfg = _cfg(man, **{"train.max_steps": 2, "data.cache_features": cache})
     result = Trainer(cfg, tmp_path / "run").run()
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
@@ -117,12 +115,7 @@ def test_bad_dev_audio_is_left_out_of_evaluation_not_fatal(tiny_manifests, tmp_p
 
 
 def test_all_training_audio_bad_is_one_error_with_the_counts(tiny_manifests, tmp_path):
-    man = tmp_path / "manifests"
-    shutil.copytree(tiny_manifests, man)
-    broken = tmp_path / "broken.flac"
-    broken.write_bytes(b"not audio at all")
-    train = [dataclasses.replace(u, audio=str(broken)) for u in read_manifest(man / "train.jsonl")]
-    write_manifest(man / "train.jsonl", train)
+    man, train, _ = _manifests_with(tiny_manifests, tmp_path, "train", count=None)
     cfg = _cfg(man, **{"train.max_steps": 2, "data.max_bad_fraction": 1.0})
     with pytest.raises(UserError, match=rf"every training utterance was skipped \({len(train)} unreadable_audio\)"):
         Trainer(cfg, tmp_path / "run").run()

@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..checks import is_int
 from ..config import from_dict
 from ..data.features import FeatureConfig, GlobalCMVN
 from ..data.tokenizer import Tokenizer
@@ -415,10 +416,6 @@ class _Manifest:
     files: dict[str, dict[str, Any]]
 
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _parse_manifest(mpath: Path, manifest: object) -> _Manifest:
     """Check every field's JSON type and value; ``UserError`` naming the manifest and the field."""
     if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
@@ -450,7 +447,7 @@ def _parse_manifest(mpath: Path, manifest: object) -> _Manifest:
         raise bad(f"layers must be an object (layer name -> details), got {type(layers).__name__}")
     for name, info in layers.items():
         shape = info.get("shape") if isinstance(info, dict) else None
-        if not isinstance(shape, list) or len(shape) != 2 or not all(_is_int(x) and x > 0 for x in shape):
+        if not isinstance(shape, list) or len(shape) != 2 or not all(is_int(x) and x > 0 for x in shape):
             raise bad(f"layer {name!r} needs a \"shape\" of two positive integers, got {info!r}"[:300])
     files = manifest.get("files")
     if not isinstance(files, dict) or not all(isinstance(m, dict) and isinstance(m.get("sha256"), str)
@@ -473,7 +470,7 @@ def _read_config(cpath: Path) -> tuple[ModelConfig, FeatureConfig, int]:
             raise UserError(f"{cpath}: bad artifact config ({key!r} must be an object, "
                             f"got {type(cfg[key]).__name__})")
     num_symbols = cfg["num_symbols"]
-    if not _is_int(num_symbols) or num_symbols < 2:
+    if not is_int(num_symbols) or num_symbols < 2:
         raise UserError(f"{cpath}: bad artifact config (num_symbols must be an integer >= 2, got {num_symbols!r})")
     try:
         model_cfg = from_dict(ModelConfig, cfg["model"], "model.")

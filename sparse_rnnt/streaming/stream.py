@@ -367,11 +367,9 @@ class StreamingDecoder:
         s = self._get(stream)
         if s.ended:
             raise ValueError(f"stream {s.id!r} has ended; it accepts no more audio")
-        if samples.dim() > 1 and samples.numel() != samples.shape[-1]:
-            raise ValueError(f"expected mono samples [n], got shape {tuple(samples.shape)}")
         # The frontend computes features on the CPU; check the CPU copy so a CUDA input costs
         # one transfer, not an extra device sync for the check.
-        samples = samples.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
+        samples = _mono(samples, "samples").detach().to(device="cpu", dtype=torch.float32)
         if not bool(torch.isfinite(samples).all()):
             raise ValueError(f"stream {s.id!r}: non-finite samples (NaN or Inf)")
         t0 = time.perf_counter()

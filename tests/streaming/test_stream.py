@@ -394,6 +394,8 @@ def test_errors(setup) -> None:
         dec.accept(s, torch.tensor([float("inf")]))
     with pytest.raises(ValueError, match="non-finite"):  # finite in float64, Inf as the float32 features use
         dec.accept(s, torch.tensor([0.5, 1e39], dtype=torch.float64))
+    with pytest.raises(ValueError, match="samples: expected mono"):  # not interleaved into one channel
+        dec.accept(s, torch.zeros(2, 10))
     assert s.frontend.num_samples == 0  # the rejected pieces were not buffered
     dec.close(s)
     t = dec.open()

@@ -55,27 +55,47 @@ class EmformerRNNT(nn.Module):
         """``[B, T, F]`` -> ``[B, T + right_context, F]`` (zeros = the mean after CMVN)."""
         return F.pad(features, (0, 0, 0, self.right_context))
 
-    def trim_to_stride(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def trim_to_stride(
+        self, features: torch.Tensor, lengths: torch.Tensor, *, require_frames: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Drop the last ``length % time_reduction_stride`` frames of each utterance (< 40 ms).
 
         Without this, a partial stack of frames lands in the Emformer's right context when the
         utterance is alone but in a masked padding position when it is batched with longer ones,
         so the encoder output would depend on the batch. Frames past each length are zeroed.
-        ``features [B, T, F]``, ``lengths [B]`` -> ``[B, T2, F]``, ``[B]``.
+        ``features [B, T, F]``, ``lengths [B]`` -> ``[B, T2, F]``, ``[B]``. ``require_frames``:
+        raise ``ValueError`` naming the items left with no encoder frame (read with the longest
+        length in one device-to-host copy).
         """
         stride = self.config.time_reduction_stride
         lengths = lengths - lengths % stride
-        frames = int(lengths.max()) if lengths.numel() else 0
+        if not lengths.numel():
+            frames = 0
+        elif require_frames:
+            shortest, frames = (int(v) for v in torch.stack(torch.aminmax(lengths)).tolist())
+            if shortest == 0:
+                # No encoder frame: the RNN-T loss of such an item is meaningless (not inf), and
+                # alone in a batch the Emformer fails deep inside.
+                short = (lengths == 0).nonzero().flatten().tolist()
+                raise ValueError(
+                    f"batch item(s) {short} have fewer than {stride} feature frames, so no encoder frame "
+                    "(the trainer's data screen skips such audio as too_short)"
+                )
+        else:
+            frames = int(lengths.max())
         features = features[:, :frames]
         keep = torch.arange(frames, device=features.device)[None, :] < lengths[:, None].to(features.device)
         return features * keep[..., None].to(features.dtype), lengths
 
-    def encode(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, features: torch.Tensor, lengths: torch.Tensor, *, require_frames: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-utterance encoder. ``features [B, T, F]``, ``lengths [B]`` -> ``[B, T', D]``, ``[B]``.
 
         The output of an utterance does not depend on what it is batched with.
+        ``require_frames``: see :meth:`trim_to_stride`.
         """
-        features, lengths = self.trim_to_stride(features, lengths)
+        features, lengths = self.trim_to_stride(features, lengths, require_frames=require_frames)
         return self.rnnt.transcribe(self.pad_right_context(features), lengths)
 
     def prepend_blank(self, targets: torch.Tensor, target_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,18 +112,9 @@ class EmformerRNNT(nn.Module):
     ) -> LossOutput:
         """Training loss. ``features [B, T, F]``, ``feature_lengths [B]``, ``targets [B, U]``
         (padded, values in ``[0, blank)``), ``target_lengths [B]``."""
-        stride = self.config.time_reduction_stride
-        if feature_lengths.numel() and int(feature_lengths.min()) < stride:
-            # No encoder frame: the RNN-T loss of such an item is meaningless (not inf), and alone
-            # in a batch the Emformer fails deep inside.
-            short = (feature_lengths < stride).nonzero().flatten().tolist()
-            raise ValueError(
-                f"batch item(s) {short} have fewer than {stride} feature frames, so no encoder frame "
-                "(the trainer's data screen skips such audio as too_short)"
-            )
         targets = targets.to(torch.int32)
         target_lengths = target_lengths.to(torch.int32)
-        enc, enc_lengths = self.encode(features, feature_lengths)
+        enc, enc_lengths = self.encode(features, feature_lengths, require_frames=True)
         pred_in, pred_lengths = self.prepend_blank(targets, target_lengths)
         pred, _, _ = self.rnnt.predict(pred_in, pred_lengths, None)
         joint, _, _ = self.rnnt.join(enc, enc_lengths, pred, pred_lengths)

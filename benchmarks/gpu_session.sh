@@ -36,7 +36,7 @@ else
   XDIST="" GRAPHS=""
 fi
 
-# STEPS (default: all) picks steps by name; KERNEL_ARGS and STREAM_ARGS replace the kernel and
+# STEPS (default: all) picks steps by name; TESTS_BUDGET (default 300) bounds the tests step; KERNEL_ARGS and STREAM_ARGS replace the kernel and
 # stream benchmarks' default `--quick`; LOAD_DTYPE sets the load test's weights (default bf16 on CUDA); LOAD_STEP_MODE its
 # steps (default cuda-graph). All steps take more than one 600 s call. A 15-minute lease counts
 # the machine's start (a minute or more) and idle time (it goes back after 30 s idle), so: call 1
@@ -59,7 +59,7 @@ step() {
 # CUDA tests (their CPU counterparts run under the Triton interpreter in `make test`). Failures
 # print their tracebacks as they happen (tests/conftest.py) and --durations names the slow ones,
 # so a run cut by its budget still says why and where the time went.
-step tests 300 env SPARSE_RNNT_FAILURES_NOW=1 "$PYTHON" -m pytest -v $XDIST --timeout 120 --durations=25 \
+step tests ${TESTS_BUDGET:-300} env SPARSE_RNNT_FAILURES_NOW=1 "$PYTHON" -m pytest -v $XDIST --timeout 120 --durations=25 \
   -p no:cacheprovider -k "(cuda or gpu) and not rehearsal" tests/kernels tests/test_cuda.py tests/export tests/streaming \
   tests/training/test_distributed.py tests/test_benchmarks.py
 step kernels 150 "$PYTHON" -m benchmarks.kernels --device "$DEVICE" ${KERNEL_ARGS:---quick} --out-dir "$OUT"

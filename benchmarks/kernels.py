@@ -154,15 +154,23 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def run_all(device: str, quick: bool, sections: tuple[str, ...] = ("masked_linear", "rerank", "train_step")) -> dict:
+def run_all(device: str, quick: bool, sections: tuple[str, ...] = ("masked_linear", "rerank", "train_step"),
+            on_section: Callable[[dict], None] | None = None) -> dict:
+    """The result of every section in ``sections``; ``on_section(result so far)`` after each, so
+    that a run cut short by a time limit still leaves the sections it finished."""
     rows: list[dict[str, Any]] = []
-    if "masked_linear" in sections:
-        rows += bench_masked_linear.run(device, quick)
-    if "rerank" in sections:
-        rows += bench_rerank.run(device, quick)
-    if "train_step" in sections:
-        rows += bench_train_step(device, quick)
-    return {"environment": environment(), "device": device, "quick": quick, "rows": rows, "targets": summarize(rows)}
+    env = environment()
+    runners = {"masked_linear": bench_masked_linear.run, "rerank": bench_rerank.run, "train_step": bench_train_step}
+    done: list[str] = []
+    result = {"environment": env, "device": device, "quick": quick, "rows": rows, "targets": [], "sections_done": done}
+    for name, runner in runners.items():
+        if name in sections:
+            rows += runner(device, quick)
+            done.append(name)
+            result = {**result, "rows": rows, "targets": summarize(rows), "sections_done": list(done)}
+            if on_section is not None:
+                on_section(result)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,10 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default="masked_linear,rerank,train_step",
                         help="comma-separated subset of masked_linear, rerank, train_step")
     args = parser.parse_args(argv)
-    result = run_all(args.device, args.quick, tuple(s.strip() for s in args.sections.split(",") if s.strip()))
     out = Path(args.out_dir)
-    atomic_write_json(out / f"kernels-{args.device}.json", result)
-    atomic_write_text(out / f"kernels-{args.device}.csv", _csv(result["rows"]))
+
+    def save(result: dict) -> None:
+        atomic_write_json(out / f"kernels-{args.device}.json", result)
+        atomic_write_text(out / f"kernels-{args.device}.csv", _csv(result["rows"]))
+        print(f"saved {len(result['rows'])} rows ({', '.join(result['sections_done'])})", flush=True)
+
+    result = run_all(args.device, args.quick, tuple(s.strip() for s in args.sections.split(",") if s.strip()), save)
+    save(result)
     for r in result["rows"]:
         print(json.dumps(r))
     for t in result["targets"]:

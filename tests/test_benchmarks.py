@@ -52,6 +52,26 @@ def test_kernel_benchmark_runs_on_cpu(tmp_path):
     assert header.startswith("bench,shape,provider,ms")
 
 
+def test_kernel_benchmark_saves_each_section_as_it_ends(tmp_path, monkeypatch):
+    # A GPU session's time limit can kill the benchmark mid-run: the sections done must be on disk.
+    import json
+
+    import benchmarks.kernels as kb
+
+    def killed(device, quick):
+        assert json.loads((tmp_path / "kernels-cpu.json").read_text())["sections_done"] == ["masked_linear"]
+        raise KeyboardInterrupt  # stands for the timeout's kill
+
+    monkeypatch.setattr(kb.bench_rerank, "run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        kb.main(["--device", "cpu", "--quick", "--sections", "masked_linear,rerank", "--out-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "kernels-cpu.json").read_text())
+    assert result["sections_done"] == ["masked_linear"]
+    assert {r["bench"] for r in result["rows"]} == {"masked_linear fwd", "masked_linear bwd", "masked_linear fwd+bwd",
+                                                    "masked_linear autocast fwd+bwd"}
+    assert (tmp_path / "kernels-cpu.csv").read_text().startswith("bench,shape,provider,ms")
+
+
 def test_host_time_per_call():
     import time
 

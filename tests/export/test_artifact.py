@@ -697,3 +697,23 @@ def test_2to4_projection_loss_is_totalled_and_named_in_the_refusal(pruned, tmp_p
     assert manifest["projection"]["worst_lost_l1"] == pytest.approx(worst[0], rel=1e-6)
     nm = export_checkpoint(pruned["nm"], tmp_path / "d", ExportOptions(fmt="2:4", language="en"))
     assert nm["projection"]["lost_l1"] == 0.0  # trained as 2:4: nothing dropped
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_multilingual_artifact_equals_its_masked_model(dtype, pruned, tmp_path, monkeypatch):
+    # The whole multilingual artifact on CUDA, its layers through the Triton masked-linear kernels,
+    # per language against θ ⊙ m_L by hand (CPU float32). The CPU counterparts are
+    # test_multilingual_artifact_loads_in_its_dtype and the backend test above (interpreter).
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the LSTM: full fp32, as the reference
+    run = pruned["dynamic"]
+    export_checkpoint(run, tmp_path / "ml", ExportOptions(fmt="bitmap", multilingual=True, dtype=dtype))
+    art = load_artifact(tmp_path / "ml", device="cuda", backend="triton")
+    assert set(art.runtimes().values()) == {"masked-linear-triton"}
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    outs = {}
+    for lang in ("fr", "en"):
+        art.set_language(lang)
+        outs[lang] = probe_logits(art.model, torch.device("cuda"), DTYPES[dtype]).float().cpu()
+        assert relative_error(outs[lang], _pathway_ref(run, lang)) <= tol
+    assert relative_error(outs["en"], _pathway_ref(run, "fr")) > 10 * tol

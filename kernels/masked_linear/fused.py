@@ -98,9 +98,10 @@ def _pruner(tiles: tuple[str, str, str], elem_arg: str) -> Any:
 
     Drops what compiling for sm_90 shows cannot work (``tests/kernels/sm90_compile.py``): pipeline
     buffers (stages × both operand tiles) over the shared memory, which is every fp32 config with a
-    256-wide tile; and for fp32 without TF32, whose dot is a chain of FMAs with the accumulator
-    (twice, split) in registers, tiles over 64 accumulator elements per thread and the orientation
-    with the weight tile on the right, which spill kilobytes per thread. One config always stays.
+    256-wide tile; and for fp32 without TF32, whose dot is a chain of FMAs with two accumulators
+    in registers (the partial sum and the total, ``SPLIT_ACC``), tiles over 32 accumulator
+    elements per thread and the orientation with the weight tile on the right, which spill
+    kilobytes per thread. One config always stays.
     """
 
     def smem(c: triton.Config, elem: int) -> int:
@@ -113,7 +114,7 @@ def _pruner(tiles: tuple[str, str, str], elem_arg: str) -> Any:
         kept = [
             c for c in configs
             if smem(c, elem) <= _SMEM_BYTES and not (
-                fma and (c.kwargs[tiles[0]] * c.kwargs[tiles[1]] > 64 * 32 * c.num_warps
+                fma and (c.kwargs[tiles[0]] * c.kwargs[tiles[1]] > 32 * 32 * c.num_warps
                          or c.kwargs.get("W_AS_A") is False))
         ]
         return kept or [min(configs, key=lambda c: smem(c, elem))]
@@ -263,17 +264,22 @@ def _grouped_tile(n_tiles1, GROUP: tl.constexpr):
     return first + local % size, local // size
 
 
+# Reduction elements per partial sum when ``SPLIT_ACC`` (float32 without TF32, whose dot is a
+# chain of FMAs per output element): a sum over ``L`` elements is then a rounding chain
+# of about ``_ACC_LEN + L / _ACC_LEN`` terms instead of ``L``, like a split-K sum. One running sum
+# over 4099 rows had 6x cuBLAS's error in fp32 (weight gradient, H200); about sqrt(L) is the
+# best length for the L of these layers (hundreds to tens of thousands).
+_ACC_LEN: tl.constexpr = tl.constexpr(256)
+
+
 @triton.jit
-def _mma(a, b, acc, PREC: tl.constexpr, SPLIT_ACC: tl.constexpr):
-    """``acc + a @ b``. ``SPLIT_ACC`` (float32 inputs, whose dot is a chain of FMAs): the tile's
-    product is formed from zero and then added, so a rounding chain is ``tile + K / tile`` terms
-    long instead of ``K``. One running sum over a long reduction had 6x cuBLAS's error in fp32
-    (weight gradient over 4099 rows, H200), and cuBLAS may split K where we do not."""
-    if SPLIT_ACC:
-        out = acc + tl.dot(a, b, input_precision=PREC)
-    else:
-        out = tl.dot(a, b, acc, input_precision=PREC)
-    return out
+def _mma(a, b, acc, PREC: tl.constexpr):
+    """``acc + a @ b``, accumulated in place (the MMA's or the FMA chain's own accumulator).
+
+    Partial sums must be loop-carried values, reset per group of tiles (see ``_fwd_tile``):
+    ``acc + tl.dot(a, b)`` is not one, since Triton's combine pass rewrites it to
+    ``tl.dot(a, b, acc)`` (``tests/kernels/sm90_compile.py --split`` checks the compiled IR)."""
+    return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY, do_bench=autotune_bench,
@@ -302,34 +308,79 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _fwd_step(acc, x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, k0, K, stride_xr, stride_xk, stride_wn,
+              stride_wk, stride_mn, MASK_MODE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+              W_AS_A: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc`` plus the product of the ``BLOCK_K`` reduction columns from ``k0``."""
+    offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+    k_ok = offs_k < K
+    xt = tl.load(x_ptr + rows[:, None] * stride_xr + offs_k[None, :] * stride_xk,
+                 mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+    wt = _masked_w(w_ptr, m_base, offs_n, n_ok, offs_k, k_ok, k0, K, stride_wn, stride_wk, stride_mn,
+                   BLOCK_N, BLOCK_K, MASK_MODE)
+    if UPCAST:
+        xt = xt.to(tl.float32)
+        wt = wt.to(tl.float32)
+    if W_AS_A:  # noqa: SIM108 (a constexpr branch, not a runtime select)
+        out = _mma(wt, tl.trans(xt), acc, PREC)
+    else:
+        out = _mma(xt, tl.trans(wt), acc, PREC)
+    return out
+
+
+@triton.jit
 def _fwd_tile(x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, K, stride_xr, stride_xk, stride_wn, stride_wk,
               stride_mn, MASK_MODE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
               SPLIT_ACC: tl.constexpr, W_AS_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr):
     """``[BLOCK_M, BLOCK_N]`` tile of ``x (W ⊙ M)ᵀ``; ``W_AS_A``: computed as ``((W ⊙ M) xᵀ)ᵀ``,
-    the masked weight tile being the left operand."""
+    the masked weight tile being the left operand. ``SPLIT_ACC``: partial sums over groups of
+    ``_ACC_LEN`` columns (rounded up to whole tiles), then added."""
     if W_AS_A:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_ok = offs_k < K
-        xt = tl.load(x_ptr + rows[:, None] * stride_xr + offs_k[None, :] * stride_xk,
-                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = _masked_w(w_ptr, m_base, offs_n, n_ok, offs_k, k_ok, k0, K, stride_wn, stride_wk, stride_mn,
-                       BLOCK_N, BLOCK_K, MASK_MODE)
-        if UPCAST:
-            xt = xt.to(tl.float32)
-            wt = wt.to(tl.float32)
-        if W_AS_A:
-            acc = _mma(wt, tl.trans(xt), acc, PREC, SPLIT_ACC)
-        else:
-            acc = _mma(xt, tl.trans(wt), acc, PREC, SPLIT_ACC)
+    if SPLIT_ACC:
+        for g0 in range(0, K, (_ACC_LEN + BLOCK_K - 1) // BLOCK_K * BLOCK_K):
+            part = tl.zeros_like(acc)
+            for k0 in range(g0, tl.minimum(g0 + (_ACC_LEN + BLOCK_K - 1) // BLOCK_K * BLOCK_K, K), BLOCK_K):
+                part = _fwd_step(part, x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, k0, K, stride_xr, stride_xk,
+                                 stride_wn, stride_wk, stride_mn, MASK_MODE, PREC, UPCAST, W_AS_A, BLOCK_N, BLOCK_K)
+            acc += part
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            acc = _fwd_step(acc, x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, k0, K, stride_xr, stride_xk,
+                            stride_wn, stride_wk, stride_mn, MASK_MODE, PREC, UPCAST, W_AS_A, BLOCK_N, BLOCK_K)
     if W_AS_A:  # noqa: SIM108 (a constexpr branch, not a runtime select)
         out = tl.trans(acc)
     else:
         out = acc
+    return out
+
+
+@triton.jit
+def _dx_step(acc, dy_ptr, w_ptr, m_base, rows, r_ok, n0, N, offs_k, k_ok, k0, K, stride_dyr, stride_dyn,
+             stride_wn, stride_wk, stride_mn, MASK_MODE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+             W_AS_A: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc`` plus the product over the ``BLOCK_N`` rows of W from ``n0``."""
+    offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    n_ok = offs_n < N
+    dyt = tl.load(dy_ptr + rows[:, None] * stride_dyr + offs_n[None, :] * stride_dyn,
+                  mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    if W_AS_A:
+        wt_t = _masked_w_t(w_ptr, m_base, offs_n, n_ok, offs_k, k_ok, k0, K, stride_wn, stride_wk, stride_mn,
+                           BLOCK_N, BLOCK_K, MASK_MODE)
+        if UPCAST:
+            dyt = dyt.to(tl.float32)
+            wt_t = wt_t.to(tl.float32)
+        out = _mma(wt_t, tl.trans(dyt), acc, PREC)
+    else:
+        wt = _masked_w(w_ptr, m_base, offs_n, n_ok, offs_k, k_ok, k0, K, stride_wn, stride_wk, stride_mn,
+                       BLOCK_N, BLOCK_K, MASK_MODE)
+        if UPCAST:
+            dyt = dyt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        out = _mma(dyt, wt, acc, PREC)
     return out
 
 
@@ -355,25 +406,19 @@ def _dx_kernel(
         acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        n_ok = offs_n < N
-        dyt = tl.load(dy_ptr + rows[:, None] * stride_dyr + offs_n[None, :] * stride_dyn,
-                      mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        if W_AS_A:
-            wt_t = _masked_w_t(w_ptr, m_base, offs_n, n_ok, offs_k, k_ok, k0, K, stride_wn, stride_wk, stride_mn,
-                               BLOCK_N, BLOCK_K, MASK_MODE)
-            if UPCAST:
-                dyt = dyt.to(tl.float32)
-                wt_t = wt_t.to(tl.float32)
-            acc = _mma(wt_t, tl.trans(dyt), acc, PREC, SPLIT_ACC)
-        else:
-            wt = _masked_w(w_ptr, m_base, offs_n, n_ok, offs_k, k_ok, k0, K, stride_wn, stride_wk, stride_mn,
-                           BLOCK_N, BLOCK_K, MASK_MODE)
-            if UPCAST:
-                dyt = dyt.to(tl.float32)
-                wt = wt.to(tl.float32)
-            acc = _mma(dyt, wt, acc, PREC, SPLIT_ACC)
+    if SPLIT_ACC:  # partial sums over groups of _ACC_LEN rows of W (see _fwd_tile)
+        for g0 in range(0, N, (_ACC_LEN + BLOCK_N - 1) // BLOCK_N * BLOCK_N):
+            part = tl.zeros_like(acc)
+            for n0 in range(g0, tl.minimum(g0 + (_ACC_LEN + BLOCK_N - 1) // BLOCK_N * BLOCK_N, N), BLOCK_N):
+                part = _dx_step(part, dy_ptr, w_ptr, m_base, rows, r_ok, n0, N, offs_k, k_ok, k0, K, stride_dyr,
+                                stride_dyn, stride_wn, stride_wk, stride_mn, MASK_MODE, PREC, UPCAST, W_AS_A,
+                                BLOCK_N, BLOCK_K)
+            acc += part
+    else:
+        for n0 in range(0, N, BLOCK_N):
+            acc = _dx_step(acc, dy_ptr, w_ptr, m_base, rows, r_ok, n0, N, offs_k, k_ok, k0, K, stride_dyr,
+                           stride_dyn, stride_wn, stride_wk, stride_mn, MASK_MODE, PREC, UPCAST, W_AS_A,
+                           BLOCK_N, BLOCK_K)
     if W_AS_A:  # noqa: SIM108 (a constexpr branch, not a runtime select)
         out = tl.trans(acc)
     else:
@@ -388,18 +433,26 @@ def _dw_rows(dy_ptr, x_ptr, perm_ptr, start, end, offs_n, n_ok, offs_k, k_ok,
              UPCAST: tl.constexpr, SPLIT_ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr):
     """``dy[rows]ᵀ x[rows]`` tile ``[BLOCK_N, BLOCK_K]`` over sorted rows ``start .. end``
-    (``SPLIT_ACC``: see :func:`_mma`)."""
+    (``SPLIT_ACC``: see :func:`_fwd_tile`)."""
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_M):
-        acc = _dw_tile(dy_ptr, x_ptr, perm_ptr, r0, end, offs_n, n_ok, offs_k, k_ok, stride_dyr, stride_dyn,
-                       stride_xr, stride_xk, acc, PATHWAY, PREC, UPCAST, SPLIT_ACC, BLOCK_M)
+    if SPLIT_ACC:  # partial sums over groups of _ACC_LEN rows (see _fwd_tile)
+        for g0 in range(start, end, (_ACC_LEN + BLOCK_M - 1) // BLOCK_M * BLOCK_M):
+            part = tl.zeros_like(acc)
+            for r0 in range(g0, tl.minimum(g0 + (_ACC_LEN + BLOCK_M - 1) // BLOCK_M * BLOCK_M, end), BLOCK_M):
+                part = _dw_tile(dy_ptr, x_ptr, perm_ptr, r0, end, offs_n, n_ok, offs_k, k_ok, stride_dyr,
+                                stride_dyn, stride_xr, stride_xk, part, PATHWAY, PREC, UPCAST, BLOCK_M)
+            acc += part
+    else:
+        for r0 in range(start, end, BLOCK_M):
+            acc = _dw_tile(dy_ptr, x_ptr, perm_ptr, r0, end, offs_n, n_ok, offs_k, k_ok, stride_dyr, stride_dyn,
+                           stride_xr, stride_xk, acc, PATHWAY, PREC, UPCAST, BLOCK_M)
     return acc
 
 
 @triton.jit
 def _dw_tile(dy_ptr, x_ptr, perm_ptr, r0, end, offs_n, n_ok, offs_k, k_ok, stride_dyr, stride_dyn,
              stride_xr, stride_xk, acc, PATHWAY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-             SPLIT_ACC: tl.constexpr, BLOCK_M: tl.constexpr):
+             BLOCK_M: tl.constexpr):
     """``acc + dy[rows]ᵀ x[rows]`` for the ``BLOCK_M`` sorted rows from ``r0``."""
     rows, r_ok = _rows(perm_ptr, r0, end, BLOCK_M, PATHWAY)
     dyt = tl.load(dy_ptr + rows[:, None] * stride_dyr + offs_n[None, :] * stride_dyn,
@@ -409,7 +462,7 @@ def _dw_tile(dy_ptr, x_ptr, perm_ptr, r0, end, offs_n, n_ok, offs_k, k_ok, strid
     if UPCAST:
         dyt = dyt.to(tl.float32)
         xt = xt.to(tl.float32)
-    return _mma(tl.trans(dyt), xt, acc, PREC, SPLIT_ACC)
+    return _mma(tl.trans(dyt), xt, acc, PREC)
 
 
 @triton.autotune(configs=_DW_CONFIGS, key=[*_KEY, "HARD"], do_bench=autotune_bench,
@@ -501,10 +554,11 @@ def _prec(x: Tensor, allow_tf32: bool) -> str:
     return "tf32" if allow_tf32 and x.dtype == torch.float32 and not _INTERPRET else "ieee"
 
 
-def _split_acc(x: Tensor) -> bool:
-    # float32 dots are FMA chains (ieee) or tf32 MMAs: split them (see _mma). bf16/fp16 MMAs
-    # accumulate in fp32 registers and met the accuracy rule unsplit.
-    return x.dtype == torch.float32
+def _split_acc(x: Tensor, allow_tf32: bool) -> bool:
+    # float32 without TF32: the dot is an FMA chain per output element, so split it (_ACC_LEN).
+    # TF32 MMAs round their inputs to 10 mantissa bits, an error the chain's cannot approach, and
+    # a second accumulator made most TF32 tiles spill; bf16/fp16 met the accuracy rule unsplit.
+    return _prec(x, allow_tf32) == "ieee" and x.dtype == torch.float32
 
 
 def _upcast(x: Tensor) -> bool:
@@ -548,7 +602,7 @@ def _launch_fwd(x2: Tensor, w: Tensor, m: Tensor, mode: int, bias: Tensor | None
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), m.stride(0), m.stride(1),
         y.stride(0), y.stride(1),
         MASK_MODE=mode, HAS_BIAS=bias is not None, PATHWAY=plan.pathway,
-        PREC=_prec(x2, allow_tf32), UPCAST=_upcast(w), SPLIT_ACC=_split_acc(x2), **_meta(config),
+        PREC=_prec(x2, allow_tf32), UPCAST=_upcast(w), SPLIT_ACC=_split_acc(x2, allow_tf32), **_meta(config),
     )
     return y
 
@@ -573,7 +627,7 @@ def _launch_dx(dy: Tensor, w: Tensor, m: Tensor, mode: int, plan: _Plan, allow_t
         dy.stride(0), dy.stride(1), w.stride(0), w.stride(1), m.stride(0), m.stride(1),
         dx.stride(0), dx.stride(1),
         MASK_MODE=mode, PATHWAY=plan.pathway, PREC=_prec(dy, allow_tf32), UPCAST=_upcast(w),
-        SPLIT_ACC=_split_acc(dy), **_meta(config),
+        SPLIT_ACC=_split_acc(dy, allow_tf32), **_meta(config),
     )
     return dx
 
@@ -601,7 +655,7 @@ def _launch_dw(dy: Tensor, x2: Tensor, m: Tensor, mode: int, hard: bool, plan: _
         dy.stride(0), dy.stride(1), x2.stride(0), x2.stride(1), m.stride(0), m.stride(1),
         dw.stride(0), dw.stride(1),
         MASK_MODE=mode, HARD=hard, PATHWAY=pathway, PREC=_prec(dy, allow_tf32), UPCAST=_upcast(x2),
-        SPLIT_ACC=_split_acc(x2), **_meta(config),
+        SPLIT_ACC=_split_acc(x2, allow_tf32), **_meta(config),
     )
     return dw
 

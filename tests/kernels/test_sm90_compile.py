@@ -47,6 +47,16 @@ def test_pruned_masked_linear_configs_fit_hopper():
     assert result.returncode == 0 and "config pruning: 0 failures" in result.stdout, result.stdout[-6000:]
 
 
+def test_fp32_masked_linear_keeps_its_partial_sums_after_compilation():
+    # The fp32 forward, dX and dW sum their reductions in groups (SPLIT_ACC), which the fp32
+    # accuracy on the GPU needs. Written as acc + tl.dot(a, b) the split compiled to one running
+    # sum (Triton folds the add into the dot): 12 fp32 failures on the H100. The check reads the
+    # compiled IR, and its control kernel shows the fold.
+    result = _python(["-m", "tests.kernels.sm90_compile", "--split"], timeout=900)
+    assert result.returncode == 0 and "split accumulation: 0 failures" in result.stdout, result.stdout[-6000:]
+    assert "ok   split=False  control" in result.stdout
+
+
 @pytest.mark.slow
 def test_every_autotune_config_compiles_for_sm90():
     assert _check(_python(["-m", "tests.kernels.sm90_compile", "--full"], timeout=3000)) > 500

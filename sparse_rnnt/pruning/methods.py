@@ -373,7 +373,7 @@ class Pruner:
             if sorted(masks.languages) != sorted(self.languages):
                 raise UserError(f"initial masks cover languages {masks.languages}, pruner has {self.languages}")
             self._check_layout(masks[self.languages[0]])
-            self._lang_masks = LanguageMasks({lang: masks[lang].clone() for lang in self.languages})
+            self._lang_masks = LanguageMasks({lang: self._on_weights(masks[lang]) for lang in self.languages})
             if self.config.soft:
                 self._zero_unused()
             if self.pathways:
@@ -384,7 +384,7 @@ class Pruner:
             if not isinstance(masks, MaskSet):
                 raise UserError(f"method {self.config.method} takes one MaskSet as initial masks")
             self._check_layout(masks)
-            self._mask = masks.clone()
+            self._mask = self._on_weights(masks)
             self._mask.apply_(self.params)
         if self.level > 0.0:
             return  # a schedule level is in force (step-0 event): re-ranks keep using it
@@ -393,6 +393,11 @@ class Pruner:
         else:
             assert self._mask is not None
             self.level = self._mask.sparsity()
+
+    def _on_weights(self, masks: MaskSet) -> MaskSet:
+        """A copy of ``masks`` on their weights' devices (masks from a file are on the CPU; the
+        re-rank kernels take candidates where the weights are)."""
+        return MaskSet({n: m.to(self.params[n].device, copy=True) for n, m in masks.items()})
 
     def _check_layout(self, masks: MaskSet) -> None:
         want = {n: list(p.shape) for n, p in self.params.items()}
@@ -757,8 +762,7 @@ class Pruner:
                 raise ValueError(f"languages {meta['languages']} differ from {self.languages}")
 
             def unpack(prefix: str) -> MaskSet:
-                ms = MaskSet.unpack({n: tensors[f"mask/{prefix}{n}"] for n in shapes}, shapes)
-                return MaskSet({n: m.to(self.params[n].device) for n, m in ms.items()})
+                return self._on_weights(MaskSet.unpack({n: tensors[f"mask/{prefix}{n}"] for n in shapes}, shapes))
 
             theta0 = {
                 n: tensors[f"theta0/{n}"].to(device=p.device, dtype=p.dtype).clone()

@@ -203,6 +203,42 @@ def dp_pruner(model: nn.Module, level: float = 0.5) -> Pruner:
     return pruner
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("method", ["dynamic-pathways", "imp"])
+def test_initial_masks_from_the_cpu_follow_the_weights(method: str, backend: str, device: str) -> None:
+    # Masks read from a file are on the CPU. On CUDA they once reached the re-rank kernels as
+    # CPU candidates ("must be ... on cuda:0") and stopped dynamic pathways at step 0 (H100).
+    # Here a step-0 level event re-ranks inside them: against the reference, and on the weights'
+    # device; the caller's masks are copied, not aliased.
+    model = tiny_model(3).to(device)
+    multi = method == "dynamic-pathways"
+    cfg = PruningConfig(method=method, levels=(0.5,), target_sparsity=0.5, schedule="oneshot", interval=10,
+                        adapt_every=2, scope=WHOLE, backend=backend)
+    pruner = Pruner(cfg, model, languages=LANGS if multi else None)
+    g = torch.Generator().manual_seed(4)
+    init = {lg: {n: torch.rand(p.shape, generator=g) < 0.8 for n, p in pruner.params.items()} for lg in LANGS}
+    before = weights_of(model)
+    given = LanguageMasks({lg: MaskSet(init[lg]) for lg in LANGS}) if multi else MaskSet(init["en"])
+    pruner.prepare(initial_masks=given)
+    total = sum(p.numel() for p in pruner.params.values())
+    keep = total - pruned_count(0.5, total)
+    for lg in LANGS if multi else [None]:
+        got = pruner.masks(lg)
+        zone = ref_zone(init, lg) if multi else init["en"]
+        # ranked on the weights as init_masks left them: dynamic pathways zeroes what no language keeps
+        used = {n: torch.stack([init[x][n] for x in LANGS]).any(0) if multi else init["en"][n] for n in before}
+        exp = ref_top({n: w.cpu() * used[n] for n, w in before.items()}, keep, zone)
+        for n, p in pruner.params.items():
+            assert got[n].device == p.device
+            assert torch.equal(got[n].cpu(), exp[n])
+    first = next(iter(pruner.params))
+    assert (given["en"] if multi else given)[first].data_ptr() != pruner.masks(LANGS[0] if multi else None)[first].data_ptr()
+
+
 def ref_zone(masks: dict[str, dict[str, Tensor]], lang: str) -> dict[str, Tensor]:
     """By hand: where ``lang`` may keep weights (no other language's, or its own)."""
     out = {}

@@ -177,12 +177,14 @@ def test_gpu_session_failures_print_as_they_happen(tmp_path):
     (tmp_path / "test_one.py").write_text("def test_fails():\n    assert 2 + 2 == 5, 'why: arithmetic'\n\n"
                                           "def test_passes():\n    assert True\n")
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "SPARSE_RNNT_FAILURES_NOW": "1", "PYTHONPATH": str(root)}
+    # keep the caller's path: on the GPU image soundfile (tests.conftest needs it) comes from there
+    env = {**os.environ, "SPARSE_RNNT_FAILURES_NOW": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:randomly",
                           "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(tmp_path / "test_one.py")],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     out = run.stdout
-    assert run.returncode == 1
+    assert run.returncode == 1 and "--- FAILED" in out, out[-3000:] + run.stderr[-3000:]
     early = out.index("--- FAILED")
     assert "why: arithmetic" in out[early:] and early < out.index("short test summary")
     assert "test_passes" not in out[early:out.index("---\n", early + 3)]

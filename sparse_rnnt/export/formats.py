@@ -55,6 +55,17 @@ def check_semi_structured(choice: str) -> str:
     return choice
 
 
+def semi_structured_unsupported(backend: str, capability: tuple[int, int]) -> str | None:
+    """Why torch's 2:4 ``backend`` cannot run on a GPU of compute ``capability``, or None.
+    Torch's CUTLASS 2:4 kernels are built for compute capability 8.x only: on Hopper (9.0) the
+    conversion succeeds but every product fails ("Supported only on GPUs with compute
+    capability 8.x", seen on an H100), so the choice is refused when the layer is built."""
+    if backend == "cutlass" and capability[0] != 8:
+        return (f"torch's CUTLASS 2:4 kernels run on compute capability 8.x GPUs only, this one is "
+                f"{capability[0]}.{capability[1]}: use --semi-structured auto or cusparselt")
+    return None
+
+
 def _pack_rows(mask: Tensor) -> Tensor:
     from ..kernels.masked_linear import pack_rows
 
@@ -138,6 +149,9 @@ class SemiStructuredExported(ExportedLinear):
         check_semi_structured(backend)
         self.weight: Tensor | nn.Parameter = nn.Parameter(dense, requires_grad=False)
         if dense.is_cuda and dense.dtype in (torch.float16, torch.bfloat16):
+            why = semi_structured_unsupported(backend, torch.cuda.get_device_capability(dense.device))
+            if why is not None:
+                raise UserError(why)
             try:
                 from torch.sparse import (
                     SparseSemiStructuredTensorCUSPARSELT,

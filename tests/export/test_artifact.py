@@ -298,17 +298,33 @@ def test_semi_structured_backend_choice(pruned, tmp_path, tiny_manifests, capsys
         main(["stream", "--artifact", str(tmp_path / "a"), *audio, "--semi-structured", "cublas"])
 
 
+def test_semi_structured_backend_refused_where_torch_cannot_run_it():
+    # CPU counterpart of the CUDA test below: the capability rule alone (torch's CUTLASS 2:4
+    # kernels failed every product on an H100, 9.0, after converting without complaint).
+    from sparse_rnnt.export.formats import semi_structured_unsupported
+
+    assert semi_structured_unsupported("cutlass", (8, 0)) is None
+    assert semi_structured_unsupported("cutlass", (8, 9)) is None
+    for cap in ((9, 0), (10, 0), (7, 5)):
+        assert "8.x" in semi_structured_unsupported("cutlass", cap)
+    assert all(semi_structured_unsupported(b, (9, 0)) is None for b in ("auto", "cusparselt"))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["auto", "cutlass", "cusparselt"])
 def test_cuda_semi_structured_layer_equals_the_dense_product(backend):
     # Each of torch's 2:4 backends against F.linear with the same (2:4) weight, in bf16; the
     # tolerance is the bf16 product's own error against float64, times 4.
-    from sparse_rnnt.export.formats import SemiStructuredExported
+    from sparse_rnnt.export.formats import SemiStructuredExported, semi_structured_unsupported
 
     g = torch.Generator().manual_seed(1)
     w = _two_of_four(2048, 512, g, torch.bfloat16, "cuda")
     b = torch.randn(2048, generator=g).to("cuda", torch.bfloat16)
+    if semi_structured_unsupported(backend, torch.cuda.get_device_capability()) is not None:
+        with pytest.raises(UserError, match=r"compute capability 8\.x"):  # on Hopper: refused, not a crash later
+            SemiStructuredExported(w, b, backend)
+        return
     layer = SemiStructuredExported(w, b, backend)
     if layer.runtime == "dense-fallback":
         pytest.skip(f"torch's {backend} 2:4 backend is not available here")

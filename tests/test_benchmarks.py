@@ -108,6 +108,39 @@ def test_graph_timing_is_per_call_and_skips_what_cannot_be_captured():
     assert graph_ms([lambda: a.sum().item()], "cuda") is None  # a host sync cannot be captured
 
 
+def test_stream_rows_compare_with_dense_in_the_same_step_mode(monkeypatch):
+    # The H100 table once put bitmap in graph mode at 3.8x dense, against dense *eager*; against
+    # dense in graph mode it was slower. Timings stand in for _run_streams: p50 by hand.
+    import benchmarks.stream as bs
+
+    p50 = {("dense", "eager"): 30.0, ("dense", "cuda-graph"): 5.0, ("bitmap", "eager"): 40.0,
+           ("bitmap", "cuda-graph"): 8.0}
+    built = []
+
+    def build(size, fmt, device, dtype):
+        built.append(fmt)
+        if fmt == "2:4":
+            raise RuntimeError("cannot build here")
+        return fmt, None, 1000, {"layer": fmt}
+
+    def run(model, device, n, seconds, step_mode):
+        if model == "bsr":
+            raise RuntimeError("builds, cannot run here (CUTLASS 2:4 on the H100)")
+        ms = p50[(model, step_mode)] * (1 + n / 100)
+        return {"p50_s": ms / 1e3, "p99_s": ms / 1e3, "encoder_p50_s": ms / 2e3, "rtf": 0.1, "mean_batch": n}
+
+    monkeypatch.setattr(bs, "_build", build)
+    monkeypatch.setattr(bs, "_run_streams", run)
+    monkeypatch.setattr(bs, "_bandwidth_gbps", lambda device: 1.0)
+    rows = bs.bench("cpu", quick=True, cuda_graphs=True, streams=(1, 32))
+    got = {(r["format"], r["streams"], r["step_mode"]): r["speedup_vs_dense_p50"] for r in rows if "p50_ms" in r}
+    assert got[("bitmap", 32, "cuda-graph")] == pytest.approx(5.0 / 8.0)
+    assert got[("bitmap", 1, "eager")] == pytest.approx(30.0 / 40.0)
+    assert got[("dense", 32, "cuda-graph")] == pytest.approx(1.0)
+    errors = [(r["format"], r.get("streams"), r.get("step_mode")) for r in rows if "error" in r]
+    assert errors == [("2:4", None, None), *[("bsr", n, m) for n in (1, 32) for m in ("eager", "cuda-graph")]]
+
+
 @pytest.mark.parametrize("step_mode", ["eager", "static"])
 def test_stream_load_test_small_on_cpu(step_mode):
     from benchmarks.stream import load_test

@@ -176,9 +176,24 @@ class SemiStructuredExported(ExportedLinear):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+# Rows up to which a bitmap layer on the "cuda" runtime calls the CUDA extension; above, the
+# Triton kernel. Measured on an H100 inside CUDA graphs (benchmarks/results/h100-2026-11-26/
+# small-row-cuda.jsonl, base FFN layers at 70%): at 32 rows the extension's 9-64-row kernel took
+# 20 and 62 us where the Triton kernel took 9 and 10; at 1 row its latency-bound kernel took 6.0
+# and 10.4 us against Triton's 7.0 and 8.7.
+CUDA_BITMAP_MAX_ROWS = 8
+
+
+def bitmap_backend_for(runtime: str, rows: int) -> str:
+    """The small-row backend a bitmap layer of ``runtime`` uses for a call of ``rows`` rows."""
+    return "triton" if runtime == "cuda" and rows > CUDA_BITMAP_MAX_ROWS else runtime
+
+
 class SmallRowExported(ExportedLinear):
     """BSR or bitmap weight through the small-row kernels (``sparse_rnnt.kernels.small_row``).
-    Built on its final device (the packed weight is not a registered buffer: do not ``.to()`` it)."""
+    Built on its final device (the packed weight is not a registered buffer: do not ``.to()`` it).
+    A bitmap layer on the ``cuda`` runtime calls the CUDA extension for up to
+    ``CUDA_BITMAP_MAX_ROWS`` rows and the Triton kernel for more."""
 
     def __init__(self, fmt: str, packed: Any, bias: Tensor | None, backend: str, dtype: torch.dtype) -> None:
         super().__init__(fmt, tuple(packed.shape), bias)
@@ -189,8 +204,10 @@ class SmallRowExported(ExportedLinear):
     def forward(self, x: Tensor) -> Tensor:
         from ..kernels.small_row import bitmap_linear, bsr_linear
 
-        fn = bsr_linear if self.fmt == "bsr" else bitmap_linear
-        return fn(x.to(self.dtype), self.packed, self.bias, backend=self.runtime)
+        if self.fmt == "bsr":
+            return bsr_linear(x.to(self.dtype), self.packed, self.bias, backend=self.runtime)
+        backend = bitmap_backend_for(self.runtime, x.numel() // max(self.in_features, 1))
+        return bitmap_linear(x.to(self.dtype), self.packed, self.bias, backend=backend)
 
 
 def _small_row_backend(fmt: str, device: torch.device) -> str:

@@ -733,3 +733,30 @@ def test_cuda_multilingual_artifact_equals_its_masked_model(dtype, pruned, tmp_p
         outs[lang] = probe_logits(art.model, torch.device("cuda"), DTYPES[dtype]).float().cpu()
         assert relative_error(outs[lang], _pathway_ref(run, lang)) <= tol
     assert relative_error(outs["en"], _pathway_ref(run, "fr")) > 10 * tol
+
+
+def test_bitmap_layers_on_cuda_take_the_triton_kernel_above_8_rows(monkeypatch):
+    # Routing only (the kernels have their own tests): the CUDA extension up to 8 rows, the
+    # Triton kernel above, as measured on the H100; other runtimes unchanged.
+    from types import SimpleNamespace
+
+    import sparse_rnnt.kernels.small_row as small_row
+    from sparse_rnnt.export.formats import (
+        CUDA_BITMAP_MAX_ROWS,
+        SmallRowExported,
+        bitmap_backend_for,
+    )
+
+    seen = []
+
+    def fake(x, w, bias, backend):
+        seen.append((x.shape[:-1].numel(), backend))
+        return x.new_zeros(*x.shape[:-1], 5)
+
+    monkeypatch.setattr(small_row, "bitmap_linear", fake)
+    layer = SmallRowExported("bitmap", SimpleNamespace(shape=(5, 7)), None, "cuda", torch.float32)
+    for shape in ((1, 7), (8, 7), (3, 3, 7), (64, 7), (130, 7)):
+        assert layer(torch.zeros(shape)).shape == (*shape[:-1], 5)
+    assert seen == [(1, "cuda"), (8, "cuda"), (9, "triton"), (64, "triton"), (130, "triton")]
+    assert CUDA_BITMAP_MAX_ROWS == 8
+    assert bitmap_backend_for("triton", 1) == "triton" and bitmap_backend_for("torch", 100) == "torch"

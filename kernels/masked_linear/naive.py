@@ -141,6 +141,11 @@ def check_masked_linear(
     return _check_mask_shape(mask, (), n, k, weight.device)
 
 
+def check_unmasked_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """Validate ``unmasked_linear`` inputs (those of :func:`check_masked_linear` but the mask)."""
+    _check_common(x, weight, bias, False)
+
+
 def check_pathway(
     x: Tensor, weight: Tensor, masks: Tensor, lang: Tensor, bias: Tensor | None, *, float64: bool = False
 ) -> str:

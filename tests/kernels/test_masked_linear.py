@@ -410,6 +410,8 @@ def test_unmasked_linear_is_the_dense_linear(dtype):
     )
     with pytest.raises(ValueError, match="bias"):
         unmasked_linear(x, w, b[:3])
+    with pytest.raises(ValueError):
+        unmasked_linear(x, w[:, :-1], b)  # K differs from x's
 
 
 # ----------------------------------------------------------------------------- CUDA

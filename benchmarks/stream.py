@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -170,14 +171,42 @@ def _memory(device: str) -> int:
         return int(f.read().split()[1]) * 4096
 
 
+def keep_feeding(elapsed_s: float, fed_ticks: int, step_alone_s: float, compare: int, max_wall_s: float) -> bool:
+    """Whether the load test may feed one more chunk to every stream: the time spent, plus the
+    re-decode of ``compare`` streams alone over ``fed_ticks + 1`` chunks at ``step_alone_s``
+    each (1.5x, for the noise of a short estimate), stays within 90% of ``max_wall_s``."""
+    redecode = 1.5 * compare * (fed_ticks + 1) * step_alone_s
+    return elapsed_s + redecode <= 0.9 * max_wall_s
+
+
+def _step_alone_s(model: Any, step_mode: str, fixed: dict[str, int]) -> float:
+    """Seconds per chunk of one stream decoded alone, as the re-decodes run (median of 5 chunks
+    after 3 warm-up ones, which also capture graphs)."""
+    from sparse_rnnt.streaming import StreamingDecoder
+
+    dec = StreamingDecoder(model, None, step_mode=step_mode, **fixed)
+    s = dec.open()
+    g = torch.Generator().manual_seed(99)
+    times = []
+    for i in range(8):
+        t = time.perf_counter()
+        dec.accept(s, 0.1 * torch.randn(CHUNK, generator=g))
+        dec.step([s])
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    dec.finalize(s)
+    return statistics.median(times)
+
+
 def load_test(device: str, minutes: float, n_streams: int = 64, max_wall_s: float = 0.0,
               dtype: torch.dtype | None = None, step_mode: str = "eager", compare: int = 2) -> dict[str, Any]:
     """``n_streams`` streams fed ``minutes`` of audio each; memory along the way; outputs vs alone
     (``compare`` streams, evenly spread from the first to the last, decoded again alone; 0: all).
 
-    ``max_wall_s`` > 0 bounds the run (a device lease is short): feeding stops once 30% of it
-    has passed, leaving time for the single-stream re-decodes, and ``minutes_fed`` records how
-    much audio each stream actually got. ``dtype``: the weights' (default: bf16 on CUDA, fp32 on
+    ``max_wall_s`` > 0 bounds the run (a device lease is short): feeding stops when the time
+    spent plus the single-stream re-decodes' estimated time would pass 90% of it
+    (:func:`keep_feeding`; the first chunk is always fed), and ``minutes_fed`` records how much
+    audio each stream actually got. ``dtype``: the weights' (default: bf16 on CUDA, fp32 on
     CPU). ``step_mode``: the decoders' (``"cuda-graph"`` replays each step as CUDA graphs; the
     single-stream re-decodes use the same mode). Batched bf16 matmuls round a row differently at
     different batch sizes, so in ``"eager"`` mode bitwise-identical hypotheses are only expected
@@ -194,14 +223,21 @@ def load_test(device: str, minutes: float, n_streams: int = 64, max_wall_s: floa
     g = torch.Generator().manual_seed(7)
     samples = int(minutes * 60 * 16000)
     seeds = list(range(n_streams))
+    if compare < 0:
+        raise ValueError(f"compare must be >= 0, got {compare}")
+    k = n_streams if compare == 0 else min(compare, n_streams)
+    t0 = time.perf_counter()
+    # What one chunk of one single-stream re-decode costs, timed before feeding, so that feeding
+    # can run until the re-decodes' estimated time is all that is left of max_wall_s.
+    step_alone_s = _step_alone_s(model, step_mode, fixed) if max_wall_s > 0 else 0.0
     streams = [dec.open(stream_id=f"s{i}") for i in seeds]
     memory = []
-    t0 = time.perf_counter()
     ticks = (samples + CHUNK - 1) // CHUNK
     gens = [torch.Generator().manual_seed(1000 + i) for i in seeds]
     fed = 0
     for tick in range(ticks):
-        if max_wall_s > 0 and time.perf_counter() - t0 > 0.3 * max_wall_s:
+        # The first chunk is always fed, so that a bound too short still gives a result.
+        if tick and max_wall_s > 0 and not keep_feeding(time.perf_counter() - t0, tick, step_alone_s, k, max_wall_s):
             break
         fed = tick + 1
         n = min(CHUNK, samples - tick * CHUNK)
@@ -215,9 +251,6 @@ def load_test(device: str, minutes: float, n_streams: int = 64, max_wall_s: floa
     wall = time.perf_counter() - t0
     stats = dec.latency_stats()
     same = {}
-    if compare < 0:
-        raise ValueError(f"compare must be >= 0, got {compare}")
-    k = n_streams if compare == 0 else min(compare, n_streams)
     picked = sorted({round(j * (n_streams - 1) / max(k - 1, 1)) for j in range(k)})
     for i in picked:  # the same audio alone, in one piece per tick
         alone = StreamingDecoder(model, None, step_mode=step_mode, **fixed)
@@ -256,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time every format with the encoder step replayed as CUDA graphs")
     parser.add_argument("--load-only", action="store_true", help="run the load test alone (no format table)")
     parser.add_argument("--max-wall-s", type=float, default=0.0,
-                        help="bound the load test's wall time (feeding stops at 30%% of it, leaving time for the single-stream re-decodes; 0: no bound)")
+                        help="bound the load test's wall time (feeding stops when the single-stream re-decodes' estimated time is what is left of 90%% of it; 0: no bound)")
     parser.add_argument("--load-dtype", choices=("float32", "bfloat16"), default=None,
                         help="weights of the load test (default: bfloat16 on cuda, float32 on cpu)")
     parser.add_argument("--load-step-mode", choices=("eager", "static", "cuda-graph"), default="eager",

@@ -151,6 +151,39 @@ def test_stream_load_test_small_on_cpu(step_mode):
     assert len(result["memory"]) >= 2 and all(m["bytes"] > 0 for m in result["memory"])
 
 
+def test_load_test_feeds_until_the_redecodes_fill_the_bound():
+    # By hand: 1000 s bound, re-decodes of 2 streams at 0.25 s per chunk (0.75 s per fed chunk
+    # with the 1.5x margin), 90% cap (values exact in binary).
+    from benchmarks.stream import keep_feeding
+
+    assert keep_feeding(0.0, 0, 0.25, 2, 1000.0)
+    assert keep_feeding(150.0, 999, 0.25, 2, 1000.0)  # 150 + 750 = 900 <= 900
+    assert not keep_feeding(150.5, 999, 0.25, 2, 1000.0)
+    assert keep_feeding(0.0, 1199, 0.25, 2, 1000.0) and not keep_feeding(0.0, 1200, 0.25, 2, 1000.0)
+    assert keep_feeding(899.0, 10**6, 0.0, 0, 1000.0)  # nothing to re-decode: the cap alone
+
+
+@pytest.mark.parametrize("allowed", [0, 4])
+def test_load_test_bound_on_cpu(monkeypatch, allowed):
+    # The bound's plumbing, with the timing rule replaced by "feed `allowed` more chunks" (timed
+    # rules are not for unit tests): feeding stops there (the first chunk always goes in), the
+    # run is marked truncated, and the streams are compared with decoding alone over what was fed.
+    import benchmarks.stream as bs
+
+    asked = []
+
+    def rule(elapsed_s, fed_ticks, step_alone_s, compare, max_wall_s):
+        asked.append((fed_ticks, compare, max_wall_s, step_alone_s > 0))
+        return fed_ticks <= allowed
+
+    monkeypatch.setattr(bs, "keep_feeding", rule)
+    result = bs.load_test("cpu", minutes=0.3, n_streams=3, max_wall_s=50.0, step_mode="static", compare=0)
+    assert result["truncated"]
+    assert result["minutes_fed"] == pytest.approx((allowed + 1) * bs.CHUNK / 16000 / 60)
+    assert result["identical_to_alone"] == {"s0": True, "s1": True, "s2": True}
+    assert asked[0] == (1, 3, 50.0, True) and asked[-1][0] == allowed + 1
+
+
 def test_stream_load_test_bf16_one_bucket_on_cpu():
     # bf16, static steps at one batch size (min_batch = max_batch = streams), the single-stream
     # re-decodes too: the same tokens as decoding alone, which eager bf16 steps do not promise.

@@ -7,7 +7,7 @@ import pytest
 
 from sparse_rnnt.cli import main
 from sparse_rnnt.errors import UserError
-from sparse_rnnt.reproduce import ReproduceOptions, format_table, plan, run_reproduce
+from sparse_rnnt.reproduce import ReproduceOptions, format_table, plan, run_reproduce, summarize
 from sparse_rnnt.training.checkpoint import list_checkpoints, load_checkpoint
 from sparse_rnnt.training.inference import evaluate_checkpoint
 from tests.training.run_fixture import train_tiny_dense
@@ -64,8 +64,37 @@ def test_scenario1_table(dense, tiny_manifests, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
-def test_scenario2_plan_and_run(dense, tmp_path):
+def test_summary_over_seeds_by_hand(dense, tmp_path):
+    # Mean and sample standard deviation over seeds, per language and of the per-seed averages.
     opts = _opts(tmp_path, dense, 2, languages=("en", "fr"))
+    runs, rows = plan(opts, ["en", "fr"])
+    wer = {s: {r.label: {"en": 0.10 + 0.02 * s + 0.01 * i, "fr": 0.30 - 0.04 * s} for i, r in enumerate(rows)}
+           for s in (0, 1)}
+    table = summarize(rows, {r.name: r for r in runs}, wer, ["en", "fr"], opts)
+    for i, row in enumerate(table["rows"]):
+        en = [100 * (0.10 + 0.01 * i), 100 * (0.12 + 0.01 * i)]
+        fr = [30.0, 26.0]
+        avg = [(en[0] + fr[0]) / 2, (en[1] + fr[1]) / 2]
+        assert row["wer"]["en"]["mean"] == pytest.approx(sum(en) / 2)
+        assert row["wer"]["en"]["std"] == pytest.approx(abs(en[0] - en[1]) / 2 ** 0.5)
+        assert row["wer"]["fr"] == {"mean": pytest.approx(28.0), "std": pytest.approx(4 / 2 ** 0.5)}
+        assert row["average"]["per_seed"] == pytest.approx(avg)
+        assert row["average"]["mean"] == pytest.approx(sum(avg) / 2)
+        assert row["average"]["std"] == pytest.approx(abs(avg[0] - avg[1]) / 2 ** 0.5)
+        assert row["seeds"] == [0, 1]
+
+
+def test_scenario2_plan_and_run(dense, tmp_path):
+    _scenario2(dense, tmp_path, seeds=(0,))
+
+
+@pytest.mark.slow  # the same with two seeds end to end (the aggregation alone: test_summary_over_seeds_by_hand)
+def test_scenario2_plan_and_run_two_seeds(dense, tmp_path):
+    _scenario2(dense, tmp_path, seeds=(0, 1))
+
+
+def _scenario2(dense, tmp_path, seeds):
+    opts = _opts(tmp_path, dense, 2, languages=("en", "fr"), seeds=seeds)
     runs, rows = plan(opts, ["en", "fr"])
     by = {r.name: r for r in runs}
     assert [r.label for r in rows] == ["dense", "LAP", "LTH", "ASR Pathways (LTH 50%)",
@@ -76,17 +105,17 @@ def test_scenario2_plan_and_run(dense, tmp_path):
     table = run_reproduce(opts)
     # Dynamic pathways from LTH-20%: its starting masks are the LTH runs' 20% snapshots, and it
     # ends at the target with one mask per language.
-    seed_dir = opts.out / "seed-1"
+    seed_dir = opts.out / f"seed-{seeds[-1]}"
     ck = load_checkpoint(seed_dir / "dynamic-lth20")
     assert ck.meta["extra"]["pruner"]["method"] == "dynamic-pathways"
     assert abs(ck.meta["extra"]["pruner"]["level"] - 0.5) < 1e-9
     assert (seed_dir / "lth-en" / "masks" / "level-0.200.safetensors").is_file()
-    assert all(len(r["average"]["per_seed"]) == 2 for r in table["rows"])
+    assert all(len(r["average"]["per_seed"]) == len(seeds) for r in table["rows"])
     for r in table["rows"]:
         vals = r["average"]["per_seed"]
-        mean = sum(vals) / 2
-        assert r["average"]["mean"] == pytest.approx(mean)
-        assert r["average"]["std"] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
+        assert r["average"]["mean"] == pytest.approx(sum(vals) / len(vals))
+        spread = abs(vals[0] - vals[1]) / 2 ** 0.5 if len(vals) == 2 else 0.0
+        assert r["average"]["std"] == pytest.approx(spread)
 
 
 def test_reproduce_cli_errors(dense, tmp_path, capsys):

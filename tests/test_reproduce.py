@@ -12,7 +12,7 @@ from sparse_rnnt.training.checkpoint import list_checkpoints, load_checkpoint
 from sparse_rnnt.training.inference import evaluate_checkpoint
 from tests.training.run_fixture import train_tiny_dense
 
-BUDGET = 6
+BUDGET = 4
 
 
 @pytest.fixture(scope="module")

@@ -39,9 +39,10 @@ fi
 # STEPS (default: all) picks steps by name; TESTS_BUDGET (default 300) bounds the tests step; KERNEL_ARGS and STREAM_ARGS replace the kernel and
 # stream benchmarks' default `--quick`; LOAD_DTYPE sets the load test's weights (default bf16 on CUDA); LOAD_STEP_MODE its
 # steps (default cuda-graph). All steps take more than one 600 s call. A 15-minute lease counts
-# the machine's start (a minute or more) and idle time (it goes back after 30 s idle), so: call 1
-# `STEPS="tests kernels small_row" DEADLINE_S=480`, then at once call 2 `STEPS="stream load"
-# DEADLINE_S=180` (the load test gets what the stream step leaves).
+# the machine's start (about 30 s on the H100 of 2026-11-26) and idle time (it goes back after
+# 30 s idle). What fit there: call 1 `STEPS="tests kernels small_row" TESTS_BUDGET=230
+# DEADLINE_S=440`, then at once call 2 `STEPS="stream load" DEADLINE_S=350` (the load test gets
+# what the stream step leaves); about 810 of the 900 s.
 STEPS=${STEPS:-tests kernels small_row stream load}
 # step NAME BUDGET_S CMD...: runs CMD for at most min(BUDGET_S, time left before the deadline).
 step() {

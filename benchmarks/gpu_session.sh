@@ -36,7 +36,8 @@ else
   XDIST="" GRAPHS=""
 fi
 
-# STEPS (default: all) picks steps by name; TESTS_BUDGET (default 300) bounds the tests step; KERNEL_ARGS and STREAM_ARGS replace the kernel and
+# STEPS (default: all) picks steps by name; TESTS_BUDGET (default 300) bounds the tests step and
+# TESTS_K replaces its -k selection (the tests a change needs first, say); KERNEL_ARGS and STREAM_ARGS replace the kernel and
 # stream benchmarks' default `--quick`; LOAD_DTYPE sets the load test's weights (default bf16 on CUDA); LOAD_STEP_MODE its
 # steps (default cuda-graph). All steps take more than one 600 s call. A 15-minute lease counts
 # the machine's start (about 30 s on the H100 of 2026-11-26) and idle time (it goes back after
@@ -61,7 +62,7 @@ step() {
 # print their tracebacks as they happen (tests/conftest.py) and --durations names the slow ones,
 # so a run cut by its budget still says why and where the time went.
 step tests ${TESTS_BUDGET:-300} env SPARSE_RNNT_FAILURES_NOW=1 "$PYTHON" -m pytest -v $XDIST --timeout 120 --durations=25 \
-  -p no:cacheprovider -k "(cuda or gpu) and not rehearsal" tests/kernels tests/test_cuda.py tests/export tests/streaming \
+  -p no:cacheprovider -k "${TESTS_K:-(cuda or gpu) and not rehearsal}" tests/kernels tests/test_cuda.py tests/export tests/streaming \
   tests/training/test_distributed.py tests/test_benchmarks.py
 step kernels 150 "$PYTHON" -m benchmarks.kernels --device "$DEVICE" ${KERNEL_ARGS:---quick} --out-dir "$OUT"
 step small_row 80 sh -c "\"$PYTHON\" -m benchmarks.bench_small_row --device $DEVICE --quick > $OUT/small-row-$DEVICE.jsonl"

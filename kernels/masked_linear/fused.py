@@ -341,15 +341,16 @@ def _fwd_tile(x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, K, stride_xr, stri
               BLOCK_K: tl.constexpr):
     """``[BLOCK_M, BLOCK_N]`` tile of ``x (W ⊙ M)ᵀ``; ``W_AS_A``: computed as ``((W ⊙ M) xᵀ)ᵀ``,
     the masked weight tile being the left operand. ``SPLIT_ACC``: partial sums over groups of
-    ``_ACC_LEN`` columns (rounded up to whole tiles), then added."""
+    ``_ACC_LEN`` columns (a multiple of every reduction tile of the configs), then added."""
     if W_AS_A:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SPLIT_ACC:
-        for g0 in range(0, K, (_ACC_LEN + BLOCK_K - 1) // BLOCK_K * BLOCK_K):
+        tl.static_assert(_ACC_LEN % BLOCK_K == 0)
+        for g0 in range(0, K, _ACC_LEN):
             part = tl.zeros_like(acc)
-            for k0 in range(g0, tl.minimum(g0 + (_ACC_LEN + BLOCK_K - 1) // BLOCK_K * BLOCK_K, K), BLOCK_K):
+            for k0 in range(g0, tl.minimum(g0 + _ACC_LEN, K), BLOCK_K):
                 part = _fwd_step(part, x_ptr, w_ptr, m_base, rows, r_ok, offs_n, n_ok, k0, K, stride_xr, stride_xk,
                                  stride_wn, stride_wk, stride_mn, MASK_MODE, PREC, UPCAST, W_AS_A, BLOCK_N, BLOCK_K)
             acc += part
@@ -413,9 +414,10 @@ def _dx_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     if SPLIT_ACC:  # partial sums over groups of _ACC_LEN rows of W (see _fwd_tile)
-        for g0 in range(0, N, (_ACC_LEN + BLOCK_N - 1) // BLOCK_N * BLOCK_N):
+        tl.static_assert(_ACC_LEN % BLOCK_N == 0)
+        for g0 in range(0, N, _ACC_LEN):
             part = tl.zeros_like(acc)
-            for n0 in range(g0, tl.minimum(g0 + (_ACC_LEN + BLOCK_N - 1) // BLOCK_N * BLOCK_N, N), BLOCK_N):
+            for n0 in range(g0, tl.minimum(g0 + _ACC_LEN, N), BLOCK_N):
                 part = _dx_step(part, dy_ptr, w_ptr, m_base, rows, r_ok, n0, N, offs_k, k_ok, k0, K, stride_dyr,
                                 stride_dyn, stride_wn, stride_wk, stride_mn, MASK_MODE, PREC, UPCAST, W_AS_A,
                                 BLOCK_N, BLOCK_K)
@@ -442,9 +444,10 @@ def _dw_rows(dy_ptr, x_ptr, perm_ptr, start, end, offs_n, n_ok, offs_k, k_ok,
     (``SPLIT_ACC``: see :func:`_fwd_tile`)."""
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     if SPLIT_ACC:  # partial sums over groups of _ACC_LEN rows (see _fwd_tile)
-        for g0 in range(start, end, (_ACC_LEN + BLOCK_M - 1) // BLOCK_M * BLOCK_M):
+        tl.static_assert(_ACC_LEN % BLOCK_M == 0)
+        for g0 in range(start, end, _ACC_LEN):
             part = tl.zeros_like(acc)
-            for r0 in range(g0, tl.minimum(g0 + (_ACC_LEN + BLOCK_M - 1) // BLOCK_M * BLOCK_M, end), BLOCK_M):
+            for r0 in range(g0, tl.minimum(g0 + _ACC_LEN, end), BLOCK_M):
                 part = _dw_tile(dy_ptr, x_ptr, perm_ptr, r0, end, offs_n, n_ok, offs_k, k_ok, stride_dyr,
                                 stride_dyn, stride_xr, stride_xk, part, PATHWAY, PREC, UPCAST, BLOCK_M)
             acc += part

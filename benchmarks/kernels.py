@@ -161,13 +161,11 @@ def run_all(device: str, quick: bool, sections: tuple[str, ...] = ("masked_linea
     rows: list[dict[str, Any]] = []
     env = environment()
     runners = {"masked_linear": bench_masked_linear.run, "rerank": bench_rerank.run, "train_step": bench_train_step}
-    done: list[str] = []
-    result = {"environment": env, "device": device, "quick": quick, "rows": rows, "targets": [], "sections_done": done}
+    result = {"environment": env, "device": device, "quick": quick, "rows": rows, "targets": [], "sections_done": []}
     for name, runner in runners.items():
         if name in sections:
             rows += runner(device, quick)
-            done.append(name)
-            result = {**result, "rows": rows, "targets": summarize(rows), "sections_done": list(done)}
+            result = {**result, "targets": summarize(rows), "sections_done": [*result["sections_done"], name]}
             if on_section is not None:
                 on_section(result)
     return result
@@ -189,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saved {len(result['rows'])} rows ({', '.join(result['sections_done'])})", flush=True)
 
     result = run_all(args.device, args.quick, tuple(s.strip() for s in args.sections.split(",") if s.strip()), save)
-    save(result)
+    if not result["sections_done"]:  # otherwise already saved by the last section
+        save(result)
     for r in result["rows"]:
         print(json.dumps(r))
     for t in result["targets"]:

@@ -115,10 +115,8 @@ def test_stream_rows_compare_with_dense_in_the_same_step_mode(monkeypatch):
 
     p50 = {("dense", "eager"): 30.0, ("dense", "cuda-graph"): 5.0, ("bitmap", "eager"): 40.0,
            ("bitmap", "cuda-graph"): 8.0}
-    built = []
 
     def build(size, fmt, device, dtype):
-        built.append(fmt)
         if fmt == "2:4":
             raise RuntimeError("cannot build here")
         return fmt, None, 1000, {"layer": fmt}

@@ -43,7 +43,8 @@ fi
 # the machine's start (about 30 s on the H100 of 2026-11-26) and idle time (it goes back after
 # 30 s idle). What fit there: call 1 `STEPS="tests kernels small_row" TESTS_BUDGET=230
 # DEADLINE_S=440`, then at once call 2 `STEPS="stream load" DEADLINE_S=350` (the load test gets
-# what the stream step leaves); about 810 of the 900 s.
+# what the stream step leaves); the lease had held 620 of its 900 s after call 2 (whose stream
+# step failed early that time).
 STEPS=${STEPS:-tests kernels small_row stream load}
 # step NAME BUDGET_S CMD...: runs CMD for at most min(BUDGET_S, time left before the deadline).
 step() {

@@ -50,8 +50,8 @@ def test_pruned_masked_linear_configs_fit_hopper():
 def test_fp32_masked_linear_keeps_its_partial_sums_after_compilation():
     # The fp32 forward, dX and dW sum their reductions in groups (SPLIT_ACC), which the fp32
     # accuracy on the GPU needs. Written as acc + tl.dot(a, b) the split compiled to one running
-    # sum (Triton folds the add into the dot): 12 fp32 failures on the H100. The check reads the
-    # compiled IR, and its control kernel shows the fold.
+    # sum (Triton folds the add into the dot): 16 fp32 tests failed on the H100, and this check
+    # gives 12 failures on that code. It reads the compiled IR; its control kernel shows the fold.
     result = _python(["-m", "tests.kernels.sm90_compile", "--split"], timeout=900)
     assert result.returncode == 0 and "split accumulation: 0 failures" in result.stdout, result.stdout[-6000:]
     assert "ok   split=False  control" in result.stdout

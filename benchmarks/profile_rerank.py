@@ -1,0 +1,80 @@
+"""Where a re-rank's time goes: device time per kernel (torch.profiler) against the wall time of
+the call, for ``rerank_masks(..., apply=True)`` over the benchmark's weights (8 tensors, 70%).
+
+    python -m benchmarks.profile_rerank --device cuda --sizes 10000000,63000000
+
+Prints one JSON line per (size, dtype, algorithm): ``wall_ms`` (median of host wall time per call,
+synchronized), ``device_ms`` (sum of every kernel and memset/memcpy the call ran, per call), the
+launch count and the top kernels by device time. When ``device_ms`` is far below ``wall_ms`` the
+call waits on the host (Python, launches, host syncs), not on memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from benchmarks.bench_rerank import SPARSITY, _weights
+
+
+def profile(total: int, dtype: torch.dtype, device: str, algorithm: str, calls: int = 5) -> dict:
+    from sparse_rnnt.kernels.rerank import rerank_masks
+
+    ws = _weights(total, dtype, device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def fn() -> object:
+        return rerank_masks(ws, SPARSITY, apply=True, algorithm=algorithm)
+
+    for _ in range(2):
+        fn()
+    sync()
+    walls = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        walls.append(1e3 * (time.perf_counter() - t0))
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    per: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per.setdefault(ev.name[:60], []).append(ev.device_time / 1e3)
+    device_ms = sum(sum(v) for v in per.values()) / calls
+    top = sorted(((sum(v) / calls, len(v) / calls, k) for k, v in per.items()), reverse=True)[:12]
+    host = sorted(((e.self_cpu_time_total / 1e3 / calls, e.count / calls, e.key[:60])
+                   for e in prof.key_averages()), reverse=True)[:10]
+    return {
+        "bench": "rerank-profile", "shape": str(sum(w.numel() for w in ws.values())),
+        "dtype": str(dtype).removeprefix("torch."), "algorithm": algorithm,
+        "wall_ms": statistics.median(walls), "device_ms": device_ms,
+        "launches": sum(len(v) for v in per.values()) / calls,
+        "top": [{"ms": round(ms, 4), "per_call": n, "name": k} for ms, n, k in top],
+        "host_top": [{"self_ms": round(ms, 4), "per_call": n, "name": k} for ms, n, k in host],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda", help="cuda or cpu (cpu: the interpreter, tiny sizes)")
+    p.add_argument("--sizes", default="10000000", help="comma-separated weight counts")
+    p.add_argument("--algorithms", default="atomic,window,radix", help="comma-separated algorithms")
+    a = p.parse_args()
+    for total in (int(s) for s in a.sizes.split(",")):
+        for dtype in (torch.float32, torch.bfloat16):
+            for alg in a.algorithms.split(","):
+                print(json.dumps(profile(total, dtype, a.device, alg)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -71,8 +71,9 @@ def _linear_names(model: nn.Module) -> set[str]:
 # ---------------------------------------------------------------------------- probe
 
 
-def probe_logits(model: EmformerRNNT, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Joiner logits ``[B, T', U + 1, V]`` of a fixed random batch (seeded; CMVN-normalized scale)."""
+def probe_logits(model: EmformerRNNT, device: torch.device) -> Tensor:
+    """Joiner logits ``[B, T', U + 1, V]`` (float32) of a fixed random batch (seeded;
+    CMVN-normalized scale), fed in the model's ``activation_dtype``."""
     g = torch.Generator().manual_seed(1234)
     frames = (160, 124)
     x = torch.randn(len(frames), max(frames), model.config.input_dim, generator=g)
@@ -81,7 +82,7 @@ def probe_logits(model: EmformerRNNT, device: torch.device, dtype: torch.dtype =
     tlen = torch.tensor([6, 4], dtype=torch.int32)
     x, lengths, targets, tlen = (t.to(device) for t in (x, lengths, targets, tlen))
     with torch.inference_mode():
-        enc, enc_len = model.encode(x.to(dtype), lengths)
+        enc, enc_len = model.encode(x.to(model.activation_dtype), lengths)
         pred_in, pred_len = model.prepend_blank(targets, tlen)
         pred, _, _ = model.rnnt.predict(pred_in, pred_len, None)
         joint, _, _ = model.rnnt.join(enc, enc_len, pred, pred_len)
@@ -285,7 +286,7 @@ def _verify(art: Artifact, rec: Any, languages: list[str], opts: ExportOptions,
             ref = probe_logits(rec.model, device)
         if art.multilingual:
             art.set_language(lang)
-        errors[lang] = relative_error(probe_logits(art.model, device, DTYPES[opts.dtype]), ref)
+        errors[lang] = relative_error(probe_logits(art.model, device), ref)
     worst = max(errors.values())
     if not worst <= tol:
         hint = ""

@@ -117,7 +117,9 @@ def encode(fmt: str, weight: Tensor, mask: Tensor, *, block: tuple[int, int] = (
 
 
 class ExportedLinear(nn.Module):
-    """A linear layer computing from a compressed weight; ``runtime`` names the path it takes."""
+    """A linear layer computing from a compressed weight; ``runtime`` names the path it takes.
+    It computes in its weight's dtype and returns its input's: an artifact's bf16 layers sit
+    between norms and LSTM that stay float32 (``EmformerRNNT.activation_dtype``)."""
 
     def __init__(self, fmt: str, shape: tuple[int, int], bias: Tensor | None) -> None:
         super().__init__()
@@ -137,7 +139,7 @@ class DenseExported(ExportedLinear):
         self.runtime = runtime if weight.is_cuda else "torch"
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
 
 class SemiStructuredExported(ExportedLinear):
@@ -168,12 +170,11 @@ class SemiStructuredExported(ExportedLinear):
                 self.runtime = "dense-fallback"
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.to(self.weight.dtype)
+        xw = x.to(self.weight.dtype)
         if not self.runtime.startswith("semi-structured"):
-            return F.linear(x, self.weight, self.bias)
-        rows = x.reshape(-1, self.in_features)
-        y = F.linear(rows, self.weight, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+            return F.linear(xw, self.weight, self.bias).to(x.dtype)
+        y = F.linear(xw.reshape(-1, self.in_features), self.weight, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 # Rows up to which a bitmap layer on the "cuda" runtime calls the CUDA extension; above, the
@@ -205,9 +206,9 @@ class SmallRowExported(ExportedLinear):
         from ..kernels.small_row import bitmap_linear, bsr_linear
 
         if self.fmt == "bsr":
-            return bsr_linear(x.to(self.dtype), self.packed, self.bias, backend=self.runtime)
+            return bsr_linear(x.to(self.dtype), self.packed, self.bias, backend=self.runtime).to(x.dtype)
         backend = bitmap_backend_for(self.runtime, x.numel() // max(self.in_features, 1))
-        return bitmap_linear(x.to(self.dtype), self.packed, self.bias, backend=backend)
+        return bitmap_linear(x.to(self.dtype), self.packed, self.bias, backend=backend).to(x.dtype)
 
 
 def _small_row_backend(fmt: str, device: torch.device) -> str:

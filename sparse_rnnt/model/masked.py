@@ -97,11 +97,11 @@ class MaskedLinear(nn.Linear):
             b = None if b is None else b.to(dtype)
             with torch.autocast(kind, enabled=False):
                 return masked_linear(x, w, self.mask, b, hard=self.hard, backend=self.backend)
-        if x.dtype != w.dtype:
-            x = x.to(w.dtype)
+        # A weight in another dtype (an artifact's bf16 layers between float32 norms) computes in
+        # its dtype and hands back the caller's, as the exported layers do.
         # float32: TF32 exactly when torch's flag gives it to the dense layers' cuBLAS calls.
-        return masked_linear(x, w, self.mask, b, hard=self.hard, backend=self.backend,
-                             allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+        return masked_linear(x.to(w.dtype), w, self.mask, b, hard=self.hard, backend=self.backend,
+                             allow_tf32=torch.backends.cuda.matmul.allow_tf32).to(x.dtype)
 
 
 @dataclass

@@ -48,6 +48,13 @@ class EmformerRNNT(nn.Module):
         self.ctc_head = nn.Linear(config.encoding_dim, num_symbols) if config.ctc_weight > 0 else None
 
     @property
+    def activation_dtype(self) -> torch.dtype:
+        """dtype of the features and of the activations between layers: that of the encoder's
+        norms. An artifact keeps them (and the LSTM) in float32 while its exported linear layers
+        compute in bf16 and hand back their input's dtype; a model cast whole runs in its dtype."""
+        return self.rnnt.transcriber.transformer.emformer_layers[0].layer_norm_input.weight.dtype
+
+    @property
     def right_context(self) -> int:
         return self.config.right_context_length
 

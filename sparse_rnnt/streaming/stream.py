@@ -240,8 +240,9 @@ class StreamingDecoder:
         self.on_partial = on_partial
         self.geometry = geometry(model.rnnt)
         self.device = next(model.parameters()).device
-        # Features, encoder state and caches follow the model's weights (bf16 on GPU artifacts).
-        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        # Features, encoder state and caches in the model's activation dtype (float32 for an
+        # artifact, whose bf16 layers hand back float32; bf16 for a model cast whole).
+        self.dtype = model.activation_dtype
         self.step_mode = step_mode
         self.max_batch = max_batch
         self._static = (

@@ -246,3 +246,24 @@ def test_multilingual_artifact_stream_needs_a_language(ml_artifact, artifact, ti
     _lower_blank(single.model)
     ref = _full_utterance(single, wave)
     assert ref and StreamingDecoder.from_artifact(single).transcribe(wave).tokens == ref
+
+
+def test_bf16_artifact_streams_between_float32_norms(dense_run, tiny_manifests, tmp_path):
+    # A bf16 artifact keeps norms and LSTM in float32: its layers must hand float32 back and the
+    # stream must feed float32, or CUDA's layer_norm refuses the mix (it did on the H100, where
+    # the CPU kernels had accepted it). The hooks apply CUDA's rule here.
+    from sparse_rnnt.export.formats import DenseExported
+    from sparse_rnnt.streaming import StreamingDecoder
+    from tests.export.test_artifact import _cuda_dtype_rule
+
+    export_checkpoint(dense_run, tmp_path / "bf16", ExportOptions(fmt="bitmap", dtype="bfloat16"))
+    art = load_artifact(tmp_path / "bf16")
+    layers = [m for m in art.model.modules() if isinstance(m, DenseExported)]  # bitmap, unpacked on CPU
+    assert layers and {m.weight.dtype for m in layers} == {torch.bfloat16}
+    _cuda_dtype_rule(art.model)
+    _lower_blank(art.model)
+    wave = read_wave(load_split(tiny_manifests, "test")[0].audio)
+    ref = _full_utterance(art, wave)
+    dec = StreamingDecoder.from_artifact(art)
+    assert dec.dtype == art.model.activation_dtype == torch.float32
+    assert ref and dec.transcribe(wave).tokens == ref

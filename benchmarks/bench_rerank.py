@@ -10,7 +10,10 @@ in float32 and bfloat16, sparsity 0.7, the weights split over 8 ``[rows, 1000]``
   mask written and pruned weights zeroed); ``triton-radix``: the same with
   ``algorithm="radix"`` (per-program ``tl.histogram`` digits instead of one atomic per weight);
   ``triton-window``: ``algorithm="window"`` (one read of the weights around a sampled bracket,
-  sparse writes, the window sorted; see ``kernels/rerank/window.py``);
+  sparse writes, the window sorted; see ``kernels/rerank/window.py``); ``triton-graph``: the
+  ``triton`` selection as a ``RerankPlan`` (tables and buffers made once, no host sync until the
+  end) replayed from a CUDA graph, as a pruner that keeps its tensors in place can run it (the
+  torch providers run eagerly: each is one to three kernels, so a graph would save them little);
 - ``floor``: one read of the weights at the bandwidth of a measured device-to-device copy of
   the same bytes (``copy_ms / 2``: a copy reads and writes them once each).
 
@@ -48,7 +51,7 @@ def run(device: str, quick: bool) -> list[dict]:
     """Benchmark rows: ``{"bench", "shape", "dtype", "provider", "ms", ...}`` (``ms``: median)."""
     cuda = device.startswith("cuda")
     if cuda:
-        from sparse_rnnt.kernels.rerank import rerank_masks
+        from sparse_rnnt.kernels.rerank import RerankPlan, rerank_masks
 
         sizes = [10_000_000] if quick else [10_000_000, 63_000_000, 187_000_000]
     else:
@@ -90,6 +93,14 @@ def run(device: str, quick: bool) -> list[dict]:
                 providers["triton"] = ours
                 providers["triton-radix"] = ours_radix
                 providers["triton-window"] = ours_window
+                out = {name: torch.empty(w.shape, dtype=torch.uint8, device=device) for name, w in ws.items()}
+                try:
+                    plan = RerankPlan(ws, SPARSITY, out, apply=True, graph=True)
+                    plan.run()  # the eager run; the graph is captured after it
+                    providers["triton-graph"] = plan.run
+                except Exception as e:  # recorded, as a provider that fails below is
+                    rows.append({"bench": "rerank", "shape": f"{n}", "dtype": str(dtype).removeprefix("torch."),
+                                 "provider": "triton-graph", "ms": None, "error": str(e).splitlines()[0]})
             base = {"bench": "rerank", "shape": f"{n}", "dtype": str(dtype).removeprefix("torch."),
                     "sparsity": SPARSITY, "bytes": nbytes}
             for name, fn in providers.items():

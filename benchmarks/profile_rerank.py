@@ -27,8 +27,14 @@ def profile(total: int, dtype: torch.dtype, device: str, algorithm: str, calls: 
     ws = _weights(total, dtype, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    def fn() -> object:
-        return rerank_masks(ws, SPARSITY, apply=True, algorithm=algorithm)
+    if algorithm in ("plan", "plan-graph"):  # RerankPlan: eager, or replayed from a CUDA graph
+        from sparse_rnnt.kernels.rerank import RerankPlan
+
+        out = {name: torch.empty(w.shape, dtype=torch.uint8, device=device) for name, w in ws.items()}
+        fn = RerankPlan(ws, SPARSITY, out, apply=True, graph=algorithm == "plan-graph").run
+    else:
+        def fn() -> object:
+            return rerank_masks(ws, SPARSITY, apply=True, algorithm=algorithm)
 
     for _ in range(2):
         fn()
@@ -68,7 +74,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda", help="cuda or cpu (cpu: the interpreter, tiny sizes)")
     p.add_argument("--sizes", default="10000000", help="comma-separated weight counts")
-    p.add_argument("--algorithms", default="atomic,window,radix", help="comma-separated algorithms")
+    p.add_argument("--algorithms", default="atomic,window,radix,plan,plan-graph",
+                   help="comma-separated: atomic, window, radix (rerank_masks), plan, plan-graph (RerankPlan)")
     a = p.parse_args()
     for total in (int(s) for s in a.sizes.split(",")):
         for dtype in (torch.float32, torch.bfloat16):

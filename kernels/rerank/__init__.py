@@ -6,6 +6,7 @@ gives masks bit-identical to ``sparse_rnnt.pruning.ranking.magnitude_masks``.
 
 from .naive import rerank_masks_torch
 from .select import (
+    RerankPlan,
     Segment,
     block_sq_norms,
     magnitude_threshold,
@@ -15,6 +16,7 @@ from .select import (
 )
 
 __all__ = [
+    "RerankPlan",
     "Segment",
     "block_sq_norms",
     "magnitude_threshold",

@@ -81,6 +81,7 @@ from ._segments import (
     _src,
     _tile,
     _unit_weights,
+    to_device,
 )
 from .naive import check_args, pruned_count, rerank_masks_torch
 from .window import window_select
@@ -151,49 +152,55 @@ def _digit_hist_kernel(
 
 @triton.jit
 def _tie_count_kernel(
-    tab_src, tab_cand, tab_size, tab_group, tile_seg, first_tile, seg_n, thr, counts,
+    tab_src, tab_cand, tab_size, tab_group, tile_seg, first_tile, seg_n, thr, fits, counts,
     WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """``counts[tile]`` = (weighted) number of candidates equal to their group's threshold key."""
+    """``counts[tile]`` = (weighted) number of candidates equal to their group's threshold key;
+    0 without reading the tile when every tie of its group is kept (``fits[g]``: no ranks needed)."""
     pid = tl.program_id(0).to(tl.int64)
     seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK)
-    t = tl.load(thr + tl.load(tab_group + seg))
-    _, key = _keys(_src(tab_src, seg, WIDE), offs, valid, WIDE)
-    tie = _candidates(tab_cand, seg, offs, valid, HAS_CAND) & (key == t)
-    w = _unit_weights(tab_size, seg, offs, valid, HAS_SIZE, BLOCK)
-    tl.store(counts + pid, tl.sum(tl.where(tie, w, 0), axis=0))
+    g = tl.load(tab_group + seg)
+    if tl.load(fits + g) != 0:
+        tl.store(counts + pid, 0)
+    else:
+        t = tl.load(thr + g)
+        _, key = _keys(_src(tab_src, seg, WIDE), offs, valid, WIDE)
+        tie = _candidates(tab_cand, seg, offs, valid, HAS_CAND) & (key == t)
+        w = _unit_weights(tab_size, seg, offs, valid, HAS_SIZE, BLOCK)
+        tl.store(counts + pid, tl.sum(tl.where(tie, w, 0), axis=0))
 
 
 @triton.jit
 def _mask_kernel(
     tab_src, tab_cand, tab_size, tab_out, tab_group, tab_apply, tile_seg, first_tile, seg_n,
-    thr, need, tile_start,
-    ALL_TIES: tl.constexpr, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    thr, need, fits, ok, tile_start,
+    WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Write each segment's ``out = keep`` (uint8) and zero its ``src`` where not kept when the
-    segment applies. ``ALL_TIES``: every tie of every group is kept (no tie ranks needed; in a
-    group whose ties all fit, ranks are below ``need`` anyway)."""
-    pid = tl.program_id(0).to(tl.int64)
-    seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK)
-    g = tl.load(tab_group + seg)
-    t = tl.load(thr + g)
-    src = _src(tab_src, seg, WIDE)
-    bits, key = _keys(src, offs, valid, WIDE)
-    c = _candidates(tab_cand, seg, offs, valid, HAS_CAND)
-    tie = c & (key == t)
-    if ALL_TIES:
-        keep = (c & (key > t)) | tie
-    else:
-        w = _unit_weights(tab_size, seg, offs, valid, HAS_SIZE, BLOCK)
-        tw = tl.where(tie, w, 0)
-        # Weight of the group's ties before each unit in flat order: tile start + in-tile scan.
-        rank = tl.load(tile_start + pid) + tl.cumsum(tw, axis=0) - tw
-        keep = (c & (key > t)) | (tie & (rank < tl.load(need + g)))
-    out = tl.load(tab_out + seg).to(tl.pointer_type(tl.uint8))
-    tl.store(out + offs, keep.to(tl.uint8), mask=valid)
-    applies = tl.load(tab_apply + seg) != 0
-    tl.store(src + offs, tl.zeros_like(bits), mask=valid & (~keep) & applies)
+    segment applies (only bits not already zero: a pruned weight stays pruned without a write).
+    Nothing at all unless ``ok[0]`` (no NaN, enough candidates: the host raises afterwards).
+    ``fits[g]``: every tie of group ``g`` is kept, so no tie ranks are needed."""
+    if tl.load(ok) != 0:
+        pid = tl.program_id(0).to(tl.int64)
+        seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK)
+        g = tl.load(tab_group + seg)
+        t = tl.load(thr + g)
+        src = _src(tab_src, seg, WIDE)
+        bits, key = _keys(src, offs, valid, WIDE)
+        c = _candidates(tab_cand, seg, offs, valid, HAS_CAND)
+        tie = c & (key == t)
+        if tl.load(fits + g) != 0:
+            keep = (c & (key > t)) | tie
+        else:
+            w = _unit_weights(tab_size, seg, offs, valid, HAS_SIZE, BLOCK)
+            tw = tl.where(tie, w, 0)
+            # Weight of the group's ties before each unit in flat order: tile start + in-tile scan.
+            rank = tl.load(tile_start + pid) + tl.cumsum(tw, axis=0) - tw
+            keep = (c & (key > t)) | (tie & (rank < tl.load(need + g)))
+        out = tl.load(tab_out + seg).to(tl.pointer_type(tl.uint8))
+        tl.store(out + offs, keep.to(tl.uint8), mask=valid)
+        applies = tl.load(tab_apply + seg) != 0
+        tl.store(src + offs, tl.zeros_like(bits), mask=valid & (~keep) & applies & (bits != 0))
 
 
 @triton.jit
@@ -304,54 +311,119 @@ def _search(hist: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     return bins, above
 
 
-def _threshold_atomic(launches: list[_Launch], keep: list[int], what: list[str], wide: list[bool], groups: int,
-                      block: int, warps: int, dev: torch.device,
-                      copies: int) -> tuple[list[int], list[int], list[int]]:
-    """Per group: threshold key, how many units equal to it are kept, and how many there are."""
-    # Magnitudes crowd into a few hundred bins: with one histogram, millions of atomics queue on
-    # the same addresses. Programs spread them over private copies, summed after the pass.
-    if copies < 1:
-        raise ValueError(f"hist_copies must be >= 1, got {copies}")
+class _AtomicSelect:
+    """The atomic (histogram) select of fixed segments, queued on the device with no host sync:
+    the tables, constants and buffers are made once (:meth:`__init__`), :meth:`enqueue` queues
+    the passes and the final mask pass (which writes nothing when the counts show an error), and
+    :meth:`finish` reads the counts once, raises their errors and returns the thresholds. So a
+    selection can be captured in a CUDA graph and replayed (:class:`RerankPlan`)."""
 
-    def hist_pass(bins: int, pass2: bool, sel_hi: Tensor, live: Tensor) -> Tensor:
-        h = torch.zeros(groups, copies, bins, dtype=torch.int32, device=dev)
-        for ln in launches:
-            if pass2 and not ln.wide:
-                continue  # 16-bit keys are exact after pass 1
-            _hist_kernel[(ln.tiles,)](
-                *ln.args(), ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n,
-                h, sel_hi, live, copies * bins, bins,
-                PASS2=pass2, WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size,
-                COPIES=copies, BLOCK=block, num_warps=warps,
-            )
-        return h[:, 0] if copies == 1 else h.sum(1, dtype=torch.int32)
+    def __init__(self, launches: list[_Launch], segments: list[Segment], keep: list[int], what: list[str],
+                 wide: list[bool], block: int, warps: int, dev: torch.device, copies: int) -> None:
+        # Magnitudes crowd into a few hundred bins: with one histogram, millions of atomics queue
+        # on the same addresses. Programs spread them over private copies, summed after the pass.
+        if copies < 1:
+            raise ValueError(f"hist_copies must be >= 1, got {copies}")
+        groups = len(keep)
+        self.launches, self.keep, self.what, self.block, self.warps = launches, keep, what, block, warps
+        self.copies = copies
+        live_wide = [int(kg > 0 and w) for kg, w in zip(keep, wide, strict=True)]
+        consts = to_device(torch.tensor([keep, [int(w) for w in wide], live_wide], dtype=torch.int64), dev)
+        self.k, self.wide_t, self.live_wide = consts[0], consts[1] != 0, consts[2].to(torch.int32)
+        self.h1 = torch.empty(groups, copies, NAN_BIN + 1, dtype=torch.int32, device=dev)
+        # Pass 2 counts only the units inside one pass-1 bin: a few copies are enough.
+        self.copies2 = min(copies, 4)
+        self.h2 = (torch.empty(groups, self.copies2, 65536, dtype=torch.int32, device=dev)
+                   if any(live_wide) else None)
+        self.zeros_g = torch.zeros(groups, dtype=torch.int32, device=dev)
+        # Per group after enqueue: threshold key, need, ties, NaN count, candidates; and the flag.
+        self.result = torch.empty(5, groups, dtype=torch.int64, device=dev)
+        self.ok = torch.empty(1, dtype=torch.int32, device=dev)
+        self.finals = [_FinalPass(ln, segments, block, warps, dev) for ln in launches]
 
-    zeros_g = torch.zeros(groups, dtype=torch.int32, device=dev)
-    h1 = hist_pass(NAN_BIN + 1, False, zeros_g, zeros_g)
-    k = torch.tensor(keep, dtype=torch.int64, device=dev)
-    avail = h1[:, :NAN_BIN].sum(1, dtype=torch.int64)
-    b1, above1 = _search(h1[:, :NAN_BIN], k.clamp(min=1))
-    ties_t = h1.gather(1, b1[:, None]).squeeze(1)
-    nan_count, avail_l, b1_l, above1_l, ties = (
-        x.tolist() for x in torch.stack([h1[:, NAN_BIN].to(torch.int64), avail, b1, above1,
-                                         ties_t.to(torch.int64)]).cpu()
-    )
-    _check_counts(nan_count, avail_l, keep, what)
-    live = [kg > 0 for kg in keep]
-    thr = list(b1_l)
-    above = list(above1_l)
-    live2 = [w and lv for w, lv in zip(wide, live, strict=True)]
-    if any(live2):
-        h2 = hist_pass(65536, True, b1.to(torch.int32), torch.tensor(live2, dtype=torch.int32, device=dev))
-        b2, above2 = _search(h2, (k - above1).clamp(min=1))
-        t2 = h2.gather(1, b2[:, None]).squeeze(1).to(torch.int64)
-        for g, (bb, aa, tt) in enumerate(zip(*torch.stack([b2, above2, t2]).tolist(), strict=True)):
-            if wide[g]:
-                thr[g] = (b1_l[g] << 16) | bb
-                above[g] += aa
-                ties[g] = tt
-    need = [keep[g] - above[g] for g in range(groups)]
-    return _unless_live(thr, need, ties, live)
+    def enqueue(self) -> None:
+        groups = len(self.keep)
+
+        def hist_pass(h: Tensor, pass2: bool, copies: int, sel_hi: Tensor, live: Tensor) -> Tensor:
+            h.zero_()
+            bins = h.shape[2]
+            for ln in self.launches:
+                if pass2 and not ln.wide:
+                    continue  # 16-bit keys are exact after pass 1
+                _hist_kernel[(ln.tiles,)](
+                    *ln.args(), ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n,
+                    h, sel_hi, live, copies * bins, bins,
+                    PASS2=pass2, WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size,
+                    COPIES=copies, BLOCK=self.block, num_warps=self.warps,
+                )
+            return h[:, 0] if copies == 1 else h.sum(1, dtype=torch.int32)
+
+        k = self.k
+        h1 = hist_pass(self.h1, False, self.copies, self.zeros_g, self.zeros_g)
+        nan = h1[:, NAN_BIN].to(torch.int64)
+        avail = h1[:, :NAN_BIN].sum(1, dtype=torch.int64)
+        b1, above = _search(h1[:, :NAN_BIN], k.clamp(min=1))
+        ties = h1.gather(1, b1[:, None]).squeeze(1).to(torch.int64)
+        thr = b1
+        if self.h2 is not None:
+            h2 = hist_pass(self.h2, True, self.copies2, b1.to(torch.int32), self.live_wide)
+            b2, above2 = _search(h2, (k - above).clamp(min=1))
+            t2 = h2.gather(1, b2[:, None]).squeeze(1).to(torch.int64)
+            thr = torch.where(self.wide_t, (b1 << 16) | b2, b1)
+            above = torch.where(self.wide_t, above + above2, above)
+            ties = torch.where(self.wide_t, t2, ties)
+        live = k > 0  # groups that keep nothing: a threshold above every key, nothing needed
+        thr = torch.where(live, thr, INT32_MAX)
+        need = torch.where(live, k - above, 0)
+        ties = torch.where(live, ties, 0)
+        torch.stack([thr, need, ties, nan, avail], out=self.result)
+        self.ok.copy_(((nan.sum() == 0) & (k <= avail).all()).to(torch.int32).reshape(1))
+        thr_t = self.result[0].to(torch.int32)
+        fits = (self.result[2] == self.result[1]).to(torch.int32)
+        for fp in self.finals:
+            fp.enqueue(thr_t, self.result[1], fits, self.ok, groups)
+
+    def finish(self) -> list[tuple[int, int]]:
+        """One host sync: raise the errors the counts show, else per group ``(threshold, need)``."""
+        thr, need, _, nan, avail = self.result.tolist()
+        _check_counts(nan, avail, self.keep, self.what)
+        return list(zip(thr, need, strict=True))
+
+
+class _FinalPass:
+    """Tie ranks (only for groups whose ties do not all fit) and the mask pass of one launch."""
+
+    def __init__(self, ln: _Launch, segments: list[Segment], block: int, warps: int, dev: torch.device) -> None:
+        self.ln, self.block, self.warps = ln, block, warps
+        self.counts = torch.empty(ln.tiles, dtype=torch.int32, device=dev)
+        self.tile_start = torch.empty(ln.tiles, dtype=torch.int32, device=dev)
+        # Tie ranks: per-tile tie counts, exclusive prefix over each group's tiles in flat
+        # (segment list) order. Several groups: the tiles sorted by group once, here.
+        self.order = None
+        if len({segments[i].group for i in ln.index}) > 1:
+            tile_group = ln.group[ln.tile_seg]
+            self.order = torch.argsort(tile_group, stable=True)
+            sorted_groups = tile_group[self.order]
+            self.first = torch.searchsorted(sorted_groups, sorted_groups)  # each tile's group's first slot
+
+    def enqueue(self, thr: Tensor, need: Tensor, fits: Tensor, ok: Tensor, groups: int) -> None:
+        ln, block, warps = self.ln, self.block, self.warps
+        _tie_count_kernel[(ln.tiles,)](
+            *ln.args(), ln.group, ln.tile_seg, ln.first, ln.n, thr, fits, self.counts,
+            WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size, BLOCK=block, num_warps=warps,
+        )
+        if self.order is None:
+            c = self.counts.to(torch.int64)
+            self.tile_start.copy_(torch.cumsum(c, 0) - c)
+        else:
+            c = self.counts[self.order].to(torch.int64)
+            excl = torch.cumsum(c, 0) - c
+            self.tile_start[self.order] = (excl - excl[self.first]).to(torch.int32)
+        _mask_kernel[(ln.tiles,)](
+            *ln.args(), ln.out, ln.group, ln.apply, ln.tile_seg, ln.first, ln.n,
+            thr, need, fits, ok, self.tile_start,
+            WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size, BLOCK=block, num_warps=warps,
+        )
 
 
 # Radix digits (shift, bits), top digit first: 31-bit keys (float32) and 15-bit keys (16-bit floats).
@@ -464,44 +536,20 @@ def _select_units(
         if done is not None:
             return done
         algorithm = "atomic"
-    if algorithm == "radix":
-        thr, need, ties = _threshold_radix(launches, keep, what, wide, groups, block, warps, dev)
-    elif algorithm == "atomic":
-        thr, need, ties = _threshold_atomic(launches, keep, what, wide, groups, block, warps, dev,
-                                            hist_copies if hist_copies is not None
-                                            else _hist_copies(groups, sum(grids)))
-    else:
+    if algorithm == "atomic":
+        sel = _AtomicSelect(launches, segments, keep, what, wide, block, warps, dev,
+                            hist_copies if hist_copies is not None else _hist_copies(groups, sum(grids)))
+        sel.enqueue()
+        return sel.finish()
+    if algorithm != "radix":
         raise ValueError(f"algorithm must be 'atomic', 'radix' or 'window', got {algorithm!r}")
-    all_ties = [ties[g] == need[g] for g in range(groups)]
-    group_table = torch.tensor([thr, need], dtype=torch.int64).to(dev)
-    thr_t, need_t = group_table[0].to(torch.int32), group_table[1]
-    unread = torch.zeros(1, dtype=torch.int32, device=dev)
-
+    thr, need, ties = _threshold_radix(launches, keep, what, wide, groups, block, warps, dev)
+    table = to_device(torch.tensor([thr, need, [int(t == n) for t, n in zip(ties, need, strict=True)], [1] * groups],
+                                   dtype=torch.int64), dev)
+    ok = table[3, :1].to(torch.int32)  # the radix select raised its errors already
     for ln in launches:
-        every_tie = all(all_ties[segments[i].group] for i in ln.index)
-        tile_start = unread  # when every tie is kept
-        if not every_tie:
-            # Tie ranks: per-tile tie counts, exclusive prefix over each group's tiles in flat
-            # (segment list) order.
-            counts = torch.empty(ln.tiles, dtype=torch.int32, device=dev)
-            _tie_count_kernel[(ln.tiles,)](
-                *ln.args(), ln.group, ln.tile_seg, ln.first, ln.n, thr_t, counts,
-                WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size, BLOCK=block, num_warps=warps,
-            )
-            tile_group = ln.group[ln.tile_seg]
-            order = torch.argsort(tile_group, stable=True)
-            sorted_groups = tile_group[order]
-            c = counts[order].to(torch.int64)
-            excl = torch.cumsum(c, 0) - c
-            first = torch.searchsorted(sorted_groups, sorted_groups)  # each tile's group's first slot
-            tile_start = torch.empty(ln.tiles, dtype=torch.int32, device=dev)
-            tile_start[order] = (excl - excl[first]).to(torch.int32)
-        _mask_kernel[(ln.tiles,)](
-            *ln.args(), ln.out, ln.group, ln.apply, ln.tile_seg, ln.first, ln.n,
-            thr_t, need_t, tile_start,
-            ALL_TIES=every_tie, WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size,
-            BLOCK=block, num_warps=warps,
-        )
+        _FinalPass(ln, segments, block, warps, dev).enqueue(table[0].to(torch.int32), table[1],
+                                                             table[2].to(torch.int32), ok, groups)
     return [(thr[g], need[g]) for g in range(groups)]
 
 
@@ -677,6 +725,102 @@ def rerank_masks_into(
             )
     if apply:
         _bump_versions(weights)
+
+
+class RerankPlan:
+    """:func:`rerank_masks_into` for tensors that stay where they are (a pruner's weights, masks
+    and candidates), prepared once and run many times.
+
+    Unstructured masks by the ``"atomic"`` select, one dtype per selection (``scope``). Building
+    the plan makes the launch tables and buffers; :meth:`run` queues every pass without a host
+    sync and reads the counts once at the end, raising :class:`UserError` on NaN or too few
+    candidates with every weight and mask left as it was. ``graph=True`` (CUDA) captures the
+    passes in a CUDA graph after the first run and replays it from the second on, so a call
+    costs its device time plus one replay and one sync instead of some fifty launches.
+
+    The tensors' values may change between runs; their storage must not: the plan holds their
+    addresses (so ``weights`` and ``candidates`` must be contiguous, and ``out`` contiguous
+    uint8 of each weight's shape, as for :func:`rerank_masks_into`).
+    """
+
+    def __init__(
+        self, weights: dict[str, Tensor], sparsity: float, out: dict[str, Tensor], *,
+        scope: str = "global", candidates: dict[str, Tensor] | None = None, apply: bool = False,
+        tile: int | None = None, hist_copies: int | None = None, graph: bool = False,
+    ) -> None:
+        check_args(weights, sparsity, "unstructured", 2, 4, (4, 4), scope, {"candidates": candidates})
+        if not weights:
+            raise ValueError("a re-rank plan needs at least one weight")
+        devs = {w.device for w in weights.values()}
+        if len(devs) > 1:
+            raise ValueError(f"a re-rank plan's weights must share one device, got {sorted(map(str, devs))}")
+        dev = next(iter(devs))
+        if graph and dev.type != "cuda":
+            raise ValueError("graph=True needs CUDA tensors (CUDA graphs)")
+        for name, w in weights.items():
+            o = out[name]
+            if o.dtype != torch.uint8 or o.shape != w.shape or not o.is_contiguous() or o.device != dev:
+                raise ValueError(f"out[{name!r}] must be contiguous uint8 of shape {list(w.shape)} on {dev}")
+            if not w.is_contiguous():
+                raise ValueError(f"{name}: a re-rank plan reads the weight in place; it must be contiguous")
+            if candidates and name in candidates and not candidates[name].is_contiguous():
+                raise ValueError(f"candidates[{name!r}]: a re-rank plan reads it in place; it must be contiguous")
+        names = list(weights)
+        if scope == "global":
+            if len({w.dtype for w in weights.values()}) > 1:
+                raise ValueError("a global re-rank plan needs weights of one dtype (rerank_masks_into ranks "
+                                 "mixed dtypes in float32)")
+            total = sum(w.numel() for w in weights.values())
+            keep, what, group = [total - pruned_count(sparsity, total)], ["global scope"], dict.fromkeys(names, 0)
+        else:
+            keep = [w.numel() - pruned_count(sparsity, w.numel()) for w in weights.values()]
+            what, group = names, {name: i for i, name in enumerate(names)}
+        cands = candidates or {}
+        self._segments = [
+            Segment(_bits(w.detach()), _u8(cands[name]) if name in cands else None, None, out[name].reshape(-1),
+                    group[name], _NAN_ABOVE[w.dtype], apply)
+            for name, w in weights.items()
+        ]
+        block, warps = _tile(tile)
+        grids = [triton.cdiv(sg.src.numel(), block) for sg in self._segments]
+        by_width: dict[bool, list[int]] = {}
+        for i, sg in enumerate(self._segments):
+            if grids[i]:
+                by_width.setdefault(sg.wide, []).append(i)
+        launches = [_Launch(self._segments, index, grids, block, dev) for index in by_width.values()]
+        wide = [False] * len(keep)
+        for sg in self._segments:
+            wide[sg.group] = sg.wide
+        copies = hist_copies if hist_copies is not None else _hist_copies(len(keep), sum(grids))
+        self._select = _AtomicSelect(launches, self._segments, keep, what, wide, block, warps, dev, copies)
+        self._weights = weights if apply else {}
+        self._graph_wanted = graph
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self.runs = 0
+
+    @property
+    def captured(self) -> bool:
+        """Whether :meth:`run` replays a CUDA graph."""
+        return self._graph is not None
+
+    def run(self) -> list[tuple[int, int]]:
+        """Re-rank now: write the masks (and zero the pruned weights). Returns per selection group
+        ``(threshold key, ties kept)`` like :func:`select_units`."""
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            self._select.enqueue()
+        result = self._select.finish()
+        if self._weights:
+            _bump_versions(self._weights)
+        self.runs += 1
+        if self._graph_wanted and self._graph is None:
+            # Captured after a run that compiled every kernel; capturing runs nothing.
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._select.enqueue()
+            self._graph = graph
+        return result
 
 
 def _bump_versions(weights: dict[str, Tensor]) -> None:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from sparse_rnnt.errors import UserError
 from sparse_rnnt.kernels.rerank import (
+    RerankPlan,
     block_sq_norms,
     magnitude_threshold,
     rerank_masks,
@@ -683,3 +684,89 @@ def test_int32_counts_are_bounded_before_any_work(kind, shape, message):
     out = {"a": torch.empty(shape, dtype=torch.uint8, device="meta")}
     with pytest.raises(ValueError, match=message):
         rerank_masks_into(w, 0.5, out, kind=kind, block=(4, 4))
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+def _plan_case(dtype, device, seed):
+    w = _weights([(37, 53), (5, 7), (64, 33)], dtype, seed=seed, device=device)
+    w["w2"] = _weights([(64, 33)], dtype, seed=seed + 1, tied=True, device=device)["w0"]  # ties across tiles
+    cand = {k: c.contiguous() for k, c in _candidates(w, seed).items()}
+    out = {k: torch.full(v.shape, POISON, dtype=torch.uint8, device=device) for k, v in w.items()}
+    return w, cand, out
+
+
+def _check_plan_runs(dtype, device, graph):
+    # One plan, run on changing values (new weights copied in, some pruned by the last run):
+    # every run equals the reference on the values it saw, and zeroes what it prunes.
+    w, cand, out = _plan_case(dtype, device, seed=40)
+    for scope in ("global", "per_tensor"):
+        plan = RerankPlan(w, 0.6, out, scope=scope, candidates=cand, apply=True, tile=TILE if device == "cpu" else None,
+                          graph=graph)
+        for step in range(3):
+            fresh = _weights([(37, 53), (5, 7), (64, 33)], dtype, seed=41 + step, tied=step == 1, device=device)
+            with torch.no_grad():
+                for k in w:
+                    if step != 2:  # the third run re-ranks what the second left (70% of it zeros)
+                        w[k].copy_(fresh[k])
+            before = {k: v.clone() for k, v in w.items()}
+            ref = magnitude_masks({k: v.cpu() for k, v in before.items()}, 0.6, scope=scope,
+                                  candidates={k: c.cpu() for k, c in cand.items()})
+            plan.run()
+            _assert_same({k: o.bool().cpu() for k, o in out.items()}, ref)
+            for k in w:
+                assert torch.equal(w[k].cpu(), torch.where(ref[k], before[k].cpu(), torch.zeros_like(before[k].cpu())))
+        assert plan.captured == graph and plan.runs == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plan_reruns_equal_the_reference(dtype):
+    _check_plan_runs(dtype, "cpu", graph=False)
+
+
+def test_plan_error_leaves_everything_and_recovers():
+    w, cand, out = _plan_case(torch.float32, "cpu", seed=50)
+    plan = RerankPlan(w, 0.3, out, candidates=cand, apply=True, tile=TILE)
+    plan.run()
+    masks, kept = {k: o.clone() for k, o in out.items()}, {k: v.clone() for k, v in w.items()}
+    with torch.no_grad():
+        w["w0"][3, 4] = float("nan")
+    with pytest.raises(UserError, match="NaN"):
+        plan.run()
+    kept["w0"][3, 4] = float("nan")
+    for k in w:  # nothing written: masks and weights as before the failed run
+        assert torch.equal(out[k], masks[k]) and torch.equal(_bits(w[k]), _bits(kept[k]))
+    with torch.no_grad():
+        w["w0"][3, 4] = 0.25
+        for c in cand.values():
+            c.zero_()  # the last tensor alone (2112 weights) cannot keep 70% of 4108
+    with pytest.raises(UserError, match="only 2112 are candidates"):
+        plan.run()
+    for k in w:
+        assert torch.equal(out[k], masks[k])
+    for c in cand.values():
+        c.fill_(True)
+    before = {k: v.clone() for k, v in w.items()}
+    plan.run()  # the same plan goes on with the values and candidates it now sees
+    _assert_same({k: o.bool() for k, o in out.items()}, magnitude_masks(before, 0.3, candidates=cand))
+
+
+def test_plan_refuses_what_it_cannot_hold():
+    w, _, out = _plan_case(torch.float32, "cpu", seed=60)
+    with pytest.raises(ValueError, match="contiguous"):
+        RerankPlan({"a": torch.randn(6, 4).t()}, 0.5, {"a": torch.empty(4, 6, dtype=torch.uint8)})
+    with pytest.raises(ValueError, match="contiguous"):
+        RerankPlan(w, 0.5, out, candidates={"w0": torch.ones(53, 37, dtype=torch.bool).t()})
+    with pytest.raises(ValueError, match="one dtype"):
+        RerankPlan({"a": w["w0"], "b": w["w1"].bfloat16()}, 0.5, {"a": out["w0"], "b": out["w1"]})
+    with pytest.raises(ValueError, match="CUDA"):
+        RerankPlan(w, 0.5, out, graph=True)
+    with pytest.raises(ValueError, match="out"):
+        RerankPlan(w, 0.5, {**out, "w0": torch.empty(37, 53, dtype=torch.bool)})
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_plan_graph_replays_equal_the_reference(dtype):
+    _check_plan_runs(dtype, "cuda", graph=True)

@@ -87,6 +87,7 @@ from .naive import check_args, pruned_count, rerank_masks_torch
 from .window import window_select
 
 NAN_BIN = 32768  # bins 0..32767 hold keys (or their high 15 bits); 32768 counts NaNs
+_SEARCH_CHUNK = 32768 if _INTERP else 1024  # bins a search program scans per step (interpreter: fewer, big steps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,23 +174,27 @@ def _tie_count_kernel(
 @triton.jit
 def _mask_kernel(
     tab_src, tab_cand, tab_size, tab_out, tab_group, tab_apply, tile_seg, first_tile, seg_n,
-    thr, need, fits, ok, tile_start,
-    WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr,
+    thr, need, fits, bad, tile_start,
+    ALL_TIES: tl.constexpr, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Write each segment's ``out = keep`` (uint8) and zero its ``src`` where not kept when the
     segment applies (only bits not already zero: a pruned weight stays pruned without a write).
-    Nothing at all unless ``ok[0]`` (no NaN, enough candidates: the host raises afterwards).
-    ``fits[g]``: every tie of group ``g`` is kept, so no tie ranks are needed."""
-    if tl.load(ok) != 0:
-        pid = tl.program_id(0).to(tl.int64)
+    Nothing at all when ``bad[0] != 0`` (NaN, too few candidates: the host raises afterwards).
+    Two launches share the tiles: ``ALL_TIES`` handles the groups whose ties are all kept
+    (``fits[g]``, no tie ranks needed, no scan compiled in), the other one the rest."""
+    pid = tl.program_id(0).to(tl.int64)
+    seg = tl.load(tile_seg + pid).to(tl.int64)
+    g = tl.load(tab_group + seg)
+    mine = (tl.load(fits + g) != 0) == ALL_TIES
+    if mine & (tl.load(bad) == 0):
         seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK)
-        g = tl.load(tab_group + seg)
         t = tl.load(thr + g)
         src = _src(tab_src, seg, WIDE)
         bits, key = _keys(src, offs, valid, WIDE)
         c = _candidates(tab_cand, seg, offs, valid, HAS_CAND)
         tie = c & (key == t)
-        if tl.load(fits + g) != 0:
+        if ALL_TIES:
             keep = (c & (key > t)) | tie
         else:
             w = _unit_weights(tab_size, seg, offs, valid, HAS_SIZE, BLOCK)
@@ -201,6 +206,76 @@ def _mask_kernel(
         tl.store(out + offs, keep.to(tl.uint8), mask=valid)
         applies = tl.load(tab_apply + seg) != 0
         tl.store(src + offs, tl.zeros_like(bits), mask=valid & (~keep) & applies & (bits != 0))
+
+
+@triton.jit
+def _search_kernel(
+    hist, row_stride, nbins, keep, b1, live2, thr, fits, result, bad, G,
+    PASS2: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Program ``g``: in row ``g`` of ``hist`` (``nbins`` bins, NaN count in bin ``nbins`` for
+    pass 1), the bin holding the ``k``-th largest weight counted from the top, ``k = max(keep[g]
+    - above, 1)``, the weight above that bin and in it; ``above`` = 0 in pass 1, the pass-1 count
+    above (``result[5]``) in pass 2. Then the selection's state: ``result[g, :]`` = (threshold
+    key, need, ties, NaN, candidates, weight above the pass-1 bin), ``thr``/``fits`` (int32 for
+    the mask pass). Pass 1 writes every group as if its keys were 16 bits wide, and ``b1`` (the
+    pass-1 bin) and adds the group to ``bad`` on NaN or too few candidates; pass 2 rewrites the
+    groups flagged in ``live2`` (31-bit keys that keep something: the threshold is
+    ``b1 << 16 | bin``).
+    A group that keeps nothing gets an unreachable threshold and needs nothing."""
+    g = tl.program_id(0).to(tl.int64)
+    kg = tl.load(keep + g)
+    above0 = tl.load(result + 5 * G + g) if PASS2 else tl.full([], 0, tl.int64)
+    k = tl.maximum(kg - above0, 1)
+    lanes = tl.arange(0, CHUNK)
+    running = tl.full([], 0, tl.int64)
+    found = tl.full([], 0, tl.int1)
+    bin_at = tl.full([], 0, tl.int64)
+    above = tl.full([], 0, tl.int64)
+    ties = tl.full([], 0, tl.int64)
+    row = hist + g * row_stride
+    for start in range(0, nbins, CHUNK):
+        idx = nbins - 1 - start - lanes  # top bins first
+        vals = tl.load(row + idx, mask=idx >= 0, other=0).to(tl.int64)
+        cum = running + tl.cumsum(vals, axis=0)
+        pos = tl.min(tl.where(cum >= k, lanes, CHUNK), axis=0)
+        hit = (pos < CHUNK) & ~found
+        at = lanes == pos
+        bin_at = tl.where(hit, nbins - 1 - start - pos, bin_at)
+        ties = tl.where(hit, tl.sum(tl.where(at, vals, 0), axis=0), ties)
+        above = tl.where(hit, tl.sum(tl.where(at, cum - vals, 0), axis=0), above)
+        found = found | hit
+        running += tl.sum(vals, axis=0)
+    # No bin reaches k (an error, or nothing to keep): bin 0, as the torch search gives.
+    h0 = tl.load(row).to(tl.int64)
+    ties = tl.where(found, ties, h0)
+    above = tl.where(found, above, running - h0)
+    live = kg > 0
+    if PASS2:
+        applies = tl.load(live2 + g) != 0
+        hi = tl.load(b1 + g).to(tl.int64)
+        t = (hi << 16) | bin_at
+        need = kg - above0 - above
+        tl.store(result + g, t, mask=applies)
+        tl.store(result + G + g, need, mask=applies)
+        tl.store(result + 2 * G + g, ties, mask=applies)
+        tl.store(thr + g, t.to(tl.int32), mask=applies)
+        tl.store(fits + g, (ties == need).to(tl.int32), mask=applies)
+    else:
+        nan = tl.load(row + nbins).to(tl.int64)
+        t = tl.where(live, bin_at, 2147483647)
+        need = tl.where(live, kg - above, 0)
+        ties = tl.where(live, ties, 0)
+        tl.store(result + g, t)
+        tl.store(result + G + g, need)
+        tl.store(result + 2 * G + g, ties)
+        tl.store(result + 3 * G + g, nan)
+        tl.store(result + 4 * G + g, running)
+        tl.store(result + 5 * G + g, above)
+        tl.store(thr + g, t.to(tl.int32))
+        tl.store(fits + g, (ties == need).to(tl.int32))
+        tl.store(b1 + g, bin_at.to(tl.int32))
+        tl.atomic_add(bad, ((nan > 0) | (kg > running)).to(tl.int32))
 
 
 @triton.jit
@@ -336,12 +411,17 @@ class _AtomicSelect:
         self.h2 = (torch.empty(groups, self.copies2, 65536, dtype=torch.int32, device=dev)
                    if any(live_wide) else None)
         self.zeros_g = torch.zeros(groups, dtype=torch.int32, device=dev)
-        # Per group after enqueue: threshold key, need, ties, NaN count, candidates; and the flag.
-        self.result = torch.empty(5, groups, dtype=torch.int64, device=dev)
-        self.ok = torch.empty(1, dtype=torch.int32, device=dev)
+        # Per group after enqueue: threshold key, need, ties, NaN count, candidates, weight above
+        # the pass-1 bin; the pass-1 bin, the threshold and whether every tie is kept (int32, for
+        # the kernels); and the count of groups in error.
+        self.result = torch.empty(6, groups, dtype=torch.int64, device=dev)
+        small = torch.empty(3 * groups + 1, dtype=torch.int32, device=dev)
+        self.b1, self.thr, self.fits, self.bad = small[:groups], small[groups:2 * groups], small[2 * groups:3 * groups], small[-1:]
         self.finals = [_FinalPass(ln, segments, block, warps, dev) for ln in launches]
 
     def enqueue(self) -> None:
+        # About a dozen launches: histogram, copies summed, search (one program per group), and
+        # again for 31-bit keys; then the tie ranks and the mask pass.
         groups = len(self.keep)
 
         def hist_pass(h: Tensor, pass2: bool, copies: int, sel_hi: Tensor, live: Tensor) -> Tensor:
@@ -358,34 +438,24 @@ class _AtomicSelect:
                 )
             return h[:, 0] if copies == 1 else h.sum(1, dtype=torch.int32)
 
-        k = self.k
+        self.bad.zero_()
         h1 = hist_pass(self.h1, False, self.copies, self.zeros_g, self.zeros_g)
-        nan = h1[:, NAN_BIN].to(torch.int64)
-        avail = h1[:, :NAN_BIN].sum(1, dtype=torch.int64)
-        b1, above = _search(h1[:, :NAN_BIN], k.clamp(min=1))
-        ties = h1.gather(1, b1[:, None]).squeeze(1).to(torch.int64)
-        thr = b1
+        _search_kernel[(groups,)](
+            h1, h1.stride(0), NAN_BIN, self.k, self.b1, self.live_wide, self.thr, self.fits, self.result,
+            self.bad, groups, PASS2=False, CHUNK=_SEARCH_CHUNK, num_warps=4,
+        )
         if self.h2 is not None:
-            h2 = hist_pass(self.h2, True, self.copies2, b1.to(torch.int32), self.live_wide)
-            b2, above2 = _search(h2, (k - above).clamp(min=1))
-            t2 = h2.gather(1, b2[:, None]).squeeze(1).to(torch.int64)
-            thr = torch.where(self.wide_t, (b1 << 16) | b2, b1)
-            above = torch.where(self.wide_t, above + above2, above)
-            ties = torch.where(self.wide_t, t2, ties)
-        live = k > 0  # groups that keep nothing: a threshold above every key, nothing needed
-        thr = torch.where(live, thr, INT32_MAX)
-        need = torch.where(live, k - above, 0)
-        ties = torch.where(live, ties, 0)
-        torch.stack([thr, need, ties, nan, avail], out=self.result)
-        self.ok.copy_(((nan.sum() == 0) & (k <= avail).all()).to(torch.int32).reshape(1))
-        thr_t = self.result[0].to(torch.int32)
-        fits = (self.result[2] == self.result[1]).to(torch.int32)
+            h2 = hist_pass(self.h2, True, self.copies2, self.b1, self.live_wide)
+            _search_kernel[(groups,)](
+                h2, h2.stride(0), h2.shape[1], self.k, self.b1, self.live_wide, self.thr, self.fits,
+                self.result, self.bad, groups, PASS2=True, CHUNK=_SEARCH_CHUNK, num_warps=4,
+            )
         for fp in self.finals:
-            fp.enqueue(thr_t, self.result[1], fits, self.ok, groups)
+            fp.enqueue(self.thr, self.result[1], self.fits, self.bad, groups)
 
     def finish(self) -> list[tuple[int, int]]:
         """One host sync: raise the errors the counts show, else per group ``(threshold, need)``."""
-        thr, need, _, nan, avail = self.result.tolist()
+        thr, need, _, nan, avail, _ = self.result.tolist()
         _check_counts(nan, avail, self.keep, self.what)
         return list(zip(thr, need, strict=True))
 
@@ -406,7 +476,7 @@ class _FinalPass:
             sorted_groups = tile_group[self.order]
             self.first = torch.searchsorted(sorted_groups, sorted_groups)  # each tile's group's first slot
 
-    def enqueue(self, thr: Tensor, need: Tensor, fits: Tensor, ok: Tensor, groups: int) -> None:
+    def enqueue(self, thr: Tensor, need: Tensor, fits: Tensor, bad: Tensor, groups: int) -> None:
         ln, block, warps = self.ln, self.block, self.warps
         _tie_count_kernel[(ln.tiles,)](
             *ln.args(), ln.group, ln.tile_seg, ln.first, ln.n, thr, fits, self.counts,
@@ -419,11 +489,13 @@ class _FinalPass:
             c = self.counts[self.order].to(torch.int64)
             excl = torch.cumsum(c, 0) - c
             self.tile_start[self.order] = (excl - excl[self.first]).to(torch.int32)
-        _mask_kernel[(ln.tiles,)](
-            *ln.args(), ln.out, ln.group, ln.apply, ln.tile_seg, ln.first, ln.n,
-            thr, need, fits, ok, self.tile_start,
-            WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size, BLOCK=block, num_warps=warps,
-        )
+        for all_ties in (True, False):  # each tile is written by the one whose case its group is
+            _mask_kernel[(ln.tiles,)](
+                *ln.args(), ln.out, ln.group, ln.apply, ln.tile_seg, ln.first, ln.n,
+                thr, need, fits, bad, self.tile_start,
+                ALL_TIES=all_ties, WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size,
+                BLOCK=block, num_warps=warps,
+            )
 
 
 # Radix digits (shift, bits), top digit first: 31-bit keys (float32) and 15-bit keys (16-bit floats).
@@ -544,12 +616,12 @@ def _select_units(
     if algorithm != "radix":
         raise ValueError(f"algorithm must be 'atomic', 'radix' or 'window', got {algorithm!r}")
     thr, need, ties = _threshold_radix(launches, keep, what, wide, groups, block, warps, dev)
-    table = to_device(torch.tensor([thr, need, [int(t == n) for t, n in zip(ties, need, strict=True)], [1] * groups],
+    table = to_device(torch.tensor([thr, need, [int(t == n) for t, n in zip(ties, need, strict=True)], [0] * groups],
                                    dtype=torch.int64), dev)
-    ok = table[3, :1].to(torch.int32)  # the radix select raised its errors already
+    bad = table[3, :1].to(torch.int32)  # the radix select raised its errors already
     for ln in launches:
         _FinalPass(ln, segments, block, warps, dev).enqueue(table[0].to(torch.int32), table[1],
-                                                             table[2].to(torch.int32), ok, groups)
+                                                             table[2].to(torch.int32), bad, groups)
     return [(thr[g], need[g]) for g in range(groups)]
 
 

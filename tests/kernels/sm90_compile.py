@@ -168,9 +168,15 @@ def _rerank() -> Iterator[Spec]:
                     "copy_stride": "i32"}, {**flags, "PASS2": pass2, "COPIES": 64}, warps)
         yield (f"_tie_count_kernel {tag}", _jit(select._tie_count_kernel),
                {**tab, "thr": "*i32", "fits": "*i32", "counts": "*i32"}, flags, warps)
-        yield (f"_mask_kernel {tag}", _jit(select._mask_kernel),
-               {**tab, "thr": "*i32", "need": "*i64", "fits": "*i32", "ok": "*i32", "tile_start": "*i32"}, flags,
-               warps)
+        for all_ties in (False, True):
+            yield (f"_mask_kernel all_ties={all_ties} {tag}", _jit(select._mask_kernel),
+                   {**tab, "thr": "*i32", "need": "*i64", "fits": "*i32", "bad": "*i32", "tile_start": "*i32"},
+                   {**flags, "ALL_TIES": all_ties}, warps)
+    for pass2 in (False, True):
+        yield (f"_search_kernel pass2={pass2}", _jit(select._search_kernel),
+               {"hist": "*i32", "row_stride": "i32", "nbins": "i32", "keep": "*i64", "b1": "*i32", "live2": "*i32",
+                "thr": "*i32", "fits": "*i32", "result": "*i64", "bad": "*i32", "G": "i32"},
+               {"PASS2": pass2, "CHUNK": 1024}, {"num_warps": 4})
     for wide, cand, first in itertools.product((True, False), (True, False), (True, False)):
         yield (f"_digit_hist_kernel wide={wide} cand={cand} first={first}", _jit(select._digit_hist_kernel),
                {**tab, "hist": "*i32", "prefix": "*i32", "live": "*i32", "nan_count": "*i32", "group_stride": "i32"},

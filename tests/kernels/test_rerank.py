@@ -770,3 +770,52 @@ def test_plan_refuses_what_it_cannot_hold():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_plan_graph_replays_equal_the_reference(dtype):
     _check_plan_runs(dtype, "cuda", graph=True)
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_search_kernel_equals_the_torch_search(chunk):
+    # The per-group search of the atomic select at small chunks (many steps, a last partial one)
+    # against the torch search it replaced: bin, weight above, ties; k beyond the total and groups
+    # that keep nothing; NaN and too-few-candidates flagged; pass 2 only for the groups it counts.
+    from sparse_rnnt.kernels.rerank.select import _search, _search_kernel
+
+    g = torch.Generator().manual_seed(7)
+    nbins, G = 100, 7
+    h1 = torch.randint(0, 4, (G, nbins + 1), generator=g, dtype=torch.int32)
+    h1[:, nbins] = 0
+    h1[2, 40:] = 0  # a sparse top
+    h1[3] = 0  # no candidates at all
+    h1[4, nbins] = 2  # NaN
+    totals = h1[:, :nbins].sum(1)
+    keep = torch.tensor([1, int(totals[1]), 3, 0, 5, int(totals[5]) + 1, int(totals[6]) // 2])
+    b1 = torch.empty(G, dtype=torch.int32)
+    thr, fits = torch.empty(G, dtype=torch.int32), torch.empty(G, dtype=torch.int32)
+    result = torch.full((6, G), -7, dtype=torch.int64)
+    bad = torch.zeros(1, dtype=torch.int32)
+    live2 = torch.tensor([1, 1, 0, 0, 1, 0, 1], dtype=torch.int32)
+    _search_kernel[(G,)](h1, h1.stride(0), nbins, keep, b1, live2, thr, fits, result, bad, G, PASS2=False, CHUNK=chunk)
+    bins, above = _search(h1[:, :nbins], keep.clamp(min=1))
+    ties = h1.gather(1, bins[:, None]).squeeze(1).long()
+    live = keep > 0
+    assert torch.equal(b1.long(), bins)
+    assert torch.equal(result[0], torch.where(live, bins, 2**31 - 1))
+    assert torch.equal(result[1], torch.where(live, keep - above, 0))
+    assert torch.equal(result[2], torch.where(live, ties, 0))
+    assert torch.equal(result[3], h1[:, nbins].long()) and torch.equal(result[4], totals.long())
+    assert torch.equal(result[5], above)
+    assert torch.equal(thr.long(), result[0]) and torch.equal(fits.bool(), result[2] == result[1])
+    assert int(bad) == 2  # group 4 (NaN) and group 5 (one more kept than there are candidates)
+
+    n2 = 37
+    h2 = torch.randint(0, 3, (G, n2), generator=g, dtype=torch.int32)
+    before = result.clone()
+    _search_kernel[(G,)](h2, h2.stride(0), n2, keep, b1, live2, thr, fits, result, bad, G, PASS2=True, CHUNK=chunk)
+    k2 = (keep - before[5]).clamp(min=1)
+    bins2, above2 = _search(h2, k2)
+    ties2 = h2.gather(1, bins2[:, None]).squeeze(1).long()
+    on = live2.bool()
+    assert torch.equal(result[0], torch.where(on, (before[0] << 16) | bins2, before[0]))
+    assert torch.equal(result[1], torch.where(on, keep - before[5] - above2, before[1]))
+    assert torch.equal(result[2], torch.where(on, ties2, before[2]))
+    assert torch.equal(result[3:], before[3:]) and int(bad) == 2
+    assert torch.equal(thr.long(), result[0] & 0xFFFFFFFF) and torch.equal(fits.bool(), result[2] == result[1])

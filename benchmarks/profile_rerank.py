@@ -3,7 +3,8 @@ the call, for ``rerank_masks(..., apply=True)`` over the benchmark's weights (8 
 
     python -m benchmarks.profile_rerank --device cuda --sizes 10000000,63000000
 
-Prints one JSON line per (size, dtype, algorithm): ``wall_ms`` (median of host wall time per call,
+Prints a first JSON line with the machine and versions (``environment``), then one per (size,
+dtype, algorithm): ``wall_ms`` (median of host wall time per call,
 synchronized), ``device_ms`` (sum of every kernel and memset/memcpy the call ran, per call), the
 launch count and the top kernels by device time. When ``device_ms`` is far below ``wall_ms`` the
 call waits on the host (Python, launches, host syncs), not on memory.
@@ -77,6 +78,9 @@ def main() -> None:
     p.add_argument("--algorithms", default="atomic,window,radix,plan,plan-graph",
                    help="comma-separated: atomic, window, radix (rerank_masks), plan, plan-graph (RerankPlan)")
     a = p.parse_args()
+    from benchmarks.env import environment
+
+    print(json.dumps({"environment": environment()}), flush=True)
     for total in (int(s) for s in a.sizes.split(",")):
         for dtype in (torch.float32, torch.bfloat16):
             for alg in a.algorithms.split(","):

@@ -282,3 +282,15 @@ def test_gpu_session_script_rehearsal_on_cpu(tmp_path):
     assert {r["streams"] for r in stream["rows"] if "streams" in r} == {2}
     load = json.loads((tmp_path / "load" / "stream-cpu.json").read_text())["load"]
     assert load["step_mode"] == "static" and load["identical_to_alone"] == {"s0": True, "s63": True}
+
+
+@pytest.mark.parametrize("algorithm", ["atomic", "plan"])
+def test_rerank_profile_on_cpu(algorithm):
+    # The profile's plumbing at a small size (no CUDA activity on CPU: device time 0, host ops
+    # listed); the same call ran on the H100 (benchmarks/results/h100-2026-11-26-lease2/).
+    from benchmarks.profile_rerank import profile
+
+    row = profile(16000, torch.float32, "cpu", algorithm, calls=2)  # 8 tensors of 2 x 1000
+    assert row["algorithm"] == algorithm and row["shape"] == "16000"
+    assert row["wall_ms"] > 0 and row["device_ms"] == 0.0 and row["launches"] == 0.0
+    assert row["host_top"] and all(e["self_ms"] >= 0 for e in row["host_top"])

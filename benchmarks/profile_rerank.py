@@ -28,11 +28,12 @@ def profile(total: int, dtype: torch.dtype, device: str, algorithm: str, calls: 
     ws = _weights(total, dtype, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    if algorithm in ("plan", "plan-graph"):  # RerankPlan: eager, or replayed from a CUDA graph
+    if algorithm.startswith("plan"):  # RerankPlan: eager or replayed from a CUDA graph, cold or warm
         from sparse_rnnt.kernels.rerank import RerankPlan
 
         out = {name: torch.empty(w.shape, dtype=torch.uint8, device=device) for name, w in ws.items()}
-        fn = RerankPlan(ws, SPARSITY, out, apply=True, graph=algorithm == "plan-graph").run
+        fn = RerankPlan(ws, SPARSITY, out, apply=True, graph="graph" in algorithm,
+                        warm_start=algorithm.endswith("-warm")).run
     else:
         def fn() -> object:
             return rerank_masks(ws, SPARSITY, apply=True, algorithm=algorithm)
@@ -75,8 +76,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda", help="cuda or cpu (cpu: the interpreter, tiny sizes)")
     p.add_argument("--sizes", default="10000000", help="comma-separated weight counts")
-    p.add_argument("--algorithms", default="atomic,window,radix,plan,plan-graph",
-                   help="comma-separated: atomic, window, radix (rerank_masks), plan, plan-graph (RerankPlan)")
+    p.add_argument("--algorithms", default="atomic,window,radix,plan,plan-graph,plan-graph-warm",
+                   help="comma-separated: atomic, window, radix (rerank_masks); plan, plan-warm, plan-graph, "
+                        "plan-graph-warm (RerankPlan eager or in a CUDA graph, without or with a warm start)")
     a = p.parse_args()
     from benchmarks.env import environment
 

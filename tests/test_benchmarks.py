@@ -284,7 +284,7 @@ def test_gpu_session_script_rehearsal_on_cpu(tmp_path):
     assert load["step_mode"] == "static" and load["identical_to_alone"] == {"s0": True, "s63": True}
 
 
-@pytest.mark.parametrize("algorithm", ["atomic", "plan"])
+@pytest.mark.parametrize("algorithm", ["atomic", "plan", "plan-warm"])
 def test_rerank_profile_on_cpu(algorithm):
     # The profile's plumbing at a small size (no CUDA activity on CPU: device time 0, host ops
     # listed); the same call ran on the H100 (benchmarks/results/h100-2026-11-26-lease2/).

@@ -164,7 +164,7 @@ def _rerank() -> Iterator[Spec]:
         tag = f"wide={wide} cand={cand} size={size}"
         for pass2 in (False, True):
             yield (f"_hist_kernel pass2={pass2} {tag}", _jit(select._hist_kernel),
-                   {**tab, "hist": "*i32", "sel_hi": "*i32", "live": "*i32", "group_stride": "i32",
+                   {**tab, "hist": "*i32", "sel_hi": "*i32", "live": "*i32", "gate": "*i32", "group_stride": "i32",
                     "copy_stride": "i32"}, {**flags, "PASS2": pass2, "COPIES": 64}, warps)
         yield (f"_tie_count_kernel {tag}", _jit(select._tie_count_kernel),
                {**tab, "thr": "*i32", "fits": "*i32", "counts": "*i32"}, flags, warps)
@@ -175,8 +175,18 @@ def _rerank() -> Iterator[Spec]:
     for pass2 in (False, True):
         yield (f"_search_kernel pass2={pass2}", _jit(select._search_kernel),
                {"hist": "*i32", "row_stride": "i32", "nbins": "i32", "keep": "*i64", "b1": "*i32", "live2": "*i32",
-                "thr": "*i32", "fits": "*i32", "result": "*i64", "bad": "*i32", "G": "i32"},
+                "thr": "*i32", "fits": "*i32", "result": "*i64", "bad": "*i32", "gate": "*i32", "G": "i32"},
                {"PASS2": pass2, "CHUNK": 1024}, {"num_warps": 4})
+    for wide, cand in itertools.product((True, False), (True, False)):
+        yield (f"_near_hist_kernel wide={wide} cand={cand}", _jit(select._near_hist_kernel),
+               {**tab, "lo": "*i32", "hist": "*i32", "stats": "*i32", "group_stride": "i32", "copy_stride": "i32"},
+               {"NW": select._WARM_WINDOW[wide], "WIDE": wide, "HAS_CAND": cand, "COPIES": 8, "BLOCK": 4096}, warps)
+    for wide in (True, False):
+        nw = select._WARM_WINDOW[wide]
+        yield (f"_near_search_kernel nw={nw}", _jit(select._near_search_kernel),
+               {"hist": "*i32", "row_stride": "i32", "keep": "*i64", "lo": "*i32", "stats": "*i32", "thr": "*i32",
+                "fits": "*i32", "result": "*i64", "miss": "*i32", "G": "i32"},
+               {"NW": nw, "CHUNK": min(1024, nw)}, {"num_warps": 4})
     for wide, cand, first in itertools.product((True, False), (True, False), (True, False)):
         yield (f"_digit_hist_kernel wide={wide} cand={cand} first={first}", _jit(select._digit_hist_kernel),
                {**tab, "hist": "*i32", "prefix": "*i32", "live": "*i32", "nan_count": "*i32", "group_stride": "i32"},

@@ -697,13 +697,16 @@ def _plan_case(dtype, device, seed):
     return w, cand, out
 
 
-def _check_plan_runs(dtype, device, graph):
+def _check_plan_runs(dtype, device, graph, warm_start=True):
     # One plan, run on changing values (new weights copied in, some pruned by the last run):
-    # every run equals the reference on the values it saw, and zeroes what it prunes.
+    # every run equals the reference on the values it saw, and zeroes what it prunes. With a warm
+    # start, the second run (new values, threshold far from the last) misses its window and
+    # takes the two passes; the third (the values the second left) finds it in its window.
     w, cand, out = _plan_case(dtype, device, seed=40)
     for scope in ("global", "per_tensor"):
         plan = RerankPlan(w, 0.6, out, scope=scope, candidates=cand, apply=True, tile=TILE if device == "cpu" else None,
-                          graph=graph)
+                          graph=graph, warm_start=warm_start)
+        hits = []
         for step in range(3):
             fresh = _weights([(37, 53), (5, 7), (64, 33)], dtype, seed=41 + step, tied=step == 1, device=device)
             with torch.no_grad():
@@ -714,15 +717,18 @@ def _check_plan_runs(dtype, device, graph):
             ref = magnitude_masks({k: v.cpu() for k, v in before.items()}, 0.6, scope=scope,
                                   candidates={k: c.cpu() for k, c in cand.items()})
             plan.run()
+            hits.append(plan.last_warm_hit)
             _assert_same({k: o.bool().cpu() for k, o in out.items()}, ref)
             for k in w:
                 assert torch.equal(w[k].cpu(), torch.where(ref[k], before[k].cpu(), torch.zeros_like(before[k].cpu())))
         assert plan.captured == graph and plan.runs == 3
+        assert hits == ([False, False, True] if warm_start else [False] * 3)
 
 
+@pytest.mark.parametrize("warm_start", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_plan_reruns_equal_the_reference(dtype):
-    _check_plan_runs(dtype, "cpu", graph=False)
+def test_plan_reruns_equal_the_reference(dtype, warm_start):
+    _check_plan_runs(dtype, "cpu", graph=False, warm_start=warm_start)
 
 
 def test_plan_error_leaves_everything_and_recovers():
@@ -770,6 +776,7 @@ def test_plan_refuses_what_it_cannot_hold():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_plan_graph_replays_equal_the_reference(dtype):
     _check_plan_runs(dtype, "cuda", graph=True)
+    _check_plan_runs(dtype, "cuda", graph=True, warm_start=False)
 
 
 @pytest.mark.parametrize("chunk", [16, 64])
@@ -793,7 +800,13 @@ def test_search_kernel_equals_the_torch_search(chunk):
     result = torch.full((6, G), -7, dtype=torch.int64)
     bad = torch.zeros(1, dtype=torch.int32)
     live2 = torch.tensor([1, 1, 0, 0, 1, 0, 1], dtype=torch.int32)
-    _search_kernel[(G,)](h1, h1.stride(0), nbins, keep, b1, live2, thr, fits, result, bad, G, PASS2=False, CHUNK=chunk)
+    gate = torch.zeros(1, dtype=torch.int32)
+    _search_kernel[(G,)](h1, h1.stride(0), nbins, keep, b1, live2, thr, fits, result, bad, gate, G, PASS2=False,
+                         CHUNK=chunk)
+    assert bool((result == -7).all()) and int(bad) == 0  # a closed gate: nothing written
+    gate.fill_(1)
+    _search_kernel[(G,)](h1, h1.stride(0), nbins, keep, b1, live2, thr, fits, result, bad, gate, G, PASS2=False,
+                         CHUNK=chunk)
     bins, above = _search(h1[:, :nbins], keep.clamp(min=1))
     ties = h1.gather(1, bins[:, None]).squeeze(1).long()
     live = keep > 0
@@ -809,7 +822,8 @@ def test_search_kernel_equals_the_torch_search(chunk):
     n2 = 37
     h2 = torch.randint(0, 3, (G, n2), generator=g, dtype=torch.int32)
     before = result.clone()
-    _search_kernel[(G,)](h2, h2.stride(0), n2, keep, b1, live2, thr, fits, result, bad, G, PASS2=True, CHUNK=chunk)
+    _search_kernel[(G,)](h2, h2.stride(0), n2, keep, b1, live2, thr, fits, result, bad, gate, G, PASS2=True,
+                         CHUNK=chunk)
     k2 = (keep - before[5]).clamp(min=1)
     bins2, above2 = _search(h2, k2)
     ties2 = h2.gather(1, bins2[:, None]).squeeze(1).long()

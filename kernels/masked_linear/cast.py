@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..host import cdiv
 from .fused import _keep_tile, _kernel_mask
 from .naive import _check_mask_shape, masked_cast_ref
 
@@ -69,7 +70,7 @@ def _launch_masked_cast(src: Tensor, m: Tensor, mode: int, dtype: torch.dtype, o
     if n == 0 or k == 0:
         return dst
     m0 = m[0]
-    _masked_cast_kernel[(triton.cdiv(n, _BLOCK_N), triton.cdiv(k, _BLOCK_K))](
+    _masked_cast_kernel[(cdiv(n, _BLOCK_N), cdiv(k, _BLOCK_K))](
         src, m0, dst, n, k, src.stride(0), src.stride(1), m0.stride(0), dst.stride(0), dst.stride(1),
         MASK_MODE=mode, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, num_warps=_WARPS,
     )

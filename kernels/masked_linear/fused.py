@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..host import cdiv, next_power_of_2
 from ..tuning import autotune_bench
 from .naive import (
     check_masked_linear,
@@ -551,12 +552,12 @@ class _Plan:
         return self.perm is not None
 
     def row_tiles(self, block_m: int) -> int:
-        return sum(triton.cdiv(c, block_m) for c in self.counts)
+        return sum(cdiv(c, block_m) for c in self.counts)
 
     @property
     def bucket(self) -> int:
         # Autotune once per power-of-two row count, not once per batch size.
-        return triton.next_power_of_2(max(self.n_rows, 1))
+        return next_power_of_2(max(self.n_rows, 1))
 
 
 def _prec(x: Tensor, allow_tf32: bool) -> str:
@@ -602,7 +603,7 @@ def _launch_fwd(x2: Tensor, w: Tensor, m: Tensor, mode: int, bias: Tensor | None
         return y
 
     def grid(meta: dict[str, Any]) -> tuple[int]:
-        return (plan.row_tiles(meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        return (plan.row_tiles(meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
 
     kernel = _fwd_kernel if config is None else _fwd_kernel.fn
     kernel[grid](
@@ -627,7 +628,7 @@ def _launch_dx(dy: Tensor, w: Tensor, m: Tensor, mode: int, plan: _Plan, allow_t
         return dx
 
     def grid(meta: dict[str, Any]) -> tuple[int]:
-        return (plan.row_tiles(meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
+        return (plan.row_tiles(meta["BLOCK_M"]) * cdiv(k, meta["BLOCK_K"]),)
 
     kernel = _dx_kernel if config is None else _dx_kernel.fn
     kernel[grid](
@@ -655,7 +656,7 @@ def _launch_dw(dy: Tensor, x2: Tensor, m: Tensor, mode: int, hard: bool, plan: _
     pathway = plan.pathway and hard
 
     def grid(meta: dict[str, Any]) -> tuple[int]:
-        return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),)
+        return (cdiv(n, meta["BLOCK_N"]) * cdiv(k, meta["BLOCK_K"]),)
 
     kernel = _dw_kernel if config is None else _dw_kernel.fn
     kernel[grid](
@@ -676,7 +677,7 @@ def _dw_cublas(dy: Tensor, x2: Tensor, m: Tensor, mode: int, hard: bool) -> Tens
     if hard and dw.numel():
         n, k = dw.shape
         block_n, block_k = 32, 64
-        _mask_grad_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        _mask_grad_kernel[(cdiv(n, block_n), cdiv(k, block_k))](
             dw, m, n, k, dw.stride(0), dw.stride(1), m.stride(0),
             MASK_MODE=mode, BLOCK_N=block_n, BLOCK_K=block_k,
         )

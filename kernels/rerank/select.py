@@ -67,6 +67,7 @@ from torch import Tensor
 
 from sparse_rnnt.errors import UserError
 
+from ..host import cdiv, next_power_of_2
 from ._segments import (
     _INTERP,
     _NAN_ABOVE,
@@ -447,7 +448,7 @@ def _hist_copies(groups: int, programs: int) -> int:
     groups stay within 64 histograms (8.4 MB of pass-1 bins); 1 under the interpreter."""
     if _INTERP:
         return 1
-    return max(1, min(64 // max(groups, 1), triton.next_power_of_2(max(programs, 1))))
+    return max(1, min(64 // max(groups, 1), next_power_of_2(max(programs, 1))))
 
 
 def _search(hist: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
@@ -720,7 +721,7 @@ def _select_units(
     total = sum(s.src.numel() for s in segments)
     if total >= INT32_MAX:
         raise ValueError(f"at most 2**31 - 2 units per call, got {total}")
-    grids = [triton.cdiv(s.src.numel(), block) for s in segments]
+    grids = [cdiv(s.src.numel(), block) for s in segments]
     by_width: dict[bool, list[int]] = {}
     for i, s in enumerate(segments):
         if grids[i]:
@@ -768,7 +769,7 @@ def block_sq_norms(weight: Tensor, block: tuple[int, int], *, tile: int = 256) -
     out = torch.empty(nbr, nbc, dtype=torch.float32, device=w.device)
     nb = nbr * nbc
     if nb:
-        _block_sq_kernel[(triton.cdiv(nb, tile),)](
+        _block_sq_kernel[(cdiv(nb, tile),)](
             w, out, nb, nbc, rows, cols, bh, bw, BLOCK=tile, enable_fp_fusion=False,
         )
     return out
@@ -781,10 +782,10 @@ def _nm_launch(w: Tensor, cand: Tensor | None, out: Tensor, n: int, m: int, name
     n_groups = rows * gpr
     if n_groups == 0:
         return
-    mp = triton.next_power_of_2(m)
+    mp = next_power_of_2(m)
     bg = max(1, min(1024 if _INTERP else 256, 4096 // (mp * mp)))
     err = torch.zeros(2, dtype=torch.int32, device=w.device)
-    _nm_kernel[(triton.cdiv(n_groups, bg),)](
+    _nm_kernel[(cdiv(n_groups, bg),)](
         _bits(w), cand, out, err, n_groups, gpr, cols, n, m, _NAN_ABOVE[w.dtype],
         WIDE=w.dtype == torch.float32, HAS_CAND=cand is not None, BG=bg, MP=mp,
     )
@@ -850,7 +851,7 @@ def rerank_masks_into(
             bsz = _tile(tile)[0]
             for name, w in ws.items():
                 if w.numel():
-                    _apply_kernel[(triton.cdiv(w.numel(), bsz),)](_bits(w), out[name].reshape(-1), w.numel(), BLOCK=bsz)
+                    _apply_kernel[(cdiv(w.numel(), bsz),)](_bits(w), out[name].reshape(-1), w.numel(), BLOCK=bsz)
             _bump_versions(weights)
         return
 
@@ -887,7 +888,7 @@ def rerank_masks_into(
         bsz = _tile(tile)[0]
         for name in late:
             w = ws[name]
-            _apply_kernel[(triton.cdiv(w.numel(), bsz),)](_bits(w), out[name].reshape(-1), w.numel(), BLOCK=bsz)
+            _apply_kernel[(cdiv(w.numel(), bsz),)](_bits(w), out[name].reshape(-1), w.numel(), BLOCK=bsz)
         if apply:
             _bump_versions(weights)
         return
@@ -921,7 +922,7 @@ def rerank_masks_into(
     for name, w in ws.items():
         cols = math.prod(w.shape[1:])
         if w.numel():
-            _expand_kernel[(triton.cdiv(w.numel(), bsz),)](
+            _expand_kernel[(cdiv(w.numel(), bsz),)](
                 _bits(w), bmasks[name], out[name].reshape(-1), w.numel(), cols, -(-cols // bw), bh, bw,
                 APPLY=apply, BLOCK=bsz, num_warps=warps,
             )
@@ -993,7 +994,7 @@ class RerankPlan:
             for name, w in weights.items()
         ]
         block, warps = _tile(tile)
-        grids = [triton.cdiv(sg.src.numel(), block) for sg in self._segments]
+        grids = [cdiv(sg.src.numel(), block) for sg in self._segments]
         by_width: dict[bool, list[int]] = {}
         for i, sg in enumerate(self._segments):
             if grids[i]:

@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..host import cdiv, next_power_of_2
 from ._segments import (
     INT32_MAX,
     Segment,
@@ -322,7 +323,7 @@ def window_select(
     tables = to_device(torch.tensor([x for row in plan for x in row] + caps, dtype=torch.int64), dev)
     plan_t, caps_t = tables[:5 * groups], tables[5 * groups:]
     bounds = torch.empty(2, groups, dtype=torch.int32, device=dev)
-    _bracket_kernel[(triton.cdiv(groups, 128),)](ordered, plan_t, bounds[0], bounds[1], groups, BLOCK=128)
+    _bracket_kernel[(cdiv(groups, 128),)](ordered, plan_t, bounds[0], bounds[1], groups, BLOCK=128)
 
     # 3. The pass. Counters (per group: NaN, above, window; per launch: slots taken) in one buffer.
     # Twice the warps of the other passes: its int64 places and sort keys take registers, and
@@ -353,7 +354,7 @@ def window_select(
     group_tab = torch.empty(groups, 2, dtype=torch.int64, device=dev)
     flag = torch.empty(1, dtype=torch.int32, device=dev)
     _check_kernel[(1,)](counters, plan_t, caps_t, group_tab, flag, groups, len(launches),
-                        BLOCK=triton.next_power_of_2(groups))
+                        BLOCK=next_power_of_2(groups))
     keys = []
     for li, ln in enumerate(launches):
         win_key, win_loc, wcap, _, _, _ = bufs[li]
@@ -364,7 +365,7 @@ def window_select(
             grp = torch.where(sk < 0, groups, ln.group[seg])
             o2 = grp.sort(stable=True).indices
             sk, loc = sk[o2], loc[o2]
-        _settle_kernel[(triton.cdiv(wcap, block),)](
+        _settle_kernel[(cdiv(wcap, block),)](
             loc, counters[3 * groups + 2 * li:], wcap, flag, group_tab, ln.src, ln.out, ln.group, ln.apply,
             WIDE=ln.wide, BLOCK=block, num_warps=warps,
         )
@@ -386,7 +387,7 @@ def window_select(
             _, _, _, undo_loc, undo_bits, ucap = bufs[li]
             n_undo = min(taken[li][1], ucap)
             if n_undo:
-                _restore_kernel[(triton.cdiv(n_undo, block),)](
+                _restore_kernel[(cdiv(n_undo, block),)](
                     undo_loc, undo_bits, n_undo, ln.src, WIDE=ln.wide, BLOCK=block, num_warps=warps)
         log.debug("window select missed (%s); the histogram select takes over", reason)
         return None

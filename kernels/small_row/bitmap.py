@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..host import cdiv, next_power_of_2
 from ..tuning import autotune_bench
 from .naive import BitmapWeight, bitmap_linear_ref, prepare_inference_inputs
 
@@ -117,7 +118,7 @@ def _reduce_kernel(part_ptr, b_ptr, y_ptr, S, total, N, HAS_BIAS: tl.constexpr, 
 
 def max_rows_block(r: int) -> int:
     """``BLOCK_R`` for ``r`` rows: next power of two ``>= max(16, r)``, at most 64."""
-    return min(64, max(16, triton.next_power_of_2(max(r, 1))))
+    return min(64, max(16, next_power_of_2(max(r, 1))))
 
 
 def pick_split(n_out_blocks: int, n_chunks: int, device: torch.device, weight_bytes: int, out_numel: int) -> int:
@@ -147,7 +148,7 @@ def reduce_partials(part: Tensor, bias: Tensor | None, y: Tensor) -> None:
     block = 1024
 
     def grid(_meta: dict) -> tuple[int]:
-        return (triton.cdiv(total, block),)
+        return (cdiv(total, block),)
 
     _reduce_kernel[grid](part, bias if bias is not None else y, y, part.shape[0], total, y.shape[1],
                          HAS_BIAS=bias is not None, BLOCK=block)
@@ -160,19 +161,19 @@ def _launch(x2: Tensor, w: BitmapWeight, bias: Tensor | None, split_k: int | Non
     if r == 0 or n == 0:
         return y
     block_r = max_rows_block(r)
-    row_blocks = triton.cdiv(r, block_r)
+    row_blocks = cdiv(r, block_r)
     n_tiles = w.offsets.shape[1]
     split = split_k if split_k is not None else pick_split(
-        triton.cdiv(n, 32) * row_blocks, n_tiles, x2.device, w.nbytes, r * n)
-    tiles_per_split = triton.cdiv(n_tiles, max(1, min(split, n_tiles)))
-    split = triton.cdiv(n_tiles, tiles_per_split)  # no empty splits
+        cdiv(n, 32) * row_blocks, n_tiles, x2.device, w.nbytes, r * n)
+    tiles_per_split = cdiv(n_tiles, max(1, min(split, n_tiles)))
+    split = cdiv(n_tiles, tiles_per_split)  # no empty splits
     direct = split == 1
     out = y if direct else partials(split, r, n, x2.device)
     upcast = _INTERPRET or x2.dtype == torch.float32
     prec = "ieee"
 
     def grid(meta: dict) -> tuple[int, int, int]:
-        return (triton.cdiv(n, meta["BLOCK_N"]), split, row_blocks)
+        return (cdiv(n, meta["BLOCK_N"]), split, row_blocks)
 
     _bitmap_kernel[grid](
         x2, w.bits, w.values, w.offsets, bias if bias is not None else y, out,

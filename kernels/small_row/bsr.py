@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..host import cdiv, next_power_of_2
 from ..tuning import autotune_bench
 from . import bitmap
 from .bitmap import max_rows_block, pick_split, reduce_partials, store_rows
@@ -87,16 +88,16 @@ def _launch(x2: Tensor, w: BsrWeight, bias: Tensor | None, split_k: int | None, 
     bh, bw = w.blocksize
     if r == 0 or n == 0:
         return y
-    nb_r, nb_c = triton.cdiv(n, bh), triton.cdiv(k, bw)
+    nb_r, nb_c = cdiv(n, bh), cdiv(k, bw)
     block_r = max_rows_block(r)
-    row_blocks = triton.cdiv(r, block_r)
+    row_blocks = cdiv(r, block_r)
     split = split_k if split_k is not None else pick_split(
-        nb_r * row_blocks, triton.cdiv(nb_c, 4), x2.device, w.nbytes, r * n)
-    cols_per_split = triton.cdiv(nb_c, max(1, min(split, nb_c)))
-    split = triton.cdiv(nb_c, cols_per_split) if nb_c else 1
+        nb_r * row_blocks, cdiv(nb_c, 4), x2.device, w.nbytes, r * n)
+    cols_per_split = cdiv(nb_c, max(1, min(split, nb_c)))
+    split = cdiv(nb_c, cols_per_split) if nb_c else 1
     direct = split == 1
     out = y if direct else bitmap.partials(split, r, n, x2.device)
-    pbh, pbw = max(16, triton.next_power_of_2(bh)), max(16, triton.next_power_of_2(bw))
+    pbh, pbw = max(16, next_power_of_2(bh)), max(16, next_power_of_2(bw))
     _bsr_kernel[(nb_r, split, row_blocks)](
         x2, w.crow_indices, w.col_indices, w.values, bias if bias is not None else y, out,
         r, n, k, max(cols_per_split, 1), split,
@@ -121,7 +122,7 @@ def torch_bsr_linear(x2: Tensor, w: BsrWeight, bias: Tensor | None) -> Tensor:
     bh, bw = w.blocksize
     bsr = w.to_torch_bsr()
     k_pad = bsr.shape[1]
-    r_pad = max(16, triton.next_power_of_2(max(r, 1))) if x2.is_cuda else r
+    r_pad = max(16, next_power_of_2(max(r, 1))) if x2.is_cuda else r
     xt = torch.zeros(k_pad, r_pad, dtype=x2.dtype, device=x2.device)
     xt[:k, :r] = x2.t()
     out = None

@@ -511,17 +511,27 @@ class _AtomicSelect:
             self.lo = torch.zeros(groups, dtype=torch.int32, device=dev)
 
     def compile_warm(self) -> None:
-        """Compile the warm start's kernels without running them (a graph capture cannot compile)."""
+        """Compile the warm start's kernels before a graph capture (which cannot compile) by
+        running its pass once: it reads the weights and writes only scratch buffers and the
+        state a run recomputes, so weights, masks and candidates stay as they are."""
+        self._near_pass()
+
+    def _near_pass(self) -> None:
+        groups = len(self.keep)
+        self.hw.zero_()
+        self.stats.zero_()
+        self.miss.zero_()
         for ln in self.launches:
-            _near_hist_kernel.warmup(
+            _near_hist_kernel[(ln.tiles,)](
                 ln.src, ln.cand, ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n,
                 self.lo, self.hw, self.stats, self.copies_w * self.nw, self.nw,
                 NW=self.nw, WIDE=ln.wide, HAS_CAND=ln.has_cand, COPIES=self.copies_w,
-                BLOCK=self.block, num_warps=self.warps, grid=(1,),
+                BLOCK=self.block, num_warps=self.warps,
             )
-        _near_search_kernel.warmup(
-            self.hw[:, 0], self.hw.stride(0), self.k, self.lo, self.stats, self.thr, self.fits, self.result,
-            self.miss, len(self.keep), NW=self.nw, CHUNK=min(_SEARCH_CHUNK, self.nw), num_warps=4, grid=(1,),
+        hw = self.hw[:, 0] if self.copies_w == 1 else self.hw.sum(1, dtype=torch.int32)
+        _near_search_kernel[(groups,)](
+            hw, hw.stride(0), self.k, self.lo, self.stats, self.thr, self.fits, self.result, self.miss,
+            groups, NW=self.nw, CHUNK=min(_SEARCH_CHUNK, self.nw), num_warps=4,
         )
 
     def enqueue(self, warm: bool = False) -> None:
@@ -548,21 +558,7 @@ class _AtomicSelect:
         self.bad.zero_()
         gate = self.one
         if warm:
-            self.hw.zero_()
-            self.stats.zero_()
-            self.miss.zero_()
-            for ln in self.launches:
-                _near_hist_kernel[(ln.tiles,)](
-                    ln.src, ln.cand, ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n,
-                    self.lo, self.hw, self.stats, self.copies_w * self.nw, self.nw,
-                    NW=self.nw, WIDE=ln.wide, HAS_CAND=ln.has_cand, COPIES=self.copies_w,
-                    BLOCK=self.block, num_warps=self.warps,
-                )
-            hw = self.hw[:, 0] if self.copies_w == 1 else self.hw.sum(1, dtype=torch.int32)
-            _near_search_kernel[(groups,)](
-                hw, hw.stride(0), self.k, self.lo, self.stats, self.thr, self.fits, self.result, self.miss,
-                groups, NW=self.nw, CHUNK=min(_SEARCH_CHUNK, self.nw), num_warps=4,
-            )
+            self._near_pass()
             gate = self.miss  # the two passes below do nothing unless a window missed
         h1 = hist_pass(self.h1, False, self.copies, self.zeros_g, self.zeros_g, gate)
         _search_kernel[(groups,)](

@@ -867,3 +867,19 @@ def test_property_plan_runs_match_reference(shapes, sparsity, dtype, scope, tied
         with torch.no_grad():
             for v in w.values():
                 v.add_((torch.randn(v.shape, generator=g) * scale).to(dtype) * v.float().abs().mean().to(dtype))
+
+
+def test_plan_warm_compile_pass_changes_nothing():
+    # Before a CUDA graph capture the plan runs the warm pass once to compile it: weights, masks
+    # and candidates must come out as they went in, and the next run must still be exact.
+    w, cand, out = _plan_case(torch.float32, "cpu", seed=70)
+    plan = RerankPlan(w, 0.5, out, candidates=cand, apply=True, tile=TILE)
+    plan.run()
+    masks, vals, cands = ({k: t.clone() for k, t in d.items()} for d in (out, w, cand))
+    plan._select.compile_warm()
+    for k in w:
+        assert torch.equal(out[k], masks[k]) and torch.equal(_bits(w[k]), _bits(vals[k]))
+    assert all(torch.equal(cand[k], cands[k]) for k in cand)
+    plan.run()
+    assert plan.last_warm_hit
+    _assert_same({k: o.bool() for k, o in out.items()}, magnitude_masks(vals, 0.5, candidates=cand))

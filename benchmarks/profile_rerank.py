@@ -50,7 +50,7 @@ def profile(total: int, dtype: torch.dtype, device: str, algorithm: str, calls: 
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.startswith("cuda"):
         acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts) as prof:
+    with torch.profiler.profile(activities=acts, acc_events=True) as prof:  # keep every call's events
         for _ in range(calls):
             fn()
         sync()

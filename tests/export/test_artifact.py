@@ -733,6 +733,7 @@ def test_2to4_projection_loss_is_totalled_and_named_in_the_refusal(pruned, tmp_p
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.timeout(600)  # a cold compile cache autotunes every layer shape: over 120 s on the H100
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_multilingual_artifact_equals_its_masked_model(dtype, pruned, tmp_path, monkeypatch):
     # The whole multilingual artifact on CUDA, its layers through the Triton masked-linear kernels,

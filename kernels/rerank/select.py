@@ -19,17 +19,22 @@ How (unstructured and block; ``U`` units = weights or blocks, one *group* = one 
   over private copies (program id mod copies) that are summed afterwards; bin 0 (zeros: the
   pruned weights) is summed per program and added once
   (float32: the high 15 key bits; 16-bit: the whole key, so one pass is exact). Candidates only
-  (NaN counted for every weight, as the reference checks all). A small torch cumsum from the top
-  finds the bin holding the K-th largest and the count strictly above it.
+  (NaN counted for every weight, as the reference checks all). A search kernel (one program
+  per group, scanning the bins from the top) finds the bin holding the K-th largest and the
+  count strictly above it, and flags NaN or too few candidates in a device counter.
 - **Pass 2** (31-bit keys only): histogram of the low 16 bits of the keys inside the selected high
   bin; same search. Now the threshold key ``t`` and ``need = K - count(key > t)`` are exact.
 - **Ties.** If the histogram says every candidate with ``key == t`` fits (``ties == need``, the
-  usual float32 case) the tie pass is skipped. Otherwise a pass counts ties per tile, a torch
-  exclusive cumsum over the tiles (in flat order over the group's tensors) gives each tile its
-  first tie rank, and the final kernel ranks its ties with an in-tile cumsum.
+  usual float32 case; a device flag per group) the tie-count kernel returns at once for that
+  group. Otherwise it counts ties per tile, a torch exclusive cumsum over the tiles (in flat
+  order over the group's tensors) gives each tile its first tie rank, and the final kernel ranks
+  its ties with an in-tile cumsum.
 - **Final pass**: ``keep = cand & (key > t | (key == t & tie_rank < need))``, written as a uint8
-  mask, and (``apply=True``) a masked store of 0 into the pruned weights only, so kept weights
-  stay bit-identical.
+  mask, and (``apply=True``) a masked store of 0 into the pruned weights that are not zero
+  already, so kept weights stay bit-identical. Two launches: one compiled for groups whose ties
+  all fit (no scan), one for the others; each program skips the tiles of the other case. Neither
+  writes anything when the error counter is set: the host raises then, with every weight and
+  mask as it was.
 - **Blocks**: a kernel computes the float32 squared norms (squares added one by one in row-major
   order within the block, FMA contraction disabled so ``acc + x*x`` rounds twice like the torch
   reference); block units then go through the same passes with every histogram count, tie count
@@ -46,7 +51,10 @@ and flags, plus a per-tile segment index, so a model with a hundred layers costs
 launches as one tensor (each Triton launch costs host time; the H200 run took 6.6 ms at
 10M weights in 8 tensors before the atomics fix, 1.1 ms after, mostly fixed cost). Groups: global
 scope = one group, per-tensor scope = one group per tensor, a ``[G, bins]`` histogram whose
-searches run batched. Host syncs: one per pass (to raise errors and pick launch arguments).
+searches run batched. Host syncs: none until the end of the call, where one read of the counts
+raises the errors (``_AtomicSelect``), so a selection can be replayed from a CUDA graph
+(:class:`RerankPlan`, which can also start from the previous threshold: ``warm_start``).
+``algorithm="radix"`` still syncs once per digit.
 
 No ``triton.autotune``: the histogram kernels accumulate with atomics and the final kernel
 writes the weights in place, so autotune's benchmark reruns would double count or re-zero; and

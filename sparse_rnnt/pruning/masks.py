@@ -63,6 +63,20 @@ def unpack_bits(packed: Tensor, shape: tuple[int, ...] | list[int] | torch.Size)
     return bits[:numel].reshape(shape)
 
 
+def _counts(tensors: list[Tensor]) -> list[int]:
+    """``[int(t.sum()) for t in tensors]`` with one host sync per device, not one per tensor: a
+    re-rank's statistics cover every masked layer of a model."""
+    out = [0] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for idx in by_device.values():
+        sums = torch.stack([tensors[i].sum(dtype=torch.int64) for i in idx]).tolist()
+        for i, v in zip(idx, sums, strict=True):
+            out[i] = int(v)
+    return out
+
+
 def _same_layout(a: MaskSet, b: MaskSet) -> None:
     if set(a.names) != set(b.names):
         raise ValueError(f"mask sets cover different tensors: {sorted(set(a.names) ^ set(b.names))}")
@@ -127,7 +141,7 @@ class MaskSet:
 
     def kept(self) -> int:
         """Number of kept weights."""
-        return sum(int(m.sum()) for m in self._masks.values())
+        return sum(_counts(list(self._masks.values())))
 
     def sparsity(self) -> float:
         """Fraction of pruned weights over all tensors (0.0 for an empty set)."""
@@ -135,7 +149,9 @@ class MaskSet:
         return 0.0 if total == 0 else 1.0 - self.kept() / total
 
     def sparsity_per_tensor(self) -> dict[str, float]:
-        return {n: (1.0 - int(m.sum()) / m.numel()) if m.numel() else 0.0 for n, m in self._masks.items()}
+        kept = _counts(list(self._masks.values()))
+        return {n: (1.0 - k / m.numel()) if m.numel() else 0.0
+                for (n, m), k in zip(self._masks.items(), kept, strict=True)}
 
     # ---- applying to a model
     def _params_for(self, params: Mapping[str, Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
@@ -204,17 +220,15 @@ class MaskSet:
     def iou(self, other: MaskSet) -> float:
         """|kept in both| / |kept in either| over all tensors; 1.0 when neither keeps anything."""
         _same_layout(self, other)
-        inter = union = 0
-        for n, m in self._masks.items():
-            o = other[n].to(m.device)
-            inter += int((m & o).sum())
-            union += int((m | o).sum())
+        pairs = [(m, other[n].to(m.device)) for n, m in self._masks.items()]
+        inter = sum(_counts([m & o for m, o in pairs]))
+        union = sum(_counts([m | o for m, o in pairs]))
         return 1.0 if union == 0 else inter / union
 
     def flips(self, other: MaskSet) -> int:
         """Number of weights whose kept/pruned state differs (churn = flips / numel)."""
         _same_layout(self, other)
-        return sum(int((m ^ other[n].to(m.device)).sum()) for n, m in self._masks.items())
+        return sum(_counts([m ^ other[n].to(m.device) for n, m in self._masks.items()]))
 
     def churn(self, other: MaskSet) -> float:
         """``flips(other) / numel()``."""

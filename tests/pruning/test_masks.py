@@ -247,3 +247,23 @@ def test_substituted_masks_inside_and_restores_dense_weights_even_on_error():
     with pytest.raises(RuntimeError), mask.substituted(params):
         raise RuntimeError("boom")
     assert torch.equal(lin.weight.detach(), dense)
+
+
+def test_counts_in_one_transfer_equal_per_tensor_sums():
+    # MaskSet's statistics sum every layer on the device and read the sums once; the values must
+    # be the per-tensor sums, empty tensors and empty lists included.
+    from sparse_rnnt.pruning.masks import MaskSet, _counts
+
+    g = torch.Generator().manual_seed(3)
+    ts = [torch.rand(s, generator=g) < 0.3 for s in [(5, 7), (0, 4), (1,), (13, 2, 3)]]
+    assert _counts(ts) == [int(t.sum()) for t in ts]
+    assert _counts([]) == []
+    a = MaskSet({f"t{i}": t for i, t in enumerate(ts)})
+    b = MaskSet({f"t{i}": torch.rand(t.shape, generator=g) < 0.5 for i, t in enumerate(ts)})
+    assert a.kept() == sum(int(t.sum()) for t in ts)
+    assert a.flips(b) == sum(int((x ^ y).sum()) for x, y in zip(a.as_dict().values(), b.as_dict().values(), strict=True))
+    inter = sum(int((x & y).sum()) for x, y in zip(a.as_dict().values(), b.as_dict().values(), strict=True))
+    union = sum(int((x | y).sum()) for x, y in zip(a.as_dict().values(), b.as_dict().values(), strict=True))
+    assert a.iou(b) == inter / union
+    assert a.sparsity_per_tensor() == {f"t{i}": (1 - int(t.sum()) / t.numel()) if t.numel() else 0.0
+                                       for i, t in enumerate(ts)}

@@ -27,6 +27,7 @@ load time and run dense (the artifact is compact on disk, not in memory).
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -116,7 +117,7 @@ def encode(fmt: str, weight: Tensor, mask: Tensor, *, block: tuple[int, int] = (
     raise UserError(f"unknown export format {fmt!r}: choose from {', '.join(FORMATS)}")
 
 
-class ExportedLinear(nn.Module):
+class ExportedLinear(nn.Module, ABC):
     """A linear layer computing from a compressed weight; ``runtime`` names the path it takes.
     It computes in its weight's dtype and returns its input's: an artifact's bf16 layers sit
     between norms and LSTM that stay float32 (``EmformerRNNT.activation_dtype``)."""
@@ -131,6 +132,19 @@ class ExportedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, format={self.fmt}, runtime={self.runtime}"
 
+    @property
+    @abstractmethod
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the layer computes in (its weight's)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: ``[*, in]`` in any float dtype -> ``[*, out]`` in x's dtype."""
+        return self._linear(x.to(self.compute_dtype)).to(x.dtype)
+
+    @abstractmethod
+    def _linear(self, x: Tensor) -> Tensor:
+        """The product, ``x`` already in :attr:`compute_dtype`."""
+
 
 class DenseExported(ExportedLinear):
     def __init__(self, weight: Tensor, bias: Tensor | None, fmt: str = "dense", runtime: str = "cublas") -> None:
@@ -138,8 +152,12 @@ class DenseExported(ExportedLinear):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.runtime = runtime if weight.is_cuda else "torch"
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def _linear(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
 
 
 class SemiStructuredExported(ExportedLinear):
@@ -169,12 +187,15 @@ class SemiStructuredExported(ExportedLinear):
                 log.info("2:4 layer %s kept dense: %s", list(dense.shape), str(e).splitlines()[0])
                 self.runtime = "dense-fallback"
 
-    def forward(self, x: Tensor) -> Tensor:
-        xw = x.to(self.weight.dtype)
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def _linear(self, x: Tensor) -> Tensor:
         if not self.runtime.startswith("semi-structured"):
-            return F.linear(xw, self.weight, self.bias).to(x.dtype)
-        y = F.linear(xw.reshape(-1, self.in_features), self.weight, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            return F.linear(x, self.weight, self.bias)
+        y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 # Rows up to which a bitmap layer on the "cuda" runtime calls the CUDA extension; above, the
@@ -202,13 +223,17 @@ class SmallRowExported(ExportedLinear):
         self.runtime = backend
         self.dtype = dtype
 
-    def forward(self, x: Tensor) -> Tensor:
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.dtype
+
+    def _linear(self, x: Tensor) -> Tensor:
         from ..kernels.small_row import bitmap_linear, bsr_linear
 
         if self.fmt == "bsr":
-            return bsr_linear(x.to(self.dtype), self.packed, self.bias, backend=self.runtime).to(x.dtype)
+            return bsr_linear(x, self.packed, self.bias, backend=self.runtime)
         backend = bitmap_backend_for(self.runtime, x.numel() // max(self.in_features, 1))
-        return bitmap_linear(x.to(self.dtype), self.packed, self.bias, backend=backend).to(x.dtype)
+        return bitmap_linear(x, self.packed, self.bias, backend=backend)
 
 
 def _small_row_backend(fmt: str, device: torch.device) -> str:

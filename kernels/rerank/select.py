@@ -489,8 +489,8 @@ class _AtomicSelect:
         self.launches, self.keep, self.what, self.block, self.warps = launches, keep, what, block, warps
         self.copies = copies
         live_wide = [int(kg > 0 and w) for kg, w in zip(keep, wide, strict=True)]
-        consts = to_device(torch.tensor([keep, [int(w) for w in wide], live_wide], dtype=torch.int64), dev)
-        self.k, self.wide_t, self.live_wide = consts[0], consts[1] != 0, consts[2].to(torch.int32)
+        consts = to_device(torch.tensor([keep, live_wide], dtype=torch.int64), dev)
+        self.k, self.live_wide = consts[0], consts[1].to(torch.int32)
         self.h1 = torch.empty(groups, copies, NAN_BIN + 1, dtype=torch.int32, device=dev)
         # Pass 2 counts only the units inside one pass-1 bin: a few copies are enough.
         self.copies2 = min(copies, 4)
@@ -713,6 +713,25 @@ def select_units(
                          window_margin=window_margin, thresholds=True)
 
 
+def _launches(segments: list[Segment], groups: int, block: int) -> tuple[list[_Launch], list[int], list[bool]]:
+    """One launch per key width over ``segments`` (``block`` units per tile): the launches, each
+    segment's tile count, and per group whether its keys are 31 bits wide."""
+    total = sum(s.src.numel() for s in segments)
+    if total >= INT32_MAX:
+        raise ValueError(f"at most 2**31 - 2 units per call, got {total}")
+    grids = [cdiv(s.src.numel(), block) for s in segments]
+    by_width: dict[bool, list[int]] = {}
+    for i, s in enumerate(segments):
+        if grids[i]:
+            by_width.setdefault(s.wide, []).append(i)
+    dev = segments[0].src.device
+    launches = [_Launch(segments, index, grids, block, dev) for index in by_width.values()]
+    wide = [False] * groups
+    for s in segments:
+        wide[s.group] = s.wide
+    return launches, grids, wide
+
+
 def _select_units(
     segments: list[Segment], keep: list[int], what: list[str], *, tile: int | None,
     hist_copies: int | None, algorithm: str, window_margin: int | None, thresholds: bool,
@@ -722,18 +741,7 @@ def _select_units(
     block, warps = _tile(tile)
     groups = len(keep)
     dev = segments[0].src.device
-    total = sum(s.src.numel() for s in segments)
-    if total >= INT32_MAX:
-        raise ValueError(f"at most 2**31 - 2 units per call, got {total}")
-    grids = [cdiv(s.src.numel(), block) for s in segments]
-    by_width: dict[bool, list[int]] = {}
-    for i, s in enumerate(segments):
-        if grids[i]:
-            by_width.setdefault(s.wide, []).append(i)
-    launches = [_Launch(segments, index, grids, block, dev) for index in by_width.values()]
-    wide = [False] * groups
-    for s in segments:
-        wide[s.group] = s.wide
+    launches, grids, wide = _launches(segments, groups, block)
 
     if algorithm in ("radix", "window") and any(ln.has_size for ln in launches):
         raise ValueError(f"algorithm={algorithm!r} ranks single weights; blocks use 'atomic'")
@@ -805,6 +813,18 @@ def _nm_launch(w: Tensor, cand: Tensor | None, out: Tensor, n: int, m: int, name
 # --------------------------------------------------------------------------------------------
 
 
+def _groups(weights: dict[str, Tensor], sparsity: float,
+            scope: str) -> tuple[list[int], list[str], dict[str, int]]:
+    """The selections of a call: per group the units kept and the name its errors give, and
+    each tensor's group (global scope: one group; per tensor: one each)."""
+    names = list(weights)
+    if scope == "global":
+        total = sum(w.numel() for w in weights.values())
+        return [total - pruned_count(sparsity, total)], ["global scope"], dict.fromkeys(names, 0)
+    keep = [w.numel() - pruned_count(sparsity, w.numel()) for w in weights.values()]
+    return keep, names, {name: i for i, name in enumerate(names)}
+
+
 def _u8(mask: Tensor) -> Tensor:
     return mask.contiguous().view(torch.uint8).reshape(-1)
 
@@ -859,17 +879,7 @@ def rerank_masks_into(
             _bump_versions(weights)
         return
 
-    names = list(ws)
-    if scope == "global":
-        total = sum(w.numel() for w in ws.values())
-        keep = [total - pruned_count(sparsity, total)]
-        what = ["global scope"]
-        group = dict.fromkeys(names, 0)
-    else:
-        keep = [w.numel() - pruned_count(sparsity, w.numel()) for w in ws.values()]
-        what = names
-        group = {name: i for i, name in enumerate(names)}
-
+    keep, what, group = _groups(ws, sparsity, scope)
     segments: list[Segment] = []
     if kind == "unstructured":
         # Keys of different dtypes do not compare: a group mixing dtypes ranks in float32 (exact
@@ -981,16 +991,10 @@ class RerankPlan:
                 raise ValueError(f"{name}: a re-rank plan reads the weight in place; it must be contiguous")
             if candidates and name in candidates and not candidates[name].is_contiguous():
                 raise ValueError(f"candidates[{name!r}]: a re-rank plan reads it in place; it must be contiguous")
-        names = list(weights)
-        if scope == "global":
-            if len({w.dtype for w in weights.values()}) > 1:
-                raise ValueError("a global re-rank plan needs weights of one dtype (rerank_masks_into ranks "
-                                 "mixed dtypes in float32)")
-            total = sum(w.numel() for w in weights.values())
-            keep, what, group = [total - pruned_count(sparsity, total)], ["global scope"], dict.fromkeys(names, 0)
-        else:
-            keep = [w.numel() - pruned_count(sparsity, w.numel()) for w in weights.values()]
-            what, group = names, {name: i for i, name in enumerate(names)}
+        if scope == "global" and len({w.dtype for w in weights.values()}) > 1:
+            raise ValueError("a global re-rank plan needs weights of one dtype (rerank_masks_into ranks "
+                             "mixed dtypes in float32)")
+        keep, what, group = _groups(weights, sparsity, scope)
         cands = candidates or {}
         self._segments = [
             Segment(_bits(w.detach()), _u8(cands[name]) if name in cands else None, None, out[name].reshape(-1),
@@ -998,15 +1002,7 @@ class RerankPlan:
             for name, w in weights.items()
         ]
         block, warps = _tile(tile)
-        grids = [cdiv(sg.src.numel(), block) for sg in self._segments]
-        by_width: dict[bool, list[int]] = {}
-        for i, sg in enumerate(self._segments):
-            if grids[i]:
-                by_width.setdefault(sg.wide, []).append(i)
-        launches = [_Launch(self._segments, index, grids, block, dev) for index in by_width.values()]
-        wide = [False] * len(keep)
-        for sg in self._segments:
-            wide[sg.group] = sg.wide
+        launches, grids, wide = _launches(self._segments, len(keep), block)
         copies = hist_copies if hist_copies is not None else _hist_copies(len(keep), sum(grids))
         self._select = _AtomicSelect(launches, self._segments, keep, what, wide, block, warps, dev, copies,
                                      warm=warm_start)

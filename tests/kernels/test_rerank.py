@@ -883,3 +883,14 @@ def test_plan_warm_compile_pass_changes_nothing():
     plan.run()
     assert plan.last_warm_hit
     _assert_same({k: o.bool() for k, o in out.items()}, magnitude_masks(vals, 0.5, candidates=cand))
+
+
+def test_more_units_than_int32_tables_hold_are_refused():
+    # The launch tables and histograms count in int32: 2**31 - 1 units (a stride-0 view, no
+    # memory) must be refused before any launch, by the check select_units and plans share.
+    from sparse_rnnt.kernels.rerank import Segment, select_units
+
+    big = torch.zeros(1, dtype=torch.int32).expand(2**31 - 1)
+    seg = Segment(big, None, None, torch.empty(0, dtype=torch.uint8), 0, 0x7F800000)
+    with pytest.raises(ValueError, match=r"at most 2\*\*31 - 2 units"):
+        select_units([seg], [1], ["big"])

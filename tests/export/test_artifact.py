@@ -389,16 +389,13 @@ def _edit_weights(art_dir, edit):
 
 
 def _cuda_dtype_rule(model):
-    """Hooks that raise, as CUDA's layer_norm and LSTM do (the CPU kernels accept it), when a
-    norm or the LSTM gets an input whose dtype differs from its weight's."""
+    """Hooks that raise, as CUDA's layer_norm does (the CPU kernel accepts it), when a norm gets
+    an input whose dtype differs from its weight's. (The predictor's LSTM is torchaudio's, built
+    from linear layers, whose dtype rule the CPU enforces already.)"""
     def check(mod, args):
-        x = args[0]
-        if isinstance(mod, torch.nn.LayerNorm) and x.dtype != mod.weight.dtype:
-            raise RuntimeError(f"{type(mod).__name__}: input {x.dtype}, weight {mod.weight.dtype}")
-        if isinstance(mod, torch.nn.LSTM) and x.dtype != mod.weight_ih_l0.dtype:
-            raise RuntimeError(f"LSTM: input {x.dtype}, weight {mod.weight_ih_l0.dtype}")
-    hooked = [m.register_forward_pre_hook(check) for m in model.modules()
-              if isinstance(m, (torch.nn.LayerNorm, torch.nn.LSTM))]
+        if args[0].dtype != mod.weight.dtype:
+            raise RuntimeError(f"LayerNorm: input {args[0].dtype}, weight {mod.weight.dtype}")
+    hooked = [m.register_forward_pre_hook(check) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert hooked
     return hooked
 

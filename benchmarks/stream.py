@@ -154,7 +154,7 @@ def bench(device: str, quick: bool, cuda_graphs: bool = False,
             if device == "cuda":
                 torch.cuda.empty_cache()
     # Every row against dense of the same size, stream count and step mode (the baseline to
-    # beat: graphs speed dense up 4-6x on a GPU, so a graph row against dense eager flatters it).
+    # beat: graphs sped dense up 5-10x on the H100, so a graph row against dense eager flatters it).
     dense = {(r["size"], r["streams"], r["step_mode"]): r["p50_ms"] for r in rows
              if r.get("format") == "dense" and "p50_ms" in r}
     for r in rows:

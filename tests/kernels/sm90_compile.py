@@ -174,9 +174,14 @@ def _rerank() -> Iterator[Spec]:
                    {**flags, "ALL_TIES": all_ties}, warps)
     for pass2 in (False, True):
         yield (f"_search_kernel pass2={pass2}", _jit(select._search_kernel),
-               {"hist": "*i32", "row_stride": "i32", "nbins": "i32", "keep": "*i64", "b1": "*i32", "live2": "*i32",
-                "thr": "*i32", "fits": "*i32", "result": "*i64", "bad": "*i32", "gate": "*i32", "G": "i32"},
-               {"PASS2": pass2, "CHUNK": 1024}, {"num_warps": 4})
+               {"hist": "*i32", "row_stride": "i32", "tot": "*i64", "tot_stride": "i32", "nbins": "i32",
+                "keep": "*i64", "b1": "*i32", "live2": "*i32", "thr": "*i32", "fits": "*i32", "result": "*i64",
+                "bad": "*i32", "gate": "*i32", "G": "i32"},
+               {"PASS2": pass2, "CHUNK": 1024, "NCH": 64 if pass2 else 32}, {"num_warps": 4})
+    yield ("_fold_kernel", _jit(select._fold_kernel),
+           {"h": "*i32", "out": "*i32", "tot": "*i64", "nbins": "i32", "nsearch": "i32", "copies": "i32",
+            "group_stride": "i32", "copy_stride": "i32", "out_stride": "i32", "tot_stride": "i32"},
+           {"CHUNK": 1024}, {"num_warps": 4})
     for wide, cand in itertools.product((True, False), (True, False)):
         yield (f"_near_hist_kernel wide={wide} cand={cand}", _jit(select._near_hist_kernel),
                {**tab, "lo": "*i32", "hist": "*i32", "stats": "*i32", "group_stride": "i32", "copy_stride": "i32"},
@@ -184,9 +189,10 @@ def _rerank() -> Iterator[Spec]:
     for wide in (True, False):
         nw = select._WARM_WINDOW[wide]
         yield (f"_near_search_kernel nw={nw}", _jit(select._near_search_kernel),
-               {"hist": "*i32", "row_stride": "i32", "keep": "*i64", "lo": "*i32", "stats": "*i32", "thr": "*i32",
-                "fits": "*i32", "result": "*i64", "miss": "*i32", "G": "i32"},
-               {"NW": nw, "CHUNK": min(1024, nw)}, {"num_warps": 4})
+               {"hist": "*i32", "row_stride": "i32", "tot": "*i64", "tot_stride": "i32", "keep": "*i64",
+                "lo": "*i32", "stats": "*i32", "thr": "*i32", "fits": "*i32", "result": "*i64", "miss": "*i32",
+                "G": "i32"},
+               {"NW": nw, "CHUNK": min(1024, nw), "NCH": max(1, nw // 1024)}, {"num_warps": 4})
     for wide, cand, first in itertools.product((True, False), (True, False), (True, False)):
         yield (f"_digit_hist_kernel wide={wide} cand={cand} first={first}", _jit(select._digit_hist_kernel),
                {**tab, "hist": "*i32", "prefix": "*i32", "live": "*i32", "nan_count": "*i32", "group_stride": "i32"},

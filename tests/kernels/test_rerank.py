@@ -784,7 +784,7 @@ def test_search_kernel_equals_the_torch_search(chunk):
     # The per-group search of the atomic select at small chunks (many steps, a last partial one)
     # against the torch search it replaced: bin, weight above, ties; k beyond the total and groups
     # that keep nothing; NaN and too-few-candidates flagged; pass 2 only for the groups it counts.
-    from sparse_rnnt.kernels.rerank.select import _search, _search_kernel
+    from sparse_rnnt.kernels.rerank.select import _Folded, _search, _search_kernel
 
     g = torch.Generator().manual_seed(7)
     nbins, G = 100, 7
@@ -801,12 +801,23 @@ def test_search_kernel_equals_the_torch_search(chunk):
     bad = torch.zeros(1, dtype=torch.int32)
     live2 = torch.tensor([1, 1, 0, 0, 1, 0, 1], dtype=torch.int32)
     gate = torch.zeros(1, dtype=torch.int32)
-    _search_kernel[(G,)](h1, h1.stride(0), nbins, keep, b1, live2, thr, fits, result, bad, gate, G, PASS2=False,
-                         CHUNK=chunk)
+    # Three private copies summed by the fold kernel, with the chunk totals the search reads.
+    parts = torch.stack([h1 // 2, h1 - h1 // 2 - (h1 > 2).int(), (h1 > 2).int()], 1)
+    f1 = _Folded(parts, nbins, chunk)
+    f1.enqueue()
+    assert torch.equal(f1.row, h1)
+    n_ch = -(-(nbins + 1) // chunk)
+    bounds = [min(c * chunk, nbins) for c in range(n_ch + 1)]
+    assert f1.tot.tolist() == [[int(r[a:b].sum()) for a, b in zip(bounds, bounds[1:])] for r in h1]
+
+    def search1() -> None:
+        _search_kernel[(G,)](f1.row, f1.row.stride(0), f1.tot, f1.tot.stride(0), nbins, keep, b1, live2, thr, fits,
+                             result, bad, gate, G, PASS2=False, CHUNK=f1.chunk, NCH=f1.nch)
+
+    search1()
     assert bool((result == -7).all()) and int(bad) == 0  # a closed gate: nothing written
     gate.fill_(1)
-    _search_kernel[(G,)](h1, h1.stride(0), nbins, keep, b1, live2, thr, fits, result, bad, gate, G, PASS2=False,
-                         CHUNK=chunk)
+    search1()
     bins, above = _search(h1[:, :nbins], keep.clamp(min=1))
     ties = h1.gather(1, bins[:, None]).squeeze(1).long()
     live = keep > 0
@@ -822,8 +833,10 @@ def test_search_kernel_equals_the_torch_search(chunk):
     n2 = 37
     h2 = torch.randint(0, 3, (G, n2), generator=g, dtype=torch.int32)
     before = result.clone()
-    _search_kernel[(G,)](h2, h2.stride(0), n2, keep, b1, live2, thr, fits, result, bad, gate, G, PASS2=True,
-                         CHUNK=chunk)
+    f2 = _Folded(h2[:, None], n2, chunk)
+    f2.enqueue()
+    _search_kernel[(G,)](f2.row, f2.row.stride(0), f2.tot, f2.tot.stride(0), n2, keep, b1, live2, thr, fits,
+                         result, bad, gate, G, PASS2=True, CHUNK=f2.chunk, NCH=f2.nch)
     k2 = (keep - before[5]).clamp(min=1)
     bins2, above2 = _search(h2, k2)
     ties2 = h2.gather(1, bins2[:, None]).squeeze(1).long()

@@ -31,21 +31,38 @@ def _keys(src, offs, valid, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK: tl.constexpr):
-    """(segment, element offsets, validity) of tile ``pid`` of a launch over several segments."""
+def _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False):
+    """(segment, element offsets, validity) of tile ``pid`` of a launch over several segments.
+    ``ALIGNED``: every segment's length is a multiple of 16 (see :func:`_ptr`)."""
     seg = tl.load(tile_seg + pid).to(tl.int64)
     local = pid - tl.load(first_tile + seg)
     offs = local * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    return seg, offs, offs < tl.load(seg_n + seg)
+    n = tl.load(seg_n + seg)
+    if ALIGNED:
+        n = tl.multiple_of(n, 16)
+    return seg, offs, offs < n
 
 
 @triton.jit
-def _candidates(tab_cand, seg, offs, valid, HAS_CAND: tl.constexpr):
+def _ptr(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr = False):
+    """A segment's address from a table as a pointer to ``DTYPE``. ``ALIGNED`` (the launch's
+    addresses are 16-byte aligned and its lengths multiples of 16, :attr:`_Launch.aligned`) tells
+    the compiler so, on the pointer: an address read from memory proves nothing, and without the
+    hint every load and store of a tile was one element wide (``ld.global.b32``, ``st.global.b8``
+    in the sm_90 PTX; a hint on the integer address does not reach the pointer)."""
+    p = addr.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def _candidates(tab_cand, seg, offs, valid, HAS_CAND: tl.constexpr, ALIGNED: tl.constexpr = False):
     """Valid units that may be kept: a segment's candidate bytes when it has any (address != 0)."""
     c = valid
     if HAS_CAND:
         addr = tl.load(tab_cand + seg)
-        cand = addr.to(tl.pointer_type(tl.uint8))
+        cand = _ptr(addr, tl.uint8, ALIGNED)
         c = c & (tl.load(cand + offs, mask=valid & (addr != 0), other=1) != 0)
     return c
 
@@ -60,8 +77,8 @@ def _unit_weights(tab_size, seg, offs, valid, HAS_SIZE: tl.constexpr, BLOCK: tl.
 
 
 @triton.jit
-def _src(tab_src, seg, WIDE: tl.constexpr):
-    return tl.load(tab_src + seg).to(tl.pointer_type(tl.int32 if WIDE else tl.int16))
+def _src(tab_src, seg, WIDE: tl.constexpr, ALIGNED: tl.constexpr = False):
+    return _ptr(tl.load(tab_src + seg), tl.int32 if WIDE else tl.int16, ALIGNED)
 
 
 def _tile(tile: int | None) -> tuple[int, int]:
@@ -149,6 +166,11 @@ class _Launch:
         (self.src, self.cand, self.size, self.out, self.n, self.first,
          self.group, self.nan_above, self.apply, self.base) = both[:table.numel()].view(table.shape).unbind(0)
         self.tile_seg = both[table.numel():]
+        # Whether the kernels may assume 16-byte vectors (see _ptr): weights and masks from torch
+        # allocations are, unless a view starts inside one or a length is not a multiple of 16.
+        self.aligned = all(
+            s.src.numel() % 16 == 0 and all(addr(t) % 16 == 0 for t in (s.src, s.cand, s.out)) for s in segs
+        )
 
     def args(self) -> tuple[Tensor, ...]:
         return self.src, self.cand, self.size

@@ -86,6 +86,7 @@ from ._segments import (
     _check_counts,
     _keys,
     _Launch,
+    _ptr,
     _segment_tile,
     _src,
     _tile,
@@ -110,17 +111,17 @@ def _hist_kernel(
     tab_src, tab_cand, tab_size, tab_group, tab_nan, tile_seg, first_tile, seg_n,
     hist, sel_hi, live, gate, group_stride, copy_stride,
     PASS2: tl.constexpr, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr,
-    COPIES: tl.constexpr, BLOCK: tl.constexpr,
+    COPIES: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
 ):
     """Histogram (weighted by unit size when given) of candidate keys, every segment of the
     launch in one grid, into copy ``program % COPIES`` of its group's ``COPIES`` histograms.
     Nothing when ``gate[0] == 0`` (a warm start found every threshold)."""
     if tl.load(gate) != 0:
         pid = tl.program_id(0).to(tl.int64)
-        seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK)
+        seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK, ALIGNED)
         g = tl.load(tab_group + seg).to(tl.int64)
-        _, key = _keys(_src(tab_src, seg, WIDE), offs, valid, WIDE)
-        c = _candidates(tab_cand, seg, offs, valid, HAS_CAND)
+        _, key = _keys(_src(tab_src, seg, WIDE, ALIGNED), offs, valid, WIDE)
+        c = _candidates(tab_cand, seg, offs, valid, HAS_CAND, ALIGNED)
         w = _unit_weights(tab_size, seg, offs, valid, HAS_SIZE, BLOCK)
         if PASS2:
             c = c & (tl.load(live + g) != 0) & ((key >> 16) == tl.load(sel_hi + g))
@@ -142,17 +143,17 @@ def _near_hist_kernel(
     tab_src, tab_cand, tab_group, tab_nan, tile_seg, first_tile, seg_n,
     lo, hist, stats, group_stride, copy_stride,
     NW: tl.constexpr, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, COPIES: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
 ):
     """The warm start's one pass: per group, an exact histogram of the candidate keys in
     ``[lo[g], lo[g] + NW)`` (one bin per key), and ``stats[g] = (above the window, NaN,
     candidates)`` counted with one atomic each per program. Only the keys in the window (near the
     previous threshold) take an atomic each."""
     pid = tl.program_id(0).to(tl.int64)
-    seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK)
+    seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK, ALIGNED)
     g = tl.load(tab_group + seg).to(tl.int64)
-    _, key = _keys(_src(tab_src, seg, WIDE), offs, valid, WIDE)
-    c = _candidates(tab_cand, seg, offs, valid, HAS_CAND)
+    _, key = _keys(_src(tab_src, seg, WIDE, ALIGNED), offs, valid, WIDE)
+    c = _candidates(tab_cand, seg, offs, valid, HAS_CAND, ALIGNED)
     isnan = valid & (key > tl.load(tab_nan + seg))
     cn = c & ~isnan
     rel = key - tl.load(lo + g)
@@ -203,18 +204,19 @@ def _digit_hist_kernel(
 def _tie_count_kernel(
     tab_src, tab_cand, tab_size, tab_group, tile_seg, first_tile, seg_n, thr, fits, counts,
     WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr = False,
 ):
     """``counts[tile]`` = (weighted) number of candidates equal to their group's threshold key;
     0 without reading the tile when every tie of its group is kept (``fits[g]``: no ranks needed)."""
     pid = tl.program_id(0).to(tl.int64)
-    seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK)
+    seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK, ALIGNED)
     g = tl.load(tab_group + seg)
     if tl.load(fits + g) != 0:
         tl.store(counts + pid, 0)
     else:
         t = tl.load(thr + g)
-        _, key = _keys(_src(tab_src, seg, WIDE), offs, valid, WIDE)
-        tie = _candidates(tab_cand, seg, offs, valid, HAS_CAND) & (key == t)
+        _, key = _keys(_src(tab_src, seg, WIDE, ALIGNED), offs, valid, WIDE)
+        tie = _candidates(tab_cand, seg, offs, valid, HAS_CAND, ALIGNED) & (key == t)
         w = _unit_weights(tab_size, seg, offs, valid, HAS_SIZE, BLOCK)
         tl.store(counts + pid, tl.sum(tl.where(tie, w, 0), axis=0))
 
@@ -224,7 +226,7 @@ def _mask_kernel(
     tab_src, tab_cand, tab_size, tab_out, tab_group, tab_apply, tile_seg, first_tile, seg_n,
     thr, need, fits, bad, tile_start,
     ALL_TIES: tl.constexpr, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
 ):
     """Write each segment's ``out = keep`` (uint8) and zero its ``src`` where not kept when the
     segment applies (only bits not already zero: a pruned weight stays pruned without a write).
@@ -236,11 +238,11 @@ def _mask_kernel(
     g = tl.load(tab_group + seg)
     mine = (tl.load(fits + g) != 0) == ALL_TIES
     if mine & (tl.load(bad) == 0):
-        seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK)
+        seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK, ALIGNED)
         t = tl.load(thr + g)
-        src = _src(tab_src, seg, WIDE)
+        src = _src(tab_src, seg, WIDE, ALIGNED)
         bits, key = _keys(src, offs, valid, WIDE)
-        c = _candidates(tab_cand, seg, offs, valid, HAS_CAND)
+        c = _candidates(tab_cand, seg, offs, valid, HAS_CAND, ALIGNED)
         tie = c & (key == t)
         if ALL_TIES:
             keep = (c & (key > t)) | tie
@@ -250,7 +252,7 @@ def _mask_kernel(
             # Weight of the group's ties before each unit in flat order: tile start + in-tile scan.
             rank = tl.load(tile_start + pid) + tl.cumsum(tw, axis=0) - tw
             keep = (c & (key > t)) | (tie & (rank < tl.load(need + g)))
-        out = tl.load(tab_out + seg).to(tl.pointer_type(tl.uint8))
+        out = _ptr(tl.load(tab_out + seg), tl.uint8, ALIGNED)
         tl.store(out + offs, keep.to(tl.uint8), mask=valid)
         applies = tl.load(tab_apply + seg) != 0
         tl.store(src + offs, tl.zeros_like(bits), mask=valid & (~keep) & applies & (bits != 0))
@@ -587,7 +589,7 @@ class _AtomicSelect:
                 ln.src, ln.cand, ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n,
                 self.lo, self.hw, self.stats, self.copies_w * self.nw, self.nw,
                 NW=self.nw, WIDE=ln.wide, HAS_CAND=ln.has_cand, COPIES=self.copies_w,
-                BLOCK=self.block, num_warps=self.warps,
+                BLOCK=self.block, ALIGNED=ln.aligned, num_warps=self.warps,
             )
         fw = self.fw
         fw.enqueue()
@@ -614,7 +616,7 @@ class _AtomicSelect:
                     *ln.args(), ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n,
                     h, sel_hi, live, gate, copies * bins, bins,
                     PASS2=pass2, WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size,
-                    COPIES=copies, BLOCK=self.block, num_warps=self.warps,
+                    COPIES=copies, BLOCK=self.block, ALIGNED=ln.aligned, num_warps=self.warps,
                 )
             f.enqueue()
 
@@ -673,7 +675,8 @@ class _FinalPass:
         ln, block, warps = self.ln, self.block, self.warps
         _tie_count_kernel[(ln.tiles,)](
             *ln.args(), ln.group, ln.tile_seg, ln.first, ln.n, thr, fits, self.counts,
-            WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size, BLOCK=block, num_warps=warps,
+            WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size, BLOCK=block, ALIGNED=ln.aligned,
+            num_warps=warps,
         )
         if self.order is None:
             c = self.counts.to(torch.int64)
@@ -687,7 +690,7 @@ class _FinalPass:
                 *ln.args(), ln.out, ln.group, ln.apply, ln.tile_seg, ln.first, ln.n,
                 thr, need, fits, bad, self.tile_start,
                 ALL_TIES=all_ties, WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size,
-                BLOCK=block, num_warps=warps,
+                BLOCK=block, ALIGNED=ln.aligned, num_warps=warps,
             )
 
 

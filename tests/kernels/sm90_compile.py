@@ -159,9 +159,9 @@ def _rerank() -> Iterator[Spec]:
     tab = dict.fromkeys(("tab_src", "tab_cand", "tab_size", "tab_out", "tab_group", "tab_nan", "tab_apply",
                          "tab_base", "tile_seg", "first_tile", "seg_n"), "*i64")
     warps = {"num_warps": 8}
-    for wide, cand, size in itertools.product((True, False), (True, False), (True, False)):
-        flags = {"WIDE": wide, "HAS_CAND": cand, "HAS_SIZE": size, "BLOCK": 4096}
-        tag = f"wide={wide} cand={cand} size={size}"
+    for wide, cand, size, aligned in itertools.product((True, False), (True, False), (True, False), (True, False)):
+        flags = {"WIDE": wide, "HAS_CAND": cand, "HAS_SIZE": size, "BLOCK": 4096, "ALIGNED": aligned}
+        tag = f"wide={wide} cand={cand} size={size} aligned={aligned}"
         for pass2 in (False, True):
             yield (f"_hist_kernel pass2={pass2} {tag}", _jit(select._hist_kernel),
                    {**tab, "hist": "*i32", "sel_hi": "*i32", "live": "*i32", "gate": "*i32", "group_stride": "i32",
@@ -182,10 +182,11 @@ def _rerank() -> Iterator[Spec]:
            {"h": "*i32", "out": "*i32", "tot": "*i64", "nbins": "i32", "nsearch": "i32", "copies": "i32",
             "group_stride": "i32", "copy_stride": "i32", "out_stride": "i32", "tot_stride": "i32"},
            {"CHUNK": 1024}, {"num_warps": 4})
-    for wide, cand in itertools.product((True, False), (True, False)):
-        yield (f"_near_hist_kernel wide={wide} cand={cand}", _jit(select._near_hist_kernel),
+    for wide, cand, aligned in itertools.product((True, False), (True, False), (True, False)):
+        yield (f"_near_hist_kernel wide={wide} cand={cand} aligned={aligned}", _jit(select._near_hist_kernel),
                {**tab, "lo": "*i32", "hist": "*i32", "stats": "*i32", "group_stride": "i32", "copy_stride": "i32"},
-               {"NW": select._WARM_WINDOW[wide], "WIDE": wide, "HAS_CAND": cand, "COPIES": 8, "BLOCK": 4096}, warps)
+               {"NW": select._WARM_WINDOW[wide], "WIDE": wide, "HAS_CAND": cand, "COPIES": 8, "BLOCK": 4096,
+                "ALIGNED": aligned}, warps)
     for wide in (True, False):
         nw = select._WARM_WINDOW[wide]
         yield (f"_near_search_kernel nw={nw}", _jit(select._near_search_kernel),
@@ -509,6 +510,40 @@ def _resources(kernel: Any) -> str:
     return f"regs={regs.group(1) if regs else '?':>3} spill={spill.group(1) if spill else '?':>5}"
 
 
+def check_vectors() -> int:
+    """How the re-rank kernels that stream a whole tile compile: with ``ALIGNED`` (what a launch
+    of 16-byte aligned segments of lengths divisible by 16 gets) every tile load is 16 bytes wide
+    (``ld.global.v4``) and so is the mask kernel's byte store; without it (the control) they are
+    one element wide. Found on an H100: the segments' addresses are read from a table, which
+    proves no alignment, so every load was scalar. One line per kernel, failures counted."""
+    import re
+
+    failures = 0
+    for name, fn, types, const, options in _rerank():
+        if not name.startswith(("_hist_kernel", "_near_hist_kernel", "_tie_count_kernel", "_mask_kernel")):
+            continue
+        if "size=True" in name:
+            continue  # block units: their sizes come from an unhinted table
+        ptx = _compile(fn, types, const, options).asm["ptx"]
+        loads = re.findall(r"\bld\.global\.(v\d\.)?b(\d+)", ptx)
+        wide_loads = sum(1 for v, _ in loads if v)
+        # Scalar loads of tile data: a table or threshold load is one b64/b32 each, a tile's 16
+        # elements per thread (BLOCK 4096 over 256 threads) are 16 of one width.
+        narrow = {b: sum(1 for v, bb in loads if not v and bb == b) for b in ("8", "16", "32")}
+        mask_store = len(re.findall(r"\bst\.global\.v4\.b32", ptx))
+        aligned = const.get("ALIGNED", False)
+        if aligned:
+            bad = wide_loads == 0 or any(c >= 16 for c in narrow.values())
+            if name.startswith("_mask_kernel"):
+                bad = bad or mask_store == 0
+        else:
+            bad = wide_loads != 0  # the control: unhinted, as the code was
+        failures += bad
+        print(f"{'FAIL' if bad else 'ok  '} v4 loads={wide_loads} scalar={narrow} v4 stores={mask_store}  {name}",
+              flush=True)
+    return failures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true",
@@ -523,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="check the masked-linear config pruning instead (see check_prune)")
     parser.add_argument("--split", action="store_true",
                         help="check that the fp32 masked-linear kernels keep their partial sums (see check_split)")
+    parser.add_argument("--vectors", action="store_true",
+                        help="check that aligned re-rank tiles load and store 16 bytes at a time (see check_vectors)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles", file=sys.stderr)
@@ -530,6 +567,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.structure:
         failed = check_structure()
         print(f"loop structure: {failed} failures", flush=True)
+        return 1 if failed else 0
+    if args.vectors:
+        failed = check_vectors()
+        print(f"vector widths: {failed} failures", flush=True)
         return 1 if failed else 0
     if args.split:
         failed = check_split()

@@ -2,6 +2,7 @@
 give the same masks as ``sparse_rnnt.pruning.ranking.magnitude_masks``, bit for bit."""
 
 
+import itertools
 import logging
 import math
 
@@ -808,7 +809,7 @@ def test_search_kernel_equals_the_torch_search(chunk):
     assert torch.equal(f1.row, h1)
     n_ch = -(-(nbins + 1) // chunk)
     bounds = [min(c * chunk, nbins) for c in range(n_ch + 1)]
-    assert f1.tot.tolist() == [[int(r[a:b].sum()) for a, b in zip(bounds, bounds[1:])] for r in h1]
+    assert f1.tot.tolist() == [[int(r[a:b].sum()) for a, b in itertools.pairwise(bounds)] for r in h1]
 
     def search1() -> None:
         _search_kernel[(G,)](f1.row, f1.row.stride(0), f1.tot, f1.tot.stride(0), nbins, keep, b1, live2, thr, fits,
@@ -907,3 +908,28 @@ def test_more_units_than_int32_tables_hold_are_refused():
     seg = Segment(big, None, None, torch.empty(0, dtype=torch.uint8), 0, 0x7F800000)
     with pytest.raises(ValueError, match=r"at most 2\*\*31 - 2 units"):
         select_units([seg], [1], ["big"])
+
+
+def test_launches_claim_16_byte_vectors_only_when_every_segment_allows_them():
+    # ALIGNED tells the compiler that every tile's loads and stores may be 16 bytes wide. It must
+    # be False as soon as one segment's weight, candidates or mask starts off a 16-byte boundary
+    # or has a length that is not a multiple of 16, or a GPU would read and write out of bounds.
+    from sparse_rnnt.kernels.rerank import Segment
+    from sparse_rnnt.kernels.rerank._segments import _bits, _Launch
+
+    def launch(*segs: Segment) -> _Launch:
+        return _Launch(list(segs), list(range(len(segs))), [1] * len(segs), 4096, torch.device("cpu"))
+
+    def seg(w: torch.Tensor, cand: torch.Tensor | None = None, out: torch.Tensor | None = None) -> Segment:
+        out = torch.empty(w.numel(), dtype=torch.uint8) if out is None else out
+        return Segment(_bits(w), cand, None, out, 0, 0x7F800000)
+
+    buf = torch.zeros(4096)
+    ok = seg(buf[:64])
+    assert launch(ok).aligned
+    assert launch(ok, seg(buf[:64], torch.ones(64, dtype=torch.uint8))).aligned
+    assert not launch(ok, seg(buf[1:65])).aligned  # 4 bytes in: unaligned address
+    assert not launch(ok, seg(buf[:77])).aligned  # length not a multiple of 16
+    assert not launch(ok, seg(buf[:64], torch.ones(65, dtype=torch.uint8)[1:])).aligned  # candidates
+    assert not launch(ok, seg(buf[:64], out=torch.empty(80, dtype=torch.uint8)[8:72])).aligned  # mask
+    assert launch(seg(buf[16:80])).aligned  # 64 bytes in

@@ -57,6 +57,15 @@ def test_fp32_masked_linear_keeps_its_partial_sums_after_compilation():
     assert "ok   split=False  control" in result.stdout
 
 
+def test_aligned_rerank_tiles_compile_to_16_byte_loads_and_stores():
+    # The re-rank kernels read each segment's address from a table; without the ALIGNED hint on
+    # the pointer every tile load was one element wide (scalar ld.global.b32/b16/b8, checked in
+    # the unhinted control variants, which are also what unaligned launches run).
+    result = _python(["-m", "tests.kernels.sm90_compile", "--vectors"], timeout=900)
+    assert result.returncode == 0 and "vector widths: 0 failures" in result.stdout, result.stdout[-6000:]
+    assert "ok   v4 loads=0" in result.stdout  # the control
+
+
 @pytest.mark.slow
 def test_every_autotune_config_compiles_for_sm90():
     assert _check(_python(["-m", "tests.kernels.sm90_compile", "--full"], timeout=3000)) > 500

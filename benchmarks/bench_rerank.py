@@ -1,7 +1,9 @@
 """Benchmark of exact magnitude re-ranking (global unstructured mask selection).
 
 Rows for ``N`` weights (CUDA: 10M, 63M, 187M; ``quick``: 10M; CPU: 1M, torch providers only),
-in float32 and bfloat16, sparsity 0.7, the weights split over 8 ``[rows, 1000]`` tensors:
+in float32 and bfloat16, sparsity 0.7, the weights split over 8 ``[rows, 1000]`` tensors, ``rows``
+a multiple of 16 (so N is rounded down: 62,976,000 and 186,880,000; like a model's weight shapes,
+every tensor gets the kernels' 16-byte vector path, which lengths not divisible by 16 do not):
 
 - ``kthvalue``: ``torch.kthvalue`` of the flat ``|w|`` (the threshold only, no mask, no ties);
 - ``topk``: ``torch.topk`` of the flat ``|w|`` + scatter into a bool mask;
@@ -44,7 +46,7 @@ PARTS = 8
 
 
 def _weights(total: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    rows = max(1, total // (COLS * PARTS))
+    rows = max(16, total // (COLS * PARTS) // 16 * 16)
     g = torch.Generator(device=device).manual_seed(0)
     return {
         f"layer{i}": torch.randn(rows, COLS, generator=g, device=device).to(dtype) * 0.05

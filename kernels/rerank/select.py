@@ -280,21 +280,25 @@ def _search_kernel(
 
 
 @triton.jit
-def _fold_kernel(h, out, tot, nbins, nsearch, copies, group_stride, copy_stride, out_stride, tot_stride,
+def _fold_kernel(h, out, tot, gate, nbins, nsearch, copies, group_stride, copy_stride, out_stride, tot_stride,
                  CHUNK: tl.constexpr):
     """Program ``(g, c)``: bins ``[c * CHUNK, (c + 1) * CHUNK)`` of group ``g``'s ``copies``
     private histograms summed into ``out[g]``, and their total over the bins below ``nsearch``
-    into ``tot[g, c]``: the chunk totals a search scans before it reads one chunk's bins."""
-    g = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1).to(tl.int64)
-    idx = c * CHUNK + tl.arange(0, CHUNK)
-    m = idx < nbins
-    acc = tl.zeros([CHUNK], dtype=tl.int32)
-    src = h + g * group_stride
-    for j in range(copies):
-        acc += tl.load(src + j * copy_stride + idx, mask=m, other=0)
-    tl.store(out + g * out_stride + idx, acc, mask=m)
-    tl.store(tot + g * tot_stride + c, tl.sum(tl.where(idx < nsearch, acc, 0).to(tl.int64), axis=0))
+    into ``tot[g, c]``: the chunk totals a search scans before it reads one chunk's bins. The
+    copies are left zeroed for the next pass (no memset launch). Nothing when ``gate[0] == 0``:
+    its histogram pass wrote nothing either, so the copies are still zero."""
+    if tl.load(gate) != 0:
+        g = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1).to(tl.int64)
+        idx = c * CHUNK + tl.arange(0, CHUNK)
+        m = idx < nbins
+        acc = tl.zeros([CHUNK], dtype=tl.int32)
+        src = h + g * group_stride
+        for j in range(copies):
+            acc += tl.load(src + j * copy_stride + idx, mask=m, other=0)
+            tl.store(src + j * copy_stride + idx, tl.zeros([CHUNK], dtype=tl.int32), mask=m)
+        tl.store(out + g * out_stride + idx, acc, mask=m)
+        tl.store(tot + g * tot_stride + c, tl.sum(tl.where(idx < nsearch, acc, 0).to(tl.int64), axis=0))
 
 
 @triton.jit
@@ -502,9 +506,10 @@ def _search(hist: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class _Folded:
-    """The sum of a group's private histogram copies (``h [G, C, B]``), one launch of
-    :func:`_fold_kernel`, into ``row [G, B]`` and chunk totals over the first ``nsearch`` bins,
-    which a search kernel (``chunk``/``nch`` its CHUNK/NCH) reads."""
+    """The sum of a group's private histogram copies (``h [G, C, B]``, zero before each pass and
+    zeroed again by the fold), one launch of :func:`_fold_kernel`, into ``row [G, B]`` and chunk
+    totals over the first ``nsearch`` bins, which a search kernel (``chunk``/``nch`` its
+    CHUNK/NCH) reads."""
 
     def __init__(self, h: Tensor, nsearch: int, chunk: int | None = None) -> None:
         groups, _, bins = h.shape
@@ -515,10 +520,10 @@ class _Folded:
         self.row = torch.empty(groups, bins, dtype=torch.int32, device=h.device)
         self.tot = torch.empty(groups, self.grid[1], dtype=torch.int64, device=h.device)
 
-    def enqueue(self) -> None:
+    def enqueue(self, gate: Tensor) -> None:
         h = self.h
         _fold_kernel[self.grid](
-            h, self.row, self.tot, h.shape[2], self.nsearch, h.shape[1], h.stride(0), h.stride(1),
+            h, self.row, self.tot, gate, h.shape[2], self.nsearch, h.shape[1], h.stride(0), h.stride(1),
             self.row.stride(0), self.tot.stride(0), CHUNK=self.chunk, num_warps=4,
         )
 
@@ -543,10 +548,11 @@ class _AtomicSelect:
         live_wide = [int(kg > 0 and w) for kg, w in zip(keep, wide, strict=True)]
         consts = to_device(torch.tensor([keep, live_wide], dtype=torch.int64), dev)
         self.k, self.live_wide = consts[0], consts[1].to(torch.int32)
-        self.h1 = torch.empty(groups, copies, NAN_BIN + 1, dtype=torch.int32, device=dev)
+        # Histogram copies are zero between passes: zeroed here, then by each fold that reads them.
+        self.h1 = torch.zeros(groups, copies, NAN_BIN + 1, dtype=torch.int32, device=dev)
         # Pass 2 counts only the units inside one pass-1 bin: a few copies are enough.
         self.copies2 = min(copies, 4)
-        self.h2 = (torch.empty(groups, self.copies2, 65536, dtype=torch.int32, device=dev)
+        self.h2 = (torch.zeros(groups, self.copies2, 65536, dtype=torch.int32, device=dev)
                    if any(live_wide) else None)
         self.f1 = _Folded(self.h1, NAN_BIN)
         self.f2 = _Folded(self.h2, 65536) if self.h2 is not None else None
@@ -559,6 +565,7 @@ class _AtomicSelect:
         self.b1, self.thr, self.fits, self.bad = small[:groups], small[groups:2 * groups], small[2 * groups:3 * groups], small[-1:]
         self.finals = [_FinalPass(ln, segments, block, warps, dev) for ln in launches]
         self.one = torch.ones(1, dtype=torch.int32, device=dev)
+        self.dirty = False
         self.warm = warm
         if warm:
             if any(ln.has_size for ln in launches):
@@ -567,7 +574,7 @@ class _AtomicSelect:
             # for float32 keys, +-1/8 of an octave for 16-bit ones.
             self.nw = _WARM_WINDOW[any(wide)]
             self.copies_w = min(copies, 8)
-            self.hw = torch.empty(groups, self.copies_w, self.nw, dtype=torch.int32, device=dev)
+            self.hw = torch.zeros(groups, self.copies_w, self.nw, dtype=torch.int32, device=dev)
             self.fw = _Folded(self.hw, self.nw)
             self.stats = torch.empty(groups, 3, dtype=torch.int32, device=dev)
             self.miss = torch.empty(1, dtype=torch.int32, device=dev)
@@ -577,11 +584,12 @@ class _AtomicSelect:
         """Compile the warm start's kernels before a graph capture (which cannot compile) by
         running its pass once: it reads the weights and writes only scratch buffers and the
         state a run recomputes, so weights, masks and candidates stay as they are."""
+        self.dirty = True
         self._near_pass()
+        self.dirty = False
 
     def _near_pass(self) -> None:
         groups = len(self.keep)
-        self.hw.zero_()
         self.stats.zero_()
         self.miss.zero_()
         for ln in self.launches:
@@ -592,7 +600,7 @@ class _AtomicSelect:
                 BLOCK=self.block, ALIGNED=ln.aligned, num_warps=self.warps,
             )
         fw = self.fw
-        fw.enqueue()
+        fw.enqueue(self.one)
         _near_search_kernel[(groups,)](
             fw.row, fw.row.stride(0), fw.tot, fw.tot.stride(0), self.k, self.lo, self.stats, self.thr, self.fits,
             self.result, self.miss, groups, NW=self.nw, CHUNK=fw.chunk, NCH=fw.nch, num_warps=4,
@@ -607,7 +615,6 @@ class _AtomicSelect:
 
         def hist_pass(h: Tensor, f: _Folded, pass2: bool, copies: int, sel_hi: Tensor, live: Tensor,
                       gate: Tensor) -> None:
-            h.zero_()
             bins = h.shape[2]
             for ln in self.launches:
                 if pass2 and not ln.wide:
@@ -618,8 +625,13 @@ class _AtomicSelect:
                     PASS2=pass2, WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size,
                     COPIES=copies, BLOCK=self.block, ALIGNED=ln.aligned, num_warps=self.warps,
                 )
-            f.enqueue()
+            f.enqueue(gate)
 
+        if self.dirty:  # a queue cut short (an interrupt) may have left counts in the copies
+            for h in (self.h1, self.h2, getattr(self, "hw", None)):
+                if h is not None:
+                    h.zero_()
+        self.dirty = True
         self.bad.zero_()
         gate = self.one
         if warm:
@@ -641,6 +653,7 @@ class _AtomicSelect:
             )
         for fp in self.finals:
             fp.enqueue(self.thr, self.result[1], self.fits, self.bad, groups)
+        self.dirty = False
         if self.warm:  # the next window: centred on this threshold
             self.lo.copy_((self.result[0] - self.nw // 2).clamp(0, INT32_MAX))
 

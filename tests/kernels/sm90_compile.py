@@ -179,7 +179,7 @@ def _rerank() -> Iterator[Spec]:
                 "bad": "*i32", "gate": "*i32", "G": "i32"},
                {"PASS2": pass2, "CHUNK": 1024, "NCH": 64 if pass2 else 32}, {"num_warps": 4})
     yield ("_fold_kernel", _jit(select._fold_kernel),
-           {"h": "*i32", "out": "*i32", "tot": "*i64", "nbins": "i32", "nsearch": "i32", "copies": "i32",
+           {"h": "*i32", "out": "*i32", "tot": "*i64", "gate": "*i32", "nbins": "i32", "nsearch": "i32", "copies": "i32",
             "group_stride": "i32", "copy_stride": "i32", "out_stride": "i32", "tot_stride": "i32"},
            {"CHUNK": 1024}, {"num_warps": 4})
     for wide, cand, aligned in itertools.product((True, False), (True, False), (True, False)):

@@ -802,11 +802,16 @@ def test_search_kernel_equals_the_torch_search(chunk):
     bad = torch.zeros(1, dtype=torch.int32)
     live2 = torch.tensor([1, 1, 0, 0, 1, 0, 1], dtype=torch.int32)
     gate = torch.zeros(1, dtype=torch.int32)
-    # Three private copies summed by the fold kernel, with the chunk totals the search reads.
+    # Three private copies summed by the fold kernel, with the chunk totals the search reads; the
+    # fold leaves the copies zeroed for the next pass, and does nothing behind a closed gate.
     parts = torch.stack([h1 // 2, h1 - h1 // 2 - (h1 > 2).int(), (h1 > 2).int()], 1)
+    before_parts = parts.clone()
     f1 = _Folded(parts, nbins, chunk)
-    f1.enqueue()
-    assert torch.equal(f1.row, h1)
+    f1.row.fill_(-1)
+    f1.enqueue(gate)
+    assert torch.equal(parts, before_parts) and bool((f1.row == -1).all())
+    f1.enqueue(torch.ones(1, dtype=torch.int32))
+    assert torch.equal(f1.row, h1) and not parts.any()
     n_ch = -(-(nbins + 1) // chunk)
     bounds = [min(c * chunk, nbins) for c in range(n_ch + 1)]
     assert f1.tot.tolist() == [[int(r[a:b].sum()) for a, b in itertools.pairwise(bounds)] for r in h1]
@@ -834,8 +839,8 @@ def test_search_kernel_equals_the_torch_search(chunk):
     n2 = 37
     h2 = torch.randint(0, 3, (G, n2), generator=g, dtype=torch.int32)
     before = result.clone()
-    f2 = _Folded(h2[:, None], n2, chunk)
-    f2.enqueue()
+    f2 = _Folded(h2[:, None].clone(), n2, chunk)
+    f2.enqueue(gate)
     _search_kernel[(G,)](f2.row, f2.row.stride(0), f2.tot, f2.tot.stride(0), n2, keep, b1, live2, thr, fits,
                          result, bad, gate, G, PASS2=True, CHUNK=f2.chunk, NCH=f2.nch)
     k2 = (keep - before[5]).clamp(min=1)
@@ -933,3 +938,20 @@ def test_launches_claim_16_byte_vectors_only_when_every_segment_allows_them():
     assert not launch(ok, seg(buf[:64], torch.ones(65, dtype=torch.uint8)[1:])).aligned  # candidates
     assert not launch(ok, seg(buf[:64], out=torch.empty(80, dtype=torch.uint8)[8:72])).aligned  # mask
     assert launch(seg(buf[16:80])).aligned  # 64 bytes in
+
+
+def test_plan_recovers_histograms_left_by_a_queue_cut_short():
+    # The histogram copies stay zero between passes because each fold zeroes what it reads; a
+    # queue cut short (an interrupt between launches) leaves counts behind. The next run must
+    # zero them first, or every threshold after it is off.
+    w, cand, out = _plan_case(torch.float32, "cpu", seed=60)
+    plan = RerankPlan(w, 0.5, out, candidates=cand, apply=False, tile=TILE)
+    plan.run()
+    sel = plan._select
+    for h in (sel.h1, sel.h2, sel.hw):
+        h.fill_(3)
+    sel.dirty = True
+    before = {k: v.clone() for k, v in w.items()}
+    plan.run()
+    _assert_same({k: o.bool() for k, o in out.items()}, magnitude_masks(before, 0.5, candidates=cand))
+    assert not sel.h1.any() and not sel.h2.any() and not sel.hw.any()

@@ -1,6 +1,7 @@
 """Streaming benchmark: per-chunk latency and real-time factor of exported formats, side by side.
 
-    python -m benchmarks.stream [--device cuda|cpu] [--quick] [--load-minutes M] [--out-dir DIR]
+    python -m benchmarks.stream [--device cuda|cpu] [--quick] [--sizes base,paper-187m] [--load-minutes M]
+        [--out-dir DIR]
 
 For each model size (CUDA: ``base`` and ``paper-187m``; CPU: ``tiny``), random weights pruned to
 70% by global magnitude (2:4 is 50% by construction), every format (dense, 2:4, bsr, bitmap; on
@@ -17,7 +18,9 @@ adds rows with the encoder step replayed as CUDA graphs (``step_mode``).
 ``--load-minutes M`` adds the load test: 64 streams fed M minutes of audio each (CPU: tiny,
 CUDA: base, dense), memory sampled along the way (RSS; CUDA: allocated) to show no growth per
 stream, two streams re-decoded alone to check identical outputs, and the p99 step latency.
-Results: ``stream-<device>.json`` with machine, versions, commit and date.
+Results: ``stream-<device>.json`` with machine, versions, commit and date, rewritten after each
+format's rows, so a run cut short (a device lease's limit) keeps what it measured
+(``"complete": false`` until the end).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,10 +121,13 @@ def _run_streams(model, device: str, n_streams: int, seconds: float, seed: int =
 
 
 def bench(device: str, quick: bool, cuda_graphs: bool = False,
-          streams: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
-    """Format × stream count × step mode rows; ``streams`` replaces the default stream counts."""
+          streams: tuple[int, ...] | None = None, sizes: tuple[str, ...] | None = None,
+          on_rows: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Format × stream count × step mode rows; ``streams`` replaces the default stream counts,
+    ``sizes`` the default model sizes; ``on_rows`` gets the rows so far after each format."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    sizes = ["tiny"] if device == "cpu" else (["base"] if quick else ["base", "paper-187m"])
+    if sizes is None:
+        sizes = ("tiny",) if device == "cpu" else (("base",) if quick else ("base", "paper-187m"))
     counts = (1, 8, 64) if device == "cpu" else ((1, 32) if quick else (1, 8, 32, 64))
     counts = streams or counts
     seconds = 2.0 if device == "cpu" else 4.0
@@ -153,6 +160,13 @@ def bench(device: str, quick: bool, cuda_graphs: bool = False,
             del model
             if device == "cuda":
                 torch.cuda.empty_cache()
+            if on_rows is not None:
+                on_rows(_with_ratios(rows))
+    return _with_ratios(rows)
+
+
+def _with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with ``speedup_vs_dense_p50`` where their dense baseline is among them."""
     # Every row against dense of the same size, stream count and step mode (the baseline to
     # beat: graphs sped dense up 5-10x on the H100, so a graph row against dense eager flatters it).
     dense = {(r["size"], r["streams"], r["step_mode"]): r["p50_ms"] for r in rows
@@ -285,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer sizes and stream counts")
     parser.add_argument("--streams", default=None,
                         help="comma-separated stream counts of the table (default: 1,8,64 on cpu; cuda 1,32 with --quick, else 1,8,32,64)")
+    parser.add_argument("--sizes", default=None,
+                        help="comma-separated model sizes of the table (default: tiny on cpu; cuda base with --quick, "
+                             "else base,paper-187m)")
     parser.add_argument("--load-minutes", type=float, default=0.0, help="also run the load test (minutes per stream)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also time every format with the encoder step replayed as CUDA graphs")
@@ -317,15 +334,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--streams must be comma-separated integers, got {args.streams!r}")
     if streams is not None and min(streams) < 1:
         parser.error("--streams counts must be >= 1")
-    rows = [] if args.load_only else bench(args.device, args.quick, cuda_graphs=args.cuda_graphs, streams=streams)
-    result: dict[str, Any] = {"environment": environment(), "device": args.device, "rows": rows,
-                              "threads": torch.get_num_threads()}
+    sizes = tuple(x.strip() for x in args.sizes.split(",") if x.strip()) if args.sizes else None
+    if sizes is not None:
+        from sparse_rnnt.model import MODEL_SIZES
+
+        unknown = [x for x in sizes if x not in MODEL_SIZES]
+        if unknown or not sizes:
+            parser.error(f"--sizes: unknown model size(s) {unknown or args.sizes!r}; choose from {', '.join(MODEL_SIZES)}")
+    out = Path(args.out_dir) / f"stream-{args.device}.json"
+    result: dict[str, Any] = {"environment": environment(), "device": args.device, "rows": [],
+                              "threads": torch.get_num_threads(), "complete": False}
+
+    def save(rows: list[dict[str, Any]]) -> None:
+        result["rows"] = rows
+        atomic_write_json(out, result)
+
+    rows = [] if args.load_only else bench(args.device, args.quick, cuda_graphs=args.cuda_graphs, streams=streams,
+                                           sizes=sizes, on_rows=save)
+    result["rows"] = rows
     if args.load_minutes > 0:
         dtype = getattr(torch, args.load_dtype) if args.load_dtype else None
         result["load"] = load_test(args.device, args.load_minutes, max_wall_s=args.max_wall_s, dtype=dtype,
                                    compare=args.load_compare,
                                    step_mode=args.load_step_mode)
-    out = Path(args.out_dir) / f"stream-{args.device}.json"
+    result["complete"] = True
     atomic_write_json(out, result)
     for r in rows:
         print(json.dumps(r))

@@ -139,6 +139,51 @@ def test_stream_rows_compare_with_dense_in_the_same_step_mode(monkeypatch):
     assert errors == [("2:4", None, None), *[("bsr", n, m) for n in (1, 32) for m in ("eager", "cuda-graph")]]
 
 
+def test_stream_table_is_saved_after_each_format_and_takes_chosen_sizes(monkeypatch, tmp_path):
+    # A device lease can cut the table off: the file must hold every format measured so far
+    # ("complete": false), and --sizes must run only the sizes named (paper-187m alone, say).
+    import json
+
+    import benchmarks.stream as bs
+
+    built, saved = [], []
+
+    def build(size, fmt, device, dtype):
+        built.append((size, fmt))
+        return fmt, None, 1000, {"layer": fmt}
+
+    def run(model, device, n, seconds, step_mode):
+        if model == "bitmap":
+            raise KeyboardInterrupt  # the lease's limit, mid-table
+        ms = {"dense": 10.0, "2:4": 8.0, "bsr": 5.0}[model]
+        return {"p50_s": ms / 1e3, "p99_s": ms / 1e3, "encoder_p50_s": ms / 2e3, "rtf": 0.1, "mean_batch": n}
+
+    real_write = bs.atomic_write_json
+
+    def write(path, obj):
+        saved.append(json.loads(json.dumps(obj)))
+        real_write(path, obj)
+
+    monkeypatch.setattr(bs, "_build", build)
+    monkeypatch.setattr(bs, "_run_streams", run)
+    monkeypatch.setattr(bs, "_bandwidth_gbps", lambda device: 1.0)
+    monkeypatch.setattr(bs, "atomic_write_json", write)
+    with pytest.raises(KeyboardInterrupt):
+        bs.main(["--device", "cpu", "--sizes", "small", "--streams", "2", "--out-dir", str(tmp_path)])
+    assert {size for size, _ in built} == {"small"}
+    assert [len(s["rows"]) for s in saved] == [1, 2, 3]  # dense, 2:4, bsr; bitmap never finished
+    on_disk = json.loads((tmp_path / "stream-cpu.json").read_text())
+    assert on_disk["complete"] is False and [r["format"] for r in on_disk["rows"]] == ["dense", "2:4", "bsr"]
+    assert on_disk["rows"][2]["speedup_vs_dense_p50"] == pytest.approx(2.0)
+    monkeypatch.setattr(bs, "_run_streams", lambda model, device, n, seconds, step_mode: run(
+        "bsr" if model == "bitmap" else model, device, n, seconds, step_mode))
+    assert bs.main(["--device", "cpu", "--sizes", "small", "--streams", "2", "--out-dir", str(tmp_path)]) == 0
+    on_disk = json.loads((tmp_path / "stream-cpu.json").read_text())
+    assert on_disk["complete"] is True and len(on_disk["rows"]) == 4
+    with pytest.raises(SystemExit):
+        bs.main(["--device", "cpu", "--sizes", "huge", "--out-dir", str(tmp_path)])
+
+
 @pytest.mark.parametrize("step_mode", ["eager", "static"])
 def test_stream_load_test_small_on_cpu(step_mode):
     from benchmarks.stream import load_test

@@ -16,12 +16,13 @@ How (unstructured and block; ``U`` units = weights or blocks, one *group* = one 
   order and the ties are the same). The kernels read the weights through an integer view, so
   they are dtype-agnostic and ``apply`` stores the bit pattern 0 (``+0.0``).
 - **Pass 1** (every dtype): a global histogram of 32768 bins + 1 NaN bin by atomics, spread
-  over private copies (program id mod copies) that are summed afterwards; bin 0 (zeros: the
-  pruned weights) is summed per program and added once
-  (float32: the high 15 key bits; 16-bit: the whole key, so one pass is exact). Candidates only
-  (NaN counted for every weight, as the reference checks all). A search kernel (one program
-  per group, scanning the bins from the top) finds the bin holding the K-th largest and the
-  count strictly above it, and flags NaN or too few candidates in a device counter.
+  over private copies (program id mod copies); bin 0 (zeros: the pruned weights) is summed per
+  program and added once (float32: the high 15 key bits; 16-bit: the whole key, so one pass is
+  exact). Candidates only (NaN counted for every weight, as the reference checks all). A fold
+  kernel sums the copies, totals each 1024-bin chunk and zeroes the copies for the next pass; a
+  search kernel (one program per group: the chunk totals from the top, then one chunk's bins)
+  finds the bin holding the K-th largest and the count strictly above it, and flags NaN or too
+  few candidates in a device counter.
 - **Pass 2** (31-bit keys only): histogram of the low 16 bits of the keys inside the selected high
   bin; same search. Now the threshold key ``t`` and ``need = K - count(key > t)`` are exact.
 - **Ties.** If the histogram says every candidate with ``key == t`` fits (``ties == need``, the
@@ -46,7 +47,8 @@ How (unstructured and block; ``U`` units = weights or blocks, one *group* = one 
   few candidates into an error counter read once per tensor.
 
 Several tensors: every pass is ONE launch over all tensors of a key width. The kernels read each
-tile's tensors through device tables of addresses (cast to pointers in the kernel), sizes, groups
+tile's tensors through device tables of addresses (cast to pointers in the kernel, hinted
+16-byte aligned when every tensor of the launch is, see ``_segments._ptr``), sizes, groups
 and flags, plus a per-tile segment index, so a model with a hundred layers costs the same few
 launches as one tensor (each Triton launch costs host time; the H200 run took 6.6 ms at
 10M weights in 8 tensors before the atomics fix, 1.1 ms after, mostly fixed cost). Groups: global

@@ -2,12 +2,16 @@
 the call, for ``rerank_masks(..., apply=True)`` over the benchmark's weights (8 tensors, 70%).
 
     python -m benchmarks.profile_rerank --device cuda --sizes 10000000,63000000
+    python -m benchmarks.profile_rerank --device cuda --sizes 63000000 --dtypes float32 \
+        --algorithms plan-graph --copies 16,64,256
 
 Prints a first JSON line with the machine and versions (``environment``), then one per (size,
 dtype, algorithm): ``wall_ms`` (median of host wall time per call,
 synchronized), ``device_ms`` (sum of every kernel and memset/memcpy the call ran, per call), the
 launch count and the top kernels by device time. When ``device_ms`` is far below ``wall_ms`` the
-call waits on the host (Python, launches, host syncs), not on memory.
+call waits on the host (Python, launches, host syncs), not on memory. ``--copies`` sweeps a
+plan's private histogram copies (``hist_copies``; the cold pass is bound by atomics queued on
+a few hundred bins, and more copies spread them at the cost of a bigger fold), recorded per row.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import torch
 from benchmarks.bench_rerank import SPARSITY, _weights
 
 
-def profile(total: int, dtype: torch.dtype, device: str, algorithm: str, calls: int = 5) -> dict:
+def profile(total: int, dtype: torch.dtype, device: str, algorithm: str, calls: int = 5,
+            hist_copies: int | None = None) -> dict:
     from sparse_rnnt.kernels.rerank import rerank_masks
 
     ws = _weights(total, dtype, device)
@@ -32,9 +37,14 @@ def profile(total: int, dtype: torch.dtype, device: str, algorithm: str, calls: 
         from sparse_rnnt.kernels.rerank import RerankPlan
 
         out = {name: torch.empty(w.shape, dtype=torch.uint8, device=device) for name, w in ws.items()}
-        fn = RerankPlan(ws, SPARSITY, out, apply=True, graph="graph" in algorithm,
-                        warm_start=algorithm.endswith("-warm")).run
+        plan = RerankPlan(ws, SPARSITY, out, apply=True, graph="graph" in algorithm,
+                          warm_start=algorithm.endswith("-warm"), hist_copies=hist_copies)
+        hist_copies = plan.hist_copies
+        fn = plan.run
     else:
+        if hist_copies is not None:
+            raise ValueError("hist_copies is a plan's setting: use a plan algorithm")
+
         def fn() -> object:
             return rerank_masks(ws, SPARSITY, apply=True, algorithm=algorithm)
 
@@ -64,7 +74,7 @@ def profile(total: int, dtype: torch.dtype, device: str, algorithm: str, calls: 
                    for e in prof.key_averages()), reverse=True)[:10]
     return {
         "bench": "rerank-profile", "shape": str(sum(w.numel() for w in ws.values())),
-        "dtype": str(dtype).removeprefix("torch."), "algorithm": algorithm,
+        "dtype": str(dtype).removeprefix("torch."), "algorithm": algorithm, "hist_copies": hist_copies,
         "wall_ms": statistics.median(walls), "device_ms": device_ms,
         "launches": sum(len(v) for v in per.values()) / calls,
         "top": [{"ms": round(ms, 4), "per_call": n, "name": k} for ms, n, k in top],
@@ -79,14 +89,20 @@ def main() -> None:
     p.add_argument("--algorithms", default="atomic,window,radix,plan,plan-graph,plan-graph-warm",
                    help="comma-separated: atomic, window, radix (rerank_masks); plan, plan-warm, plan-graph, "
                         "plan-graph-warm (RerankPlan eager or in a CUDA graph, without or with a warm start)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
+    p.add_argument("--copies", default="",
+                   help="comma-separated hist_copies for the plan algorithms (default: the plan's own choice)")
     a = p.parse_args()
+    dtypes = [getattr(torch, d) for d in a.dtypes.split(",")]
+    copies: list[int | None] = [int(c) for c in a.copies.split(",")] if a.copies else [None]
     from benchmarks.env import environment
 
     print(json.dumps({"environment": environment()}), flush=True)
     for total in (int(s) for s in a.sizes.split(",")):
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in dtypes:
             for alg in a.algorithms.split(","):
-                print(json.dumps(profile(total, dtype, a.device, alg)), flush=True)
+                for c in copies if alg.startswith("plan") else [None]:
+                    print(json.dumps(profile(total, dtype, a.device, alg, hist_copies=c)), flush=True)
 
 
 if __name__ == "__main__":

@@ -339,3 +339,10 @@ def test_rerank_profile_on_cpu(algorithm):
     assert row["algorithm"] == algorithm and row["shape"] == "128000"
     assert row["wall_ms"] > 0 and row["device_ms"] == 0.0 and row["launches"] == 0.0
     assert row["host_top"] and all(e["self_ms"] >= 0 for e in row["host_top"])
+    if algorithm.startswith("plan"):  # the copies sweep: recorded as the plan used them
+        assert row["hist_copies"] == 1  # the interpreter's default choice
+        assert profile(128000, torch.float32, "cpu", algorithm, calls=1, hist_copies=3)["hist_copies"] == 3
+    else:
+        assert row["hist_copies"] is None
+        with pytest.raises(ValueError, match="plan"):
+            profile(128000, torch.float32, "cpu", algorithm, calls=1, hist_copies=3)

@@ -1090,6 +1090,11 @@ class RerankPlan:
         self.last_warm_hit = False
 
     @property
+    def hist_copies(self) -> int:
+        """Private histogram copies per selection of the cold pass 1 (given or chosen)."""
+        return self._select.copies
+
+    @property
     def captured(self) -> bool:
         """Whether :meth:`run` replays a CUDA graph."""
         return self._graph is not None

@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +22,7 @@ from sparse_rnnt.kernels.rerank import (
     rerank_masks_into,
     rerank_masks_torch,
 )
+from sparse_rnnt.kernels.rerank.select import _scan_top
 from sparse_rnnt.pruning import ranking
 from sparse_rnnt.pruning.ranking import Granularity, magnitude_masks
 
@@ -955,3 +958,46 @@ def test_plan_recovers_histograms_left_by_a_queue_cut_short():
     plan.run()
     _assert_same({k: o.bool() for k, o in out.items()}, magnitude_masks(before, 0.5, candidates=cand))
     assert not sel.h1.any() and not sel.h2.any() and not sel.hw.any()
+
+
+@triton.jit
+def _scan_probe(row, tot, nbins, k, out, CHUNK: tl.constexpr, NCH: tl.constexpr):
+    found, bin_at, above, ties, total = _scan_top(row, tot, nbins, k, CHUNK, NCH)
+    tl.store(out, found.to(tl.int64))
+    tl.store(out + 1, bin_at)
+    tl.store(out + 2, above)
+    tl.store(out + 3, ties)
+    tl.store(out + 4, total)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    nbins=st.integers(1, 90),
+    copies=st.integers(1, 3),
+    chunk=st.sampled_from([1, 2, 4, 16, 128]),
+    density=st.sampled_from([0.0, 0.1, 0.9]),
+    k=st.integers(1, 200),
+    seed=st.integers(0, 2**16),
+)
+def test_two_step_search_equals_the_torch_search(nbins, copies, chunk, density, k, seed):
+    # The fold (copies summed, chunk totals) and the two-step search (totals from the top, then
+    # one chunk) against the torch search over the summed row: bin, count above, ties, total, for
+    # any chunk size against any row length (a last partial chunk, a chunk longer than the row),
+    # sparse rows and k past the total. The NaN bin after the searched bins must not count.
+    from sparse_rnnt.kernels.rerank.select import _Folded, _search
+
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randint(0, 4, (1, copies, nbins + 1), generator=g, dtype=torch.int32)
+    h *= (torch.rand(h.shape, generator=g) < density).int()
+    h[0, :, nbins] = 5  # the NaN bin
+    row = h.sum(1)
+    f = _Folded(h.clone(), nbins, chunk)
+    f.enqueue(torch.ones(1, dtype=torch.int32))
+    assert torch.equal(f.row, row)
+    out = torch.empty(5, dtype=torch.int64)
+    _scan_probe[(1,)](f.row, f.tot, nbins, k, out, CHUNK=f.chunk, NCH=f.nch)
+    total = int(row[0, :nbins].sum())
+    bins, above = _search(row[:, :nbins], torch.tensor([k]))
+    assert out.tolist()[4] == total and bool(out[0]) == (k <= total)
+    assert int(out[1]) == int(bins[0]) and int(out[2]) == int(above[0])
+    assert int(out[3]) == int(row[0, int(bins[0])])

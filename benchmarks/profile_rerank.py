@@ -82,7 +82,7 @@ def profile(total: int, dtype: torch.dtype, device: str, algorithm: str, calls: 
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda", help="cuda or cpu (cpu: the interpreter, tiny sizes)")
     p.add_argument("--sizes", default="10000000", help="comma-separated weight counts")
@@ -92,9 +92,17 @@ def main() -> None:
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     p.add_argument("--copies", default="",
                    help="comma-separated hist_copies for the plan algorithms (default: the plan's own choice)")
-    a = p.parse_args()
-    dtypes = [getattr(torch, d) for d in a.dtypes.split(",")]
-    copies: list[int | None] = [int(c) for c in a.copies.split(",")] if a.copies else [None]
+    a = p.parse_args(argv)
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if not set(a.dtypes.split(",")) <= set(names):
+        p.error(f"--dtypes: choose from float32, bfloat16, got {a.dtypes!r}")
+    dtypes = [names[d] for d in a.dtypes.split(",")]
+    try:
+        copies: list[int | None] = [int(c) for c in a.copies.split(",")] if a.copies else [None]
+    except ValueError:
+        p.error(f"--copies must be comma-separated integers, got {a.copies!r}")
+    if any(c is not None and c < 1 for c in copies):
+        p.error("--copies must be >= 1")
     from benchmarks.env import environment
 
     print(json.dumps({"environment": environment()}), flush=True)

@@ -329,6 +329,15 @@ def test_gpu_session_script_rehearsal_on_cpu(tmp_path):
     assert load["step_mode"] == "static" and load["identical_to_alone"] == {"s0": True, "s63": True}
 
 
+@pytest.mark.parametrize("args", [["--dtypes", "float64"], ["--copies", "x"], ["--copies", "0,16"]])
+def test_rerank_profile_refuses_bad_options(args, capsys):
+    from benchmarks.profile_rerank import main
+
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", *args])
+    assert "error: --" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("algorithm", ["atomic", "plan", "plan-warm"])
 def test_rerank_profile_on_cpu(algorithm):
     # The profile's plumbing at a small size (no CUDA activity on CPU: device time 0, host ops

@@ -553,8 +553,8 @@ class _AtomicSelect:
         # Histogram copies are zero between passes: zeroed here, then by each fold that reads them.
         self.h1 = torch.zeros(groups, copies, NAN_BIN + 1, dtype=torch.int32, device=dev)
         # Pass 2 counts only the units inside one pass-1 bin: a few copies are enough.
-        self.copies2 = min(copies, 4)
-        self.h2 = (torch.zeros(groups, self.copies2, 65536, dtype=torch.int32, device=dev)
+        copies2 = min(copies, 4)
+        self.h2 = (torch.zeros(groups, copies2, 65536, dtype=torch.int32, device=dev)
                    if any(live_wide) else None)
         self.f1 = _Folded(self.h1, NAN_BIN)
         self.f2 = _Folded(self.h2, 65536) if self.h2 is not None else None
@@ -615,9 +615,9 @@ class _AtomicSelect:
         # again for 31-bit keys; then the tie ranks and the mask pass.
         groups = len(self.keep)
 
-        def hist_pass(h: Tensor, f: _Folded, pass2: bool, copies: int, sel_hi: Tensor, live: Tensor,
-                      gate: Tensor) -> None:
-            bins = h.shape[2]
+        def hist_pass(f: _Folded, pass2: bool, sel_hi: Tensor, live: Tensor, gate: Tensor) -> None:
+            h = f.h
+            copies, bins = h.shape[1], h.shape[2]
             for ln in self.launches:
                 if pass2 and not ln.wide:
                     continue  # 16-bit keys are exact after pass 1
@@ -640,14 +640,14 @@ class _AtomicSelect:
             self._near_pass()
             gate = self.miss  # the two passes below do nothing unless a window missed
         f1 = self.f1
-        hist_pass(self.h1, f1, False, self.copies, self.zeros_g, self.zeros_g, gate)
+        hist_pass(f1, False, self.zeros_g, self.zeros_g, gate)
         _search_kernel[(groups,)](
             f1.row, f1.row.stride(0), f1.tot, f1.tot.stride(0), NAN_BIN, self.k, self.b1, self.live_wide,
             self.thr, self.fits, self.result, self.bad, gate, groups, PASS2=False, CHUNK=f1.chunk, NCH=f1.nch,
             num_warps=4,
         )
-        if self.h2 is not None and (f2 := self.f2) is not None:
-            hist_pass(self.h2, f2, True, self.copies2, self.b1, self.live_wide, gate)
+        if (f2 := self.f2) is not None:
+            hist_pass(f2, True, self.b1, self.live_wide, gate)
             _search_kernel[(groups,)](
                 f2.row, f2.row.stride(0), f2.tot, f2.tot.stride(0), 65536, self.k, self.b1, self.live_wide,
                 self.thr, self.fits, self.result, self.bad, gate, groups, PASS2=True, CHUNK=f2.chunk,
@@ -1113,7 +1113,7 @@ class RerankPlan:
         self.runs += 1
         if self._graph_wanted and self._graph is None:
             # Captured after a run that compiled the cold path's kernels; the warm ones compile
-            # on this eager call, which runs nothing (a zero gate) before the capture.
+            # here, by running the warm pass once for real (a capture cannot compile).
             if self._warm:
                 self._select.compile_warm()
             graph = torch.cuda.CUDAGraph()

@@ -785,7 +785,7 @@ def test_cuda_plan_graph_replays_equal_the_reference(dtype):
 
 @pytest.mark.parametrize("chunk", [16, 64])
 def test_search_kernel_equals_the_torch_search(chunk):
-    # The per-group search of the atomic select at small chunks (many steps, a last partial one)
+    # The per-group search of the atomic select at small chunks (many chunks, a last partial one)
     # against the torch search it replaced: bin, weight above, ties; k beyond the total and groups
     # that keep nothing; NaN and too-few-candidates flagged; pass 2 only for the groups it counts.
     from sparse_rnnt.kernels.rerank.select import _Folded, _search, _search_kernel

@@ -221,8 +221,8 @@ class MaskSet:
         """|kept in both| / |kept in either| over all tensors; 1.0 when neither keeps anything."""
         _same_layout(self, other)
         pairs = [(m, other[n].to(m.device)) for n, m in self._masks.items()]
-        inter = sum(_counts([m & o for m, o in pairs]))
-        union = sum(_counts([m | o for m, o in pairs]))
+        counts = _counts([m & o for m, o in pairs] + [m | o for m, o in pairs])  # one transfer
+        inter, union = sum(counts[:len(pairs)]), sum(counts[len(pairs):])
         return 1.0 if union == 0 else inter / union
 
     def flips(self, other: MaskSet) -> int:

@@ -16,7 +16,9 @@ every tensor gets the kernels' 16-byte vector path, which lengths not divisible 
   ``triton`` selection as a ``RerankPlan`` (tables and buffers made once, no host sync until the
   end) replayed from a CUDA graph, as a pruner that keeps its tensors in place can run it (the
   torch providers run eagerly: each is one to three kernels, so a graph would save them little),
-  without a warm start (``warm_start=False``: every run the two-pass select);
+  without a warm start (``warm_start=False``: every run the cold select, whose pass 1 is
+  bracketed by a sample); ``triton-graph-full``: the same with the bracket off (the exact pass 1
+  takes one atomic per candidate), timed beside it;
   ``triton-graph-warm``: the same with the warm start, which first looks for the threshold in a
   window around the previous run's. The timed runs re-rank the same weights, so the window always
   holds the threshold: the best case, a pruning run's steady state at best (a missed window costs
@@ -100,10 +102,12 @@ def run(device: str, quick: bool) -> list[dict]:
                 providers["triton"] = ours
                 providers["triton-radix"] = ours_radix
                 providers["triton-window"] = ours_window
-                for name, warm in (("triton-graph", False), ("triton-graph-warm", True)):
+                for name, warm, bracket in (("triton-graph", False, None), ("triton-graph-full", False, False),
+                                            ("triton-graph-warm", True, None)):
                     out = {k: torch.empty(w.shape, dtype=torch.uint8, device=device) for k, w in ws.items()}
                     try:
-                        plan = RerankPlan(ws, SPARSITY, out, apply=True, graph=True, warm_start=warm)
+                        plan = RerankPlan(ws, SPARSITY, out, apply=True, graph=True, warm_start=warm,
+                                          bracket=bracket)
                         plan.run()  # the eager run; the graph is captured after it
                         providers[name] = plan.run
                     except Exception as e:  # recorded, as a provider that fails below is

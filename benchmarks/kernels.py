@@ -40,7 +40,9 @@ from sparse_rnnt.io import atomic_write_json, atomic_write_text
 
 RERANK_EVERY = 100
 
-_RERANK_OURS = ("triton", "triton-radix", "triton-window", "triton-graph", "triton-graph-warm")
+_RERANK_OURS = (
+    "triton", "triton-radix", "triton-window", "triton-graph", "triton-graph-full", "triton-graph-warm",
+)
 
 # Targets of issue #4 on one H100: (description, numerator provider, denominator provider, bound, "<=" | ">=").
 TARGETS = {

@@ -33,12 +33,14 @@ def profile(total: int, dtype: torch.dtype, device: str, algorithm: str, calls: 
     ws = _weights(total, dtype, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
+    plan = None
     if algorithm.startswith("plan"):  # RerankPlan: eager or replayed from a CUDA graph, cold or warm
         from sparse_rnnt.kernels.rerank import RerankPlan
 
         out = {name: torch.empty(w.shape, dtype=torch.uint8, device=device) for name, w in ws.items()}
-        plan = RerankPlan(ws, SPARSITY, out, apply=True, graph="graph" in algorithm,
-                          warm_start=algorithm.endswith("-warm"), hist_copies=hist_copies)
+        parts = algorithm.split("-")
+        plan = RerankPlan(ws, SPARSITY, out, apply=True, graph="graph" in parts, warm_start="warm" in parts,
+                          hist_copies=hist_copies, bracket=False if "full" in parts else None)
         hist_copies = plan.hist_copies
         fn = plan.run
     else:
@@ -75,6 +77,7 @@ def profile(total: int, dtype: torch.dtype, device: str, algorithm: str, calls: 
     return {
         "bench": "rerank-profile", "shape": str(sum(w.numel() for w in ws.values())),
         "dtype": str(dtype).removeprefix("torch."), "algorithm": algorithm, "hist_copies": hist_copies,
+        "path": plan.last_path if plan is not None else None,
         "wall_ms": statistics.median(walls), "device_ms": device_ms,
         "launches": sum(len(v) for v in per.values()) / calls,
         "top": [{"ms": round(ms, 4), "per_call": n, "name": k} for ms, n, k in top],
@@ -86,9 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda", help="cuda or cpu (cpu: the interpreter, tiny sizes)")
     p.add_argument("--sizes", default="10000000", help="comma-separated weight counts")
-    p.add_argument("--algorithms", default="atomic,window,radix,plan,plan-graph,plan-graph-warm",
+    p.add_argument("--algorithms", default="atomic,window,radix,plan,plan-graph,plan-graph-full,plan-graph-warm",
                    help="comma-separated: atomic, window, radix (rerank_masks); plan, plan-warm, plan-graph, "
-                        "plan-graph-warm (RerankPlan eager or in a CUDA graph, without or with a warm start)")
+                        "plan-graph-warm (RerankPlan eager or in a CUDA graph, without or with a warm start); "
+                        "a '-full' suffix (plan-full, plan-graph-full) turns the sampled bracket of the cold "
+                        "pass 1 off"),
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     p.add_argument("--copies", default="",
                    help="comma-separated hist_copies for the plan algorithms (default: the plan's own choice)")

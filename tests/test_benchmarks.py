@@ -259,6 +259,26 @@ def test_window_size_simulation_matches_the_kernels(caplog):
             assert sim["holds"] and sim["samples"] >= 64 and counted == [sim["window"]]
 
 
+def test_bracket_share_simulation_matches_the_kernels():
+    # The simulation behind the README's bracket shares picks the bracket the kernels pick (a
+    # plan's sampled pass 1 at tiles of 256, so that a small size spans enough chunks), on dense
+    # and on pruned weights, and says whether it holds as the plan's path does.
+    from benchmarks.bracket_share import simulate
+    from sparse_rnnt.kernels.rerank import RerankPlan
+
+    g = torch.Generator().manual_seed(1)
+    ws = {f"w{i}": torch.randn(r, c, generator=g) * (i + 1) for i, (r, c) in enumerate([(40, 300), (17, 299)])}
+    for s in (0.3, 0.7, 0.7):  # the last on what the one before left: 70% zeros
+        sim = simulate(list(ws.values()), s, tile=256)
+        out = {k: torch.empty(w.shape, dtype=torch.uint8) for k, w in ws.items()}
+        plan = RerankPlan(ws, s, out, apply=True, tile=256, warm_start=False, bracket=True)
+        plan.run()
+        sel = plan._select
+        assert sim["bracket"] == [int(sel.blo[0]), int(sel.bhi[0])]
+        assert sim["holds"] and plan.last_path == "bracket"
+        assert 0 < sim["atomic_share"] < sim["atomic_share_without"]
+
+
 def test_single_benchmark_command_line(capsys):
     import json
 
@@ -338,7 +358,7 @@ def test_rerank_profile_refuses_bad_options(args, capsys):
     assert "error: --" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("algorithm", ["atomic", "plan", "plan-warm"])
+@pytest.mark.parametrize("algorithm", ["atomic", "plan", "plan-warm", "plan-full"])
 def test_rerank_profile_on_cpu(algorithm):
     # The profile's plumbing at a small size (no CUDA activity on CPU: device time 0, host ops
     # listed); the same call ran on the H100 (benchmarks/results/h100-2026-11-26-lease2/).
@@ -348,6 +368,8 @@ def test_rerank_profile_on_cpu(algorithm):
     assert row["algorithm"] == algorithm and row["shape"] == "128000"
     assert row["wall_ms"] > 0 and row["device_ms"] == 0.0 and row["launches"] == 0.0
     assert row["host_top"] and all(e["self_ms"] >= 0 for e in row["host_top"])
+    # Which select the plan's last call took (16 tiles: too few for a sampled bracket).
+    assert row["path"] == {"atomic": None, "plan": "full", "plan-warm": "warm", "plan-full": "full"}[algorithm]
     if algorithm.startswith("plan"):  # the copies sweep: recorded as the plan used them
         assert row["hist_copies"] == 1  # the interpreter's default choice
         assert profile(128000, torch.float32, "cpu", algorithm, calls=1, hist_copies=3)["hist_copies"] == 3

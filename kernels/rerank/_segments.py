@@ -44,6 +44,36 @@ def _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK: tl.constexpr, ALIGNED
 
 
 @triton.jit
+def _sample_tile(pid, tile_seg, first_tile, seg_n, BLOCK: tl.constexpr, SAMPLE: tl.constexpr,
+                 ALIGNED: tl.constexpr = False):
+    """(segment, offsets, validity) of tile ``pid``'s sample: one of its ``SAMPLE`` chunks of
+    ``BLOCK // SAMPLE`` units, chunk ``pid * 40503 % SAMPLE`` (odd multiplier: consecutive tiles
+    take different chunks, so a row-per-tile tensor is not sampled in the same columns only).
+    Every tensor gets ``1 / SAMPLE`` of its units in contiguous runs: a sample at a fraction of a
+    pass's bytes. :func:`sample_counts` gives what it covers."""
+    seg = tl.load(tile_seg + pid).to(tl.int64)
+    local = pid - tl.load(first_tile + seg)
+    chunk = (pid * 40503) % SAMPLE
+    offs = local * BLOCK + chunk * (BLOCK // SAMPLE) + tl.arange(0, BLOCK // SAMPLE).to(tl.int64)
+    n = tl.load(seg_n + seg)
+    if ALIGNED:
+        n = tl.multiple_of(n, 16)
+    return seg, offs, offs < n
+
+
+def sample_counts(n: int, tiles: int, first: int, block: int, sample: int) -> tuple[int, int]:
+    """(units, chunks holding at least one unit) that :func:`_sample_tile` reads of a segment of
+    ``n`` units in ``tiles`` tiles from launch tile ``first``: every tile but the last is full."""
+    if tiles == 0:
+        return 0, 0
+    ch = block // sample
+    pid = first + tiles - 1
+    start = (tiles - 1) * block + (pid * 40503 % sample) * ch
+    last = min(max(n - start, 0), ch)
+    return (tiles - 1) * ch + last, tiles - 1 + int(last > 0)
+
+
+@triton.jit
 def _ptr(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr = False):
     """A segment's address from a table as a pointer to ``DTYPE``. ``ALIGNED`` (the launch's
     addresses are 16-byte aligned and its lengths multiples of 16, :attr:`_Launch.aligned`) tells
@@ -147,6 +177,8 @@ class _Launch:
         for t in tiles[:-1]:
             first.append(first[-1] + t)
         self.tiles = sum(tiles)
+        # Host copies of what the tables hold per segment: (group, units, tiles, first tile).
+        self.host = [(s.group, s.src.numel(), t, f) for s, t, f in zip(segs, tiles, first, strict=True)]
         self.units = sum(s.src.numel() for s in segs)
         base = [0]  # each segment's first unit in the launch's flat order
         for s in segs[:-1]:

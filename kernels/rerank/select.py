@@ -89,10 +89,12 @@ from ._segments import (
     _keys,
     _Launch,
     _ptr,
+    _sample_tile,
     _segment_tile,
     _src,
     _tile,
     _unit_weights,
+    sample_counts,
     to_device,
 )
 from .naive import check_args, pruned_count, rerank_masks_torch
@@ -101,6 +103,15 @@ from .window import window_select
 NAN_BIN = 32768  # bins 0..32767 hold keys (or their high 15 bits); 32768 counts NaNs
 _WARM_WINDOW = {True: 65536, False: 32}  # a warm start's keys around the last threshold: 31-bit, 16-bit
 _SEARCH_CHUNK = 32768 if _INTERP else 1024  # bins a search program scans per step (interpreter: fewer, big steps)
+# The cold pass 1's bracket (_AtomicSelect): a sample of 1/_SAMPLE of every tile, its ranks
+# +- _BRACKET_SIGMAS standard deviations counted as if each sampled chunk were one draw (the worst
+# case: units alike within a chunk, as a row's scale makes them), + _BRACKET_SLACK.
+_SAMPLE = 16
+_BRACKET_SIGMAS = 4.0
+_BRACKET_SLACK = 16
+_BRACKET_MIN_CHUNKS = 16  # a group sampled in fewer chunks gets no bracket (every bin)
+_BRACKET_MIN_TILES = 64  # bracket=None: on for launches of at least this many tiles
+_NO_RANK = 2**62  # a rank no count reaches: the bracket spans every bin
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,33 +122,47 @@ _SEARCH_CHUNK = 32768 if _INTERP else 1024  # bins a search program scans per st
 @triton.jit
 def _hist_kernel(
     tab_src, tab_cand, tab_size, tab_group, tab_nan, tile_seg, first_tile, seg_n,
-    hist, sel_hi, live, gate, group_stride, copy_stride,
+    hist, sel_hi, live, gate, blo, bhi, group_stride, copy_stride,
     PASS2: tl.constexpr, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr,
     COPIES: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
+    BRACKET: tl.constexpr = False, SAMPLE: tl.constexpr = 1,
 ):
     """Histogram (weighted by unit size when given) of candidate keys, every segment of the
     launch in one grid, into copy ``program % COPIES`` of its group's ``COPIES`` histograms.
-    Nothing when ``gate[0] == 0`` (a warm start found every threshold)."""
+    Nothing when ``gate[0] == 0`` (a warm start found every threshold, or a bracket held it).
+    ``SAMPLE > 1``: only each tile's sample chunk (:func:`_sample_tile`). ``BRACKET`` (pass 1):
+    only the bins in ``[blo[g], bhi[g]]`` take atomics; the candidates below go to bin 0 and those
+    above to bin 32767 (free: the top finite key's bin is 0x7F80), summed per program, so the
+    total and every count from the top down to ``blo`` stay exact."""
     if tl.load(gate) != 0:
         pid = tl.program_id(0).to(tl.int64)
-        seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK, ALIGNED)
+        if SAMPLE > 1:
+            seg, offs, valid = _sample_tile(pid, tile_seg, first_tile, seg_n, BLOCK, SAMPLE, ALIGNED)
+        else:
+            seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK, ALIGNED)
         g = tl.load(tab_group + seg).to(tl.int64)
         _, key = _keys(_src(tab_src, seg, WIDE, ALIGNED), offs, valid, WIDE)
         c = _candidates(tab_cand, seg, offs, valid, HAS_CAND, ALIGNED)
-        w = _unit_weights(tab_size, seg, offs, valid, HAS_SIZE, BLOCK)
+        w = _unit_weights(tab_size, seg, offs, valid, HAS_SIZE, BLOCK // SAMPLE)
+        h = hist + g * group_stride + (pid % COPIES) * copy_stride
         if PASS2:
             c = c & (tl.load(live + g) != 0) & ((key >> 16) == tl.load(sel_hi + g))
             b = key & 0xFFFF
+            # Bin 0 holds the pruned weights (exact zeros), most of a sparse model: counted with
+            # one reduction and a single atomic per program instead of one atomic per zero.
+            lump = c & (b == 0)
         else:
             isnan = valid & (key > tl.load(tab_nan + seg))
             b = tl.where(isnan, 32768, (key >> 16) if WIDE else key)
             c = c | isnan  # NaN is an error wherever it is, candidate or not
-        h = hist + g * group_stride + (pid % COPIES) * copy_stride
-        # Bin 0 holds the pruned weights (exact zeros), most of a sparse model: counted with one
-        # reduction and a single atomic per program instead of one atomic per zero.
-        zero = c & (b == 0)
-        tl.atomic_add(h + b, w, mask=c & (b != 0), sem="relaxed")
-        tl.atomic_add(h, tl.sum(tl.where(zero, w, 0)), sem="relaxed")
+            lump = c & (b == 0)
+            if BRACKET:
+                over = c & ~isnan & (b > tl.load(bhi + g))
+                lump = lump | (c & ~isnan & (b < tl.load(blo + g)))
+                c = c & ~over
+                tl.atomic_add(h + 32767, tl.sum(tl.where(over, w, 0)), sem="relaxed")
+        tl.atomic_add(h + b, w, mask=c & ~lump, sem="relaxed")
+        tl.atomic_add(h, tl.sum(tl.where(lump, w, 0)), sem="relaxed")
 
 
 @triton.jit
@@ -262,8 +287,8 @@ def _mask_kernel(
 
 @triton.jit
 def _search_kernel(
-    hist, row_stride, tot, tot_stride, nbins, keep, b1, live2, thr, fits, result, bad, gate, G,
-    PASS2: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr,
+    hist, row_stride, tot, tot_stride, nbins, keep, b1, live2, thr, fits, result, bad, gate, blo, bhi, missed, G,
+    PASS2: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr, BRACKET: tl.constexpr = False,
 ):
     """Program ``g``: in row ``g`` of ``hist`` (``nbins`` bins, NaN count in bin ``nbins`` for
     pass 1), the bin holding the ``k``-th largest weight counted from the top, ``k = max(keep[g]
@@ -275,10 +300,12 @@ def _search_kernel(
     groups flagged in ``live2`` (31-bit keys that keep something: the threshold is
     ``b1 << 16 | bin``). ``tot``: the row's chunk totals (:func:`_fold_kernel`).
     A group that keeps nothing gets an unreachable threshold and needs nothing. Nothing at all
-    when ``gate[0] == 0`` (a warm start found every threshold)."""
+    when ``gate[0] == 0`` (a warm start found every threshold). ``BRACKET`` (pass 1 after a
+    bracketed histogram): a group whose bin falls outside ``[blo[g], bhi[g]]`` (into a lumped
+    count) adds 1 to ``missed``, and the exact pass 1 (gated on it) runs again."""
     if tl.load(gate) != 0:
-        _search_body(hist, row_stride, tot, tot_stride, nbins, keep, b1, live2, thr, fits, result, bad, G,
-                     PASS2, CHUNK, NCH)
+        _search_body(hist, row_stride, tot, tot_stride, nbins, keep, b1, live2, thr, fits, result, bad, blo, bhi,
+                     missed, G, PASS2, CHUNK, NCH, BRACKET)
 
 
 @triton.jit
@@ -334,8 +361,8 @@ def _scan_top(row, tot, nbins, k, CHUNK: tl.constexpr, NCH: tl.constexpr):
 
 
 @triton.jit
-def _search_body(hist, row_stride, tot, tot_stride, nbins, keep, b1, live2, thr, fits, result, bad, G,
-                 PASS2: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr):
+def _search_body(hist, row_stride, tot, tot_stride, nbins, keep, b1, live2, thr, fits, result, bad, blo, bhi,
+                 missed, G, PASS2: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr, BRACKET: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
     kg = tl.load(keep + g)
     above0 = tl.load(result + 5 * G + g) if PASS2 else tl.full([], 0, tl.int64)
@@ -367,7 +394,28 @@ def _search_body(hist, row_stride, tot, tot_stride, nbins, keep, b1, live2, thr,
         tl.store(thr + g, t.to(tl.int32))
         tl.store(fits + g, (ties == need).to(tl.int32))
         tl.store(b1 + g, bin_at.to(tl.int32))
-        tl.atomic_add(bad, ((nan > 0) | (kg > running)).to(tl.int32))
+        err = (nan > 0) | (kg > running)
+        tl.atomic_add(bad, err.to(tl.int32))
+        if BRACKET:  # an error is exact already (the totals are); a bin outside is not
+            inside = (bin_at >= tl.load(blo + g)) & (bin_at <= tl.load(bhi + g))
+            tl.atomic_add(missed, (live & ~err & ~inside).to(tl.int32))
+
+
+@triton.jit
+def _sample_bracket_kernel(hist, row_stride, tot, tot_stride, rank_hi, rank_lo, blo, bhi, gate, nbins,
+                           CHUNK: tl.constexpr, NCH: tl.constexpr):
+    """Program ``g``, on the folded histogram of a sample: ``bhi[g]`` = the bin where the count
+    from the top reaches ``rank_hi[g]`` (the top bin if it never does), ``blo[g]`` = the bin
+    where it reaches ``rank_lo[g]`` (bin 0 if it never does): the bracket of the bracketed
+    pass 1. Nothing when ``gate[0] == 0``."""
+    if tl.load(gate) != 0:
+        g = tl.program_id(0).to(tl.int64)
+        row = hist + g * row_stride
+        tg = tot + g * tot_stride
+        f_hi, b_hi, _, _, _ = _scan_top(row, tg, nbins, tl.load(rank_hi + g), CHUNK, NCH)
+        f_lo, b_lo, _, _, _ = _scan_top(row, tg, nbins, tl.load(rank_lo + g), CHUNK, NCH)
+        tl.store(bhi + g, tl.where(f_hi, b_hi, nbins - 1).to(tl.int32))
+        tl.store(blo + g, tl.where(f_lo, b_lo, 0).to(tl.int32))
 
 
 @triton.jit
@@ -507,6 +555,32 @@ def _search(hist: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     return bins, above
 
 
+def _bracket_ranks(launches: list[_Launch], keep: list[int], block: int) -> list[list[int]]:
+    """Per group, the sample ranks from the top ``[r - m, r + m]`` whose bins bound the bracket:
+    ``r = K * S / U`` (``S`` of ``U`` units sampled), ``m`` = :data:`_BRACKET_SIGMAS` standard
+    deviations of the sample count above the K-th largest with every sampled chunk one draw, +
+    :data:`_BRACKET_SLACK`. Groups that keep nothing or were sampled in too few chunks get
+    :data:`_NO_RANK` (every bin)."""
+    groups = len(keep)
+    units, sampled, chunks = [0] * groups, [0] * groups, [0] * groups
+    for ln in launches:
+        for g, n, tiles, first in ln.host:
+            su, sc = sample_counts(n, tiles, first, block, _SAMPLE)
+            units[g] += n
+            sampled[g] += su
+            chunks[g] += sc
+    ranks = []
+    for k, u, su, sc in zip(keep, units, sampled, chunks, strict=True):
+        if k <= 0 or sc < _BRACKET_MIN_CHUNKS:
+            ranks.append([_NO_RANK, _NO_RANK])
+            continue
+        p = k / u
+        r = k * su / u
+        m = _BRACKET_SIGMAS * su * math.sqrt(p * (1 - p) / sc) + _BRACKET_SLACK
+        ranks.append([max(1, math.floor(r - m)), math.ceil(r + m)])
+    return ranks
+
+
 class _Folded:
     """The sum of a group's private histogram copies (``h [G, C, B]``, zero before each pass and
     zeroed again by the fold), one launch of :func:`_fold_kernel`, into ``row [G, B]`` and chunk
@@ -539,7 +613,7 @@ class _AtomicSelect:
 
     def __init__(self, launches: list[_Launch], segments: list[Segment], keep: list[int], what: list[str],
                  wide: list[bool], block: int, warps: int, dev: torch.device, copies: int,
-                 warm: bool = False) -> None:
+                 warm: bool = False, bracket: bool | None = None) -> None:
         # Magnitudes crowd into a few hundred bins: with one histogram, millions of atomics queue
         # on the same addresses. Programs spread them over private copies, summed after the pass.
         if copies < 1:
@@ -548,7 +622,20 @@ class _AtomicSelect:
         self.launches, self.keep, self.what, self.block, self.warps = launches, keep, what, block, warps
         self.copies = copies
         live_wide = [int(kg > 0 and w) for kg, w in zip(keep, wide, strict=True)]
-        consts = to_device(torch.tensor([keep, live_wide], dtype=torch.int64), dev)
+        single = not any(ln.has_size for ln in launches)
+        if bracket is None:
+            bracket = single and block >= 16 * _SAMPLE and sum(ln.tiles for ln in launches) >= _BRACKET_MIN_TILES
+        elif bracket and (not single or block < 16 * _SAMPLE):
+            raise ValueError(f"bracket=True ranks single weights (not blocks) in tiles of at least "
+                             f"{16 * _SAMPLE} units")
+        # Pass 1 spends its time on one atomic per candidate. With a bracket, a sample first (1/16
+        # of every tile) gives each group a range of pass-1 bins that holds its K-th largest with
+        # high probability; pass 1 then takes atomics only inside it and counts the rest per
+        # program. A group whose bin falls outside runs the exact pass 1 after it (gated).
+        self.bracket = bracket
+        self.last_bracket_missed = False
+        ranks = [list(r) for r in zip(*_bracket_ranks(launches, keep, block), strict=True)] if bracket else []
+        consts = to_device(torch.tensor([keep, live_wide, *ranks], dtype=torch.int64), dev)
         self.k, self.live_wide = consts[0], consts[1].to(torch.int32)
         # Histogram copies are zero between passes: zeroed here, then by each fold that reads them.
         self.h1 = torch.zeros(groups, copies, NAN_BIN + 1, dtype=torch.int32, device=dev)
@@ -560,11 +647,19 @@ class _AtomicSelect:
         self.f2 = _Folded(self.h2, 65536) if self.h2 is not None else None
         self.zeros_g = torch.zeros(groups, dtype=torch.int32, device=dev)
         # Per group after enqueue: threshold key, need, ties, NaN count, candidates, weight above
-        # the pass-1 bin; the pass-1 bin, the threshold and whether every tie is kept (int32, for
-        # the kernels); and the count of groups in error.
+        # the pass-1 bin; the pass-1 bin, the threshold, whether every tie is kept and the
+        # bracket's bins (int32, for the kernels); the count of groups in error and of groups
+        # whose bracket missed, zeroed together by one memset per run.
         self.result = torch.empty(6, groups, dtype=torch.int64, device=dev)
-        small = torch.empty(3 * groups + 1, dtype=torch.int32, device=dev)
-        self.b1, self.thr, self.fits, self.bad = small[:groups], small[groups:2 * groups], small[2 * groups:3 * groups], small[-1:]
+        small = torch.empty(5 * groups + 2, dtype=torch.int32, device=dev)
+        self.b1, self.thr, self.fits, self.blo, self.bhi = small[:5 * groups].view(5, groups).unbind(0)
+        self.flags = small[-2:]
+        self.bad, self.missed = small[-2:-1], small[-1:]
+        if bracket:
+            # The sample ranks from the top [2, G]: the bracket's top bin (row 0) and bottom bin (row 1).
+            self.ranks = consts[2:4]
+            self.hs = torch.zeros(groups, min(copies, 16), NAN_BIN + 1, dtype=torch.int32, device=dev)
+            self.fs = _Folded(self.hs, NAN_BIN)
         self.finals = [_FinalPass(ln, segments, block, warps, dev) for ln in launches]
         self.one = torch.ones(1, dtype=torch.int32, device=dev)
         self.dirty = False
@@ -615,7 +710,8 @@ class _AtomicSelect:
         # again for 31-bit keys; then the tie ranks and the mask pass.
         groups = len(self.keep)
 
-        def hist_pass(f: _Folded, pass2: bool, sel_hi: Tensor, live: Tensor, gate: Tensor) -> None:
+        def hist_pass(f: _Folded, pass2: bool, sel_hi: Tensor, live: Tensor, gate: Tensor,
+                      bracket: bool = False, sample: int = 1) -> None:
             h = f.h
             copies, bins = h.shape[1], h.shape[2]
             for ln in self.launches:
@@ -623,36 +719,48 @@ class _AtomicSelect:
                     continue  # 16-bit keys are exact after pass 1
                 _hist_kernel[(ln.tiles,)](
                     *ln.args(), ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n,
-                    h, sel_hi, live, gate, copies * bins, bins,
+                    h, sel_hi, live, gate, self.blo, self.bhi, copies * bins, bins,
                     PASS2=pass2, WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size,
-                    COPIES=copies, BLOCK=self.block, ALIGNED=ln.aligned, num_warps=self.warps,
+                    COPIES=copies, BLOCK=self.block, ALIGNED=ln.aligned, BRACKET=bracket, SAMPLE=sample,
+                    # A sample chunk is 256 units: one warp gives each thread 16 bytes or more.
+                    num_warps=self.warps if sample == 1 else 1,
                 )
             f.enqueue(gate)
 
+        def search(f: _Folded, pass2: bool, gate: Tensor, bracket: bool = False) -> None:
+            _search_kernel[(groups,)](
+                f.row, f.row.stride(0), f.tot, f.tot.stride(0), 65536 if pass2 else NAN_BIN, self.k, self.b1,
+                self.live_wide, self.thr, self.fits, self.result, self.bad, gate, self.blo, self.bhi, self.missed,
+                groups, PASS2=pass2, CHUNK=f.chunk, NCH=f.nch, BRACKET=bracket, num_warps=4,
+            )
+
         if self.dirty:  # a queue cut short (an interrupt) may have left counts in the copies
-            for h in (self.h1, self.h2, getattr(self, "hw", None)):
+            for h in (self.h1, self.h2, getattr(self, "hw", None), getattr(self, "hs", None)):
                 if h is not None:
                     h.zero_()
         self.dirty = True
-        self.bad.zero_()
+        self.flags.zero_()
         gate = self.one
         if warm:
             self._near_pass()
-            gate = self.miss  # the two passes below do nothing unless a window missed
+            gate = self.miss  # the passes below do nothing unless a window missed
         f1 = self.f1
-        hist_pass(f1, False, self.zeros_g, self.zeros_g, gate)
-        _search_kernel[(groups,)](
-            f1.row, f1.row.stride(0), f1.tot, f1.tot.stride(0), NAN_BIN, self.k, self.b1, self.live_wide,
-            self.thr, self.fits, self.result, self.bad, gate, groups, PASS2=False, CHUNK=f1.chunk, NCH=f1.nch,
-            num_warps=4,
-        )
+        gate1 = gate
+        if self.bracket:
+            fs = self.fs
+            hist_pass(fs, False, self.zeros_g, self.zeros_g, gate, sample=_SAMPLE)
+            _sample_bracket_kernel[(groups,)](
+                fs.row, fs.row.stride(0), fs.tot, fs.tot.stride(0), self.ranks[0], self.ranks[1], self.blo,
+                self.bhi, gate, NAN_BIN, CHUNK=fs.chunk, NCH=fs.nch, num_warps=4,
+            )
+            hist_pass(f1, False, self.zeros_g, self.zeros_g, gate, bracket=True)
+            search(f1, False, gate, bracket=True)
+            gate1 = self.missed  # the exact pass 1 below does nothing unless a bracket missed
+        hist_pass(f1, False, self.zeros_g, self.zeros_g, gate1)
+        search(f1, False, gate1)
         if (f2 := self.f2) is not None:
             hist_pass(f2, True, self.b1, self.live_wide, gate)
-            _search_kernel[(groups,)](
-                f2.row, f2.row.stride(0), f2.tot, f2.tot.stride(0), 65536, self.k, self.b1, self.live_wide,
-                self.thr, self.fits, self.result, self.bad, gate, groups, PASS2=True, CHUNK=f2.chunk,
-                NCH=f2.nch, num_warps=4,
-            )
+            search(f2, True, gate)
         for fp in self.finals:
             fp.enqueue(self.thr, self.result[1], self.fits, self.bad, groups)
         self.dirty = False
@@ -662,9 +770,10 @@ class _AtomicSelect:
     def finish(self, warm: bool = False) -> tuple[list[tuple[int, int]], bool]:
         """One host sync: raise the errors the counts show, else per group ``(threshold, need)``,
         and whether a warm start found every threshold."""
-        host = torch.cat([self.result.reshape(-1), self.miss.to(torch.int64)]) if warm else self.result.reshape(-1)
-        values = host.tolist()
+        extra = [self.missed, self.miss] if warm else [self.missed]
+        values = torch.cat([self.result.reshape(-1), *(t.to(torch.int64) for t in extra)]).tolist()
         g = len(self.keep)
+        self.last_bracket_missed = values[6 * g] != 0
         thr, need, nan, avail = values[:g], values[g:2 * g], values[3 * g:4 * g], values[4 * g:5 * g]
         _check_counts(nan, avail, self.keep, self.what)
         return list(zip(thr, need, strict=True)), warm and values[-1] == 0
@@ -766,6 +875,7 @@ def _unless_live(thr: list[int], need: list[int], ties: list[int],
 def select_units(
     segments: list[Segment], keep: list[int], what: list[str], *, tile: int | None = None,
     hist_copies: int | None = None, algorithm: str = "atomic", window_margin: int | None = None,
+    bracket: bool | None = None,
 ) -> list[tuple[int, int]]:
     """Exact radix select over ``segments`` grouped into ``len(keep)`` independent selections.
 
@@ -783,10 +893,12 @@ def select_units(
     bracket, sparse writes; single weights only; a missed bracket falls back to ``"atomic"``,
     see :mod:`.window`). All are exact; which is fastest is measured on GPUs.
     ``window_margin``: the window's half-width in sample ranks (None: from the sample's spread),
-    exposed so tests can force a missed bracket.
+    exposed so tests can force a missed bracket. ``bracket`` (``"atomic"``): pass 1 takes atomics
+    only inside a range of bins bracketed by a sample (see :class:`_AtomicSelect`); None: on for
+    single weights over at least 64 tiles; exact either way.
     """
     return _select_units(segments, keep, what, tile=tile, hist_copies=hist_copies, algorithm=algorithm,
-                         window_margin=window_margin, thresholds=True)
+                         window_margin=window_margin, thresholds=True, bracket=bracket)
 
 
 def _launches(segments: list[Segment], groups: int, block: int) -> tuple[list[_Launch], list[int], list[bool]]:
@@ -811,6 +923,7 @@ def _launches(segments: list[Segment], groups: int, block: int) -> tuple[list[_L
 def _select_units(
     segments: list[Segment], keep: list[int], what: list[str], *, tile: int | None,
     hist_copies: int | None, algorithm: str, window_margin: int | None, thresholds: bool,
+    bracket: bool | None = None,
 ) -> list[tuple[int, int]]:
     """:func:`select_units`; ``thresholds=False`` lets the window select skip a host sync (the
     result is then only meaningful for the other algorithms)."""
@@ -829,7 +942,8 @@ def _select_units(
         algorithm = "atomic"
     if algorithm == "atomic":
         sel = _AtomicSelect(launches, segments, keep, what, wide, block, warps, dev,
-                            hist_copies if hist_copies is not None else _hist_copies(groups, sum(grids)))
+                            hist_copies if hist_copies is not None else _hist_copies(groups, sum(grids)),
+                            bracket=bracket)
         sel.enqueue()
         return sel.finish()[0]
     if algorithm != "radix":
@@ -921,6 +1035,7 @@ def rerank_masks_into(
     hist_copies: int | None = None,
     algorithm: str = "atomic",
     window_margin: int | None = None,
+    bracket: bool | None = None,
 ) -> None:
     """Triton masks written into preallocated ``out[name]`` (contiguous uint8, weight's shape).
 
@@ -930,7 +1045,7 @@ def rerank_masks_into(
     private histogram copies per selection (None = picked from the grid; 1 under the interpreter),
     exposed so tests can run the multi-copy path on CPU; ``algorithm``: how the unstructured
     threshold is found (``"atomic"``, ``"radix"`` or ``"window"``, see :func:`select_units`;
-    blocks and N:M ignore it); ``window_margin``: see :func:`select_units`.
+    blocks and N:M ignore it); ``window_margin``, ``bracket``: see :func:`select_units`.
     """
     block = tuple(block)  # type: ignore[assignment]
     check_args(weights, sparsity, kind, n, m, block, scope, {"candidates": candidates})
@@ -974,7 +1089,7 @@ def rerank_masks_into(
                 _NAN_ABOVE[src.dtype], apply and not mixed,
             ))
         _select_units(segments, keep, what, tile=tile, hist_copies=hist_copies, algorithm=algorithm,
-                      window_margin=window_margin, thresholds=False)
+                      window_margin=window_margin, thresholds=False, bracket=bracket)
         bsz = _tile(tile)[0]
         for name in late:
             w = ws[name]
@@ -1039,6 +1154,12 @@ class RerankPlan:
     candidates), the two-pass select runs after it. Exact either way; ``last_warm_hit`` says
     which happened.
 
+    ``bracket`` (default: on for single weights over at least 64 tiles): a cold select's pass 1
+    first histograms a sample (1/16 of every tile) and then takes atomics only inside the range of
+    bins the sample brackets around the threshold; a bracket that misses runs the exact pass 1
+    after it. ``last_path`` says which select found the thresholds: ``"warm"``, ``"bracket"``
+    or ``"full"``.
+
     The tensors' values may change between runs; their storage must not: the plan holds their
     addresses (so ``weights`` and ``candidates`` must be contiguous, and ``out`` contiguous
     uint8 of each weight's shape, as for :func:`rerank_masks_into`).
@@ -1048,7 +1169,7 @@ class RerankPlan:
         self, weights: dict[str, Tensor], sparsity: float, out: dict[str, Tensor], *,
         scope: str = "global", candidates: dict[str, Tensor] | None = None, apply: bool = False,
         tile: int | None = None, hist_copies: int | None = None, graph: bool = False,
-        warm_start: bool = True,
+        warm_start: bool = True, bracket: bool | None = None,
     ) -> None:
         check_args(weights, sparsity, "unstructured", 2, 4, (4, 4), scope, {"candidates": candidates})
         if not weights:
@@ -1081,18 +1202,24 @@ class RerankPlan:
         launches, grids, wide = _launches(self._segments, len(keep), block)
         copies = hist_copies if hist_copies is not None else _hist_copies(len(keep), sum(grids))
         self._select = _AtomicSelect(launches, self._segments, keep, what, wide, block, warps, dev, copies,
-                                     warm=warm_start)
+                                     warm=warm_start, bracket=bracket)
         self._weights = weights if apply else {}
         self._warm = warm_start
         self._graph_wanted = graph
         self._graph: torch.cuda.CUDAGraph | None = None
         self.runs = 0
         self.last_warm_hit = False
+        self.last_path = ""
 
     @property
     def hist_copies(self) -> int:
         """Private histogram copies per selection of the cold pass 1 (given or chosen)."""
         return self._select.copies
+
+    @property
+    def bracket(self) -> bool:
+        """Whether a cold select brackets its pass 1 by a sample (given or chosen)."""
+        return self._select.bracket
 
     @property
     def captured(self) -> bool:
@@ -1108,6 +1235,9 @@ class RerankPlan:
         else:
             self._select.enqueue(warm=warm)
         result, self.last_warm_hit = self._select.finish(warm=warm)
+        sel = self._select
+        self.last_path = ("warm" if self.last_warm_hit else
+                          "bracket" if sel.bracket and not sel.last_bracket_missed else "full")
         if self._weights:
             _bump_versions(self._weights)
         self.runs += 1

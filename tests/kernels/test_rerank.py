@@ -821,7 +821,7 @@ def test_search_kernel_equals_the_torch_search(chunk):
 
     def search1() -> None:
         _search_kernel[(G,)](f1.row, f1.row.stride(0), f1.tot, f1.tot.stride(0), nbins, keep, b1, live2, thr, fits,
-                             result, bad, gate, G, PASS2=False, CHUNK=f1.chunk, NCH=f1.nch)
+                             result, bad, gate, None, None, None, G, PASS2=False, CHUNK=f1.chunk, NCH=f1.nch)
 
     search1()
     assert bool((result == -7).all()) and int(bad) == 0  # a closed gate: nothing written
@@ -845,7 +845,7 @@ def test_search_kernel_equals_the_torch_search(chunk):
     f2 = _Folded(h2[:, None].clone(), n2, chunk)
     f2.enqueue(gate)
     _search_kernel[(G,)](f2.row, f2.row.stride(0), f2.tot, f2.tot.stride(0), n2, keep, b1, live2, thr, fits,
-                         result, bad, gate, G, PASS2=True, CHUNK=f2.chunk, NCH=f2.nch)
+                         result, bad, gate, None, None, None, G, PASS2=True, CHUNK=f2.chunk, NCH=f2.nch)
     k2 = (keep - before[5]).clamp(min=1)
     bins2, above2 = _search(h2, k2)
     ties2 = h2.gather(1, bins2[:, None]).squeeze(1).long()
@@ -958,6 +958,189 @@ def test_plan_recovers_histograms_left_by_a_queue_cut_short():
     plan.run()
     _assert_same({k: o.bool() for k, o in out.items()}, magnitude_masks(before, 0.5, candidates=cand))
     assert not sel.h1.any() and not sel.h2.any() and not sel.hw.any()
+
+
+# ----------------------------------------------------------------------------- bracketed pass 1
+
+
+def _bracket_case(dtype, seed, scale_rows=False):
+    # Large enough for every group to be sampled in >= 16 chunks of 16 units at tile 256; rows of
+    # different scales (``scale_rows``) make units alike within a chunk, the bracket's worst case.
+    g = torch.Generator().manual_seed(seed)
+    w = {"a": torch.randn(64, 300, generator=g) * 0.05, "b": torch.randn(40, 257, generator=g),
+         "c": torch.randn(23, 200, generator=g) * 2}
+    if scale_rows:
+        w = {k: v * torch.rand(v.shape[0], 1, generator=g) ** 3 for k, v in w.items()}
+    w = {k: v.to(dtype) for k, v in w.items()}
+    cand = {"b": (torch.rand(40, 257, generator=g) < 0.8)}
+    out = {k: torch.full(v.shape, POISON, dtype=torch.uint8) for k, v in w.items()}
+    return w, cand, out
+
+
+def _run_and_check(plan, w, out, sparsity, scope, cand):
+    before = {k: v.clone() for k, v in w.items()}
+    ref = magnitude_masks({k: v.clone() for k, v in before.items()}, sparsity, scope=scope, candidates=cand)
+    plan.run()
+    _assert_same({k: o.bool() for k, o in out.items()}, ref)
+    for k in w:
+        assert torch.equal(_bits(w[k]), _bits(torch.where(ref[k], before[k], torch.zeros_like(before[k]))))
+
+
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plan_bracket_holds_the_threshold_and_matches_reference(dtype, scope):
+    # Cold selects with a sampled bracket: the first on dense weights, the next on what it left
+    # (the threshold at the edge of the pruned zeros, as in a pruning run), then at a higher
+    # sparsity. Each must find its bin inside the bracket (no fallback) and be exact.
+    w, cand, out = _bracket_case(dtype, seed=3, scale_rows=True)
+    for sparsity in (0.7, 0.85):
+        plan = RerankPlan(w, sparsity, out, scope=scope, candidates=cand, apply=True, tile=TILE, warm_start=False,
+                          bracket=True)
+        assert plan.bracket
+        for _ in range(2):
+            _run_and_check(plan, w, out, sparsity, scope, cand)
+            assert plan.last_path == "bracket"
+            sel = plan._select
+            assert bool((sel.blo <= sel.bhi).all()) and not sel.hs.any() and not sel.h1.any()
+
+
+@pytest.mark.parametrize("side", ["above", "below"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plan_bracket_that_misses_falls_back_to_the_exact_pass(dtype, side):
+    # A bracket that does not hold the threshold: the top bin alone (the K-th largest lies below
+    # it, lumped into bin 0) or the bins near the smallest weights (it lies above, lumped into
+    # the top bin). The search must see that, and the exact pass 1 must run and be exact.
+    w, cand, out = _bracket_case(dtype, seed=4)
+    plan = RerankPlan(w, 0.6, out, scope="global", candidates=cand, apply=True, tile=TILE, warm_start=False,
+                      bracket=True)
+    _run_and_check(plan, w, out, 0.6, "global", cand)
+    assert plan.last_path == "bracket"
+    fresh = _bracket_case(dtype, seed=5)[0]
+    with torch.no_grad():
+        for k, v in w.items():  # dense again: the threshold is among the nonzero weights
+            v.copy_(fresh[k])
+    # The sample holds about 2000 candidates, and the K-th largest is near sample rank 800.
+    rank = 1 if side == "below" else 1900
+    plan._select.ranks.copy_(torch.tensor([[rank], [rank]]))  # [2, G]: the bracket's top and bottom ranks
+    _run_and_check(plan, w, out, 0.6, "global", cand)
+    assert plan.last_path == "full" and plan._select.last_bracket_missed
+    sel = plan._select
+    assert int(sel.blo[0]) == int(sel.bhi[0]) > 0
+    assert not sel.hs.any() and not sel.h1.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bracketed_and_sampled_pass1_histograms(dtype):
+    # The pass-1 histogram kernel against torch bincounts. Bracketed: candidates in bins inside
+    # [blo, bhi] counted per bin, those below in bin 0 and those above in the top bin (totals
+    # and every count from the top down to blo exact), NaN (candidate or not) in the NaN bin.
+    # Sampled: exactly the hashed chunk of each tile, and as many units as sample_counts says.
+    from sparse_rnnt.kernels.rerank import Segment
+    from sparse_rnnt.kernels.rerank._segments import sample_counts
+    from sparse_rnnt.kernels.rerank.select import _SAMPLE, NAN_BIN, _hist_kernel, _launches
+
+    g = torch.Generator().manual_seed(11)
+    nan_above = 0x7F800000 if dtype == torch.float32 else 0x7F80
+    ws = [torch.randn(1000, generator=g), torch.randn(4099, generator=g) * 3, torch.randn(777, generator=g)]
+    ws[1][::7] = 0.0
+    ws[1][5] = float("nan")
+    ws[2][3] = float("nan")
+    ws = [w.to(dtype) for w in ws]
+    cands = [None, (torch.rand(4099, generator=g) < 0.7).to(torch.uint8), (torch.rand(777, generator=g) < 0.5).to(torch.uint8)]
+    groups = [0, 1, 1]
+    segs = [Segment(_bits(w).reshape(-1), c, None, torch.empty(w.numel(), dtype=torch.uint8), grp, nan_above)
+            for w, c, grp in zip(ws, cands, groups, strict=True)]
+    block = 256
+    (ln,), _, _ = _launches(segs, 2, block)
+    wide = dtype == torch.float32
+    blo = torch.tensor([0, 0], dtype=torch.int32)
+    bhi = torch.tensor([0, 0], dtype=torch.int32)
+
+    def keys_of(w):
+        k = _bits(w).reshape(-1).to(torch.int64) & (0x7FFFFFFF if wide else 0x7FFF)
+        return k, k > nan_above
+
+    def reference(bracket: tuple[list[int], list[int]] | None, picks: list[torch.Tensor]) -> torch.Tensor:
+        ref = torch.zeros(2, NAN_BIN + 1, dtype=torch.int32)
+        for w, c, grp, pick in zip(ws, cands, groups, picks, strict=True):
+            key, isnan = keys_of(w)
+            hb = (key >> 16) if wide else key
+            ok = (torch.ones_like(isnan) if c is None else c.bool()) | isnan
+            b = torch.where(isnan, NAN_BIN, hb)
+            if bracket is not None:
+                lo, hi = bracket[0][grp], bracket[1][grp]
+                b = torch.where(isnan, b, torch.where(hb < lo, 0, torch.where(hb > hi, 32767, hb)))
+            sel = ok & pick
+            ref[grp] += torch.bincount(b[sel], minlength=NAN_BIN + 1).to(torch.int32)
+        return ref
+
+    def run(bracket: bool, sample: int) -> torch.Tensor:
+        hist = torch.full((2, 1, NAN_BIN + 1), 0, dtype=torch.int32)
+        _hist_kernel[(ln.tiles,)](
+            *ln.args(), ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n, hist, blo, blo,
+            torch.ones(1, dtype=torch.int32), blo, bhi, hist.stride(0), hist.stride(1),
+            PASS2=False, WIDE=wide, HAS_CAND=True, HAS_SIZE=False, COPIES=1, BLOCK=block, BRACKET=bracket,
+            SAMPLE=sample,
+        )
+        return hist[:, 0]
+
+    everything = [torch.ones(w.numel(), dtype=torch.bool) for w in ws]
+    # Brackets from the keys themselves: around group 0's median, and group 1's upper quartile.
+    k0 = (keys_of(ws[0])[0] >> 16 if wide else keys_of(ws[0])[0]).sort().values
+    k1 = (keys_of(ws[1])[0] >> 16 if wide else keys_of(ws[1])[0])
+    k1 = k1[~keys_of(ws[1])[1]].sort().values
+    br = ([int(k0[400]), int(k1[3000])], [int(k0[600]), int(k1[3500])])
+    blo.copy_(torch.tensor(br[0]))
+    bhi.copy_(torch.tensor(br[1]))
+    got = run(True, 1)
+    assert torch.equal(got, reference(br, everything))
+    assert got[:, 32767].tolist() != [0, 0] and got[:, 0].tolist() != [0, 0]  # both lumps exercised
+    blo.zero_()
+    bhi.fill_(32767)  # a bracket of every bin: the plain pass
+    assert torch.equal(run(True, 1), run(False, 1))
+    assert torch.equal(run(False, 1), reference(None, everything))
+
+    ch = block // _SAMPLE
+    picks, first = [], 0
+    for w in ws:
+        tiles = -(-w.numel() // block)
+        pick = torch.zeros(w.numel(), dtype=torch.bool)
+        for t in range(tiles):
+            start = t * block + ((first + t) * 40503 % _SAMPLE) * ch
+            pick[start:start + ch] = True
+        picks.append(pick)
+        assert sample_counts(w.numel(), tiles, first, block, _SAMPLE)[0] == int(pick.sum())
+        first += tiles
+    assert torch.equal(run(False, _SAMPLE), reference(None, picks))
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 3000), min_size=1, max_size=3),
+    sparsity=st.floats(0.0, 1.0),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    scope=st.sampled_from(["global", "per_tensor"]),
+    tied=st.booleans(),
+    seed=st.integers(0, 10_000),
+    ranks=st.tuples(st.integers(1, 200), st.integers(0, 200)),
+)
+def test_property_any_bracket_gives_the_exact_selection(sizes, sparsity, dtype, scope, tied, seed, ranks):
+    # Whatever bracket the sample gives (here: any ranks, so brackets that hold the threshold,
+    # miss it on either side, or span a run of tied or zero weights), the select is exact.
+    w = _weights([(n,) for n in sizes], dtype, seed, tied=tied)
+    cand = {k: c.contiguous() for k, c in _candidates(w, seed).items()}
+    out = {k: torch.full(v.shape, POISON, dtype=torch.uint8) for k, v in w.items()}
+    try:
+        magnitude_masks({k: v.clone() for k, v in w.items()}, sparsity, scope=scope, candidates=cand)
+    except UserError:
+        return  # too few candidates for this sparsity: the error paths have their own tests
+    plan = RerankPlan(w, sparsity, out, scope=scope, candidates=cand, apply=True, tile=TILE, warm_start=False,
+                      bracket=True)
+    r = plan._select.ranks
+    r.copy_(torch.tensor([[ranks[0]], [ranks[0] + ranks[1]]]).expand_as(r))  # [2, G]: top and bottom ranks
+    for _ in range(2):
+        _run_and_check(plan, w, out, sparsity, scope, cand)
+        assert plan.last_path in ("bracket", "full")
 
 
 @triton.jit

@@ -1029,6 +1029,39 @@ def test_plan_bracket_that_misses_falls_back_to_the_exact_pass(dtype, side):
     assert not sel.hs.any() and not sel.h1.any()
 
 
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_plan_bracket_at_large_sizes(dtype):
+    # The CUDA counterpart of the two tests above, at sizes where a plan turns the bracket on by
+    # itself (tiles of 4096, private histogram copies): graph replays on dense weights, then on
+    # what they left, with rows of different scales, hold their bracket and are exact; planted
+    # brackets at the top bin miss, and the exact pass 1 runs.
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(1024, 1000), (3001, 517), (640, 2048)]
+    w = {f"w{i}": (torch.randn(r, c, generator=g, device="cuda")
+                   * torch.rand(r, 1, generator=g, device="cuda") ** 3).to(dtype) for i, (r, c) in enumerate(shapes)}
+    dense = {k: v.clone() for k, v in w.items()}
+    cand = {"w1": torch.rand(3001, 517, generator=g, device="cuda") < 0.8}
+    out = {k: torch.full(v.shape, POISON, dtype=torch.uint8, device="cuda") for k, v in w.items()}
+    for scope in ("global", "per_tensor"):
+        with torch.no_grad():
+            for k, v in w.items():
+                v.copy_(dense[k])
+        plan = RerankPlan(w, 0.7, out, scope=scope, candidates=cand, apply=True, graph=True, warm_start=False)
+        assert plan.bracket
+        for _ in range(3):
+            _run_and_check(plan, w, out, 0.7, scope, cand)
+            assert plan.last_path == "bracket"
+        assert plan.captured
+        with torch.no_grad():
+            for k, v in w.items():
+                v.copy_(dense[k])
+        plan._select.ranks.fill_(1)  # every group's bracket: the bin of its largest weight
+        _run_and_check(plan, w, out, 0.7, scope, cand)
+        assert plan.last_path == "full"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bracketed_and_sampled_pass1_histograms(dtype):
     # The pass-1 histogram kernel against torch bincounts. Bracketed: candidates in bins inside

@@ -7,9 +7,10 @@ A simulation on the CPU, not a timing: the weights of ``bench_rerank`` (8 tensor
 first re-rank sees them, and pruned to 70% as the timed calls see them), the sample chunks of
 ``_sample_tile`` (one of 16 chunks per GPU tile of 4096 weights), and the bracket rule of
 ``select._bracket_ranks``, global scope, float32. Per row: the bracket in pass-1 bins, the bin of
-the K-th largest and whether the bracket holds it, and the share of weights that take a pass-1
-atomic with the bracket (candidates inside it, zeros excluded) and without it (every nonzero
-candidate). The atomics are what bound the cold pass on an H100. ``tests/test_benchmarks.py``
+the K-th largest and whether the bracket holds it, whether the fine span (``_FINE_SPAN`` bins
+around the sample's estimate, which stand in for pass 2) holds it too, and the share of weights
+that take a pass-1 atomic with the bracket (candidates inside it, zeros excluded) and without it
+(every nonzero candidate). The atomics are what bound the cold pass on an H100. ``tests/test_benchmarks.py``
 checks the bracket against the one the kernels pick at a small size. The first line printed is
 the machine and versions (commit and date included).
 """
@@ -53,12 +54,16 @@ def simulate(weights: list[torch.Tensor], sparsity: float, tile: int = 4096) -> 
         return select.NAN_BIN - 1 - j if j < select.NAN_BIN else default
 
     hi, lo = bin_at(ranks[0], select.NAN_BIN - 1), bin_at(ranks[1], 0)
+    mid = bin_at(ranks[2], 0)
+    span = select._FINE_SPAN
+    flo = max(min(mid - span // 2 + 1, hi - span + 1), lo)
     flat = torch.cat(bins)
     kth = int(flat.sort(descending=True).values[keep - 1]) if keep else 0
     nonzero = flat != 0
     inside = int((nonzero & (flat >= lo) & (flat <= hi)).sum())
     return {"units": total, "keep": keep, "sample_ranks": ranks, "bracket": [lo, hi], "kth_bin": kth,
-            "holds": lo <= kth <= hi, "atomic_share": inside / total,
+            "holds": lo <= kth <= hi, "fine_span": [flo, flo + span - 1],
+            "fine_holds": lo <= kth <= hi and flo <= kth < flo + span, "atomic_share": inside / total,
             "atomic_share_without": int(nonzero.sum()) / total}
 
 

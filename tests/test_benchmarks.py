@@ -274,7 +274,8 @@ def test_bracket_share_simulation_matches_the_kernels():
         plan = RerankPlan(ws, s, out, apply=True, tile=256, warm_start=False, bracket=True)
         plan.run()
         sel = plan._select
-        assert sim["bracket"] == [int(sel.blo[0]), int(sel.bhi[0])]
+        assert sim["bracket"] == [int(sel.blo[0]), int(sel.bhi[0])] and sim["fine_span"][0] == int(sel.flo[0])
+        assert sim["fine_holds"] == (not sel.last_fine_missed)
         assert sim["holds"] and plan.last_path == "bracket"
         assert 0 < sim["atomic_share"] < sim["atomic_share_without"]
 

@@ -25,6 +25,12 @@ How (unstructured and block; ``U`` units = weights or blocks, one *group* = one 
   few candidates in a device counter.
 - **Pass 2** (31-bit keys only): histogram of the low 16 bits of the keys inside the selected high
   bin; same search. Now the threshold key ``t`` and ``need = K - count(key > t)`` are exact.
+- **Sampled bracket** (a GPU default, :class:`_AtomicSelect`): pass 1 first histograms 1/16 of
+  every tile, and then takes atomics only for the candidates in the range of bins the sample
+  brackets around the K-th largest, counting the others per program into bin 0 and the free top
+  bin (exact totals). For 31-bit keys it also counts the whole keys of 32 bins around the
+  sample's estimate, whose slice replaces pass 2 when it holds the selected bin. A missed
+  bracket or slice gates the exact pass on a device counter: the result never depends on it.
 - **Ties.** If the histogram says every candidate with ``key == t`` fits (``ties == need``, the
   usual float32 case; a device flag per group) the tie-count kernel returns at once for that
   group. Otherwise it counts ties per tile, a torch exclusive cumsum over the tiles (in flat
@@ -112,6 +118,12 @@ _BRACKET_SLACK = 16
 _BRACKET_MIN_CHUNKS = 16  # a group sampled in fewer chunks gets no bracket (every bin)
 _BRACKET_MIN_TILES = 64  # bracket=None: on for launches of at least this many tiles
 _NO_RANK = 2**62  # a rank no count reaches: the bracket spans every bin
+# Pass 2 folded into a bracketed pass 1 (31-bit keys): the low 16 bits of the keys in _FINE_SPAN
+# pass-1 bins around the sample's estimate of the K-th largest's bin, one bin per key, in
+# _FINE_COPIES private copies; only while all groups' copies fit in _FINE_BYTES.
+_FINE_SPAN = 32
+_FINE_COPIES = 2
+_FINE_BYTES = 64 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,10 +134,11 @@ _NO_RANK = 2**62  # a rank no count reaches: the bracket spans every bin
 @triton.jit
 def _hist_kernel(
     tab_src, tab_cand, tab_size, tab_group, tab_nan, tile_seg, first_tile, seg_n,
-    hist, sel_hi, live, gate, blo, bhi, group_stride, copy_stride,
+    hist, sel_hi, live, gate, blo, bhi, group_stride, copy_stride, fine, flo, fine_group_stride,
     PASS2: tl.constexpr, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr,
     COPIES: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
-    BRACKET: tl.constexpr = False, SAMPLE: tl.constexpr = 1,
+    BRACKET: tl.constexpr = False, SAMPLE: tl.constexpr = 1, FINE: tl.constexpr = False,
+    SPAN: tl.constexpr = 1, FCOPIES: tl.constexpr = 1,
 ):
     """Histogram (weighted by unit size when given) of candidate keys, every segment of the
     launch in one grid, into copy ``program % COPIES`` of its group's ``COPIES`` histograms.
@@ -133,7 +146,10 @@ def _hist_kernel(
     ``SAMPLE > 1``: only each tile's sample chunk (:func:`_sample_tile`). ``BRACKET`` (pass 1):
     only the bins in ``[blo[g], bhi[g]]`` take atomics; the candidates below go to bin 0 and those
     above to bin 32767 (free: the top finite key's bin is 0x7F80), summed per program, so the
-    total and every count from the top down to ``blo`` stay exact."""
+    total and every count from the top down to ``blo`` stay exact. ``FINE`` (with ``BRACKET``,
+    31-bit keys): the candidates inside the bracket whose pass-1 bin ``b`` is in ``[flo[g],
+    flo[g] + SPAN)`` are also counted by their whole key, in ``fine`` bin ``(b - flo[g]) * 65536
+    + (key & 0xFFFF)`` of copy ``program % FCOPIES``: the pass-2 histogram of every bin there."""
     if tl.load(gate) != 0:
         pid = tl.program_id(0).to(tl.int64)
         if SAMPLE > 1:
@@ -161,6 +177,14 @@ def _hist_kernel(
                 lump = lump | (c & ~isnan & (b < tl.load(blo + g)))
                 c = c & ~over
                 tl.atomic_add(h + 32767, tl.sum(tl.where(over, w, 0)), sem="relaxed")
+                if FINE:
+                    rel = b - tl.load(flo + g)
+                    inb = c & ~isnan & (b >= tl.load(blo + g)) & (rel >= 0) & (rel < SPAN)
+                    hf = fine + g * fine_group_stride + (pid % FCOPIES) * (SPAN * 65536)
+                    # Exact zeros (key 0: in range only when flo is bin 0) by one reduction.
+                    tl.atomic_add(hf + rel.to(tl.int64) * 65536 + (key & 0xFFFF), w, mask=inb & (key != 0),
+                                  sem="relaxed")
+                    tl.atomic_add(hf, tl.sum(tl.where(inb & (key == 0), w, 0)), sem="relaxed")
         tl.atomic_add(h + b, w, mask=c & ~lump, sem="relaxed")
         tl.atomic_add(h, tl.sum(tl.where(lump, w, 0)), sem="relaxed")
 
@@ -287,8 +311,9 @@ def _mask_kernel(
 
 @triton.jit
 def _search_kernel(
-    hist, row_stride, tot, tot_stride, nbins, keep, b1, live2, thr, fits, result, bad, gate, blo, bhi, missed, G,
-    PASS2: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr, BRACKET: tl.constexpr = False,
+    hist, row_stride, tot, tot_stride, nbins, keep, b1, live2, thr, fits, result, bad, gate, blo, bhi, missed,
+    flo, need2, G, PASS2: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr, BRACKET: tl.constexpr = False,
+    FINE: tl.constexpr = False, SPAN: tl.constexpr = 1,
 ):
     """Program ``g``: in row ``g`` of ``hist`` (``nbins`` bins, NaN count in bin ``nbins`` for
     pass 1), the bin holding the ``k``-th largest weight counted from the top, ``k = max(keep[g]
@@ -302,10 +327,13 @@ def _search_kernel(
     A group that keeps nothing gets an unreachable threshold and needs nothing. Nothing at all
     when ``gate[0] == 0`` (a warm start found every threshold). ``BRACKET`` (pass 1 after a
     bracketed histogram): a group whose bin falls outside ``[blo[g], bhi[g]]`` (into a lumped
-    count) adds 1 to ``missed``, and the exact pass 1 (gated on it) runs again."""
+    count) adds 1 to ``missed``, and the exact pass 1 (gated on it) runs again. ``FINE`` (pass 2
+    on the fine histogram of a bracketed pass 1, ``hist [G, SPAN * 65536]``): row ``g`` is the
+    slice of its pass-1 bin ``b1[g]``; a group whose bin has no exact slice there (outside the
+    span or the bracket) writes nothing and adds 1 to ``need2``, which gates the real pass 2."""
     if tl.load(gate) != 0:
         _search_body(hist, row_stride, tot, tot_stride, nbins, keep, b1, live2, thr, fits, result, bad, blo, bhi,
-                     missed, G, PASS2, CHUNK, NCH, BRACKET)
+                     missed, flo, need2, G, PASS2, CHUNK, NCH, BRACKET, FINE, SPAN)
 
 
 @triton.jit
@@ -362,16 +390,29 @@ def _scan_top(row, tot, nbins, k, CHUNK: tl.constexpr, NCH: tl.constexpr):
 
 @triton.jit
 def _search_body(hist, row_stride, tot, tot_stride, nbins, keep, b1, live2, thr, fits, result, bad, blo, bhi,
-                 missed, G, PASS2: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr, BRACKET: tl.constexpr):
+                 missed, flo, need2, G, PASS2: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr,
+                 BRACKET: tl.constexpr, FINE: tl.constexpr, SPAN: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
     kg = tl.load(keep + g)
     above0 = tl.load(result + 5 * G + g) if PASS2 else tl.full([], 0, tl.int64)
     k = tl.maximum(kg - above0, 1)
     row = hist + g * row_stride
-    _, bin_at, above, ties, running = _scan_top(row, tot + g * tot_stride, nbins, k, CHUNK, NCH)
+    tg = tot + g * tot_stride
+    if FINE:
+        # The fine counts are exact for the keys of bins inside both the span and the bracket.
+        b1g = tl.load(b1 + g)
+        off = b1g - tl.load(flo + g)
+        exact = (off >= 0) & (off < SPAN) & (b1g >= tl.load(blo + g)) & (b1g <= tl.load(bhi + g))
+        off = tl.where(exact, off, 0).to(tl.int64)
+        row += off * 65536
+        tg += off * (65536 // CHUNK)
+    _, bin_at, above, ties, running = _scan_top(row, tg, nbins, k, CHUNK, NCH)
     live = kg > 0
     if PASS2:
         applies = tl.load(live2 + g) != 0
+        if FINE:
+            tl.atomic_add(need2, (applies & ~exact).to(tl.int32))
+            applies = applies & exact
         hi = tl.load(b1 + g).to(tl.int64)
         t = (hi << 16) | bin_at
         need = kg - above0 - above
@@ -402,20 +443,27 @@ def _search_body(hist, row_stride, tot, tot_stride, nbins, keep, b1, live2, thr,
 
 
 @triton.jit
-def _sample_bracket_kernel(hist, row_stride, tot, tot_stride, rank_hi, rank_lo, blo, bhi, gate, nbins,
-                           CHUNK: tl.constexpr, NCH: tl.constexpr):
+def _sample_bracket_kernel(hist, row_stride, tot, tot_stride, rank_hi, rank_lo, rank_mid, blo, bhi, flo, gate,
+                           nbins, CHUNK: tl.constexpr, NCH: tl.constexpr, SPAN: tl.constexpr):
     """Program ``g``, on the folded histogram of a sample: ``bhi[g]`` = the bin where the count
     from the top reaches ``rank_hi[g]`` (the top bin if it never does), ``blo[g]`` = the bin
     where it reaches ``rank_lo[g]`` (bin 0 if it never does): the bracket of the bracketed
-    pass 1. Nothing when ``gate[0] == 0``."""
+    pass 1. ``flo[g]``: the first of the ``SPAN`` bins of its fine histogram, centred on the bin
+    at ``rank_mid[g]`` (the estimate of the K-th largest) and kept inside the bracket where it
+    fits. Nothing when ``gate[0] == 0``."""
     if tl.load(gate) != 0:
         g = tl.program_id(0).to(tl.int64)
         row = hist + g * row_stride
         tg = tot + g * tot_stride
         f_hi, b_hi, _, _, _ = _scan_top(row, tg, nbins, tl.load(rank_hi + g), CHUNK, NCH)
         f_lo, b_lo, _, _, _ = _scan_top(row, tg, nbins, tl.load(rank_lo + g), CHUNK, NCH)
-        tl.store(bhi + g, tl.where(f_hi, b_hi, nbins - 1).to(tl.int32))
-        tl.store(blo + g, tl.where(f_lo, b_lo, 0).to(tl.int32))
+        _, b_mid, _, _, _ = _scan_top(row, tg, nbins, tl.load(rank_mid + g), CHUNK, NCH)
+        top = tl.where(f_hi, b_hi, nbins - 1)
+        bottom = tl.where(f_lo, b_lo, 0)
+        tl.store(bhi + g, top.to(tl.int32))
+        tl.store(blo + g, bottom.to(tl.int32))
+        first = tl.maximum(tl.minimum(b_mid - SPAN // 2 + 1, top - SPAN + 1), bottom)
+        tl.store(flo + g, first.to(tl.int32))
 
 
 @triton.jit
@@ -556,7 +604,8 @@ def _search(hist: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _bracket_ranks(launches: list[_Launch], keep: list[int], block: int) -> list[list[int]]:
-    """Per group, the sample ranks from the top ``[r - m, r + m]`` whose bins bound the bracket:
+    """Per group, the sample ranks from the top ``[r - m, r + m, r]`` whose bins bound the
+    bracket (and centre its fine histogram):
     ``r = K * S / U`` (``S`` of ``U`` units sampled), ``m`` = :data:`_BRACKET_SIGMAS` standard
     deviations of the sample count above the K-th largest with every sampled chunk one draw, +
     :data:`_BRACKET_SLACK`. Groups that keep nothing or were sampled in too few chunks get
@@ -572,12 +621,12 @@ def _bracket_ranks(launches: list[_Launch], keep: list[int], block: int) -> list
     ranks = []
     for k, u, su, sc in zip(keep, units, sampled, chunks, strict=True):
         if k <= 0 or sc < _BRACKET_MIN_CHUNKS:
-            ranks.append([_NO_RANK, _NO_RANK])
+            ranks.append([_NO_RANK, _NO_RANK, _NO_RANK])
             continue
         p = k / u
         r = k * su / u
         m = _BRACKET_SIGMAS * su * math.sqrt(p * (1 - p) / sc) + _BRACKET_SLACK
-        ranks.append([max(1, math.floor(r - m)), math.ceil(r + m)])
+        ranks.append([max(1, math.floor(r - m)), math.ceil(r + m), max(1, round(r))])
     return ranks
 
 
@@ -624,7 +673,10 @@ class _AtomicSelect:
         live_wide = [int(kg > 0 and w) for kg, w in zip(keep, wide, strict=True)]
         single = not any(ln.has_size for ln in launches)
         if bracket is None:
-            bracket = single and block >= 16 * _SAMPLE and sum(ln.tiles for ln in launches) >= _BRACKET_MIN_TILES
+            # Off under the interpreter, which runs every program in Python: the extra passes
+            # doubled the time of the pruning tests there (tests turn it on where they test it).
+            bracket = (not _INTERP and single and block >= 16 * _SAMPLE
+                       and sum(ln.tiles for ln in launches) >= _BRACKET_MIN_TILES)
         elif bracket and (not single or block < 16 * _SAMPLE):
             raise ValueError(f"bracket=True ranks single weights (not blocks) in tiles of at least "
                              f"{16 * _SAMPLE} units")
@@ -635,6 +687,10 @@ class _AtomicSelect:
         self.bracket = bracket
         self.last_bracket_missed = False
         ranks = [list(r) for r in zip(*_bracket_ranks(launches, keep, block), strict=True)] if bracket else []
+        # Pass 2 folded into the bracketed pass 1 for 31-bit keys, while the fine histograms fit.
+        fine_copies = min(copies, _FINE_COPIES)
+        self.fine = bracket and any(live_wide) and groups * fine_copies * _FINE_SPAN * 65536 * 4 <= _FINE_BYTES
+        self.last_fine_missed = False
         consts = to_device(torch.tensor([keep, live_wide, *ranks], dtype=torch.int64), dev)
         self.k, self.live_wide = consts[0], consts[1].to(torch.int32)
         # Histogram copies are zero between passes: zeroed here, then by each fold that reads them.
@@ -648,18 +704,23 @@ class _AtomicSelect:
         self.zeros_g = torch.zeros(groups, dtype=torch.int32, device=dev)
         # Per group after enqueue: threshold key, need, ties, NaN count, candidates, weight above
         # the pass-1 bin; the pass-1 bin, the threshold, whether every tie is kept and the
-        # bracket's bins (int32, for the kernels); the count of groups in error and of groups
-        # whose bracket missed, zeroed together by one memset per run.
+        # bracket's bins and its fine histogram's first bin (int32, for the kernels); the count of
+        # groups in error, of groups whose bracket missed and of groups that need the real pass 2,
+        # zeroed together by one memset per run.
         self.result = torch.empty(6, groups, dtype=torch.int64, device=dev)
-        small = torch.empty(5 * groups + 2, dtype=torch.int32, device=dev)
-        self.b1, self.thr, self.fits, self.blo, self.bhi = small[:5 * groups].view(5, groups).unbind(0)
-        self.flags = small[-2:]
-        self.bad, self.missed = small[-2:-1], small[-1:]
+        small = torch.empty(6 * groups + 3, dtype=torch.int32, device=dev)
+        self.b1, self.thr, self.fits, self.blo, self.bhi, self.flo = small[:6 * groups].view(6, groups).unbind(0)
+        self.flags = small[-3:]
+        self.bad, self.missed, self.need2 = small[-3:-2], small[-2:-1], small[-1:]
         if bracket:
-            # The sample ranks from the top [2, G]: the bracket's top bin (row 0) and bottom bin (row 1).
-            self.ranks = consts[2:4]
+            # The sample ranks from the top [3, G]: the bracket's top bin (row 0), its bottom bin
+            # (row 1) and the estimate of the K-th largest's (row 2).
+            self.ranks = consts[2:5]
             self.hs = torch.zeros(groups, min(copies, 16), NAN_BIN + 1, dtype=torch.int32, device=dev)
             self.fs = _Folded(self.hs, NAN_BIN)
+        if self.fine:
+            self.hf = torch.zeros(groups, fine_copies, _FINE_SPAN * 65536, dtype=torch.int32, device=dev)
+            self.ff = _Folded(self.hf, _FINE_SPAN * 65536)
         self.finals = [_FinalPass(ln, segments, block, warps, dev) for ln in launches]
         self.one = torch.ones(1, dtype=torch.int32, device=dev)
         self.dirty = False
@@ -717,25 +778,30 @@ class _AtomicSelect:
             for ln in self.launches:
                 if pass2 and not ln.wide:
                     continue  # 16-bit keys are exact after pass 1
+                fine = bracket and self.fine and ln.wide
+                hf = self.hf if fine else h
                 _hist_kernel[(ln.tiles,)](
                     *ln.args(), ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n,
-                    h, sel_hi, live, gate, self.blo, self.bhi, copies * bins, bins,
+                    h, sel_hi, live, gate, self.blo, self.bhi, copies * bins, bins, hf, self.flo, hf.stride(0),
                     PASS2=pass2, WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size,
                     COPIES=copies, BLOCK=self.block, ALIGNED=ln.aligned, BRACKET=bracket, SAMPLE=sample,
+                    FINE=fine, SPAN=_FINE_SPAN if fine else 1, FCOPIES=hf.shape[1] if fine else 1,
                     # A sample chunk is 256 units: one warp gives each thread 16 bytes or more.
                     num_warps=self.warps if sample == 1 else 1,
                 )
             f.enqueue(gate)
 
-        def search(f: _Folded, pass2: bool, gate: Tensor, bracket: bool = False) -> None:
+        def search(f: _Folded, pass2: bool, gate: Tensor, bracket: bool = False, fine: bool = False) -> None:
             _search_kernel[(groups,)](
                 f.row, f.row.stride(0), f.tot, f.tot.stride(0), 65536 if pass2 else NAN_BIN, self.k, self.b1,
                 self.live_wide, self.thr, self.fits, self.result, self.bad, gate, self.blo, self.bhi, self.missed,
-                groups, PASS2=pass2, CHUNK=f.chunk, NCH=f.nch, BRACKET=bracket, num_warps=4,
+                self.flo, self.need2, groups, PASS2=pass2, CHUNK=f.chunk,
+                NCH=65536 // f.chunk if fine else f.nch, BRACKET=bracket, FINE=fine, SPAN=_FINE_SPAN if fine else 1,
+                num_warps=4,
             )
 
         if self.dirty:  # a queue cut short (an interrupt) may have left counts in the copies
-            for h in (self.h1, self.h2, getattr(self, "hw", None), getattr(self, "hs", None)):
+            for h in (self.h1, self.h2, getattr(self, "hw", None), getattr(self, "hs", None), getattr(self, "hf", None)):
                 if h is not None:
                     h.zero_()
         self.dirty = True
@@ -750,17 +816,23 @@ class _AtomicSelect:
             fs = self.fs
             hist_pass(fs, False, self.zeros_g, self.zeros_g, gate, sample=_SAMPLE)
             _sample_bracket_kernel[(groups,)](
-                fs.row, fs.row.stride(0), fs.tot, fs.tot.stride(0), self.ranks[0], self.ranks[1], self.blo,
-                self.bhi, gate, NAN_BIN, CHUNK=fs.chunk, NCH=fs.nch, num_warps=4,
+                fs.row, fs.row.stride(0), fs.tot, fs.tot.stride(0), *self.ranks.unbind(0), self.blo, self.bhi, self.flo,
+                gate, NAN_BIN, CHUNK=fs.chunk, NCH=fs.nch, SPAN=_FINE_SPAN, num_warps=4,
             )
             hist_pass(f1, False, self.zeros_g, self.zeros_g, gate, bracket=True)
             search(f1, False, gate, bracket=True)
             gate1 = self.missed  # the exact pass 1 below does nothing unless a bracket missed
         hist_pass(f1, False, self.zeros_g, self.zeros_g, gate1)
         search(f1, False, gate1)
+        gate2 = gate
+        if self.fine:
+            # Pass 2 from the fine histogram; the real one runs only for groups it cannot serve.
+            self.ff.enqueue(gate)
+            search(self.ff, True, gate, fine=True)
+            gate2 = self.need2
         if (f2 := self.f2) is not None:
-            hist_pass(f2, True, self.b1, self.live_wide, gate)
-            search(f2, True, gate)
+            hist_pass(f2, True, self.b1, self.live_wide, gate2)
+            search(f2, True, gate2)
         for fp in self.finals:
             fp.enqueue(self.thr, self.result[1], self.fits, self.bad, groups)
         self.dirty = False
@@ -770,10 +842,11 @@ class _AtomicSelect:
     def finish(self, warm: bool = False) -> tuple[list[tuple[int, int]], bool]:
         """One host sync: raise the errors the counts show, else per group ``(threshold, need)``,
         and whether a warm start found every threshold."""
-        extra = [self.missed, self.miss] if warm else [self.missed]
+        extra = [self.missed, self.need2, self.miss] if warm else [self.missed, self.need2]
         values = torch.cat([self.result.reshape(-1), *(t.to(torch.int64) for t in extra)]).tolist()
         g = len(self.keep)
         self.last_bracket_missed = values[6 * g] != 0
+        self.last_fine_missed = values[6 * g + 1] != 0
         thr, need, nan, avail = values[:g], values[g:2 * g], values[3 * g:4 * g], values[4 * g:5 * g]
         _check_counts(nan, avail, self.keep, self.what)
         return list(zip(thr, need, strict=True)), warm and values[-1] == 0
@@ -894,8 +967,8 @@ def select_units(
     see :mod:`.window`). All are exact; which is fastest is measured on GPUs.
     ``window_margin``: the window's half-width in sample ranks (None: from the sample's spread),
     exposed so tests can force a missed bracket. ``bracket`` (``"atomic"``): pass 1 takes atomics
-    only inside a range of bins bracketed by a sample (see :class:`_AtomicSelect`); None: on for
-    single weights over at least 64 tiles; exact either way.
+    only inside a range of bins bracketed by a sample (see :class:`_AtomicSelect`); None: on a
+    GPU for single weights over at least 64 tiles; exact either way.
     """
     return _select_units(segments, keep, what, tile=tile, hist_copies=hist_copies, algorithm=algorithm,
                          window_margin=window_margin, thresholds=True, bracket=bracket)
@@ -1154,11 +1227,13 @@ class RerankPlan:
     candidates), the two-pass select runs after it. Exact either way; ``last_warm_hit`` says
     which happened.
 
-    ``bracket`` (default: on for single weights over at least 64 tiles): a cold select's pass 1
-    first histograms a sample (1/16 of every tile) and then takes atomics only inside the range of
-    bins the sample brackets around the threshold; a bracket that misses runs the exact pass 1
-    after it. ``last_path`` says which select found the thresholds: ``"warm"``, ``"bracket"``
-    or ``"full"``.
+    ``bracket`` (default: on a GPU for single weights over at least 64 tiles; off under the
+    interpreter): a cold select's pass 1 first histograms a sample (1/16 of every tile) and then
+    takes atomics only inside the range of bins the sample brackets around the threshold; a
+    bracket that misses runs the exact pass 1 after it. For float32 the same pass also counts by
+    whole key the bins around the sample's estimate, which stand in for pass 2 when they hold
+    the threshold's bin. ``last_path`` says which select found the thresholds: ``"warm"``,
+    ``"bracket"`` or ``"full"``.
 
     The tensors' values may change between runs; their storage must not: the plan holds their
     addresses (so ``weights`` and ``candidates`` must be contiguous, and ``out`` contiguous

@@ -162,15 +162,19 @@ def _rerank() -> Iterator[Spec]:
     for wide, cand, size, aligned in itertools.product((True, False), (True, False), (True, False), (True, False)):
         flags = {"WIDE": wide, "HAS_CAND": cand, "HAS_SIZE": size, "BLOCK": 4096, "ALIGNED": aligned}
         tag = f"wide={wide} cand={cand} size={size} aligned={aligned}"
-        # Pass 1 plain, bracketed and on a sample (single weights only), pass 2.
-        variants = [(False, False, 1), (True, False, 1)]
+        # Pass 1 plain, bracketed (31-bit keys: with the fine histogram) and on a sample (single
+        # weights only), pass 2.
+        variants = [(False, False, 1, False), (True, False, 1, False)]
         if not size:
-            variants += [(False, True, 1), (False, False, select._SAMPLE)]
-        for pass2, bracket, sample in variants:
-            yield (f"_hist_kernel pass2={pass2} bracket={bracket} sample={sample} {tag}", _jit(select._hist_kernel),
+            variants += [(False, True, 1, wide), (False, False, select._SAMPLE, False)]
+        for pass2, bracket, sample, fine in variants:
+            yield (f"_hist_kernel pass2={pass2} bracket={bracket} fine={fine} sample={sample} {tag}",
+                   _jit(select._hist_kernel),
                    {**tab, "hist": "*i32", "sel_hi": "*i32", "live": "*i32", "gate": "*i32", "blo": "*i32",
-                    "bhi": "*i32", "group_stride": "i32", "copy_stride": "i32"},
-                   {**flags, "PASS2": pass2, "COPIES": 64, "BRACKET": bracket, "SAMPLE": sample},
+                    "bhi": "*i32", "group_stride": "i32", "copy_stride": "i32", "fine": "*i32", "flo": "*i32",
+                    "fine_group_stride": "i32"},
+                   {**flags, "PASS2": pass2, "COPIES": 64, "BRACKET": bracket, "SAMPLE": sample, "FINE": fine,
+                    "SPAN": select._FINE_SPAN if fine else 1, "FCOPIES": select._FINE_COPIES if fine else 1},
                    warps if sample == 1 else {"num_warps": 1})
         yield (f"_tie_count_kernel {tag}", _jit(select._tie_count_kernel),
                {**tab, "thr": "*i32", "fits": "*i32", "counts": "*i32"}, flags, warps)
@@ -178,15 +182,18 @@ def _rerank() -> Iterator[Spec]:
             yield (f"_mask_kernel all_ties={all_ties} {tag}", _jit(select._mask_kernel),
                    {**tab, "thr": "*i32", "need": "*i64", "fits": "*i32", "bad": "*i32", "tile_start": "*i32"},
                    {**flags, "ALL_TIES": all_ties}, warps)
-    for pass2, bracket in ((False, False), (False, True), (True, False)):
-        yield (f"_search_kernel pass2={pass2} bracket={bracket}", _jit(select._search_kernel),
+    for pass2, bracket, fine in ((False, False, False), (False, True, False), (True, False, False), (True, False, True)):
+        yield (f"_search_kernel pass2={pass2} bracket={bracket} fine={fine}", _jit(select._search_kernel),
                {"hist": "*i32", "row_stride": "i32", "tot": "*i64", "tot_stride": "i32", "nbins": "i32",
                 "keep": "*i64", "b1": "*i32", "live2": "*i32", "thr": "*i32", "fits": "*i32", "result": "*i64",
-                "bad": "*i32", "gate": "*i32", "blo": "*i32", "bhi": "*i32", "missed": "*i32", "G": "i32"},
-               {"PASS2": pass2, "CHUNK": 1024, "NCH": 64 if pass2 else 32, "BRACKET": bracket}, {"num_warps": 4})
+                "bad": "*i32", "gate": "*i32", "blo": "*i32", "bhi": "*i32", "missed": "*i32", "flo": "*i32",
+                "need2": "*i32", "G": "i32"},
+               {"PASS2": pass2, "CHUNK": 1024, "NCH": 64 if pass2 else 32, "BRACKET": bracket, "FINE": fine,
+                "SPAN": select._FINE_SPAN if fine else 1}, {"num_warps": 4})
     yield ("_sample_bracket_kernel", _jit(select._sample_bracket_kernel),
-           {"hist": "*i32", "row_stride": "i32", "tot": "*i64", "tot_stride": "i32", "rank_hi": "*i64", "rank_lo": "*i64", "blo": "*i32",
-            "bhi": "*i32", "gate": "*i32", "nbins": "i32"}, {"CHUNK": 1024, "NCH": 32}, {"num_warps": 4})
+           {"hist": "*i32", "row_stride": "i32", "tot": "*i64", "tot_stride": "i32", "rank_hi": "*i64",
+            "rank_lo": "*i64", "rank_mid": "*i64", "blo": "*i32", "bhi": "*i32", "flo": "*i32", "gate": "*i32",
+            "nbins": "i32"}, {"CHUNK": 1024, "NCH": 32, "SPAN": select._FINE_SPAN}, {"num_warps": 4})
     yield ("_fold_kernel", _jit(select._fold_kernel),
            {"h": "*i32", "out": "*i32", "tot": "*i64", "gate": "*i32", "nbins": "i32", "nsearch": "i32", "copies": "i32",
             "group_stride": "i32", "copy_stride": "i32", "out_stride": "i32", "tot_stride": "i32"},

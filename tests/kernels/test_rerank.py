@@ -821,7 +821,8 @@ def test_search_kernel_equals_the_torch_search(chunk):
 
     def search1() -> None:
         _search_kernel[(G,)](f1.row, f1.row.stride(0), f1.tot, f1.tot.stride(0), nbins, keep, b1, live2, thr, fits,
-                             result, bad, gate, None, None, None, G, PASS2=False, CHUNK=f1.chunk, NCH=f1.nch)
+                             result, bad, gate, None, None, None, None, None, G, PASS2=False, CHUNK=f1.chunk,
+                             NCH=f1.nch)
 
     search1()
     assert bool((result == -7).all()) and int(bad) == 0  # a closed gate: nothing written
@@ -845,7 +846,7 @@ def test_search_kernel_equals_the_torch_search(chunk):
     f2 = _Folded(h2[:, None].clone(), n2, chunk)
     f2.enqueue(gate)
     _search_kernel[(G,)](f2.row, f2.row.stride(0), f2.tot, f2.tot.stride(0), n2, keep, b1, live2, thr, fits,
-                         result, bad, gate, None, None, None, G, PASS2=True, CHUNK=f2.chunk, NCH=f2.nch)
+                         result, bad, gate, None, None, None, None, None, G, PASS2=True, CHUNK=f2.chunk, NCH=f2.nch)
     k2 = (keep - before[5]).clamp(min=1)
     bins2, above2 = _search(h2, k2)
     ties2 = h2.gather(1, bins2[:, None]).squeeze(1).long()
@@ -991,17 +992,26 @@ def _run_and_check(plan, w, out, sparsity, scope, cand):
 def test_plan_bracket_holds_the_threshold_and_matches_reference(dtype, scope):
     # Cold selects with a sampled bracket: the first on dense weights, the next on what it left
     # (the threshold at the edge of the pruned zeros, as in a pruning run), then at a higher
-    # sparsity. Each must find its bin inside the bracket (no fallback) and be exact.
+    # sparsity. Each must find its bin inside the bracket (no fallback) and be exact. float32:
+    # pass 2 comes from the fine histogram of the bracketed pass when the K-th largest's bin has
+    # its exact slice there, and from the real pass 2 otherwise (planted: the estimate's rank at
+    # the top or the bottom of the sample); either way exact, and the flag says which.
     w, cand, out = _bracket_case(dtype, seed=3, scale_rows=True)
-    for sparsity in (0.7, 0.85):
+    for sparsity, mids in ((0.7, [None, None]), (0.85, [None, 1, 10**6] if dtype == torch.float32 else [None])):
         plan = RerankPlan(w, sparsity, out, scope=scope, candidates=cand, apply=True, tile=TILE, warm_start=False,
                           bracket=True)
-        assert plan.bracket
-        for _ in range(2):
+        sel = plan._select
+        assert plan.bracket and sel.fine == (dtype == torch.float32)
+        for mid in mids:
+            if mid is not None:
+                sel.ranks[2].fill_(mid)
             _run_and_check(plan, w, out, sparsity, scope, cand)
             assert plan.last_path == "bracket"
-            sel = plan._select
             assert bool((sel.blo <= sel.bhi).all()) and not sel.hs.any() and not sel.h1.any()
+            if sel.fine:
+                b1, flo = sel.b1.long(), sel.flo.long()
+                exact = (flo <= b1) & (b1 < flo + 32) & (sel.blo.long() <= b1) & (b1 <= sel.bhi.long())
+                assert sel.last_fine_missed == (not bool(exact.all())) and not sel.hf.any()
 
 
 @pytest.mark.parametrize("side", ["above", "below"])
@@ -1021,7 +1031,7 @@ def test_plan_bracket_that_misses_falls_back_to_the_exact_pass(dtype, side):
             v.copy_(fresh[k])
     # The sample holds about 2000 candidates, and the K-th largest is near sample rank 800.
     rank = 1 if side == "below" else 1900
-    plan._select.ranks.copy_(torch.tensor([[rank], [rank]]))  # [2, G]: the bracket's top and bottom ranks
+    plan._select.ranks.fill_(rank)  # [3, G]: the bracket's top and bottom ranks and its middle
     _run_and_check(plan, w, out, 0.6, "global", cand)
     assert plan.last_path == "full" and plan._select.last_bracket_missed
     sel = plan._select
@@ -1053,6 +1063,10 @@ def test_cuda_plan_bracket_at_large_sizes(dtype):
         for _ in range(3):
             _run_and_check(plan, w, out, 0.7, scope, cand)
             assert plan.last_path == "bracket"
+            # float32: the fine span around the sample's estimate holds each K-th largest's bin,
+            # so the real pass 2 is not needed.
+            assert plan._select.fine == (dtype == torch.float32)
+            assert not plan._select.last_fine_missed
         assert plan.captured
         with torch.no_grad():
             for k, v in w.items():
@@ -1068,9 +1082,16 @@ def test_bracketed_and_sampled_pass1_histograms(dtype):
     # [blo, bhi] counted per bin, those below in bin 0 and those above in the top bin (totals
     # and every count from the top down to blo exact), NaN (candidate or not) in the NaN bin.
     # Sampled: exactly the hashed chunk of each tile, and as many units as sample_counts says.
+    # Fine (float32): the in-bracket candidates of bins flo .. flo + SPAN - 1 by their whole key.
     from sparse_rnnt.kernels.rerank import Segment
     from sparse_rnnt.kernels.rerank._segments import sample_counts
-    from sparse_rnnt.kernels.rerank.select import _SAMPLE, NAN_BIN, _hist_kernel, _launches
+    from sparse_rnnt.kernels.rerank.select import (
+        _FINE_SPAN,
+        _SAMPLE,
+        NAN_BIN,
+        _hist_kernel,
+        _launches,
+    )
 
     g = torch.Generator().manual_seed(11)
     nan_above = 0x7F800000 if dtype == torch.float32 else 0x7F80
@@ -1088,6 +1109,7 @@ def test_bracketed_and_sampled_pass1_histograms(dtype):
     wide = dtype == torch.float32
     blo = torch.tensor([0, 0], dtype=torch.int32)
     bhi = torch.tensor([0, 0], dtype=torch.int32)
+    flo = torch.tensor([0, 0], dtype=torch.int32)
 
     def keys_of(w):
         k = _bits(w).reshape(-1).to(torch.int64) & (0x7FFFFFFF if wide else 0x7FFF)
@@ -1107,15 +1129,30 @@ def test_bracketed_and_sampled_pass1_histograms(dtype):
             ref[grp] += torch.bincount(b[sel], minlength=NAN_BIN + 1).to(torch.int32)
         return ref
 
+    span = _FINE_SPAN * 65536
+    fine = torch.zeros(2, 1, span, dtype=torch.int32)
+
     def run(bracket: bool, sample: int) -> torch.Tensor:
         hist = torch.full((2, 1, NAN_BIN + 1), 0, dtype=torch.int32)
+        fine.zero_()
         _hist_kernel[(ln.tiles,)](
             *ln.args(), ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n, hist, blo, blo,
-            torch.ones(1, dtype=torch.int32), blo, bhi, hist.stride(0), hist.stride(1),
+            torch.ones(1, dtype=torch.int32), blo, bhi, hist.stride(0), hist.stride(1), fine, flo, fine.stride(0),
             PASS2=False, WIDE=wide, HAS_CAND=True, HAS_SIZE=False, COPIES=1, BLOCK=block, BRACKET=bracket,
-            SAMPLE=sample,
+            SAMPLE=sample, FINE=bracket and wide, SPAN=_FINE_SPAN if bracket and wide else 1,
         )
         return hist[:, 0]
+
+    def fine_reference() -> torch.Tensor:
+        ref = torch.zeros(2, span, dtype=torch.int32)
+        for w, c, grp in zip(ws, cands, groups, strict=True):
+            key, isnan = keys_of(w)
+            hb = key >> 16
+            ok = (torch.ones_like(isnan) if c is None else c.bool()) & ~isnan
+            rel = hb - int(flo[grp])
+            sel = ok & (hb >= int(blo[grp])) & (hb <= int(bhi[grp])) & (rel >= 0) & (rel < _FINE_SPAN)
+            ref[grp] += torch.bincount(rel[sel] * 65536 + (key[sel] & 0xFFFF), minlength=span).to(torch.int32)
+        return ref
 
     everything = [torch.ones(w.numel(), dtype=torch.bool) for w in ws]
     # Brackets from the keys themselves: around group 0's median, and group 1's upper quartile.
@@ -1125,12 +1162,22 @@ def test_bracketed_and_sampled_pass1_histograms(dtype):
     br = ([int(k0[400]), int(k1[3000])], [int(k0[600]), int(k1[3500])])
     blo.copy_(torch.tensor(br[0]))
     bhi.copy_(torch.tensor(br[1]))
+    # The fine spans: group 0's from below its bracket (the bins under blo must not count),
+    # group 1's from its middle (the bins above bhi must not count: the span reaches past it).
+    flo.copy_(torch.tensor([br[0][0] - 5, (br[0][1] + br[1][1]) // 2]))
     got = run(True, 1)
     assert torch.equal(got, reference(br, everything))
     assert got[:, 32767].tolist() != [0, 0] and got[:, 0].tolist() != [0, 0]  # both lumps exercised
+    if wide:
+        assert torch.equal(fine[:, 0], fine_reference()) and bool((fine[:, 0].sum(1) > 50).all())
     blo.zero_()
     bhi.fill_(32767)  # a bracket of every bin: the plain pass
-    assert torch.equal(run(True, 1), run(False, 1))
+    flo.zero_()  # a span from bin 0: exact zeros (one reduction) and the smallest keys
+    got = run(True, 1)
+    fine_got = fine[:, 0].clone()
+    assert torch.equal(got, run(False, 1))
+    if wide:
+        assert torch.equal(fine_got, fine_reference()) and int(fine_got[1, 0]) > 0
     assert torch.equal(run(False, 1), reference(None, everything))
 
     ch = block // _SAMPLE
@@ -1155,7 +1202,7 @@ def test_bracketed_and_sampled_pass1_histograms(dtype):
     scope=st.sampled_from(["global", "per_tensor"]),
     tied=st.booleans(),
     seed=st.integers(0, 10_000),
-    ranks=st.tuples(st.integers(1, 200), st.integers(0, 200)),
+    ranks=st.tuples(st.integers(1, 200), st.integers(0, 200), st.integers(0, 300)),
 )
 def test_property_any_bracket_gives_the_exact_selection(sizes, sparsity, dtype, scope, tied, seed, ranks):
     # Whatever bracket the sample gives (here: any ranks, so brackets that hold the threshold,
@@ -1170,7 +1217,8 @@ def test_property_any_bracket_gives_the_exact_selection(sizes, sparsity, dtype, 
     plan = RerankPlan(w, sparsity, out, scope=scope, candidates=cand, apply=True, tile=TILE, warm_start=False,
                       bracket=True)
     r = plan._select.ranks
-    r.copy_(torch.tensor([[ranks[0]], [ranks[0] + ranks[1]]]).expand_as(r))  # [2, G]: top and bottom ranks
+    # [3, G]: the bracket's top and bottom ranks, and the one its fine histogram is centred on.
+    r.copy_(torch.tensor([[ranks[0]], [ranks[0] + ranks[1]], [ranks[2] + 1]]).expand_as(r))
     for _ in range(2):
         _run_and_check(plan, w, out, sparsity, scope, cand)
         assert plan.last_path in ("bracket", "full")

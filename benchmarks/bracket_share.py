@@ -54,7 +54,8 @@ def simulate(weights: list[torch.Tensor], sparsity: float, tile: int = 4096) -> 
         return select.NAN_BIN - 1 - j if j < select.NAN_BIN else default
 
     hi, lo = bin_at(ranks[0], select.NAN_BIN - 1), bin_at(ranks[1], 0)
-    mid = bin_at(ranks[2], 0)
+    nonzero = int(hist[1:].sum())  # a rank past the sample's nonzero keys: the smallest nonzero bin
+    mid = bin_at(min(ranks[2], nonzero) if nonzero else ranks[2], 0)
     span = select._FINE_SPAN
     flo = max(min(mid - span // 2 + 1, hi - span + 1), lo)
     flat = torch.cat(bins)

@@ -450,14 +450,18 @@ def _sample_bracket_kernel(hist, row_stride, tot, tot_stride, rank_hi, rank_lo, 
     where it reaches ``rank_lo[g]`` (bin 0 if it never does): the bracket of the bracketed
     pass 1. ``flo[g]``: the first of the ``SPAN`` bins of its fine histogram, centred on the bin
     at ``rank_mid[g]`` (the estimate of the K-th largest) and kept inside the bracket where it
-    fits. Nothing when ``gate[0] == 0``."""
+    fits; a rank past the sample's nonzero keys takes the smallest nonzero bin (a pruning run's
+    K-th largest is its smallest kept weight, next to the zeros of bin 0, and the sample's
+    estimate falls on either side of that edge). Nothing when ``gate[0] == 0``."""
     if tl.load(gate) != 0:
         g = tl.program_id(0).to(tl.int64)
         row = hist + g * row_stride
         tg = tot + g * tot_stride
-        f_hi, b_hi, _, _, _ = _scan_top(row, tg, nbins, tl.load(rank_hi + g), CHUNK, NCH)
+        f_hi, b_hi, _, _, total = _scan_top(row, tg, nbins, tl.load(rank_hi + g), CHUNK, NCH)
         f_lo, b_lo, _, _, _ = _scan_top(row, tg, nbins, tl.load(rank_lo + g), CHUNK, NCH)
-        _, b_mid, _, _, _ = _scan_top(row, tg, nbins, tl.load(rank_mid + g), CHUNK, NCH)
+        nonzero = total - tl.load(row).to(tl.int64)
+        mid = tl.load(rank_mid + g)
+        _, b_mid, _, _, _ = _scan_top(row, tg, nbins, tl.where(nonzero > 0, tl.minimum(mid, nonzero), mid), CHUNK, NCH)
         top = tl.where(f_hi, b_hi, nbins - 1)
         bottom = tl.where(f_lo, b_lo, 0)
         tl.store(bhi + g, top.to(tl.int32))

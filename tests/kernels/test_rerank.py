@@ -693,6 +693,16 @@ def test_int32_counts_are_bounded_before_any_work(kind, shape, message):
 # ----------------------------------------------------------------------------- plans
 
 
+def _run_and_check(plan, w, out, sparsity, scope, cand):
+    # One plan run against the reference on the values it saw: masks, and the pruned weights zeroed.
+    before = {k: v.clone() for k, v in w.items()}
+    ref = magnitude_masks({k: v.clone() for k, v in before.items()}, sparsity, scope=scope, candidates=cand)
+    plan.run()
+    _assert_same({k: o.bool() for k, o in out.items()}, ref)
+    for k in w:
+        assert torch.equal(_bits(w[k]), _bits(torch.where(ref[k], before[k], torch.zeros_like(before[k]))))
+
+
 def _plan_case(dtype, device, seed):
     w = _weights([(37, 53), (5, 7), (64, 33)], dtype, seed=seed, device=device)
     w["w2"] = _weights([(64, 33)], dtype, seed=seed + 1, tied=True, device=device)["w0"]  # ties across tiles
@@ -881,12 +891,7 @@ def test_property_plan_runs_match_reference(shapes, sparsity, dtype, scope, tied
     plan = RerankPlan(w, sparsity, out, scope=scope, candidates=cand, apply=True, tile=16)
     g = torch.Generator().manual_seed(seed + 1)
     for _ in range(3):
-        before = {k: v.clone() for k, v in w.items()}
-        ref = magnitude_masks({k: v.clone() for k, v in before.items()}, sparsity, scope=scope, candidates=cand)
-        plan.run()
-        _assert_same({k: o.bool() for k, o in out.items()}, ref)
-        for k in w:
-            assert torch.equal(_bits(w[k]), _bits(torch.where(ref[k], before[k], torch.zeros_like(before[k]))))
+        _run_and_check(plan, w, out, sparsity, scope, cand)
         with torch.no_grad():
             for v in w.values():
                 v.add_((torch.randn(v.shape, generator=g) * scale).to(dtype) * v.float().abs().mean().to(dtype))
@@ -976,15 +981,6 @@ def _bracket_case(dtype, seed, scale_rows=False):
     cand = {"b": (torch.rand(40, 257, generator=g) < 0.8)}
     out = {k: torch.full(v.shape, POISON, dtype=torch.uint8) for k, v in w.items()}
     return w, cand, out
-
-
-def _run_and_check(plan, w, out, sparsity, scope, cand):
-    before = {k: v.clone() for k, v in w.items()}
-    ref = magnitude_masks({k: v.clone() for k, v in before.items()}, sparsity, scope=scope, candidates=cand)
-    plan.run()
-    _assert_same({k: o.bool() for k, o in out.items()}, ref)
-    for k in w:
-        assert torch.equal(_bits(w[k]), _bits(torch.where(ref[k], before[k], torch.zeros_like(before[k]))))
 
 
 @pytest.mark.parametrize("scope", ["global", "per_tensor"])

@@ -770,9 +770,10 @@ class _AtomicSelect:
 
     def enqueue(self, warm: bool = False) -> None:
         """Queue the select; ``warm`` (a plan's later runs) first tries the window around the
-        previous threshold, and the two passes run only when some group's window missed."""
-        # About a dozen launches: histogram, copies summed, search (one program per group), and
-        # again for 31-bit keys; then the tie ranks and the mask pass.
+        previous threshold, and the cold passes run only when some group's window missed."""
+        # About a dozen launches (a score with the bracket): histogram, copies summed, search (one
+        # program per group), and again for 31-bit keys; then the tie ranks and the mask pass.
+        # Gated launches still launch (a graph holds them all) and exit at once.
         groups = len(self.keep)
 
         def hist_pass(f: _Folded, pass2: bool, sel_hi: Tensor, live: Tensor, gate: Tensor,

@@ -703,6 +703,18 @@ def _run_and_check(plan, w, out, sparsity, scope, cand):
         assert torch.equal(_bits(w[k]), _bits(torch.where(ref[k], before[k], torch.zeros_like(before[k]))))
 
 
+def _property_plan_case(w, sparsity, scope, seed):
+    """Candidates and poisoned masks for a property test's plan, or None when the reference
+    refuses the case (too few candidates for the sparsity)."""
+    cand = {k: c.contiguous() for k, c in _candidates(w, seed).items()}
+    out = {k: torch.full(v.shape, POISON, dtype=torch.uint8) for k, v in w.items()}
+    try:
+        magnitude_masks({k: v.clone() for k, v in w.items()}, sparsity, scope=scope, candidates=cand)
+    except UserError:
+        return None
+    return cand, out
+
+
 def _plan_case(dtype, device, seed):
     w = _weights([(37, 53), (5, 7), (64, 33)], dtype, seed=seed, device=device)
     w["w2"] = _weights([(64, 33)], dtype, seed=seed + 1, tied=True, device=device)["w0"]  # ties across tiles
@@ -882,12 +894,10 @@ def test_property_plan_runs_match_reference(shapes, sparsity, dtype, scope, tied
     # A warm plan over values that move by `scale` between runs (0: the same values, the window
     # holds the threshold; 1e-3: it may; 1: it rarely does): every run is exact, with apply.
     w = _weights(shapes, dtype, seed, tied=tied)
-    cand = {k: c.contiguous() for k, c in _candidates(w, seed).items()}
-    out = {k: torch.full(v.shape, POISON, dtype=torch.uint8) for k, v in w.items()}
-    try:
-        magnitude_masks({k: v.clone() for k, v in w.items()}, sparsity, scope=scope, candidates=cand)
-    except UserError:
+    case = _property_plan_case(w, sparsity, scope, seed)
+    if case is None:
         return  # too few candidates for this sparsity: the error paths have their own tests
+    cand, out = case
     plan = RerankPlan(w, sparsity, out, scope=scope, candidates=cand, apply=True, tile=16)
     g = torch.Generator().manual_seed(seed + 1)
     for _ in range(3):
@@ -1204,12 +1214,10 @@ def test_property_any_bracket_gives_the_exact_selection(sizes, sparsity, dtype, 
     # Whatever bracket the sample gives (here: any ranks, so brackets that hold the threshold,
     # miss it on either side, or span a run of tied or zero weights), the select is exact.
     w = _weights([(n,) for n in sizes], dtype, seed, tied=tied)
-    cand = {k: c.contiguous() for k, c in _candidates(w, seed).items()}
-    out = {k: torch.full(v.shape, POISON, dtype=torch.uint8) for k, v in w.items()}
-    try:
-        magnitude_masks({k: v.clone() for k, v in w.items()}, sparsity, scope=scope, candidates=cand)
-    except UserError:
+    case = _property_plan_case(w, sparsity, scope, seed)
+    if case is None:
         return  # too few candidates for this sparsity: the error paths have their own tests
+    cand, out = case
     plan = RerankPlan(w, sparsity, out, scope=scope, candidates=cand, apply=True, tile=TILE, warm_start=False,
                       bracket=True)
     r = plan._select.ranks

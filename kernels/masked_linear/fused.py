@@ -37,6 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..host import cdiv, next_power_of_2
+from ..launch import DirectLauncher
 from ..tuning import autotune_bench
 from .naive import (
     check_masked_linear,
@@ -530,6 +531,13 @@ def _mask_grad_kernel(g_ptr, m_ptr, N, K, stride_gn, stride_gk, stride_mn, MASK_
     tl.store(ptrs, tl.zeros((BLOCK_N, BLOCK_K), dtype=g_ptr.dtype.element_ty), mask=ok & ~keep)
 
 
+# Repeated launches skip Triton's per-call argument binding (``kernels/launch.py``).
+_fwd_launch = DirectLauncher(_fwd_kernel)
+_dx_launch = DirectLauncher(_dx_kernel)
+_dw_launch = DirectLauncher(_dw_kernel)
+_mask_grad_launch = DirectLauncher(_mask_grad_kernel)
+
+
 class _Plan:
     """How rows map to kernel tiles: identity (one mask) or sorted by language (pathway)."""
 
@@ -605,7 +613,7 @@ def _launch_fwd(x2: Tensor, w: Tensor, m: Tensor, mode: int, bias: Tensor | None
     def grid(meta: dict[str, Any]) -> tuple[int]:
         return (plan.row_tiles(meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
 
-    kernel = _fwd_kernel if config is None else _fwd_kernel.fn
+    kernel = _fwd_launch if config is None else _fwd_kernel.fn
     kernel[grid](
         x2, w, m, bias, y, plan.perm, plan.seg,
         r, n, k, plan.n_lang, plan.bucket,
@@ -630,7 +638,7 @@ def _launch_dx(dy: Tensor, w: Tensor, m: Tensor, mode: int, plan: _Plan, allow_t
     def grid(meta: dict[str, Any]) -> tuple[int]:
         return (plan.row_tiles(meta["BLOCK_M"]) * cdiv(k, meta["BLOCK_K"]),)
 
-    kernel = _dx_kernel if config is None else _dx_kernel.fn
+    kernel = _dx_launch if config is None else _dx_kernel.fn
     kernel[grid](
         dy, w, m, dx, plan.perm, plan.seg,
         r, n, k, plan.n_lang, plan.bucket,
@@ -658,7 +666,7 @@ def _launch_dw(dy: Tensor, x2: Tensor, m: Tensor, mode: int, hard: bool, plan: _
     def grid(meta: dict[str, Any]) -> tuple[int]:
         return (cdiv(n, meta["BLOCK_N"]) * cdiv(k, meta["BLOCK_K"]),)
 
-    kernel = _dw_kernel if config is None else _dw_kernel.fn
+    kernel = _dw_launch if config is None else _dw_kernel.fn
     kernel[grid](
         dy, x2, m, dw, plan.perm if pathway else None, plan.seg if pathway else None,
         r, n, k, plan.n_lang, plan.bucket,
@@ -677,7 +685,7 @@ def _dw_cublas(dy: Tensor, x2: Tensor, m: Tensor, mode: int, hard: bool) -> Tens
     if hard and dw.numel():
         n, k = dw.shape
         block_n, block_k = 32, 64
-        _mask_grad_kernel[(cdiv(n, block_n), cdiv(k, block_k))](
+        _mask_grad_launch[(cdiv(n, block_n), cdiv(k, block_k))](
             dw, m, n, k, dw.stride(0), dw.stride(1), m.stride(0),
             MASK_MODE=mode, BLOCK_N=block_n, BLOCK_K=block_k,
         )
@@ -732,7 +740,7 @@ class _MaskedLinearFn(torch.autograd.Function):
             else:
                 dw = _dw_cublas(dy, x2, m[0], ctx.mode, ctx.hard)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.sum(0, dtype=torch.float32).to(w.dtype)
+            db = dy.sum(0)  # fp32 accumulation in any dtype, one rounding: as torch's own linear
         return dx, dw, db, None, None, None, None, None
 
 
@@ -767,8 +775,9 @@ def masked_linear(
     if backend != "triton":
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
     n, k = weight.shape
-    y = _MaskedLinearFn.apply(x.reshape(math.prod(x.shape[:-1]), k), weight, bias, mask[None], None, fmt == "bits", hard, allow_tf32)
-    return y.reshape(*x.shape[:-1], n)
+    x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), k)
+    y = _MaskedLinearFn.apply(x2, weight, bias, mask[None], None, fmt == "bits", hard, allow_tf32)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 def unmasked_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, allow_tf32: bool = False) -> Tensor:

@@ -84,6 +84,7 @@ from torch import Tensor
 from sparse_rnnt.errors import UserError
 
 from ..host import cdiv, next_power_of_2
+from ..launch import DirectLauncher
 from ._segments import (
     _INTERP,
     _NAN_ABOVE,
@@ -582,6 +583,22 @@ def _apply_kernel(w, mask, n, BLOCK: tl.constexpr):
     tl.store(w + offs, tl.zeros((BLOCK,), w.dtype.element_ty), mask=valid & (k == 0))
 
 
+# Repeated launches skip Triton's per-call argument binding (``kernels/launch.py``).
+_apply_launch = DirectLauncher(_apply_kernel)
+_block_sq_launch = DirectLauncher(_block_sq_kernel)
+_digit_hist_launch = DirectLauncher(_digit_hist_kernel)
+_expand_launch = DirectLauncher(_expand_kernel)
+_fold_launch = DirectLauncher(_fold_kernel)
+_hist_launch = DirectLauncher(_hist_kernel)
+_mask_launch = DirectLauncher(_mask_kernel)
+_near_hist_launch = DirectLauncher(_near_hist_kernel)
+_near_search_launch = DirectLauncher(_near_search_kernel)
+_nm_launch = DirectLauncher(_nm_kernel)
+_sample_bracket_launch = DirectLauncher(_sample_bracket_kernel)
+_search_launch = DirectLauncher(_search_kernel)
+_tie_count_launch = DirectLauncher(_tie_count_kernel)
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
@@ -651,7 +668,7 @@ class _Folded:
 
     def enqueue(self, gate: Tensor) -> None:
         h = self.h
-        _fold_kernel[self.grid](
+        _fold_launch[self.grid](
             h, self.row, self.tot, gate, h.shape[2], self.nsearch, h.shape[1], h.stride(0), h.stride(1),
             self.row.stride(0), self.tot.stride(0), CHUNK=self.chunk, num_warps=4,
         )
@@ -755,7 +772,7 @@ class _AtomicSelect:
         self.stats.zero_()
         self.miss.zero_()
         for ln in self.launches:
-            _near_hist_kernel[(ln.tiles,)](
+            _near_hist_launch[(ln.tiles,)](
                 ln.src, ln.cand, ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n,
                 self.lo, self.hw, self.stats, self.copies_w * self.nw, self.nw,
                 NW=self.nw, WIDE=ln.wide, HAS_CAND=ln.has_cand, COPIES=self.copies_w,
@@ -763,7 +780,7 @@ class _AtomicSelect:
             )
         fw = self.fw
         fw.enqueue(self.one)
-        _near_search_kernel[(groups,)](
+        _near_search_launch[(groups,)](
             fw.row, fw.row.stride(0), fw.tot, fw.tot.stride(0), self.k, self.lo, self.stats, self.thr, self.fits,
             self.result, self.miss, groups, NW=self.nw, CHUNK=fw.chunk, NCH=fw.nch, num_warps=4,
         )
@@ -785,7 +802,7 @@ class _AtomicSelect:
                     continue  # 16-bit keys are exact after pass 1
                 fine = bracket and self.fine and ln.wide
                 hf = self.hf if fine else h
-                _hist_kernel[(ln.tiles,)](
+                _hist_launch[(ln.tiles,)](
                     *ln.args(), ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n,
                     h, sel_hi, live, gate, self.blo, self.bhi, copies * bins, bins, hf, self.flo, hf.stride(0),
                     PASS2=pass2, WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size,
@@ -797,7 +814,7 @@ class _AtomicSelect:
             f.enqueue(gate)
 
         def search(f: _Folded, pass2: bool, gate: Tensor, bracket: bool = False, fine: bool = False) -> None:
-            _search_kernel[(groups,)](
+            _search_launch[(groups,)](
                 f.row, f.row.stride(0), f.tot, f.tot.stride(0), 65536 if pass2 else NAN_BIN, self.k, self.b1,
                 self.live_wide, self.thr, self.fits, self.result, self.bad, gate, self.blo, self.bhi, self.missed,
                 self.flo, self.need2, groups, PASS2=pass2, CHUNK=f.chunk,
@@ -820,7 +837,7 @@ class _AtomicSelect:
         if self.bracket:
             fs = self.fs
             hist_pass(fs, False, self.zeros_g, self.zeros_g, gate, sample=_SAMPLE)
-            _sample_bracket_kernel[(groups,)](
+            _sample_bracket_launch[(groups,)](
                 fs.row, fs.row.stride(0), fs.tot, fs.tot.stride(0), *self.ranks.unbind(0), self.blo, self.bhi, self.flo,
                 gate, NAN_BIN, CHUNK=fs.chunk, NCH=fs.nch, SPAN=_FINE_SPAN, num_warps=4,
             )
@@ -875,7 +892,7 @@ class _FinalPass:
 
     def enqueue(self, thr: Tensor, need: Tensor, fits: Tensor, bad: Tensor, groups: int) -> None:
         ln, block, warps = self.ln, self.block, self.warps
-        _tie_count_kernel[(ln.tiles,)](
+        _tie_count_launch[(ln.tiles,)](
             *ln.args(), ln.group, ln.tile_seg, ln.first, ln.n, thr, fits, self.counts,
             WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size, BLOCK=block, ALIGNED=ln.aligned,
             num_warps=warps,
@@ -888,7 +905,7 @@ class _FinalPass:
             excl = torch.cumsum(c, 0) - c
             self.tile_start[self.order] = (excl - excl[self.first]).to(torch.int32)
         for all_ties in (True, False):  # each tile is written by the one whose case its group is
-            _mask_kernel[(ln.tiles,)](
+            _mask_launch[(ln.tiles,)](
                 *ln.args(), ln.out, ln.group, ln.apply, ln.tile_seg, ln.first, ln.n,
                 thr, need, fits, bad, self.tile_start,
                 ALL_TIES=all_ties, WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size,
@@ -918,7 +935,7 @@ def _threshold_radix(launches: list[_Launch], keep: list[int], what: list[str], 
             if p >= len(_DIGITS[ln.wide]):
                 continue
             shift, bits = _DIGITS[ln.wide][p]
-            _digit_hist_kernel[(ln.tiles,)](
+            _digit_hist_launch[(ln.tiles,)](
                 ln.src, ln.cand, ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n,
                 hist, prefix_t, live_t, nan_count, _DIGIT_BINS,
                 SHIFT=shift, BITS=bits, FIRST=p == 0, WIDE=ln.wide, HAS_CAND=ln.has_cand,
@@ -1049,13 +1066,13 @@ def block_sq_norms(weight: Tensor, block: tuple[int, int], *, tile: int = 256) -
     out = torch.empty(nbr, nbc, dtype=torch.float32, device=w.device)
     nb = nbr * nbc
     if nb:
-        _block_sq_kernel[(cdiv(nb, tile),)](
+        _block_sq_launch[(cdiv(nb, tile),)](
             w, out, nb, nbc, rows, cols, bh, bw, BLOCK=tile, enable_fp_fusion=False,
         )
     return out
 
 
-def _nm_launch(w: Tensor, cand: Tensor | None, out: Tensor, n: int, m: int, name: str) -> None:
+def _run_nm(w: Tensor, cand: Tensor | None, out: Tensor, n: int, m: int, name: str) -> None:
     """N:M mask of one contiguous weight into ``out`` (uint8, flat)."""
     rows, cols = w.shape[0], math.prod(w.shape[1:])
     gpr = -(-cols // m)
@@ -1065,7 +1082,7 @@ def _nm_launch(w: Tensor, cand: Tensor | None, out: Tensor, n: int, m: int, name
     mp = next_power_of_2(m)
     bg = max(1, min(1024 if _INTERP else 256, 4096 // (mp * mp)))
     err = torch.zeros(2, dtype=torch.int32, device=w.device)
-    _nm_kernel[(cdiv(n_groups, bg),)](
+    _nm_launch[(cdiv(n_groups, bg),)](
         _bits(w), cand, out, err, n_groups, gpr, cols, n, m, _NAN_ABOVE[w.dtype],
         WIDE=w.dtype == torch.float32, HAS_CAND=cand is not None, BG=bg, MP=mp,
     )
@@ -1139,12 +1156,12 @@ def rerank_masks_into(
     if kind == "nm":
         # Every tensor's groups first: an error (NaN, too few candidates) leaves all weights as they were.
         for name, w in ws.items():
-            _nm_launch(w, cands.get(name), out[name].reshape(-1), n, m, name)
+            _run_nm(w, cands.get(name), out[name].reshape(-1), n, m, name)
         if apply:
             bsz = _tile(tile)[0]
             for name, w in ws.items():
                 if w.numel():
-                    _apply_kernel[(cdiv(w.numel(), bsz),)](_bits(w), out[name].reshape(-1), w.numel(), BLOCK=bsz)
+                    _apply_launch[(cdiv(w.numel(), bsz),)](_bits(w), out[name].reshape(-1), w.numel(), BLOCK=bsz)
             _bump_versions(weights)
         return
 
@@ -1171,7 +1188,7 @@ def rerank_masks_into(
         bsz = _tile(tile)[0]
         for name in late:
             w = ws[name]
-            _apply_kernel[(cdiv(w.numel(), bsz),)](_bits(w), out[name].reshape(-1), w.numel(), BLOCK=bsz)
+            _apply_launch[(cdiv(w.numel(), bsz),)](_bits(w), out[name].reshape(-1), w.numel(), BLOCK=bsz)
         if apply:
             _bump_versions(weights)
         return
@@ -1205,7 +1222,7 @@ def rerank_masks_into(
     for name, w in ws.items():
         cols = math.prod(w.shape[1:])
         if w.numel():
-            _expand_kernel[(cdiv(w.numel(), bsz),)](
+            _expand_launch[(cdiv(w.numel(), bsz),)](
                 _bits(w), bmasks[name], out[name].reshape(-1), w.numel(), cols, -(-cols // bw), bh, bw,
                 APPLY=apply, BLOCK=bsz, num_warps=warps,
             )

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from ..host import cdiv, next_power_of_2
+from ..launch import DirectLauncher
 from ._segments import (
     INT32_MAX,
     Segment,
@@ -227,6 +228,16 @@ def _zero_pruned_kernel(tab_src, tab_out, tab_apply, tile_seg, first_tile, seg_n
     tl.store(src + offs, tl.zeros((BLOCK,), tl.int32 if WIDE else tl.int16), mask=valid & (k == 0))
 
 
+# Repeated launches skip Triton's per-call argument binding (``kernels/launch.py``).
+_bracket_launch = DirectLauncher(_bracket_kernel)
+_check_launch = DirectLauncher(_check_kernel)
+_restore_launch = DirectLauncher(_restore_kernel)
+_sample_launch = DirectLauncher(_sample_kernel)
+_settle_launch = DirectLauncher(_settle_kernel)
+_window_launch = DirectLauncher(_window_kernel)
+_zero_pruned_launch = DirectLauncher(_zero_pruned_kernel)
+
+
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
@@ -294,7 +305,7 @@ def window_select(
     samples = []
     for ln in launches:
         sample = torch.empty(ln.tiles * spt, dtype=torch.int64, device=dev)
-        _sample_kernel[(ln.tiles,)](
+        _sample_launch[(ln.tiles,)](
             ln.src, ln.cand, ln.group, ln.tile_seg, ln.first, ln.n, sample,
             WIDE=ln.wide, HAS_CAND=ln.has_cand, SPT=spt, STRIDE=stride, num_warps=1,
         )
@@ -323,7 +334,7 @@ def window_select(
     tables = to_device(torch.tensor([x for row in plan for x in row] + caps, dtype=torch.int64), dev)
     plan_t, caps_t = tables[:5 * groups], tables[5 * groups:]
     bounds = torch.empty(2, groups, dtype=torch.int32, device=dev)
-    _bracket_kernel[(cdiv(groups, 128),)](ordered, plan_t, bounds[0], bounds[1], groups, BLOCK=128)
+    _bracket_launch[(cdiv(groups, 128),)](ordered, plan_t, bounds[0], bounds[1], groups, BLOCK=128)
 
     # 3. The pass. Counters (per group: NaN, above, window; per launch: slots taken) in one buffer.
     # Twice the warps of the other passes: its int64 places and sort keys take registers, and
@@ -340,7 +351,7 @@ def window_select(
         win_loc = torch.empty(wcap, dtype=torch.int64, device=dev)
         undo_loc = torch.empty(max(ucap, 1), dtype=torch.int64, device=dev)
         undo_bits = torch.empty(max(ucap, 1), dtype=torch.int32, device=dev)
-        _window_kernel[(ln.tiles,)](
+        _window_launch[(ln.tiles,)](
             ln.src, ln.cand, ln.out, ln.group, ln.nan_above, ln.apply, ln.base, ln.tile_seg, ln.first, ln.n,
             bounds[0], bounds[1], counters, counters[3 * groups + 2 * li:], win_key, win_loc, wcap,
             undo_loc, undo_bits, ucap,
@@ -353,7 +364,7 @@ def window_select(
     # slots last) and keep the first K - above of each group.
     group_tab = torch.empty(groups, 2, dtype=torch.int64, device=dev)
     flag = torch.empty(1, dtype=torch.int32, device=dev)
-    _check_kernel[(1,)](counters, plan_t, caps_t, group_tab, flag, groups, len(launches),
+    _check_launch[(1,)](counters, plan_t, caps_t, group_tab, flag, groups, len(launches),
                         BLOCK=next_power_of_2(groups))
     keys = []
     for li, ln in enumerate(launches):
@@ -365,7 +376,7 @@ def window_select(
             grp = torch.where(sk < 0, groups, ln.group[seg])
             o2 = grp.sort(stable=True).indices
             sk, loc = sk[o2], loc[o2]
-        _settle_kernel[(cdiv(wcap, block),)](
+        _settle_launch[(cdiv(wcap, block),)](
             loc, counters[3 * groups + 2 * li:], wcap, flag, group_tab, ln.src, ln.out, ln.group, ln.apply,
             WIDE=ln.wide, BLOCK=block, num_warps=warps,
         )
@@ -387,7 +398,7 @@ def window_select(
             _, _, _, undo_loc, undo_bits, ucap = bufs[li]
             n_undo = min(taken[li][1], ucap)
             if n_undo:
-                _restore_kernel[(cdiv(n_undo, block),)](
+                _restore_launch[(cdiv(n_undo, block),)](
                     undo_loc, undo_bits, n_undo, ln.src, WIDE=ln.wide, BLOCK=block, num_warps=warps)
         log.debug("window select missed (%s); the histogram select takes over", reason)
         return None
@@ -397,7 +408,7 @@ def window_select(
         if taken[li][1] > ucap:  # undo log full: some sure prunes were left for this pass
             log.debug("window select: %d weights to zero, undo log holds %d; zeroing in one more pass",
                       taken[li][1], ucap)
-            _zero_pruned_kernel[(ln.tiles,)](
+            _zero_pruned_launch[(ln.tiles,)](
                 ln.src, ln.out, ln.apply, ln.tile_seg, ln.first, ln.n,
                 WIDE=ln.wide, BLOCK=block, num_warps=warps,
             )

@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..host import cdiv, next_power_of_2
+from ..launch import DirectLauncher
 from ..tuning import autotune_bench
 from .naive import BitmapWeight, bitmap_linear_ref, prepare_inference_inputs
 
@@ -116,6 +117,11 @@ def _reduce_kernel(part_ptr, b_ptr, y_ptr, S, total, N, HAS_BIAS: tl.constexpr, 
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
+# Repeated launches skip Triton's per-call argument binding (``kernels/launch.py``).
+_bitmap_launch = DirectLauncher(_bitmap_kernel)
+_reduce_launch = DirectLauncher(_reduce_kernel)
+
+
 def max_rows_block(r: int) -> int:
     """``BLOCK_R`` for ``r`` rows: next power of two ``>= max(16, r)``, at most 64."""
     return min(64, max(16, next_power_of_2(max(r, 1))))
@@ -150,7 +156,7 @@ def reduce_partials(part: Tensor, bias: Tensor | None, y: Tensor) -> None:
     def grid(_meta: dict) -> tuple[int]:
         return (cdiv(total, block),)
 
-    _reduce_kernel[grid](part, bias if bias is not None else y, y, part.shape[0], total, y.shape[1],
+    _reduce_launch[grid](part, bias if bias is not None else y, y, part.shape[0], total, y.shape[1],
                          HAS_BIAS=bias is not None, BLOCK=block)
 
 
@@ -175,7 +181,7 @@ def _launch(x2: Tensor, w: BitmapWeight, bias: Tensor | None, split_k: int | Non
     def grid(meta: dict) -> tuple[int, int, int]:
         return (cdiv(n, meta["BLOCK_N"]), split, row_blocks)
 
-    _bitmap_kernel[grid](
+    _bitmap_launch[grid](
         x2, w.bits, w.values, w.offsets, bias if bias is not None else y, out,
         r, n, k, w.bits.shape[1], n_tiles, tiles_per_split, split,
         x2.stride(0), out.stride(0) if not direct else 0, out.stride(-2),

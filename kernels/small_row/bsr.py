@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..host import cdiv, next_power_of_2
+from ..launch import DirectLauncher
 from ..tuning import autotune_bench
 from . import bitmap
 from .bitmap import max_rows_block, pick_split, reduce_partials, store_rows
@@ -81,6 +82,10 @@ def _bsr_kernel(
     store_rows(acc, out_ptr, b_ptr, offs_r, r_ok, offs_n, n_ok, pid_s, stride_os, stride_or, HAS_BIAS, DIRECT)
 
 
+# Repeated launches skip Triton's per-call argument binding (``kernels/launch.py``).
+_bsr_launch = DirectLauncher(_bsr_kernel)
+
+
 def _launch(x2: Tensor, w: BsrWeight, bias: Tensor | None, split_k: int | None, y: Tensor) -> Tensor:
     """``y [R, N]`` (written in place) for contiguous ``x2 [R, K]``."""
     r, k = x2.shape
@@ -98,7 +103,7 @@ def _launch(x2: Tensor, w: BsrWeight, bias: Tensor | None, split_k: int | None, 
     direct = split == 1
     out = y if direct else bitmap.partials(split, r, n, x2.device)
     pbh, pbw = max(16, next_power_of_2(bh)), max(16, next_power_of_2(bw))
-    _bsr_kernel[(nb_r, split, row_blocks)](
+    _bsr_launch[(nb_r, split, row_blocks)](
         x2, w.crow_indices, w.col_indices, w.values, bias if bias is not None else y, out,
         r, n, k, max(cols_per_split, 1), split,
         x2.stride(0), out.stride(0) if not direct else 0, out.stride(-2),

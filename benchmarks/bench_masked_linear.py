@@ -14,6 +14,8 @@ Providers on CUDA (timed with ``triton.testing.do_bench``, median, L2 flushed):
 - ``cublas``: dense ``F.linear`` (no mask; the speed of light);
 - ``unfused``: ``W * M`` then ``F.linear``, with autograd (materializes ``W ⊙ M`` every call);
 - ``triton``: ours with a bit-packed mask; ``triton-bytes``: ours with a bool mask;
+- ``triton-jit-launch``: ``triton`` with every launch through Triton's own ``kernel[grid]`` path
+  instead of the package's direct launches (``kernels/launch.py``): the host time they save;
 - ``triton-nomask``: our kernels with the mask compiled out (a diagnostic: ``triton-nomask`` vs
   ``cublas`` is how far our tiling is from cuBLAS, ``triton`` vs ``triton-nomask`` what the mask
   costs).
@@ -35,6 +37,7 @@ Each row also gives the stored mask size (``mask_bytes``), per-call temporaries
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -96,6 +99,7 @@ def _providers(device: str, mask: torch.Tensor, packed: torch.Tensor) -> dict[st
 
         provs["triton"] = (lambda x, w, b: masked_linear(x, w, packed, b), packed.numel(), 0)
         provs["triton-bytes"] = (lambda x, w, b: masked_linear(x, w, mask, b), mask.numel(), 0)
+        provs["triton-jit-launch"] = provs["triton"]  # timed inside launch.triton_launches()
         provs["triton-nomask"] = (lambda x, w, b: unmasked_linear(x, w, b), 0, 0)
     return provs
 
@@ -115,32 +119,50 @@ def run(device: str, quick: bool) -> list[dict]:
         mask = (torch.rand(n, k, generator=g) < 0.3).to(device)
         packed = pack_rows(mask)
         for provider, (fn, mask_bytes, temp) in _providers(device, mask, packed).items():
-            y = fn(x, w, b)
-
-            args = (x, w, b)
-
-            def fwd(fn: Callable = fn, args: tuple = args) -> object:
-                with torch.no_grad():
-                    return fn(*args)
-
-            def bwd(y: torch.Tensor = y, args: tuple = args, dy: torch.Tensor = dy) -> object:
-                return torch.autograd.grad(y, args, dy, retain_graph=True)
-
-            def both(fn: Callable = fn, args: tuple = args, dy: torch.Tensor = dy) -> object:
-                return torch.autograd.grad(fn(*args), args, dy)
-
-            for bench, call, flops in (("fwd", fwd, 2), ("bwd", bwd, 4), ("fwd+bwd", both, 6)):
-                ms = _time(call, device)
-                rows.append({
-                    "bench": f"masked_linear {bench}", "shape": label, "provider": provider, "ms": ms,
-                    "host_ms": host_ms(call, device) if device == "cuda" else None,  # CPU: it is ms
-                    "dtype": str(dtype).removeprefix("torch."), "density": 0.3, "hard": False,
-                    "tflops": flops * r * n * k / (ms * 1e-3) / 1e12,
-                    "mask_bytes": mask_bytes, "temp_bytes": temp * n * k * x.element_size(),
-                    **({"configs": _chosen_configs()} if provider.startswith("triton") else {}),
-                })
-            del y
+            with _launch_path(provider):
+                rows += _time_provider(label, provider, fn, mask_bytes, temp, x, w, b, dy, r, n, k, device, dtype)
         rows += _autocast_rows(label, r, k, n, device, mask, packed)
+    return rows
+
+
+def _launch_path(provider: str) -> contextlib.AbstractContextManager:
+    if provider != "triton-jit-launch":
+        return contextlib.nullcontext()
+    from sparse_rnnt.kernels.launch import triton_launches
+
+    return triton_launches()
+
+
+def _time_provider(label: str, provider: str, fn: Callable, mask_bytes: int, temp: int, x: torch.Tensor,
+                   w: torch.Tensor, b: torch.Tensor, dy: torch.Tensor, r: int, n: int, k: int, device: str,
+                   dtype: torch.dtype) -> list[dict]:
+    """The ``fwd``, ``bwd`` and ``fwd+bwd`` rows of one provider."""
+    rows = []
+    y = fn(x, w, b)
+
+    args = (x, w, b)
+
+    def fwd(fn: Callable = fn, args: tuple = args) -> object:
+        with torch.no_grad():
+            return fn(*args)
+
+    def bwd(y: torch.Tensor = y, args: tuple = args, dy: torch.Tensor = dy) -> object:
+        return torch.autograd.grad(y, args, dy, retain_graph=True)
+
+    def both(fn: Callable = fn, args: tuple = args, dy: torch.Tensor = dy) -> object:
+        return torch.autograd.grad(fn(*args), args, dy)
+
+    for bench, call, flops in (("fwd", fwd, 2), ("bwd", bwd, 4), ("fwd+bwd", both, 6)):
+        ms = _time(call, device)
+        rows.append({
+            "bench": f"masked_linear {bench}", "shape": label, "provider": provider, "ms": ms,
+            "host_ms": host_ms(call, device) if device == "cuda" else None,  # CPU: it is ms
+            "dtype": str(dtype).removeprefix("torch."), "density": 0.3, "hard": False,
+            "tflops": flops * r * n * k / (ms * 1e-3) / 1e12,
+            "mask_bytes": mask_bytes, "temp_bytes": temp * n * k * x.element_size(),
+            **({"configs": _chosen_configs()} if provider.startswith("triton") else {}),
+        })
+    del y
     return rows
 
 

@@ -15,6 +15,11 @@ of a measured device copy. CUDA runs bf16 weights, CPU fp32. Ratios are against 
 encoder step) of the same size and stream count, measured in the same process; ``--cuda-graphs``
 adds rows with the encoder step replayed as CUDA graphs (``step_mode``).
 
+The last format, ``linear-free``, is a ceiling, not a format: every layer the formats convert is
+replaced by :class:`FreeLinear`, which launches nothing. Its step time is a floor for every
+format and its ``speedup_vs_dense_p50`` the most any sparse layer could gain at that size and
+stream count: the rest of the step (attention, norms, the decoder's loop) is not theirs to speed up.
+
 ``--load-minutes M`` adds the load test: 64 streams fed M minutes of audio each (CPU: tiny,
 CUDA: base, dense), memory sampled along the way (RSS; CUDA: allocated) to show no growth per
 stream, two streams re-decoded alone to check identical outputs, and the p99 step latency.
@@ -42,7 +47,40 @@ SPARSITY = 0.7
 CHUNK = 2560  # samples per tick: 160 ms at 16 kHz
 
 
+class FreeLinear(torch.nn.Module):
+    """A linear layer that costs nothing: a view of a zero buffer it keeps, no kernel at all.
+
+    The ``linear-free`` rows replace every layer the sparse formats convert with one. No format's
+    layer can be cheaper, and with zero outputs greedy decoding emits no more symbols than with
+    real weights, so those rows' step time is a floor for every format, and their speed-up over
+    dense a ceiling: the most that any sparse layer could gain at that size and stream count.
+    """
+
+    runtime = "free"
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.buf: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [*, in]`` -> zeros ``[*, out]`` in x's dtype (a view of the kept buffer)."""
+        rows = x.numel() // max(x.shape[-1], 1)
+        b = self.buf
+        if b is None or b.shape[0] < rows or b.dtype != x.dtype or b.device != x.device:
+            b = self.buf = torch.zeros(max(rows, 1), self.out_features, dtype=x.dtype, device=x.device)
+        return b[:rows].view(*x.shape[:-1], self.out_features)
+
+
 def _build(size: str, fmt: str, device: str, dtype: torch.dtype, seed: int = 0):
+    if fmt == "linear-free":
+        model, masks, _, runtimes = _build(size, "dense", device, dtype, seed)
+        for name in masks:
+            mod_name = name.removesuffix(".weight")
+            parent, _, attr = mod_name.rpartition(".")
+            layer = model.get_submodule(mod_name)
+            setattr(model.get_submodule(parent) if parent else model, attr, FreeLinear(layer.in_features, layer.out_features))
+        return model, masks, 0, dict.fromkeys(runtimes, FreeLinear.runtime)
     fmt, _, semi = fmt.partition("-")  # "2:4-cutlass": format 2:4 on that semi-structured backend
     from sparse_rnnt.export.artifact import convert_linears
     from sparse_rnnt.model import MODEL_SIZES, build_model
@@ -135,7 +173,7 @@ def bench(device: str, quick: bool, cuda_graphs: bool = False,
     modes = ("eager", "cuda-graph") if cuda_graphs else ("eager",)
     rows = []
     for size in sizes:
-        for fmt in ("dense", "2:4", "bsr", "bitmap") + (("2:4-cutlass",) if device == "cuda" else ()):
+        for fmt in ("dense", "2:4", "bsr", "bitmap") + (("2:4-cutlass",) if device == "cuda" else ()) + ("linear-free",):
             try:
                 model, _, nbytes, runtimes = _build(size, fmt, device, dtype)
             except Exception as e:  # a format this machine cannot build: recorded, not hidden

@@ -114,7 +114,7 @@ def test_stream_rows_compare_with_dense_in_the_same_step_mode(monkeypatch):
     import benchmarks.stream as bs
 
     p50 = {("dense", "eager"): 30.0, ("dense", "cuda-graph"): 5.0, ("bitmap", "eager"): 40.0,
-           ("bitmap", "cuda-graph"): 8.0}
+           ("bitmap", "cuda-graph"): 8.0, ("linear-free", "eager"): 20.0, ("linear-free", "cuda-graph"): 4.0}
 
     def build(size, fmt, device, dtype):
         if fmt == "2:4":
@@ -135,6 +135,7 @@ def test_stream_rows_compare_with_dense_in_the_same_step_mode(monkeypatch):
     assert got[("bitmap", 32, "cuda-graph")] == pytest.approx(5.0 / 8.0)
     assert got[("bitmap", 1, "eager")] == pytest.approx(30.0 / 40.0)
     assert got[("dense", 32, "cuda-graph")] == pytest.approx(1.0)
+    assert got[("linear-free", 32, "cuda-graph")] == pytest.approx(5.0 / 4.0)  # the ceiling row
     errors = [(r["format"], r.get("streams"), r.get("step_mode")) for r in rows if "error" in r]
     assert errors == [("2:4", None, None), *[("bsr", n, m) for n in (1, 32) for m in ("eager", "cuda-graph")]]
 
@@ -155,7 +156,7 @@ def test_stream_table_is_saved_after_each_format_and_takes_chosen_sizes(monkeypa
     def run(model, device, n, seconds, step_mode):
         if model == "bitmap":
             raise KeyboardInterrupt  # the lease's limit, mid-table
-        ms = {"dense": 10.0, "2:4": 8.0, "bsr": 5.0}[model]
+        ms = {"dense": 10.0, "2:4": 8.0, "bsr": 5.0, "linear-free": 4.0}[model]
         return {"p50_s": ms / 1e3, "p99_s": ms / 1e3, "encoder_p50_s": ms / 2e3, "rtf": 0.1, "mean_batch": n}
 
     real_write = bs.atomic_write_json
@@ -179,7 +180,8 @@ def test_stream_table_is_saved_after_each_format_and_takes_chosen_sizes(monkeypa
         "bsr" if model == "bitmap" else model, device, n, seconds, step_mode))
     assert bs.main(["--device", "cpu", "--sizes", "small", "--streams", "2", "--out-dir", str(tmp_path)]) == 0
     on_disk = json.loads((tmp_path / "stream-cpu.json").read_text())
-    assert on_disk["complete"] is True and len(on_disk["rows"]) == 4
+    assert on_disk["complete"] is True and [r["format"] for r in on_disk["rows"]] == [
+        "dense", "2:4", "bsr", "bitmap", "linear-free"]
     with pytest.raises(SystemExit):
         bs.main(["--device", "cpu", "--sizes", "huge", "--out-dir", str(tmp_path)])
 
@@ -378,3 +380,24 @@ def test_rerank_profile_on_cpu(algorithm):
         assert row["hist_copies"] is None
         with pytest.raises(ValueError, match="plan"):
             profile(128000, torch.float32, "cpu", algorithm, calls=1, hist_copies=3)
+
+
+def test_linear_free_rows_replace_exactly_the_layers_the_formats_convert():
+    # The ceiling row is only a ceiling if it frees the same layers a sparse format converts,
+    # costs nothing there, and still decodes (shapes and dtypes right through the model).
+    import benchmarks.stream as bs
+
+    dense, masks, _, runtimes = bs._build("tiny", "dense", "cpu", torch.float32)
+    free, free_masks, nbytes, free_runtimes = bs._build("tiny", "linear-free", "cpu", torch.float32)
+    assert set(free_masks) == set(masks) == set(runtimes) == set(free_runtimes) and nbytes == 0
+    for name in masks:
+        layer = free.get_submodule(name.removesuffix(".weight"))
+        ref = dense.get_submodule(name.removesuffix(".weight"))
+        assert isinstance(layer, bs.FreeLinear)
+        assert (layer.in_features, layer.out_features) == (ref.in_features, ref.out_features)
+    assert not any(isinstance(m, bs.FreeLinear) for m in dense.modules())
+    x = torch.randn(3, 5, free.get_submodule(next(iter(masks)).removesuffix(".weight")).in_features)
+    y = free.get_submodule(next(iter(masks)).removesuffix(".weight"))(x)
+    assert y.shape == (3, 5, y.shape[-1]) and y.dtype == x.dtype and not y.any()
+    stats = bs._run_streams(free, "cpu", 2, 0.5)
+    assert stats["steps"] > 0 and stats["p50_s"] > 0

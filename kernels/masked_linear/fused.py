@@ -707,6 +707,28 @@ def _kernel_mask(masks: Tensor, k: int, bits: bool) -> tuple[Tensor, int]:
 _NO_MASK = 3  # MASK_MODE of unmasked_linear
 
 
+def _forward(x2: Tensor, w: Tensor, bias: Tensor | None, masks: Tensor | None, lang: Tensor | None, bits: bool,
+             allow_tf32: bool) -> tuple[Tensor, Tensor, int, _Plan]:
+    """The forward launch; also the kernel mask, its mode and the row plan (for the backward)."""
+    if masks is None:
+        m, mode = torch.ones(1, 1, 1, dtype=torch.uint8, device=w.device), _NO_MASK
+    else:
+        m, mode = _kernel_mask(masks, w.shape[1], bits)
+    plan = _Plan(x2.shape[0], lang, m.shape[0])
+    # The kernel reads the bias with unit stride.
+    y = _launch_fwd(x2, w, m, mode, None if bias is None else bias.contiguous(), plan, allow_tf32)
+    return y, m, mode, plan
+
+
+def _apply(x2: Tensor, w: Tensor, bias: Tensor | None, masks: Tensor | None, lang: Tensor | None, bits: bool,
+           hard: bool, allow_tf32: bool) -> Tensor:
+    """``_MaskedLinearFn.apply``, or the forward alone when no gradient can be asked for (custom
+    autograd functions cost about 10 µs of host time per call even then)."""
+    if torch.is_grad_enabled() and (x2.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):
+        return _MaskedLinearFn.apply(x2, w, bias, masks, lang, bits, hard, allow_tf32)
+    return _forward(x2, w, bias, masks, lang, bits, allow_tf32)[0]
+
+
 class _MaskedLinearFn(torch.autograd.Function):
     """Autograd of the fused kernels; ``masks`` is ``[L, N, *]`` (None: no mask, ``MASK_MODE``
     3) and ``lang`` is None when ``L == 1``."""
@@ -714,16 +736,11 @@ class _MaskedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x2: Tensor, w: Tensor, bias: Tensor | None, masks: Tensor | None, lang: Tensor | None,
                 bits: bool, hard: bool, allow_tf32: bool) -> Tensor:
-        if masks is None:
-            m, mode = torch.ones(1, 1, 1, dtype=torch.uint8, device=w.device), _NO_MASK
-        else:
-            m, mode = _kernel_mask(masks, w.shape[1], bits)
-        plan = _Plan(x2.shape[0], lang, m.shape[0])
+        y, m, mode, plan = _forward(x2, w, bias, masks, lang, bits, allow_tf32)
         ctx.save_for_backward(x2, w, m)
         ctx.plan, ctx.mode, ctx.hard, ctx.allow_tf32 = plan, mode, hard, allow_tf32
         ctx.has_bias = bias is not None
-        # The kernel reads the bias with unit stride.
-        return _launch_fwd(x2, w, m, mode, None if bias is None else bias.contiguous(), plan, allow_tf32)
+        return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
@@ -776,7 +793,7 @@ def masked_linear(
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
     n, k = weight.shape
     x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), k)
-    y = _MaskedLinearFn.apply(x2, weight, bias, mask[None], None, fmt == "bits", hard, allow_tf32)
+    y = _apply(x2, weight, bias, mask[None], None, fmt == "bits", hard, allow_tf32)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
@@ -789,7 +806,7 @@ def unmasked_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, al
     """
     n, k = weight.shape
     check_unmasked_linear(x, weight, bias)  # no mask to build: the benchmark would time its allocation
-    y = _MaskedLinearFn.apply(x.reshape(math.prod(x.shape[:-1]), k), weight, bias, None, None, False, False, allow_tf32)
+    y = _apply(x.reshape(math.prod(x.shape[:-1]), k), weight, bias, None, None, False, False, allow_tf32)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -826,6 +843,6 @@ def pathway_masked_linear(
     if backend != "triton":
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
     n, k = weight.shape
-    y = _MaskedLinearFn.apply(x.reshape(math.prod(x.shape[:-1]), k), weight, bias, masks, lang.reshape(-1).to(torch.int64),
+    y = _apply(x.reshape(math.prod(x.shape[:-1]), k), weight, bias, masks, lang.reshape(-1).to(torch.int64),
                               fmt == "bits", hard, allow_tf32)
     return y.reshape(*x.shape[:-1], n)

@@ -15,7 +15,8 @@ to that compiled kernel's launcher. The signature holds everything Triton's choi
 - each tensor argument's dtype, and whether its address is 16-byte aligned;
 - each int argument named in the autotuner's key, by value; any other int by the classes Triton
   specializes on: equal to 1, divisible by 16, fits in int32, fits in int64;
-- any other argument (None, a bool, a float) by value;
+- floats by type (Triton compiles any float argument as fp32); any other argument (None, a
+  bool) by value;
 - the constexpr keywords, by name and value.
 
 So a training run whose token count changes every batch still reuses one entry per autotuning
@@ -110,7 +111,9 @@ class DirectLauncher:
                 add(None)
             elif isinstance(a, Tensor):
                 add((a.dtype, a.data_ptr() & 15 == 0))
-            else:  # bool, float, str: by value (and bools are not ints here: type(True) is bool)
+            elif t is float:  # Triton passes any float as fp32: its value changes nothing compiled
+                add(float)
+            else:  # bools (type(True) is bool, not int), strings: by value
                 add((t, a))
         return tuple(out)
 

@@ -68,6 +68,7 @@ def _probe_cases() -> list[tuple[str, tuple]]:
             for s in (1, 2, 32):
                 cases.append((f"x={xname} n={n} s={s}", (x, y, n, s, 0.5, True)))
     cases.append(("flag=False f=2.0", (base, y, 5, 1, 2.0, False)))
+    cases.append(("f=-3e38 (another float, same kernel)", (base, y, 5, 1, -3e38, False)))
     cases.append(("y+1 (misaligned output)", (base, y[1:], 5, 1, 2.0, False)))
     return cases
 

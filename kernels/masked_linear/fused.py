@@ -844,5 +844,5 @@ def pathway_masked_linear(
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
     n, k = weight.shape
     y = _apply(x.reshape(math.prod(x.shape[:-1]), k), weight, bias, masks, lang.reshape(-1).to(torch.int64),
-                              fmt == "bits", hard, allow_tf32)
+               fmt == "bits", hard, allow_tf32)
     return y.reshape(*x.shape[:-1], n)

@@ -155,6 +155,31 @@ def test_masked_linear_matches_reference(dtype, fmt, hard, k):
     )
 
 
+@pytest.mark.parametrize("pathway", [False, True])
+@pytest.mark.parametrize("needs", ["none", "no_grad", "x", "weight", "bias"])
+def test_forward_without_autograd_only_when_no_gradient_can_be_asked_for(pathway, needs):
+    # Without a gradient to ask for, the forward skips the autograd Function; with one, whichever
+    # input asks for it gets the hand-computed gradient of the 2x3 example.
+    x, w, m, b = _hand_example()
+    if needs in ("x", "weight", "bias"):
+        {"x": x, "weight": w, "bias": b}[needs].requires_grad_(True)
+    else:
+        x.requires_grad_(needs == "no_grad")
+    with torch.set_grad_enabled(needs != "no_grad"):
+        if pathway:
+            y = pathway_masked_linear(x, w, torch.stack([m, m]), torch.tensor([1, 0]), b)
+        else:
+            y = masked_linear(x, w, pack_rows(m), b)
+    assert torch.equal(y.detach(), torch.tensor([[4.5, -4.0], [10.5, -7.0]]))
+    if needs in ("none", "no_grad"):
+        assert y.grad_fn is None and not y.requires_grad
+        return
+    y.sum().backward()
+    want = {"x": torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]),
+            "weight": torch.tensor([[5.0, 7.0, 9.0], [5.0, 7.0, 9.0]]), "bias": torch.tensor([2.0, 2.0])}
+    assert torch.equal({"x": x, "weight": w, "bias": b}[needs].grad, want[needs])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pathway", [False, True])
 @pytest.mark.parametrize("hard", [False, True])

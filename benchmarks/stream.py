@@ -16,9 +16,10 @@ encoder step) of the same size and stream count, measured in the same process; `
 adds rows with the encoder step replayed as CUDA graphs (``step_mode``).
 
 The last format, ``linear-free``, is a ceiling, not a format: every layer the formats convert is
-replaced by :class:`FreeLinear`, which launches nothing. Its step time is a floor for every
-format and its ``speedup_vs_dense_p50`` the most any sparse layer could gain at that size and
-stream count: the rest of the step (attention, norms, the decoder's loop) is not theirs to speed up.
+replaced by :class:`FreeLinear`, which launches nothing and makes greedy decoding emit nothing.
+Its step time is a floor for every format and its ``speedup_vs_dense_p50`` the most any sparse
+layer could gain at that size and stream count: the rest of the step (attention, norms, the
+decoder's loop) is not theirs to speed up.
 
 ``--load-minutes M`` adds the load test: 64 streams fed M minutes of audio each (CPU: tiny,
 CUDA: base, dense), memory sampled along the way (RSS; CUDA: allocated) to show no growth per
@@ -48,12 +49,15 @@ CHUNK = 2560  # samples per tick: 160 ms at 16 kHz
 
 
 class FreeLinear(torch.nn.Module):
-    """A linear layer that costs nothing: a view of a zero buffer it keeps, no kernel at all.
+    """A linear layer that costs nothing: a view of a buffer it keeps, no kernel at all.
 
     The ``linear-free`` rows replace every layer the sparse formats convert with one. No format's
-    layer can be cheaper, and with zero outputs greedy decoding emits no more symbols than with
-    real weights, so those rows' step time is a floor for every format, and their speed-up over
-    dense a ceiling: the most that any sparse layer could gain at that size and stream count.
+    layer can be cheaper. The buffer is zeros but for its last column, 1: where it stands for the
+    joiner's output (in scope), whose last symbol is blank, greedy decoding emits nothing, so its
+    eager loop does the least work (graph steps run every frame's ``max_symbols_per_frame`` steps
+    whatever they emit). With zeros alone it would emit symbol 0 at every step, the most work.
+    So those rows' step time is a floor for every format, and their speed-up over dense a
+    ceiling: the most that any sparse layer could gain at that size and stream count.
     """
 
     runtime = "free"
@@ -64,11 +68,13 @@ class FreeLinear(torch.nn.Module):
         self.buf: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [*, in]`` -> zeros ``[*, out]`` in x's dtype (a view of the kept buffer)."""
+        """``x [*, in]`` -> ``[*, out]`` in x's dtype, zeros but the last column (a view of the
+        kept buffer)."""
         rows = x.numel() // max(x.shape[-1], 1)
         b = self.buf
         if b is None or b.shape[0] < rows or b.dtype != x.dtype or b.device != x.device:
             b = self.buf = torch.zeros(max(rows, 1), self.out_features, dtype=x.dtype, device=x.device)
+            b[:, -1] = 1
         return b[:rows].view(*x.shape[:-1], self.out_features)
 
 

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-H100 = {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32,
-        "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
+# The one device property a launch reads (compiler.max_shared_mem): sm_90's shared memory per block.
+SM90_PROPERTIES = {"max_shared_mem": 232448}
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class _Utils:
         return 0, handle, 64, 0, 1024  # module, function, registers, spills, max threads
 
     def get_device_properties(self, device: int) -> dict[str, int]:
-        return dict(H100)
+        return dict(SM90_PROPERTIES)
 
 
 class HostOnlyDriver:
@@ -104,13 +104,15 @@ class HostOnlyDriver:
         return drv
 
 
-def single_config(*kernels: Any) -> None:
-    """Keep one config of each autotuned kernel, the one with the smallest tiles (the product of
-    its ``BLOCK*`` values), so that nothing is benchmarked (there is no device to time it on), one
-    config is compiled instead of all of them, and it fits any shape's shared memory. For this
-    process's host measurements and checks only."""
+def single_config() -> None:
+    """Keep one config of each autotuned kernel of the package, the one with the smallest tiles
+    (the product of its ``BLOCK*`` values), so that nothing is benchmarked (there is no device to
+    time it on), one config is compiled instead of all of them, and it fits any shape's shared
+    memory. For this process's host measurements and checks only."""
+    from sparse_rnnt.kernels.launch import package_launchers
+
     def area(config: Any) -> int:
         return math.prod(v for name, v in config.kwargs.items() if name.startswith("BLOCK"))
 
-    for kernel in kernels:
+    for kernel in {id(lau.kernel): lau.kernel for lau in package_launchers() if hasattr(lau.kernel, "configs")}.values():
         kernel.configs = [min(kernel.configs, key=area)]

@@ -23,6 +23,7 @@ kernel benchmark's ``host_ms`` column is the measured counterpart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -33,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _ops() -> dict[str, Callable[[], object]]:
+def _ops() -> tuple[dict[str, Callable[[], object]], dict[str, Callable[[], object]]]:
+    """Our ops, and ``F.linear`` on the same tensors for the ops it compares with."""
     from sparse_rnnt.kernels.masked_linear import (
         masked_cast,
         masked_linear,
@@ -57,12 +59,15 @@ def _ops() -> dict[str, Callable[[], object]]:
     bm = BitmapWeight.from_dense(w.detach(), keep)
     xs = x.detach()[:4]
 
-    def fwd() -> object:
-        with torch.no_grad():
-            return masked_linear(x, w, bits, b)
+    def no_grad(fn: Callable[[], object]) -> Callable[[], object]:
+        def call() -> object:
+            with torch.no_grad():
+                return fn()
 
-    return {
-        "masked_linear fwd": fwd,
+        return call
+
+    ours = {
+        "masked_linear fwd": no_grad(lambda: masked_linear(x, w, bits, b)),
         "masked_linear fwd+bwd": lambda: torch.autograd.grad(masked_linear(x, w, bits, b), (x, w, b), dy),
         "masked_linear fwd+bwd hard": lambda: torch.autograd.grad(
             masked_linear(x, w, bits, b, hard=True), (x, w, b), dy),
@@ -71,22 +76,9 @@ def _ops() -> dict[str, Callable[[], object]]:
         "masked_cast": lambda: masked_cast(w32, keep, dt),
         "bitmap_linear (4 rows)": lambda: bitmap_linear(xs, bm),
     }
-
-
-def _torch_ops() -> dict[str, Callable[[], object]]:
-    g = torch.Generator().manual_seed(0)
-    dt = torch.bfloat16
-    x = torch.randn(16, 64, generator=g).to(dt).requires_grad_(True)
-    w = torch.randn(64, 64, generator=g).to(dt).requires_grad_(True)
-    b = torch.randn(64, generator=g).to(dt).requires_grad_(True)
-    dy = torch.randn(16, 64, generator=g).to(dt)
-
-    def fwd() -> object:
-        with torch.no_grad():
-            return F.linear(x, w, b)
-
-    return {"masked_linear fwd": fwd,
-            "masked_linear fwd+bwd": lambda: torch.autograd.grad(F.linear(x, w, b), (x, w, b), dy)}
+    torch_ops = {"masked_linear fwd": no_grad(lambda: F.linear(x, w, b)),
+                 "masked_linear fwd+bwd": lambda: torch.autograd.grad(F.linear(x, w, b), (x, w, b), dy)}
+    return ours, torch_ops
 
 
 def _samples(fn: Callable[[], object], n: int) -> list[float]:
@@ -103,31 +95,28 @@ def run(samples: int, rounds: int = 10) -> list[dict]:
     from benchmarks.host_driver import HostOnlyDriver, single_config
 
     drv = HostOnlyDriver.install()
-    from sparse_rnnt.kernels.launch import package_launchers
-    from sparse_rnnt.kernels.masked_linear import fused
-    from sparse_rnnt.kernels.small_row import bitmap, bsr
+    from sparse_rnnt.kernels.launch import triton_launches
 
-    single_config(fused._fwd_kernel, fused._dx_kernel, fused._dw_kernel, bitmap._bitmap_kernel, bsr._bsr_kernel)
-    launchers = package_launchers()
+    single_config()
+
+    def path(provider: str) -> contextlib.AbstractContextManager:
+        return triton_launches() if provider == "triton-launch" else contextlib.nullcontext()
+
     rows = []
-    torch_ops = _torch_ops()
-    for op, fn in _ops().items():
+    ours, torch_ops = _ops()
+    for op, fn in ours.items():
         calls = {"triton-launch": fn, "direct": fn, **({"torch": torch_ops[op]} if op in torch_ops else {})}
         times: dict[str, list[float]] = {provider: [] for provider in calls}
         for provider, call in calls.items():  # warm-up: compiles, autotuning, the allocator
-            for lau in launchers:
-                lau.enabled = provider != "triton-launch"
-            _samples(call, 20)
+            with path(provider):
+                _samples(call, 20)
         launches = dict.fromkeys(calls, 0)
         for _ in range(rounds):
             for provider, call in calls.items():
-                for lau in launchers:
-                    lau.enabled = provider != "triton-launch"
-                before = drv.launches
-                times[provider] += _samples(call, samples // rounds)
-                launches[provider] += drv.launches - before
-        for lau in launchers:
-            lau.enabled = True
+                with path(provider):
+                    before = drv.launches
+                    times[provider] += _samples(call, samples // rounds)
+                    launches[provider] += drv.launches - before
         base = statistics.median(times["triton-launch"])
         for provider, ts in times.items():
             if not ts:

@@ -2,9 +2,9 @@
 
 Triton's launch path (``Autotuner.run``, then ``JITFunction.run``) rebuilds the autotuning key,
 binds and specializes every argument and hashes the result on every call. On the CPU machine,
-with only the final C launch stubbed out (``python -m benchmarks.host_launch``), that is about
-40 µs per launch of the masked-linear forward: longer than the kernel at the ``base`` shapes,
-whose benchmark rows on the H100 were host-bound.
+with only the final C launch stubbed out, that measured 28 µs in ``JITFunction.run`` alone and
+46 µs with the autotuner in front, per launch of the masked-linear forward. cuBLAS's forward at
+the ``base`` shape took 21 µs on the H100, whose rows there were host-bound.
 
 :class:`DirectLauncher` wraps one kernel. The first call with a given launch signature goes
 through Triton (autotuning, compiling), and the launcher keeps the compiled kernel Triton returned
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -45,6 +46,7 @@ from triton.runtime import driver
 
 __all__ = ["DirectLauncher", "package_launchers", "triton_launches"]
 
+log = logging.getLogger(__name__)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _I32 = (-(1 << 31), (1 << 31) - 1)
 _I64 = (-(1 << 63), (1 << 63) - 1)
@@ -72,7 +74,8 @@ class DirectLauncher:
 
     ``args`` are the kernel's runtime arguments in order, positionally, and ``constexprs`` its
     remaining parameters by name (less those the autotuner's config sets) and launch options such
-    as ``num_warps``. A call that passes a runtime argument by keyword always takes Triton's path.
+    as ``num_warps``. A call that passes a runtime argument by keyword, or leaves a parameter to
+    its default, turns the launcher off (logged once): Triton's path from then on.
     ``enabled=False`` sends every call through Triton (benchmarks compare the two); ``hits`` and
     ``misses`` count the calls that did and did not take the direct path.
     """
@@ -84,6 +87,7 @@ class DirectLauncher:
         while isinstance(jit, (Autotuner, Heuristics)):
             jit = jit.fn
         self.kernel = kernel
+        self.name: str = jit.fn.__name__
         # A JITFunction, or under the interpreter an InterpretedFunction (no params: never cached).
         self._names: list[str] = list(jit.arg_names)
         self._runtime = frozenset(p.name for p in getattr(jit, "params", ()) if not p.is_constexpr)
@@ -145,18 +149,25 @@ class DirectLauncher:
             compiled = compiled.result()
         if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
             return  # nothing compiled (the interpreter): keep taking Triton's path
-        if self._runtime & constexprs.keys():
-            return  # a runtime argument passed by keyword would key the cache by its value
         meta = dict(constexprs)
         if self._autotuned:
             meta.update(self.kernel.best_config.kwargs)
-        try:
-            tail = tuple(meta[name] for name in self._names[n_args:])
-        except KeyError:  # a parameter left to its default: let Triton bind it every time
+        # A runtime argument passed by keyword would key the cache by its value, and a parameter
+        # left to its default has no value here: the call site's doing, so every later call of
+        # this launcher takes Triton's path rather than building a key it cannot use.
+        why = "a runtime argument by keyword" if self._runtime & constexprs.keys() else next(
+            (f"parameter {name} left to its default" for name in self._names[n_args:] if name not in meta), None)
+        if why is not None:
+            self.enabled = False
+            log.warning("%s: %s, so it launches through Triton every time", self, why)
             return
+        tail = tuple(meta[name] for name in self._names[n_args:])
         if len(self._cache) >= self._max_entries:
             self._cache.clear()
         self._cache[key] = (compiled, tail, meta)
+
+    def __repr__(self) -> str:
+        return f"DirectLauncher({self.name})"
 
     def clear(self) -> None:
         """Forget every cached launch (the next call of each signature goes through Triton)."""

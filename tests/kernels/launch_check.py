@@ -3,7 +3,7 @@
     python -m tests.kernels.launch_check
 
 Runs with :class:`benchmarks.host_driver.HostOnlyDriver`: kernels compile for sm_90 and every
-launch reaches a launcher that records it instead of running it. Two checks, each printing one
+launch reaches a launcher that records it instead of running it. Three checks, each printing one
 line per case and a summary; exit status 1 on any failure:
 
 - ``specialization``: a probe kernel (and an autotuned one) launched over arguments that Triton
@@ -12,6 +12,7 @@ line per case and a summary; exit status 1 on any failure:
   :class:`DirectLauncher` uses on its direct path must be the one Triton's ``run`` picks for the
   same arguments, with the same arguments and meta-parameters passed on; after all cases are
   cached, replaying each must still find its own kernel (no two signatures share an entry).
+- ``uncacheable``: call sites the cache cannot key turn their launcher off and still launch.
 - ``ops``: the package's ops (masked linear forward and backward in every mask mode, pathway,
   hard gradients, fp32; ``masked_cast``; the bitmap and BSR small-row kernels, split and not).
   Each runs once through Triton's path, then twice with direct launches: the second run must
@@ -111,6 +112,36 @@ def check_specialization(drv: HostOnlyDriver) -> int:
     return failures
 
 
+@triton.jit
+def _default_probe_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr = 16):
+    offs = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+def check_uncacheable(drv: HostOnlyDriver) -> int:
+    """Call sites the cache cannot key (a runtime argument by keyword, a parameter left to its
+    default): the launcher turns itself off after the first call and every call still launches,
+    through Triton, the kernel Triton picks."""
+    from sparse_rnnt.kernels.launch import DirectLauncher
+
+    x, y = torch.zeros(32), torch.zeros(32)
+    failures = 0
+    for label, kernel, args, kwargs in (
+        ("runtime argument by keyword", _probe_kernel, (x, y, 5, 1, 0.5), {"flag": True, "BLOCK": 16}),
+        ("parameter left to its default", _default_probe_kernel, (x, y, 5), {}),
+    ):
+        launcher = DirectLauncher(kernel)
+        compiled = kernel[(1,)](*args, **kwargs)
+        drv.recorded.clear()
+        for _ in range(3):
+            launcher[(1,)](*args, **kwargs)
+        ok = (not launcher.enabled and launcher.hits == 0 and launcher.misses == 1 and not launcher._cache
+              and [r.function for r in drv.recorded] == [compiled.function] * 3)
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} uncacheable: {label}")
+    return failures
+
+
 def _shape_of(launch: Launch) -> tuple:
     return launch.grid, launch.function, tuple(
         (a.dtype, tuple(a.shape), a.stride(), a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
@@ -160,18 +191,16 @@ def _ops() -> list[tuple[str, Callable[[], object]]]:
 
 
 def check_ops(drv: HostOnlyDriver) -> int:
-    from sparse_rnnt.kernels.launch import package_launchers
+    from sparse_rnnt.kernels.launch import package_launchers, triton_launches
 
     launchers = package_launchers()
     failures = 0
     for label, op in _ops():
-        for lau in launchers:
-            lau.enabled = False
         drv.recorded.clear()
-        op()
+        with triton_launches():
+            op()
         triton_path = [_shape_of(x) for x in drv.recorded]
         for lau in launchers:
-            lau.enabled = True
             lau.clear()
         op()
         hits = sum(lau.hits for lau in launchers)
@@ -190,11 +219,9 @@ def check_ops(drv: HostOnlyDriver) -> int:
 def main() -> int:
     drv = HostOnlyDriver.install()
     drv.record = True
-    from sparse_rnnt.kernels.masked_linear import fused
-    from sparse_rnnt.kernels.small_row import bitmap, bsr
-
-    single_config(fused._fwd_kernel, fused._dx_kernel, fused._dw_kernel, bitmap._bitmap_kernel, bsr._bsr_kernel)
+    single_config()
     failures = check_specialization(drv)
+    failures += check_uncacheable(drv)
     failures += check_ops(drv)
     print(f"direct launches: {failures} failures")
     return 1 if failures else 0

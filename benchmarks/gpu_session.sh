@@ -36,7 +36,8 @@ else
   XDIST="" GRAPHS=""
 fi
 
-# STEPS (default: all) picks steps by name; TESTS_BUDGET (default 300) bounds the tests step and
+# STEPS (default: all) picks steps by name; TESTS_BUDGET (default 300) and STREAM_BUDGET (default 120)
+# bound the tests and stream steps;
 # TESTS_K replaces its -k selection (the tests a change needs first, say); KERNEL_ARGS and STREAM_ARGS replace the kernel and
 # stream benchmarks' default `--quick`; LOAD_DTYPE sets the load test's weights (default bf16 on CUDA); LOAD_STEP_MODE its
 # steps (default cuda-graph). All steps take more than one 600 s call. A 15-minute lease counts
@@ -67,7 +68,7 @@ step tests ${TESTS_BUDGET:-300} env SPARSE_RNNT_FAILURES_NOW=1 "$PYTHON" -m pyte
   tests/training/test_distributed.py tests/test_benchmarks.py
 step kernels 150 "$PYTHON" -m benchmarks.kernels --device "$DEVICE" ${KERNEL_ARGS:---quick} --out-dir "$OUT"
 step small_row 80 sh -c "\"$PYTHON\" -m benchmarks.bench_small_row --device $DEVICE --quick > $OUT/small-row-$DEVICE.jsonl"
-step stream 120 "$PYTHON" -m benchmarks.stream --device "$DEVICE" ${STREAM_ARGS:---quick} $GRAPHS --out-dir "$OUT"
+step stream ${STREAM_BUDGET:-120} "$PYTHON" -m benchmarks.stream --device "$DEVICE" ${STREAM_ARGS:---quick} $GRAPHS --out-dir "$OUT"
 # The 64-stream load test on base; last, as it is the longest.
 LOAD_WALL=$((DEADLINE_S - ($(date +%s) - START) - 40))
 [ "$LOAD_WALL" -gt 300 ] && LOAD_WALL=300

@@ -164,11 +164,18 @@ def _run_streams(model, device: str, n_streams: int, seconds: float, seed: int =
     return dec.latency_stats()
 
 
+def all_formats(device: str) -> tuple[str, ...]:
+    """The stream table's formats on ``device``, in table order."""
+    return ("dense", "2:4", "bsr", "bitmap") + (("2:4-cutlass",) if device == "cuda" else ()) + ("linear-free",)
+
+
 def bench(device: str, quick: bool, cuda_graphs: bool = False,
           streams: tuple[int, ...] | None = None, sizes: tuple[str, ...] | None = None,
-          on_rows: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+          on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
+          formats: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """Format × stream count × step mode rows; ``streams`` replaces the default stream counts,
-    ``sizes`` the default model sizes; ``on_rows`` gets the rows so far after each format."""
+    ``sizes`` the default model sizes, ``formats`` the formats (dense, the baseline of every
+    ratio, always runs first); ``on_rows`` gets the rows so far after each format."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if sizes is None:
         sizes = ("tiny",) if device == "cpu" else (("base",) if quick else ("base", "paper-187m"))
@@ -179,7 +186,7 @@ def bench(device: str, quick: bool, cuda_graphs: bool = False,
     modes = ("eager", "cuda-graph") if cuda_graphs else ("eager",)
     rows = []
     for size in sizes:
-        for fmt in ("dense", "2:4", "bsr", "bitmap") + (("2:4-cutlass",) if device == "cuda" else ()) + ("linear-free",):
+        for fmt in ("dense",) + tuple(f for f in formats or all_formats(device) if f != "dense"):
             try:
                 model, _, nbytes, runtimes = _build(size, fmt, device, dtype)
             except Exception as e:  # a format this machine cannot build: recorded, not hidden
@@ -346,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default=None,
                         help="comma-separated model sizes of the table (default: tiny on cpu; cuda base with --quick, "
                              "else base,paper-187m)")
+    parser.add_argument("--formats", default=None,
+                        help="comma-separated formats of the table (default: all of dense, 2:4, bsr, bitmap, "
+                             "2:4-cutlass on cuda, linear-free); dense, every ratio's baseline, always runs")
     parser.add_argument("--load-minutes", type=float, default=0.0, help="also run the load test (minutes per stream)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also time every format with the encoder step replayed as CUDA graphs")
@@ -385,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [x for x in sizes if x not in MODEL_SIZES]
         if unknown or not sizes:
             parser.error(f"--sizes: unknown model size(s) {unknown or args.sizes!r}; choose from {', '.join(MODEL_SIZES)}")
+    formats = tuple(x.strip() for x in args.formats.split(",") if x.strip()) if args.formats else None
+    if formats is not None:
+        unknown = [x for x in formats if x not in all_formats(args.device)]
+        if unknown or not formats:
+            parser.error(f"--formats: unknown format(s) {unknown or args.formats!r} on {args.device}; "
+                         f"choose from {', '.join(all_formats(args.device))}")
     out = Path(args.out_dir) / f"stream-{args.device}.json"
     result: dict[str, Any] = {"environment": environment(), "device": args.device, "rows": [],
                               "threads": torch.get_num_threads(), "complete": False}
@@ -394,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(out, result)
 
     rows = [] if args.load_only else bench(args.device, args.quick, cuda_graphs=args.cuda_graphs, streams=streams,
-                                           sizes=sizes, on_rows=save)
+                                           sizes=sizes, on_rows=save, formats=formats)
     result["rows"] = rows
     if args.load_minutes > 0:
         dtype = getattr(torch, args.load_dtype) if args.load_dtype else None

@@ -14,13 +14,16 @@ if not torch.cuda.is_available():
 
 import pytest
 
-from sparse_rnnt.data.mls import read_mls, write_manifests
-from tests.data.mls_fixture import build_mls_fixture
 
 
 @pytest.fixture(scope="session")
 def tiny_manifests(tmp_path_factory) -> Path:
     """Manifests of a 2-language (en, fr) MLS-layout corpus, 8 utterances per split."""
+    # Imported here: the fixture writes audio (soundfile), which the GPU image lacks, and its
+    # CUDA tests must collect there.
+    from sparse_rnnt.data.mls import read_mls, write_manifests
+    from tests.data.mls_fixture import build_mls_fixture
+
     root = tmp_path_factory.mktemp("tiny_mls")
     build_mls_fixture(root / "corpus", languages=("en", "fr"), per_split=8)
     utts, report = read_mls(root / "corpus", progress=False)

@@ -186,7 +186,7 @@ def bench(device: str, quick: bool, cuda_graphs: bool = False,
     modes = ("eager", "cuda-graph") if cuda_graphs else ("eager",)
     rows = []
     for size in sizes:
-        for fmt in ("dense",) + tuple(f for f in formats or all_formats(device) if f != "dense"):
+        for fmt in ("dense", *(f for f in formats or all_formats(device) if f != "dense")):
             try:
                 model, _, nbytes, runtimes = _build(size, fmt, device, dtype)
             except Exception as e:  # a format this machine cannot build: recorded, not hidden

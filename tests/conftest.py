@@ -15,7 +15,6 @@ if not torch.cuda.is_available():
 import pytest
 
 
-
 @pytest.fixture(scope="session")
 def tiny_manifests(tmp_path_factory) -> Path:
     """Manifests of a 2-language (en, fr) MLS-layout corpus, 8 utterances per split."""

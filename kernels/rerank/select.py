@@ -25,7 +25,7 @@ How (unstructured and block; ``U`` units = weights or blocks, one *group* = one 
   few candidates in a device counter.
 - **Pass 2** (31-bit keys only): histogram of the low 16 bits of the keys inside the selected high
   bin; same search. Now the threshold key ``t`` and ``need = K - count(key > t)`` are exact.
-- **Sampled bracket** (a GPU default, :class:`_AtomicSelect`): pass 1 first histograms 1/16 of
+- **Sampled bracket** (a GPU default for 16-bit keys, :class:`_AtomicSelect`): pass 1 first histograms 1/16 of
   every tile, and then takes atomics only for the candidates in the range of bins the sample
   brackets around the K-th largest, counting the others per program into bin 0 and the free top
   bin (exact totals). For 31-bit keys it also counts the whole keys of 32 bins around the
@@ -118,6 +118,15 @@ _BRACKET_SIGMAS = 4.0
 _BRACKET_SLACK = 16
 _BRACKET_MIN_CHUNKS = 16  # a group sampled in fewer chunks gets no bracket (every bin)
 _BRACKET_MIN_TILES = 64  # bracket=None: on for launches of at least this many tiles
+
+
+def bracket_by_default(single: bool, block: int, tiles: int, wide_keys: bool) -> bool:
+    """Whether ``bracket=None`` turns the sampled bracket on (on a GPU): single weights, tiles of
+    at least ``16 * _SAMPLE`` units, at least ``_BRACKET_MIN_TILES`` tiles, and 16-bit keys only.
+    With 31-bit keys (float32) it made the cold select slower on the H100 (2026-11-27, device
+    time: 0.372 against 0.275 ms at 10M weights, 1.062 against 0.853 ms at 63M); with 16-bit keys
+    it gained at 63M (0.532 against 0.624 ms) and lost 0.02 ms at 10M."""
+    return single and block >= 16 * _SAMPLE and tiles >= _BRACKET_MIN_TILES and not wide_keys
 _NO_RANK = 2**62  # a rank no count reaches: the bracket spans every bin
 # Pass 2 folded into a bracketed pass 1 (31-bit keys): the low 16 bits of the keys in _FINE_SPAN
 # pass-1 bins around the sample's estimate of the K-th largest's bin, one bin per key, in
@@ -696,8 +705,7 @@ class _AtomicSelect:
         if bracket is None:
             # Off under the interpreter, which runs every program in Python: the extra passes
             # doubled the time of the pruning tests there (tests turn it on where they test it).
-            bracket = (not _INTERP and single and block >= 16 * _SAMPLE
-                       and sum(ln.tiles for ln in launches) >= _BRACKET_MIN_TILES)
+            bracket = not _INTERP and bracket_by_default(single, block, sum(ln.tiles for ln in launches), any(wide))
         elif bracket and (not single or block < 16 * _SAMPLE):
             raise ValueError(f"bracket=True ranks single weights (not blocks) in tiles of at least "
                              f"{16 * _SAMPLE} units")
@@ -990,7 +998,8 @@ def select_units(
     ``window_margin``: the window's half-width in sample ranks (None: from the sample's spread),
     exposed so tests can force a missed bracket. ``bracket`` (``"atomic"``): pass 1 takes atomics
     only inside a range of bins bracketed by a sample (see :class:`_AtomicSelect`); None: on a
-    GPU for single weights over at least 64 tiles; exact either way.
+    GPU for single 16-bit weights over at least 64 tiles (:func:`bracket_by_default`); exact
+    either way.
     """
     return _select_units(segments, keep, what, tile=tile, hist_copies=hist_copies, algorithm=algorithm,
                          window_margin=window_margin, thresholds=True, bracket=bracket)
@@ -1249,8 +1258,8 @@ class RerankPlan:
     candidates), the two-pass select runs after it. Exact either way; ``last_warm_hit`` says
     which happened.
 
-    ``bracket`` (default: on a GPU for single weights over at least 64 tiles; off under the
-    interpreter): a cold select's pass 1 first histograms a sample (1/16 of every tile) and then
+    ``bracket`` (default: on a GPU for single 16-bit weights over at least 64 tiles, see
+    :func:`bracket_by_default`; off under the interpreter): a cold select's pass 1 first histograms a sample (1/16 of every tile) and then
     takes atomics only inside the range of bins the sample brackets around the threshold; a
     bracket that misses runs the exact pass 1 after it. For float32 the same pass also counts by
     whole key the bins around the sample's estimate, which stand in for pass 2 when they hold

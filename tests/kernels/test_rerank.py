@@ -993,6 +993,20 @@ def _bracket_case(dtype, seed, scale_rows=False):
     return w, cand, out
 
 
+def test_bracket_default_is_on_for_16_bit_keys_only():
+    # The H100 timed the bracket slower than the exact pass 1 for float32 (31-bit keys) at 10M and
+    # 63M weights, faster for bf16 at 63M; so a plan on a GPU turns it on for 16-bit keys only,
+    # over enough tiles of single weights (tiles of at least 16 samples).
+    from sparse_rnnt.kernels.rerank.select import _BRACKET_MIN_TILES, _SAMPLE, bracket_by_default
+
+    big, tiles = 16 * _SAMPLE, _BRACKET_MIN_TILES
+    assert bracket_by_default(True, big, tiles, wide_keys=False)
+    assert not bracket_by_default(True, big, tiles, wide_keys=True)
+    assert not bracket_by_default(True, big, tiles - 1, wide_keys=False)
+    assert not bracket_by_default(True, big - 1, tiles, wide_keys=False)
+    assert not bracket_by_default(False, big, tiles, wide_keys=False)  # blocks: norms, not single keys
+
+
 # Per-tensor scopes and bf16 misses are slow here (15-40 s each in the interpreter): `make test`
 # runs the global fp32/bf16 holds and the fp32 misses, the hypothesis test below draws both
 # scopes and dtypes, and `make test-slow` runs these too.
@@ -1053,7 +1067,8 @@ def test_plan_bracket_that_misses_falls_back_to_the_exact_pass(dtype, side):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_plan_bracket_at_large_sizes(dtype):
     # The CUDA counterpart of the two tests above, at sizes where a plan turns the bracket on by
-    # itself (tiles of 4096, private histogram copies): graph replays on dense weights, then on
+    # itself for bf16 (tiles of 4096, private histogram copies; float32 asks for it, its default
+    # being off since the H100 timed it slower there): graph replays on dense weights, then on
     # what they left, with rows of different scales, hold their bracket and are exact; planted
     # brackets at the top bin miss, and the exact pass 1 runs.
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -1067,7 +1082,10 @@ def test_cuda_plan_bracket_at_large_sizes(dtype):
         with torch.no_grad():
             for k, v in w.items():
                 v.copy_(dense[k])
-        plan = RerankPlan(w, 0.7, out, scope=scope, candidates=cand, apply=True, graph=True, warm_start=False)
+        default = RerankPlan(w, 0.7, out, scope=scope, candidates=cand, apply=False, graph=False, warm_start=False)
+        assert default.bracket == (dtype == torch.bfloat16)
+        plan = RerankPlan(w, 0.7, out, scope=scope, candidates=cand, apply=True, graph=True, warm_start=False,
+                          bracket=True)
         assert plan.bracket
         for _ in range(3):
             _run_and_check(plan, w, out, 0.7, scope, cand)

@@ -5,7 +5,8 @@
 
 For each model size (CUDA: ``base`` and ``paper-187m``; CPU: ``tiny``), random weights pruned to
 70% by global magnitude (2:4 is 50% by construction), every format (dense, 2:4, bsr, bitmap; on
-CUDA also ``2:4-cutlass``, the 2:4 layers on torch's CUTLASS backend instead of its default) and
+CUDA also ``2:4-cutlass``, the 2:4 layers on torch's CUTLASS backend instead of its default, and
+``<fmt>+auto``, the format with ``--layer-runtime auto`` chosen at the row's stream count) and
 1 / 8 / 32 / 64 concurrent streams (CPU: 1 / 8 / 64): S streams of random audio are fed one
 160 ms chunk per tick through :class:`~sparse_rnnt.streaming.StreamingDecoder` (one batched
 encoder call per chunk step + greedy decoding), after a warm-up, and the per-step latency
@@ -165,8 +166,23 @@ def _run_streams(model, device: str, n_streams: int, seconds: float, seed: int =
 
 
 def all_formats(device: str) -> tuple[str, ...]:
-    """The stream table's formats on ``device``, in table order."""
-    return ("dense", "2:4", "bsr", "bitmap") + (("2:4-cutlass",) if device == "cuda" else ()) + ("linear-free",)
+    """The stream table's formats on ``device``, in table order. ``<fmt>+auto`` (CUDA): that
+    format with ``--layer-runtime auto``, each sparse layer timed against its dense weight at the
+    row's stream count and the faster kept (on CPU the sparse layers load dense already)."""
+    cuda = device == "cuda"
+    return (("dense", "2:4", "bsr", "bitmap") + (("2:4-cutlass",) if cuda else ())
+            + (("2:4+auto", "bsr+auto", "bitmap+auto") if cuda else ()) + ("linear-free",))
+
+
+def _auto_choose(model: Any, streams: int) -> dict[str, Any]:
+    """``--layer-runtime auto`` on ``model`` at the row counts of ``streams`` streams; what it chose."""
+    from sparse_rnnt.export.autoselect import choose_layer_runtimes, probe_rows
+
+    choices = choose_layer_runtimes(model, probe_rows(model, (streams,)))
+    dense = sum(c.kept == "dense" for c in choices)
+    return {"layers_sparse": len(choices) - dense, "layers_dense_auto": dense,
+            "auto_extra_bytes": sum(c.extra_bytes for c in choices),
+            "auto_runtimes": sorted({c.runtime for c in choices})}
 
 
 def bench(device: str, quick: bool, cuda_graphs: bool = False,
@@ -187,26 +203,36 @@ def bench(device: str, quick: bool, cuda_graphs: bool = False,
     rows = []
     for size in sizes:
         for fmt in ("dense", *(f for f in formats or all_formats(device) if f != "dense")):
+            base, auto = fmt.removesuffix("+auto"), fmt.endswith("+auto")
             try:
-                model, _, nbytes, runtimes = _build(size, fmt, device, dtype)
+                model, _, nbytes, runtimes = _build(size, base, device, dtype)
             except Exception as e:  # a format this machine cannot build: recorded, not hidden
                 rows.append({"bench": "stream", "size": size, "format": fmt, "error": str(e).splitlines()[0]})
                 continue
+            chosen: dict[str, Any] = {}
             for n, mode in ((n, mode) for n in counts for mode in modes):
+                if auto and chosen.get("streams") != n:
+                    # chosen at this row's stream count, on a fresh model (the last count's choice
+                    # replaced layers in place)
+                    if chosen:
+                        model, _, nbytes, runtimes = _build(size, base, device, dtype)
+                    chosen = {"streams": n, **_auto_choose(model, n)}
                 try:
                     stats = _run_streams(model, device, n, seconds, step_mode=mode)
                 except Exception as e:  # built, but this machine cannot run it (CUTLASS 2:4 on sm_90)
                     rows.append({"bench": "stream", "size": size, "format": fmt, "streams": n, "step_mode": mode,
                                  "error": str(e).splitlines()[0]})
                     continue
+                extra = {k: v for k, v in chosen.items() if k not in ("streams", "auto_runtimes")}
+                held = nbytes + extra.get("auto_extra_bytes", 0)  # with the dense copies auto made
                 rows.append({
                     "bench": "stream", "size": size, "format": fmt, "streams": n, "dtype": str(dtype)[6:],
                     "step_mode": mode,
-                    "sparsity": 0.5 if fmt.startswith("2:4") else SPARSITY, "weight_bytes": nbytes,
+                    "sparsity": 0.5 if fmt.startswith("2:4") else SPARSITY, "weight_bytes": held,
                     "p50_ms": 1e3 * stats["p50_s"], "p99_ms": 1e3 * stats["p99_s"],
                     "encoder_p50_ms": 1e3 * stats["encoder_p50_s"], "rtf": stats["rtf"],
-                    "mean_batch": stats["mean_batch"], "floor_ms": 1e3 * nbytes / (bw * 1e9),
-                    "runtimes": sorted(set(runtimes.values())),
+                    "mean_batch": stats["mean_batch"], "floor_ms": 1e3 * held / (bw * 1e9),
+                    "runtimes": chosen.get("auto_runtimes") or sorted(set(runtimes.values())), **extra,
                 })
             del model
             if device == "cuda":

@@ -336,7 +336,11 @@ def cmd_stream(args: argparse.Namespace) -> int:
     results, stats = stream_files(args.artifact, args.audio, language=args.language, piece_ms=args.chunk_ms,
                                   device=args.device, on_partial=show, decoding=args.decoding,
                                   beam_width=args.beam_width, cuda_graphs=args.cuda_graphs,
-                                  semi_structured=args.semi_structured)
+                                  semi_structured=args.semi_structured, layer_runtime=args.layer_runtime)
+    if args.layer_runtime == "auto":
+        print(f"layer runtimes (auto): {int(stats['layers_sparse'])} sparse layers kept their kernel, "
+              f"{int(stats['layers_dense_auto'])} run their dense weight "
+              f"(+{stats['auto_extra_bytes'] / 1e6:.1f} MB on the device)")
     for r in results:
         print(f"{r.stream_id}: {r.text}  (audio {r.audio_s:.2f} s, RTF {r.rtf:.3f})")
     print(f"chunk steps: {int(stats['steps'])}, latency p50 {1e3 * stats['p50_s']:.1f} ms, "
@@ -564,6 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
                    default="auto",
                    help="torch's backend for 2:4 layers on CUDA: auto (torch's choice, cuSPARSELt when torch has "
                    "it), cutlass or cusparselt (default auto; other formats and CPU ignore it)")
+    p.add_argument("--layer-runtime", dest="layer_runtime", choices=("kernels", "auto"), default="kernels",
+                   help="how sparse layers run on the device: kernels (default: each format's own kernel) or "
+                   "auto (each layer timed at one stream's shapes against its dense weight, the faster kept; "
+                   "the dense copies cost device memory, printed; single-language artifacts; on CPU the "
+                   "sparse layers are already dense, so it changes nothing)")
     p.add_argument("--quiet", action="store_true", help="print only the final results")
     p.set_defaults(func=cmd_stream)
 

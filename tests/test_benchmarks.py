@@ -142,6 +142,43 @@ def test_stream_rows_compare_with_dense_in_the_same_step_mode(monkeypatch):
     assert errors == [("2:4", None, None), *[("bsr", n, m) for n in (1, 32) for m in ("eager", "cuda-graph")]]
 
 
+def test_stream_auto_rows_choose_at_each_stream_count_on_a_fresh_model(monkeypatch):
+    # "<fmt>+auto" rows: --layer-runtime auto chosen at the row's own stream count, each count on
+    # a model built afresh (the choice replaces layers in place); the row records the choice and
+    # counts the dense copies in its bytes.
+    import benchmarks.stream as bs
+
+    built, chose = [], []
+
+    def build(size, fmt, device, dtype):
+        built.append(fmt)
+        return [fmt, len(built)], None, 1000, {"layer": fmt}
+
+    def choose(model, streams):
+        chose.append((tuple(model), streams))
+        return {"layers_sparse": 1, "layers_dense_auto": 2, "auto_extra_bytes": 500, "auto_runtimes": ["cublas-auto", "cuda"]}
+
+    def run(model, device, n, seconds, step_mode):
+        ms = 10.0 if model[0] == "dense" else 8.0
+        return {"p50_s": ms / 1e3, "p99_s": ms / 1e3, "encoder_p50_s": ms / 2e3, "rtf": 0.1, "mean_batch": n}
+
+    monkeypatch.setattr(bs, "_build", build)
+    monkeypatch.setattr(bs, "_auto_choose", choose)
+    monkeypatch.setattr(bs, "_run_streams", run)
+    monkeypatch.setattr(bs, "_bandwidth_gbps", lambda device: 1.0)
+    rows = bs.bench("cpu", quick=True, cuda_graphs=True, streams=(1, 32), formats=("bitmap+auto",))
+    assert built == ["dense", "bitmap", "bitmap"]
+    assert chose == [(("bitmap", 2), 1), (("bitmap", 3), 32)]
+    auto = [r for r in rows if r["format"] == "bitmap+auto"]
+    assert [(r["streams"], r["step_mode"]) for r in auto] == [(1, "eager"), (1, "cuda-graph"), (32, "eager"),
+                                                              (32, "cuda-graph")]
+    for r in auto:
+        assert r["layers_dense_auto"] == 2 and r["layers_sparse"] == 1 and r["weight_bytes"] == 1500
+        assert r["runtimes"] == ["cublas-auto", "cuda"] and "auto_runtimes" not in r
+        assert r["speedup_vs_dense_p50"] == pytest.approx(10.0 / 8.0)
+    assert "bitmap+auto" in bs.all_formats("cuda") and "bitmap+auto" not in bs.all_formats("cpu")
+
+
 def test_stream_table_is_saved_after_each_format_and_takes_chosen_sizes(monkeypatch, tmp_path):
     # A device lease can cut the table off: the file must hold every format measured so far
     # ("complete": false), and --sizes must run only the sizes named (paper-187m alone, say).
@@ -451,3 +488,18 @@ def test_gpu_test_selection_collects_without_the_cpu_only_packages():
         assert target in sh  # the selection above is the script's
     proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_stream_auto_choose_on_real_small_row_layers():
+    # _auto_choose unmocked, on the tiny model with small-row layers on the reference backend:
+    # every sparse layer is either kept or run dense, and the bytes follow the dense copies.
+    import benchmarks.stream as bs
+    from sparse_rnnt.export.autoselect import sparse_layers
+    from tests.export.test_autoselect import _sparse_tiny
+
+    model, ref = _sparse_tiny()
+    got = bs._auto_choose(model, 2)
+    assert got["layers_sparse"] + got["layers_dense_auto"] == len(ref)
+    assert len(sparse_layers(model)) == got["layers_sparse"]
+    # every layer of this model is smaller compressed than dense (test_autoselect checks it)
+    assert (got["auto_extra_bytes"] > 0) == (got["layers_dense_auto"] > 0)

@@ -16,6 +16,9 @@ from ..data.audio import SAMPLE_RATE, audio_info, load_audio
 from ..errors import UserError
 from .stream import PartialResult, StreamingDecoder, StreamResult
 
+# How sparse layers run: their format's kernels, or each one timed against its dense weight.
+LAYER_RUNTIMES = ("kernels", "auto")
+
 
 def _read_native(path: str | os.PathLike[str]) -> tuple[torch.Tensor, int]:
     """Mono float32 ``[T]`` at the file's own rate, and that rate (see :func:`read_wave`)."""
@@ -54,6 +57,7 @@ def stream_files(
     beam_width: int = 4,
     cuda_graphs: bool = False,
     semi_structured: str = "auto",
+    layer_runtime: str = "kernels",
 ) -> tuple[list[StreamResult], dict[str, float]]:
     """Feed each file in ``piece_ms`` pieces as if it arrived live; returns the results and the
     latency statistics (p50/p99 per chunk step, RTF) of all steps. Audio is resampled to the
@@ -61,7 +65,11 @@ def stream_files(
     ``decoding``: ``greedy`` or ``beam`` (torchaudio's RNN-T beam search of width ``beam_width``,
     continued chunk by chunk). ``cuda_graphs``: replay the encoder step as CUDA graphs (CUDA,
     single-pathway use only). ``semi_structured``: torch's backend for 2:4 layers (see
-    :func:`~sparse_rnnt.export.load_artifact`)."""
+    :func:`~sparse_rnnt.export.load_artifact`). ``layer_runtime``: ``"kernels"`` runs every
+    sparse layer on its format's kernel; ``"auto"`` times each one against its dense weight at
+    one stream's shapes and keeps the faster (:mod:`~sparse_rnnt.export.autoselect`;
+    single-pathway artifacts). The statistics then also hold ``layers_sparse``,
+    ``layers_dense_auto`` and ``auto_extra_bytes``."""
     from ..export import load_artifact
     from ..export.formats import SEMI_STRUCTURED
 
@@ -73,6 +81,8 @@ def stream_files(
         raise UserError(f"--beam-width must be at least 1, got {beam_width}")
     if cuda_graphs and not str(device).startswith("cuda"):
         raise UserError(f"--cuda-graphs needs --device cuda (got {device})")
+    if layer_runtime not in LAYER_RUNTIMES:
+        raise UserError(f"--layer-runtime must be one of {', '.join(LAYER_RUNTIMES)}, got {layer_runtime!r}")
     if semi_structured not in SEMI_STRUCTURED:
         raise UserError(f"--semi-structured must be one of {', '.join(SEMI_STRUCTURED)}, got {semi_structured!r}")
     # All files are read (checked) before any decoding; resampled once the artifact's rate is known.
@@ -86,6 +96,17 @@ def stream_files(
         raise UserError(f"the artifact has no pathway for {language!r} (it has {', '.join(art.languages)})")
     if cuda_graphs and art.multilingual:
         raise UserError("--cuda-graphs needs a single-language artifact (a graph cannot switch pathways)")
+    auto: dict[str, float] = {}
+    if layer_runtime == "auto":
+        if art.multilingual:
+            raise UserError("--layer-runtime auto needs a single-language artifact (its layers are masked "
+                            "kernels shared by every pathway)")
+        from ..export.autoselect import choose_layer_runtimes, probe_rows
+
+        choices = choose_layer_runtimes(art.model, probe_rows(art.model, (1,)))
+        dense = sum(c.kept == "dense" for c in choices)
+        auto = {"layers_sparse": float(len(choices) - dense), "layers_dense_auto": float(dense),
+                "auto_extra_bytes": float(sum(c.extra_bytes for c in choices))}
     decoder = StreamingDecoder.from_artifact(art, decoding=decoding, beam_width=beam_width,
                                              step_mode="cuda-graph" if cuda_graphs else "eager")
     rate = art.features.sample_rate
@@ -99,4 +120,4 @@ def stream_files(
                 if on_partial is not None:
                     on_partial(str(path), part)
         results.append(decoder.finalize(s))
-    return results, decoder.latency_stats()
+    return results, {**decoder.latency_stats(), **auto}

@@ -188,10 +188,17 @@ def _auto_choose(model: Any, streams: int) -> dict[str, Any]:
 def bench(device: str, quick: bool, cuda_graphs: bool = False,
           streams: tuple[int, ...] | None = None, sizes: tuple[str, ...] | None = None,
           on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
-          formats: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+          formats: tuple[str, ...] | None = None, repeats: int = 1) -> list[dict[str, Any]]:
     """Format × stream count × step mode rows; ``streams`` replaces the default stream counts,
     ``sizes`` the default model sizes, ``formats`` the formats (dense, the baseline of every
-    ratio, always runs first); ``on_rows`` gets the rows so far after each format."""
+    ratio, always runs first); ``on_rows`` gets the rows so far after each format.
+
+    ``repeats`` > 1 runs the whole table that many rounds, every format's models built once and
+    kept, so each format's runs are spread over the same stretch of time as dense's. A row then
+    holds the median of its rounds (``p50_runs_ms`` lists them) and ``speedup_runs`` the ratio
+    to dense of each round: the spread tells a real difference from drift."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if sizes is None:
         sizes = ("tiny",) if device == "cpu" else (("base",) if quick else ("base", "paper-187m"))
@@ -200,58 +207,97 @@ def bench(device: str, quick: bool, cuda_graphs: bool = False,
     seconds = 2.0 if device == "cpu" else 4.0
     bw = _bandwidth_gbps(device)
     modes = ("eager", "cuda-graph") if cuda_graphs else ("eager",)
-    rows = []
+    # (size, fmt, streams, mode) -> the row's fixed fields and its runs' stats, or an error row
+    cells: dict[tuple[Any, ...], dict[str, Any]] = {}
     for size in sizes:
-        for fmt in ("dense", *(f for f in formats or all_formats(device) if f != "dense")):
-            base, auto = fmt.removesuffix("+auto"), fmt.endswith("+auto")
-            try:
-                model, _, nbytes, runtimes = _build(size, base, device, dtype)
-            except Exception as e:  # a format this machine cannot build: recorded, not hidden
-                rows.append({"bench": "stream", "size": size, "format": fmt, "error": str(e).splitlines()[0]})
-                continue
-            chosen: dict[str, Any] = {}
-            for n, mode in ((n, mode) for n in counts for mode in modes):
-                if auto and chosen.get("streams") != n:
-                    # chosen at this row's stream count, on a fresh model (the last count's choice
-                    # replaced layers in place)
-                    if chosen:
-                        model, _, nbytes, runtimes = _build(size, base, device, dtype)
-                    chosen = {"streams": n, **_auto_choose(model, n)}
-                try:
-                    stats = _run_streams(model, device, n, seconds, step_mode=mode)
-                except Exception as e:  # built, but this machine cannot run it (CUTLASS 2:4 on sm_90)
-                    rows.append({"bench": "stream", "size": size, "format": fmt, "streams": n, "step_mode": mode,
-                                 "error": str(e).splitlines()[0]})
+        fmts = ("dense", *(f for f in formats or all_formats(device) if f != "dense"))
+        kept: dict[tuple[str, int | None], tuple[Any, int, dict[str, str], dict[str, Any]]] = {}
+        for _round in range(repeats):
+            for fmt in fmts:
+                if (size, fmt, None, None) in cells:  # could not be built
                     continue
-                extra = {k: v for k, v in chosen.items() if k not in ("streams", "auto_runtimes")}
-                held = nbytes + extra.get("auto_extra_bytes", 0)  # with the dense copies auto made
-                rows.append({
-                    "bench": "stream", "size": size, "format": fmt, "streams": n, "dtype": str(dtype)[6:],
-                    "step_mode": mode,
-                    "sparsity": 0.5 if fmt.startswith("2:4") else SPARSITY, "weight_bytes": held,
-                    "p50_ms": 1e3 * stats["p50_s"], "p99_ms": 1e3 * stats["p99_s"],
-                    "encoder_p50_ms": 1e3 * stats["encoder_p50_s"], "rtf": stats["rtf"],
-                    "mean_batch": stats["mean_batch"], "floor_ms": 1e3 * held / (bw * 1e9),
-                    "runtimes": chosen.get("auto_runtimes") or sorted(set(runtimes.values())), **extra,
-                })
-            del model
-            if device == "cuda":
-                torch.cuda.empty_cache()
-            if on_rows is not None:
-                on_rows(_with_ratios(rows))
-    return _with_ratios(rows)
+                base, auto = fmt.removesuffix("+auto"), fmt.endswith("+auto")
+                for n, mode in ((n, mode) for n in counts for mode in modes):
+                    key = (fmt, n if auto else None)
+                    if key not in kept:
+                        try:
+                            model, _, nbytes, runtimes = _build(size, base, device, dtype)
+                        except Exception as e:  # a format this machine cannot build: recorded, not hidden
+                            cells[(size, fmt, None, None)] = {"error": {
+                                "bench": "stream", "size": size, "format": fmt, "error": str(e).splitlines()[0]}}
+                            break
+                        # auto: chosen at this row's stream count, on its own model (the choice
+                        # replaces layers in place)
+                        kept[key] = (model, nbytes, runtimes, _auto_choose(model, n) if auto else {})
+                    model, nbytes, runtimes, chosen = kept[key]
+                    cell = cells.setdefault((size, fmt, n, mode), {"runs": []})
+                    if "error" in cell:
+                        continue
+                    try:
+                        cell["runs"].append(_run_streams(model, device, n, seconds, step_mode=mode))
+                    except Exception as e:  # built, but this machine cannot run it (CUTLASS 2:4 on sm_90)
+                        cells[(size, fmt, n, mode)] = {"error": {
+                            "bench": "stream", "size": size, "format": fmt, "streams": n, "step_mode": mode,
+                            "error": str(e).splitlines()[0]}}
+                        continue
+                    extra = {k: v for k, v in chosen.items() if k != "auto_runtimes"}
+                    held = nbytes + extra.get("auto_extra_bytes", 0)  # with the dense copies auto made
+                    cell["fixed"] = {
+                        "bench": "stream", "size": size, "format": fmt, "streams": n, "dtype": str(dtype)[6:],
+                        "step_mode": mode,
+                        "sparsity": 0.5 if fmt.startswith("2:4") else SPARSITY, "weight_bytes": held,
+                        "floor_ms": 1e3 * held / (bw * 1e9),
+                        "runtimes": chosen.get("auto_runtimes") or sorted(set(runtimes.values())), **extra,
+                    }
+                if repeats == 1:  # nothing comes back to it: free it now
+                    for k in [k for k in kept if k[0] == fmt]:
+                        del kept[k]
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                if on_rows is not None:
+                    on_rows(_with_ratios(_rows(cells)))
+        kept.clear()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return _with_ratios(_rows(cells))
+
+
+def _rows(cells: dict[tuple[Any, ...], dict[str, Any]]) -> list[dict[str, Any]]:
+    """The table's rows from its cells: an error, or the median of the runs so far."""
+    rows = []
+    for cell in cells.values():
+        if "error" in cell:
+            rows.append(dict(cell["error"]))
+            continue
+        runs = cell["runs"]
+        if not runs:
+            continue
+
+        def med(k: str, runs: list[dict[str, float]] = runs) -> float:
+            return statistics.median(r[k] for r in runs)
+
+        row = {**cell["fixed"], "p50_ms": 1e3 * med("p50_s"), "p99_ms": 1e3 * med("p99_s"),
+               "encoder_p50_ms": 1e3 * med("encoder_p50_s"), "rtf": med("rtf"), "mean_batch": med("mean_batch")}
+        if len(runs) > 1:
+            row["p50_runs_ms"] = [1e3 * r["p50_s"] for r in runs]
+        rows.append(row)
+    return rows
 
 
 def _with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``rows`` with ``speedup_vs_dense_p50`` where their dense baseline is among them."""
+    """``rows`` with ``speedup_vs_dense_p50`` where their dense baseline is among them, and
+    ``speedup_runs`` (round by round) where both have several rounds."""
     # Every row against dense of the same size, stream count and step mode (the baseline to
     # beat: graphs sped dense up 5-10x on the H100, so a graph row against dense eager flatters it).
-    dense = {(r["size"], r["streams"], r["step_mode"]): r["p50_ms"] for r in rows
+    dense = {(r["size"], r["streams"], r["step_mode"]): r for r in rows
              if r.get("format") == "dense" and "p50_ms" in r}
     for r in rows:
         key = (r["size"], r.get("streams"), r.get("step_mode"))
         if "p50_ms" in r and key in dense:
-            r["speedup_vs_dense_p50"] = dense[key] / r["p50_ms"]
+            d = dense[key]
+            r["speedup_vs_dense_p50"] = d["p50_ms"] / r["p50_ms"]
+            if "p50_runs_ms" in r and "p50_runs_ms" in d:
+                r["speedup_runs"] = [a / b for a, b in zip(d["p50_runs_ms"], r["p50_runs_ms"], strict=False)]
     return rows
 
 
@@ -382,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", default=None,
                         help="comma-separated formats of the table (default: all of dense, 2:4, bsr, bitmap, "
                              "2:4-cutlass on cuda, linear-free); dense, every ratio's baseline, always runs")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of the whole table, every model kept between them: each row is the median "
+                             "of its rounds and records each round's ratio to dense (default 1)")
     parser.add_argument("--load-minutes", type=float, default=0.0, help="also run the load test (minutes per stream)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also time every format with the encoder step replayed as CUDA graphs")
@@ -402,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.load_compare < 0:
         parser.error("--load-compare must be >= 0")
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     if args.load_only and args.load_minutes <= 0:
         parser.error("--load-only needs --load-minutes > 0")
     if args.cuda_graphs and args.device != "cuda":
@@ -436,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(out, result)
 
     rows = [] if args.load_only else bench(args.device, args.quick, cuda_graphs=args.cuda_graphs, streams=streams,
-                                           sizes=sizes, on_rows=save, formats=formats)
+                                           sizes=sizes, on_rows=save, formats=formats, repeats=args.repeats)
     result["rows"] = rows
     if args.load_minutes > 0:
         dtype = getattr(torch, args.load_dtype) if args.load_dtype else None

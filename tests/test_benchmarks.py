@@ -179,6 +179,44 @@ def test_stream_auto_rows_choose_at_each_stream_count_on_a_fresh_model(monkeypat
     assert "bitmap+auto" in bs.all_formats("cuda") and "bitmap+auto" not in bs.all_formats("cpu")
 
 
+def test_stream_repeats_interleave_rounds_and_report_medians_and_spread(monkeypatch):
+    # --repeats 3: each model built once, the table run in 3 rounds (dense, bsr, dense, bsr, ...),
+    # a row's timings the median of its rounds, and each round's ratio to dense recorded. The
+    # machine drifts slower every call here; within a round, bsr is 20% faster than dense.
+    import benchmarks.stream as bs
+
+    built, order = [], []
+    clock = iter(range(100))
+
+    def build(size, fmt, device, dtype):
+        built.append(fmt)
+        return fmt, None, 1000, {"layer": fmt}
+
+    def run(model, device, n, seconds, step_mode):
+        order.append(model)
+        drift = 1 + 0.1 * next(clock)
+        ms = (10.0 if model == "dense" else 8.0) * drift
+        return {"p50_s": ms / 1e3, "p99_s": 2 * ms / 1e3, "encoder_p50_s": ms / 2e3, "rtf": 0.1, "mean_batch": n}
+
+    monkeypatch.setattr(bs, "_build", build)
+    monkeypatch.setattr(bs, "_run_streams", run)
+    monkeypatch.setattr(bs, "_bandwidth_gbps", lambda device: 1.0)
+    rows = bs.bench("cpu", quick=True, streams=(4,), formats=("bsr",), repeats=3)
+    assert built == ["dense", "bsr"]
+    assert order == ["dense", "bsr"] * 3
+    dense, bsr = rows
+    assert dense["p50_runs_ms"] == pytest.approx([10.0, 12.0, 14.0])  # calls 0, 2, 4
+    assert bsr["p50_runs_ms"] == pytest.approx([8.8, 10.4, 12.0])  # calls 1, 3, 5
+    assert dense["p50_ms"] == pytest.approx(12.0) and bsr["p50_ms"] == pytest.approx(10.4)
+    assert bsr["p99_ms"] == pytest.approx(20.8)
+    assert bsr["speedup_runs"] == pytest.approx([10 / 8.8, 12 / 10.4, 14 / 12.0])
+    assert bsr["speedup_vs_dense_p50"] == pytest.approx(12.0 / 10.4)
+    with pytest.raises(ValueError):
+        bs.bench("cpu", quick=True, repeats=0)
+    with pytest.raises(SystemExit):
+        bs.main(["--device", "cpu", "--repeats", "0"])
+
+
 def test_stream_table_is_saved_after_each_format_and_takes_chosen_sizes(monkeypatch, tmp_path):
     # A device lease can cut the table off: the file must hold every format measured so far
     # ("complete": false), and --sizes must run only the sizes named (paper-187m alone, say).

@@ -348,12 +348,14 @@ def _search_kernel(
 
 @triton.jit
 def _fold_kernel(h, out, tot, gate, nbins, nsearch, copies, group_stride, copy_stride, out_stride, tot_stride,
-                 CHUNK: tl.constexpr):
+                 CHUNK: tl.constexpr, COPY_BLOCK: tl.constexpr):
     """Program ``(g, c)``: bins ``[c * CHUNK, (c + 1) * CHUNK)`` of group ``g``'s ``copies``
     private histograms summed into ``out[g]``, and their total over the bins below ``nsearch``
     into ``tot[g, c]``: the chunk totals a search scans before it reads one chunk's bins. The
     copies are left zeroed for the next pass (no memset launch). Nothing when ``gate[0] == 0``:
-    its histogram pass wrote nothing either, so the copies are still zero."""
+    its histogram pass wrote nothing either, so the copies are still zero. ``COPY_BLOCK`` copies
+    are loaded at once: one copy per iteration left each program waiting on one 4 KB load at a
+    time (the fold took 0.12-0.18 ms of a 0.28-0.37 ms select at 10M weights on the H100)."""
     if tl.load(gate) != 0:
         g = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1).to(tl.int64)
@@ -361,9 +363,12 @@ def _fold_kernel(h, out, tot, gate, nbins, nsearch, copies, group_stride, copy_s
         m = idx < nbins
         acc = tl.zeros([CHUNK], dtype=tl.int32)
         src = h + g * group_stride
-        for j in range(copies):
-            acc += tl.load(src + j * copy_stride + idx, mask=m, other=0)
-            tl.store(src + j * copy_stride + idx, tl.zeros([CHUNK], dtype=tl.int32), mask=m)
+        rows = tl.arange(0, COPY_BLOCK).to(tl.int64)
+        for j in range(0, copies, COPY_BLOCK):
+            at = src + (j + rows)[:, None] * copy_stride + idx[None, :]
+            m2 = ((j + rows) < copies)[:, None] & m[None, :]
+            acc += tl.sum(tl.load(at, mask=m2, other=0), axis=0)
+            tl.store(at, tl.zeros([COPY_BLOCK, CHUNK], dtype=tl.int32), mask=m2)
         tl.store(out + g * out_stride + idx, acc, mask=m)
         tl.store(tot + g * tot_stride + c, tl.sum(tl.where(idx < nsearch, acc, 0).to(tl.int64), axis=0))
 
@@ -660,6 +665,9 @@ def _bracket_ranks(launches: list[_Launch], keep: list[int], block: int) -> list
     return ranks
 
 
+_FOLD_COPY_BLOCK = 8  # private histogram copies the fold loads at once
+
+
 class _Folded:
     """The sum of a group's private histogram copies (``h [G, C, B]``, zero before each pass and
     zeroed again by the fold), one launch of :func:`_fold_kernel`, into ``row [G, B]`` and chunk
@@ -674,12 +682,17 @@ class _Folded:
         self.nch = next_power_of_2(cdiv(nsearch, self.chunk))
         self.row = torch.empty(groups, bins, dtype=torch.int32, device=h.device)
         self.tot = torch.empty(groups, self.grid[1], dtype=torch.int64, device=h.device)
+        # Up to 8 copies per load. A [8, 1024] tile at 8 warps compiles to 150 registers and no
+        # spills for sm_90 (at 4 warps: 255 and spills).
+        self.copy_block = min(_FOLD_COPY_BLOCK, next_power_of_2(h.shape[1]), max(1, 8192 // self.chunk))
+        self.warps = 8 if self.copy_block * self.chunk >= 8192 else 4
 
     def enqueue(self, gate: Tensor) -> None:
         h = self.h
         _fold_launch[self.grid](
             h, self.row, self.tot, gate, h.shape[2], self.nsearch, h.shape[1], h.stride(0), h.stride(1),
-            self.row.stride(0), self.tot.stride(0), CHUNK=self.chunk, num_warps=4,
+            self.row.stride(0), self.tot.stride(0), CHUNK=self.chunk, COPY_BLOCK=self.copy_block,
+            num_warps=self.warps,
         )
 
 

@@ -194,10 +194,14 @@ def _rerank() -> Iterator[Spec]:
            {"hist": "*i32", "row_stride": "i32", "tot": "*i64", "tot_stride": "i32", "rank_hi": "*i64",
             "rank_lo": "*i64", "rank_mid": "*i64", "blo": "*i32", "bhi": "*i32", "flo": "*i32", "gate": "*i32",
             "nbins": "i32"}, {"CHUNK": 1024, "NCH": 32, "SPAN": select._FINE_SPAN}, {"num_warps": 4})
+    # as _Folded launches it for pass 1 over 64 private copies (host-side setup only)
+    import torch
+
+    fold = select._Folded(torch.zeros(1, 64, select.NAN_BIN + 1, dtype=torch.int32), select.NAN_BIN)
     yield ("_fold_kernel", _jit(select._fold_kernel),
            {"h": "*i32", "out": "*i32", "tot": "*i64", "gate": "*i32", "nbins": "i32", "nsearch": "i32", "copies": "i32",
             "group_stride": "i32", "copy_stride": "i32", "out_stride": "i32", "tot_stride": "i32"},
-           {"CHUNK": 1024}, {"num_warps": 4})
+           {"CHUNK": fold.chunk, "COPY_BLOCK": fold.copy_block}, {"num_warps": fold.warps})
     for wide, cand, aligned in itertools.product((True, False), (True, False), (True, False)):
         yield (f"_near_hist_kernel wide={wide} cand={cand} aligned={aligned}", _jit(select._near_hist_kernel),
                {**tab, "lo": "*i32", "hist": "*i32", "stats": "*i32", "group_stride": "i32", "copy_stride": "i32"},

@@ -66,6 +66,15 @@ def test_aligned_rerank_tiles_compile_to_16_byte_loads_and_stores():
     assert "ok   v4 loads=0" in result.stdout  # the control
 
 
+def test_fold_kernel_loads_its_copies_in_blocks_without_spilling():
+    # The fold loads COPY_BLOCK private histogram copies at once ([8, 1024] int32 tiles); at 4
+    # warps that compiled to 255 registers and spilled, at 8 (what _Folded launches) to 150.
+    result = _python(["-m", "tests.kernels.sm90_compile", "--only", "_fold_kernel", "--resources"], timeout=600)
+    line = [ln for ln in result.stdout.splitlines() if ln.rstrip().endswith("_fold_kernel")]
+    assert result.returncode == 0 and len(line) == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"spill=\s*0\b", line[0]), line[0]
+
+
 @pytest.mark.slow
 def test_every_autotune_config_compiles_for_sm90():
     assert _check(_python(["-m", "tests.kernels.sm90_compile", "--full"], timeout=3000)) > 500

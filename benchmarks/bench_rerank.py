@@ -16,9 +16,10 @@ every tensor gets the kernels' 16-byte vector path, which lengths not divisible 
   ``triton`` selection as a ``RerankPlan`` (tables and buffers made once, no host sync until the
   end) replayed from a CUDA graph, as a pruner that keeps its tensors in place can run it (the
   torch providers run eagerly: each is one to three kernels, so a graph would save them little),
-  without a warm start (``warm_start=False``: every run the cold select, whose pass 1 is
-  bracketed by a sample); ``triton-graph-full``: the same with the bracket off (the exact pass 1
-  takes one atomic per candidate), timed beside it;
+  without a warm start (``warm_start=False``: every run the cold select, with the plan's default
+  bracket: pass 1 bracketed by a sample for 16-bit keys, not for float32, where the H100 timed it
+  slower); ``triton-graph-full``: the same with the bracket off (the exact pass 1 takes one
+  atomic per candidate), timed beside it;
   ``triton-graph-warm``: the same with the warm start, which first looks for the threshold in a
   window around the previous run's. The timed runs re-rank the same weights, so the window always
   holds the threshold: the best case, a pruning run's steady state at best (a missed window costs

@@ -176,13 +176,9 @@ def all_formats(device: str) -> tuple[str, ...]:
 
 def _auto_choose(model: Any, streams: int) -> dict[str, Any]:
     """``--layer-runtime auto`` on ``model`` at the row counts of ``streams`` streams; what it chose."""
-    from sparse_rnnt.export.autoselect import choose_layer_runtimes, probe_rows
+    from sparse_rnnt.export.autoselect import choose_layer_runtimes, probe_rows, summarize
 
-    choices = choose_layer_runtimes(model, probe_rows(model, (streams,)))
-    dense = sum(c.kept == "dense" for c in choices)
-    return {"layers_sparse": len(choices) - dense, "layers_dense_auto": dense,
-            "auto_extra_bytes": sum(c.extra_bytes for c in choices),
-            "auto_runtimes": sorted({c.runtime for c in choices})}
+    return summarize(choose_layer_runtimes(model, probe_rows(model, (streams,))))
 
 
 def bench(device: str, quick: bool, cuda_graphs: bool = False,

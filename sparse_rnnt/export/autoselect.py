@@ -232,3 +232,13 @@ def choose_layer_runtimes(
     log.info("auto layer runtimes: %d of %d sparse layers kept their kernel, %d run dense (+%.1f MB on the device)",
              kept, len(choices), len(choices) - kept, sum(c.extra_bytes for c in choices) / 1e6)
     return choices
+
+
+def summarize(choices: Sequence[LayerChoice]) -> dict[str, Any]:
+    """Counts of what :func:`choose_layer_runtimes` decided: ``layers_sparse``,
+    ``layers_dense_auto``, ``auto_extra_bytes`` (the dense copies' device memory) and
+    ``auto_runtimes`` (the runtimes the layers now use)."""
+    dense = sum(c.kept == "dense" for c in choices)
+    return {"layers_sparse": len(choices) - dense, "layers_dense_auto": dense,
+            "auto_extra_bytes": sum(c.extra_bytes for c in choices),
+            "auto_runtimes": sorted({c.runtime for c in choices})}

@@ -101,12 +101,10 @@ def stream_files(
         if art.multilingual:
             raise UserError("--layer-runtime auto needs a single-language artifact (its layers are masked "
                             "kernels shared by every pathway)")
-        from ..export.autoselect import choose_layer_runtimes, probe_rows
+        from ..export.autoselect import choose_layer_runtimes, probe_rows, summarize
 
-        choices = choose_layer_runtimes(art.model, probe_rows(art.model, (1,)))
-        dense = sum(c.kept == "dense" for c in choices)
-        auto = {"layers_sparse": float(len(choices) - dense), "layers_dense_auto": float(dense),
-                "auto_extra_bytes": float(sum(c.extra_bytes for c in choices))}
+        chosen = summarize(choose_layer_runtimes(art.model, probe_rows(art.model, (1,))))
+        auto = {k: float(v) for k, v in chosen.items() if k != "auto_runtimes"}
     decoder = StreamingDecoder.from_artifact(art, decoding=decoding, beam_width=beam_width,
                                              step_mode="cuda-graph" if cuda_graphs else "eager")
     rate = art.features.sample_rate

@@ -118,6 +118,13 @@ _BRACKET_SIGMAS = 4.0
 _BRACKET_SLACK = 16
 _BRACKET_MIN_CHUNKS = 16  # a group sampled in fewer chunks gets no bracket (every bin)
 _BRACKET_MIN_TILES = 64  # bracket=None: on for launches of at least this many tiles
+_NO_RANK = 2**62  # a rank no count reaches: the bracket spans every bin
+# Pass 2 folded into a bracketed pass 1 (31-bit keys): the low 16 bits of the keys in _FINE_SPAN
+# pass-1 bins around the sample's estimate of the K-th largest's bin, one bin per key, in
+# _FINE_COPIES private copies; only while all groups' copies fit in _FINE_BYTES.
+_FINE_SPAN = 32
+_FINE_COPIES = 2
+_FINE_BYTES = 64 << 20
 
 
 def bracket_by_default(single: bool, block: int, tiles: int, wide_keys: bool) -> bool:
@@ -127,13 +134,6 @@ def bracket_by_default(single: bool, block: int, tiles: int, wide_keys: bool) ->
     time: 0.372 against 0.275 ms at 10M weights, 1.062 against 0.853 ms at 63M); with 16-bit keys
     it gained at 63M (0.532 against 0.624 ms) and lost 0.02 ms at 10M."""
     return single and block >= 16 * _SAMPLE and tiles >= _BRACKET_MIN_TILES and not wide_keys
-_NO_RANK = 2**62  # a rank no count reaches: the bracket spans every bin
-# Pass 2 folded into a bracketed pass 1 (31-bit keys): the low 16 bits of the keys in _FINE_SPAN
-# pass-1 bins around the sample's estimate of the K-th largest's bin, one bin per key, in
-# _FINE_COPIES private copies; only while all groups' copies fit in _FINE_BYTES.
-_FINE_SPAN = 32
-_FINE_COPIES = 2
-_FINE_BYTES = 64 << 20
 
 
 # --------------------------------------------------------------------------------------------

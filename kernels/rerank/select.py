@@ -19,8 +19,8 @@ How (unstructured and block; ``U`` units = weights or blocks, one *group* = one 
   over private copies (program id mod copies); bin 0 (zeros: the pruned weights) is summed per
   program and added once (float32: the high 15 key bits; 16-bit: the whole key, so one pass is
   exact). Candidates only (NaN counted for every weight, as the reference checks all). A fold
-  kernel sums the copies, totals each 1024-bin chunk and zeroes the copies for the next pass; a
-  search kernel (one program per group: the chunk totals from the top, then one chunk's bins)
+  kernel sums the copies, totals each chunk of bins (256-1024 bins, so that the fold has about
+  256 programs: :func:`fold_layout`) and zeroes the copies for the next pass; a search kernel (one program per group: the chunk totals from the top, then one chunk's bins)
   finds the bin holding the K-th largest and the count strictly above it, and flags NaN or too
   few candidates in a device counter.
 - **Pass 2** (31-bit keys only): histogram of the low 16 bits of the keys inside the selected high
@@ -33,9 +33,10 @@ How (unstructured and block; ``U`` units = weights or blocks, one *group* = one 
   bracket or slice gates the exact pass on a device counter: the result never depends on it.
 - **Ties.** If the histogram says every candidate with ``key == t`` fits (``ties == need``, the
   usual float32 case; a device flag per group) the tie-count kernel returns at once for that
-  group. Otherwise it counts ties per tile, a torch exclusive cumsum over the tiles (in flat
-  order over the group's tensors) gives each tile its first tie rank, and the final kernel ranks
-  its ties with an in-tile cumsum.
+  group. Otherwise it counts ties per tile, a one-program scan kernel (which does nothing when
+  every group's ties fit) gives the exclusive prefix over the tiles in flat order over the
+  group's tensors (several groups: the tiles sorted by group, each count written at its tile's
+  slot), and the final kernel ranks its ties with an in-tile cumsum from there.
 - **Final pass**: ``keep = cand & (key > t | (key == t & tie_rank < need))``, written as a uint8
   mask, and (``apply=True``) a masked store of 0 into the pruned weights that are not zero
   already, so kept weights stay bit-identical. Two launches: one compiled for groups whose ties
@@ -109,7 +110,9 @@ from .window import window_select
 
 NAN_BIN = 32768  # bins 0..32767 hold keys (or their high 15 bits); 32768 counts NaNs
 _WARM_WINDOW = {True: 65536, False: 32}  # a warm start's keys around the last threshold: 31-bit, 16-bit
-_SEARCH_CHUNK = 32768 if _INTERP else 1024  # bins a search program scans per step (interpreter: fewer, big steps)
+# Bins per fold program and search step on the interpreter (fewer, big steps); on a GPU the
+# fold's chunk (fold_chunk).
+_INTERP_CHUNK = 32768
 # The cold pass 1's bracket (_AtomicSelect): a sample of 1/_SAMPLE of every tile, its ranks
 # +- _BRACKET_SIGMAS standard deviations counted as if each sampled chunk were one draw (the worst
 # case: units alike within a chunk, as a row's scale makes them), + _BRACKET_SLACK.
@@ -263,37 +266,70 @@ def _digit_hist_kernel(
 
 @triton.jit
 def _tie_count_kernel(
-    tab_src, tab_cand, tab_size, tab_group, tile_seg, first_tile, seg_n, thr, fits, counts,
+    tab_src, tab_cand, tab_size, tab_group, tile_seg, first_tile, seg_n, thr, fits, counts, slot,
     WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr,
-    ALIGNED: tl.constexpr = False,
+    ORDERED: tl.constexpr, ALIGNED: tl.constexpr = False,
 ):
     """``counts[tile]`` = (weighted) number of candidates equal to their group's threshold key;
-    0 without reading the tile when every tie of its group is kept (``fits[g]``: no ranks needed)."""
+    0 without reading the tile when every tie of its group is kept (``fits[g]``: no ranks needed).
+    ``ORDERED`` (several groups): written at ``counts[slot[tile]]``, the tile's place with the
+    tiles sorted by group, so that one scan ranks every group's ties."""
     pid = tl.program_id(0).to(tl.int64)
     seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK, ALIGNED)
     g = tl.load(tab_group + seg)
+    at = counts + (tl.load(slot + pid).to(tl.int64) if ORDERED else pid)
     if tl.load(fits + g) != 0:
-        tl.store(counts + pid, 0)
+        tl.store(at, 0)
     else:
         t = tl.load(thr + g)
         _, key = _keys(_src(tab_src, seg, WIDE, ALIGNED), offs, valid, WIDE)
         tie = _candidates(tab_cand, seg, offs, valid, HAS_CAND, ALIGNED) & (key == t)
         w = _unit_weights(tab_size, seg, offs, valid, HAS_SIZE, BLOCK)
-        tl.store(counts + pid, tl.sum(tl.where(tie, w, 0), axis=0))
+        tl.store(at, tl.sum(tl.where(tie, w, 0), axis=0))
+
+
+@triton.jit
+def _tie_scan_kernel(counts, excl, fits, n, G, BLOCK: tl.constexpr, GBLOCK: tl.constexpr):
+    """One program: ``excl[i] = sum(counts[:i])`` (int64) over the ``n`` tie counts, in the order
+    :func:`_tie_count_kernel` wrote them. Nothing when every group's ties fit (``fits[g]`` for
+    all ``G``): no tie rank is read then. One launch in place of torch's cast, scan and copies."""
+    ranked = tl.full([], 0, tl.int32)
+    for g0 in range(0, G, GBLOCK):
+        gi = g0 + tl.arange(0, GBLOCK)
+        ranked += tl.sum((tl.load(fits + gi, mask=gi < G, other=1) == 0).to(tl.int32), axis=0)
+    if ranked > 0:
+        carry = tl.full([], 0, tl.int64)
+        for i0 in range(0, n, BLOCK):
+            i = i0 + tl.arange(0, BLOCK).to(tl.int64)
+            c = tl.load(counts + i, mask=i < n, other=0).to(tl.int64)
+            tl.store(excl + i, carry + tl.cumsum(c, axis=0) - c, mask=i < n)
+            carry += tl.sum(c, axis=0)
+
+
+@triton.jit
+def _next_window_kernel(result, lo, G, half, GBLOCK: tl.constexpr):
+    """A warm plan's next windows: ``lo[g] = clamp(threshold[g] - half, 0, 2**31 - 1)``, the
+    threshold keys in ``result[0, :G]``."""
+    for g0 in range(0, G, GBLOCK):
+        gi = g0 + tl.arange(0, GBLOCK)
+        t = tl.load(result + gi, mask=gi < G, other=0)
+        tl.store(lo + gi, tl.minimum(tl.maximum(t - half, 0), 2147483647).to(tl.int32), mask=gi < G)
 
 
 @triton.jit
 def _mask_kernel(
     tab_src, tab_cand, tab_size, tab_out, tab_group, tab_apply, tile_seg, first_tile, seg_n,
-    thr, need, fits, bad, tile_start,
+    thr, need, fits, bad, excl, slot, gfirst,
     ALL_TIES: tl.constexpr, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr,
-    BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
+    BLOCK: tl.constexpr, ORDERED: tl.constexpr, ALIGNED: tl.constexpr = False,
 ):
     """Write each segment's ``out = keep`` (uint8) and zero its ``src`` where not kept when the
     segment applies (only bits not already zero: a pruned weight stays pruned without a write).
     Nothing at all when ``bad[0] != 0`` (NaN, too few candidates: the host raises afterwards).
     Two launches share the tiles: ``ALL_TIES`` handles the groups whose ties are all kept
-    (``fits[g]``, no tie ranks needed, no scan compiled in), the other one the rest."""
+    (``fits[g]``, no tie ranks needed, no scan compiled in), the other one the rest, whose
+    ties before a tile are ``excl`` at the tile's slot (``ORDERED``: ``slot[tile]``, less ``excl``
+    at its group's first slot ``gfirst[g]``) (:func:`_tie_scan_kernel`)."""
     pid = tl.program_id(0).to(tl.int64)
     seg = tl.load(tile_seg + pid).to(tl.int64)
     g = tl.load(tab_group + seg)
@@ -311,7 +347,11 @@ def _mask_kernel(
             w = _unit_weights(tab_size, seg, offs, valid, HAS_SIZE, BLOCK)
             tw = tl.where(tie, w, 0)
             # Weight of the group's ties before each unit in flat order: tile start + in-tile scan.
-            rank = tl.load(tile_start + pid) + tl.cumsum(tw, axis=0) - tw
+            if ORDERED:
+                start = tl.load(excl + tl.load(slot + pid)) - tl.load(excl + tl.load(gfirst + g))
+            else:
+                start = tl.load(excl + pid)
+            rank = start + tl.cumsum(tw, axis=0) - tw
             keep = (c & (key > t)) | (tie & (rank < tl.load(need + g)))
         out = _ptr(tl.load(tab_out + seg), tl.uint8, ALIGNED)
         tl.store(out + offs, keep.to(tl.uint8), mask=valid)
@@ -610,7 +650,9 @@ _near_search_launch = DirectLauncher(_near_search_kernel)
 _nm_launch = DirectLauncher(_nm_kernel)
 _sample_bracket_launch = DirectLauncher(_sample_bracket_kernel)
 _search_launch = DirectLauncher(_search_kernel)
+_next_window_launch = DirectLauncher(_next_window_kernel)
 _tie_count_launch = DirectLauncher(_tie_count_kernel)
+_tie_scan_launch = DirectLauncher(_tie_scan_kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -665,27 +707,55 @@ def _bracket_ranks(launches: list[_Launch], keep: list[int], block: int) -> list
     return ranks
 
 
-_FOLD_COPY_BLOCK = 8  # private histogram copies the fold loads at once
+# The fold's programs: one per (group, chunk of bins). With 1024-bin chunks one group's 32769
+# pass-1 bins made 33 programs, on an H100 of 132 SMs; chunks are halved (down to
+# _FOLD_MIN_CHUNK) until the launch has _FOLD_PROGRAMS programs. The search kernels read the
+# chunk totals at the same chunk size.
+_FOLD_PROGRAMS = 256
+_FOLD_MAX_CHUNK = 1024
+_FOLD_MIN_CHUNK = 256
+_FOLD_MAX_COPY_BLOCK = 16  # private histogram copies the fold loads at once
+
+
+def fold_chunk(groups: int, bins: int) -> int:
+    """Bins per fold program on a GPU: :data:`_FOLD_MAX_CHUNK`, halved down to
+    :data:`_FOLD_MIN_CHUNK` while the fold of ``groups`` histograms of ``bins`` bins would have
+    fewer than :data:`_FOLD_PROGRAMS` programs."""
+    chunk = _FOLD_MAX_CHUNK
+    while chunk > _FOLD_MIN_CHUNK and groups * cdiv(bins, chunk) < _FOLD_PROGRAMS:
+        chunk //= 2
+    return chunk
+
+
+def fold_layout(groups: int, bins: int, nsearch: int, copies: int,
+                chunk: int | None = None) -> tuple[int, int, int]:
+    """``(chunk, copy_block, warps)`` of the fold of ``[groups, copies, bins]`` histograms whose
+    first ``nsearch`` bins are searched: ``chunk`` bins per program (given, else
+    :func:`fold_chunk`, or on the interpreter :data:`_INTERP_CHUNK`), ``copy_block`` copies
+    loaded at once, about 32 int32 values per thread (a ``[8, 1024]`` tile at 8 warps compiled
+    to 150 registers and no spills for sm_90; at 4 warps to 255 and spills), and the warps."""
+    if chunk is None:
+        chunk = _INTERP_CHUNK if _INTERP else fold_chunk(groups, bins)
+    chunk = min(chunk, next_power_of_2(nsearch))
+    warps = 8 if chunk >= 1024 else 4
+    copy_block = max(1, min(_FOLD_MAX_COPY_BLOCK, next_power_of_2(copies), 32 * 32 * warps // chunk))
+    return chunk, copy_block, warps
 
 
 class _Folded:
     """The sum of a group's private histogram copies (``h [G, C, B]``, zero before each pass and
     zeroed again by the fold), one launch of :func:`_fold_kernel`, into ``row [G, B]`` and chunk
     totals over the first ``nsearch`` bins, which a search kernel (``chunk``/``nch`` its
-    CHUNK/NCH) reads."""
+    CHUNK/NCH) reads. Layout: :func:`fold_layout`."""
 
     def __init__(self, h: Tensor, nsearch: int, chunk: int | None = None) -> None:
-        groups, _, bins = h.shape
+        groups, copies, bins = h.shape
         self.h, self.nsearch = h, nsearch
-        self.chunk = min(chunk or _SEARCH_CHUNK, next_power_of_2(nsearch))
+        self.chunk, self.copy_block, self.warps = fold_layout(groups, bins, nsearch, copies, chunk)
         self.grid = (groups, cdiv(bins, self.chunk))
         self.nch = next_power_of_2(cdiv(nsearch, self.chunk))
         self.row = torch.empty(groups, bins, dtype=torch.int32, device=h.device)
         self.tot = torch.empty(groups, self.grid[1], dtype=torch.int64, device=h.device)
-        # Up to 8 copies per load. A [8, 1024] tile at 8 warps compiles to 150 registers and no
-        # spills for sm_90 (at 4 warps: 255 and spills).
-        self.copy_block = min(_FOLD_COPY_BLOCK, next_power_of_2(h.shape[1]), max(1, 8192 // self.chunk))
-        self.warps = 8 if self.copy_block * self.chunk >= 8192 else 4
 
     def enqueue(self, gate: Tensor) -> None:
         h = self.h
@@ -750,10 +820,13 @@ class _AtomicSelect:
         # groups in error, of groups whose bracket missed and of groups that need the real pass 2,
         # zeroed together by one memset per run.
         self.result = torch.empty(6, groups, dtype=torch.int64, device=dev)
-        small = torch.empty(6 * groups + 3, dtype=torch.int32, device=dev)
-        self.b1, self.thr, self.fits, self.blo, self.bhi, self.flo = small[:6 * groups].view(6, groups).unbind(0)
-        self.flags = small[-3:]
-        self.bad, self.missed, self.need2 = small[-3:-2], small[-2:-1], small[-1:]
+        small = torch.empty(6 * groups, dtype=torch.int32, device=dev)
+        self.b1, self.thr, self.fits, self.blo, self.bhi, self.flo = small.view(6, groups).unbind(0)
+        # Zeroed together by one memset per run: the three counts, and a warm start's window
+        # statistics [G, 3] and miss count.
+        self.zeroed = torch.empty(3 + (3 * groups + 1 if warm else 0), dtype=torch.int32, device=dev)
+        self.flags = self.zeroed[:3]
+        self.bad, self.missed, self.need2 = self.flags[0:1], self.flags[1:2], self.flags[2:3]
         if bracket:
             # The sample ranks from the top [3, G]: the bracket's top bin (row 0), its bottom bin
             # (row 1) and the estimate of the K-th largest's (row 2).
@@ -776,8 +849,8 @@ class _AtomicSelect:
             self.copies_w = min(copies, 8)
             self.hw = torch.zeros(groups, self.copies_w, self.nw, dtype=torch.int32, device=dev)
             self.fw = _Folded(self.hw, self.nw)
-            self.stats = torch.empty(groups, 3, dtype=torch.int32, device=dev)
-            self.miss = torch.empty(1, dtype=torch.int32, device=dev)
+            self.stats = self.zeroed[3:3 + 3 * groups].view(groups, 3)
+            self.miss = self.zeroed[-1:]
             self.lo = torch.zeros(groups, dtype=torch.int32, device=dev)
 
     def compile_warm(self) -> None:
@@ -785,13 +858,13 @@ class _AtomicSelect:
         running its pass once: it reads the weights and writes only scratch buffers and the
         state a run recomputes, so weights, masks and candidates stay as they are."""
         self.dirty = True
+        self.zeroed.zero_()
         self._near_pass()
         self.dirty = False
 
     def _near_pass(self) -> None:
+        """The warm start's window pass; ``stats`` and ``miss`` zeroed before it."""
         groups = len(self.keep)
-        self.stats.zero_()
-        self.miss.zero_()
         for ln in self.launches:
             _near_hist_launch[(ln.tiles,)](
                 ln.src, ln.cand, ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n,
@@ -848,7 +921,7 @@ class _AtomicSelect:
                 if h is not None:
                     h.zero_()
         self.dirty = True
-        self.flags.zero_()
+        self.zeroed.zero_()
         gate = self.one
         if warm:
             self._near_pass()
@@ -880,7 +953,7 @@ class _AtomicSelect:
             fp.enqueue(self.thr, self.result[1], self.fits, self.bad, groups)
         self.dirty = False
         if self.warm:  # the next window: centred on this threshold
-            self.lo.copy_((self.result[0] - self.nw // 2).clamp(0, INT32_MAX))
+            _next_window_launch[(1,)](self.result, self.lo, groups, self.nw // 2, GBLOCK=128, num_warps=1)
 
     def finish(self, warm: bool = False) -> tuple[list[tuple[int, int]], bool]:
         """One host sync: raise the errors the counts show, else per group ``(threshold, need)``,
@@ -896,41 +969,40 @@ class _AtomicSelect:
 
 
 class _FinalPass:
-    """Tie ranks (only for groups whose ties do not all fit) and the mask pass of one launch."""
+    """Tie ranks (only for groups whose ties do not all fit) and the mask pass of one launch:
+    four launches (tie counts, their scan, the mask pass in its two cases)."""
 
     def __init__(self, ln: _Launch, segments: list[Segment], block: int, warps: int, dev: torch.device) -> None:
         self.ln, self.block, self.warps = ln, block, warps
         self.counts = torch.empty(ln.tiles, dtype=torch.int32, device=dev)
-        self.tile_start = torch.empty(ln.tiles, dtype=torch.int32, device=dev)
+        self.excl = torch.empty(ln.tiles, dtype=torch.int64, device=dev)
         # Tie ranks: per-tile tie counts, exclusive prefix over each group's tiles in flat
-        # (segment list) order. Several groups: the tiles sorted by group once, here.
-        self.order = None
-        if len({segments[i].group for i in ln.index}) > 1:
+        # (segment list) order. Several groups: each tile's slot with the tiles sorted by group
+        # (stable: flat order within a group) and each group's first slot, made once, here.
+        self.ordered = len({segments[i].group for i in ln.index}) > 1
+        self.slot = self.gfirst = None
+        if self.ordered:
             tile_group = ln.group[ln.tile_seg]
-            self.order = torch.argsort(tile_group, stable=True)
-            sorted_groups = tile_group[self.order]
-            self.first = torch.searchsorted(sorted_groups, sorted_groups)  # each tile's group's first slot
+            order = torch.argsort(tile_group, stable=True)
+            self.slot = torch.empty_like(order, dtype=torch.int32)
+            self.slot[order] = torch.arange(ln.tiles, dtype=torch.int32, device=dev)
+            groups = max(segments[i].group for i in ln.index) + 1
+            self.gfirst = torch.searchsorted(tile_group[order], torch.arange(groups, device=dev)).to(torch.int32)
 
     def enqueue(self, thr: Tensor, need: Tensor, fits: Tensor, bad: Tensor, groups: int) -> None:
         ln, block, warps = self.ln, self.block, self.warps
         _tie_count_launch[(ln.tiles,)](
-            *ln.args(), ln.group, ln.tile_seg, ln.first, ln.n, thr, fits, self.counts,
-            WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size, BLOCK=block, ALIGNED=ln.aligned,
-            num_warps=warps,
+            *ln.args(), ln.group, ln.tile_seg, ln.first, ln.n, thr, fits, self.counts, self.slot,
+            WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size, BLOCK=block, ORDERED=self.ordered,
+            ALIGNED=ln.aligned, num_warps=warps,
         )
-        if self.order is None:
-            c = self.counts.to(torch.int64)
-            self.tile_start.copy_(torch.cumsum(c, 0) - c)
-        else:
-            c = self.counts[self.order].to(torch.int64)
-            excl = torch.cumsum(c, 0) - c
-            self.tile_start[self.order] = (excl - excl[self.first]).to(torch.int32)
+        _tie_scan_launch[(1,)](self.counts, self.excl, fits, ln.tiles, groups, BLOCK=1024, GBLOCK=128, num_warps=4)
         for all_ties in (True, False):  # each tile is written by the one whose case its group is
             _mask_launch[(ln.tiles,)](
                 *ln.args(), ln.out, ln.group, ln.apply, ln.tile_seg, ln.first, ln.n,
-                thr, need, fits, bad, self.tile_start,
+                thr, need, fits, bad, self.excl, self.slot, self.gfirst,
                 ALL_TIES=all_ties, WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size,
-                BLOCK=block, ALIGNED=ln.aligned, num_warps=warps,
+                BLOCK=block, ORDERED=self.ordered, ALIGNED=ln.aligned, num_warps=warps,
             )
 
 

@@ -176,44 +176,68 @@ def _rerank() -> Iterator[Spec]:
                    {**flags, "PASS2": pass2, "COPIES": 64, "BRACKET": bracket, "SAMPLE": sample, "FINE": fine,
                     "SPAN": select._FINE_SPAN if fine else 1, "FCOPIES": select._FINE_COPIES if fine else 1},
                    warps if sample == 1 else {"num_warps": 1})
-        yield (f"_tie_count_kernel {tag}", _jit(select._tie_count_kernel),
-               {**tab, "thr": "*i32", "fits": "*i32", "counts": "*i32"}, flags, warps)
-        for all_ties in (False, True):
-            yield (f"_mask_kernel all_ties={all_ties} {tag}", _jit(select._mask_kernel),
-                   {**tab, "thr": "*i32", "need": "*i64", "fits": "*i32", "bad": "*i32", "tile_start": "*i32"},
-                   {**flags, "ALL_TIES": all_ties}, warps)
-    for pass2, bracket, fine in ((False, False, False), (False, True, False), (True, False, False), (True, False, True)):
-        yield (f"_search_kernel pass2={pass2} bracket={bracket} fine={fine}", _jit(select._search_kernel),
+        # ORDERED (several groups in the launch) only where it changes the code: the tie ranks.
+        for ordered in (False, True):
+            yield (f"_tie_count_kernel ordered={ordered} {tag}", _jit(select._tie_count_kernel),
+                   {**tab, "thr": "*i32", "fits": "*i32", "counts": "*i32", "slot": "*i32" if ordered else None},
+                   {**flags, "ORDERED": ordered}, warps)
+        for all_ties, ordered in ((True, False), (False, False), (False, True)):
+            yield (f"_mask_kernel all_ties={all_ties} ordered={ordered} {tag}", _jit(select._mask_kernel),
+                   {**tab, "thr": "*i32", "need": "*i64", "fits": "*i32", "bad": "*i32", "excl": "*i64",
+                    "slot": "*i32" if ordered else None, "gfirst": "*i32" if ordered else None},
+                   {**flags, "ALL_TIES": all_ties, "ORDERED": ordered}, warps)
+    yield ("_tie_scan_kernel", _jit(select._tie_scan_kernel),
+           {"counts": "*i32", "excl": "*i64", "fits": "*i32", "n": "i32", "G": "i32"},
+           {"BLOCK": 1024, "GBLOCK": 128}, {"num_warps": 4})
+    yield ("_next_window_kernel", _jit(select._next_window_kernel),
+           {"result": "*i64", "lo": "*i32", "G": "i32", "half": "i32"}, {"GBLOCK": 128}, {"num_warps": 1})
+    # The folds and searches at the chunk sizes the select uses (select.fold_layout): one group
+    # (the bins split finer to fill the GPU), a few and a hundred (per-tensor scope); the pass-1,
+    # pass-2, warm-window and fine histograms.
+    layouts = {}
+    span = select._FINE_SPAN * 65536
+    for groups in (1, 8, 100):
+        copies = select._hist_copies(groups, 1 << 20)
+        for bins, nsearch, c in ((select.NAN_BIN + 1, select.NAN_BIN, copies), (65536, 65536, min(copies, 4)),
+                                 (select._WARM_WINDOW[True], select._WARM_WINDOW[True], min(copies, 8)),
+                                 (span, span, min(copies, select._FINE_COPIES))):
+            chunk, copy_block, fold_warps = select.fold_layout(groups, bins, nsearch, c)
+            layouts[(chunk, copy_block, fold_warps)] = None
+    fold_types = {"h": "*i32", "out": "*i32", "tot": "*i64", "gate": "*i32", "nbins": "i32", "nsearch": "i32",
+                  "copies": "i32", "group_stride": "i32", "copy_stride": "i32", "out_stride": "i32",
+                  "tot_stride": "i32"}
+    for chunk, copy_block, fold_warps in layouts:
+        yield (f"_fold_kernel chunk={chunk} copy_block={copy_block}", _jit(select._fold_kernel), fold_types,
+               {"CHUNK": chunk, "COPY_BLOCK": copy_block}, {"num_warps": fold_warps})
+    chunks = sorted({chunk for chunk, _, _ in layouts})
+    for chunk, (pass2, bracket, fine) in itertools.product(
+            chunks, ((False, False, False), (False, True, False), (True, False, False), (True, False, True))):
+        nbins = 65536 if pass2 else select.NAN_BIN
+        yield (f"_search_kernel chunk={chunk} pass2={pass2} bracket={bracket} fine={fine}", _jit(select._search_kernel),
                {"hist": "*i32", "row_stride": "i32", "tot": "*i64", "tot_stride": "i32", "nbins": "i32",
                 "keep": "*i64", "b1": "*i32", "live2": "*i32", "thr": "*i32", "fits": "*i32", "result": "*i64",
                 "bad": "*i32", "gate": "*i32", "blo": "*i32", "bhi": "*i32", "missed": "*i32", "flo": "*i32",
                 "need2": "*i32", "G": "i32"},
-               {"PASS2": pass2, "CHUNK": 1024, "NCH": 64 if pass2 else 32, "BRACKET": bracket, "FINE": fine,
+               {"PASS2": pass2, "CHUNK": chunk, "NCH": nbins // chunk, "BRACKET": bracket, "FINE": fine,
                 "SPAN": select._FINE_SPAN if fine else 1}, {"num_warps": 4})
-    yield ("_sample_bracket_kernel", _jit(select._sample_bracket_kernel),
-           {"hist": "*i32", "row_stride": "i32", "tot": "*i64", "tot_stride": "i32", "rank_hi": "*i64",
-            "rank_lo": "*i64", "rank_mid": "*i64", "blo": "*i32", "bhi": "*i32", "flo": "*i32", "gate": "*i32",
-            "nbins": "i32"}, {"CHUNK": 1024, "NCH": 32, "SPAN": select._FINE_SPAN}, {"num_warps": 4})
-    # as _Folded launches it for pass 1 over 64 private copies (host-side setup only)
-    import torch
-
-    fold = select._Folded(torch.zeros(1, 64, select.NAN_BIN + 1, dtype=torch.int32), select.NAN_BIN)
-    yield ("_fold_kernel", _jit(select._fold_kernel),
-           {"h": "*i32", "out": "*i32", "tot": "*i64", "gate": "*i32", "nbins": "i32", "nsearch": "i32", "copies": "i32",
-            "group_stride": "i32", "copy_stride": "i32", "out_stride": "i32", "tot_stride": "i32"},
-           {"CHUNK": fold.chunk, "COPY_BLOCK": fold.copy_block}, {"num_warps": fold.warps})
+    for chunk in chunks:
+        yield (f"_sample_bracket_kernel chunk={chunk}", _jit(select._sample_bracket_kernel),
+               {"hist": "*i32", "row_stride": "i32", "tot": "*i64", "tot_stride": "i32", "rank_hi": "*i64",
+                "rank_lo": "*i64", "rank_mid": "*i64", "blo": "*i32", "bhi": "*i32", "flo": "*i32", "gate": "*i32",
+                "nbins": "i32"}, {"CHUNK": chunk, "NCH": select.NAN_BIN // chunk, "SPAN": select._FINE_SPAN},
+               {"num_warps": 4})
     for wide, cand, aligned in itertools.product((True, False), (True, False), (True, False)):
         yield (f"_near_hist_kernel wide={wide} cand={cand} aligned={aligned}", _jit(select._near_hist_kernel),
                {**tab, "lo": "*i32", "hist": "*i32", "stats": "*i32", "group_stride": "i32", "copy_stride": "i32"},
                {"NW": select._WARM_WINDOW[wide], "WIDE": wide, "HAS_CAND": cand, "COPIES": 8, "BLOCK": 4096,
                 "ALIGNED": aligned}, warps)
-    for wide in (True, False):
+    for wide, chunk in itertools.product((True, False), chunks):
         nw = select._WARM_WINDOW[wide]
-        yield (f"_near_search_kernel nw={nw}", _jit(select._near_search_kernel),
+        yield (f"_near_search_kernel nw={nw} chunk={chunk}", _jit(select._near_search_kernel),
                {"hist": "*i32", "row_stride": "i32", "tot": "*i64", "tot_stride": "i32", "keep": "*i64",
                 "lo": "*i32", "stats": "*i32", "thr": "*i32", "fits": "*i32", "result": "*i64", "miss": "*i32",
                 "G": "i32"},
-               {"NW": nw, "CHUNK": min(1024, nw), "NCH": max(1, nw // 1024)}, {"num_warps": 4})
+               {"NW": nw, "CHUNK": min(chunk, nw), "NCH": max(1, nw // chunk)}, {"num_warps": 4})
     for wide, cand, first in itertools.product((True, False), (True, False), (True, False)):
         yield (f"_digit_hist_kernel wide={wide} cand={cand} first={first}", _jit(select._digit_hist_kernel),
                {**tab, "hist": "*i32", "prefix": "*i32", "live": "*i32", "nan_count": "*i32", "group_stride": "i32"},

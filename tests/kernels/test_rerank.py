@@ -1259,10 +1259,59 @@ def _scan_probe(row, tot, nbins, k, out, CHUNK: tl.constexpr, NCH: tl.constexpr)
     tl.store(out + 4, total)
 
 
+@pytest.mark.parametrize("n", [1, 1023, 2500])
+def test_tie_scan_is_torchs_exclusive_cumsum_and_skips_when_every_tie_fits(n):
+    # One program scans the tiles' tie counts in blocks of 1024 with a carry (n = 2500: three
+    # blocks, the last partial); it writes nothing when every group's ties fit.
+    from sparse_rnnt.kernels.rerank.select import _tie_scan_kernel
+
+    g = torch.Generator().manual_seed(n)
+    counts = torch.randint(0, 2**20, (n,), generator=g, dtype=torch.int32)  # sums past int32
+    groups = 130  # more than one GBLOCK of groups
+    for fits_at in (None, 0, groups - 1):
+        fits = torch.ones(groups, dtype=torch.int32)
+        if fits_at is not None:
+            fits[fits_at] = 0
+        excl = torch.full((n,), -7, dtype=torch.int64)
+        _tie_scan_kernel[(1,)](counts, excl, fits, n, groups, BLOCK=1024, GBLOCK=128)
+        c = counts.to(torch.int64)
+        want = torch.full_like(excl, -7) if fits_at is None else torch.cumsum(c, 0) - c
+        assert torch.equal(excl, want), fits_at
+
+
+def test_next_window_is_the_clamped_threshold_less_half_the_window():
+    from sparse_rnnt.kernels.rerank.select import INT32_MAX, _next_window_kernel
+
+    thr = torch.tensor([0, 5, 40000, 2**31 - 1, 32767, 2**31 + 5] * 30, dtype=torch.int64)
+    result = torch.cat([thr, torch.full((5 * thr.numel(),), -1, dtype=torch.int64)])  # result[0] is row 0
+    lo = torch.full((thr.numel(),), -3, dtype=torch.int32)
+    _next_window_kernel[(1,)](result, lo, thr.numel(), 32768, GBLOCK=128)
+    assert torch.equal(lo.long(), (thr - 32768).clamp(0, INT32_MAX))
+
+
+def test_fold_layout_fills_the_gpu_and_loads_about_32_values_per_thread():
+    # Hand-computed: one group's 32769 pass-1 bins in 1024-bin chunks were 33 fold programs for
+    # an H100's 132 SMs; chunks halve (not below 256) until there are 256 programs.
+    from sparse_rnnt.kernels.rerank.select import NAN_BIN, fold_chunk, fold_layout
+
+    assert fold_chunk(1, NAN_BIN + 1) == 256  # 129 programs: the smallest chunk
+    assert fold_chunk(4, NAN_BIN + 1) == 512  # 4 x 65 = 260
+    assert fold_chunk(8, NAN_BIN + 1) == 1024  # 8 x 33 = 264
+    assert fold_chunk(1, 65536) == 256 and fold_chunk(4, 65536) == 1024
+    assert fold_chunk(100, 32) == 256  # 100 one-chunk rows
+    # (chunk, copies) -> (copy_block, warps): 32 x 32 x warps values per program, at most 16
+    # copies, no more than the copies there are.
+    expect = {(256, 64): (16, 4), (1024, 64): (8, 8), (512, 64): (8, 4), (256, 4): (4, 4), (1024, 1): (1, 8),
+              (32, 8): (8, 4), (32768, 1): (1, 8), (1, 3): (4, 4)}
+    for (chunk, copies), (block, warps) in expect.items():
+        assert fold_layout(1, 1 << 20, 1 << 20, copies, chunk) == (chunk, block, warps)
+    assert fold_layout(1, 37, 37, 2, 1024)[0] == 64  # never wider than the searched bins
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     nbins=st.integers(1, 90),
-    copies=st.integers(1, 3),
+    copies=st.sampled_from([1, 2, 3, 17]),  # 17: a last, partial block of copies
     chunk=st.sampled_from([1, 2, 4, 16, 128]),
     density=st.sampled_from([0.0, 0.1, 0.9]),
     k=st.integers(1, 200),

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session's checks in one call (see README, Benchmarks): the CUDA tests, then every GPU
 # benchmark, each step bounded so that the whole run ends by $DEADLINE_S seconds; results land in
-# $OUT (default benchmarks/results) as at most 8 files: session.log (every step's output, in
-# order), gpu.txt, kernels-cuda.{json,csv}, small-row-cuda.jsonl, stream-cuda.json,
-# load/stream-cuda.json.
+# $OUT (default benchmarks/results) as at most 9 files: session.log (every step's output, in
+# order), gpu.txt, kernels-cuda.{json,csv}, small-row-cuda.jsonl, rerank-profile-cuda.jsonl,
+# stream-cuda.json, load/stream-cuda.json.
 # The GPU image lacks soundfile/espeakng-loader/jiwer: carry their wheels in .whl/
 # (pip download ... --python-version 3.12 --only-binary=:all: -d .whl) and they go to /tmp/site.
 # DEVICE=cpu (with PYTHON=.venv/bin/python) runs the same steps on a CPU machine at CPU sizes:
@@ -36,8 +36,8 @@ else
   XDIST="" GRAPHS=""
 fi
 
-# STEPS (default: all) picks steps by name; TESTS_BUDGET (default 300) and STREAM_BUDGET (default 120)
-# bound the tests and stream steps;
+# STEPS (default: all) picks steps by name; TESTS_BUDGET (default 300), PROFILE_BUDGET (default 90)
+# and STREAM_BUDGET (default 120) bound the tests, profile and stream steps;
 # TESTS_K replaces its -k selection (the tests a change needs first, say); KERNEL_ARGS and STREAM_ARGS replace the kernel and
 # stream benchmarks' default `--quick`; LOAD_DTYPE sets the load test's weights (default bf16 on CUDA); LOAD_STEP_MODE its
 # steps (default cuda-graph). All steps take more than one 600 s call. A 15-minute lease counts
@@ -46,7 +46,7 @@ fi
 # DEADLINE_S=440`, then at once call 2 `STEPS="stream load" DEADLINE_S=350` (the load test gets
 # what the stream step leaves); the lease had held 620 of its 900 s after call 2 (whose stream
 # step failed early that time).
-STEPS=${STEPS:-tests kernels small_row stream load}
+STEPS=${STEPS:-tests kernels small_row profile stream load}
 # step NAME BUDGET_S CMD...: runs CMD for at most min(BUDGET_S, time left before the deadline).
 step() {
   local name=$1 budget=$2
@@ -68,6 +68,9 @@ step tests ${TESTS_BUDGET:-300} env SPARSE_RNNT_FAILURES_NOW=1 "$PYTHON" -m pyte
   tests/training/test_distributed.py tests/test_benchmarks.py
 step kernels 150 "$PYTHON" -m benchmarks.kernels --device "$DEVICE" ${KERNEL_ARGS:---quick} --out-dir "$OUT"
 step small_row 80 sh -c "\"$PYTHON\" -m benchmarks.bench_small_row --device $DEVICE --quick > $OUT/small-row-$DEVICE.jsonl"
+# Where a re-rank's time goes, per kernel (benchmarks/profile_rerank.py); PROFILE_ARGS replaces its sizes and algorithms.
+step profile ${PROFILE_BUDGET:-90} sh -c "\"$PYTHON\" -m benchmarks.profile_rerank --device $DEVICE \
+  ${PROFILE_ARGS:---sizes 10000000,63000000 --algorithms plan-graph,plan-graph-full,plan-graph-warm} > $OUT/rerank-profile-$DEVICE.jsonl"
 step stream ${STREAM_BUDGET:-120} "$PYTHON" -m benchmarks.stream --device "$DEVICE" ${STREAM_ARGS:---quick} $GRAPHS --out-dir "$OUT"
 # The 64-stream load test on base; last, as it is the longest.
 LOAD_WALL=$((DEADLINE_S - ($(date +%s) - START) - 40))

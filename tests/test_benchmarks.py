@@ -421,18 +421,21 @@ def test_gpu_session_script_rehearsal_on_cpu(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OUT": str(tmp_path), "DEVICE": "cpu", "PYTHON": sys.executable, "DEADLINE_S": "300",
-           "STEPS": "kernels small_row stream load", "KERNEL_ARGS": "--quick --sections masked_linear",
+           "STEPS": "kernels small_row profile stream load", "KERNEL_ARGS": "--quick --sections masked_linear",
+           "PROFILE_ARGS": "--sizes 128000 --algorithms plan-warm --dtypes float32",
            "STREAM_ARGS": "--quick --streams 2", "LOAD_MINUTES": "0.02"}
     run = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], cwd=root, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     log = (tmp_path / "session.log").read_text()
-    for name in ("kernels", "small_row", "stream", "load"):
+    for name in ("kernels", "small_row", "profile", "stream", "load"):
         assert f"=== {name} rc=0" in log, log[-3000:]
     kernels = json.loads((tmp_path / "kernels-cpu.json").read_text())
     assert {r["provider"] for r in kernels["rows"]} == {"dense", "unfused", "dense-autocast", "unfused-autocast"}
     small = [json.loads(line) for line in (tmp_path / "small-row-cpu.jsonl").read_text().splitlines()]
     assert small and all(r["bench"] == "small_row_linear" for r in small)
+    profile = [json.loads(line) for line in (tmp_path / "rerank-profile-cpu.jsonl").read_text().splitlines()]
+    assert "environment" in profile[0] and [(r["shape"], r["path"]) for r in profile[1:]] == [("128000", "warm")]
     stream = json.loads((tmp_path / "stream-cpu.json").read_text())
     assert {r["streams"] for r in stream["rows"] if "streams" in r} == {2}
     load = json.loads((tmp_path / "load" / "stream-cpu.json").read_text())["load"]

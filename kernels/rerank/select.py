@@ -146,12 +146,12 @@ def bracket_by_default(single: bool, block: int, tiles: int, wide_keys: bool) ->
 
 @triton.jit
 def _hist_kernel(
-    tab_src, tab_cand, tab_size, tab_group, tab_nan, tile_seg, first_tile, seg_n,
+    tab_src, tab_cand, tab_size, tab_group, tab_nan, tile_seg, first_tile, seg_n, n_tiles,
     hist, sel_hi, live, gate, blo, bhi, group_stride, copy_stride, fine, flo, fine_group_stride,
     PASS2: tl.constexpr, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr,
     COPIES: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
     BRACKET: tl.constexpr = False, SAMPLE: tl.constexpr = 1, FINE: tl.constexpr = False,
-    SPAN: tl.constexpr = 1, FCOPIES: tl.constexpr = 1,
+    SPAN: tl.constexpr = 1, FCOPIES: tl.constexpr = 1, LOOP: tl.constexpr = False,
 ):
     """Histogram (weighted by unit size when given) of candidate keys, every segment of the
     launch in one grid, into copy ``program % COPIES`` of its group's ``COPIES`` histograms.
@@ -162,44 +162,67 @@ def _hist_kernel(
     total and every count from the top down to ``blo`` stay exact. ``FINE`` (with ``BRACKET``,
     31-bit keys): the candidates inside the bracket whose pass-1 bin ``b`` is in ``[flo[g],
     flo[g] + SPAN)`` are also counted by their whole key, in ``fine`` bin ``(b - flo[g]) * 65536
-    + (key & 0xFFFF)`` of copy ``program % FCOPIES``: the pass-2 histogram of every bin there."""
+    + (key & 0xFFFF)`` of copy ``program % FCOPIES``: the pass-2 histogram of every bin there.
+    One tile per program, or with ``LOOP`` (the short grid of a pass that is usually gated off,
+    :data:`_IDLE_PROGRAMS`) tiles ``p, p + P, ...`` of the ``n_tiles`` for program ``p`` of ``P``.
+    The loop is compiled only there: it took the plain pass from 64 to 116 registers for sm_90."""
     if tl.load(gate) != 0:
-        pid = tl.program_id(0).to(tl.int64)
-        if SAMPLE > 1:
-            seg, offs, valid = _sample_tile(pid, tile_seg, first_tile, seg_n, BLOCK, SAMPLE, ALIGNED)
+        prog = tl.program_id(0).to(tl.int64)
+        if LOOP:
+            for tile in range(prog, n_tiles, tl.num_programs(0)):
+                _hist_tile(tab_src, tab_cand, tab_size, tab_group, tab_nan, tile_seg, first_tile, seg_n,
+                           hist, sel_hi, live, blo, bhi, group_stride, copy_stride, fine, flo, fine_group_stride,
+                           tile, prog, PASS2, WIDE, HAS_CAND, HAS_SIZE, COPIES, BLOCK, ALIGNED, BRACKET, SAMPLE,
+                           FINE, SPAN, FCOPIES)
         else:
-            seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK, ALIGNED)
-        g = tl.load(tab_group + seg).to(tl.int64)
-        _, key = _keys(_src(tab_src, seg, WIDE, ALIGNED), offs, valid, WIDE)
-        c = _candidates(tab_cand, seg, offs, valid, HAS_CAND, ALIGNED)
-        w = _unit_weights(tab_size, seg, offs, valid, HAS_SIZE, BLOCK // SAMPLE)
-        h = hist + g * group_stride + (pid % COPIES) * copy_stride
-        if PASS2:
-            c = c & (tl.load(live + g) != 0) & ((key >> 16) == tl.load(sel_hi + g))
-            b = key & 0xFFFF
-            # Bin 0 holds the pruned weights (exact zeros), most of a sparse model: counted with
-            # one reduction and a single atomic per program instead of one atomic per zero.
-            lump = c & (b == 0)
-        else:
-            isnan = valid & (key > tl.load(tab_nan + seg))
-            b = tl.where(isnan, 32768, (key >> 16) if WIDE else key)
-            c = c | isnan  # NaN is an error wherever it is, candidate or not
-            lump = c & (b == 0)
-            if BRACKET:
-                over = c & ~isnan & (b > tl.load(bhi + g))
-                lump = lump | (c & ~isnan & (b < tl.load(blo + g)))
-                c = c & ~over
-                tl.atomic_add(h + 32767, tl.sum(tl.where(over, w, 0)), sem="relaxed")
-                if FINE:
-                    rel = b - tl.load(flo + g)
-                    inb = c & ~isnan & (b >= tl.load(blo + g)) & (rel >= 0) & (rel < SPAN)
-                    hf = fine + g * fine_group_stride + (pid % FCOPIES) * (SPAN * 65536)
-                    # Exact zeros (key 0: in range only when flo is bin 0) by one reduction.
-                    tl.atomic_add(hf + rel.to(tl.int64) * 65536 + (key & 0xFFFF), w, mask=inb & (key != 0),
-                                  sem="relaxed")
-                    tl.atomic_add(hf, tl.sum(tl.where(inb & (key == 0), w, 0)), sem="relaxed")
-        tl.atomic_add(h + b, w, mask=c & ~lump, sem="relaxed")
-        tl.atomic_add(h, tl.sum(tl.where(lump, w, 0)), sem="relaxed")
+            _hist_tile(tab_src, tab_cand, tab_size, tab_group, tab_nan, tile_seg, first_tile, seg_n,
+                       hist, sel_hi, live, blo, bhi, group_stride, copy_stride, fine, flo, fine_group_stride,
+                       prog, prog, PASS2, WIDE, HAS_CAND, HAS_SIZE, COPIES, BLOCK, ALIGNED, BRACKET, SAMPLE,
+                       FINE, SPAN, FCOPIES)
+
+
+@triton.jit
+def _hist_tile(tab_src, tab_cand, tab_size, tab_group, tab_nan, tile_seg, first_tile, seg_n,
+               hist, sel_hi, live, blo, bhi, group_stride, copy_stride, fine, flo, fine_group_stride, pid, prog,
+               PASS2: tl.constexpr, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr,
+               COPIES: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, BRACKET: tl.constexpr,
+               SAMPLE: tl.constexpr, FINE: tl.constexpr, SPAN: tl.constexpr, FCOPIES: tl.constexpr):
+    """Tile ``pid`` of :func:`_hist_kernel`, counted into program ``prog``'s private copies."""
+    if SAMPLE > 1:
+        seg, offs, valid = _sample_tile(pid, tile_seg, first_tile, seg_n, BLOCK, SAMPLE, ALIGNED)
+    else:
+        seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK, ALIGNED)
+    g = tl.load(tab_group + seg).to(tl.int64)
+    _, key = _keys(_src(tab_src, seg, WIDE, ALIGNED), offs, valid, WIDE)
+    c = _candidates(tab_cand, seg, offs, valid, HAS_CAND, ALIGNED)
+    w = _unit_weights(tab_size, seg, offs, valid, HAS_SIZE, BLOCK // SAMPLE)
+    h = hist + g * group_stride + (prog % COPIES) * copy_stride
+    if PASS2:
+        c = c & (tl.load(live + g) != 0) & ((key >> 16) == tl.load(sel_hi + g))
+        b = key & 0xFFFF
+        # Bin 0 holds the pruned weights (exact zeros), most of a sparse model: counted with
+        # one reduction and a single atomic per program instead of one atomic per zero.
+        lump = c & (b == 0)
+    else:
+        isnan = valid & (key > tl.load(tab_nan + seg))
+        b = tl.where(isnan, 32768, (key >> 16) if WIDE else key)
+        c = c | isnan  # NaN is an error wherever it is, candidate or not
+        lump = c & (b == 0)
+        if BRACKET:
+            over = c & ~isnan & (b > tl.load(bhi + g))
+            lump = lump | (c & ~isnan & (b < tl.load(blo + g)))
+            c = c & ~over
+            tl.atomic_add(h + 32767, tl.sum(tl.where(over, w, 0)), sem="relaxed")
+            if FINE:
+                rel = b - tl.load(flo + g)
+                inb = c & ~isnan & (b >= tl.load(blo + g)) & (rel >= 0) & (rel < SPAN)
+                hf = fine + g * fine_group_stride + (prog % FCOPIES) * (SPAN * 65536)
+                # Exact zeros (key 0: in range only when flo is bin 0) by one reduction.
+                tl.atomic_add(hf + rel.to(tl.int64) * 65536 + (key & 0xFFFF), w, mask=inb & (key != 0),
+                              sem="relaxed")
+                tl.atomic_add(hf, tl.sum(tl.where(inb & (key == 0), w, 0)), sem="relaxed")
+    tl.atomic_add(h + b, w, mask=c & ~lump, sem="relaxed")
+    tl.atomic_add(h, tl.sum(tl.where(lump, w, 0)), sem="relaxed")
 
 
 @triton.jit
@@ -266,15 +289,30 @@ def _digit_hist_kernel(
 
 @triton.jit
 def _tie_count_kernel(
-    tab_src, tab_cand, tab_size, tab_group, tile_seg, first_tile, seg_n, thr, fits, counts, slot,
+    tab_src, tab_cand, tab_size, tab_group, tile_seg, first_tile, seg_n, n_tiles, thr, fits, counts, slot,
     WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr,
-    ORDERED: tl.constexpr, ALIGNED: tl.constexpr = False,
+    ORDERED: tl.constexpr, ALIGNED: tl.constexpr = False, LOOP: tl.constexpr = False,
 ):
     """``counts[tile]`` = (weighted) number of candidates equal to their group's threshold key;
     0 without reading the tile when every tie of its group is kept (``fits[g]``: no ranks needed).
     ``ORDERED`` (several groups): written at ``counts[slot[tile]]``, the tile's place with the
-    tiles sorted by group, so that one scan ranks every group's ties."""
-    pid = tl.program_id(0).to(tl.int64)
+    tiles sorted by group, so that one scan ranks every group's ties. ``LOOP``: tiles ``p, p +
+    P, ...`` of the ``n_tiles`` per program, as in :func:`_hist_kernel`."""
+    prog = tl.program_id(0).to(tl.int64)
+    if LOOP:
+        for tile in range(prog, n_tiles, tl.num_programs(0)):
+            _tie_count_tile(tab_src, tab_cand, tab_size, tab_group, tile_seg, first_tile, seg_n, thr, fits, counts,
+                            slot, tile, WIDE, HAS_CAND, HAS_SIZE, BLOCK, ORDERED, ALIGNED)
+    else:
+        _tie_count_tile(tab_src, tab_cand, tab_size, tab_group, tile_seg, first_tile, seg_n, thr, fits, counts,
+                        slot, prog, WIDE, HAS_CAND, HAS_SIZE, BLOCK, ORDERED, ALIGNED)
+
+
+@triton.jit
+def _tie_count_tile(tab_src, tab_cand, tab_size, tab_group, tile_seg, first_tile, seg_n, thr, fits, counts, slot,
+                    pid, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr,
+                    ORDERED: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tile ``pid`` of :func:`_tie_count_kernel`."""
     seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK, ALIGNED)
     g = tl.load(tab_group + seg)
     at = counts + (tl.load(slot + pid).to(tl.int64) if ORDERED else pid)
@@ -318,10 +356,10 @@ def _next_window_kernel(result, lo, G, half, GBLOCK: tl.constexpr):
 
 @triton.jit
 def _mask_kernel(
-    tab_src, tab_cand, tab_size, tab_out, tab_group, tab_apply, tile_seg, first_tile, seg_n,
+    tab_src, tab_cand, tab_size, tab_out, tab_group, tab_apply, tile_seg, first_tile, seg_n, n_tiles,
     thr, need, fits, bad, excl, slot, gfirst,
     ALL_TIES: tl.constexpr, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr,
-    BLOCK: tl.constexpr, ORDERED: tl.constexpr, ALIGNED: tl.constexpr = False,
+    BLOCK: tl.constexpr, ORDERED: tl.constexpr, ALIGNED: tl.constexpr = False, LOOP: tl.constexpr = False,
 ):
     """Write each segment's ``out = keep`` (uint8) and zero its ``src`` where not kept when the
     segment applies (only bits not already zero: a pruned weight stays pruned without a write).
@@ -329,12 +367,30 @@ def _mask_kernel(
     Two launches share the tiles: ``ALL_TIES`` handles the groups whose ties are all kept
     (``fits[g]``, no tie ranks needed, no scan compiled in), the other one the rest, whose
     ties before a tile are ``excl`` at the tile's slot (``ORDERED``: ``slot[tile]``, less ``excl``
-    at its group's first slot ``gfirst[g]``) (:func:`_tie_scan_kernel`)."""
-    pid = tl.program_id(0).to(tl.int64)
+    at its group's first slot ``gfirst[g]``) (:func:`_tie_scan_kernel`). ``LOOP``: several tiles
+    per program, as in :func:`_hist_kernel`."""
+    if tl.load(bad) == 0:
+        prog = tl.program_id(0).to(tl.int64)
+        if LOOP:
+            for tile in range(prog, n_tiles, tl.num_programs(0)):
+                _mask_tile(tab_src, tab_cand, tab_size, tab_out, tab_group, tab_apply, tile_seg, first_tile,
+                           seg_n, thr, need, fits, excl, slot, gfirst, tile, ALL_TIES, WIDE, HAS_CAND, HAS_SIZE,
+                           BLOCK, ORDERED, ALIGNED)
+        else:
+            _mask_tile(tab_src, tab_cand, tab_size, tab_out, tab_group, tab_apply, tile_seg, first_tile, seg_n,
+                       thr, need, fits, excl, slot, gfirst, prog, ALL_TIES, WIDE, HAS_CAND, HAS_SIZE, BLOCK,
+                       ORDERED, ALIGNED)
+
+
+@triton.jit
+def _mask_tile(tab_src, tab_cand, tab_size, tab_out, tab_group, tab_apply, tile_seg, first_tile, seg_n,
+               thr, need, fits, excl, slot, gfirst, pid, ALL_TIES: tl.constexpr, WIDE: tl.constexpr,
+               HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr, ORDERED: tl.constexpr,
+               ALIGNED: tl.constexpr):
+    """Tile ``pid`` of :func:`_mask_kernel`."""
     seg = tl.load(tile_seg + pid).to(tl.int64)
     g = tl.load(tab_group + seg)
-    mine = (tl.load(fits + g) != 0) == ALL_TIES
-    if mine & (tl.load(bad) == 0):
+    if (tl.load(fits + g) != 0) == ALL_TIES:
         seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK, ALIGNED)
         t = tl.load(thr + g)
         src = _src(tab_src, seg, WIDE, ALIGNED)
@@ -707,6 +763,20 @@ def _bracket_ranks(launches: list[_Launch], keep: list[int], block: int) -> list
     return ranks
 
 
+# Programs of a launch that usually has nothing to do (gated off on the device, or no tile of
+# its case): each exits at once, and on the H100 a 15000-program launch that did nothing still
+# took 10-15 us (63M weights: four gated histogram passes 0.062 ms of a 0.466 ms warm select).
+# The kernels loop over their tiles, so a short grid does the whole pass when it does run. Three
+# under the interpreter, so that the CPU tests run every such launch's loop over several tiles.
+_IDLE_PROGRAMS = 3 if _INTERP else 1024
+
+
+def _grid(tiles: int, *, idle: bool) -> int:
+    """Programs for a launch over ``tiles`` tiles: one per tile, or at most
+    :data:`_IDLE_PROGRAMS` for a launch that is usually ``idle``."""
+    return min(tiles, _IDLE_PROGRAMS) if idle else tiles
+
+
 # The fold's programs: one per (group, chunk of bins). With 1024-bin chunks one group's 32769
 # pass-1 bins made 33 programs, on an H100 of 132 SMs; chunks are halved (down to
 # _FOLD_MIN_CHUNK) until the launch has _FOLD_PROGRAMS programs. The search kernels read the
@@ -884,7 +954,8 @@ class _AtomicSelect:
         previous threshold, and the cold passes run only when some group's window missed."""
         # About a dozen launches (a score with the bracket): histogram, copies summed, search (one
         # program per group), and again for 31-bit keys; then the tie ranks and the mask pass.
-        # Gated launches still launch (a graph holds them all) and exit at once.
+        # Gated launches still launch (a graph holds them all) and exit at once, on short grids
+        # (_IDLE_PROGRAMS) whose programs loop over the tiles when the gate is open.
         groups = len(self.keep)
 
         def hist_pass(f: _Folded, pass2: bool, sel_hi: Tensor, live: Tensor, gate: Tensor,
@@ -896,12 +967,16 @@ class _AtomicSelect:
                     continue  # 16-bit keys are exact after pass 1
                 fine = bracket and self.fine and ln.wide
                 hf = self.hf if fine else h
-                _hist_launch[(ln.tiles,)](
-                    *ln.args(), ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n,
+                # A pass behind a device gate (a warm start's miss, a missed bracket) usually does
+                # nothing: a short grid, whose programs loop over the tiles when it runs.
+                grid = _grid(ln.tiles, idle=gate is not self.one)
+                _hist_launch[(grid,)](
+                    *ln.args(), ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n, ln.tiles,
                     h, sel_hi, live, gate, self.blo, self.bhi, copies * bins, bins, hf, self.flo, hf.stride(0),
                     PASS2=pass2, WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size,
                     COPIES=copies, BLOCK=self.block, ALIGNED=ln.aligned, BRACKET=bracket, SAMPLE=sample,
                     FINE=fine, SPAN=_FINE_SPAN if fine else 1, FCOPIES=hf.shape[1] if fine else 1,
+                    LOOP=grid < ln.tiles,
                     # A sample chunk is 256 units: one warp gives each thread 16 bytes or more.
                     num_warps=self.warps if sample == 1 else 1,
                 )
@@ -991,18 +1066,23 @@ class _FinalPass:
 
     def enqueue(self, thr: Tensor, need: Tensor, fits: Tensor, bad: Tensor, groups: int) -> None:
         ln, block, warps = self.ln, self.block, self.warps
-        _tie_count_launch[(ln.tiles,)](
-            *ln.args(), ln.group, ln.tile_seg, ln.first, ln.n, thr, fits, self.counts, self.slot,
+        # Usually idle (short grids): with 31-bit keys the tie counts and the tie-ranking mask
+        # pass (every tie of the threshold key fits, as a rule); with 16-bit keys, whose
+        # threshold key is shared by thousands of units, the all-ties mask pass.
+        grid = _grid(ln.tiles, idle=ln.wide)
+        _tie_count_launch[(grid,)](
+            *ln.args(), ln.group, ln.tile_seg, ln.first, ln.n, ln.tiles, thr, fits, self.counts, self.slot,
             WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size, BLOCK=block, ORDERED=self.ordered,
-            ALIGNED=ln.aligned, num_warps=warps,
+            ALIGNED=ln.aligned, LOOP=grid < ln.tiles, num_warps=warps,
         )
         _tie_scan_launch[(1,)](self.counts, self.excl, fits, ln.tiles, groups, BLOCK=1024, GBLOCK=128, num_warps=4)
         for all_ties in (True, False):  # each tile is written by the one whose case its group is
-            _mask_launch[(ln.tiles,)](
-                *ln.args(), ln.out, ln.group, ln.apply, ln.tile_seg, ln.first, ln.n,
+            grid = _grid(ln.tiles, idle=all_ties != ln.wide)
+            _mask_launch[(grid,)](
+                *ln.args(), ln.out, ln.group, ln.apply, ln.tile_seg, ln.first, ln.n, ln.tiles,
                 thr, need, fits, bad, self.excl, self.slot, self.gfirst,
                 ALL_TIES=all_ties, WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size,
-                BLOCK=block, ORDERED=self.ordered, ALIGNED=ln.aligned, num_warps=warps,
+                BLOCK=block, ORDERED=self.ordered, ALIGNED=ln.aligned, LOOP=grid < ln.tiles, num_warps=warps,
             )
 
 

@@ -160,32 +160,37 @@ def _rerank() -> Iterator[Spec]:
                          "tab_base", "tile_seg", "first_tile", "seg_n"), "*i64")
     warps = {"num_warps": 8}
     for wide, cand, size, aligned in itertools.product((True, False), (True, False), (True, False), (True, False)):
-        flags = {"WIDE": wide, "HAS_CAND": cand, "HAS_SIZE": size, "BLOCK": 4096, "ALIGNED": aligned}
+        flags = {"WIDE": wide, "HAS_CAND": cand, "HAS_SIZE": size, "BLOCK": 4096, "ALIGNED": aligned, "LOOP": False}
         tag = f"wide={wide} cand={cand} size={size} aligned={aligned}"
+        # The short grids' tile loops (select._IDLE_PROGRAMS) for one table layout of each key width.
+        loops = (False, True) if cand and aligned and not size else (False,)
         # Pass 1 plain, bracketed (31-bit keys: with the fine histogram) and on a sample (single
         # weights only), pass 2.
         variants = [(False, False, 1, False), (True, False, 1, False)]
         if not size:
             variants += [(False, True, 1, wide), (False, False, select._SAMPLE, False)]
-        for pass2, bracket, sample, fine in variants:
-            yield (f"_hist_kernel pass2={pass2} bracket={bracket} fine={fine} sample={sample} {tag}",
+        for (pass2, bracket, sample, fine), loop in itertools.product(variants, loops):
+            yield (f"_hist_kernel pass2={pass2} bracket={bracket} fine={fine} sample={sample}{' loop' * loop} {tag}",
                    _jit(select._hist_kernel),
-                   {**tab, "hist": "*i32", "sel_hi": "*i32", "live": "*i32", "gate": "*i32", "blo": "*i32",
+                   {**tab, "n_tiles": "i32", "hist": "*i32", "sel_hi": "*i32", "live": "*i32", "gate": "*i32", "blo": "*i32",
                     "bhi": "*i32", "group_stride": "i32", "copy_stride": "i32", "fine": "*i32", "flo": "*i32",
                     "fine_group_stride": "i32"},
                    {**flags, "PASS2": pass2, "COPIES": 64, "BRACKET": bracket, "SAMPLE": sample, "FINE": fine,
-                    "SPAN": select._FINE_SPAN if fine else 1, "FCOPIES": select._FINE_COPIES if fine else 1},
+                    "SPAN": select._FINE_SPAN if fine else 1, "FCOPIES": select._FINE_COPIES if fine else 1,
+                    "LOOP": loop},
                    warps if sample == 1 else {"num_warps": 1})
         # ORDERED (several groups in the launch) only where it changes the code: the tie ranks.
-        for ordered in (False, True):
-            yield (f"_tie_count_kernel ordered={ordered} {tag}", _jit(select._tie_count_kernel),
-                   {**tab, "thr": "*i32", "fits": "*i32", "counts": "*i32", "slot": "*i32" if ordered else None},
-                   {**flags, "ORDERED": ordered}, warps)
-        for all_ties, ordered in ((True, False), (False, False), (False, True)):
-            yield (f"_mask_kernel all_ties={all_ties} ordered={ordered} {tag}", _jit(select._mask_kernel),
-                   {**tab, "thr": "*i32", "need": "*i64", "fits": "*i32", "bad": "*i32", "excl": "*i64",
-                    "slot": "*i32" if ordered else None, "gfirst": "*i32" if ordered else None},
-                   {**flags, "ALL_TIES": all_ties, "ORDERED": ordered}, warps)
+        for ordered, loop in itertools.product((False, True), loops):
+            yield (f"_tie_count_kernel ordered={ordered}{' loop' * loop} {tag}", _jit(select._tie_count_kernel),
+                   {**tab, "n_tiles": "i32", "thr": "*i32", "fits": "*i32", "counts": "*i32",
+                    "slot": "*i32" if ordered else None},
+                   {**flags, "ORDERED": ordered, "LOOP": loop}, warps)
+        for (all_ties, ordered), loop in itertools.product(((True, False), (False, False), (False, True)), loops):
+            yield (f"_mask_kernel all_ties={all_ties} ordered={ordered}{' loop' * loop} {tag}",
+                   _jit(select._mask_kernel),
+                   {**tab, "n_tiles": "i32", "thr": "*i32", "need": "*i64", "fits": "*i32", "bad": "*i32",
+                    "excl": "*i64", "slot": "*i32" if ordered else None, "gfirst": "*i32" if ordered else None},
+                   {**flags, "ALL_TIES": all_ties, "ORDERED": ordered, "LOOP": loop}, warps)
     yield ("_tie_scan_kernel", _jit(select._tie_scan_kernel),
            {"counts": "*i32", "excl": "*i64", "fits": "*i32", "n": "i32", "G": "i32"},
            {"BLOCK": 1024, "GBLOCK": 128}, {"num_warps": 4})

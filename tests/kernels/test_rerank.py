@@ -1159,14 +1159,16 @@ def test_bracketed_and_sampled_pass1_histograms(dtype):
     span = _FINE_SPAN * 65536
     fine = torch.zeros(2, 1, span, dtype=torch.int32)
 
-    def run(bracket: bool, sample: int) -> torch.Tensor:
+    def run(bracket: bool, sample: int, programs: int | None = None) -> torch.Tensor:
+        # programs: a short grid whose programs loop over the tiles (LOOP), as gated passes run.
         hist = torch.full((2, 1, NAN_BIN + 1), 0, dtype=torch.int32)
         fine.zero_()
-        _hist_kernel[(ln.tiles,)](
-            *ln.args(), ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n, hist, blo, blo,
+        _hist_kernel[(programs or ln.tiles,)](
+            *ln.args(), ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n, ln.tiles, hist, blo, blo,
             torch.ones(1, dtype=torch.int32), blo, bhi, hist.stride(0), hist.stride(1), fine, flo, fine.stride(0),
             PASS2=False, WIDE=wide, HAS_CAND=True, HAS_SIZE=False, COPIES=1, BLOCK=block, BRACKET=bracket,
             SAMPLE=sample, FINE=bracket and wide, SPAN=_FINE_SPAN if bracket and wide else 1,
+            LOOP=programs is not None,
         )
         return hist[:, 0]
 
@@ -1192,11 +1194,12 @@ def test_bracketed_and_sampled_pass1_histograms(dtype):
     # The fine spans: group 0's from below its bracket (the bins under blo must not count),
     # group 1's from its middle (the bins above bhi must not count: the span reaches past it).
     flo.copy_(torch.tensor([br[0][0] - 5, (br[0][1] + br[1][1]) // 2]))
-    got = run(True, 1)
-    assert torch.equal(got, reference(br, everything))
-    assert got[:, 32767].tolist() != [0, 0] and got[:, 0].tolist() != [0, 0]  # both lumps exercised
-    if wide:
-        assert torch.equal(fine[:, 0], fine_reference()) and bool((fine[:, 0].sum(1) > 50).all())
+    for programs in (None, 2):
+        got = run(True, 1, programs)
+        assert torch.equal(got, reference(br, everything))
+        assert got[:, 32767].tolist() != [0, 0] and got[:, 0].tolist() != [0, 0]  # both lumps exercised
+        if wide:
+            assert torch.equal(fine[:, 0], fine_reference()) and bool((fine[:, 0].sum(1) > 50).all())
     blo.zero_()
     bhi.fill_(32767)  # a bracket of every bin: the plain pass
     flo.zero_()  # a span from bin 0: exact zeros (one reduction) and the smallest keys
@@ -1219,6 +1222,7 @@ def test_bracketed_and_sampled_pass1_histograms(dtype):
         assert sample_counts(w.numel(), tiles, first, block, _SAMPLE)[0] == int(pick.sum())
         first += tiles
     assert torch.equal(run(False, _SAMPLE), reference(None, picks))
+    assert torch.equal(run(False, _SAMPLE, programs=3), reference(None, picks))  # each tile's own chunk
 
 
 @settings(max_examples=10, deadline=None)

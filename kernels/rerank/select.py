@@ -110,6 +110,9 @@ from .window import window_select
 
 NAN_BIN = 32768  # bins 0..32767 hold keys (or their high 15 bits); 32768 counts NaNs
 _WARM_WINDOW = {True: 65536, False: 32}  # a warm start's keys around the last threshold: 31-bit, 16-bit
+# Copies of a warm start's per-group counts, one per program modulo this (a power of two);
+# several under the interpreter too, so that the CPU tests sum them.
+_STAT_COPIES = 4 if _INTERP else 32
 # Bins per fold program and search step on the interpreter (fewer, big steps); on a GPU the
 # fold's chunk (fold_chunk).
 _INTERP_CHUNK = 32768
@@ -230,12 +233,14 @@ def _near_hist_kernel(
     tab_src, tab_cand, tab_group, tab_nan, tile_seg, first_tile, seg_n,
     lo, hist, stats, group_stride, copy_stride,
     NW: tl.constexpr, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, COPIES: tl.constexpr,
-    BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
+    BLOCK: tl.constexpr, SCOPIES: tl.constexpr, ALIGNED: tl.constexpr = False,
 ):
     """The warm start's one pass: per group, an exact histogram of the candidate keys in
-    ``[lo[g], lo[g] + NW)`` (one bin per key), and ``stats[g] = (above the window, NaN,
-    candidates)`` counted with one atomic each per program. Only the keys in the window (near the
-    previous threshold) take an atomic each."""
+    ``[lo[g], lo[g] + NW)`` (one bin per key), and ``stats[g, program % SCOPIES] = (above the
+    window, NaN, candidates)`` counted with one atomic each per program, spread over ``SCOPIES``
+    copies (summed by :func:`_near_search_kernel`): one address took 3 atomics from each of the
+    15000 programs at 63M weights. Only the keys in the window (near the previous threshold)
+    take an atomic each."""
     pid = tl.program_id(0).to(tl.int64)
     seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK, ALIGNED)
     g = tl.load(tab_group + seg).to(tl.int64)
@@ -245,9 +250,10 @@ def _near_hist_kernel(
     cn = c & ~isnan
     rel = key - tl.load(lo + g)
     inwin = cn & (rel >= 0) & (rel < NW)
-    tl.atomic_add(stats + g * 3, tl.sum((cn & (rel >= NW)).to(tl.int32), axis=0), sem="relaxed")
-    tl.atomic_add(stats + g * 3 + 1, tl.sum(isnan.to(tl.int32), axis=0), sem="relaxed")
-    tl.atomic_add(stats + g * 3 + 2, tl.sum(cn.to(tl.int32), axis=0), sem="relaxed")
+    st = stats + (g * SCOPIES + pid % SCOPIES) * 3
+    tl.atomic_add(st, tl.sum((cn & (rel >= NW)).to(tl.int32), axis=0), sem="relaxed")
+    tl.atomic_add(st + 1, tl.sum(isnan.to(tl.int32), axis=0), sem="relaxed")
+    tl.atomic_add(st + 2, tl.sum(cn.to(tl.int32), axis=0), sem="relaxed")
     h = hist + g * group_stride + (pid % COPIES) * copy_stride
     if NW <= 256:
         # A narrow (16-bit key) window holds a large share of the weights in a few bins: one atomic
@@ -583,16 +589,17 @@ def _sample_bracket_kernel(hist, row_stride, tot, tot_stride, rank_hi, rank_lo, 
 
 @triton.jit
 def _near_search_kernel(hist, row_stride, tot, tot_stride, keep, lo, stats, thr, fits, result, miss, G,
-                        NW: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr):
+                        NW: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr, SCOPIES: tl.constexpr):
     """Program ``g``, after :func:`_near_hist_kernel`: when the window holds the group's
     ``keep``-th largest (``above < keep <= above + window``, no NaN), the group's threshold, need
     and ties as :func:`_search_kernel` gives them; otherwise it adds 1 to ``miss``, and the
     two-pass select (gated on ``miss``) runs for every group."""
     g = tl.program_id(0).to(tl.int64)
     kg = tl.load(keep + g)
-    above = tl.load(stats + g * 3).to(tl.int64)
-    nan = tl.load(stats + g * 3 + 1).to(tl.int64)
-    avail = tl.load(stats + g * 3 + 2).to(tl.int64)
+    st = stats + (g * SCOPIES + tl.arange(0, SCOPIES)) * 3  # the copies of the group's counts
+    above = tl.sum(tl.load(st).to(tl.int64), axis=0)
+    nan = tl.sum(tl.load(st + 1).to(tl.int64), axis=0)
+    avail = tl.sum(tl.load(st + 2).to(tl.int64), axis=0)
     found, bin_at, ab, ties, _ = _scan_top(hist + g * row_stride, tot + g * tot_stride, NW,
                                            tl.maximum(kg - above, 1), CHUNK, NCH)
     live = kg > 0
@@ -893,8 +900,8 @@ class _AtomicSelect:
         small = torch.empty(6 * groups, dtype=torch.int32, device=dev)
         self.b1, self.thr, self.fits, self.blo, self.bhi, self.flo = small.view(6, groups).unbind(0)
         # Zeroed together by one memset per run: the three counts, and a warm start's window
-        # statistics [G, 3] and miss count.
-        self.zeroed = torch.empty(3 + (3 * groups + 1 if warm else 0), dtype=torch.int32, device=dev)
+        # statistics [G, _STAT_COPIES, 3] and miss count.
+        self.zeroed = torch.empty(3 + (3 * groups * _STAT_COPIES + 1 if warm else 0), dtype=torch.int32, device=dev)
         self.flags = self.zeroed[:3]
         self.bad, self.missed, self.need2 = self.flags[0:1], self.flags[1:2], self.flags[2:3]
         if bracket:
@@ -919,7 +926,7 @@ class _AtomicSelect:
             self.copies_w = min(copies, 8)
             self.hw = torch.zeros(groups, self.copies_w, self.nw, dtype=torch.int32, device=dev)
             self.fw = _Folded(self.hw, self.nw)
-            self.stats = self.zeroed[3:3 + 3 * groups].view(groups, 3)
+            self.stats = self.zeroed[3:3 + 3 * groups * _STAT_COPIES].view(groups, _STAT_COPIES, 3)
             self.miss = self.zeroed[-1:]
             self.lo = torch.zeros(groups, dtype=torch.int32, device=dev)
 
@@ -940,13 +947,14 @@ class _AtomicSelect:
                 ln.src, ln.cand, ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n,
                 self.lo, self.hw, self.stats, self.copies_w * self.nw, self.nw,
                 NW=self.nw, WIDE=ln.wide, HAS_CAND=ln.has_cand, COPIES=self.copies_w,
-                BLOCK=self.block, ALIGNED=ln.aligned, num_warps=self.warps,
+                BLOCK=self.block, SCOPIES=_STAT_COPIES, ALIGNED=ln.aligned, num_warps=self.warps,
             )
         fw = self.fw
         fw.enqueue(self.one)
         _near_search_launch[(groups,)](
             fw.row, fw.row.stride(0), fw.tot, fw.tot.stride(0), self.k, self.lo, self.stats, self.thr, self.fits,
-            self.result, self.miss, groups, NW=self.nw, CHUNK=fw.chunk, NCH=fw.nch, num_warps=4,
+            self.result, self.miss, groups, NW=self.nw, CHUNK=fw.chunk, NCH=fw.nch, SCOPIES=_STAT_COPIES,
+            num_warps=4,
         )
 
     def enqueue(self, warm: bool = False) -> None:

@@ -235,14 +235,15 @@ def _rerank() -> Iterator[Spec]:
         yield (f"_near_hist_kernel wide={wide} cand={cand} aligned={aligned}", _jit(select._near_hist_kernel),
                {**tab, "lo": "*i32", "hist": "*i32", "stats": "*i32", "group_stride": "i32", "copy_stride": "i32"},
                {"NW": select._WARM_WINDOW[wide], "WIDE": wide, "HAS_CAND": cand, "COPIES": 8, "BLOCK": 4096,
-                "ALIGNED": aligned}, warps)
+                "SCOPIES": select._STAT_COPIES, "ALIGNED": aligned}, warps)
     for wide, chunk in itertools.product((True, False), chunks):
         nw = select._WARM_WINDOW[wide]
         yield (f"_near_search_kernel nw={nw} chunk={chunk}", _jit(select._near_search_kernel),
                {"hist": "*i32", "row_stride": "i32", "tot": "*i64", "tot_stride": "i32", "keep": "*i64",
                 "lo": "*i32", "stats": "*i32", "thr": "*i32", "fits": "*i32", "result": "*i64", "miss": "*i32",
                 "G": "i32"},
-               {"NW": nw, "CHUNK": min(chunk, nw), "NCH": max(1, nw // chunk)}, {"num_warps": 4})
+               {"NW": nw, "CHUNK": min(chunk, nw), "NCH": max(1, nw // chunk), "SCOPIES": select._STAT_COPIES},
+               {"num_warps": 4})
     for wide, cand, first in itertools.product((True, False), (True, False), (True, False)):
         yield (f"_digit_hist_kernel wide={wide} cand={cand} first={first}", _jit(select._digit_hist_kernel),
                {**tab, "hist": "*i32", "prefix": "*i32", "live": "*i32", "nan_count": "*i32", "group_stride": "i32"},

@@ -194,6 +194,10 @@ def _rerank() -> Iterator[Spec]:
     yield ("_tie_scan_kernel", _jit(select._tie_scan_kernel),
            {"counts": "*i32", "excl": "*i64", "fits": "*i32", "n": "i32", "G": "i32"},
            {"BLOCK": 1024, "GBLOCK": 128}, {"num_warps": 4})
+    for has_miss in (False, True):
+        yield (f"_report_kernel has_miss={has_miss}", _jit(select._report_kernel),
+               {"result": "*i64", "flags": "*i32", "miss": "*i32", "report": "*i64", "n": "i32"},
+               {"BLOCK": 1024, "HAS_MISS": has_miss}, {"num_warps": 4})
     yield ("_next_window_kernel", _jit(select._next_window_kernel),
            {"result": "*i64", "lo": "*i32", "G": "i32", "half": "i32"}, {"GBLOCK": 128}, {"num_warps": 1})
     # The folds and searches at the chunk sizes the select uses (select.fold_layout): one group

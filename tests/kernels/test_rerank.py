@@ -715,26 +715,26 @@ def _property_plan_case(w, sparsity, scope, seed):
     return cand, out
 
 
-def _plan_case(dtype, device, seed):
-    w = _weights([(37, 53), (5, 7), (64, 33)], dtype, seed=seed, device=device)
+def _plan_case(dtype, device, seed, shapes=((37, 53), (5, 7), (64, 33))):
+    w = _weights(list(shapes), dtype, seed=seed, device=device)
     w["w2"] = _weights([(64, 33)], dtype, seed=seed + 1, tied=True, device=device)["w0"]  # ties across tiles
     cand = {k: c.contiguous() for k, c in _candidates(w, seed).items()}
     out = {k: torch.full(v.shape, POISON, dtype=torch.uint8, device=device) for k, v in w.items()}
     return w, cand, out
 
 
-def _check_plan_runs(dtype, device, graph, warm_start=True):
+def _check_plan_runs(dtype, device, graph, warm_start=True, shapes=((37, 53), (5, 7), (64, 33))):
     # One plan, run on changing values (new weights copied in, some pruned by the last run):
     # every run equals the reference on the values it saw, and zeroes what it prunes. With a warm
     # start, the second run (new values, threshold far from the last) misses its window and
     # takes the two passes; the third (the values the second left) finds it in its window.
-    w, cand, out = _plan_case(dtype, device, seed=40)
+    w, cand, out = _plan_case(dtype, device, seed=40, shapes=shapes)
     for scope in ("global", "per_tensor"):
         plan = RerankPlan(w, 0.6, out, scope=scope, candidates=cand, apply=True, tile=TILE if device == "cpu" else None,
                           graph=graph, warm_start=warm_start)
         hits = []
         for step in range(3):
-            fresh = _weights([(37, 53), (5, 7), (64, 33)], dtype, seed=41 + step, tied=step == 1, device=device)
+            fresh = _weights(list(shapes), dtype, seed=41 + step, tied=step == 1, device=device)
             with torch.no_grad():
                 for k in w:
                     if step != 2:  # the third run re-ranks what the second left (70% of it zeros)
@@ -803,6 +803,17 @@ def test_plan_refuses_what_it_cannot_hold():
 def test_cuda_plan_graph_replays_equal_the_reference(dtype):
     _check_plan_runs(dtype, "cuda", graph=True)
     _check_plan_runs(dtype, "cuda", graph=True, warm_start=False)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_plan_short_grids_do_whole_passes_when_their_gate_opens(dtype):
+    # 6.1M weights, about 1500 tiles: the gated passes of a warm select and the usually idle tie
+    # and mask launches run on 1024 programs that loop over the tiles (select._IDLE_PROGRAMS).
+    # The second run's window misses, so those loops do the whole select there. (On CPU the
+    # interpreter's 3-program grids run the same loops in every plan test.)
+    _check_plan_runs(dtype, "cuda", graph=True, shapes=((2048, 1537), (1000, 2999), (64, 33)))
 
 
 @pytest.mark.parametrize("chunk", [16, 64])

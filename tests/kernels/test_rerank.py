@@ -5,6 +5,10 @@ give the same masks as ``sparse_rnnt.pruning.ranking.magnitude_masks``, bit for 
 import itertools
 import logging
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +29,8 @@ from sparse_rnnt.kernels.rerank import (
 from sparse_rnnt.kernels.rerank.select import _scan_top
 from sparse_rnnt.pruning import ranking
 from sparse_rnnt.pruning.ranking import Granularity, magnitude_masks
+
+ROOT = Path(__file__).resolve().parents[2]
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SPARSITIES = [0.0, 0.003, 0.5, 0.7, 1.0]
@@ -1354,3 +1360,33 @@ def test_two_step_search_equals_the_torch_search(nbins, copies, chunk, density, 
     assert out.tolist()[4] == total and bool(out[0]) == (k <= total)
     assert int(out[1]) == int(bins[0]) and int(out[2]) == int(above[0])
     assert int(out[3]) == int(row[0, int(bins[0])])
+
+
+def test_plan_queues_few_launches_and_few_full_grids():
+    # What a plan queues at 10M weights on an H100-sized layout (2440 tiles), recorded by a driver
+    # that compiles for sm_90 and runs nothing (tests/kernels/rerank_launches.py). Hand-derived:
+    # one memset and no other torch op (at 42c61e4 a warm float32 select queued 14 torch ops,
+    # casts, scans and copies, beside 12 Triton launches); full grids only for the passes that
+    # always read the weights (float32 warm: the window pass and the mask pass; bf16 also the tie
+    # counts, its ties rarely all fit), every other launch on at most 1024 programs.
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    result = subprocess.run([sys.executable, "-m", "tests.kernels.rerank_launches"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    runs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(runs) == 8
+    full = {("float32", False): ["_hist_kernel", "_hist_kernel", "_mask_kernel"],
+            ("float32", True): ["_near_hist_kernel", "_mask_kernel"],
+            # bf16 cold: the sample and the bracketed pass 1; its exact pass 1 is gated.
+            ("bfloat16", False): ["_hist_kernel", "_hist_kernel", "_tie_count_kernel", "_mask_kernel"],
+            ("bfloat16", True): ["_near_hist_kernel", "_tie_count_kernel", "_mask_kernel"]}
+    count = {("float32", False): 12, ("float32", True): 15, ("bfloat16", False): 15, ("bfloat16", True): 18}
+    for r in runs:
+        key = (r["dtype"], r["warm"])
+        assert r["tiles"] == 2440 and r["torch_ops"] == ["aten::zero_"], r
+        assert [name for name, grid in r["launches"] if grid == r["tiles"]] == full[key], r
+        assert all(grid <= 1024 for _, grid in r["launches"] if grid != r["tiles"]), r
+        assert len(r["launches"]) == count[key], r

@@ -20,7 +20,8 @@ How (unstructured and block; ``U`` units = weights or blocks, one *group* = one 
   program and added once (float32: the high 15 key bits; 16-bit: the whole key, so one pass is
   exact). Candidates only (NaN counted for every weight, as the reference checks all). A fold
   kernel sums the copies, totals each chunk of bins (256-1024 bins, so that the fold has about
-  256 programs: :func:`fold_layout`) and zeroes the copies for the next pass; a search kernel (one program per group: the chunk totals from the top, then one chunk's bins)
+  256 programs: :func:`fold_layout`) and zeroes the copies for the next pass; a search kernel
+  (one program per group: the chunk totals from the top, then one chunk's bins)
   finds the bin holding the K-th largest and the count strictly above it, and flags NaN or too
   few candidates in a device counter.
 - **Pass 2** (31-bit keys only): histogram of the low 16 bits of the keys inside the selected high

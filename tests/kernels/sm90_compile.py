@@ -172,8 +172,8 @@ def _rerank() -> Iterator[Spec]:
         for (pass2, bracket, sample, fine), loop in itertools.product(variants, loops):
             yield (f"_hist_kernel pass2={pass2} bracket={bracket} fine={fine} sample={sample}{' loop' * loop} {tag}",
                    _jit(select._hist_kernel),
-                   {**tab, "n_tiles": "i32", "hist": "*i32", "sel_hi": "*i32", "live": "*i32", "gate": "*i32", "blo": "*i32",
-                    "bhi": "*i32", "group_stride": "i32", "copy_stride": "i32", "fine": "*i32", "flo": "*i32",
+                   {**tab, "n_tiles": "i32", "hist": "*i32", "sel_hi": "*i32", "live": "*i32", "gate": "*i32",
+                    "blo": "*i32", "bhi": "*i32", "group_stride": "i32", "copy_stride": "i32", "fine": "*i32", "flo": "*i32",
                     "fine_group_stride": "i32"},
                    {**flags, "PASS2": pass2, "COPIES": 64, "BRACKET": bracket, "SAMPLE": sample, "FINE": fine,
                     "SPAN": select._FINE_SPAN if fine else 1, "FCOPIES": select._FINE_COPIES if fine else 1,

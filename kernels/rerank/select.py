@@ -63,7 +63,9 @@ launches as one tensor (each Triton launch costs host time; the H200 run took 6.
 scope = one group, per-tensor scope = one group per tensor, a ``[G, bins]`` histogram whose
 searches run batched. Host syncs: none until the end of the call, where one read of the counts
 raises the errors (``_AtomicSelect``), so a selection can be replayed from a CUDA graph
-(:class:`RerankPlan`, which can also start from the previous threshold: ``warm_start``).
+(:class:`RerankPlan`, which can also start from the previous threshold: ``warm_start``; for
+31-bit keys its window pass also writes every unit's mask case in 2 bits, so that the mask pass
+after a hit reads the weights only inside the window: :func:`_warm_mask_kernel`).
 ``algorithm="radix"`` still syncs once per digit.
 
 No ``triton.autotune``: the histogram kernels accumulate with atomics and the final kernel
@@ -230,31 +232,61 @@ def _hist_tile(tab_src, tab_cand, tab_size, tab_group, tab_nan, tile_seg, first_
 
 
 @triton.jit
+def _quad_tile(pid, tile_seg, first_tile, seg_n, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """:func:`_segment_tile` with the offsets as ``[BLOCK / 4, 4]`` (row ``i`` holds units ``4 i`` to
+    ``4 i + 3``): the 2-bit mask codes of a row are one byte, packed or unpacked in registers (a
+    reshape of the flat tile went through 32 KB of shared memory and 178 registers for sm_90)."""
+    seg = tl.load(tile_seg + pid).to(tl.int64)
+    local = pid - tl.load(first_tile + seg)
+    offs = local * BLOCK + (tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]).to(tl.int64)
+    n = tl.load(seg_n + seg)
+    if ALIGNED:
+        n = tl.multiple_of(n, 16)
+    return seg, offs, offs < n
+
+
+@triton.jit
 def _near_hist_kernel(
-    tab_src, tab_cand, tab_group, tab_nan, tile_seg, first_tile, seg_n,
-    lo, hist, stats, group_stride, copy_stride,
+    tab_src, tab_cand, tab_group, tab_nan, tab_apply, tile_seg, first_tile, seg_n,
+    lo, hist, stats, group_stride, copy_stride, codes,
     NW: tl.constexpr, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, COPIES: tl.constexpr,
-    BLOCK: tl.constexpr, SCOPIES: tl.constexpr, ALIGNED: tl.constexpr = False,
+    BLOCK: tl.constexpr, SCOPIES: tl.constexpr, ALIGNED: tl.constexpr = False, CODES: tl.constexpr = False,
 ):
     """The warm start's one pass: per group, an exact histogram of the candidate keys in
     ``[lo[g], lo[g] + NW)`` (one bin per key), and ``stats[g, program % SCOPIES] = (above the
     window, NaN, candidates)`` counted with one atomic each per program, spread over ``SCOPIES``
     copies (summed by :func:`_near_search_kernel`): one address took 3 atomics from each of the
     15000 programs at 63M weights. Only the keys in the window (near the previous threshold)
-    take an atomic each."""
+    take an atomic each.
+
+    ``CODES`` (31-bit keys): also what the mask pass needs to know of each unit if the window holds
+    the threshold, 2 bits per unit at ``codes[tile * BLOCK / 4 ...]`` (unit ``4 i + j`` in bits
+    ``2 j`` of byte ``i``): 1 kept (a candidate above the window), 2 in the window (decided by the
+    threshold), 3 pruned and to be zeroed (below the window or not a candidate, applied, not zero
+    yet), 0 pruned and nothing to write. So :func:`_warm_mask_kernel` reads a quarter byte per unit
+    and the weights only in the window, instead of every weight again."""
     pid = tl.program_id(0).to(tl.int64)
-    seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK, ALIGNED)
+    if CODES:  # the tile as [BLOCK / 4, 4]: a byte of codes is one row, packed in registers
+        seg, offs, valid = _quad_tile(pid, tile_seg, first_tile, seg_n, BLOCK, ALIGNED)
+    else:
+        seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK, ALIGNED)
     g = tl.load(tab_group + seg).to(tl.int64)
-    _, key = _keys(_src(tab_src, seg, WIDE, ALIGNED), offs, valid, WIDE)
+    bits, key = _keys(_src(tab_src, seg, WIDE, ALIGNED), offs, valid, WIDE)
     c = _candidates(tab_cand, seg, offs, valid, HAS_CAND, ALIGNED)
     isnan = valid & (key > tl.load(tab_nan + seg))
     cn = c & ~isnan
     rel = key - tl.load(lo + g)
     inwin = cn & (rel >= 0) & (rel < NW)
+    if CODES:  # first, so that the bits need not live through the atomics
+        drop = valid & ~isnan & (~c | (rel < 0)) & (tl.load(tab_apply + seg) != 0) & (bits != 0)
+        # The three cases exclude each other.
+        code = (cn & (rel >= NW)).to(tl.int32) + 2 * inwin.to(tl.int32) + 3 * drop.to(tl.int32)
+        packed = tl.sum(code << (tl.arange(0, 4) * 2)[None, :], axis=1)
+        tl.store(codes + pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4), packed.to(tl.uint8))
     st = stats + (g * SCOPIES + pid % SCOPIES) * 3
-    tl.atomic_add(st, tl.sum((cn & (rel >= NW)).to(tl.int32), axis=0), sem="relaxed")
-    tl.atomic_add(st + 1, tl.sum(isnan.to(tl.int32), axis=0), sem="relaxed")
-    tl.atomic_add(st + 2, tl.sum(cn.to(tl.int32), axis=0), sem="relaxed")
+    tl.atomic_add(st, tl.sum((cn & (rel >= NW)).to(tl.int32), axis=None), sem="relaxed")
+    tl.atomic_add(st + 1, tl.sum(isnan.to(tl.int32), axis=None), sem="relaxed")
+    tl.atomic_add(st + 2, tl.sum(cn.to(tl.int32), axis=None), sem="relaxed")
     h = hist + g * group_stride + (pid % COPIES) * copy_stride
     if NW <= 256:
         # A narrow (16-bit key) window holds a large share of the weights in a few bins: one atomic
@@ -265,7 +297,7 @@ def _near_hist_kernel(
     else:
         # Bin 0 of a window that starts at key 0 holds the pruned weights: one atomic per program.
         tl.atomic_add(h + rel, 1, mask=inwin & (rel != 0), sem="relaxed")
-        tl.atomic_add(h, tl.sum((inwin & (rel == 0)).to(tl.int32), axis=0), sem="relaxed")
+        tl.atomic_add(h, tl.sum((inwin & (rel == 0)).to(tl.int32), axis=None), sem="relaxed")
 
 
 @triton.jit
@@ -436,6 +468,41 @@ def _mask_tile(tab_src, tab_cand, tab_size, tab_out, tab_group, tab_apply, tile_
         tl.store(out + offs, keep.to(tl.uint8), mask=valid)
         applies = tl.load(tab_apply + seg) != 0
         tl.store(src + offs, tl.zeros_like(bits), mask=valid & (~keep) & applies & (bits != 0))
+
+
+@triton.jit
+def _warm_mask_kernel(
+    tab_src, tab_cand, tab_out, tab_group, tab_apply, tile_seg, first_tile, seg_n,
+    thr, keep, fits, bad, miss, codes,
+    WIDE: tl.constexpr, HAS_CAND: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
+):
+    """The ``ALL_TIES`` mask pass of a warm select's 31-bit launch, from the codes its window pass
+    wrote (:func:`_near_hist_kernel` ``CODES``): when every window held its threshold
+    (``miss[0] == 0``), a tile of a group whose ties all fit keeps its code-1 units and its window
+    units with ``key >= thr``, reading only those weights, and zeroes its code-3 units and the
+    window units it prunes; a group that keeps nothing keeps none. After a miss, the plain
+    :func:`_mask_kernel` tile from every weight. Nothing when ``bad[0] != 0``."""
+    if tl.load(bad) == 0:
+        pid = tl.program_id(0).to(tl.int64)
+        if tl.load(miss) != 0:
+            _mask_tile(tab_src, tab_cand, None, tab_out, tab_group, tab_apply, tile_seg, first_tile, seg_n,
+                       thr, None, fits, None, None, None, pid, True, WIDE, HAS_CAND, False, BLOCK, False, ALIGNED)
+        else:
+            seg = tl.load(tile_seg + pid).to(tl.int64)
+            g = tl.load(tab_group + seg)
+            if tl.load(fits + g) != 0:
+                seg, offs, valid = _quad_tile(pid, tile_seg, first_tile, seg_n, BLOCK, ALIGNED)
+                packed = tl.load(codes + pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.int32)
+                code = (packed[:, None] >> (tl.arange(0, 4) * 2)[None, :]) & 3
+                near = valid & (code == 2)
+                src = _src(tab_src, seg, WIDE, ALIGNED)
+                bits, key = _keys(src, offs, near, WIDE)
+                kept = ((code == 1) & (tl.load(keep + g) > 0)) | (near & (key >= tl.load(thr + g)))
+                out = _ptr(tl.load(tab_out + seg), tl.uint8, ALIGNED)
+                tl.store(out + offs, kept.to(tl.uint8), mask=valid)
+                applies = tl.load(tab_apply + seg) != 0
+                drop = (valid & (code == 3)) | (near & ~kept & applies & (bits != 0))
+                tl.store(src + offs, tl.zeros_like(bits), mask=drop)
 
 
 @triton.jit
@@ -734,6 +801,7 @@ _next_window_launch = DirectLauncher(_next_window_kernel)
 _report_launch = DirectLauncher(_report_kernel)
 _tie_count_launch = DirectLauncher(_tie_count_kernel)
 _tie_scan_launch = DirectLauncher(_tie_scan_kernel)
+_warm_mask_launch = DirectLauncher(_warm_mask_kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -948,6 +1016,10 @@ class _AtomicSelect:
             self.stats = self.zeroed[3:3 + 3 * groups * _STAT_COPIES].view(groups, _STAT_COPIES, 3)
             self.miss = self.zeroed[-1:]
             self.lo = torch.zeros(groups, dtype=torch.int32, device=dev)
+            # 31-bit launches: the window pass also writes each unit's mask case (2 bits), so
+            # that the mask pass after a hit reads a quarter byte per unit, not 4 bytes again.
+            self.codes = [torch.empty(ln.tiles * block // 4, dtype=torch.uint8, device=dev) if ln.wide else None
+                          for ln in launches]
 
     def compile_warm(self) -> None:
         """Compile the warm start's kernels before a graph capture (which cannot compile) by
@@ -956,17 +1028,24 @@ class _AtomicSelect:
         self.dirty = True
         self.zeroed.zero_()
         self._near_pass()
+        # The warm mask pass compiles too, behind the error flag: it writes nothing.
+        self.bad.fill_(1)
+        for fp, codes in zip(self.finals, self.codes, strict=True):
+            if codes is not None:
+                fp.enqueue_warm_mask(self.thr, self.k, self.fits, self.bad, self.miss, codes)
+        self.zeroed.zero_()
         self.dirty = False
 
     def _near_pass(self) -> None:
         """The warm start's window pass; ``stats`` and ``miss`` zeroed before it."""
         groups = len(self.keep)
-        for ln in self.launches:
+        for ln, codes in zip(self.launches, self.codes, strict=True):
             _near_hist_launch[(ln.tiles,)](
-                ln.src, ln.cand, ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n,
-                self.lo, self.hw, self.stats, self.copies_w * self.nw, self.nw,
+                ln.src, ln.cand, ln.group, ln.nan_above, ln.apply, ln.tile_seg, ln.first, ln.n,
+                self.lo, self.hw, self.stats, self.copies_w * self.nw, self.nw, codes,
                 NW=self.nw, WIDE=ln.wide, HAS_CAND=ln.has_cand, COPIES=self.copies_w,
-                BLOCK=self.block, SCOPIES=_STAT_COPIES, ALIGNED=ln.aligned, num_warps=self.warps,
+                BLOCK=self.block, SCOPIES=_STAT_COPIES, ALIGNED=ln.aligned, CODES=codes is not None,
+                num_warps=self.warps,
             )
         fw = self.fw
         fw.enqueue(self.one)
@@ -1051,8 +1130,10 @@ class _AtomicSelect:
         if (f2 := self.f2) is not None:
             hist_pass(f2, True, self.b1, self.live_wide, gate2)
             search(f2, True, gate2)
-        for fp in self.finals:
-            fp.enqueue(self.thr, self.result[1], self.fits, self.bad, groups)
+        for i, fp in enumerate(self.finals):
+            codes = self.codes[i] if warm else None
+            fp.enqueue(self.thr, self.result[1], self.fits, self.bad, groups,
+                       warm=(self.k, self.miss, codes) if codes is not None else None)
         self.dirty = False
         if self.warm:  # the next window: centred on this threshold
             _next_window_launch[(1,)](self.result, self.lo, groups, self.nw // 2, GBLOCK=128, num_warps=1)
@@ -1092,7 +1173,10 @@ class _FinalPass:
             groups = max(segments[i].group for i in ln.index) + 1
             self.gfirst = torch.searchsorted(tile_group[order], torch.arange(groups, device=dev)).to(torch.int32)
 
-    def enqueue(self, thr: Tensor, need: Tensor, fits: Tensor, bad: Tensor, groups: int) -> None:
+    def enqueue(self, thr: Tensor, need: Tensor, fits: Tensor, bad: Tensor, groups: int,
+                warm: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+        """``warm = (keep, miss, codes)``: a warm select's 31-bit launch, whose groups with every
+        tie kept get :func:`_warm_mask_kernel` in place of the plain ``ALL_TIES`` pass."""
         ln, block, warps = self.ln, self.block, self.warps
         # Usually idle with 31-bit keys (short grids): the tie counts and the tie-ranking mask
         # pass, as every tie of a float32 threshold key fits, as a rule. With 16-bit keys either
@@ -1108,6 +1192,9 @@ class _FinalPass:
         )
         _tie_scan_launch[(1,)](self.counts, self.excl, fits, ln.tiles, groups, BLOCK=1024, GBLOCK=128, num_warps=4)
         for all_ties in (True, False):  # each tile is written by the one whose case its group is
+            if all_ties and warm is not None:
+                self.enqueue_warm_mask(thr, warm[0], fits, bad, warm[1], warm[2])
+                continue
             grid = _grid(ln.tiles, idle=ln.wide and not all_ties)
             _mask_launch[(grid,)](
                 *ln.args(), ln.out, ln.group, ln.apply, ln.tile_seg, ln.first, ln.n, ln.tiles,
@@ -1115,6 +1202,16 @@ class _FinalPass:
                 ALL_TIES=all_ties, WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size,
                 BLOCK=block, ORDERED=self.ordered, ALIGNED=ln.aligned, LOOP=grid < ln.tiles, num_warps=warps,
             )
+
+
+    def enqueue_warm_mask(self, thr: Tensor, keep: Tensor, fits: Tensor, bad: Tensor, miss: Tensor,
+                          codes: Tensor) -> None:
+        ln = self.ln
+        _warm_mask_launch[(ln.tiles,)](
+            ln.src, ln.cand, ln.out, ln.group, ln.apply, ln.tile_seg, ln.first, ln.n,
+            thr, keep, fits, bad, miss, codes,
+            WIDE=ln.wide, HAS_CAND=ln.has_cand, BLOCK=self.block, ALIGNED=ln.aligned, num_warps=self.warps,
+        )
 
 
 # Radix digits (shift, bits), top digit first: 31-bit keys (float32) and 15-bit keys (16-bit floats).
@@ -1452,7 +1549,9 @@ class RerankPlan:
     so that only the weights near the threshold take an atomic each. When the window holds the
     new threshold, that pass is the whole select; when it does not (or on NaN, or too few
     candidates), the two-pass select runs after it. Exact either way; ``last_warm_hit`` says
-    which happened.
+    which happened. float32 weights are read once on a hit: the window pass writes each weight's
+    mask case (2 bits, into scratch), and the mask pass reads those and only the weights in the
+    window.
 
     ``bracket`` (default: on a GPU for single 16-bit weights over at least 64 tiles, see
     :func:`bracket_by_default`; off under the interpreter): a cold select's pass 1 first histograms a sample (1/16 of every tile) and then

@@ -236,10 +236,16 @@ def _rerank() -> Iterator[Spec]:
                 "nbins": "i32"}, {"CHUNK": chunk, "NCH": select.NAN_BIN // chunk, "SPAN": select._FINE_SPAN},
                {"num_warps": 4})
     for wide, cand, aligned in itertools.product((True, False), (True, False), (True, False)):
+        # 31-bit keys: the mask codes for the warm mask pass (what a warm plan runs).
         yield (f"_near_hist_kernel wide={wide} cand={cand} aligned={aligned}", _jit(select._near_hist_kernel),
-               {**tab, "lo": "*i32", "hist": "*i32", "stats": "*i32", "group_stride": "i32", "copy_stride": "i32"},
+               {**tab, "lo": "*i32", "hist": "*i32", "stats": "*i32", "group_stride": "i32", "copy_stride": "i32",
+                "codes": "*u8" if wide else None},
                {"NW": select._WARM_WINDOW[wide], "WIDE": wide, "HAS_CAND": cand, "COPIES": 8, "BLOCK": 4096,
-                "SCOPIES": select._STAT_COPIES, "ALIGNED": aligned}, warps)
+                "SCOPIES": select._STAT_COPIES, "ALIGNED": aligned, "CODES": wide}, warps)
+    for cand, aligned in itertools.product((True, False), (True, False)):
+        yield (f"_warm_mask_kernel cand={cand} aligned={aligned}", _jit(select._warm_mask_kernel),
+               {**tab, "thr": "*i32", "keep": "*i64", "fits": "*i32", "bad": "*i32", "miss": "*i32", "codes": "*u8"},
+               {"WIDE": True, "HAS_CAND": cand, "BLOCK": 4096, "ALIGNED": aligned}, warps)
     for wide, chunk in itertools.product((True, False), chunks):
         nw = select._WARM_WINDOW[wide]
         yield (f"_near_search_kernel nw={nw} chunk={chunk}", _jit(select._near_search_kernel),

@@ -940,6 +940,74 @@ def test_plan_warm_compile_pass_changes_nothing():
     _assert_same({k: o.bool() for k, o in out.items()}, magnitude_masks(vals, 0.5, candidates=cand))
 
 
+def _unpack_codes(sel, i, w):
+    """The 2-bit mask cases the warm window pass wrote for launch ``i``, per tensor, in torch."""
+    ln, codes = sel.launches[i], sel.codes[i].long()
+    unpacked = ((codes[:, None] >> torch.arange(0, 8, 2)) & 3).reshape(-1)
+    names = list(w)
+    return {names[j]: unpacked[first * sel.block:first * sel.block + n].reshape(w[names[j]].shape)
+            for j, (_, n, _, first) in zip(ln.index, ln.host, strict=True)}
+
+
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_warm_window_pass_codes_equal_a_torch_classification(scope):
+    # The float32 window pass writes each unit's mask case for the warm mask pass: 1 a candidate
+    # above the window, 2 a candidate in it, 3 below it or not a candidate, applied and not zero
+    # yet, 0 the rest. Against the same rule in torch, from the window the plan holds (lo).
+    w, cand, out = _plan_case(torch.float32, "cpu", seed=80)
+    plan = RerankPlan(w, 0.6, out, scope=scope, candidates=cand, apply=True, tile=TILE)
+    plan.run()
+    sel = plan._select
+    with torch.no_grad():  # small moves of half the weights: some pruned ones back above zero
+        g = torch.Generator().manual_seed(81)
+        for v in w.values():
+            v.add_(torch.randn(v.shape, generator=g) * 1e-3 * (torch.rand(v.shape, generator=g) < 0.5))
+    sel.zeroed.zero_()
+    sel.codes[0].fill_(0xFF)  # poisoned: every byte must be written
+    sel._near_pass()
+    codes = _unpack_codes(sel, 0, w)
+    lo = sel.lo.long()
+    groups = {k: 0 for k in w} if scope == "global" else {k: i for i, k in enumerate(w)}
+    seen = set()
+    for k, v in w.items():
+        bits = _bits(v).long()
+        key = bits & 0x7FFFFFFF
+        c = cand[k] if k in cand else torch.ones_like(v, dtype=torch.bool)
+        rel = key - lo[groups[k]]
+        want = torch.zeros_like(key)
+        want[c & (rel >= 0) & (rel < sel.nw)] = 2
+        want[c & (rel >= sel.nw)] = 1
+        want[(~c | (rel < 0)) & (bits != 0)] = 3
+        assert torch.equal(codes[k], want), k
+        seen |= set(want.unique().tolist())
+    assert seen == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_warm_hit_zeroes_pruned_weights_from_the_codes(scope):
+    # A warm hit's mask pass reads the weights only in the window. What it prunes elsewhere it
+    # knows from the codes: the pruned weights moved off zero (as an optimizer step moves them)
+    # and the large non-candidates must come out zero, and the masks equal the reference.
+    w, cand, out = _plan_case(torch.float32, "cpu", seed=82)
+    plan = RerankPlan(w, 0.6, out, scope=scope, candidates=cand, apply=True, tile=TILE)
+    plan.run()
+    g = torch.Generator().manual_seed(83)
+    with torch.no_grad():
+        for k, v in w.items():
+            pruned = out[k] == 0
+            v.add_(torch.where(pruned, torch.randn(v.shape, generator=g) * 1e-3, torch.zeros_like(v)))
+            if k in cand:
+                v[~cand[k]] = 3.0 + torch.rand(int((~cand[k]).sum()), generator=g)
+    moved = sum(int(((out[k] == 0) & (w[k] != 0)).sum()) for k in w)
+    assert moved > 1000  # the codes have units to zero
+    out_before = {k: o.clone() for k, o in out.items()}
+    for o in out.values():
+        o.fill_(POISON)
+    _run_and_check(plan, w, out, 0.6, scope, cand)
+    assert plan.last_warm_hit and plan.last_path == "warm"
+    assert all(torch.equal(out[k], out_before[k]) for k in w)  # the moves kept every mask
+
+
 def test_more_units_than_int32_tables_hold_are_refused():
     # The launch tables and histograms count in int32: 2**31 - 1 units (a stride-0 view, no
     # memory) must be refused before any launch, by the check select_units and plans share.
@@ -1367,9 +1435,9 @@ def test_plan_queues_few_launches_and_few_full_grids():
     # that compiles for sm_90 and runs nothing (tests/kernels/rerank_launches.py). Hand-derived:
     # one memset and no other torch op (at 42c61e4 a warm float32 select queued 14 torch ops,
     # casts, scans and copies, beside 12 Triton launches); full grids only for the passes that
-    # read the weights (float32 warm: the window pass and the mask pass; bf16 also the tie
-    # counts and both mask cases, either of which is common), every other launch on at most
-    # 1024 programs.
+    # read the weights or their codes (float32 warm: the window pass and the mask pass from its
+    # codes; bf16 also the tie counts and both mask cases, either of which is common), every other
+    # launch on at most 1024 programs.
     import json
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -1380,7 +1448,7 @@ def test_plan_queues_few_launches_and_few_full_grids():
     runs = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(runs) == 8
     full = {("float32", False): ["_hist_kernel", "_hist_kernel", "_mask_kernel"],
-            ("float32", True): ["_near_hist_kernel", "_mask_kernel"],
+            ("float32", True): ["_near_hist_kernel", "_warm_mask_kernel"],
             # bf16 cold: the sample and the bracketed pass 1; its exact pass 1 is gated.
             ("bfloat16", False): ["_hist_kernel", "_hist_kernel", "_tie_count_kernel", "_mask_kernel",
                                   "_mask_kernel"],

@@ -63,9 +63,16 @@ launches as one tensor (each Triton launch costs host time; the H200 run took 6.
 scope = one group, per-tensor scope = one group per tensor, a ``[G, bins]`` histogram whose
 searches run batched. Host syncs: none until the end of the call, where one read of the counts
 raises the errors (``_AtomicSelect``), so a selection can be replayed from a CUDA graph
-(:class:`RerankPlan`, which can also start from the previous threshold: ``warm_start``; for
-31-bit keys its window pass also writes every unit's mask case in 2 bits, so that the mask pass
-after a hit reads the weights only inside the window: :func:`_warm_mask_kernel`).
+(:class:`RerankPlan`, which can also start from the previous threshold: ``warm_start``).
+
+**Mask codes** (31-bit keys, single weights): the pass that last bounds the threshold (pass 2, or
+a warm start's window pass) also writes each unit's mask case in 2 bits to scratch (kept above
+the bound, decided inside it, pruned and to be zeroed, pruned with nothing to write), and the
+mask pass reads those and only the weights inside the bound (:func:`_coded_mask_kernel`): a cold
+select moves about 9.5 bytes per weight (pass 1 and 2 read 4 each, codes 1/4 out and in, the mask
+1 out) where it moved 13, a warm hit 5.5 where it moved 9. Not the masks
+themselves: an error must leave them as they were. Groups whose ties need ranks, and a sampled
+bracket's fine path (which skips pass 2), take the plain mask pass.
 ``algorithm="radix"`` still syncs once per digit.
 
 No ``triton.autotune``: the histogram kernels accumulate with atomics and the final kernel
@@ -154,10 +161,11 @@ def bracket_by_default(single: bool, block: int, tiles: int, wide_keys: bool) ->
 def _hist_kernel(
     tab_src, tab_cand, tab_size, tab_group, tab_nan, tile_seg, first_tile, seg_n, n_tiles,
     hist, sel_hi, live, gate, blo, bhi, group_stride, copy_stride, fine, flo, fine_group_stride,
+    tab_apply, codes,
     PASS2: tl.constexpr, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr,
     COPIES: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
     BRACKET: tl.constexpr = False, SAMPLE: tl.constexpr = 1, FINE: tl.constexpr = False,
-    SPAN: tl.constexpr = 1, FCOPIES: tl.constexpr = 1, LOOP: tl.constexpr = False,
+    SPAN: tl.constexpr = 1, FCOPIES: tl.constexpr = 1, LOOP: tl.constexpr = False, CODES: tl.constexpr = False,
 ):
     """Histogram (weighted by unit size when given) of candidate keys, every segment of the
     launch in one grid, into copy ``program % COPIES`` of its group's ``COPIES`` histograms.
@@ -171,40 +179,58 @@ def _hist_kernel(
     + (key & 0xFFFF)`` of copy ``program % FCOPIES``: the pass-2 histogram of every bin there.
     One tile per program, or with ``LOOP`` (the short grid of a pass that is usually gated off,
     :data:`_IDLE_PROGRAMS`) tiles ``p, p + P, ...`` of the ``n_tiles`` for program ``p`` of ``P``.
-    The loop is compiled only there: it took the plain pass from 64 to 116 registers for sm_90."""
+    The loop is compiled only there: it took the plain pass from 64 to 116 registers for sm_90.
+    ``CODES`` (pass 2 of single weights): also each unit's mask case, as :func:`_near_hist_kernel`
+    writes them, with the group's selected pass-1 bin for the window (a group that keeps nothing:
+    every unit pruned), for :func:`_coded_mask_kernel`."""
     if tl.load(gate) != 0:
         prog = tl.program_id(0).to(tl.int64)
         if LOOP:
             for tile in range(prog, n_tiles, tl.num_programs(0)):
                 _hist_tile(tab_src, tab_cand, tab_size, tab_group, tab_nan, tile_seg, first_tile, seg_n,
                            hist, sel_hi, live, blo, bhi, group_stride, copy_stride, fine, flo, fine_group_stride,
-                           tile, prog, PASS2, WIDE, HAS_CAND, HAS_SIZE, COPIES, BLOCK, ALIGNED, BRACKET, SAMPLE,
-                           FINE, SPAN, FCOPIES)
+                           tab_apply, codes, tile, prog, PASS2, WIDE, HAS_CAND, HAS_SIZE, COPIES, BLOCK, ALIGNED,
+                           BRACKET, SAMPLE, FINE, SPAN, FCOPIES, CODES)
         else:
             _hist_tile(tab_src, tab_cand, tab_size, tab_group, tab_nan, tile_seg, first_tile, seg_n,
                        hist, sel_hi, live, blo, bhi, group_stride, copy_stride, fine, flo, fine_group_stride,
-                       prog, prog, PASS2, WIDE, HAS_CAND, HAS_SIZE, COPIES, BLOCK, ALIGNED, BRACKET, SAMPLE,
-                       FINE, SPAN, FCOPIES)
+                       tab_apply, codes, prog, prog, PASS2, WIDE, HAS_CAND, HAS_SIZE, COPIES, BLOCK, ALIGNED,
+                       BRACKET, SAMPLE, FINE, SPAN, FCOPIES, CODES)
 
 
 @triton.jit
 def _hist_tile(tab_src, tab_cand, tab_size, tab_group, tab_nan, tile_seg, first_tile, seg_n,
-               hist, sel_hi, live, blo, bhi, group_stride, copy_stride, fine, flo, fine_group_stride, pid, prog,
+               hist, sel_hi, live, blo, bhi, group_stride, copy_stride, fine, flo, fine_group_stride,
+               tab_apply, codes, pid, prog,
                PASS2: tl.constexpr, WIDE: tl.constexpr, HAS_CAND: tl.constexpr, HAS_SIZE: tl.constexpr,
                COPIES: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, BRACKET: tl.constexpr,
-               SAMPLE: tl.constexpr, FINE: tl.constexpr, SPAN: tl.constexpr, FCOPIES: tl.constexpr):
+               SAMPLE: tl.constexpr, FINE: tl.constexpr, SPAN: tl.constexpr, FCOPIES: tl.constexpr,
+               CODES: tl.constexpr):
     """Tile ``pid`` of :func:`_hist_kernel`, counted into program ``prog``'s private copies."""
-    if SAMPLE > 1:
+    if CODES:
+        seg, offs, valid = _quad_tile(pid, tile_seg, first_tile, seg_n, BLOCK, ALIGNED)
+    elif SAMPLE > 1:
         seg, offs, valid = _sample_tile(pid, tile_seg, first_tile, seg_n, BLOCK, SAMPLE, ALIGNED)
     else:
         seg, offs, valid = _segment_tile(pid, tile_seg, first_tile, seg_n, BLOCK, ALIGNED)
     g = tl.load(tab_group + seg).to(tl.int64)
-    _, key = _keys(_src(tab_src, seg, WIDE, ALIGNED), offs, valid, WIDE)
+    bits, key = _keys(_src(tab_src, seg, WIDE, ALIGNED), offs, valid, WIDE)
     c = _candidates(tab_cand, seg, offs, valid, HAS_CAND, ALIGNED)
-    w = _unit_weights(tab_size, seg, offs, valid, HAS_SIZE, BLOCK // SAMPLE)
+    if CODES:
+        w = tl.full((BLOCK // 4, 4), 1, tl.int32)
+    else:
+        w = _unit_weights(tab_size, seg, offs, valid, HAS_SIZE, BLOCK // SAMPLE)
     h = hist + g * group_stride + (prog % COPIES) * copy_stride
     if PASS2:
-        c = c & (tl.load(live + g) != 0) & ((key >> 16) == tl.load(sel_hi + g))
+        hi = key >> 16
+        sel = tl.load(sel_hi + g)
+        live_g = tl.load(live + g) != 0
+        if CODES:
+            cl = c & live_g
+            drop = valid & ~(cl & (hi >= sel)) & (tl.load(tab_apply + seg) != 0) & (bits != 0)
+            code = (cl & (hi > sel)).to(tl.int32) + 2 * (cl & (hi == sel)).to(tl.int32) + 3 * drop.to(tl.int32)
+            _store_codes(codes, pid, code, BLOCK)
+        c = c & live_g & (hi == sel)
         b = key & 0xFFFF
         # Bin 0 holds the pruned weights (exact zeros), most of a sparse model: counted with
         # one reduction and a single atomic per program instead of one atomic per zero.
@@ -246,6 +272,13 @@ def _quad_tile(pid, tile_seg, first_tile, seg_n, BLOCK: tl.constexpr, ALIGNED: t
 
 
 @triton.jit
+def _store_codes(codes, pid, code, BLOCK: tl.constexpr):
+    """Tile ``pid``'s 2-bit codes ``[BLOCK / 4, 4]`` (int32 in 0..3) as one byte per row."""
+    packed = tl.sum(code << (tl.arange(0, 4) * 2)[None, :], axis=1)
+    tl.store(codes + pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4), packed.to(tl.uint8))
+
+
+@triton.jit
 def _near_hist_kernel(
     tab_src, tab_cand, tab_group, tab_nan, tab_apply, tile_seg, first_tile, seg_n,
     lo, hist, stats, group_stride, copy_stride, codes,
@@ -263,7 +296,7 @@ def _near_hist_kernel(
     the threshold, 2 bits per unit at ``codes[tile * BLOCK / 4 ...]`` (unit ``4 i + j`` in bits
     ``2 j`` of byte ``i``): 1 kept (a candidate above the window), 2 in the window (decided by the
     threshold), 3 pruned and to be zeroed (below the window or not a candidate, applied, not zero
-    yet), 0 pruned and nothing to write. So :func:`_warm_mask_kernel` reads a quarter byte per unit
+    yet), 0 pruned and nothing to write. So :func:`_coded_mask_kernel` reads a quarter byte per unit
     and the weights only in the window, instead of every weight again."""
     pid = tl.program_id(0).to(tl.int64)
     if CODES:  # the tile as [BLOCK / 4, 4]: a byte of codes is one row, packed in registers
@@ -281,8 +314,7 @@ def _near_hist_kernel(
         drop = valid & ~isnan & (~c | (rel < 0)) & (tl.load(tab_apply + seg) != 0) & (bits != 0)
         # The three cases exclude each other.
         code = (cn & (rel >= NW)).to(tl.int32) + 2 * inwin.to(tl.int32) + 3 * drop.to(tl.int32)
-        packed = tl.sum(code << (tl.arange(0, 4) * 2)[None, :], axis=1)
-        tl.store(codes + pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4), packed.to(tl.uint8))
+        _store_codes(codes, pid, code, BLOCK)
     st = stats + (g * SCOPIES + pid % SCOPIES) * 3
     tl.atomic_add(st, tl.sum((cn & (rel >= NW)).to(tl.int32), axis=None), sem="relaxed")
     tl.atomic_add(st + 1, tl.sum(isnan.to(tl.int32), axis=None), sem="relaxed")
@@ -471,20 +503,20 @@ def _mask_tile(tab_src, tab_cand, tab_size, tab_out, tab_group, tab_apply, tile_
 
 
 @triton.jit
-def _warm_mask_kernel(
+def _coded_mask_kernel(
     tab_src, tab_cand, tab_out, tab_group, tab_apply, tile_seg, first_tile, seg_n,
-    thr, keep, fits, bad, miss, codes,
+    thr, keep, fits, bad, stale, codes,
     WIDE: tl.constexpr, HAS_CAND: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = False,
 ):
-    """The ``ALL_TIES`` mask pass of a warm select's 31-bit launch, from the codes its window pass
-    wrote (:func:`_near_hist_kernel` ``CODES``): when every window held its threshold
-    (``miss[0] == 0``), a tile of a group whose ties all fit keeps its code-1 units and its window
-    units with ``key >= thr``, reading only those weights, and zeroes its code-3 units and the
-    window units it prunes; a group that keeps nothing keeps none. After a miss, the plain
-    :func:`_mask_kernel` tile from every weight. Nothing when ``bad[0] != 0``."""
+    """The ``ALL_TIES`` mask pass of a 31-bit launch of single weights, from the codes its last
+    pass wrote (pass 2 or a warm start's window pass, ``CODES``): a tile of a group whose ties all
+    fit keeps its code-1 units and its code-2 units with ``key >= thr``, reading only those
+    weights, and zeroes its code-3 units and the code-2 units it prunes; a group that keeps
+    nothing keeps none. When ``stale[0] != 0`` (a warm start missed and no pass 2 rewrote the
+    codes), the plain :func:`_mask_kernel` tile from every weight. Nothing when ``bad[0] != 0``."""
     if tl.load(bad) == 0:
         pid = tl.program_id(0).to(tl.int64)
-        if tl.load(miss) != 0:
+        if tl.load(stale) != 0:
             _mask_tile(tab_src, tab_cand, None, tab_out, tab_group, tab_apply, tile_seg, first_tile, seg_n,
                        thr, None, fits, None, None, None, pid, True, WIDE, HAS_CAND, False, BLOCK, False, ALIGNED)
         else:
@@ -801,7 +833,7 @@ _next_window_launch = DirectLauncher(_next_window_kernel)
 _report_launch = DirectLauncher(_report_kernel)
 _tie_count_launch = DirectLauncher(_tie_count_kernel)
 _tie_scan_launch = DirectLauncher(_tie_scan_kernel)
-_warm_mask_launch = DirectLauncher(_warm_mask_kernel)
+_coded_mask_launch = DirectLauncher(_coded_mask_kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1001,6 +1033,14 @@ class _AtomicSelect:
             self.hf = torch.zeros(groups, fine_copies, _FINE_SPAN * 65536, dtype=torch.int32, device=dev)
             self.ff = _Folded(self.hf, _FINE_SPAN * 65536)
         self.finals = [_FinalPass(ln, segments, block, warps, dev) for ln in launches]
+        # 31-bit launches of single weights: the mask codes of the pass that last bounds the
+        # threshold (see the module docstring), 2 bits per unit, so that the mask pass reads a
+        # quarter byte per unit and the weights only inside the bound, not every weight again.
+        # Pass 2 writes them unless the fine path may skip it (or no group needs it); then only a
+        # warm start's window pass does, and a miss takes the plain mask pass.
+        self.pass2_codes = self.f2 is not None and not self.fine
+        self.codes = [torch.empty(ln.tiles * block // 4, dtype=torch.uint8, device=dev)
+                      if ln.wide and not ln.has_size and (warm or self.pass2_codes) else None for ln in launches]
         self.one = torch.ones(1, dtype=torch.int32, device=dev)
         self.dirty = False
         self.warm = warm
@@ -1016,25 +1056,16 @@ class _AtomicSelect:
             self.stats = self.zeroed[3:3 + 3 * groups * _STAT_COPIES].view(groups, _STAT_COPIES, 3)
             self.miss = self.zeroed[-1:]
             self.lo = torch.zeros(groups, dtype=torch.int32, device=dev)
-            # 31-bit launches: the window pass also writes each unit's mask case (2 bits), so
-            # that the mask pass after a hit reads a quarter byte per unit, not 4 bytes again.
-            self.codes = [torch.empty(ln.tiles * block // 4, dtype=torch.uint8, device=dev) if ln.wide else None
-                          for ln in launches]
 
     def compile_warm(self) -> None:
-        """Compile the warm start's kernels before a graph capture (which cannot compile) by
-        running its pass once: it reads the weights and writes only scratch buffers and the
-        state a run recomputes, so weights, masks and candidates stay as they are."""
-        self.dirty = True
-        self.zeroed.zero_()
-        self._near_pass()
-        # The warm mask pass compiles too, behind the error flag: it writes nothing.
-        self.bad.fill_(1)
-        for fp, codes in zip(self.finals, self.codes, strict=True):
-            if codes is not None:
-                fp.enqueue_warm_mask(self.thr, self.k, self.fits, self.bad, self.miss, codes)
-        self.zeroed.zero_()
-        self.dirty = False
+        """Compile every kernel a warm select launches before a graph capture, which cannot
+        compile (the driver refuses to load a module while a stream captures): the gated passes'
+        short-grid variants and the mask pass from the codes are not those a cold run launched.
+        Runs the warm select once with the error flag raised, so that no mask pass writes:
+        weights, masks, candidates and the next window stay as they are."""
+        lo = self.lo.clone()
+        self.enqueue(warm=True, dry=True)
+        self.lo.copy_(lo)
 
     def _near_pass(self) -> None:
         """The warm start's window pass; ``stats`` and ``miss`` zeroed before it."""
@@ -1055,9 +1086,10 @@ class _AtomicSelect:
             num_warps=4,
         )
 
-    def enqueue(self, warm: bool = False) -> None:
+    def enqueue(self, warm: bool = False, dry: bool = False) -> None:
         """Queue the select; ``warm`` (a plan's later runs) first tries the window around the
-        previous threshold, and the cold passes run only when some group's window missed."""
+        previous threshold, and the cold passes run only when some group's window missed.
+        ``dry``: every launch, but the mask passes write nothing (:meth:`compile_warm`)."""
         # About a dozen launches (a score with the bracket): histogram, copies summed, search (one
         # program per group), and again for 31-bit keys; then the tie ranks and the mask pass.
         # Gated launches still launch (a graph holds them all) and exit at once, on short grids
@@ -1068,9 +1100,10 @@ class _AtomicSelect:
                       bracket: bool = False, sample: int = 1) -> None:
             h = f.h
             copies, bins = h.shape[1], h.shape[2]
-            for ln in self.launches:
+            for ln, codes in zip(self.launches, self.codes, strict=True):
                 if pass2 and not ln.wide:
                     continue  # 16-bit keys are exact after pass 1
+                codes = codes if pass2 and self.pass2_codes else None
                 fine = bracket and self.fine and ln.wide
                 hf = self.hf if fine else h
                 # A pass behind a device gate (a warm start's miss, a missed bracket) usually does
@@ -1079,10 +1112,10 @@ class _AtomicSelect:
                 _hist_launch[(grid,)](
                     *ln.args(), ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n, ln.tiles,
                     h, sel_hi, live, gate, self.blo, self.bhi, copies * bins, bins, hf, self.flo, hf.stride(0),
-                    PASS2=pass2, WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size,
+                    ln.apply, codes, PASS2=pass2, WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size,
                     COPIES=copies, BLOCK=self.block, ALIGNED=ln.aligned, BRACKET=bracket, SAMPLE=sample,
                     FINE=fine, SPAN=_FINE_SPAN if fine else 1, FCOPIES=hf.shape[1] if fine else 1,
-                    LOOP=grid < ln.tiles,
+                    LOOP=grid < ln.tiles, CODES=codes is not None,
                     # A sample chunk is 256 units: one warp gives each thread 16 bytes or more.
                     num_warps=self.warps if sample == 1 else 1,
                 )
@@ -1103,6 +1136,8 @@ class _AtomicSelect:
                     h.zero_()
         self.dirty = True
         self.zeroed.zero_()
+        if dry:
+            self.bad.fill_(1)
         gate = self.one
         if warm:
             self._near_pass()
@@ -1130,10 +1165,12 @@ class _AtomicSelect:
         if (f2 := self.f2) is not None:
             hist_pass(f2, True, self.b1, self.live_wide, gate2)
             search(f2, True, gate2)
-        for i, fp in enumerate(self.finals):
-            codes = self.codes[i] if warm else None
-            fp.enqueue(self.thr, self.result[1], self.fits, self.bad, groups,
-                       warm=(self.k, self.miss, codes) if codes is not None else None)
+        # The codes are the last bound's: pass 2's, or a warm hit's window pass's (a miss with no
+        # pass 2 to rewrite them leaves them stale).
+        stale = self.zeros_g if self.pass2_codes else self.miss if warm else None
+        for fp, codes in zip(self.finals, self.codes, strict=True):
+            coded = (self.k, stale, codes) if codes is not None and stale is not None else None
+            fp.enqueue(self.thr, self.result[1], self.fits, self.bad, groups, coded=coded)
         self.dirty = False
         if self.warm:  # the next window: centred on this threshold
             _next_window_launch[(1,)](self.result, self.lo, groups, self.nw // 2, GBLOCK=128, num_warps=1)
@@ -1174,9 +1211,9 @@ class _FinalPass:
             self.gfirst = torch.searchsorted(tile_group[order], torch.arange(groups, device=dev)).to(torch.int32)
 
     def enqueue(self, thr: Tensor, need: Tensor, fits: Tensor, bad: Tensor, groups: int,
-                warm: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
-        """``warm = (keep, miss, codes)``: a warm select's 31-bit launch, whose groups with every
-        tie kept get :func:`_warm_mask_kernel` in place of the plain ``ALL_TIES`` pass."""
+                coded: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+        """``coded = (keep, stale, codes)``: the launch's groups with every tie kept get
+        :func:`_coded_mask_kernel` in place of the plain ``ALL_TIES`` pass."""
         ln, block, warps = self.ln, self.block, self.warps
         # Usually idle with 31-bit keys (short grids): the tie counts and the tie-ranking mask
         # pass, as every tie of a float32 threshold key fits, as a rule. With 16-bit keys either
@@ -1192,8 +1229,8 @@ class _FinalPass:
         )
         _tie_scan_launch[(1,)](self.counts, self.excl, fits, ln.tiles, groups, BLOCK=1024, GBLOCK=128, num_warps=4)
         for all_ties in (True, False):  # each tile is written by the one whose case its group is
-            if all_ties and warm is not None:
-                self.enqueue_warm_mask(thr, warm[0], fits, bad, warm[1], warm[2])
+            if all_ties and coded is not None:
+                self.enqueue_coded_mask(thr, coded[0], fits, bad, coded[1], coded[2])
                 continue
             grid = _grid(ln.tiles, idle=ln.wide and not all_ties)
             _mask_launch[(grid,)](
@@ -1204,12 +1241,12 @@ class _FinalPass:
             )
 
 
-    def enqueue_warm_mask(self, thr: Tensor, keep: Tensor, fits: Tensor, bad: Tensor, miss: Tensor,
-                          codes: Tensor) -> None:
+    def enqueue_coded_mask(self, thr: Tensor, keep: Tensor, fits: Tensor, bad: Tensor, stale: Tensor,
+                           codes: Tensor) -> None:
         ln = self.ln
-        _warm_mask_launch[(ln.tiles,)](
+        _coded_mask_launch[(ln.tiles,)](
             ln.src, ln.cand, ln.out, ln.group, ln.apply, ln.tile_seg, ln.first, ln.n,
-            thr, keep, fits, bad, miss, codes,
+            thr, keep, fits, bad, stale, codes,
             WIDE=ln.wide, HAS_CAND=ln.has_cand, BLOCK=self.block, ALIGNED=ln.aligned, num_warps=self.warps,
         )
 

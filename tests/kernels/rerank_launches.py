@@ -7,8 +7,11 @@ nothing run) a :class:`~sparse_rnnt.kernels.rerank.RerankPlan` over 10M weights 
 1248 x 1000) queues its cold and warm selects, followed by the host's read of the counts, and
 prints one JSON line per (dtype, scope, warm): each Triton launch's kernel and grid, and the
 torch operations that launch device work (memsets, copies, casts, scans) as torch's profiler
-lists them. ``tests/kernels/test_rerank.py`` checks the lines; the kernels' results are
-meaningless here (nothing runs), so the read of the counts may raise, which is ignored.
+lists them, and the kernels it loaded (compiled) while queuing. Before, each plan does what
+``RerankPlan.run`` does before it captures a CUDA graph: a cold run, then ``compile_warm``; a
+kernel first loaded in a later select would be loaded inside the capture, which the CUDA driver
+refuses. ``tests/kernels/test_rerank.py`` checks the lines; the kernels' results are meaningless
+here (nothing runs), so the read of the counts may raise, which is ignored.
 """
 
 from __future__ import annotations
@@ -40,11 +43,12 @@ def main() -> int:
         out = {k: torch.empty(v.shape, dtype=torch.uint8) for k, v in ws.items()}
         for scope in ("global", "per_tensor"):
             sel = RerankPlan(ws, 0.7, out, apply=True, warm_start=True, scope=scope)._select
-            for warm in (False, True):  # compiles every kernel first
-                sel.enqueue(warm=warm)
+            sel.enqueue(warm=False)  # as a graph plan's first run, then what precedes its capture
+            sel.compile_warm()
             drv.record = True
-            for warm in (False, True):
+            for warm in (True, False):
                 drv.recorded.clear()
+                loaded = len(drv.utils.names)
                 with torch.profiler.profile() as prof:
                     sel.enqueue(warm=warm)
                     with contextlib.suppress(Exception):  # the counts are garbage: nothing ran
@@ -53,7 +57,8 @@ def main() -> int:
                 ops = [e.name for e in prof.events() if e.name in DEVICE_OPS and e.cpu_parent is None]
                 print(json.dumps({"dtype": str(dtype).removeprefix("torch."), "scope": scope, "warm": warm,
                                   "tiles": int(sum(-(-w.numel() // 4096) for w in ws.values())),
-                                  "launches": launches, "torch_ops": ops}), flush=True)
+                                  "launches": launches, "torch_ops": ops,
+                                  "loaded": list(drv.utils.names.values())[loaded:]}), flush=True)
             drv.record = False
     return 0
 

@@ -170,14 +170,15 @@ def _rerank() -> Iterator[Spec]:
         if not size:
             variants += [(False, True, 1, wide), (False, False, select._SAMPLE, False)]
         for (pass2, bracket, sample, fine), loop in itertools.product(variants, loops):
+            codes = pass2 and wide and not size  # pass 2 of single float32 weights writes mask codes
             yield (f"_hist_kernel pass2={pass2} bracket={bracket} fine={fine} sample={sample}{' loop' * loop} {tag}",
                    _jit(select._hist_kernel),
                    {**tab, "n_tiles": "i32", "hist": "*i32", "sel_hi": "*i32", "live": "*i32", "gate": "*i32",
                     "blo": "*i32", "bhi": "*i32", "group_stride": "i32", "copy_stride": "i32", "fine": "*i32", "flo": "*i32",
-                    "fine_group_stride": "i32"},
+                    "fine_group_stride": "i32", "codes": "*u8" if codes else None},
                    {**flags, "PASS2": pass2, "COPIES": 64, "BRACKET": bracket, "SAMPLE": sample, "FINE": fine,
                     "SPAN": select._FINE_SPAN if fine else 1, "FCOPIES": select._FINE_COPIES if fine else 1,
-                    "LOOP": loop},
+                    "LOOP": loop, "CODES": codes},
                    warps if sample == 1 else {"num_warps": 1})
         # ORDERED (several groups in the launch) only where it changes the code: the tie ranks.
         for ordered, loop in itertools.product((False, True), loops):
@@ -243,8 +244,8 @@ def _rerank() -> Iterator[Spec]:
                {"NW": select._WARM_WINDOW[wide], "WIDE": wide, "HAS_CAND": cand, "COPIES": 8, "BLOCK": 4096,
                 "SCOPIES": select._STAT_COPIES, "ALIGNED": aligned, "CODES": wide}, warps)
     for cand, aligned in itertools.product((True, False), (True, False)):
-        yield (f"_warm_mask_kernel cand={cand} aligned={aligned}", _jit(select._warm_mask_kernel),
-               {**tab, "thr": "*i32", "keep": "*i64", "fits": "*i32", "bad": "*i32", "miss": "*i32", "codes": "*u8"},
+        yield (f"_coded_mask_kernel cand={cand} aligned={aligned}", _jit(select._coded_mask_kernel),
+               {**tab, "thr": "*i32", "keep": "*i64", "fits": "*i32", "bad": "*i32", "stale": "*i32", "codes": "*u8"},
                {"WIDE": True, "HAS_CAND": cand, "BLOCK": 4096, "ALIGNED": aligned}, warps)
     for wide, chunk in itertools.product((True, False), chunks):
         nw = select._WARM_WINDOW[wide]

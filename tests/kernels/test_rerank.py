@@ -729,7 +729,7 @@ def _plan_case(dtype, device, seed, shapes=((37, 53), (5, 7), (64, 33))):
     return w, cand, out
 
 
-def _check_plan_runs(dtype, device, graph, warm_start=True, shapes=((37, 53), (5, 7), (64, 33))):
+def _check_plan_runs(dtype, device, graph, warm_start=True, shapes=((37, 53), (5, 7), (64, 33)), bracket=None):
     # One plan, run on changing values (new weights copied in, some pruned by the last run):
     # every run equals the reference on the values it saw, and zeroes what it prunes. With a warm
     # start, the second run (new values, threshold far from the last) misses its window and
@@ -737,7 +737,7 @@ def _check_plan_runs(dtype, device, graph, warm_start=True, shapes=((37, 53), (5
     w, cand, out = _plan_case(dtype, device, seed=40, shapes=shapes)
     for scope in ("global", "per_tensor"):
         plan = RerankPlan(w, 0.6, out, scope=scope, candidates=cand, apply=True, tile=TILE if device == "cpu" else None,
-                          graph=graph, warm_start=warm_start)
+                          graph=graph, warm_start=warm_start, bracket=bracket)
         hits = []
         for step in range(3):
             fresh = _weights(list(shapes), dtype, seed=41 + step, tied=step == 1, device=device)
@@ -761,6 +761,51 @@ def _check_plan_runs(dtype, device, graph, warm_start=True, shapes=((37, 53), (5
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_plan_reruns_equal_the_reference(dtype, warm_start):
     _check_plan_runs(dtype, "cpu", graph=False, warm_start=warm_start)
+
+
+def test_plan_reruns_on_the_fine_path_equal_the_reference():
+    # float32 with the sampled bracket: its fine histogram may stand in for pass 2, so pass 2
+    # writes no mask codes; the cold runs take the plain mask pass, a warm hit the window's
+    # codes, and the warm miss (second run) the plain pass again (stale codes).
+    w, _, out = _plan_case(torch.float32, "cpu", seed=40)
+    sel = RerankPlan(w, 0.6, out, apply=True, tile=TILE, bracket=True)._select
+    assert sel.fine and not sel.pass2_codes and all(c is not None for c in sel.codes)
+    _check_plan_runs(torch.float32, "cpu", graph=False, bracket=True)
+
+
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_pass2_codes_equal_a_torch_classification(scope):
+    # A cold float32 select's pass 2 writes each unit's mask case from its group's selected
+    # pass-1 bin (the high 16 key bits): 1 a candidate above it, 2 a candidate in it, 3 below it
+    # or not a candidate, applied and not zero (weights with tied zeros), 0 the rest; a group that keeps nothing
+    # (per-tensor w1 at this sparsity: 35 weights, 34 candidates, 0 kept) has no 1 or 2.
+    w, cand, out = _plan_case(torch.float32, "cpu", seed=84)
+    sparsity = 0.99
+    plan = RerankPlan(w, sparsity, out, scope=scope, candidates=cand, apply=True, tile=TILE, warm_start=False)
+    sel = plan._select
+    assert sel.pass2_codes
+    sel.codes[0].fill_(0xFF)
+    before = {k: v.clone() for k, v in w.items()}
+    plan.run()
+    codes = _unpack_codes(sel, 0, w)
+    groups = {k: 0 for k in w} if scope == "global" else {k: i for i, k in enumerate(w)}
+    seen = set()
+    for k, v in before.items():
+        bits = _bits(v).long()
+        hi = (bits & 0x7FFFFFFF) >> 16
+        g = groups[k]
+        live = sel.keep[g] > 0
+        sel_hi = int(sel.b1[g])
+        c = (cand[k] if k in cand else torch.ones_like(v, dtype=torch.bool)) & live
+        want = torch.zeros_like(bits)
+        want[c & (hi > sel_hi)] = 1
+        want[c & (hi == sel_hi)] = 2
+        want[(~c | (hi < sel_hi)) & (bits != 0)] = 3
+        assert torch.equal(codes[k], want), k
+        seen |= set(want.unique().tolist())
+    assert seen == {0, 1, 2, 3}
+    if scope == "per_tensor":
+        assert sel.keep[1] == 0 and not bool((codes["w1"] == 1).any() | (codes["w1"] == 2).any())
 
 
 def test_plan_error_leaves_everything_and_recovers():
@@ -1251,7 +1296,7 @@ def test_bracketed_and_sampled_pass1_histograms(dtype):
         _hist_kernel[(programs or ln.tiles,)](
             *ln.args(), ln.group, ln.nan_above, ln.tile_seg, ln.first, ln.n, ln.tiles, hist, blo, blo,
             torch.ones(1, dtype=torch.int32), blo, bhi, hist.stride(0), hist.stride(1), fine, flo, fine.stride(0),
-            PASS2=False, WIDE=wide, HAS_CAND=True, HAS_SIZE=False, COPIES=1, BLOCK=block, BRACKET=bracket,
+            ln.apply, None, PASS2=False, WIDE=wide, HAS_CAND=True, HAS_SIZE=False, COPIES=1, BLOCK=block, BRACKET=bracket,
             SAMPLE=sample, FINE=bracket and wide, SPAN=_FINE_SPAN if bracket and wide else 1,
             LOOP=programs is not None,
         )
@@ -1447,8 +1492,8 @@ def test_plan_queues_few_launches_and_few_full_grids():
     assert result.returncode == 0, result.stderr[-4000:]
     runs = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(runs) == 8
-    full = {("float32", False): ["_hist_kernel", "_hist_kernel", "_mask_kernel"],
-            ("float32", True): ["_near_hist_kernel", "_warm_mask_kernel"],
+    full = {("float32", False): ["_hist_kernel", "_hist_kernel", "_coded_mask_kernel"],
+            ("float32", True): ["_near_hist_kernel", "_coded_mask_kernel"],
             # bf16 cold: the sample and the bracketed pass 1; its exact pass 1 is gated.
             ("bfloat16", False): ["_hist_kernel", "_hist_kernel", "_tie_count_kernel", "_mask_kernel",
                                   "_mask_kernel"],
@@ -1457,6 +1502,8 @@ def test_plan_queues_few_launches_and_few_full_grids():
     for r in runs:
         key = (r["dtype"], r["warm"])
         assert r["tiles"] == 2440 and r["torch_ops"] == ["aten::zero_"], r
+        # A graph plan captures after a cold run and compile_warm: nothing may load in a capture.
+        assert r["loaded"] == [], r
         assert [name for name, grid in r["launches"] if grid == r["tiles"]] == full[key], r
         assert all(grid <= 1024 for _, grid in r["launches"] if grid != r["tiles"]), r
         assert len(r["launches"]) == count[key], r

@@ -729,7 +729,7 @@ def _plan_case(dtype, device, seed, shapes=((37, 53), (5, 7), (64, 33))):
     return w, cand, out
 
 
-def _check_plan_runs(dtype, device, graph, warm_start=True, shapes=((37, 53), (5, 7), (64, 33)), bracket=None):
+def _check_plan_runs(dtype, device, graph, warm_start=True, shapes=((37, 53), (5, 7), (64, 33))):
     # One plan, run on changing values (new weights copied in, some pruned by the last run):
     # every run equals the reference on the values it saw, and zeroes what it prunes. With a warm
     # start, the second run (new values, threshold far from the last) misses its window and
@@ -737,7 +737,7 @@ def _check_plan_runs(dtype, device, graph, warm_start=True, shapes=((37, 53), (5
     w, cand, out = _plan_case(dtype, device, seed=40, shapes=shapes)
     for scope in ("global", "per_tensor"):
         plan = RerankPlan(w, 0.6, out, scope=scope, candidates=cand, apply=True, tile=TILE if device == "cpu" else None,
-                          graph=graph, warm_start=warm_start, bracket=bracket)
+                          graph=graph, warm_start=warm_start)
         hits = []
         for step in range(3):
             fresh = _weights(list(shapes), dtype, seed=41 + step, tied=step == 1, device=device)
@@ -765,20 +765,30 @@ def test_plan_reruns_equal_the_reference(dtype, warm_start):
 
 def test_plan_reruns_on_the_fine_path_equal_the_reference():
     # float32 with the sampled bracket: its fine histogram may stand in for pass 2, so pass 2
-    # writes no mask codes; the cold runs take the plain mask pass, a warm hit the window's
-    # codes, and the warm miss (second run) the plain pass again (stale codes).
-    w, _, out = _plan_case(torch.float32, "cpu", seed=40)
-    sel = RerankPlan(w, 0.6, out, apply=True, tile=TILE, bracket=True)._select
+    # writes no mask codes. The cold run takes the plain mask pass; a warm miss (new values, no
+    # ties: every group takes the all-ties mask pass) must take it too, as its window's codes
+    # are stale; a warm hit takes the window's codes.
+    w, cand, out = _plan_case(torch.float32, "cpu", seed=40)
+    plan = RerankPlan(w, 0.6, out, candidates=cand, apply=True, tile=TILE, bracket=True)
+    sel = plan._select
     assert sel.fine and not sel.pass2_codes and all(c is not None for c in sel.codes)
-    _check_plan_runs(torch.float32, "cpu", graph=False, bracket=True)
+    hits = []
+    for step in range(3):
+        if step == 1:
+            with torch.no_grad():
+                for k, v in _weights([v.shape for v in w.values()], torch.float32, seed=90).items():
+                    w[k].copy_(v)
+        _run_and_check(plan, w, out, 0.6, "global", cand)
+        hits.append(plan.last_warm_hit)
+    assert hits == [False, False, True]
 
 
 @pytest.mark.parametrize("scope", ["global", "per_tensor"])
 def test_pass2_codes_equal_a_torch_classification(scope):
     # A cold float32 select's pass 2 writes each unit's mask case from its group's selected
     # pass-1 bin (the high 16 key bits): 1 a candidate above it, 2 a candidate in it, 3 below it
-    # or not a candidate, applied and not zero (weights with tied zeros), 0 the rest; a group that keeps nothing
-    # (per-tensor w1 at this sparsity: 35 weights, 34 candidates, 0 kept) has no 1 or 2.
+    # or not a candidate, applied and not zero, 0 the rest (the tied weights' zeros). A group
+    # that keeps nothing (per-tensor w1 at this sparsity: 35 weights, 0 kept) has no 1 or 2.
     w, cand, out = _plan_case(torch.float32, "cpu", seed=84)
     sparsity = 0.99
     plan = RerankPlan(w, sparsity, out, scope=scope, candidates=cand, apply=True, tile=TILE, warm_start=False)

@@ -763,15 +763,17 @@ def test_plan_reruns_equal_the_reference(dtype, warm_start):
     _check_plan_runs(dtype, "cpu", graph=False, warm_start=warm_start)
 
 
-def test_plan_reruns_on_the_fine_path_equal_the_reference():
-    # float32 with the sampled bracket: its fine histogram may stand in for pass 2, so pass 2
-    # writes no mask codes. The cold run takes the plain mask pass; a warm miss (new values, no
-    # ties: every group takes the all-ties mask pass) must take it too, as its window's codes
-    # are stale; a warm hit takes the window's codes.
+@pytest.mark.parametrize("bracket", [False, True])
+def test_plan_warm_miss_without_ties_equals_the_reference(bracket):
+    # A warm miss on new values without ties, so that every group takes the all-ties mask pass
+    # (the tied reruns elsewhere take the tie-ranking one), then a hit. Without the bracket,
+    # pass 2 rewrites the window's mask codes after the miss. With it (float32), the fine
+    # histogram may stand in for pass 2, which then writes no codes: the cold run and the miss
+    # must take the plain mask pass (the window's codes are stale), the hit the window's codes.
     w, cand, out = _plan_case(torch.float32, "cpu", seed=40)
-    plan = RerankPlan(w, 0.6, out, candidates=cand, apply=True, tile=TILE, bracket=True)
+    plan = RerankPlan(w, 0.6, out, candidates=cand, apply=True, tile=TILE, bracket=bracket)
     sel = plan._select
-    assert sel.fine and not sel.pass2_codes and all(c is not None for c in sel.codes)
+    assert sel.fine == bracket and sel.pass2_codes != bracket and all(c is not None for c in sel.codes)
     hits = []
     for step in range(3):
         if step == 1:

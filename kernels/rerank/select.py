@@ -1230,7 +1230,12 @@ class _FinalPass:
         _tie_scan_launch[(1,)](self.counts, self.excl, fits, ln.tiles, groups, BLOCK=1024, GBLOCK=128, num_warps=4)
         for all_ties in (True, False):  # each tile is written by the one whose case its group is
             if all_ties and coded is not None:
-                self.enqueue_coded_mask(thr, coded[0], fits, bad, coded[1], coded[2])
+                keep, stale, codes = coded
+                _coded_mask_launch[(ln.tiles,)](
+                    ln.src, ln.cand, ln.out, ln.group, ln.apply, ln.tile_seg, ln.first, ln.n,
+                    thr, keep, fits, bad, stale, codes,
+                    WIDE=ln.wide, HAS_CAND=ln.has_cand, BLOCK=block, ALIGNED=ln.aligned, num_warps=warps,
+                )
                 continue
             grid = _grid(ln.tiles, idle=ln.wide and not all_ties)
             _mask_launch[(grid,)](
@@ -1239,16 +1244,6 @@ class _FinalPass:
                 ALL_TIES=all_ties, WIDE=ln.wide, HAS_CAND=ln.has_cand, HAS_SIZE=ln.has_size,
                 BLOCK=block, ORDERED=self.ordered, ALIGNED=ln.aligned, LOOP=grid < ln.tiles, num_warps=warps,
             )
-
-
-    def enqueue_coded_mask(self, thr: Tensor, keep: Tensor, fits: Tensor, bad: Tensor, stale: Tensor,
-                           codes: Tensor) -> None:
-        ln = self.ln
-        _coded_mask_launch[(ln.tiles,)](
-            ln.src, ln.cand, ln.out, ln.group, ln.apply, ln.tile_seg, ln.first, ln.n,
-            thr, keep, fits, bad, stale, codes,
-            WIDE=ln.wide, HAS_CAND=ln.has_cand, BLOCK=self.block, ALIGNED=ln.aligned, num_warps=self.warps,
-        )
 
 
 # Radix digits (shift, bits), top digit first: 31-bit keys (float32) and 15-bit keys (16-bit floats).

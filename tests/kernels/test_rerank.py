@@ -602,7 +602,7 @@ def test_property_matches_reference(shapes, sparsity, dtype, kind, scope, tied, 
     _assert_same(rerank_masks_torch(w, sparsity, kind=kind, block=(2, 3), scope=scope), ref)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)  # 30 took 22 s in the interpreter (make test's budget)
 @given(
     rows=st.lists(st.integers(20, 90), min_size=1, max_size=3),
     cols=st.integers(30, 70),

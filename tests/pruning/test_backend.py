@@ -177,7 +177,8 @@ def test_autocast_paths_give_the_torch_backends_masked_forward():
     assert abs(_masked_loss("torch", "cast", None) - ref) > 1e-2 * abs(ref)
 
 
-@pytest.mark.parametrize("path", ["cast", "fused"])
+# "fused" (not the autocast default) takes 23 s in the interpreter: make test-slow runs it.
+@pytest.mark.parametrize("path", ["cast", pytest.param("fused", marks=pytest.mark.slow)])
 def test_autocast_paths_train_like_the_torch_backend(path):
     # A pruning run under bf16 autocast. "cast" copies W ⊙ M to bf16 once per forward, as
     # autocast copies the torch backend's substituted parameter, and gradients meet in the copy

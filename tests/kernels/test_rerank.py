@@ -810,10 +810,7 @@ def test_pass2_codes_equal_a_torch_classification(scope):
         live = sel.keep[g] > 0
         sel_hi = int(sel.b1[g])
         c = (cand[k] if k in cand else torch.ones_like(v, dtype=torch.bool)) & live
-        want = torch.zeros_like(bits)
-        want[c & (hi > sel_hi)] = 1
-        want[c & (hi == sel_hi)] = 2
-        want[(~c | (hi < sel_hi)) & (bits != 0)] = 3
+        want = _codes_rule(c, hi > sel_hi, hi == sel_hi, bits)
         assert torch.equal(codes[k], want), k
         seen |= set(want.unique().tolist())
     assert seen == {0, 1, 2, 3}
@@ -998,8 +995,18 @@ def test_plan_warm_compile_pass_changes_nothing():
     _assert_same({k: o.bool() for k, o in out.items()}, magnitude_masks(vals, 0.5, candidates=cand))
 
 
+def _codes_rule(c, above, inside, bits):
+    """The mask cases in torch: 1 a candidate above the bound, 2 one inside it, 3 the rest that
+    are not zero yet (pruned and applied), 0 the others."""
+    want = torch.zeros_like(bits)
+    want[c & above] = 1
+    want[c & inside] = 2
+    want[~(c & (above | inside)) & (bits != 0)] = 3
+    return want
+
+
 def _unpack_codes(sel, i, w):
-    """The 2-bit mask cases the warm window pass wrote for launch ``i``, per tensor, in torch."""
+    """The 2-bit mask cases (pass 2's or the warm window pass's) of launch ``i``, per tensor."""
     ln, codes = sel.launches[i], sel.codes[i].long()
     unpacked = ((codes[:, None] >> torch.arange(0, 8, 2)) & 3).reshape(-1)
     names = list(w)
@@ -1032,10 +1039,7 @@ def test_warm_window_pass_codes_equal_a_torch_classification(scope):
         key = bits & 0x7FFFFFFF
         c = cand[k] if k in cand else torch.ones_like(v, dtype=torch.bool)
         rel = key - lo[groups[k]]
-        want = torch.zeros_like(key)
-        want[c & (rel >= 0) & (rel < sel.nw)] = 2
-        want[c & (rel >= sel.nw)] = 1
-        want[(~c | (rel < 0)) & (bits != 0)] = 3
+        want = _codes_rule(c, rel >= sel.nw, (rel >= 0) & (rel < sel.nw), bits)
         assert torch.equal(codes[k], want), k
         seen |= set(want.unique().tolist())
     assert seen == {0, 1, 2, 3}
@@ -1150,7 +1154,7 @@ def test_bracket_default_is_on_for_16_bit_keys_only():
     assert not bracket_by_default(False, big, tiles, wide_keys=False)  # blocks: norms, not single keys
 
 
-# Slow here (12-40 s each in the interpreter): per-tensor scopes, the float32 holds (the bracket
+# Slow here (15-40 s each in the interpreter): per-tensor scopes, the float32 holds (the bracket
 # is a default for 16-bit keys only) and bf16 misses. `make test` runs the global bf16 hold and
 # a float32 miss, the hypothesis test below draws both scopes and dtypes, the warm-miss test
 # above a float32 fine path, and `make test-slow` runs the rest.

@@ -197,6 +197,8 @@ def test_score_key_names_the_exact_checkpoint(dense, tiny_manifests, tmp_path):
     assert score_cache_path(opts.out, other) != score_cache_path(opts.out, key)
 
 
+# 29 s end to end; test_score_cache_lives_in_out_and_is_keyed checks the cache keys by default.
+@pytest.mark.slow
 def test_reproduce_rescores_on_new_eval_limit_and_reuses_runs(dense, tiny_manifests, tmp_path, monkeypatch):
     """End to end (1 language, 4-step runs): nothing is written into --dense; a second call with
     another --eval-limit trains nothing again but scores every model again."""

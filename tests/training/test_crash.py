@@ -318,6 +318,9 @@ def _check_prune(seed: int, long: bool, dense_reference: Path, tmp_path: Path) -
     assert a.meta["extra"]["pruner"]  # the masks compared above are a pruned run's
 
 
+# 31 s: the adaptive run below is killed mid-write by default too; make test-slow runs this one
+# (and the many-kill-point runs, dense ones included).
+@pytest.mark.slow
 def test_killed_dense_training_resumes_bit_exactly(tiny_manifests, dense_reference, tmp_path):
     _check_dense(0, False, tiny_manifests, dense_reference, tmp_path)
 

@@ -88,7 +88,14 @@ def _masks(ckpt, method, languages):
     return out
 
 
-@pytest.mark.parametrize("method", METHODS)
+# 10-11 s each, run by make test-slow: adaptive's kill-and-resume is bit-exact in test_crash, and
+# pathways-alternate resumes the one sampler as dynamic-pathways does and its stage-1 masks as
+# pathways-sum does (sum has per-language samplers to resume, so it stays).
+_RESUME_SLOW = ("adaptive", "pathways-alternate")
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in _RESUME_SLOW else m
+                                    for m in METHODS])
 def test_pruning_run_resumes_exactly_and_reaches_its_level(method, dense_run, stage1, tiny_manifests, tmp_path):
     cfg = _prune_cfg(dense_run, method, stage1)
     Trainer(cfg, tmp_path / "a", init_checkpoint=dense_run).run()

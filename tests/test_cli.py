@@ -38,6 +38,39 @@ def test_help_explains_every_option(command, capsys):
             assert action.help, action.option_strings
 
 
+
+def _leaf_parsers(parser, prefix=()):
+    """``{("data", "mls"): parser, ("train",): parser, ...}``: every command's own parser."""
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return {prefix: parser}
+    out = {}
+    for name, sub in subs[0].choices.items():
+        out.update(_leaf_parsers(sub, (*prefix, name)))
+    return out
+
+
+def test_readme_command_table_lists_every_option_and_no_other():
+    # The README's command table (one row per command, its usage line in backticks) names every
+    # option the parser has, and none it lacks: the docs cannot drift from the CLI either way.
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = {}
+    for line in readme.splitlines():
+        m = re.match(r"\| `sparse-rnnt ([^`]*)` \|", line)
+        if m:
+            rows[m.group(1)] = set(re.findall(r"--[a-z][a-z0-9-]*", m.group(1)))
+    leaves = _leaf_parsers(build_parser())
+    assert len(leaves) >= 11
+    for command, parser in leaves.items():
+        usage = [r for r in rows if r.split(" --")[0].split(" ")[:len(command)] == list(command)]
+        assert len(usage) == 1, (command, usage)
+        options = {o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+        assert rows[usage[0]] == options, (command, sorted(options - rows[usage[0]]), sorted(rows[usage[0]] - options))
+
 def _run(*args):
     return subprocess.run([sys.executable, "-m", "sparse_rnnt.cli", *args], capture_output=True, text=True, timeout=120)
 

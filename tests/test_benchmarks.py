@@ -409,7 +409,7 @@ def test_gpu_session_failures_print_as_they_happen(tmp_path):
     assert "test_passes" not in out[early:out.index("---\n", early + 3)]
 
 
-# 40 s on 2 cores: make test-slow runs it (and so does a session before it spends device time).
+# 40 s on 2 cores: make test-slow runs it; run it before a GPU session spends device time.
 @pytest.mark.slow
 def test_gpu_session_script_rehearsal_on_cpu(tmp_path):
     # The GPU session script with DEVICE=cpu: every benchmark step's command line, the deadline

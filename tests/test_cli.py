@@ -1,4 +1,6 @@
+import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,11 +40,8 @@ def test_help_explains_every_option(command, capsys):
             assert action.help, action.option_strings
 
 
-
 def _leaf_parsers(parser, prefix=()):
     """``{("data", "mls"): parser, ("train",): parser, ...}``: every command's own parser."""
-    import argparse
-
     subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if not subs:
         return {prefix: parser}
@@ -55,8 +54,6 @@ def _leaf_parsers(parser, prefix=()):
 def test_readme_command_table_lists_every_option_and_no_other():
     # The README's command table (one row per command, its usage line in backticks) names every
     # option the parser has, and none it lacks: the docs cannot drift from the CLI either way.
-    import re
-
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     rows = {}
     for line in readme.splitlines():
@@ -70,6 +67,7 @@ def test_readme_command_table_lists_every_option_and_no_other():
         assert len(usage) == 1, (command, usage)
         options = {o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
         assert rows[usage[0]] == options, (command, sorted(options - rows[usage[0]]), sorted(rows[usage[0]] - options))
+
 
 def _run(*args):
     return subprocess.run([sys.executable, "-m", "sparse_rnnt.cli", *args], capture_output=True, text=True, timeout=120)

@@ -548,7 +548,7 @@ def test_window_zero_ties_and_nan_fall_back(caplog):
         assert torch.equal(_bits(w[k]), _bits(before[k]))
 
 
-# radix (one host sync per digit, not the default) is slow here: 14 s in the interpreter.
+# radix (one host sync per digit, not the default) is slow here: 13 s in the interpreter.
 @pytest.mark.parametrize("algorithm", ["atomic", pytest.param("radix", marks=pytest.mark.slow), "window"])
 def test_empty_tensors_and_mixed_key_widths(algorithm):
     # Only empty tensors (no launch at all), an empty one among others, and per-tensor groups of

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's checks in one call (see README, Benchmarks): the CUDA tests, then every GPU
+# One GPU session's checks in one call (docs/gpu-sessions.md): the CUDA tests, then every GPU
 # benchmark, each step bounded so that the whole run ends by $DEADLINE_S seconds; results land in
 # $OUT (default benchmarks/results) as at most 9 files: session.log (every step's output, in
 # order), gpu.txt, kernels-cuda.{json,csv}, small-row-cuda.jsonl, rerank-profile-cuda.jsonl,
@@ -9,6 +9,19 @@
 # DEVICE=cpu (with PYTHON=.venv/bin/python) runs the same steps on a CPU machine at CPU sizes:
 # a rehearsal of the plumbing before device time is spent on it (tests/test_benchmarks.py).
 set -u
+# PLAN presets the variables of a call planned ahead (docs/gpu-sessions.md); any of them set in the
+# environment still wins. DRY_RUN=1 prints each step's budget and command instead of running it.
+case "${PLAN:-}" in
+  "") ;;
+  next-1)  # the first call of the next lease: what the CPU sessions built since the last one
+    : "${STEPS:=tests kernels profile stream}" "${DEADLINE_S:=480}" "${TESTS_BUDGET:=150}"
+    : "${TESTS_K:=cuda and (auto_runtimes or rerank or plan)}" "${KERNEL_ARGS:=--sections rerank}"
+    : "${PROFILE_BUDGET:=90}" "${STREAM_BUDGET:=90}"
+    : "${STREAM_ARGS:=--sizes base --streams 1,32 --formats bsr+auto,bitmap+auto --repeats 3}" ;;
+  next-2)  # then, with six minutes of the lease left: the full 10-minute load test
+    : "${STEPS:=load}" "${DEADLINE_S:=330}" ;;
+  *) echo "gpu_session.sh: unknown PLAN '$PLAN' (next-1, next-2)" >&2; exit 2 ;;
+esac
 OUT=${OUT:-benchmarks/results}
 DEVICE=${DEVICE:-cuda}
 PYTHON=${PYTHON:-python3}
@@ -54,6 +67,7 @@ step() {
   case " $STEPS " in *" $name "*) ;; *) return ;; esac
   local left=$((DEADLINE_S - ($(date +%s) - START)))
   [ "$budget" -gt "$left" ] && budget=$left
+  if [ "${DRY_RUN:-0}" = 1 ]; then echo "$name $budget $*"; return; fi
   if [ "$budget" -le 5 ]; then echo "=== $name: skipped, no time left" >> "$LOG"; return; fi
   echo "=== $name (budget ${budget}s, t=$(( $(date +%s) - START ))s)" >> "$LOG"
   timeout "$budget" "$@" >> "$LOG" 2>&1

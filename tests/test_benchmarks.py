@@ -546,3 +546,43 @@ def test_stream_auto_choose_on_real_small_row_layers():
     assert len(sparse_layers(model)) == got["layers_sparse"]
     # every layer of this model is smaller compressed than dense (test_autoselect checks it)
     assert (got["auto_extra_bytes"] > 0) == (got["layers_dense_auto"] > 0)
+
+
+def _session_dry_run(tmp_path, **env_vars):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in {
+        "STEPS", "DEADLINE_S", "TESTS_BUDGET", "TESTS_K", "KERNEL_ARGS", "PROFILE_BUDGET", "STREAM_BUDGET",
+        "STREAM_ARGS", "PLAN"}}
+    env.update({"OUT": str(tmp_path), "DEVICE": "cpu", "PYTHON": sys.executable, "DRY_RUN": "1", **env_vars})
+    return subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_gpu_session_plans_expand_to_the_documented_calls(tmp_path):
+    # The next lease's calls are presets (PLAN=next-1, next-2), so a session with a GPU runs what
+    # docs/gpu-sessions.md plans without retyping eight variables; DRY_RUN shows each step's
+    # budget and command line without running it.
+    run = _session_dry_run(tmp_path, PLAN="next-1")
+    assert run.returncode == 0, run.stderr
+    steps = {line.split()[0]: line for line in run.stdout.splitlines()}
+    assert list(steps) == ["tests", "kernels", "profile", "stream"]
+    assert steps["tests"].split()[1] == "150" and "-k cuda and (auto_runtimes or rerank or plan) " in steps["tests"]
+    assert steps["kernels"].endswith(f"--sections rerank --out-dir {tmp_path}")
+    assert steps["profile"].split()[1] == "90"
+    assert "--sizes base --streams 1,32 --formats bsr+auto,bitmap+auto --repeats 3" in steps["stream"]
+    run = _session_dry_run(tmp_path, PLAN="next-2")
+    assert run.returncode == 0, run.stderr
+    (load,) = run.stdout.splitlines()
+    # 330 s deadline: the load step's wall bound is what is left less 40 s, at most 300 s
+    assert load.startswith("load ") and "--load-minutes 10 " in load
+    wall = int(load.split("--max-wall-s ")[1].split()[0])
+    assert 280 <= wall <= 290  # less the seconds the script itself took before the step
+    # a variable set by hand wins over the preset
+    run = _session_dry_run(tmp_path, PLAN="next-1", STEPS="kernels")
+    assert [line.split()[0] for line in run.stdout.splitlines()] == ["kernels"]
+    run = _session_dry_run(tmp_path, PLAN="next-3")
+    assert run.returncode == 2 and "unknown PLAN 'next-3'" in run.stderr and not run.stdout

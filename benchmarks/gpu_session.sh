@@ -20,7 +20,9 @@ case "${PLAN:-}" in
     : "${STREAM_ARGS:=--sizes base --streams 1,32 --formats bsr+auto,bitmap+auto --repeats 3}" ;;
   next-2)  # then, with six minutes of the lease left: the full 10-minute load test
     : "${STEPS:=load}" "${DEADLINE_S:=330}" ;;
-  *) echo "gpu_session.sh: unknown PLAN '$PLAN' (next-1, next-2)" >&2; exit 2 ;;
+  next-3)  # a later call or lease: the stream counts no GPU run has timed yet (8 and 64)
+    : "${STEPS:=stream}" "${DEADLINE_S:=300}" "${STREAM_BUDGET:=280}" "${STREAM_ARGS:=--sizes base --streams 8,64}" ;;
+  *) echo "gpu_session.sh: unknown PLAN '$PLAN' (next-1, next-2, next-3)" >&2; exit 2 ;;
 esac
 OUT=${OUT:-benchmarks/results}
 DEVICE=${DEVICE:-cuda}

@@ -581,8 +581,11 @@ def test_gpu_session_plans_expand_to_the_documented_calls(tmp_path):
     assert load.startswith("load ") and "--load-minutes 10 " in load
     wall = int(load.split("--max-wall-s ")[1].split()[0])
     assert 280 <= wall <= 290  # less the seconds the script itself took before the step
+    run = _session_dry_run(tmp_path, PLAN="next-3")
+    (stream,) = run.stdout.splitlines()
+    assert stream.startswith("stream 280 ") and "--sizes base --streams 8,64 " in stream
     # a variable set by hand wins over the preset
     run = _session_dry_run(tmp_path, PLAN="next-1", STEPS="kernels")
     assert [line.split()[0] for line in run.stdout.splitlines()] == ["kernels"]
-    run = _session_dry_run(tmp_path, PLAN="next-3")
-    assert run.returncode == 2 and "unknown PLAN 'next-3'" in run.stderr and not run.stdout
+    run = _session_dry_run(tmp_path, PLAN="next-9")
+    assert run.returncode == 2 and "unknown PLAN 'next-9'" in run.stderr and not run.stdout

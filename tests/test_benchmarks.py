@@ -563,7 +563,7 @@ def _session_dry_run(tmp_path, **env_vars):
 
 
 def test_gpu_session_plans_expand_to_the_documented_calls(tmp_path):
-    # The next lease's calls are presets (PLAN=next-1, next-2), so a session with a GPU runs what
+    # The planned calls are presets (PLAN=next-1, next-2, next-3), so a session with a GPU runs what
     # docs/gpu-sessions.md plans without retyping eight variables; DRY_RUN shows each step's
     # budget and command line without running it.
     run = _session_dry_run(tmp_path, PLAN="next-1")
@@ -582,6 +582,7 @@ def test_gpu_session_plans_expand_to_the_documented_calls(tmp_path):
     wall = int(load.split("--max-wall-s ")[1].split()[0])
     assert 280 <= wall <= 290  # less the seconds the script itself took before the step
     run = _session_dry_run(tmp_path, PLAN="next-3")
+    assert run.returncode == 0, run.stderr
     (stream,) = run.stdout.splitlines()
     assert stream.startswith("stream 280 ") and "--sizes base --streams 8,64 " in stream
     # a variable set by hand wins over the preset

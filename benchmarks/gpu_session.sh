@@ -28,24 +28,29 @@ OUT=${OUT:-benchmarks/results}
 DEVICE=${DEVICE:-cuda}
 PYTHON=${PYTHON:-python3}
 DEADLINE_S=${DEADLINE_S:-540}
-mkdir -p "$OUT"
-LOG="$OUT/session.log"
+DRY=${DRY_RUN:-0}
+if [ "$DRY" = 1 ]; then  # prints the steps and writes nothing: no log, no gpu.txt, no installs
+  LOG=/dev/null
+else
+  mkdir -p "$OUT"
+  LOG="$OUT/session.log"
+fi
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 MAX_JOBS=16
-if [ -d .whl ] && [ "$DEVICE" = cuda ]; then
+if [ -d .whl ] && [ "$DEVICE" = cuda ] && [ "$DRY" != 1 ]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >> "$LOG" 2>&1
 fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 # Uninstalled source tree (the GPU image has no venv): the two mapped packages as links, the
 # layout `pip install` would give them.
-if ! "$PYTHON" -c "import sparse_rnnt.kernels, sparse_rnnt.csrc" 2>/dev/null; then
+if [ "$DRY" != 1 ] && ! "$PYTHON" -c "import sparse_rnnt.kernels, sparse_rnnt.csrc" 2>/dev/null; then
   ln -sfn ../kernels sparse_rnnt/kernels
   ln -sfn ../csrc sparse_rnnt/csrc
 fi
 export SPARSE_RNNT_COMMIT=${SPARSE_RNNT_COMMIT:-unknown}
 if [ "$DEVICE" = cuda ]; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+  [ "$DRY" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
   XDIST="-n 12" GRAPHS="--cuda-graphs"
 else
   XDIST="" GRAPHS=""
@@ -69,7 +74,7 @@ step() {
   case " $STEPS " in *" $name "*) ;; *) return ;; esac
   local left=$((DEADLINE_S - ($(date +%s) - START)))
   [ "$budget" -gt "$left" ] && budget=$left
-  if [ "${DRY_RUN:-0}" = 1 ]; then echo "$name $budget $*"; return; fi
+  if [ "$DRY" = 1 ]; then echo "$name $budget $*"; return; fi
   if [ "$budget" -le 5 ]; then echo "=== $name: skipped, no time left" >> "$LOG"; return; fi
   echo "=== $name (budget ${budget}s, t=$(( $(date +%s) - START ))s)" >> "$LOG"
   timeout "$budget" "$@" >> "$LOG" 2>&1

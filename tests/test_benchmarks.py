@@ -557,7 +557,7 @@ def _session_dry_run(tmp_path, **env_vars):
     env = {k: v for k, v in os.environ.items() if k not in {
         "STEPS", "DEADLINE_S", "TESTS_BUDGET", "TESTS_K", "KERNEL_ARGS", "PROFILE_BUDGET", "STREAM_BUDGET",
         "STREAM_ARGS", "PLAN"}}
-    env.update({"OUT": str(tmp_path), "DEVICE": "cpu", "PYTHON": sys.executable, "DRY_RUN": "1", **env_vars})
+    env.update({"OUT": str(tmp_path / "out"), "DEVICE": "cuda", "PYTHON": sys.executable, "DRY_RUN": "1", **env_vars})
     return subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], cwd=root, env=env,
                           capture_output=True, text=True, timeout=60)
 
@@ -571,7 +571,8 @@ def test_gpu_session_plans_expand_to_the_documented_calls(tmp_path):
     steps = {line.split()[0]: line for line in run.stdout.splitlines()}
     assert list(steps) == ["tests", "kernels", "profile", "stream"]
     assert steps["tests"].split()[1] == "150" and "-k cuda and (auto_runtimes or rerank or plan) " in steps["tests"]
-    assert steps["kernels"].endswith(f"--sections rerank --out-dir {tmp_path}")
+    assert steps["kernels"].endswith(f"--sections rerank --out-dir {tmp_path / 'out'}")
+    assert "--device cuda" in steps["kernels"] and "--cuda-graphs" in steps["stream"]
     assert steps["profile"].split()[1] == "90"
     assert "--sizes base --streams 1,32 --formats bsr+auto,bitmap+auto --repeats 3" in steps["stream"]
     run = _session_dry_run(tmp_path, PLAN="next-2")
@@ -590,3 +591,5 @@ def test_gpu_session_plans_expand_to_the_documented_calls(tmp_path):
     assert [line.split()[0] for line in run.stdout.splitlines()] == ["kernels"]
     run = _session_dry_run(tmp_path, PLAN="next-9")
     assert run.returncode == 2 and "unknown PLAN 'next-9'" in run.stderr and not run.stdout
+    # a dry run writes nothing (no log, no gpu.txt), even as DEVICE=cuda on a machine without one
+    assert not (tmp_path / "out").exists()

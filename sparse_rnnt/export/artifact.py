@@ -225,7 +225,9 @@ def _export(checkpoint: str | os.PathLike[str], out: Path, opts: ExportOptions) 
         save_file(tensors, str(tmp / WEIGHTS))
         if opts.multilingual:
             assert rec.language_masks is not None
-            LanguageMasks({lang: MaskSet({n: rec.language_masks[lang][n] for n in masks})
+            # Linear layers outside the pruning scope (the CTC head) are kept whole in every pathway.
+            LanguageMasks({lang: MaskSet({n: rec.language_masks[lang][n] if n in rec.language_masks[lang]
+                                          else masks[n] for n in masks})
                            for lang in export_langs}).save(tmp / MASKS)
         atomic_write_json(tmp / CONFIG, {
             "model": asdict(model.config), "num_symbols": model.num_symbols,

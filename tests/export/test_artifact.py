@@ -464,6 +464,36 @@ def test_multilingual_artifact_loads_in_its_dtype(pruned, tmp_path):
         assert relative_error(out, probe_logits(f32.model, torch.device("cpu"))) > 1e-5
 
 
+def test_multilingual_artifact_of_a_model_with_a_ctc_head(tiny_manifests, tmp_path):
+    """The CTC head is a linear layer outside the pruning scope: every pathway keeps it whole."""
+    from sparse_rnnt.config import config_from_tree
+    from sparse_rnnt.pruning.masks import LanguageMasks, MaskSet
+    from sparse_rnnt.pruning.scope import ScopeConfig, select_parameters
+    from tests.training.test_prune import _dense_overrides
+
+    over = {**_dense_overrides(tiny_manifests), "model.ctc_weight": 0.3, "train.max_steps": 2}
+    dense = tmp_path / "dense"
+    Trainer(config_from_tree({}, [f"{k}={v}" for k, v in over.items()]), dense).run()
+    model = load_recognizer(dense).model
+    assert model.ctc_head is not None
+    params = select_parameters(model, ScopeConfig())
+    assert "ctc_head.weight" not in params
+    g = torch.Generator().manual_seed(0)
+    LanguageMasks({lang: MaskSet({n: torch.rand(p.shape, generator=g) < 0.9 for n, p in params.items()})
+                   for lang in ("en", "fr")}).save(tmp_path / "init.safetensors")
+    cfg = _prune_cfg(dense, "dynamic-pathways", **{
+        "train.max_steps": 2, "pruning.init_masks": str(tmp_path / "init.safetensors"),
+        "pruning.levels": "[0.5]", "pruning.target_sparsity": 0.5})
+    Trainer(cfg, tmp_path / "dyn", init_checkpoint=dense).run()
+    export_checkpoint(tmp_path / "dyn", tmp_path / "art", ExportOptions(fmt="bitmap", multilingual=True))
+    art = load_artifact(tmp_path / "art")
+    for lang in ("en", "fr"):
+        art.set_language(lang)
+        assert relative_error(probe_logits(art.model, torch.device("cpu")), _masked_ref(tmp_path / "dyn", lang)) <= 1e-5
+    stored = LanguageMasks.load(tmp_path / "art" / "masks.safetensors")
+    assert all(bool(stored[lang]["ctc_head.weight"].all()) for lang in ("en", "fr"))
+
+
 def test_multilingual_artifact_needs_a_language(pruned, tmp_path):
     from sparse_rnnt.streaming import StreamingDecoder
 

@@ -136,12 +136,15 @@ class GlobalCMVN:
     def __post_init__(self) -> None:
         self.mean = torch.as_tensor(self.mean, dtype=torch.float32).detach().cpu().contiguous()
         std = torch.as_tensor(self.std, dtype=torch.float32).detach().cpu()
-        self.std = std.clamp_min(self.min_std).contiguous()
-        if self.mean.dim() != 1 or self.mean.shape != self.std.shape:
+        if self.mean.dim() != 1 or self.mean.shape != std.shape:
             raise ValueError(
                 f"CMVN mean/std must be equal-length vectors, got {tuple(self.mean.shape)} "
-                f"and {tuple(self.std.shape)}"
+                f"and {tuple(std.shape)}"
             )
+        # A NaN or negative statistic (a damaged file) would turn every feature into garbage.
+        if not bool(torch.isfinite(self.mean).all() & torch.isfinite(std).all()) or bool((std < 0).any()):
+            raise ValueError("CMVN mean and std must be finite, and std not negative")
+        self.std = std.clamp_min(self.min_std).contiguous()
 
     @property
     def dim(self) -> int:

@@ -156,6 +156,16 @@ def test_cmvn_normalize_and_floor() -> None:
     torch.testing.assert_close(cmvn.normalize(x.view(5, 100, 4)), y.view(5, 100, 4))
 
 
+@pytest.mark.parametrize(("mean", "std"), [(float("nan"), 1.0), (0.0, float("inf")), (float("-inf"), 1.0),
+                                           (0.0, -2.0), (0.0, float("nan"))])
+def test_cmvn_refuses_statistics_that_are_not_finite_or_negative(mean: float, std: float) -> None:
+    m, s = torch.zeros(3), torch.ones(3)
+    m[1], s[1] = mean, std
+    with pytest.raises(ValueError, match="must be finite, and std not negative"):
+        GlobalCMVN(mean=m, std=s)
+    GlobalCMVN(mean=torch.zeros(3), std=torch.zeros(3))  # a zero std is floored, as fit() does
+
+
 def test_cmvn_empty_raises() -> None:
     with pytest.raises(UserError, match="no feature frames"):
         GlobalCMVN.fit([])

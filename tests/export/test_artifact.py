@@ -622,6 +622,22 @@ def test_tampered_config_and_sizes_give_clear_errors(pruned, tmp_path):
     with pytest.raises(UserError, match=r"cmvn\.safetensors: 40 bins, but config\.json has features\.n_mels 80"):
         load_artifact(variant(small_cmvn))
 
+    # Statistics that are not finite, or a negative std, written past GlobalCMVN's own checks.
+    from safetensors.torch import save_file
+
+    from sparse_rnnt.data.features import _CMVN_FORMAT
+
+    def bad_cmvn(field, value):
+        def edit(d):
+            stats = {"mean": torch.zeros(80), "std": torch.ones(80)}
+            stats[field][3] = value
+            save_file(stats, str(d / "cmvn.safetensors"), metadata={"format": _CMVN_FORMAT, "count": "10"})
+            _rehash(d, "cmvn.safetensors")
+        return edit
+    for field, value in (("mean", float("nan")), ("std", float("inf")), ("std", -1.0)):
+        with pytest.raises(UserError, match=r"cmvn\.safetensors: CMVN mean and std must be finite"):
+            load_artifact(variant(bad_cmvn(field, value)))
+
     # A valid tokenizer with fewer symbols than the model's outputs.
     def small_tokenizer(d):
         Tokenizer.train(["ab ba aab"], TokenizerConfig(vocab_size=0, model_type="char"), tmp_path / "small.model")

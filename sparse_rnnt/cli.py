@@ -553,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact", required=True, help="artifact directory written by 'sparse-rnnt export'")
     p.add_argument("--language", default=None, help="pathway to use (required for multilingual artifacts)")
     p.add_argument("--chunk-ms", dest="chunk_ms", type=_positive_float, default=160.0,
-                   help="audio arriving per tick, in ms (default 160 = one Emformer segment)")
+                   help="audio arriving per tick, in ms (default 160 = one Emformer segment; at most 3600000, an hour)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--threads", type=_threads, default=0, help="CPU threads (default 0 = torch's default)")
     p.add_argument("--decoding", choices=("greedy", "beam"), default="greedy",

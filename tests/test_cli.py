@@ -140,6 +140,13 @@ def test_bad_option_values_are_refused_by_the_parser(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("chunk_ms", ["1e308", "3600001"])
+def test_stream_chunk_above_an_hour_is_a_user_error(chunk_ms, tmp_path, capsys):
+    # Checked before the audio or the artifact is read (neither exists here).
+    assert main(["stream", "--artifact", str(tmp_path / "a"), str(tmp_path / "x.wav"), "--chunk-ms", chunk_ms]) == 2
+    assert "--chunk-ms must be a positive number of at most 3600000" in capsys.readouterr().err
+
+
 def _cuda_device_this_machine_lacks() -> str:
     import torch
 

@@ -18,6 +18,7 @@ from .stream import PartialResult, StreamingDecoder, StreamResult
 
 # How sparse layers run: their format's kernels, or each one timed against its dense weight.
 LAYER_RUNTIMES = ("kernels", "auto")
+MAX_PIECE_MS = 3_600_000.0  # a whole hour per tick: far past any real use, and its sample count stays an int
 
 
 def _read_native(path: str | os.PathLike[str]) -> tuple[torch.Tensor, int]:
@@ -73,8 +74,9 @@ def stream_files(
     from ..export import load_artifact
     from ..export.formats import SEMI_STRUCTURED
 
-    if not math.isfinite(piece_ms) or piece_ms <= 0:
-        raise UserError(f"--chunk-ms must be a positive number, got {piece_ms}")
+    if not math.isfinite(piece_ms) or not 0 < piece_ms <= MAX_PIECE_MS:
+        raise UserError(f"--chunk-ms must be a positive number of at most {MAX_PIECE_MS:.0f} (an hour), "
+                        f"got {piece_ms}")
     if decoding not in ("greedy", "beam"):
         raise UserError(f"--decoding must be greedy or beam, got {decoding!r}")
     if beam_width < 1:

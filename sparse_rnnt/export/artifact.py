@@ -452,6 +452,12 @@ def _parse_manifest(mpath: Path, manifest: object) -> _Manifest:
         shape = info.get("shape") if isinstance(info, dict) else None
         if not isinstance(shape, list) or len(shape) != 2 or not all(is_int(x) and x > 0 for x in shape):
             raise bad(f"layer {name!r} needs a \"shape\" of two positive integers, got {info!r}"[:300])
+        if fmt == "bsr":
+            block = info.get("block")
+            if not isinstance(block, list) or len(block) != 2 or not all(is_int(x) and x > 0 for x in block):
+                raise bad(f"bsr layer {name!r} needs a \"block\" of two positive integers, got {block!r}"[:300])
+        if fmt == "bitmap" and not (is_int(info.get("tile")) and info["tile"] > 0):
+            raise bad(f"bitmap layer {name!r} needs a positive integer \"tile\", got {info.get('tile')!r}"[:300])
     files = manifest.get("files")
     if not isinstance(files, dict) or not all(isinstance(m, dict) and isinstance(m.get("sha256"), str)
                                               for m in files.values()):

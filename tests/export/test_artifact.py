@@ -139,6 +139,22 @@ def test_tampered_artifacts_give_clear_errors(pruned, tmp_path):
         load_artifact(art_dir)
 
 
+@pytest.mark.parametrize(("fmt", "key", "value"), [
+    ("bitmap", "tile", float("inf")), ("bitmap", "tile", 16.0), ("bitmap", "tile", 0), ("bitmap", "tile", None),
+    ("bsr", "block", [16.0, 16.0]), ("bsr", "block", "16x16"), ("bsr", "block", [0, 16]), ("bsr", "block", [4]),
+])
+def test_bad_layer_tile_or_block_in_the_manifest_is_refused(fmt, key, value, pruned, tmp_path):
+    export_checkpoint(pruned["adaptive"], tmp_path / "a", ExportOptions(fmt=fmt, block=(3, 5)))
+    load_artifact(tmp_path / "a")  # sound as written
+
+    def edit(m):
+        name = sorted(m["layers"])[0]
+        m["layers"][name][key] = value
+    _rewrite_manifest(tmp_path / "a", edit)
+    with pytest.raises(UserError, match=rf"bad manifest: {fmt} layer '.*' needs .*\"{key}\""):
+        load_artifact(tmp_path / "a")
+
+
 def test_export_cli(pruned, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])

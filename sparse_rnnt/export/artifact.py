@@ -56,7 +56,7 @@ from .formats import FORMATS, PARTS, check_semi_structured, decode, encode
 log = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = "sparse_rnnt.artifact"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: tensors outside the exported layers are stored in float32
 MANIFEST, CONFIG, WEIGHTS, MASKS = "manifest.json", "config.json", "weights.safetensors", "masks.safetensors"
 TOKENIZER, CMVN = "tokenizer.model", "cmvn.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -210,7 +210,8 @@ def _export(checkpoint: str | os.PathLike[str], out: Path, opts: ExportOptions) 
             layers[name] = {"shape": list(p.shape), **info}
             masked_l1[name] = float((w.double().abs() * masks[name]).sum())
         else:
-            tensors[f"dense/{name}"] = p.detach().to(dtype if p.is_floating_point() else p.dtype).contiguous()
+            # Norms, embeddings and the linear layers' biases stay float32: they compute in float32.
+            tensors[f"dense/{name}"] = p.detach().to(torch.float32 if p.is_floating_point() else p.dtype).contiguous()
     sizes = _format_sizes(params, masks, opts)
 
     manifest: dict[str, Any] = {
@@ -498,7 +499,7 @@ def _check_weight_tensors(wpath: Path, tensors: dict[str, Tensor], params: dict[
     expected: dict[str, torch.dtype] = {}
     for name, p in params.items():
         if name not in layers:
-            expected[f"dense/{name}"] = dtype if p.is_floating_point() else p.dtype
+            expected[f"dense/{name}"] = torch.float32 if p.is_floating_point() else p.dtype
     for name in layers:
         for part, part_dtype in PARTS[fmt].items():
             expected[f"sparse/{name}/{part}"] = dtype if part_dtype is None else part_dtype
@@ -613,9 +614,8 @@ def load_artifact(path: str | os.PathLike[str], device: str = "cpu", *, semi_str
     _check_weight_tensors(wpath, tensors, params, layers, fmt, dtype)
     weights: dict[str, tuple[str, nn.Module]] = {}
     try:
-        # Tensors outside the exported layers compute in float32 (norms, LSTM, embeddings).
-        state = {k[len("dense/"):]: v.float() if v.is_floating_point() else v
-                 for k, v in tensors.items() if k.startswith("dense/")}
+        # Tensors outside the exported layers (norms, embeddings, biases) are float32, as stored.
+        state = {k[len("dense/"):]: v for k, v in tensors.items() if k.startswith("dense/")}
         for name, p in params.items():
             if name in state and list(state[name].shape) != list(p.shape):
                 raise ValueError(f"{name} has shape {list(state[name].shape)}, the model needs {list(p.shape)}")

@@ -459,6 +459,35 @@ def test_language_pathway_round_trip(fmt, dtype, pruned, tmp_path):
     assert relative_error(out, _pathway_ref(run, "en")) > 10 * tol  # and not another pathway
 
 
+@pytest.mark.parametrize("multilingual", [False, True])
+def test_low_precision_artifact_keeps_the_rest_of_the_model_in_float32(multilingual, pruned, tmp_path):
+    """--dtype applies to the exported linear layers only: norms, embeddings and biases are
+    stored and loaded as the checkpoint's float32 values, bit for bit."""
+    from safetensors.torch import load_file
+
+    run = pruned["dynamic"]
+    opts = ExportOptions(fmt="bitmap", dtype="bfloat16", **({"multilingual": True} if multilingual else
+                                                            {"language": "fr"}))
+    manifest = export_checkpoint(run, tmp_path / "a", opts)
+    params = dict(load_recognizer(run).model.named_parameters())
+    stored = {k[len("dense/"):]: v for k, v in load_file(str(tmp_path / "a" / "weights.safetensors")).items()
+              if k.startswith("dense/")}
+    assert set(stored) == set(params) - set(manifest["layers"])
+    assert any("norm" in n for n in stored) and any("embedding" in n for n in stored)
+    for name, t in stored.items():
+        assert t.dtype == torch.float32, name
+        assert torch.equal(t, params[name].detach()), name
+    art = load_artifact(tmp_path / "a")
+    norms = [(n, m) for n, m in art.model.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms
+    for n, m in norms:
+        assert torch.equal(m.weight.detach(), params[f"{n}.weight"].detach()), n
+    # An artifact of the earlier layout (norms in --dtype) is refused by its version.
+    _rewrite_manifest(tmp_path / "a", lambda m: m.update(version=1))
+    with pytest.raises(UserError, match=r"manifest\.json: unsupported artifact version 1"):
+        load_artifact(tmp_path / "a")
+
+
 def test_multilingual_artifact_loads_in_its_dtype(pruned, tmp_path):
     run = pruned["dynamic"]
     export_checkpoint(run, tmp_path / "f32", ExportOptions(fmt="bitmap", multilingual=True))

@@ -300,9 +300,7 @@ class StreamingDecoder:
         A decoder that switches pathways (a ``mask_context``, e.g. a multilingual artifact) needs
         ``language``: without one the stream would run with whichever pathway was set last.
         """
-        if language is None and self._mask_context is not None:
-            known = f" (one of {', '.join(self.languages)})" if self.languages else ""
-            raise ValueError(f"this decoder has one pathway per language: open() needs a language{known}")
+        self._check_language(language)
         if stream_id is not None and not isinstance(stream_id, str):
             raise ValueError(f"stream_id must be a str, got {type(stream_id).__name__}")
         sid = stream_id if stream_id is not None else f"s{next(self._ids)}"
@@ -318,6 +316,16 @@ class StreamingDecoder:
                         frames=torch.zeros(0, self.logmel.config.n_mels))
         self.streams[sid] = stream
         return stream
+
+    def _check_language(self, language: str | None) -> None:
+        """``ValueError`` for a language :meth:`open` cannot serve on a pathway-switching decoder."""
+        if self._mask_context is None:
+            return
+        known = f" (one of {', '.join(self.languages)})" if self.languages else ""
+        if language is None:
+            raise ValueError(f"this decoder has one pathway per language: open() needs a language{known}")
+        if self.languages is not None and language not in self.languages:
+            raise ValueError(f"this decoder has no pathway for {language!r}{known}")
 
     def _drop(self, s: Stream) -> None:
         """Forget a stream and give its state slot back."""
@@ -606,28 +614,35 @@ class StreamingDecoder:
         if len(starts) != n or len(langs) != n:
             raise ValueError("start_ticks and languages need one entry per wave")
         starts = [_positive_int(f"start_ticks[{i}]", t, minimum=0) for i, t in enumerate(starts)]
+        for lang in langs:  # streams open lazily: refuse before the first one runs
+            self._check_language(lang)
         opened: dict[int, Stream] = {}
         results: dict[int, StreamResult] = {}
         pos = [0] * n
-        for tick in itertools.count():
-            if len(results) == n:
-                break
-            ending = []
-            for i in range(n):
-                if i in results or tick < starts[i]:
-                    continue
-                if i not in opened:
-                    opened[i] = self.open(language=langs[i])
-                wave = waves[i]
-                self.accept(opened[i], wave[pos[i] : pos[i] + piece_samples])
-                pos[i] += piece_samples
-                if pos[i] >= wave.numel():
-                    ending.append(i)
-            live = [s for i, s in opened.items() if i not in results]
-            while self.step(live):
-                pass
-            for i, res in zip(ending, self.finish([opened[i] for i in ending]), strict=True):
-                results[i] = res
+        try:
+            for tick in itertools.count():
+                if len(results) == n:
+                    break
+                ending = []
+                for i in range(n):
+                    if i in results or tick < starts[i]:
+                        continue
+                    if i not in opened:
+                        opened[i] = self.open(language=langs[i])
+                    wave = waves[i]
+                    self.accept(opened[i], wave[pos[i] : pos[i] + piece_samples])
+                    pos[i] += piece_samples
+                    if pos[i] >= wave.numel():
+                        ending.append(i)
+                live = [s for i, s in opened.items() if i not in results]
+                while self.step(live):
+                    pass
+                for i, res in zip(ending, self.finish([opened[i] for i in ending]), strict=True):
+                    results[i] = res
+        except BaseException:
+            for s in opened.values():  # a failed run leaves no stream holding a state slot
+                self._drop(s)
+            raise
         return [results[i] for i in range(n)]
 
     def latency_stats(self) -> dict[str, float]:

@@ -517,6 +517,38 @@ def test_a_pathway_decoder_needs_a_language(setup) -> None:
     assert StreamingDecoder(model, cmvn).transcribe(waves[3]).tokens == full_greedy(model, cmvn, waves[3])
 
 
+def test_run_concurrent_checks_every_language_before_any_stream_runs(setup) -> None:
+    # Streams open lazily at their start tick; a bad language of a later stream must not let
+    # an earlier one run first and keep its state slot.
+    model, cmvn, waves = setup
+    entered: list[str | None] = []
+
+    @contextlib.contextmanager
+    def pathway(language: str | None) -> Iterator[None]:
+        entered.append(language)
+        yield
+
+    dec = StreamingDecoder(model, cmvn, mask_context=pathway, languages=["en", "fr"])
+    for langs, message in ((["en", "de"], r"no pathway for 'de' \(one of en, fr\)"),
+                           (["en", None], "needs a language")):
+        with pytest.raises(ValueError, match=message):
+            dec.run_concurrent([waves[0], waves[1]], start_ticks=[0, 3], languages=langs)
+        assert entered == [] and not dec.streams and dec.pool.in_use == 0
+
+    # A failure mid-run (here the pathway hook, at the second stream's first step) closes the
+    # streams already opened.
+    @contextlib.contextmanager
+    def failing(language: str | None) -> Iterator[None]:
+        if language == "fr":
+            raise RuntimeError("pathway unavailable")
+        yield
+
+    dec = StreamingDecoder(model, cmvn, mask_context=failing, languages=["en", "fr"])
+    with pytest.raises(RuntimeError, match="pathway unavailable"):
+        dec.run_concurrent([waves[0], waves[1]], start_ticks=[0, 3], languages=["en", "fr"])
+    assert not dec.streams and dec.pool.in_use == 0
+
+
 def test_from_recognizer(setup) -> None:
     from pathlib import Path
 

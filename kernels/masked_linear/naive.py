@@ -22,6 +22,8 @@ Gradient rules (``hard`` flag), with ``M`` the mask of the row's language:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -76,7 +78,7 @@ def unpack_rows(packed: Tensor, k: int) -> Tensor:
         )
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(*packed.shape[:-1], -1)[..., :k].to(torch.bool)
+    return bits.reshape(*packed.shape[:-1], packed.shape[-1] * 8)[..., :k].to(torch.bool)  # no -1: N may be 0
 
 
 def mask_format(mask: Tensor, k: int) -> str:
@@ -174,16 +176,27 @@ def check_pathway(
     return fmt
 
 
-def _dense_mask(mask: Tensor, k: int, dtype: torch.dtype) -> Tensor:
-    keep = unpack_rows(mask, k) if mask_format(mask, k) == "bits" else mask != 0
-    return keep.to(dtype)
+def _dense_mask(mask: Tensor, k: int) -> Tensor:
+    """``[N, K]`` bool keep mask of a bytes or bits mask."""
+    return unpack_rows(mask, k) if mask_format(mask, k) == "bits" else mask != 0
 
 
-def _effective_weight(weight: Tensor, m: Tensor, hard: bool) -> Tensor:
-    # Forward value W ⊙ M either way. Hard: autograd of the product gives (dYᵀX) ⊙ M. Soft: the
-    # masked-out part is a detached constant, so the gradient passes straight through as dYᵀX.
-    masked = weight * m
-    return masked if hard else weight + (masked - weight).detach()
+class _StraightThroughMask(torch.autograd.Function):
+    """Forward ``W ⊙ M``; backward passes ``dW`` through unmasked (soft pruning)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, keep: Tensor) -> Tensor:
+        return weight.masked_fill(~keep, 0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+def _effective_weight(weight: Tensor, keep: Tensor, hard: bool) -> Tensor:
+    # W ⊙ M by masked_fill, not a product: a NaN or inf weight at a pruned position must give
+    # 0, as the kernels do (inf * 0 is NaN). Hard: autograd of masked_fill gives (dYᵀX) ⊙ M.
+    return weight.masked_fill(~keep, 0) if hard else _StraightThroughMask.apply(weight, keep)
 
 
 def masked_linear_ref(
@@ -199,7 +212,7 @@ def masked_linear_ref(
         ``[*, N]`` in x's dtype.
     """
     check_masked_linear(x, weight, mask, bias, float64=True)
-    m = _dense_mask(mask, weight.shape[1], weight.dtype)
+    m = _dense_mask(mask, weight.shape[1])
     return F.linear(x, _effective_weight(weight, m, hard), bias)
 
 
@@ -207,7 +220,7 @@ def masked_cast_ref(weight: Tensor, mask: Tensor, dtype: torch.dtype, *, hard: b
     """Reference ``(W ⊙ M).to(dtype)``: ``[N, K]`` weight and mask (bytes or bits) -> ``[N, K]`` in
     ``dtype``; the gradient reaches the weight straight through, or masked when ``hard``."""
     _check_mask_shape(mask, (), weight.shape[0], weight.shape[1], weight.device)
-    m = _dense_mask(mask, weight.shape[1], weight.dtype)
+    m = _dense_mask(mask, weight.shape[1])
     return _effective_weight(weight, m, hard).to(dtype)
 
 
@@ -236,11 +249,13 @@ def pathway_masked_linear_ref(
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     lang1 = lang.reshape(-1)
+    if x2.shape[0] == 0:  # no rows: an empty output that is still part of the autograd graph
+        return F.linear(x2, weight, bias).reshape(*x.shape[:-1], n)
     y = x2.new_zeros(x2.shape[0], n)
     for index in range(masks.shape[0]):
         rows = (lang1 == index).nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
-        m = _dense_mask(masks[index], k, weight.dtype)
+        m = _dense_mask(masks[index], k)
         y = y.index_copy(0, rows, F.linear(x2[rows], _effective_weight(weight, m, hard), bias))
     return y.reshape(*x.shape[:-1], n)

@@ -17,6 +17,7 @@ independent check of the layout.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ def unpack_bits(words: Tensor, k: int) -> Tensor:
     """Inverse of :func:`pack_bits`: int32 ``[N, W]`` -> bool ``[N, k]`` (``k <= 32 W``)."""
     shifts = torch.arange(32, device=words.device, dtype=torch.int64)
     bits = (words.to(torch.int64)[:, :, None] >> shifts) & 1
-    return bits.reshape(words.shape[0], -1)[:, :k].bool()
+    return bits.reshape(words.shape[0], words.shape[1] * 32)[:, :k].bool()  # no -1: N may be 0
 
 
 def popcount32(words: Tensor) -> Tensor:
@@ -419,7 +420,8 @@ def prepare_inference_inputs(x: Tensor, w: BitmapWeight | BsrWeight, bias: Tenso
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         raise ValueError(f"{op}: the {backends} backends are inference-only (no autograd); "
                          "call under torch.no_grad() or use backend='torch'")
-    return x.reshape(-1, w.shape[1]).contiguous(), (bias.contiguous() if bias is not None else None)
+    rows = math.prod(x.shape[:-1])  # not -1, which K = 0 leaves undetermined
+    return x.reshape(rows, w.shape[1]).contiguous(), (bias.contiguous() if bias is not None else None)
 
 
 def bitmap_linear_ref(x: Tensor, w: BitmapWeight, bias: Tensor | None = None) -> Tensor:

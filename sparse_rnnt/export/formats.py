@@ -94,7 +94,7 @@ def project_2to4(weight: Tensor) -> tuple[Tensor, float]:
 
 def encode(fmt: str, weight: Tensor, mask: Tensor, *, block: tuple[int, int] = (16, 16)) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """``weight [N, K]`` and bool ``mask [N, K]`` -> (tensors, params) of format ``fmt``."""
-    w = (weight.detach() * mask).contiguous()
+    w = weight.detach().masked_fill(~mask, 0).contiguous()  # not a product: inf * 0 is NaN
     n, k = w.shape
     if fmt == "dense":
         return {"weight": w.cpu()}, {"nnz": int(mask.sum())}

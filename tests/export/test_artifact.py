@@ -155,6 +155,20 @@ def test_bad_layer_tile_or_block_in_the_manifest_is_refused(fmt, key, value, pru
         load_artifact(tmp_path / "a")
 
 
+@pytest.mark.parametrize("fmt", ["dense", "bsr", "bitmap"])
+def test_encode_drops_non_finite_pruned_weights(fmt):
+    from sparse_rnnt.export.formats import decode, encode
+
+    g = torch.Generator().manual_seed(3)
+    w, keep = torch.randn(6, 20, generator=g), torch.rand(6, 20, generator=g) < 0.5
+    keep[1, 3] = keep[4, 0] = False
+    w[1, 3], w[4, 0] = float("inf"), float("nan")
+    parts, info = encode(fmt, w, keep, block=(2, 4))
+    layer = decode(fmt, parts, (6, 20), info, None, torch.device("cpu"), torch.float32)
+    x = torch.randn(3, 20, generator=g)
+    torch.testing.assert_close(layer(x), x @ w.masked_fill(~keep, 0).T)
+
+
 def test_export_cli(pruned, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])

@@ -287,6 +287,44 @@ def test_empty_batch_and_weight_only_gradient():
     torch.testing.assert_close(w.grad, x.reshape(-1, 10).sum(0).expand(4, 10), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_pathway_batch_stays_in_the_autograd_graph(backend):
+    x, w = torch.randn(0, 10, requires_grad=True), torch.randn(4, 10, requires_grad=True)
+    masks = torch.rand(2, 4, 10, generator=torch.Generator().manual_seed(0)) < 0.5
+    y = pathway_masked_linear(x, w, masks, torch.zeros(0, dtype=torch.long), backend=backend)
+    assert y.shape == (0, 4) and y.requires_grad
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros(4, 10)) and x.grad.shape == (0, 10)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("bits", [False, True])
+def test_non_finite_weights_at_pruned_positions_contribute_zero(backend, hard, bits):
+    # A diverged weight the mask prunes must not reach the output: W ⊙ M is a selection (inf * 0
+    # would be NaN). Hand reference: the weight with its pruned entries replaced by 0.
+    g = torch.Generator().manual_seed(7)
+    x, w, b = torch.randn(5, 13, generator=g), torch.randn(4, 13, generator=g), torch.randn(4, generator=g)
+    keep = torch.rand(4, 13, generator=g) < 0.6
+    keep[0, 2], keep[1, 5], keep[3, 12] = False, False, False
+    w[0, 2], w[1, 5], w[3, 12] = float("inf"), float("nan"), float("-inf")
+    mask = pack_rows(keep) if bits else keep
+    clean = w.masked_fill(~keep, 0)
+    dy = torch.randn(5, 4, generator=g)
+    wl = w.clone().requires_grad_(True)
+    y = masked_linear(x, wl, mask, b, hard=hard, backend=backend)
+    torch.testing.assert_close(y, x @ clean.T + b, rtol=1e-5, atol=1e-5)
+    y.backward(dy)
+    dw = dy.T @ x  # soft: every weight gets dYᵀX; hard: the pruned ones get 0
+    torch.testing.assert_close(wl.grad, dw * keep if hard else dw, rtol=1e-5, atol=1e-5)
+    two = torch.stack([mask, mask])
+    yp = pathway_masked_linear(x, w, two, torch.tensor([0, 1, 1, 0, 1]), b, hard=hard, backend=backend)
+    torch.testing.assert_close(yp, x @ clean.T + b, rtol=1e-5, atol=1e-5)
+    from sparse_rnnt.kernels.masked_linear import masked_cast
+
+    assert torch.equal(masked_cast(w, mask, torch.bfloat16, hard=hard, backend=backend), clean.to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pathway", [False, True])
 def test_strided_bias(dtype, pathway):

@@ -309,6 +309,20 @@ def test_leading_dims_and_errors():
         bsr_linear(x.detach(), bs, out=torch.empty(6, 36))
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_weight_dimensions(backend):
+    # N = 0: an empty output (unpacking a mask of no rows must not need a -1 size); K = 0: the bias.
+    b = torch.tensor([1.0, 2.0, 3.0])
+    with torch.no_grad():
+        for fmt, cls, fn in (("bitmap", BitmapWeight, bitmap_linear), ("bsr", BsrWeight, bsr_linear)):
+            w0 = cls.from_dense(torch.zeros(0, 8), torch.zeros(0, 8, dtype=torch.bool))
+            assert fn(torch.randn(2, 8), w0, backend=backend).shape == (2, 0), fmt
+            assert w0.to_dense().shape == (0, 8), fmt
+            wk = cls.from_dense(torch.zeros(3, 0), torch.zeros(3, 0, dtype=torch.bool))
+            torch.testing.assert_close(fn(torch.randn(2, 0), wk, b, backend=backend), b.expand(2, 3))
+    assert unpack_bits(pack_bits(torch.zeros(0, 40, dtype=torch.bool)), 40).shape == (0, 40)
+
+
 def test_failed_extension_build_is_built_once_logged_once_and_export_falls_back_to_triton(caplog, monkeypatch):
     # CUDA "present" but the build fails (no GPU needed): one build attempt, one warning, and the
     # exported bitmap layers choose the Triton kernels every time.

@@ -128,6 +128,12 @@ class ExperimentConfig:
         for key, value, (ok, what) in self._numeric_checks():
             if not ok(value):
                 raise UserError(f"{key} must be {what}, got {value!r}")
+        if self.features.n_mels != self.model.input_dim:
+            # The encoder's first layer reads one log-mel vector per frame.
+            raise UserError(
+                f"features.n_mels ({self.features.n_mels}) must equal model.input_dim ({self.model.input_dim}): "
+                "the model reads one log-mel vector per frame; set both to the same value"
+            )
         for sub in (self.features, self.spec_augment, self.tokenizer, self.batch):
             validate = getattr(sub, "validate", None)
             if validate is not None:

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from sparse_rnnt.config import ExperimentConfig, dump_config, load_config, parse_overrides, to_dict
@@ -184,3 +186,32 @@ def test_validate_checks_configs_built_in_code():
         bad.validate()
     with pytest.raises(UserError, match=r"optim\.betas"):
         dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, betas=(0.9,))).validate()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["features.n_mels=40"], r"features\.n_mels \(40\) must equal model\.input_dim \(80\)"),
+        (["model.input_dim=40"], r"features\.n_mels \(80\) must equal model\.input_dim \(40\)"),
+        (["model.transformer_weight_init_scale_strategy=foo"],
+         r"model\.transformer_weight_init_scale_strategy must be depthwise or constant, got 'foo'"),
+    ],
+)
+def test_model_and_features_must_fit_together(overrides, message, tmp_path, capsys):
+    # These passed validation and crashed after the data work with a traceback.
+    with pytest.raises(UserError, match=message):
+        load_config(None, overrides)
+    from sparse_rnnt.cli import main
+
+    out = tmp_path / "run"
+    for extra in (["--print-config"], ["--set", f"data.manifest_dir={tmp_path}"]):
+        assert main(["train", "--out", str(out), *[a for o in overrides for a in ("--set", o)], *extra]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not out.exists()
+
+
+def test_matching_feature_and_model_sizes_and_init_strategies_stay_valid():
+    cfg = load_config(None, ["features.n_mels=40", "model.input_dim=40"])
+    assert cfg.features.n_mels == cfg.model.input_dim == 40
+    load_config(None, ["model.transformer_weight_init_scale_strategy=constant"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,22 @@ class TokenizerConfig:
 
 def _nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
+
+
+def _char_pieces_needed(lines: list[str], coverage: float) -> int:
+    """Pieces of a char model over ``lines``: ``<unk>`` plus the characters SentencePiece keeps
+    at ``coverage`` (the word boundary "▁", one per word, counts as a character): the most
+    frequent ones until their share of all character occurrences reaches ``coverage``."""
+    counts = Counter(c for t in lines for c in t if c != " ")
+    counts["\u2581"] += sum(len(t.split()) for t in lines)
+    total = sum(counts.values())
+    kept = covered = 0
+    for n in sorted(counts.values(), reverse=True):
+        if covered / total >= coverage:  # SentencePiece's own test
+            break
+        covered += n
+        kept += 1
+    return kept + 1
 
 
 class Tokenizer:
@@ -97,9 +114,19 @@ class Tokenizer:
                 f"cannot train a tokenizer for {out_path}: no (non-empty) training text"
             )
         vocab_size = config.vocab_size
-        if vocab_size == 0:
-            chars = {c for t in lines for c in t if c != " "}
-            vocab_size = len(chars) + 2  # + <unk> + the word-boundary piece "▁"
+        if config.model_type == "char":
+            needed = _char_pieces_needed(lines, config.character_coverage)
+            if vocab_size == 0:
+                chars = {c for t in lines for c in t if c != " "}
+                vocab_size = len(chars) + 2  # + <unk> + "▁": a cap, the coverage may keep fewer
+            elif vocab_size < needed:
+                # A char model has no pieces but the characters: a smaller vocabulary drops
+                # characters, and transcripts holding them cannot be encoded.
+                raise UserError(
+                    f"cannot train a tokenizer for {out_path}: a char model of these transcripts needs "
+                    f"vocab_size >= {needed} (one piece per character, <unk> and the word boundary), "
+                    f"got {vocab_size}; use {needed} or 0 (every character)"
+                )
         writer = io.BytesIO()
         # The trainer's RNG is process-global (used by unigram EM sampling only).
         spm.set_random_generator_seed(config.seed)

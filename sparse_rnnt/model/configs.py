@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 
+# What torchaudio's Emformer accepts (its None, no scaling, has no place in a str field).
+WEIGHT_INIT_SCALE_STRATEGIES: tuple[str, ...] = ("depthwise", "constant")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -67,6 +70,11 @@ class ModelConfig:
             )
         if self.segment_length % self.time_reduction_stride or self.right_context_length % self.time_reduction_stride:
             raise UserError("model: segment_length and right_context_length must be multiples of time_reduction_stride")
+        if self.transformer_weight_init_scale_strategy not in WEIGHT_INIT_SCALE_STRATEGIES:
+            raise UserError(
+                "model.transformer_weight_init_scale_strategy must be "
+                f"{' or '.join(WEIGHT_INIT_SCALE_STRATEGIES)}, got {self.transformer_weight_init_scale_strategy!r}"
+            )
         if self.transformer_activation not in ("relu", "gelu", "silu"):
             raise UserError(f"model.transformer_activation must be relu, gelu or silu, got {self.transformer_activation!r}")
         for key in ("transformer_dropout", "lstm_dropout"):

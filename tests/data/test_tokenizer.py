@@ -155,3 +155,28 @@ def test_user_errors(tmp_path: Path) -> None:
     bad.write_bytes(b"this is not a sentencepiece model")
     with pytest.raises(UserError, match=r"bad\.model"):
         Tokenizer.load(bad)
+
+
+def test_char_vocab_size_below_the_characters_is_refused(tmp_path: Path) -> None:
+    # A capped char model dropped characters: it could not encode its own training transcripts.
+    needed = len({c for s in ALL for c in s if c != " "}) + 2  # + <unk> and the word boundary "▁"
+    for small in (5, needed - 1):
+        with pytest.raises(UserError, match=rf"needs vocab_size >= {needed} .*got {small}"):
+            Tokenizer.train(ALL, TokenizerConfig(vocab_size=small), tmp_path / "c.model")
+    assert list(tmp_path.iterdir()) == []  # refused before writing
+    for size in (needed, needed + 10):  # enough: every character, every transcript encodable
+        tok = Tokenizer.train(ALL, TokenizerConfig(vocab_size=size), tmp_path / "c.model")
+        assert tok.vocab_size == needed and all(tok.encodable(s) for s in ALL)
+
+
+def test_char_vocab_size_needed_follows_the_character_coverage(tmp_path: Path) -> None:
+    # Below full coverage SentencePiece drops the rarest characters: the number it keeps is the
+    # smallest vocab_size accepted (one rare "q" among many common characters).
+    texts = ["ab ab ab ab ab ab ab ab ab ab ab ab"] * 99 + ["ab q"]
+    full = Tokenizer.train(texts, TokenizerConfig(), tmp_path / "full.model")
+    part = Tokenizer.train(texts, TokenizerConfig(character_coverage=0.999), tmp_path / "part.model")
+    assert part.vocab_size == full.vocab_size - 1 and not part.encodable("q")
+    Tokenizer.train(texts, TokenizerConfig(vocab_size=part.vocab_size, character_coverage=0.999), tmp_path / "p.model")
+    with pytest.raises(UserError, match=f"needs vocab_size >= {part.vocab_size}"):
+        Tokenizer.train(texts, TokenizerConfig(vocab_size=part.vocab_size - 1, character_coverage=0.999),
+                        tmp_path / "p.model")

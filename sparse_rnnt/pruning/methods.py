@@ -128,7 +128,7 @@ from ..checks import is_int
 from ..errors import UserError
 from ..model.masked import AUTOCAST_PATHS, LinearSwap, swap_linears
 from .masks import LanguageMasks, MaskSet
-from .ranking import SCOPES, Granularity, magnitude_masks
+from .ranking import SCOPES, Granularity, magnitude_masks, pruned_count
 from .schedules import SparsitySchedule, schedule_from_config
 from .scope import ScopeConfig, select_parameters
 
@@ -245,6 +245,18 @@ class PruningConfig:
         if lvl is not None and not self.init_masks.strip():
             raise UserError("pruning.init_level is set but pruning.init_masks is empty")
         self.granularity.validate()
+        if self.granularity.kind == "nm":
+            # N:M keeps exactly n of every m weights: one sparsity, 1 - n/m, and no other.
+            g = self.granularity
+            fixed = 1.0 - g.n / g.m
+            used = [ts] if self.schedule == "oneshot" else [*self.levels, ts]
+            if any(not math.isclose(x, fixed, rel_tol=0.0, abs_tol=1e-9) for x in used):
+                got = (f"pruning.target_sparsity {ts:g}" if self.schedule == "oneshot"
+                       else f"pruning.levels {','.join(f'{x:g}' for x in self.levels)} (target {ts:g})")
+                raise UserError(
+                    f"pruning.granularity {g.n}:{g.m} prunes exactly {fixed:g} of the weights, got {got}: "
+                    f"pass --levels {fixed:g} (one sparsity step) or --schedule oneshot --target-sparsity {fixed:g}"
+                )
         self.scope.validate()
         self.build_schedule()  # validates levels (increasing, in [0, 1))
 
@@ -261,6 +273,31 @@ class PruningConfig:
             steps=self.interval * max(1, len(self.levels) - 1),
             frequency=self.interval,
         )
+
+
+def check_initial_sparsity(config: PruningConfig, masks: MaskSet | LanguageMasks) -> None:
+    """Refuse starting masks that a hard single-mask method (IMP, LTH, LAP) cannot prune to its
+    first level: it prunes only among the kept weights, so a level below the masks' sparsity
+    would need weights that are already gone (:class:`UserError` naming both sparsities)."""
+    if config.method not in HARD_METHODS or config.method in MULTILINGUAL_METHODS or not isinstance(masks, MaskSet):
+        return
+    levels = config.build_schedule().levels()
+    if not levels:
+        return
+    first = levels[0]
+    # The counts ranking will ask for: ``total - pruned_count`` kept, globally or per tensor.
+    groups = [masks.names] if config.ranking == "global" else [[n] for n in masks.names]
+    for names in groups:
+        total = sum(masks[n].numel() for n in names)
+        kept = sum(int(masks[n].sum()) for n in names)
+        if total and kept < total - pruned_count(first, total):
+            sparsity = 1.0 - kept / total
+            where = "" if config.ranking == "global" else f" (tensor {names[0]}, per-tensor ranking)"
+            at_least = math.ceil(sparsity * 1000) / 1000
+            raise UserError(
+                f"the init masks are at sparsity {sparsity:.3f}{where}, above the first level {first:g}: "
+                f"pass --levels starting at {at_least:g} or above (or masks from a lower --init-level)"
+            )
 
 
 def resolve_backend(choice: str, params: dict[str, nn.Parameter]) -> str:

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import torch
 from tqdm import tqdm
 
-from ..config import ExperimentConfig, load_config, save_config, to_dict
+from ..config import ExperimentConfig, from_dict, load_config, save_config, to_dict
 from ..data.dataset import Batch, SpeechDataset, collate
 from ..data.features import GlobalCMVN, compute_features, min_eval_samples
 from ..data.manifest import Utterance, cap_per_language, load_split, manifest_path
@@ -47,7 +47,8 @@ from ..pruning.analytics import (
     plot_sparsity_and_churn,
     write_report,
 )
-from ..pruning.methods import Pruner
+from ..pruning.masks import LanguageMasks, MaskSet
+from ..pruning.methods import MULTILINGUAL_METHODS, Pruner, check_initial_sparsity
 from .checkpoint import (
     PRUNER_PREFIX,
     Checkpoint,
@@ -142,6 +143,15 @@ def select_languages(cfg: ExperimentConfig, train: list[Utterance]) -> list[str]
     return list(cfg.data.languages)
 
 
+def checkpoint_config(ckpt: Checkpoint) -> dict[str, Any]:
+    """The config a checkpoint was saved with, as a plain tree with every key of today's config
+    (an older checkpoint lacks keys added since; their defaults are what it ran with)."""
+    try:
+        return to_dict(from_dict(ExperimentConfig, ckpt.config))
+    except (UserError, TypeError, ValueError):  # a key since removed: compare the tree as saved
+        return dict(ckpt.config)
+
+
 def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
     """``(dotted key, value in a, value in b)`` wherever two config trees differ."""
     out: list[tuple[str, Any, Any]] = []
@@ -180,6 +190,10 @@ class Trainer:
         self.pruner: Pruner | None = None
         self.guard = LossGuard(cfg.train.max_nonfinite_steps)
         self._history_logged = 0
+        # Resume: the newest sound checkpoint, read once (by _check_out_dir); its verified
+        # tokenizer and CMVN copies take precedence over the run directory's.
+        self._resume_ckpt: Checkpoint | None = None
+        self._saved_config: ExperimentConfig | None = None
         env = read_env()  # torchrun: data-parallel over WORLD_SIZE processes
         self.is_main = env is None or env.rank == 0  # only rank 0 writes files and evaluates
         self.progress = cfg.train.progress and self.is_main
@@ -210,14 +224,19 @@ class Trainer:
             saved_path = self.out / "config.yaml"
             if not saved_path.is_file():
                 raise UserError(f"--resume: {saved_path} is missing")
-            saved = load_config(saved_path)  # damaged YAML: a one-line error naming the file
-            if to_dict(saved) != to_dict(self.cfg):
-                diff = _config_diff(to_dict(saved), to_dict(self.cfg))
+            self._saved_config = load_config(saved_path)  # damaged YAML: a one-line error naming the file
+            # The checkpoint's config (hashed with it) is what its weights, optimizer and sampler
+            # belong to; config.yaml is only an editable copy of it.
+            self._resume_ckpt = load_checkpoint(self.out)
+            saved = checkpoint_config(self._resume_ckpt)
+            if saved != to_dict(self.cfg):
+                diff = _config_diff(saved, to_dict(self.cfg))
                 shown = ", ".join(f"{k} (saved {a!r}, given {b!r})" for k, a, b in diff[:3])
                 more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
                 raise UserError(
-                    f"--resume: the config differs from the one saved in {self.out / 'config.yaml'} in "
-                    f"{shown}{more}; resume with the saved config (without the --config/--set that change it)"
+                    f"--resume: the config differs from the one {self._resume_ckpt.path} was saved with in "
+                    f"{shown}{more}; resume with that config (undo edits to {saved_path} and drop the "
+                    "--config/--set that change it)"
                 )
         elif has_ckpt:
             raise UserError(f"{self.out} already holds a training run: pass --resume or choose another --out")
@@ -262,13 +281,6 @@ class Trainer:
         random.seed(cfg.train.seed)
         # Read the dense checkpoint first: a bad --init must fail before anything is written.
         self.init: Checkpoint | None = load_checkpoint(self.init_checkpoint) if self.init_checkpoint else None
-        # Resume: the newest sound checkpoint, read once; its verified tokenizer and CMVN copies
-        # take precedence over the run directory's.
-        self._resume_ckpt: Checkpoint | None = load_checkpoint(self.out) if self.resume else None
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not self.resume and self.is_main:
-            save_config(cfg, self.out / "config.yaml")
-
         train = load_split(cfg.data.manifest_dir, "train")
         if not train:
             raise UserError(f"no training utterances in {manifest_path(cfg.data.manifest_dir, 'train')}")
@@ -277,6 +289,19 @@ class Trainer:
         dev_path = manifest_path(cfg.data.manifest_dir, "dev")
         dev = load_split(cfg.data.manifest_dir, "dev", self.languages) if dev_path.is_file() else []
         dev = cap_per_language(dev, cfg.data.dev_max_utterances)
+        # Starting masks are read (and checked against the schedule) before anything is written
+        # and before the data work.
+        initial_masks = self._initial_masks()
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            config_path = self.out / "config.yaml"
+            if not self.resume:
+                save_config(cfg, config_path)
+            elif self._saved_config is not None and to_dict(self._saved_config) != to_dict(cfg):
+                # Resumed with --config equal to the checkpoint's: put config.yaml back in line.
+                self._say(f"--resume: {config_path} differs from the checkpoint's config: rewritten")
+                save_config(cfg, config_path)
 
         self.tokenizer = self._tokenizer(train)
         # Bad items (unreadable, empty, wrong-rate, clipped or too long audio; empty or
@@ -359,13 +384,7 @@ class Trainer:
         if cfg.pruning is not None:
             self.pruner = Pruner(cfg.pruning, self.model, languages=self.languages)
             if not self.resume:
-                initial = None
-                if cfg.pruning.init_masks.strip():
-                    initial = resolve_init_masks(
-                        cfg.pruning.init_masks, cfg.pruning.init_level, self.languages,
-                        per_language=self.pruner.multilingual,
-                    )
-                self.pruner.prepare(initial_masks=initial)
+                self.pruner.prepare(initial_masks=initial_masks)
                 self._snapshot_levels(0)
         o = cfg.optim
         self.optimizer = torch.optim.Adam(
@@ -375,6 +394,17 @@ class Trainer:
         self.step = 0
         if self.resume:
             self._restore()
+
+    def _initial_masks(self) -> MaskSet | LanguageMasks | None:
+        """``pruning.init_masks`` for a fresh pruning run (None otherwise), checked against the
+        schedule's first level."""
+        p = self.cfg.pruning
+        if p is None or self.resume or not p.init_masks.strip():
+            return None
+        masks = resolve_init_masks(p.init_masks, p.init_level, self.languages,
+                                   per_language=p.method in MULTILINGUAL_METHODS)
+        check_initial_sparsity(p, masks)
+        return masks
 
     def _say(self, msg: str) -> None:
         log.info(msg)
@@ -433,20 +463,23 @@ class Trainer:
                     f"{self.init.path}: tokenizer has {tok.num_symbols} symbols but the checkpoint was "
                     f"trained with {want}"
                 )
-            if path.exists() and path.read_bytes() != src_tok.read_bytes():
-                raise UserError(f"{path} differs from the initial checkpoint's {src_tok}")
-            if not path.exists():
-                shutil.copyfile(src_tok, path)
+            self._write_tokenizer(tok)
             return tok
         if self.cfg.data.tokenizer:
-            src = Path(self.cfg.data.tokenizer)
-            tok = Tokenizer.load(src)
-            if not path.exists():
-                path.write_bytes(tok.to_bytes())
+            tok = Tokenizer.load(Path(self.cfg.data.tokenizer))
+            self._write_tokenizer(tok)
             return tok
         if path.exists() and self.resume:
             return Tokenizer.load(path)
         return Tokenizer.train([u.text for u in train], self.cfg.tokenizer, path)
+
+    def _write_tokenizer(self, tok: Tokenizer) -> None:
+        """Make the run's tokenizer.model the one this run trains with: a copy left by an earlier
+        attempt in this directory would otherwise end up in every checkpoint."""
+        path = self.out / TOKENIZER_FILE
+        data = tok.to_bytes()
+        if not path.is_file() or path.read_bytes() != data:
+            atomic_write_bytes(path, data)
 
     def _cmvn(self) -> GlobalCMVN:
         path = self.out / CMVN_FILE
@@ -475,8 +508,14 @@ class Trainer:
         ckpt = self._resume_ckpt
         assert ckpt is not None
         self._resume_ckpt = None  # its tensors are not needed once loaded
-        self.model.load_state_dict(ckpt.model)
-        self.optimizer.load_state_dict(ckpt.optimizer_state())
+        try:
+            self.model.load_state_dict(ckpt.model)
+            self.optimizer.load_state_dict(ckpt.optimizer_state())
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(
+                f"--resume: {ckpt.path}: its weights or optimizer state do not fit the model of this "
+                f"config ({str(e).splitlines()[0]})"
+            ) from None
         self.step = ckpt.step
         self.scheduler.load_state_dict({**self.scheduler.state_dict(), **ckpt.meta["extra"]["scheduler"]})
         if "loss_guard" in ckpt.meta["extra"]:
@@ -781,20 +820,53 @@ class Trainer:
         tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = self.cfg.train.tf32
         try:
+            self._check_schedule_fits()  # before any work
             return self._run()
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
             if self.dist is not None:
                 self.dist.close()
 
+    def _check_schedule_fits(self) -> None:
+        """Refuse a pruning schedule whose last sparsity step comes after ``train.max_steps`` (the
+        run would end below the target); warn when it is the final step (never fine-tuned)."""
+        p = self.cfg.pruning
+        if p is None or p.method == "pathways":  # pathways keeps its stage-1 masks: no schedule
+            return
+        steps = p.build_schedule().prune_steps()
+        last, max_steps = (steps[-1] if steps else 0), self.cfg.train.max_steps
+        if last > max_steps:
+            raise UserError(
+                f"the pruning schedule takes its last sparsity step (to {p.target_sparsity:g}) at step {last}, "
+                f"after the run's last step (train.max_steps / --steps {max_steps}): the target would never be "
+                f"reached; pass --steps above {last}, or a smaller --interval ({p.interval}) or fewer --levels "
+                f"({','.join(f'{x:g}' for x in p.levels)})"
+            )
+        if last == max_steps and last > 0 and self.is_main:
+            log.warning(
+                "the pruning schedule's last sparsity step (to %g) is the run's final step %d: the model "
+                "is never trained at the target sparsity (pass --steps above %d to fine-tune it)",
+                p.target_sparsity, last, last,
+            )
+
     def _run(self) -> dict[str, Any]:
         created = not self.out.exists()
+        before = set() if created or not self.out.is_dir() else {p.name for p in self.out.iterdir()}
         try:
             self.setup()
         except (UserError, KeyboardInterrupt):
             # Bad input found during set-up: leave nothing behind (a started run stays resumable).
-            if created and self.is_main:
+            if self.is_main and created:
                 shutil.rmtree(self.out, ignore_errors=True)
+            elif self.is_main and not self.resume:
+                # A folder that existed (empty, or a run stopped before its first checkpoint):
+                # remove the entries this attempt added, nothing that was there before.
+                for name in sorted(RUN_ENTRIES - before):
+                    entry = self.out / name
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
             raise
         t = self.cfg.train
         # DDP: only rank 0 writes metrics and TensorBoard logs.

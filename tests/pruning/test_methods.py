@@ -636,3 +636,73 @@ def test_imp_on_tiny_emformer_rnnt() -> None:
         assert total - pruner.masks().kept() == pruned_count(level, total)
         for n, p in pruner.params.items():
             assert not bool(p.detach()[~pruner.masks()[n]].any())
+
+
+# ---------------------------------------------------------------- N:M levels, starting masks
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "bad"),
+    [
+        ({}, "0.2,0.5,0.7"),  # the default staircase
+        ({"levels": (0.5, 0.7), "target_sparsity": 0.7}, "0.5,0.7"),
+        ({"levels": (0.2, 0.5), "target_sparsity": 0.5}, "0.2,0.5"),  # ends right, starts below
+        ({"levels": (0.2, 0.5), "target_sparsity": 0.5, "schedule": "cubic"}, "0.2,0.5"),
+        ({"levels": (0.7,), "target_sparsity": 0.7, "schedule": "oneshot"}, "target_sparsity 0.7"),
+    ],
+)
+def test_nm_granularity_refuses_levels_it_cannot_reach(kwargs: dict, bad: str) -> None:
+    # 2:4 keeps exactly 2 of every 4 weights: any other level failed at its sparsity step, mid-run.
+    cfg = PruningConfig(method="imp", granularity=Granularity("nm", n=2, m=4), **kwargs)
+    with pytest.raises(UserError, match=r"2:4 prunes exactly 0\.5") as e:
+        cfg.validate()
+    assert bad in str(e.value)
+    assert "--levels 0.5" in str(e.value) and "--schedule oneshot" in str(e.value)
+
+
+def test_nm_granularity_accepts_its_own_sparsity() -> None:
+    nm = Granularity("nm", n=2, m=4)
+    PruningConfig(method="imp", granularity=nm, levels=(0.5,), target_sparsity=0.5).validate()
+    PruningConfig(method="imp", granularity=nm, levels=(0.5,), target_sparsity=0.5, schedule="cubic").validate()
+    # oneshot reads only the target (the CLI fills levels below it, unused)
+    PruningConfig(method="imp", granularity=nm, levels=(0.2, 0.5), target_sparsity=0.5, schedule="oneshot").validate()
+    PruningConfig(method="imp", granularity=Granularity("nm", n=1, m=4), levels=(0.75,), target_sparsity=0.75).validate()
+
+
+def _half_mask(model: nn.Module) -> MaskSet:
+    """Every second weight of each in-scope tensor kept: sparsity 0.5, per tensor too."""
+    return MaskSet({n: (torch.arange(p.numel()) % 2 == 0).reshape(p.shape)
+                    for n, p in model.named_parameters() if p.dim() == 2})
+
+
+@pytest.mark.parametrize("method", ["imp", "lth", "lap"])
+@pytest.mark.parametrize("ranking", ["global", "per_tensor"])
+def test_check_initial_sparsity_refuses_masks_sparser_than_the_first_level(method: str, ranking: str) -> None:
+    from sparse_rnnt.pruning.methods import check_initial_sparsity
+
+    model = tiny_model()
+    masks = _half_mask(model)
+    cfg = PruningConfig(method=method, ranking=ranking, levels=(0.2, 0.5, 0.7), interval=3, scope=WHOLE)
+    with pytest.raises(UserError, match=r"the init masks are at sparsity 0\.500.*above the first level 0\.2: "
+                                        r"pass --levels starting at 0\.5 or above"):
+        check_initial_sparsity(cfg, masks)
+    # Without the check the run got this far and failed at step 0, after the data work.
+    pruner = Pruner(cfg, model)
+    with pytest.raises(UserError, match="must be kept but only"):
+        pruner.prepare(initial_masks=masks)
+    # Levels from the masks' sparsity on are fine, and so is a level 0 start (no event at step 0).
+    ok = PruningConfig(method=method, ranking=ranking, levels=(0.5, 0.7), target_sparsity=0.7, interval=3,
+                       scope=WHOLE)
+    check_initial_sparsity(ok, masks)
+    Pruner(ok, tiny_model()).prepare(initial_masks=masks)
+    check_initial_sparsity(PruningConfig(method=method, levels=(0.0, 0.7), interval=3, scope=WHOLE), masks)
+
+
+def test_check_initial_sparsity_leaves_soft_and_per_language_methods_alone() -> None:
+    from sparse_rnnt.pruning.methods import check_initial_sparsity
+
+    masks = _half_mask(tiny_model())
+    # adaptive re-ranks over every weight, dynamic pathways inside its zones: both can densify
+    check_initial_sparsity(PruningConfig(method="adaptive", interval=3, adapt_every=1, scope=WHOLE), masks)
+    check_initial_sparsity(PruningConfig(method="dynamic-pathways", interval=3, adapt_every=1, scope=WHOLE),
+                           LanguageMasks({"en": masks}))

@@ -343,3 +343,81 @@ def test_dynamic_pathways_languages_take_turns_with_round_robin_order(dense_run,
     cfg = _prune_cfg(dense_run, "dynamic-pathways", **{"batch.order": "round-robin", "train.max_steps": 6})
     Recording(cfg, tmp_path / "p", init_checkpoint=dense_run).run()
     assert seen == ["en", "fr"] * 3  # one batch each, in sorted order
+
+
+def test_schedule_that_outlasts_the_run_is_refused_before_any_work(dense_run, tmp_path, capsys):
+    from sparse_rnnt.errors import UserError
+
+    # 3 steps, T = 2, default levels 0.2/0.5/0.7: the 0.7 step would be at step 4. The run used to
+    # end at 0.5 with exit 0.
+    out = tmp_path / "o"
+    args = ["prune", "--method", "imp", "--init", str(dense_run), "--out", str(out), "--steps", "3", "--interval", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "at step 4" in err and "--steps 3" in err and "--interval (2)" in err and "--levels (0.2,0.5,0.7)" in err
+    assert not out.exists()
+    # The same from code (the trainer checks before reading any data).
+    with pytest.raises(UserError, match=r"last sparsity step \(to 0\.5\) at step 3, after the run's last step .* 2"):
+        Trainer(_prune_cfg(dense_run, "lth", **{"train.max_steps": 2}), out, init_checkpoint=dense_run).run()
+    assert not out.exists()
+
+
+def test_schedule_ending_on_the_final_step_warns_once(dense_run, tmp_path, caplog):
+    import logging
+
+    # levels 0.2 (step 0) -> 0.5 at step 3 = the final step: reached, never fine-tuned.
+    cfg = _prune_cfg(dense_run, "lth", **{"train.max_steps": 3, "data.languages": "[en]"})
+    with caplog.at_level(logging.WARNING, logger="sparse_rnnt.training.trainer"):
+        Trainer(cfg, tmp_path / "p", init_checkpoint=dense_run).run()
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "never trained at the target" in r.message]
+    assert len(warned) == 1 and "final step 3" in warned[0].message
+    assert load_checkpoint(tmp_path / "p").meta["extra"]["pruner"]["history"][-1]["step"] == 3
+
+
+def test_nm_granularity_with_other_levels_is_refused_up_front(dense_run, tmp_path, capsys):
+    base = ["prune", "--method", "imp", "--init", str(dense_run), "--out", str(tmp_path / "o"), "--granularity", "2:4"]
+    for extra in (["--print-config"], ["--levels", "0.5,0.7", "--steps", "4", "--interval", "2"]):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "2:4 prunes exactly 0.5" in err and "--levels 0.5" in err and "--schedule oneshot" in err
+        assert not (tmp_path / "o").exists()
+    assert main([*base, "--levels", "0.5", "--print-config"]) == 0
+    assert "target_sparsity: 0.5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["imp", "lth", "lap"])
+def test_init_masks_sparser_than_the_first_level_are_refused_before_the_data_work(
+        method, dense_run, tmp_path, monkeypatch):
+    from sparse_rnnt.errors import UserError
+    from sparse_rnnt.pruning.masks import MaskSet
+    from sparse_rnnt.pruning.scope import ScopeConfig
+    from sparse_rnnt.training import trainer
+
+    params = select_parameters(load_recognizer(dense_run).model, ScopeConfig())
+    g = torch.Generator().manual_seed(0)
+    MaskSet({n: torch.rand(p.shape, generator=g) < 0.5 for n, p in params.items()}).save(tmp_path / "m.safetensors")
+
+    def no_data_work(*args, **kwargs):
+        raise AssertionError("the data were screened before the init masks were checked")
+
+    monkeypatch.setattr(trainer, "screen", no_data_work)
+    cfg = _prune_cfg(dense_run, method, **{"pruning.init_masks": str(tmp_path / "m.safetensors")})
+    with pytest.raises(UserError, match=r"the init masks are at sparsity 0\.5\d\d, above the first level 0\.2: "
+                                        r"pass --levels starting at 0\.5\d* or above"):
+        Trainer(cfg, tmp_path / "o", init_checkpoint=dense_run).run()
+    assert not (tmp_path / "o").exists()
+
+
+def test_rerun_in_place_takes_the_dense_runs_tokenizer(dense_run, tmp_path):
+    # A pruning run stopped before its first checkpoint, started again from another dense run:
+    # its tokenizer.model is replaced by the one the run trains with (it used to be refused).
+    out = tmp_path / "p"
+    out.mkdir()
+    from sparse_rnnt.data.tokenizer import Tokenizer, TokenizerConfig
+
+    stale = Tokenizer.train(["zzz qqq"], TokenizerConfig(), out / "tokenizer.model")
+    assert stale.to_bytes() != (dense_run / "tokenizer.model").read_bytes()
+    t = Trainer(_prune_cfg(dense_run, "imp"), out, init_checkpoint=dense_run)
+    t.setup()
+    assert (out / "tokenizer.model").read_bytes() == (dense_run / "tokenizer.model").read_bytes()

@@ -250,3 +250,77 @@ def test_missing_relative_manifest_dir_says_where_it_was_looked_for(tiny_manifes
         Trainer(_cfg(tiny_manifests, **{"data.manifest_dir": str(tmp_path / "abs")}), tmp_path / "run2").run()
     assert "working directory" not in str(e.value)
     assert not (tmp_path / "run2").exists()
+
+
+def test_resume_compares_with_the_checkpoints_own_config_not_config_yaml(tiny_manifests, tmp_path, capsys):
+    from sparse_rnnt.cli import main
+
+    cfg = _cfg(tiny_manifests, **{"train.max_steps": 3})
+    run = tmp_path / "run"
+    Trainer(cfg, run).run()
+    saved = (run / "config.yaml").read_text()
+    # An edited config.yaml: a model size (was a raw load_state_dict traceback) and the optimizer
+    # and length (were resumed silently with the checkpoint's weights under the new values).
+    (run / "config.yaml").write_text(saved.replace("transformer_num_layers: 2", "transformer_num_layers: 3"))
+    with pytest.raises(UserError, match=r"--resume: the config differs from the one .*step-0000003 was saved "
+                                        r"with in model\.transformer_num_layers \(saved 2, given 3\);"):
+        Trainer(load_config(run / "config.yaml"), run, resume=True)
+    (run / "config.yaml").write_text(saved.replace("max_steps: 3", "max_steps: 5").replace("lr: 0.0015", "lr: 0.5"))
+    assert main(["train", "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "optim.lr (saved 0.0015, given 0.5)" in err and "train.max_steps (saved 3, given 5)" in err
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-")] == ["step-0000003"]
+    # The checkpoint's own config resumes (here via --config), and config.yaml is put back in line.
+    (tmp_path / "orig.yaml").write_text(saved)
+    assert main(["train", "--config", str(tmp_path / "orig.yaml"), "--out", str(run), "--resume"]) == 0
+    assert load_config(run / "config.yaml") == cfg
+
+
+def test_resume_with_weights_that_do_not_fit_is_one_clear_error(tiny_manifests, tmp_path):
+    cfg = _cfg(tiny_manifests, **{"train.max_steps": 3})
+    Trainer(cfg, tmp_path / "run").run()
+    t = Trainer(cfg, tmp_path / "run", resume=True)
+    assert t._resume_ckpt is not None
+    del t._resume_ckpt.model[sorted(t._resume_ckpt.model)[0]]  # a checkpoint of another model
+    with pytest.raises(UserError, match=r"--resume: .*step-0000003: its weights or optimizer state do not fit "
+                                        r"the model of this config \(Error"):
+        t.setup()
+
+
+def _tokenizer_for(texts, path):
+    from sparse_rnnt.data.tokenizer import Tokenizer, TokenizerConfig
+
+    return Tokenizer.train(texts, TokenizerConfig(), path)
+
+
+def test_rerun_in_place_writes_the_tokenizer_it_trains_with(tiny_manifests, tmp_path):
+    from sparse_rnnt.data.manifest import load_split
+
+    texts = [u.text for u in load_split(tiny_manifests, "train")]
+    good = _tokenizer_for(texts, tmp_path / "good.model")
+    stale = _tokenizer_for(["zzz qqq"], tmp_path / "stale.model")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tokenizer.model").write_bytes(stale.to_bytes())  # left by an earlier attempt that crashed
+    cfg = _cfg(tiny_manifests, **{"train.max_steps": 1, "data.tokenizer": str(tmp_path / "good.model")})
+    Trainer(cfg, run).run()
+    assert (run / "tokenizer.model").read_bytes() == good.to_bytes()
+    ckpt = load_checkpoint(run)
+    assert (ckpt.path / "tokenizer.model").read_bytes() == good.to_bytes()  # the checkpoint decodes right
+
+
+def test_setup_failure_in_an_existing_folder_removes_only_what_it_wrote(tiny_manifests, tmp_path):
+    _tokenizer_for(["zzz qqq"], tmp_path / "useless.model")  # encodes no transcript: all are skipped
+    cfg = _cfg(tiny_manifests, **{"train.max_steps": 1, "data.tokenizer": str(tmp_path / "useless.model")})
+    run = tmp_path / "run"
+    run.mkdir()  # made by the user, empty
+    with pytest.raises(UserError, match=r"training utterances .* are unusable"):
+        Trainer(cfg, run).run()
+    assert run.is_dir() and list(run.iterdir()) == []
+    # A run stopped before its first checkpoint: what was there stays, what this attempt added goes.
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(UserError, match=r"training utterances .* are unusable"):
+        Trainer(cfg, run).run()
+    assert [p.name for p in run.iterdir()] == ["metrics.jsonl"]
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'

@@ -150,6 +150,17 @@ def evaluate_checkpoint(
     if not utts:
         raise UserError(f"no utterances for {', '.join(langs or ['any language'])} in {manifest_path(manifest_dir, split)}")
     manifest = manifest_path(manifest_dir, split)
+    # A language without utterances would drop out of the average unnoticed.
+    missing = [lang for lang in langs or [] if not any(u.language == lang for u in utts)]
+    if missing:
+        present = sorted({u.language for u in utts})
+        raise UserError(f"{manifest}: no {split} utterances for {', '.join(missing)}; pass --languages "
+                        f"{','.join(present)} to evaluate the others")
+    # WER counts errors per reference word: an empty reference has none to count against.
+    empty = [u for u in utts if not u.text.split()]
+    if empty:
+        raise UserError(f"{manifest}: {len(empty)} utterance(s) with an empty transcript (first: {empty[0].key}); "
+                        "WER is undefined for them: remove them from the manifest")
     min_samples = min_eval_samples(rec.config.features, rec.config.model.time_reduction_stride)
     check_eval_audio(utts, rec.config.features, manifest, min_samples)  # fail before any decoding
     dev = next(rec.model.parameters()).device

@@ -117,3 +117,29 @@ def test_cli_eval_reports_a_moved_corpus_in_one_line(run, tiny_manifests, tmp_pa
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1
     assert key in lines[0] and str(audio) in lines[0] and "sparse-rnnt data mls" in lines[0]
+
+
+def test_a_language_without_utterances_is_named_not_dropped_from_the_average(run, tiny_manifests, tmp_path):
+    man = tmp_path / "manifests"
+    shutil.copytree(tiny_manifests, man)
+    test = read_manifest(man / "test.jsonl")
+    langs = sorted({u.language for u in test})
+    assert len(langs) == 2
+    write_manifest(man / "test.jsonl", [u for u in test if u.language == langs[0]])
+    for chosen in (None, langs):  # the checkpoint's languages by default, or named
+        with pytest.raises(UserError, match=rf"no test utterances for {langs[1]}; pass --languages {langs[0]} "):
+            evaluate_checkpoint(run, man, split="test", languages=chosen, progress=False, device="cpu")
+    res, _ = evaluate_checkpoint(run, man, split="test", languages=[langs[0]], progress=False, device="cpu")
+    assert set(res.per_language) == {langs[0]}
+
+
+def test_an_empty_reference_transcript_is_refused(run, tiny_manifests, tmp_path):
+    # Its WER is undefined (errors per reference word); a language of only such utterances
+    # used to score inf and write Infinity, which is not JSON.
+    man = tmp_path / "manifests"
+    shutil.copytree(tiny_manifests, man)
+    test = read_manifest(man / "test.jsonl")
+    test[3] = dataclasses.replace(test[3], text="  ")
+    write_manifest(man / "test.jsonl", test)
+    with pytest.raises(UserError, match=rf"1 utterance\(s\) with an empty transcript \(first: {test[3].key}\)"):
+        evaluate_checkpoint(run, man, split="test", progress=False, device="cpu")

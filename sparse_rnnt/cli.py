@@ -45,10 +45,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+MAX_SYMBOLS = 1_000_000  # output symbols: far above any tokenizer's vocabulary
+
+
 def _symbols(text: str) -> int:
     value = _nonneg_int(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"must be >= 2 (blank + at least one token): {text}")
+    if value > MAX_SYMBOLS:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_SYMBOLS:,}: {text}")
     return value
 
 
@@ -126,11 +131,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_mls(args: argparse.Namespace) -> int:
-    from .data.mls import read_mls, write_manifests
+    from .data.mls import check_manifest_output, read_mls, write_manifests
     from .languages import parse_languages
 
     languages = parse_languages(args.languages) if args.languages else None
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+    check_manifest_output(args.out, splits)  # before the reading, which can take long
     utts, report = read_mls(
         Path(args.root), languages, splits, subset=args.subset, fmt=args.format,
         workers=args.workers, progress=not args.quiet,
@@ -272,11 +278,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    import torch
+
     from .model import MODEL_SIZES, build_model
 
     print(f"parameter counts with {args.num_symbols} output symbols (incl. blank)")
     for name, cfg in MODEL_SIZES.items():
-        model = build_model(cfg, args.num_symbols, verbose=False)
+        with torch.device("meta"):  # shapes only: counting allocates no weights
+            model = build_model(cfg, args.num_symbols, verbose=False)
         n = sum(p.numel() for p in model.parameters())
         print(f"{name:<11} {n / 1e6:8.2f}M  width {cfg.width}, {cfg.transformer_num_layers} layers, "
               f"ffn {cfg.transformer_ffn_dim}, {cfg.num_lstm_layers} LSTM, joiner {cfg.encoding_dim}")
@@ -358,6 +367,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         except ValueError:
             raise UserError(f"{what}: expected comma-separated numbers, got {text!r}") from None
 
+    _require_device(args.device)  # before the demo that a run without --dense starts with
     opts = ReproduceOptions(
         scenario=args.scenario, out=Path(args.out),
         dense=Path(args.dense) if args.dense else None, data=Path(args.data) if args.data else None,
@@ -504,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("models", help="list the named model sizes with their parameter counts")
-    p.add_argument("--num-symbols", type=_symbols, default=4097, help="vocabulary size incl. blank (default 4097)")
+    p.add_argument("--num-symbols", type=_symbols, default=4097, help="vocabulary size incl. blank (default 4097, at most 1000000); counted from the shapes, no weights are allocated")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("demo", help="synthesize, train a tiny model, evaluate: the whole pipeline on a CPU",

@@ -113,6 +113,11 @@ def test_models_lists_sizes(capsys):
     for name in ("tiny", "small", "base", "paper-56m", "paper-187m"):
         assert name in out
     assert "76.74M" in out
+    # Counted on the meta device: the same as a real model's parameters.
+    from sparse_rnnt.model import MODEL_SIZES, build_model
+
+    real = sum(p.numel() for p in build_model(MODEL_SIZES["tiny"], 4097, verbose=False).parameters())
+    assert f"tiny {real / 1e6:12.2f}M".replace(" ", "") in out.replace(" ", "")
 
 
 def test_stream_cuda_graphs_need_a_cuda_device(capsys):
@@ -130,6 +135,7 @@ def test_stream_cuda_graphs_need_a_cuda_device(capsys):
         (["stream", "--artifact", "a", "x.wav", "--threads", "100000"], "--threads: must be <="),
         (["export", "--checkpoint", "c", "--out", "o", "--tolerance", "nan"], "finite positive"),
         (["models", "--num-symbols", "1"], "must be >= 2"),
+        (["models", "--num-symbols", "99999999999"], "must be <= 1,000,000"),
         (["synth", "--out", "s", "--workers", "100000"], "--workers: must be <="),
     ],
 )
@@ -160,6 +166,9 @@ def test_missing_cuda_and_bad_block_are_user_errors_before_any_work(tmp_path, ca
     assert main(["stream", "--artifact", str(tmp_path / "none"), "x.wav", "--device", dev]) == 2
     assert f"--device {dev}:" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "a"), "--device", dev]) == 2
+    assert f"--device {dev}:" in capsys.readouterr().err
+    # reproduce without --dense starts with the demo: the device is refused before it
+    assert main(["reproduce", "--scenario", "1", "--out", str(tmp_path / "r"), "--device", dev, "--quiet"]) == 2
     assert f"--device {dev}:" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "a"), "--format", "bsr",
                  "--block", "300x16"]) == 2

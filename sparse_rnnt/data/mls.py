@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -575,6 +575,33 @@ def read_mls(
     return out, report
 
 
+def check_manifest_output(out_dir: str | os.PathLike[str], splits: Sequence[str]) -> None:
+    """Refuse an ``out_dir`` that :func:`write_manifests` of ``splits`` may not replace: not a
+    directory, holding files other than manifests and a report, or holding a split's manifest
+    that this write would drop (``UserError``). Called before the reading work, and again by
+    :func:`write_manifests`."""
+    out = _absolute(out_dir)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"manifest output {out} exists and is not a directory")
+    owned = {f"{s}.jsonl" for s in SPLITS} | {REPORT_NAME}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in owned)
+    if foreign:
+        raise UserError(
+            f"manifest output {out} holds other files ({', '.join(foreign[:5])}); "
+            "choose an empty folder or one holding only manifests"
+        )
+    # The folder is replaced whole: a split read before and not now would be lost.
+    dropped = sorted(s for s in SPLITS if (out / f"{s}.jsonl").exists() and s not in splits)
+    if dropped:
+        raise UserError(
+            f"manifest output {out} holds {', '.join(f'{s}.jsonl' for s in dropped)}, which this read "
+            f"(splits {', '.join(splits) or 'none'}) would remove; read those splits too "
+            "(--splits) or choose another folder"
+        )
+
+
 def write_manifests(
     out_dir: str | os.PathLike[str], utterances: dict[str, list[Utterance]], report: ReadReport
 ) -> None:
@@ -591,16 +618,7 @@ def write_manifests(
         wrong = next((u for u in utts if u.split != split), None)
         if wrong is not None:
             raise ValueError(f"utterance {wrong.key} has split {wrong.split!r} but is listed under {split!r}")
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"manifest output {out} exists and is not a directory")
-        owned = {f"{s}.jsonl" for s in SPLITS} | {REPORT_NAME}
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in owned)
-        if foreign:
-            raise UserError(
-                f"manifest output {out} holds other files ({', '.join(foreign[:5])}); "
-                "choose an empty folder or one holding only manifests"
-            )
+    check_manifest_output(out, list(utterances))
     with atomic_path(out) as tmp:
         tmp.mkdir()
         for split, utts in utterances.items():

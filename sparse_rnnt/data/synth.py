@@ -523,6 +523,12 @@ def _check_output(out: Path, languages: Sequence[str], fmt: str) -> dict[str, An
     """
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} exists and is not a directory")
+    if out.is_dir() and not (out / SUMMARY_FILE).exists():
+        # Not a corpus (a corpus in progress has only language folders): its files are not ours.
+        foreign = sorted(p.name for p in out.iterdir() if not (p.is_dir() and p.name.startswith("mls_")))
+        if foreign:
+            raise UserError(f"output directory {out} holds {', '.join(foreign[:5])} and is not a synthesized corpus "
+                            f"(no {SUMMARY_FILE}): choose an empty or new directory")
     for lang in languages:
         d = out / language_dir(lang, fmt)
         if d.exists() and (not d.is_dir() or any(d.iterdir())):

@@ -463,9 +463,16 @@ def test_write_manifests_round_trip(tmp_path: Path) -> None:
     assert json.loads((dest / "read_report.json").read_text()) == report.to_dict()
     assert json.loads((dest / "read_report.json").read_text())["totals"]["problems"] == {"missing_audio": 1}
 
-    # Rewriting replaces the whole set: a split no longer written does not linger.
-    write_manifests(dest, {"dev": out["dev"]}, report)
-    assert sorted(p.name for p in dest.iterdir()) == ["dev.jsonl", "read_report.json"]
+    # Rewriting replaces the whole set, so a split written before and not now would be lost
+    # (a run's train.jsonl, say): refused, naming the files, and nothing changes.
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    with pytest.raises(UserError, match=r"holds test\.jsonl, train\.jsonl, which this read \(splits dev\) "
+                                        r"would remove"):
+        write_manifests(dest, {"dev": out["dev"]}, report)
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    # The same splits again (here with fewer utterances) replace them.
+    write_manifests(dest, {s: out[s][:1] for s in SPLITS}, report)
+    assert all(len(read_manifest(dest / f"{s}.jsonl")) == 1 for s in SPLITS)
     assert sorted(p.name for p in parent.iterdir()) == ["manifests"]
 
 
@@ -599,3 +606,16 @@ def test_fuzz_random_lines(fuzz_corpus: dict[str, Any], lines: list[tuple[str, s
             want[id_] = t.strip()
     assert {u.id: u.text for u in out["dev"]} == want
     _check_counts(report, data)
+
+
+def test_cli_refuses_to_drop_a_split_before_reading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sparse_rnnt.cli import main
+
+    dest = tmp_path / "manifests"
+    dest.mkdir()
+    (dest / "train.jsonl").write_text("")
+    # The root does not exist: the output is checked first, so that is not what is reported.
+    assert main(["data", "mls", str(tmp_path / "no-corpus"), "--out", str(dest), "--splits", "test", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "holds train.jsonl, which this read (splits test) would remove" in err
+    assert [p.name for p in dest.iterdir()] == ["train.jsonl"]

@@ -246,6 +246,13 @@ def test_refuses_non_empty_output(corpus: tuple[Path, dict], tmp_path: Path) -> 
     (other / "mls_dutch" / "stray.txt").write_text("x")
     with pytest.raises(UserError, match="mls_dutch"):
         synthesize_corpus(other, dataclasses.replace(TINY, languages=("nl",)), progress=False)
+    # A folder of other files, without a corpus summary, is not a corpus to add languages to.
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"notes holds notes\.txt and is not a synthesized corpus"):
+        synthesize_corpus(notes, TINY, progress=False)
+    assert [p.name for p in notes.iterdir()] == ["notes.txt"]
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
     with pytest.raises(UserError, match="not a directory"):

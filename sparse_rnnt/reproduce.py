@@ -25,14 +25,17 @@ standard deviation) over ``seeds`` (the training seed: batch order and SpecAugme
 of training stages and the total optimizer steps a method needs for all its languages.
 
 Everything lands in ``out``: ``seed-<s>/<run>/`` (ordinary run directories, resumed if a
-previous call was interrupted, skipped if complete), ``scores/`` (test WERs, each keyed by the
+previous call was interrupted, skipped if complete; a run trained with other settings or from
+another dense checkpoint than this call's is refused up front), ``scores/`` (test WERs, each keyed by the
 exact checkpoint, test manifest, utterance cap, language and decoding, so a changed input is
-scored again; nothing is written into ``--dense``), ``scenario-<n>.json`` and ``scenario-<n>.md``.
+scored again; nothing is written into ``--dense``, and ``out`` may not lie in ``--dense`` or the
+manifests), ``scenario-<n>.json`` and ``scenario-<n>.md``.
 Every option and input is checked before ``out`` is created.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -187,7 +190,7 @@ def plan(opts: ReproduceOptions, languages: list[str]) -> tuple[list[Run], list[
 
 
 def _run_config(opts: ReproduceOptions, dense_cfg: dict[str, Any], run: Run, seed: int, dirs: dict[str, Path],
-                 manifests: Path):
+                manifests: Path) -> Any:
     interval = max(2, opts.budget // len(run.levels))
     adapt = opts.adapt_every or max(1, interval // 4)
     over: dict[str, Any] = {
@@ -222,6 +225,95 @@ def _run_config(opts: ReproduceOptions, dense_cfg: dict[str, Any], run: Run, see
     return config_from_tree(base, [f"{k}={v}" for k, v in over.items()])
 
 
+# Settings that change how a run executes, not what it learns: never a reason to refuse a run; a
+# resumed run keeps the values it started with (the Trainer resumes only its exact config).
+RUNTIME_KEYS = ("progress", "threads", "device")
+INIT_RECORD = ".reproduce-init.json"  # hidden: the Trainer ignores dot-names in a run directory
+
+
+def _dense_identity(dense: Any) -> dict[str, Any]:
+    """The dense checkpoint a run starts from: resolved path and the SHA-256 of its files."""
+    return {"path": str(Path(dense.path).resolve()), "sha256": dict(sorted(dense.meta.get("sha256", {}).items()))}
+
+
+def _resolved_masks(spec: str) -> str:
+    """``pruning.init_masks`` (``PATH`` or ``lang=PATH,...``) with resolved paths."""
+    items = []
+    for item in spec.split(","):
+        lang, sep, path = item.partition("=")
+        items.append(f"{lang}={Path(path).resolve()}" if sep else str(Path(item).resolve()) if item else item)
+    return ",".join(items)
+
+
+def _comparable(tree: dict[str, Any]) -> dict[str, Any]:
+    """A run's config tree without the runtime keys and with its paths resolved, so another
+    spelling of the same --out or --data is the same run."""
+    tree = copy.deepcopy(tree)
+    for key in RUNTIME_KEYS:
+        tree.get("train", {}).pop(key, None)
+    data, pruning = tree.get("data") or {}, tree.get("pruning") or {}
+    if data.get("manifest_dir"):
+        data["manifest_dir"] = str(Path(data["manifest_dir"]).resolve())
+    if isinstance(pruning.get("init_masks"), str) and pruning["init_masks"].strip():
+        pruning["init_masks"] = _resolved_masks(pruning["init_masks"])
+    return tree
+
+
+def run_mismatch(run_dir: Path, cfg: Any, dense: Any) -> list[tuple[str, Any, Any]]:
+    """``(what, this run's, this call's)`` wherever the run in ``run_dir`` (its newest sound
+    checkpoint) was trained otherwise than this call would train it: config (runtime keys
+    aside) and the dense checkpoint it started from. Empty for a run without checkpoints."""
+    from .config import to_dict
+    from .training.checkpoint import list_checkpoints, load_checkpoint
+    from .training.trainer import _config_diff, checkpoint_config
+
+    if not list_checkpoints(run_dir):
+        return []
+    ckpt = load_checkpoint(run_dir)
+    diff: list[tuple[str, Any, Any]] = []
+    want = _dense_identity(dense)
+    record_path = run_dir / INIT_RECORD
+    record: Any = None  # written by this module when the run started; older runs lack it
+    if record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            record = "unreadable"
+    if record is None:
+        saved = ckpt.meta.get("extra", {}).get("init_checkpoint")  # the path the Trainer records
+        if saved is None or str(Path(saved).resolve()) != want["path"]:
+            diff.append(("dense checkpoint", saved, want["path"]))
+    elif record != want:  # a damaged record cannot vouch for the run's starting point either
+        shown = record.get("path") if isinstance(record, dict) else record
+        if shown == want["path"]:
+            shown = f"{shown} with other file hashes"
+        diff.append(("dense checkpoint", shown, want["path"]))
+    diff += _config_diff(_comparable(checkpoint_config(ckpt)), _comparable(to_dict(cfg)))
+    return diff
+
+
+def _check_runs(opts: ReproduceOptions, dense: Any, manifests: Path, languages: list[str]) -> None:
+    """Refuse, before anything is trained, when a run already under ``opts.out`` was trained
+    with other settings or from another dense checkpoint than this call's (reusing it would put
+    its numbers under this call's labels; resuming it would mix two settings in one run)."""
+    runs, _ = plan(opts, languages)
+    for seed in opts.seeds:
+        dirs = {r.name: opts.out / f"seed-{seed}" / r.name for r in runs}
+        for run in runs:
+            run_dir = dirs[run.name]
+            diff = run_mismatch(run_dir, _run_config(opts, dense.config, run, seed, dirs, manifests), dense)
+            if not diff:
+                continue
+            shown = ", ".join(f"{k} (run {a!r}, now {b!r})" for k, a, b in diff[:3])
+            more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+            hint = " (a run cannot be extended to a larger --budget: its staircase depends on it)" \
+                if any(k == "train.max_steps" for k, _, _ in diff) else ""
+            raise UserError(
+                f"{run_dir} was trained with other settings than this call's: {shown}{more}{hint}; "
+                f"choose another --out (or delete {run_dir})"
+            )
+
+
 def _complete(run_dir: Path, steps: int) -> bool:
     from .training.checkpoint import list_checkpoints
 
@@ -229,16 +321,25 @@ def _complete(run_dir: Path, steps: int) -> bool:
     return bool(ckpts) and int(ckpts[-1].name.split("-")[1]) >= steps
 
 
-def _train(cfg, run_dir: Path, dense: Path, steps: int) -> None:
-    from .training.checkpoint import list_checkpoints
-    from .training.trainer import Trainer
+def _train(cfg: Any, run_dir: Path, dense: Any, steps: int) -> None:
+    """Train the run in ``run_dir`` (``_check_runs`` vouched that an existing one matches ``cfg``):
+    skip it when complete, resume it with the config it was saved with, or start it afresh."""
+    from .config import config_from_tree
+    from .training.checkpoint import list_checkpoints, load_checkpoint
+    from .training.trainer import Trainer, checkpoint_config
 
     if _complete(run_dir, steps):
         return
     resume = bool(list_checkpoints(run_dir))
-    if run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)  # set-up died before the first checkpoint: start over
-    Trainer(cfg, run_dir, resume=resume, init_checkpoint=dense).run()
+    if resume:
+        # Equal up to runtime keys and path spelling: continue with exactly the saved config.
+        cfg = config_from_tree(checkpoint_config(load_checkpoint(run_dir)))
+    else:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # set-up died before the first checkpoint: start over
+        run_dir.mkdir(parents=True)
+        atomic_write_json(run_dir / INIT_RECORD, _dense_identity(dense))
+    Trainer(cfg, run_dir, resume=resume, init_checkpoint=dense.path).run()
 
 
 def score_key(ckpt, manifests: Path, language: str, opts: ReproduceOptions) -> dict[str, Any]:
@@ -341,7 +442,26 @@ def check_inputs(opts: ReproduceOptions) -> Inputs:
         raise UserError(f"the dense model was not trained on {', '.join(unknown)} (it knows {', '.join(known)}){hint}")
     if manifests is not None:
         _check_languages(manifests, wanted)
+    if opts.dense is not None:
+        _check_out_outside(opts, dense, manifests)
+    if dense is not None and manifests is not None and opts.out.is_dir():
+        _check_runs(opts, dense, manifests, wanted)
     return Inputs(dense, manifests, wanted)
+
+
+def _check_out_outside(opts: ReproduceOptions, dense: Any, manifests: Path) -> None:
+    """``--out`` must not be, or lie inside, the dense run (as given, its run directory and its
+    checkpoint) or the manifest directory: reproduce never writes into its inputs."""
+    ckpt = Path(dense.path).resolve()
+    inputs = {ckpt: "the --dense run", Path(opts.dense).resolve(): "the --dense run",
+              manifests.resolve(): "the manifest directory"}
+    if ckpt.parent.name == "checkpoints":  # a checkpoint of a run directory: the whole run
+        inputs.setdefault(ckpt.parent.parent, "the --dense run")
+    out = Path(opts.out).resolve()  # symlinks too: a link into --dense is --dense
+    for path, option in inputs.items():
+        if out == path or path in out.parents:
+            raise UserError(f"--out {opts.out} is, or is inside, {option} {path}: "
+                            "reproduce never writes into its inputs; choose an --out outside it")
 
 
 def _check_languages(manifests: Path, languages: list[str]) -> None:
@@ -393,6 +513,8 @@ def _reproduce(opts: ReproduceOptions, inputs: Inputs) -> dict[str, Any]:
         unknown = [x for x in wanted if x not in known]
         if unknown:
             raise UserError(f"the demo model was not trained on {', '.join(unknown)} (it knows {', '.join(known)})")
+        assert manifests is not None
+        _check_runs(opts, dense, manifests, wanted)  # the demo's model is known only now
     assert manifests is not None
     runs, rows = plan(opts, wanted)
     by_name = {r.name: r for r in runs}
@@ -406,7 +528,7 @@ def _reproduce(opts: ReproduceOptions, inputs: Inputs) -> dict[str, Any]:
             log.info("seed %d, run %d/%d: %s", seed, i, len(runs), run.name)
             if opts.progress:
                 print(f"[{time.perf_counter() - t0:7.0f}s] seed {seed}: {run.name} ({i}/{len(runs)})", flush=True)
-            _train(cfg, dirs[run.name], dense.path, opts.budget)
+            _train(cfg, dirs[run.name], dense, opts.budget)
         models = {"dense": dense}
         wer[seed] = {}
         for row in rows:

@@ -224,3 +224,89 @@ def test_reproduce_rescores_on_new_eval_limit_and_reuses_runs(dense, tiny_manife
     # The dense row is the dense model's WER on the first 3 test utterances, not the stale 1-utterance one.
     ref, _ = real(dense, tiny_manifests, split="test", languages=["en"], device="cpu", progress=False, limit=3)
     assert again["rows"][0]["wer"]["en"]["mean"] == pytest.approx(100 * ref.per_language["en"].wer)
+
+
+@pytest.mark.parametrize("where", ["dense", "inside-dense", "checkpoints", "link-into-dense", "data", "config-data"])
+def test_out_in_dense_or_manifests_is_refused(tmp_path, dense, tiny_manifests, where):
+    # reproduce never writes into its inputs: not into --dense (as given, its run, its
+    # checkpoint folder, through a symlink) nor into the manifest directory (--data or the
+    # one the dense config names).
+    link = tmp_path / "link"
+    link.symlink_to(dense, target_is_directory=True)
+    out, data, match = {
+        "dense": (dense, None, "the --dense run"),
+        "inside-dense": (dense / "rep", None, "the --dense run"),
+        "checkpoints": (dense / "checkpoints" / "rep", None, "the --dense run"),
+        "link-into-dense": (link / "rep", None, "the --dense run"),
+        "data": (tiny_manifests / "rep", tiny_manifests, "the manifest directory"),
+        "config-data": (tiny_manifests / "rep", None, "the manifest directory"),
+    }[where]
+    before, manifests = _snapshot(dense), _snapshot(tiny_manifests)
+    with pytest.raises(UserError, match=f"--out .* is, or is inside, {match}"):
+        run_reproduce(_opts(out, dense=dense, data=data))
+    assert _snapshot(dense) == before and _snapshot(tiny_manifests) == manifests
+
+
+@pytest.fixture(scope="module")
+def lap_run(dense, tmp_path_factory):
+    """A reproduce --out holding one finished run (scenario 2's LAP over en+fr, seed 0)."""
+    from sparse_rnnt.reproduce import _run_config, _train, plan
+
+    opts = _opts(tmp_path_factory.mktemp("repro_reuse") / "o", scenario=2, dense=dense, languages=("en", "fr"))
+    inputs = check_inputs(opts)
+    runs, _ = plan(opts, inputs.languages)
+    dirs = {r.name: opts.out / "seed-0" / r.name for r in runs}
+    lap = next(r for r in runs if r.name == "lap")
+    _train(_run_config(opts, inputs.dense.config, lap, 0, dirs, inputs.manifests), dirs["lap"], inputs.dense,
+           opts.budget)
+    assert list_checkpoints(dirs["lap"])
+    return opts
+
+
+def test_finished_run_is_reused_only_with_the_same_settings(lap_run, dense, tiny_manifests, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    opts = lap_run
+    check_inputs(opts)  # same settings: reused
+    # Runtime settings and another spelling of the same paths are the same run.
+    monkeypatch.chdir(opts.out.parent)
+    check_inputs(replace(opts, out=Path(opts.out.name), progress=True, threads=2, data=tiny_manifests))
+    other_dense = tmp_path / "dense-copy"
+    shutil.copytree(dense, other_dense)
+    other_data = tmp_path / "manifests-copy"
+    shutil.copytree(tiny_manifests, other_data)
+    cases = {
+        "optim.lr": {"lr": 0.05},
+        "data.languages": {"languages": ("en",)},
+        "pruning.levels": {"levels": (0.3, 0.5)},  # (--adapt-every has one legal value at this budget)
+        "dense checkpoint": {"dense": other_dense},
+        "data.manifest_dir": {"data": other_data},
+        "train.max_steps": {"budget": 6},
+    }
+    before = _snapshot(opts.out)
+    for key, change in cases.items():
+        with pytest.raises(UserError, match=rf"seed-0/lap was trained with other settings.*{key} \(run .*, now "
+                                            r".*choose another --out \(or delete .*seed-0/lap\)") as e:
+            run_reproduce(replace(opts, **change))
+        assert "\n" not in str(e.value), key
+        assert _snapshot(opts.out) == before, key  # refused before anything was trained or scored
+    with pytest.raises(UserError, match="cannot be extended to a larger --budget"):
+        check_inputs(replace(opts, budget=6))
+
+
+def test_run_from_a_replaced_dense_checkpoint_is_refused(lap_run, tmp_path):
+    # Same path, other files (a dense run retrained in place): the run's record of the dense
+    # checkpoint's hashes tells them apart.
+    record = lap_run.out / "seed-0" / "lap" / ".reproduce-init.json"
+    saved = record.read_text()
+    try:
+        tree = json.loads(saved)
+        tree["sha256"]["model.safetensors"] = "0" * 64
+        record.write_text(json.dumps(tree))
+        with pytest.raises(UserError, match=r"dense checkpoint .*with other file hashes"):
+            check_inputs(lap_run)
+        # A run without the record (made by an older version): the path the Trainer records counts.
+        record.unlink()
+        check_inputs(lap_run)
+    finally:
+        record.write_text(saved)

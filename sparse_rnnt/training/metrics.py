@@ -55,7 +55,8 @@ def align_counts(reference: Sequence[str], hypothesis: Sequence[str]) -> ErrorCo
     """Minimum-edit alignment of two token sequences.
 
     Among minimum-cost alignments a substitution is preferred to a deletion plus an insertion
-    (the usual scoring convention, also jiwer's), which makes the S/D/I split well defined.
+    (a usual scoring convention), which makes the S/D/I split well defined. The totals and the
+    WER equal jiwer's; its S/D/I split can differ where several alignments tie.
     """
     n, m = len(reference), len(hypothesis)
     # cost[j], with parallel arrays of (S, D, I, H) along the chosen path.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -490,10 +490,8 @@ def test_bad_streaming_arguments_raise_instead_of_hanging(setup) -> None:
             StreamingDecoder(model, cmvn, **kwargs)  # type: ignore[arg-type]
 
 
-def test_a_pathway_decoder_needs_a_language(setup) -> None:
-    # With per-language weights, a stream without a language would run with whichever pathway
-    # was set last; open() refuses it and names the languages.
-    model, cmvn, waves = setup
+def _recording_pathway() -> tuple[Callable[[str | None], contextlib.AbstractContextManager[None]], list[str | None]]:
+    """A ``mask_context`` hook that records the languages it is entered with, and that list."""
     entered: list[str | None] = []
 
     @contextlib.contextmanager
@@ -501,6 +499,14 @@ def test_a_pathway_decoder_needs_a_language(setup) -> None:
         entered.append(language)
         yield
 
+    return pathway, entered
+
+
+def test_a_pathway_decoder_needs_a_language(setup) -> None:
+    # With per-language weights, a stream without a language would run with whichever pathway
+    # was set last; open() refuses it and names the languages.
+    model, cmvn, waves = setup
+    pathway, entered = _recording_pathway()
     with pytest.raises(ValueError, match=r"open\(\) needs a language$"):  # the hook alone: no list
         StreamingDecoder(model, cmvn, mask_context=pathway).open()
     dec = StreamingDecoder(model, cmvn, mask_context=pathway, languages=["en", "fr"])
@@ -521,13 +527,7 @@ def test_run_concurrent_checks_every_language_before_any_stream_runs(setup) -> N
     # Streams open lazily at their start tick; a bad language of a later stream must not let
     # an earlier one run first and keep its state slot.
     model, cmvn, waves = setup
-    entered: list[str | None] = []
-
-    @contextlib.contextmanager
-    def pathway(language: str | None) -> Iterator[None]:
-        entered.append(language)
-        yield
-
+    pathway, entered = _recording_pathway()
     dec = StreamingDecoder(model, cmvn, mask_context=pathway, languages=["en", "fr"])
     for langs, message in ((["en", "de"], r"no pathway for 'de' \(one of en, fr\)"),
                            (["en", None], "needs a language")):

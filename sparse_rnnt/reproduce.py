@@ -265,7 +265,7 @@ def run_mismatch(run_dir: Path, cfg: Any, dense: Any) -> list[tuple[str, Any, An
     aside) and the dense checkpoint it started from. Empty for a run without checkpoints."""
     from .config import to_dict
     from .training.checkpoint import list_checkpoints, load_checkpoint
-    from .training.trainer import _config_diff, checkpoint_config
+    from .training.trainer import config_diff, checkpoint_config
 
     if not list_checkpoints(run_dir):
         return []
@@ -288,7 +288,7 @@ def run_mismatch(run_dir: Path, cfg: Any, dense: Any) -> list[tuple[str, Any, An
         if shown == want["path"]:
             shown = f"{shown} with other file hashes"
         diff.append(("dense checkpoint", shown, want["path"]))
-    diff += _config_diff(_comparable(checkpoint_config(ckpt)), _comparable(to_dict(cfg)))
+    diff += config_diff(_comparable(checkpoint_config(ckpt)), _comparable(to_dict(cfg)))
     return diff
 
 

@@ -159,7 +159,13 @@ def _cuda_device_this_machine_lacks() -> str:
     return f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
 
 
-def test_missing_cuda_and_bad_block_are_user_errors_before_any_work(tmp_path, capsys):
+def test_missing_cuda_and_bad_block_are_user_errors_before_any_work(tmp_path, capsys, monkeypatch):
+    import sparse_rnnt.demo
+
+    def demo_ran(*args, **kwargs):  # fail at once rather than train the demo when the check comes late
+        raise AssertionError("reproduce started the demo before checking --device")
+
+    monkeypatch.setattr(sparse_rnnt.demo, "run_demo", demo_ran)
     dev = _cuda_device_this_machine_lacks()
     assert main(["eval", "--checkpoint", str(tmp_path / "none"), "--manifest-dir", str(tmp_path), "--device", dev]) == 2
     assert f"--device {dev}:" in capsys.readouterr().err  # said before the missing checkpoint

@@ -152,13 +152,13 @@ def checkpoint_config(ckpt: Checkpoint) -> dict[str, Any]:
         return dict(ckpt.config)
 
 
-def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
     """``(dotted key, value in a, value in b)`` wherever two config trees differ."""
     out: list[tuple[str, Any, Any]] = []
     for key in sorted(set(a) | set(b), key=str):
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out.extend(_config_diff(va, vb, f"{prefix}{key}."))
+            out.extend(config_diff(va, vb, f"{prefix}{key}."))
         elif va != vb:
             out.append((f"{prefix}{key}", va, vb))
     return out
@@ -230,7 +230,7 @@ class Trainer:
             self._resume_ckpt = load_checkpoint(self.out)
             saved = checkpoint_config(self._resume_ckpt)
             if saved != to_dict(self.cfg):
-                diff = _config_diff(saved, to_dict(self.cfg))
+                diff = config_diff(saved, to_dict(self.cfg))
                 shown = ", ".join(f"{k} (saved {a!r}, given {b!r})" for k, a, b in diff[:3])
                 more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
                 raise UserError(

@@ -128,6 +128,13 @@ class ExperimentConfig:
         for key, value, (ok, what) in self._numeric_checks():
             if not ok(value):
                 raise UserError(f"{key} must be {what}, got {value!r}")
+        seen: set[str] = set()
+        for lang in self.data.languages:  # a repeat would get two samplers' share of batches
+            if not isinstance(lang, str) or not lang.strip():
+                raise UserError(f"data.languages must be language codes, got {lang!r}")
+            if lang in seen:
+                raise UserError(f"data.languages lists {lang!r} more than once")
+            seen.add(lang)
         if self.features.n_mels != self.model.input_dim:
             # The encoder's first layer reads one log-mel vector per frame.
             raise UserError(

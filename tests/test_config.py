@@ -50,6 +50,8 @@ def test_round_trip_through_yaml(tmp_path):
         (["noequals"], "key=value"),
         (["pruning.method=lap", "batch.mode=monolingual"], "lap .* needs batch.mode=mixed"),
         (["pruning.method=dynamic-pathways"], "needs batch.mode=monolingual"),
+        (["data.languages=en,fr,en"], "data.languages lists 'en' more than once"),
+        (["data.languages=[en, '  ']"], "data.languages must be language codes"),
     ],
 )
 def test_bad_config_is_a_clear_user_error(overrides, message):

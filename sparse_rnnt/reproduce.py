@@ -265,7 +265,7 @@ def run_mismatch(run_dir: Path, cfg: Any, dense: Any) -> list[tuple[str, Any, An
     aside) and the dense checkpoint it started from. Empty for a run without checkpoints."""
     from .config import to_dict
     from .training.checkpoint import list_checkpoints, load_checkpoint
-    from .training.trainer import config_diff, checkpoint_config
+    from .training.trainer import checkpoint_config, config_diff
 
     if not list_checkpoints(run_dir):
         return []

@@ -1,5 +1,6 @@
 """The trainer skips bad data and non-finite steps, as issue #6 asks, end to end."""
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -15,17 +16,47 @@ from tests.training.test_trainer import _cfg
 
 
 class _NaNAt(Trainer):
-    """Makes the loss NaN on the given (1-based) batches."""
+    """Makes the loss NaN on the given (1-based) forward passes, before its backward pass, so the
+    gradients are NaN too (what a real NaN loss leaves); records the state around each skipped step."""
 
     nan_steps: frozenset[int] = frozenset()
     calls = 0
 
     def _forward_backward(self, shard, language):
-        out = super()._forward_backward(shard, language)
         self.calls += 1
-        if self.calls in self.nan_steps and out is not None:
+        if self.calls not in self.nan_steps:
+            return super()._forward_backward(shard, language)
+
+        def poison(module, args, out):
             out.loss = out.loss * float("nan")
-        return out
+            return out
+
+        handle = self.model.register_forward_hook(poison)
+        try:
+            return super()._forward_backward(shard, language)
+        finally:
+            handle.remove()
+
+    def _state(self):
+        return ({k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                copy.deepcopy(self.optimizer.state_dict()), self.scheduler.get_last_lr(), self.step)
+
+    def train_step(self, batch):
+        before = self._state()
+        stats = super().train_step(batch)
+        if stats.get("skipped"):
+            self.around_skips = [*getattr(self, "around_skips", []), (before, self._state())]
+        return stats
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tiny_manifests, tmp_path):
@@ -33,6 +64,12 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny_manifests, tmp_path):
     trainer = type("T", (_NaNAt,), {"nan_steps": frozenset({2})})(cfg, tmp_path / "run")
     trainer.run()
     assert trainer.guard.skipped == 1 and trainer.step == 4 and trainer.calls == 5
+    # The skipped step changed nothing: weights, Adam's moments and step count, LR, step counter.
+    [(before, after)] = trainer.around_skips
+    assert before[3] == after[3] == 1
+    for i in range(3):
+        assert _same(before[i], after[i])
+    assert before[1]["state"]  # Adam had state to keep (the step before was a real one)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)  # no NaN logged
     ckpt = load_checkpoint(tmp_path / "run")

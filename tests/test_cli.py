@@ -55,6 +55,73 @@ def test_readme_command_table_lists_every_option_and_no_other():
         assert rows[usage[0]] == options, (command, sorted(options - rows[usage[0]]), sorted(rows[usage[0]] - options))
 
 
+def _shown_default_matches(shown: str, default) -> bool:
+    """A default as the docs write it (``0.5``, ``1e-3``, ``greedy``, ``0,1``) against the value."""
+    if isinstance(default, (tuple, list)):
+        default = ",".join(str(x) for x in default)
+    try:
+        return float(shown) == float(default)
+    except (TypeError, ValueError):
+        return shown == str(default)
+
+
+def _effective_default(command, action):
+    """The parser's default, or for ``prune``'s options (None: keep the config's) the config's."""
+    if action.default is None and command == ("prune",):
+        import dataclasses
+
+        from sparse_rnnt.pruning.methods import PruningConfig
+
+        fields = {f.name: f for f in dataclasses.fields(PruningConfig)}
+        f = fields.get(action.dest)
+        if f is not None and f.default is not dataclasses.MISSING and not isinstance(f.default, dict):
+            return f.default
+    return action.default
+
+
+DEVICE_SPECS = {"auto", "cpu", "cuda", "cuda:N"}
+
+
+def test_documented_defaults_and_choices_are_the_parsers():
+    # A default quoted in `--help` ("(default 4)") or in the README's command table
+    # ("[--beam-width 4]"), and the alternatives the table lists ("greedy|beam"), are the parser's
+    # (or, for prune's options that default to the dense run's config, PruningConfig's).
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    compared = 0
+    for line in readme.splitlines():
+        m = re.match(r"\| `sparse-rnnt ([^`]*)` \|", line)
+        if not m:
+            continue
+        usage = m.group(1)
+        command = next(c for c in LEAVES if usage.split(" --")[0].split(" ")[:len(c)] == list(c))
+        actions = {o: a for a in LEAVES[command]._actions for o in a.option_strings}
+        for opt, shown in re.findall(r"\[(--[a-z][a-z0-9-]*) ([^\]\s]+)\]", usage):
+            action = actions[opt]
+            if "\\|" in shown:
+                listed = set(shown.split("\\|"))
+                if opt == "--device":
+                    assert listed == DEVICE_SPECS, (command, opt, listed)
+                elif action.choices:
+                    assert listed == set(action.choices), (command, opt, listed)
+                compared += 1
+                continue
+            default = _effective_default(command, action)
+            if default is None or shown.isupper() or len(shown) == 1 or shown == "...":
+                continue  # a placeholder (N, FILE, T, n), or an example value of an optional input
+            assert _shown_default_matches(shown, default), (command, opt, shown, default)
+            compared += 1
+    for command, parser in LEAVES.items():
+        for action in parser._actions:
+            default = _effective_default(command, action)
+            for quoted in re.findall(r"\(default:? ([^)]*)\)", action.help or ""):
+                first = re.split(r"[\s;]", quoted)[0].rstrip(",:")
+                if default is None or first in ("all", "each", "auto"):
+                    continue  # "all four", "each format's own kernel", "auto" for 0: described in words
+                assert _shown_default_matches(first, default), (command, action.option_strings, quoted, default)
+                compared += 1
+    assert compared > 60
+
+
 def _run(*args):
     return subprocess.run([sys.executable, "-m", "sparse_rnnt.cli", *args], capture_output=True, text=True, timeout=120)
 

@@ -58,8 +58,23 @@ def graph_ms(calls: list[Callable[[], object]], device: str = "cpu") -> float | 
 
     ``None`` on CPU, or when a call cannot be captured.
     """
-    if device != "cuda" or not calls:
+    if device != "cuda":
         return None
+    return per_call_ms(calls, _cuda_graph, lambda replay: median_ms(replay, "cuda"))
+
+
+def per_call_ms(calls: list[Callable[[], object]], capture: Callable[[list[Callable[[], object]]], Callable[[], object] | None],
+                timer: Callable[[Callable[[], object]], float]) -> float | None:
+    """``timer(replay) / len(calls)`` for the ``replay`` that ``capture`` makes of all ``calls``
+    (``None`` for no calls, or when ``capture`` returns ``None``: they cannot be captured)."""
+    if not calls:
+        return None
+    replay = capture(calls)
+    return None if replay is None else timer(replay) / len(calls)
+
+
+def _cuda_graph(calls: list[Callable[[], object]]) -> Callable[[], object] | None:
+    """The replay of one CUDA graph holding ``calls`` in order, or ``None`` if one cannot be captured."""
     import torch
 
     side = torch.cuda.Stream()
@@ -75,4 +90,4 @@ def graph_ms(calls: list[Callable[[], object]], device: str = "cpu") -> float | 
                 fn()
     except Exception:  # an op that cannot be captured: no graph timing
         return None
-    return median_ms(graph.replay, device) / len(calls)
+    return graph.replay

@@ -96,6 +96,32 @@ def test_graph_timing_needs_cuda():
     assert graph_ms([], "cuda") is None
 
 
+def test_graph_timing_is_per_call_and_none_when_capture_fails_cpu():
+    # CPU counterpart of the CUDA test below: the same arithmetic over a stand-in capture that
+    # replays the calls in order (each sleeps 2 ms), timed on the host.
+    import time
+
+    from benchmarks.timing import median_ms, per_call_ms
+
+    ran = []
+
+    def call():
+        ran.append(1)
+        time.sleep(0.002)
+
+    def capture(calls):
+        return lambda: [fn() for fn in calls]
+
+    def timer(replay):
+        return median_ms(replay, "cpu", repeat=3, warmup=0)
+
+    one, four = per_call_ms([call], capture, timer), per_call_ms([call] * 4, capture, timer)
+    assert len(ran) == 3 + 12  # every replay ran every captured call
+    assert 2.0 <= one < 20.0 and 2.0 <= four < 20.0 and four < 2 * one  # per call, not per replay
+    assert per_call_ms([call], lambda calls: None, timer) is None  # cannot be captured
+    assert per_call_ms([], capture, timer) is None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graph_timing_is_per_call_and_skips_what_cannot_be_captured():

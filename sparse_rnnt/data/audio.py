@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -12,6 +13,9 @@ import torch
 from ..errors import UserError
 
 SAMPLE_RATE = 16000
+# Decoded samples are in [-1, 1] (float files may overshoot a little). Beyond this, 80 dB over
+# full scale, a sample is corrupt, and one of ~1e19 already overflows the float32 log-mel.
+MAX_ABS_SAMPLE = 1e4
 
 
 def soundfile_module() -> ModuleType:
@@ -37,6 +41,17 @@ class AudioError(UserError):
         self.path = None if path is None else os.fspath(path)
 
 
+def require_regular_file(path: str | os.PathLike[str]) -> None:
+    """:class:`AudioError` for a path that exists but is not a regular file (after links): a FIFO
+    or a device would block or never end inside libsndfile."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or a dangling link: libsndfile's error names it
+    if not stat.S_ISREG(mode):
+        raise AudioError(f"{path}: not a regular file", path)
+
+
 def _unreadable(path: str | os.PathLike[str], e: Exception) -> AudioError:
     if not os.path.lexists(path):  # libsndfile only says "System error."
         return AudioError(f"{path}: audio file not found", path)
@@ -57,6 +72,7 @@ class AudioInfo:
 def audio_info(path: str | os.PathLike[str]) -> AudioInfo:
     """Header information without decoding the samples."""
     sf = soundfile_module()  # outside the try: a missing package is not an unreadable file
+    require_regular_file(path)
     try:
         info = sf.info(str(path))
     except Exception as e:  # libsndfile raises several types for unreadable files
@@ -69,12 +85,14 @@ def load_audio(
 ) -> torch.Tensor:
     """Decode a file to mono float32 in [-1, 1]: ``[T]``.
 
-    Raises :class:`AudioError` for unreadable files, a sample rate other than ``expected_rate``
-    (when given), empty audio (unless ``allow_empty``) or NaN/Inf samples (float WAV can hold
-    them; they would turn every feature frame they touch into NaN). Multichannel audio is
+    Raises :class:`AudioError` for unreadable files or anything but a regular file, a sample rate
+    other than ``expected_rate`` (when given), empty audio (unless ``allow_empty``) or NaN/Inf
+    samples or samples beyond ``MAX_ABS_SAMPLE`` (float WAV can hold them; they would turn every
+    feature frame they touch into NaN or Inf). Multichannel audio is
     averaged to mono.
     """
     sf = soundfile_module()
+    require_regular_file(path)
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:
@@ -83,9 +101,10 @@ def load_audio(
         raise AudioError(f"{path}: sample rate {rate} Hz, expected {expected_rate} Hz", path)
     if data.shape[0] == 0 and not allow_empty:
         raise AudioError(f"{path}: empty audio", path)
-    bad = data.size - int(np.count_nonzero(np.isfinite(data)))
+    bad = data.size - int(np.count_nonzero(np.abs(data) <= MAX_ABS_SAMPLE))  # NaN compares False
     if bad:
-        raise AudioError(f"{path}: {bad} non-finite sample(s) (NaN or Inf)", path)
+        raise AudioError(f"{path}: {bad} non-finite or out-of-range sample(s) (NaN, Inf or beyond "
+                         f"±{MAX_ABS_SAMPLE:g})", path)
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     return torch.from_numpy(np.ascontiguousarray(mono))
 

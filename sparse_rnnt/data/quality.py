@@ -4,13 +4,15 @@
 
 - ``too_long``: over ``max_duration`` seconds (manifest duration, or the header's if larger);
 - ``empty_text`` / ``unencodable``: blank transcript / characters the tokenizer maps to ``<unk>``;
-- ``unreadable_audio``: missing, corrupt or truncated file (libsndfile cannot open or decode it);
+- ``unreadable_audio``: missing, corrupt or truncated file (libsndfile cannot open or decode it),
+  or not a regular file (a FIFO, a device);
 - ``wrong_sample_rate``: not the feature config's rate;
 - ``empty_audio``: a valid header with no samples, or fewer than one feature frame needs
   (``n_fft // 2 + 1``: the centred STFT's reflect padding);
 - ``too_short``: fewer than ``min_samples``, the model's minimum for one encoder frame (shorter
   audio has none: its RNN-T loss is meaningless, and alone in a batch it cannot be encoded);
-- ``non_finite_audio``: NaN or Inf samples (float WAV), which would make the features NaN;
+- ``non_finite_audio``: NaN or Inf samples, or samples beyond ``MAX_ABS_SAMPLE`` (float WAV),
+  which would make the features NaN or Inf;
 - ``clipped``: more than ``clip_fraction`` of the samples at full scale (``|x| >= clip_level``).
 
 :func:`screen` checks a whole list (threads: libsndfile releases the GIL while decoding), keeps
@@ -31,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import UserError
-from .audio import soundfile_module
+from .audio import MAX_ABS_SAMPLE, require_regular_file, soundfile_module
 from .features import FeatureConfig
 from .manifest import Utterance
 from .tokenizer import Tokenizer
@@ -92,13 +94,14 @@ class QualityLimits:
 
 def _clipped_fraction(f: Any, level: float) -> tuple[float, bool]:
     """Share of samples (all channels) with ``|x| >= level``, decoded block by block, and
-    whether any sample is NaN or Inf."""
+    whether any sample is NaN, Inf or beyond ``MAX_ABS_SAMPLE``."""
     hits = total = 0
     finite = True
     for block in f.blocks(blocksize=_BLOCK, dtype="float32", always_2d=True):
-        ok = np.isfinite(block)
+        mag = np.abs(block)
+        ok = mag <= MAX_ABS_SAMPLE  # NaN compares False
         finite = finite and bool(ok.all())
-        hits += int(np.count_nonzero(ok & (np.abs(block) >= level)))
+        hits += int(np.count_nonzero(ok & (mag >= level)))
         total += block.size
     return (hits / total if total else 0.0), not finite
 
@@ -106,6 +109,7 @@ def _clipped_fraction(f: Any, level: float) -> tuple[float, bool]:
 def _check_audio(path: str, feature_config: FeatureConfig, limits: QualityLimits) -> str | None:
     sf = soundfile_module()  # outside the try: a missing package is not an unreadable file
     try:
+        require_regular_file(path)  # a FIFO would block the screening forever
         with sf.SoundFile(path) as f:
             if int(f.samplerate) != int(feature_config.sample_rate):
                 return WRONG_SAMPLE_RATE

@@ -12,12 +12,13 @@ from collections.abc import Callable
 
 import torch
 
-from ..data.audio import SAMPLE_RATE, audio_info, load_audio
+from ..data.audio import SAMPLE_RATE, AudioError, audio_info, load_audio
 from ..errors import UserError
 from .stream import PartialResult, StreamingDecoder, StreamResult
 
 # How sparse layers run: their format's kernels, or each one timed against its dense weight.
 LAYER_RUNTIMES = ("kernels", "auto")
+MAX_RESAMPLE_RATIO = 1000
 MAX_PIECE_MS = 3_600_000.0  # a whole hour per tick: far past any real use, and its sample count stays an int
 
 
@@ -41,9 +42,24 @@ def read_wave(path: str | os.PathLike[str], sample_rate: int = SAMPLE_RATE) -> t
     length, none included (a stream that short decodes to an empty hypothesis).
 
     Raises :class:`~sparse_rnnt.data.audio.AudioError` (a :class:`UserError` naming the file)
-    for a missing or unreadable file or NaN/Inf samples."""
+    for a missing or unreadable file, NaN/Inf or out-of-range samples, or a rate whose ratio to
+    ``sample_rate`` does not reduce below ``MAX_RESAMPLE_RATIO`` (16001 Hz, say)."""
     wave, rate = _read_native(path)
+    _check_rate(path, rate, sample_rate)
     return _resample(wave, rate, sample_rate)
+
+
+def _check_rate(path: str | os.PathLike[str], rate: int, sample_rate: int) -> None:
+    """:class:`AudioError` unless ``rate`` resamples to ``sample_rate`` at a bounded cost."""
+    if rate == sample_rate:
+        return
+    # torchaudio's resampling kernel has about rate/g x sample_rate/g taps: 16001 Hz to 16 kHz took
+    # 4.7 GB for one second of audio. Usual rates (8k ... 192k, 11025, 44100 ...) reduce far below this.
+    g = math.gcd(rate, sample_rate)
+    if max(rate, sample_rate) // g > MAX_RESAMPLE_RATIO:
+        raise AudioError(f"{path}: sample rate {rate} Hz cannot be resampled to {sample_rate} Hz at a bounded "
+                         f"cost (their ratio reduces to {rate // g}:{sample_rate // g}); convert the file to "
+                         f"{sample_rate} Hz first", path)
 
 
 def stream_files(
@@ -90,6 +106,8 @@ def stream_files(
     # All files are read (checked) before any decoding; resampled once the artifact's rate is known.
     native = [_read_native(p) for p in paths]
     art = load_artifact(artifact_dir, device=device, semi_structured=semi_structured)
+    for path, (_, file_rate) in zip(paths, native, strict=True):
+        _check_rate(path, file_rate, art.features.sample_rate)
     if language is None:
         if art.multilingual:
             raise UserError(f"this artifact holds several pathways: pass --language ({', '.join(art.languages)})")

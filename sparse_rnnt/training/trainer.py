@@ -22,7 +22,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -141,6 +141,16 @@ def select_languages(cfg: ExperimentConfig, train: list[Utterance]) -> list[str]
             f"(present: {', '.join(present) or 'none'})"
         )
     return list(cfg.data.languages)
+
+
+def finite_features(pairs: Iterable[tuple[str, torch.Tensor]]) -> Iterator[torch.Tensor]:
+    """The features of ``(utterance key, [T, F])`` pairs, or a :class:`UserError` naming the first
+    utterance whose features hold NaN or Inf (screening bounds the samples; this names any that
+    still slips by, where the CMVN fit would only say its statistics are not finite)."""
+    for key, feats in pairs:
+        if not bool(torch.isfinite(feats).all()):
+            raise UserError(f"utterance {key}: its log-mel features hold NaN or Inf (check its audio)")
+        yield feats
 
 
 def checkpoint_config(ckpt: Checkpoint) -> dict[str, Any]:
@@ -496,11 +506,11 @@ class Trainer:
             shutil.copyfile(src, path)
             return GlobalCMVN.load(path)
         if self.features is not None:
-            feats = (self.features[u.key] for u in self.train_utts)
+            feats = ((u.key, self.features[u.key]) for u in self.train_utts)
         else:
-            feats = (f for f in compute_features(self.train_utts, self.cfg.features, workers=self._feature_workers(),
-                                                 progress=self.progress).values())
-        cmvn = GlobalCMVN.fit(feats)
+            feats = iter(compute_features(self.train_utts, self.cfg.features, workers=self._feature_workers(),
+                                          progress=self.progress).items())
+        cmvn = GlobalCMVN.fit(finite_features(feats))
         cmvn.save(path)
         return cmvn
 

@@ -27,7 +27,7 @@ def test_non_finite_samples_are_refused(value, tmp_path: Path) -> None:
     sf.write(str(path), wave, RATE, subtype="FLOAT")
     with pytest.raises(AudioError) as err:
         load_audio(path)
-    assert str(err.value) == f"{path}: 2 non-finite sample(s) (NaN or Inf)"
+    assert str(err.value) == f"{path}: 2 non-finite or out-of-range sample(s) (NaN, Inf or beyond ±10000)"
     assert err.value.path == str(path)
     assert isinstance(err.value, UserError)
     assert audio_info(path).frames == 800  # the header alone cannot tell

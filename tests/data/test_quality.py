@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,19 @@ def corpus(tmp_path_factory) -> dict[str, tuple[Utterance, str | None]]:
         path = d / f"{name}.wav"
         sf.write(str(path), wave, RATE, subtype="FLOAT")
         add(name, path, "non_finite_audio")
+    # One finite sample far beyond full scale: its square overflows the float32 log-mel.
+    wave = _tone(4800)
+    wave[1234] = 1e30
+    spike = d / "spike.wav"
+    sf.write(str(spike), wave, RATE, subtype="FLOAT")
+    add("spike", spike, "non_finite_audio")
+    wave[1234] = 50.0  # overshoot, not corruption: one sample at full scale, under the 1% limit
+    overshoot = d / "overshoot.wav"
+    sf.write(str(overshoot), wave, RATE, subtype="FLOAT")
+    add("overshoot", overshoot, None)
+    fifo = d / "fifo.flac"  # libsndfile would wait forever for a writer
+    os.mkfifo(fifo)
+    add("fifo", fifo, "unreadable_audio")
     junk = d / "junk.flac"
     junk.write_bytes(b"fLaC this is not audio" * 10)
     add("junk", junk, "unreadable_audio")
@@ -126,6 +140,19 @@ def test_unreadable_means_the_trainer_could_not_load_it(corpus):
     assert LogMel()(load_audio(corpus["shortest"][0].audio)).shape == (2, 80)
 
 
+def test_samples_beyond_the_bound_would_overflow_the_features(corpus):
+    # Why the bound exists: LogMel of a 1e19 spike (computed by hand from the samples) is not
+    # finite; load_audio refuses the 1e30 file and any FIFO by name, and keeps the overshoot.
+    wave = torch.from_numpy(_tone(4800))
+    wave[1234] = 1e19
+    assert not bool(torch.isfinite(LogMel()(wave)).all())
+    with pytest.raises(AudioError, match=r"spike\.wav: 1 non-finite or out-of-range sample"):
+        load_audio(corpus["spike"][0].audio)
+    with pytest.raises(AudioError, match=r"fifo\.flac: not a regular file"):
+        load_audio(corpus["fifo"][0].audio)
+    assert float(load_audio(corpus["overshoot"][0].audio).abs().max()) == 50.0
+
+
 def test_non_finite_audio_is_only_found_by_decoding(corpus, tok):
     u = corpus["nan"][0]
     assert check_utterance(u, tok, FC, QualityLimits(decode=False)) is None  # headers only
@@ -136,11 +163,11 @@ def test_training_with_cached_features_survives_screened_bad_audio(corpus, tok):
     cache raises on any bad file, so the screen must have caught NaN and too-short audio."""
     from sparse_rnnt.data.features import compute_features
 
-    names = ("good", "nan", "inf", "too_short", "shortest")
+    names = ("good", "nan", "inf", "spike", "too_short", "shortest")
     kept, skipped = screen([corpus[n][0] for n in names], tok, FC, QualityLimits(max_bad_fraction=1.0),
                            workers=1, progress=False)
     assert kept == [corpus["good"][0], corpus["shortest"][0]]
-    assert skipped["non_finite_audio"] == [corpus["nan"][0].key, corpus["inf"][0].key]
+    assert skipped["non_finite_audio"] == [corpus[n][0].key for n in ("nan", "inf", "spike")]
     assert skipped["empty_audio"] == [corpus["too_short"][0].key]
     assert set(compute_features(kept, FC, progress=False)) == {u.key for u in kept}
     with pytest.raises(UserError, match="non-finite"):
@@ -170,7 +197,7 @@ def test_screen_keeps_order_counts_reasons_and_matches_one_by_one(corpus, tok):
         expected["too_long"].sort()
         skipped["too_long"].sort()
         assert skipped == expected
-        assert kept == [corpus["good"][0], corpus["shortest"][0]]
+        assert kept == [u for u, reason in corpus.values() if reason is None]
 
 
 def test_bad_share_over_the_limit_raises_with_counts(corpus, tok):

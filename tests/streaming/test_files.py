@@ -109,15 +109,32 @@ def test_read_wave_accepts_any_length(short_files):
     assert read_wave(short_files["one_8k"]).shape == (2,)  # resampled to 16 kHz
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 1e30, -2e4])
 def test_read_wave_rejects_non_finite_samples(value, tmp_path):
     wave = _tone(RATE)
     wave[100] = value
     path = tmp_path / "bad.wav"
     sf.write(str(path), wave, RATE, subtype="FLOAT")
-    with pytest.raises(AudioError, match=r"1 non-finite sample\(s\) \(NaN or Inf\)") as err:
+    with pytest.raises(AudioError, match=r"1 non-finite or out-of-range sample\(s\) \(NaN, Inf or beyond ±10000\)") as err:
         read_wave(path)
     assert str(path) in str(err.value) and isinstance(err.value, UserError)
+
+
+def test_rates_that_resample_only_at_huge_cost_are_refused_by_name(artifact, tmp_path):
+    # 16001 Hz reduces to 16001:16000 (torchaudio's kernel took 4.7 GB for 1 s of it); 44.1 kHz
+    # to 441:160, resampled as usual.
+    odd, cd = tmp_path / "odd.wav", tmp_path / "cd.wav"
+    sf.write(str(odd), _tone(16001, 16001), 16001)
+    sf.write(str(cd), _tone(44100, 44100), 44100)
+    assert read_wave(cd).shape == (16000,)
+    with pytest.raises(AudioError, match=r"odd\.wav: sample rate 16001 Hz cannot be resampled to 16000 Hz .*16001:16000"):
+        read_wave(odd)
+    partials = []
+    with pytest.raises(AudioError, match=r"odd\.wav: sample rate 16001 Hz"):
+        stream_files(artifact, [str(cd), str(odd)], on_partial=lambda path, part: partials.append(path))
+    assert partials == []  # refused before the first file was decoded
+    stream_files(artifact, [str(cd)], on_partial=lambda path, part: partials.append(path))
+    assert partials  # (which alone gives partial results)
 
 
 def test_read_wave_names_a_missing_file(tmp_path):

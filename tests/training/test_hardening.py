@@ -157,3 +157,16 @@ def test_all_training_audio_bad_is_one_error_with_the_counts(tiny_manifests, tmp
     with pytest.raises(UserError, match=rf"every training utterance was skipped \({len(train)} unreadable_audio\)"):
         Trainer(cfg, tmp_path / "run").run()
     assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_features_are_named_before_the_cmvn_fit():
+    # The CMVN fit would only say its statistics are not finite; the trainer names the utterance.
+    from sparse_rnnt.data.features import GlobalCMVN
+    from sparse_rnnt.training.trainer import finite_features
+
+    good, bad = torch.randn(7, 3), torch.randn(5, 3)
+    bad[2, 1] = float("inf")
+    fitted = GlobalCMVN.fit(finite_features([("en/a", good)]))
+    torch.testing.assert_close(fitted.mean, good.double().mean(0).to(fitted.mean.dtype))
+    with pytest.raises(UserError, match="utterance en/b: its log-mel features hold NaN or Inf"):
+        GlobalCMVN.fit(finite_features([("en/a", good), ("en/b", bad)]))

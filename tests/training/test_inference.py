@@ -53,8 +53,8 @@ BAD: dict[str, tuple] = {
     "479_samples": (lambda p: sf.write(str(p), _tone(479), RATE), "479 sample(s), shorter than the 480 samples"),
     "empty": (lambda p: sf.write(str(p), _tone(0), RATE), "empty audio"),
     "wrong_rate": (lambda p: sf.write(str(p), _tone(8000), 8000), "sample rate 8000 Hz, expected 16000 Hz"),
-    "nan": (lambda p: _nan_wav(p, float("nan")), "1 non-finite sample(s) (NaN or Inf)"),
-    "inf": (lambda p: _nan_wav(p, float("-inf")), "1 non-finite sample(s) (NaN or Inf)"),
+    "nan": (lambda p: _nan_wav(p, float("nan")), "1 non-finite or out-of-range sample(s) (NaN, Inf or beyond ±10000)"),
+    "inf": (lambda p: _nan_wav(p, float("-inf")), "1 non-finite or out-of-range sample(s) (NaN, Inf or beyond ±10000)"),
 }
 
 

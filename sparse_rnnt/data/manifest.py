@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
@@ -33,6 +34,7 @@ class Utterance:
 
 
 _FIELDS = tuple(f.name for f in fields(Utterance))
+_INT_OK = ("id", "speaker", "book")  # numeric in some corpora; read as their decimal strings
 
 
 def write_manifest(path: str | os.PathLike[str], utterances: Iterable[Utterance]) -> int:
@@ -43,33 +45,49 @@ def write_manifest(path: str | os.PathLike[str], utterances: Iterable[Utterance]
 
 
 def read_manifest(path: str | os.PathLike[str]) -> list[Utterance]:
-    """Read a JSONL manifest; a malformed line raises :class:`UserError` naming file and line."""
+    """Read a JSONL manifest (UTF-8, a leading BOM allowed); a malformed line raises
+    :class:`UserError` naming file and line: not UTF-8, not a JSON object with exactly the
+    :class:`Utterance` fields, a text field that is not a string (``id``, ``speaker`` and ``book``
+    may be integers), a duration that is not a finite number >= 0, or an utterance key
+    (``language/id``) that an earlier line already has."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"manifest not found: {path}")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: unreadable manifest ({e})") from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
     out: list[Utterance] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    first_line: dict[str, int] = {}
+    for lineno, data in enumerate(raw.split(b"\n"), 1):
+        try:
+            line = data.decode("utf-8")
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict) or set(obj) != set(_FIELDS):
-                    raise ValueError(f"expected fields {', '.join(_FIELDS)}")
-                out.append(
-                    Utterance(
-                        id=str(obj["id"]),
-                        language=str(obj["language"]),
-                        split=str(obj["split"]),
-                        audio=str(obj["audio"]),
-                        duration=float(obj["duration"]),
-                        text=str(obj["text"]),
-                        speaker=str(obj["speaker"]),
-                        book=str(obj["book"]),
-                    )
-                )
-            except (ValueError, TypeError) as e:
-                raise UserError(f"{path}:{lineno}: malformed manifest line ({e})") from None
+            obj = json.loads(line)
+            if not isinstance(obj, dict) or set(obj) != set(_FIELDS):
+                raise ValueError(f"expected fields {', '.join(_FIELDS)}")
+            for key in _FIELDS:
+                value = obj[key]
+                if key == "duration":
+                    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                            or value < 0:
+                        raise ValueError(f"duration must be a finite number >= 0, got {value!r}")
+                elif key in _INT_OK and isinstance(value, int) and not isinstance(value, bool):
+                    continue
+                elif not isinstance(value, str):
+                    raise ValueError(f"{key} must be a string, got {value!r}")
+            u = Utterance(**{k: (float(obj[k]) if k == "duration" else str(obj[k])) for k in _FIELDS})
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start})") from None
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{path}:{lineno}: malformed manifest line ({e})") from None
+        if u.key in first_line:
+            raise UserError(f"{path}:{lineno}: utterance {u.key} is already on line {first_line[u.key]} "
+                            "(ids must be unique within a language)")
+        first_line[u.key] = lineno
+        out.append(u)
     return out
 
 

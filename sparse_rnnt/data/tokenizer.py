@@ -73,6 +73,15 @@ def _char_pieces_needed(lines: list[str], coverage: float) -> int:
     return kept + 1
 
 
+def is_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (valid JSON, not valid UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Tokenizer:
     """Text <-> token ids in ``[0, vocab_size)``; ``blank = vocab_size`` is reserved for RNN-T."""
 
@@ -107,7 +116,8 @@ class Tokenizer:
         thread). The ``.model`` file is written atomically.
         """
         config.validate()
-        lines = [" ".join(_nfc(t).split()) for t in texts]
+        # Not valid Unicode (lone surrogates): left out here, and screened out as unencodable.
+        lines = [" ".join(_nfc(t).split()) for t in texts if is_unicode(t)]
         lines = [t for t in lines if t]
         if not lines:
             raise UserError(
@@ -215,8 +225,9 @@ class Tokenizer:
         return out
 
     def encodable(self, text: str) -> bool:
-        """False when ``text`` holds characters the model does not know."""
-        return _UNK_ID not in self.encode(text)
+        """False when ``text`` holds characters the model does not know, or is not valid Unicode
+        (a lone surrogate such as JSON's ``"\\udc80"``, which sentencepiece cannot take)."""
+        return is_unicode(text) and _UNK_ID not in self.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids``; blanks are ignored, other out-of-range ids raise ``ValueError``."""

@@ -58,6 +58,7 @@ def corpus(tmp_path_factory) -> dict[str, tuple[Utterance, str | None]]:
     add("good", good, None)
     add("empty_text", good, "empty_text", text="   ")
     add("unencodable", good, "unencodable", text="the quiz")  # q, u, i, z were never seen
+    add("surrogate", good, "unencodable", text="the \udc80 cat")  # valid JSON, not valid Unicode
     add("long_manifest", good, "too_long", duration=31.0)
     long_wav = d / "long.wav"
     sf.write(str(long_wav), _tone(RATE * 2), RATE)  # 2 s, but the manifest claims 0.3 s

@@ -95,6 +95,16 @@ def test_encodable_flags_unknown_characters(char_tok: Tokenizer) -> None:
         assert char_tok.unk in char_tok.encode(text)
 
 
+def test_text_that_is_not_valid_unicode_is_left_out_and_not_encodable(char_tok: Tokenizer, tmp_path: Path) -> None:
+    # A lone surrogate is valid JSON ("\udc80") but not UTF-8: sentencepiece raised on it, in
+    # training (failing the run) and in encodable (a traceback from screening).
+    bad = "the \udc80 fox"
+    assert not char_tok.encodable(bad)
+    with_bad = Tokenizer.train([*ALL, bad], TokenizerConfig(), tmp_path / "a.model")
+    without = Tokenizer.train(ALL, TokenizerConfig(), tmp_path / "b.model")
+    assert with_bad.to_bytes() == without.to_bytes()
+
+
 def test_nfd_input_is_normalized(char_tok: Tokenizer) -> None:
     composed = "l'été"
     decomposed = unicodedata.normalize("NFD", composed)

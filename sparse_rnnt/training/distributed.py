@@ -260,6 +260,12 @@ class Distributed:
 
     # -- reductions -----------------------------------------------------------------------------
 
+    def gather(self, obj: T) -> list[T]:
+        """``obj`` of every rank, in rank order (picklable objects; every rank must call it)."""
+        out: list[object] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out  # type: ignore[return-value]
+
     def sum_values(self, values: Sequence[float]) -> list[float]:
         """Sum of each value over the ranks (float64)."""
         t = torch.tensor(list(values), dtype=torch.float64, device=self.device)

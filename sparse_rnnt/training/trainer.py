@@ -34,7 +34,7 @@ from ..config import ExperimentConfig, from_dict, load_config, save_config, to_d
 from ..data.dataset import Batch, SpeechDataset, collate
 from ..data.features import GlobalCMVN, compute_features, min_eval_samples
 from ..data.manifest import Utterance, cap_per_language, load_split, manifest_path
-from ..data.quality import QualityLimits, screen
+from ..data.quality import QualityLimits, bad_share_error, screen
 from ..data.sampler import BucketBatchSampler
 from ..data.tokenizer import Tokenizer
 from ..errors import UserError
@@ -121,13 +121,18 @@ class DataReport:
     kept: dict[str, int]
     skipped: dict[str, list[str]]
     dev_skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> dev utterance keys
+    # Training audio that became unreadable after the check (skipped when its batch was built).
+    late_skipped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         def counts(d: dict[str, list[str]]) -> dict[str, Any]:
             return {k: {"count": len(v), "first": v[:20]} for k, v in d.items()}
 
-        return {"kept": self.kept, "skipped": counts(self.skipped),
-                "dev_skipped": counts({k: v for k, v in self.dev_skipped.items() if v})}
+        out = {"kept": self.kept, "skipped": counts(self.skipped),
+               "dev_skipped": counts({k: v for k, v in self.dev_skipped.items() if v})}
+        if self.late_skipped:
+            out["unreadable_during_training"] = {"count": len(self.late_skipped), "first": self.late_skipped[:20]}
+        return out
 
 
 def select_languages(cfg: ExperimentConfig, train: list[Utterance]) -> list[str]:
@@ -326,7 +331,8 @@ class Trainer:
             kept, skipped = self._screened_by_main(train, "train")
         for reason, keys in skipped.items():
             if keys:
-                self._say(f"data: skipped {len(keys)} training utterance(s): {reason} (e.g. {', '.join(keys[:3])})")
+                self._say(f"data: skipped {len(keys)} training utterance(s): {reason} (e.g. {', '.join(keys[:3])})",
+                          logging.WARNING)
         if not kept:
             why = ", ".join(f"{len(keys)} {reason}" for reason, keys in skipped.items() if keys)
             raise UserError(f"every training utterance was skipped ({why})")
@@ -341,7 +347,8 @@ class Trainer:
             dev, dev_skipped = self._screened_by_main(dev, "dev")
         for reason, keys in dev_skipped.items():
             if keys:
-                self._say(f"data: left {len(keys)} dev utterance(s) out of evaluation: {reason} (e.g. {', '.join(keys[:3])})")
+                self._say(f"data: left {len(keys)} dev utterance(s) out of evaluation: {reason} "
+                          f"(e.g. {', '.join(keys[:3])})", logging.WARNING)
         self.train_utts, self.dev_utts = kept, dev
         counts = {lang: sum(u.language == lang for u in kept) for lang in self.languages}
         self.report = DataReport(kept=counts, skipped=skipped, dev_skipped=dev_skipped)
@@ -416,10 +423,14 @@ class Trainer:
         check_initial_sparsity(p, masks)
         return masks
 
-    def _say(self, msg: str) -> None:
-        log.info(msg)
+    def _say(self, msg: str, level: int = logging.INFO) -> None:
+        """Print ``msg`` above the progress bar; without one, log it at ``level`` (the CLI shows
+        WARNING and above, so a skip summary is not lost with ``train.progress=false``)."""
         if self.progress:
+            log.info(msg)
             tqdm.write(msg)
+        else:
+            log.log(level, msg)
 
     def _feature_workers(self) -> int:
         return self.cfg.data.workers or os.cpu_count() or 1
@@ -689,20 +700,59 @@ class Trainer:
                 yield {lang: next(stream) for lang, stream in streams.items()}
         while True:
             self.dataset.set_epoch(self.sampler.epoch)
+            whole, made = self.sampler.state_dict()["consumed"] == 0, 0  # a resumed pass may start at the end
             for idx in self.sampler:
                 batch = self._collate(idx)
                 if batch is not None:
+                    made += 1
                     yield batch
+            if whole:
+                self._require_batches(made, self.sampler.epoch)
             self.sampler.set_epoch(self.sampler.epoch + 1)
 
     def _language_stream(self, idx: list[int], sampler: BucketBatchSampler):
         while True:
+            whole, made = sampler.state_dict()["consumed"] == 0, 0
             for sub in sampler:
                 self.dataset.set_epoch(sampler.epoch)  # SpecAugment draws depend on the epoch
                 batch = self._collate([idx[i] for i in sub])
                 if batch is not None:
+                    made += 1
                     yield batch
+            if whole:
+                self._require_batches(made, sampler.epoch)
             sampler.set_epoch(sampler.epoch + 1)
+
+    def _require_batches(self, made: int, epoch: int) -> None:
+        """A whole epoch (not the rest of one a resumed run started at) without a batch: every
+        item's audio became unreadable after the data check (a dropped mount, say); the sampler
+        would go on yielding nothing forever."""
+        if made == 0:
+            gone = sorted(self.dataset.unreadable)
+            if not gone:
+                raise UserError(f"epoch {epoch} gave no training batch (the batch sampler drew none)")
+            raise UserError(f"epoch {epoch} gave no training batch: the audio of every utterance it drew became "
+                            f"unreadable after the data check ({len(gone)} so far, e.g. {', '.join(gone[:3])}: "
+                            f"{self.dataset.unreadable[gone[0]]})")
+
+    def _check_late_skips(self) -> None:
+        """Count the training audio that became unreadable after the data check (all ranks), write
+        it to ``data_report.json`` and stop the run, on every rank, once the bad share (with the
+        screened items) passes ``data.max_bad_fraction``."""
+        local = sorted(self.dataset.unreadable)
+        merged = sorted({k for keys in self.dist.gather(local) for k in keys}) if self.dist is not None else local
+        if merged == self.report.late_skipped:
+            return
+        self._say(f"data: {len(merged)} training utterance(s) became unreadable during training, skipped "
+                  f"(e.g. {', '.join(merged[:3])})", logging.WARNING)
+        self.report.late_skipped = merged
+        if self.is_main:
+            atomic_write_json(self.out / "data_report.json", self.report.to_dict())
+        screened = sum(len(v) for v in self.report.skipped.values())
+        err = bad_share_error({**self.report.skipped, "unreadable during training": merged},
+                              sum(self.report.kept.values()) + screened, self.cfg.data.max_bad_fraction)
+        if err is not None:
+            raise err
 
     def _collate(self, idx: list[int]) -> Batch | Shard | None:
         """The batch of dataset indices ``idx``; under DDP ``idx`` is the global batch (the same on
@@ -943,6 +993,7 @@ class Trainer:
                         if writer is not None:
                             writer.add_scalar("dev/average_wer", last_dev.average_wer, self.step)
                 if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or done:
+                    self._check_late_skips()  # the same on every rank: each sees the merged list
                     self._on_main(self._save_all, "save a checkpoint")  # the others wait
         bar.close()
         if self.pruner is not None:

@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,10 +104,14 @@ def _manifests_with(src, tmp_path, split, audio=None, count=1, **fields):
     return man, utts, first
 
 
-def test_bad_audio_is_skipped_with_a_reason_and_a_limit(tiny_manifests, tmp_path):
+def test_bad_audio_is_skipped_with_a_reason_and_a_limit(tiny_manifests, tmp_path, caplog):
     man, train, bad = _manifests_with(tiny_manifests, tmp_path, "train")
     cfg = _cfg(man, **{"train.max_steps": 2, "data.max_bad_fraction": 0.2})
-    Trainer(cfg, tmp_path / "run").run()
+    with caplog.at_level("WARNING", logger="sparse_rnnt"):
+        Trainer(cfg, tmp_path / "run").run()
+    # Without a progress bar the summary is a warning: the CLI shows WARNING and above.
+    assert any(r.levelname == "WARNING" and f"skipped 1 training utterance(s): unreadable_audio (e.g. {bad.key})"
+               in r.getMessage() for r in caplog.records)
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["skipped"]["unreadable_audio"]["count"] == 1
     assert report["skipped"]["unreadable_audio"]["first"] == [bad.key]
@@ -170,3 +175,88 @@ def test_non_finite_features_are_named_before_the_cmvn_fit():
     torch.testing.assert_close(fitted.mean, good.double().mean(0).to(fitted.mean.dtype))
     with pytest.raises(UserError, match="utterance en/b: its log-mel features hold NaN or Inf"):
         GlobalCMVN.fit(finite_features([("en/a", good), ("en/b", bad)]))
+
+
+class _AudioGoneAfterSetup(Trainer):
+    """Deletes the audio of ``gone`` (training keys; None: all) once set-up has checked it, as
+    when a network mount drops mid-run."""
+
+    gone: frozenset[str] | None = None
+    collated = 0
+
+    def _collate(self, idx):
+        self.collated += 1  # fail, rather than hang, if the run spins through empty epochs
+        assert self.collated < 2000, "the run went on drawing batches of unreadable audio"
+        return super()._collate(idx)
+
+    def setup(self):
+        super().setup()
+        for u in self.train_utts:
+            if self.gone is None or u.key in self.gone:
+                Path(u.audio).unlink()
+
+
+def _own_audio_copy(src, tmp_path):
+    """The manifests ``src`` with every audio file copied under ``tmp_path`` (the tests delete them)."""
+    man = tmp_path / "manifests"
+    shutil.copytree(src, man)
+    for split in ("train", "dev", "test"):
+        utts = read_manifest(man / f"{split}.jsonl")
+        moved = []
+        for u in utts:
+            dst = tmp_path / "audio" / split / u.language / Path(u.audio).name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(u.audio, dst)
+            moved.append(dataclasses.replace(u, audio=str(dst)))
+        write_manifest(man / f"{split}.jsonl", moved)
+    return man
+
+
+def test_audio_unreadable_after_the_check_is_counted_and_limited(tiny_manifests, tmp_path):
+    man = _own_audio_copy(tiny_manifests, tmp_path)
+    train = read_manifest(man / "train.jsonl")
+    lost = train[3].key
+    over = {"data.cache_features": "false", "train.max_steps": 12, "train.checkpoint_every": 4,
+            "batch.max_frames": 2000}
+    # Within the limit: trained on without it, counted in data_report.json, logged.
+    trainer = type("T", (_AudioGoneAfterSetup,), {"gone": frozenset({lost})})(
+        _cfg(man, **over, **{"data.max_bad_fraction": 0.1}), tmp_path / "ok")
+    trainer.run()
+    report = json.loads((tmp_path / "ok" / "data_report.json").read_text())
+    assert report["unreadable_during_training"] == {"count": 1, "first": [lost]}
+    assert trainer.step == 12
+    # Over it (1 of 16 > 5%): the run stops at its next checkpoint naming the utterance.
+    man = _own_audio_copy(tiny_manifests, tmp_path / "again")
+    strict = type("T", (_AudioGoneAfterSetup,), {"gone": frozenset({lost})})(
+        _cfg(man, **over, **{"data.max_bad_fraction": 0.05}), tmp_path / "strict")
+    with pytest.raises(UserError, match=rf"1 of 16 training utterances .* unreadable during training 1 \(e\.g\. {lost}\)"):
+        strict.run()
+
+
+def test_an_epoch_without_a_batch_stops_the_run_instead_of_spinning(tiny_manifests, tmp_path):
+    # Every file gone after the check: each epoch drew only unreadable items, and the sampler
+    # looped forever (a busy loop, no step, no message).
+    man = _own_audio_copy(tiny_manifests, tmp_path)
+    cfg = _cfg(man, **{"data.cache_features": "false", "data.max_bad_fraction": 1.0})
+    with pytest.raises(UserError, match=r"epoch 0 gave no training batch: the audio of every utterance it drew "
+                                        r"became unreadable after the data check \(16 so far"):
+        _AudioGoneAfterSetup(cfg, tmp_path / "run").run()
+
+
+def test_resume_from_a_checkpoint_at_the_end_of_an_epoch(tiny_manifests, tmp_path):
+    # The resumed pass over that epoch draws nothing, which is not an epoch without batches:
+    # it must go on with the next epoch and end as the uninterrupted run did.
+    cfg = _cfg(tiny_manifests, **{"train.max_steps": 6, "train.checkpoint_every": 3})
+    whole = Trainer(cfg, tmp_path / "whole")
+    whole.run()
+    at3 = load_checkpoint(tmp_path / "whole" / "checkpoints" / "step-0000003")
+    state = at3.meta["extra"]["sampler"]
+    assert state == {**state, "epoch": 0, "consumed": 3} and whole.sampler.epoch >= 1  # the premise
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-0000006")
+    (tmp_path / "cut" / "checkpoints" / "latest").write_text("step-0000003\n")
+    Trainer(cfg, tmp_path / "cut", resume=True).run()
+    end, ref = load_checkpoint(tmp_path / "cut"), load_checkpoint(tmp_path / "whole")
+    assert end.path.name == ref.path.name == "step-0000006"
+    assert end.model.keys() == ref.model.keys()
+    assert all(torch.equal(end.model[k], ref.model[k]) for k in ref.model)

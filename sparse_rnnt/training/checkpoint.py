@@ -250,11 +250,12 @@ def _is_checkpoint_dir(p: Path) -> bool:
 
 
 def _candidates(run_dir: Path) -> tuple[list[Path], list[str]]:
-    """Checkpoints of a run to try, best first: the one ``latest`` names, then every other one,
-    newest first. Also returns problems with the ``latest`` pointer itself."""
+    """Checkpoints of a run to try, newest first. A ``step-N`` directory appears only once complete
+    (atomic rename), and ``latest`` is written after it, so ``latest`` can lag (a kill between the
+    two) but never lead: it is a hint, and problems with it (unreadable, naming no checkpoint,
+    naming an older one) are returned."""
     problems: list[str] = []
-    ckpts = list_checkpoints(run_dir)
-    order: list[Path] = []
+    order = list(reversed(list_checkpoints(run_dir)))
     latest = run_dir / "checkpoints" / "latest"
     if latest.is_file():
         try:
@@ -263,10 +264,11 @@ def _candidates(run_dir: Path) -> tuple[list[Path], list[str]]:
             problems.append(f"{latest}: unreadable ({e})")
             name = ""
         if name and _STEP_DIR.match(name) and (run_dir / "checkpoints" / name).is_dir():
-            order.append(run_dir / "checkpoints" / name)
+            if order and order[0].name != name:
+                problems.append(f"{latest}: names {name}, but {order[0].name} is newer (a write cut between "
+                                "the two?): the newest is tried first")
         elif name:
             problems.append(f"{latest}: names {name!r}, which is not a checkpoint directory of this run")
-    order.extend(p for p in reversed(ckpts) if p not in order)
     return order, problems
 
 
@@ -338,8 +340,8 @@ def load_latest_valid(run_dir: str | os.PathLike[str], verify: bool = True) -> t
     """The newest checkpoint of a run directory that loads and verifies, and the problems found
     on the way (one message per skipped checkpoint, naming it and the bad file).
 
-    Tries the checkpoint ``latest`` names first, then the others newest first. Each problem is
-    also logged as a warning. Raises :class:`UserError` when the run has no checkpoint or none
+    Tries the checkpoints newest first (``latest`` is only a hint: see :func:`_candidates`). Each
+    problem is also logged as a warning. Raises :class:`UserError` when the run has no checkpoint or none
     is sound (listing every problem).
     """
     p = Path(run_dir)
@@ -348,6 +350,8 @@ def load_latest_valid(run_dir: str | os.PathLike[str], verify: bool = True) -> t
         if not p.exists():
             raise UserError(f"checkpoint not found: {p}")
         raise UserError(f"no checkpoint in {p} (expected checkpoint.json or checkpoints/latest)")
+    for problem in problems:
+        log.warning("%s", problem)
     for cand in order:
         try:
             ckpt = _load_dir(cand, verify)

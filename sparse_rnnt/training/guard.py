@@ -82,7 +82,9 @@ class LossGuard:
         for s in self._streak:
             keys = ", ".join(s.keys[:10]) + (f" (+{len(s.keys) - 10} more)" if len(s.keys) > 10 else "")
             lines.append(f"  step {s.step} (loss {s.value}): {keys}")
-        lines.append("lower optim.lr, check these utterances, or resume from an earlier checkpoint")
+        lines.append("check these utterances; to skip past them, resume with a larger limit (--resume --set "
+                     "train.max_nonfinite_steps=N, a key that may change on resume); or train again with a "
+                     "lower optim.lr")
         return "\n".join(lines)
 
     def state_dict(self) -> dict[str, Any]:

@@ -148,6 +148,11 @@ def select_languages(cfg: ExperimentConfig, train: list[Utterance]) -> list[str]
     return list(cfg.data.languages)
 
 
+# Limits of the fault handling, which change no computation: a resumed run may raise them (to
+# skip past a stretch of non-finite losses, say). Everything else must equal the checkpoint's.
+RESUME_MAY_CHANGE = ("train.max_nonfinite_steps", "data.max_bad_fraction")
+
+
 def finite_features(pairs: Iterable[tuple[str, torch.Tensor]]) -> Iterator[torch.Tensor]:
     """The features of ``(utterance key, [T, F])`` pairs, or a :class:`UserError` naming the first
     utterance whose features hold NaN or Inf (screening bounds the samples; this names any that
@@ -233,6 +238,7 @@ class Trainer:
 
     def _check_out_dir(self) -> None:
         has_ckpt = bool(list_checkpoints(self.out))
+        diff: list[tuple[str, Any, Any]] = []
         if self.resume:
             if not has_ckpt:
                 raise UserError(f"--resume: no checkpoint in {self.out}")
@@ -246,6 +252,12 @@ class Trainer:
             saved = checkpoint_config(self._resume_ckpt)
             if saved != to_dict(self.cfg):
                 diff = config_diff(saved, to_dict(self.cfg))
+                allowed = [d for d in diff if d[0] in RESUME_MAY_CHANGE]
+                diff = [d for d in diff if d[0] not in RESUME_MAY_CHANGE]
+                if not diff and self.is_main:
+                    for key, a, b in allowed:
+                        log.warning("--resume: %s is now %r (was %r)", key, b, a)
+            if diff:
                 shown = ", ".join(f"{k} (saved {a!r}, given {b!r})" for k, a, b in diff[:3])
                 more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
                 raise UserError(
@@ -538,15 +550,20 @@ class Trainer:
                 f"config ({str(e).splitlines()[0]})"
             ) from None
         self.step = ckpt.step
-        self.scheduler.load_state_dict({**self.scheduler.state_dict(), **ckpt.meta["extra"]["scheduler"]})
-        if "loss_guard" in ckpt.meta["extra"]:
-            self.guard.load_state_dict(ckpt.meta["extra"]["loss_guard"])
-        if self.language_samplers is not None:
-            states = ckpt.meta["extra"]["language_samplers"]
-            for lang, (_, sampler) in self.language_samplers.items():
-                sampler.load_state_dict(states[lang])
-        else:
-            self.sampler.load_state_dict(ckpt.meta["extra"]["sampler"])
+        try:  # a format-1 checkpoint.json has no digest: its training state may be malformed
+            extra = ckpt.meta["extra"]
+            self.scheduler.load_state_dict({**self.scheduler.state_dict(), **extra["scheduler"]})
+            if "loss_guard" in extra:
+                self.guard.load_state_dict(extra["loss_guard"])
+            if self.language_samplers is not None:
+                states = extra["language_samplers"]
+                for lang, (_, sampler) in self.language_samplers.items():
+                    sampler.load_state_dict(states[lang])
+            else:
+                self.sampler.load_state_dict(extra["sampler"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"--resume: {ckpt.path}: damaged training state in checkpoint.json "
+                            f"({type(e).__name__}: {e})") from None
         if self.pruner is not None:
             extra = ckpt.meta["extra"]
             n = len("extra." + PRUNER_PREFIX)

@@ -157,3 +157,18 @@ def test_format_1_checkpoints_without_a_metadata_digest_still_load(tmp_path):
     (path / "checkpoint.json").write_text(json.dumps({**meta, "format_version": 2}))  # format 2 needs it
     with pytest.raises(UserError, match="missing meta_sha256"):
         load_checkpoint(path)
+
+
+def test_a_lagging_latest_pointer_does_not_hide_a_newer_sound_checkpoint(tmp_path, caplog):
+    # A kill between the rename of step-N and the write of `latest` leaves latest naming the one
+    # before: resuming from it redid the work and overwrote the complete step-N.
+    model, opt = _model_and_optimizer()
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, config={"a": 1}, optimizer=opt, keep=3)
+    (tmp_path / "checkpoints" / "latest").write_text("step-0000002\n")
+    with caplog.at_level("WARNING"):
+        ckpt, problems = load_latest_valid(tmp_path)
+    assert ckpt.step == 3 and load_checkpoint(tmp_path).step == 3
+    assert problems == [f"{tmp_path / 'checkpoints' / 'latest'}: names step-0000002, but step-0000003 is newer "
+                        "(a write cut between the two?): the newest is tried first"]
+    assert problems[0] in caplog.text

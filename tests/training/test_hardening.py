@@ -260,3 +260,39 @@ def test_resume_from_a_checkpoint_at_the_end_of_an_epoch(tiny_manifests, tmp_pat
     assert end.path.name == ref.path.name == "step-0000006"
     assert end.model.keys() == ref.model.keys()
     assert all(torch.equal(end.model[k], ref.model[k]) for k in ref.model)
+
+
+def test_a_format_1_checkpoint_with_damaged_training_state_is_one_line(tiny_manifests, tmp_path):
+    # Format 1 has no metadata digest, so nothing catches an edit before the resume reads it.
+    cfg = _cfg(tiny_manifests, **{"train.max_steps": 2, "train.checkpoint_every": 2})
+    Trainer(cfg, tmp_path / "run").run()
+    meta_path = tmp_path / "run" / "checkpoints" / "step-0000002" / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    meta.pop("meta_sha256")
+    del meta["extra"]["scheduler"]
+    meta_path.write_text(json.dumps({**meta, "format_version": 1}))
+    with pytest.raises(UserError, match=r"--resume: .*step-0000002: damaged training state in checkpoint\.json "
+                                        r"\(KeyError: 'scheduler'\)"):
+        Trainer(cfg, tmp_path / "run", resume=True).run()
+
+
+def test_a_diverged_run_resumes_past_the_bad_batches_with_a_larger_limit(tiny_manifests, tmp_path, caplog):
+    # The stop message's advice must be something the CLI accepts: the fault limits may change on
+    # --resume (warned), anything else (the learning rate) may not.
+    cfg = _cfg(tiny_manifests, **{"train.max_steps": 4, "train.checkpoint_every": 2,
+                                  "train.max_nonfinite_steps": 1})
+    first = type("T", (_NaNAt,), {"nan_steps": frozenset({3, 4})})(cfg, tmp_path / "run")
+    with pytest.raises(UserError, match=r"resume with a larger limit \(--resume --set train\.max_nonfinite_steps=N"):
+        first.run()
+    assert load_checkpoint(tmp_path / "run").step == 2
+    lr = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=cfg.optim.lr / 10))
+    with pytest.raises(UserError, match=r"the config differs .* in optim\.lr"):
+        Trainer(lr, tmp_path / "run", resume=True).run()
+    more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_nonfinite_steps=5))
+    # The same two batches come first again (the resume replays them): skipped, then the run ends.
+    again = type("T", (_NaNAt,), {"nan_steps": frozenset({1, 2})})(more, tmp_path / "run", resume=True)
+    with caplog.at_level("WARNING", logger="sparse_rnnt"):
+        again.run()
+    assert again.step == 4 and again.guard.skipped == 2
+    assert "--resume: train.max_nonfinite_steps is now 5 (was 1)" in caplog.text
+    assert load_checkpoint(tmp_path / "run").config["train"]["max_nonfinite_steps"] == 5

@@ -15,6 +15,7 @@ checks and what rank 0 does.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -151,6 +152,15 @@ def select_languages(cfg: ExperimentConfig, train: list[Utterance]) -> list[str]
 # Limits of the fault handling, which change no computation: a resumed run may raise them (to
 # skip past a stretch of non-finite losses, say). Everything else must equal the checkpoint's.
 RESUME_MAY_CHANGE = ("train.max_nonfinite_steps", "data.max_bad_fraction")
+
+
+def train_items_fingerprint(utts: Sequence[Utterance]) -> dict[str, Any]:
+    """``{"count", "sha256"}`` of the training items (keys and durations, in order): what a
+    resumed sampler's saved position indexes into."""
+    h = hashlib.sha256()
+    for u in utts:
+        h.update(f"{u.key}\t{u.duration!r}\n".encode("utf-8", "surrogatepass"))
+    return {"count": len(utts), "sha256": h.hexdigest()}
 
 
 def finite_features(pairs: Iterable[tuple[str, torch.Tensor]]) -> Iterator[torch.Tensor]:
@@ -564,6 +574,13 @@ class Trainer:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"--resume: {ckpt.path}: damaged training state in checkpoint.json "
                             f"({type(e).__name__}: {e})") from None
+        saved_items, items = extra.get("train_items"), train_items_fingerprint(self.train_utts)
+        if saved_items is not None and saved_items != items and self.is_main:  # older checkpoints lack it
+            log.warning(
+                "--resume: the training set differs from the one %s was trained on (%s utterances then, %d now: "
+                "manifest edits, or audio that became unreadable or readable again); the sampler's saved position "
+                "now points into another batch plan, so the run will not match an uninterrupted one",
+                ckpt.path, saved_items.get("count", "?") if isinstance(saved_items, dict) else "?", items["count"])
         if self.pruner is not None:
             extra = ckpt.meta["extra"]
             n = len("extra." + PRUNER_PREFIX)
@@ -862,6 +879,7 @@ class Trainer:
                if self.language_samplers is not None else {}),
             "num_symbols": self.tokenizer.num_symbols, "loss_guard": self.guard.state_dict(),
             "world_size": self.dist.world_size if self.dist is not None else 1,
+            "train_items": train_items_fingerprint(self.train_utts),
         }
         extra_tensors: dict[str, torch.Tensor] = {}
         if self.pruner is not None:

@@ -296,3 +296,24 @@ def test_a_diverged_run_resumes_past_the_bad_batches_with_a_larger_limit(tiny_ma
     assert again.step == 4 and again.guard.skipped == 2
     assert "--resume: train.max_nonfinite_steps is now 5 (was 1)" in caplog.text
     assert load_checkpoint(tmp_path / "run").config["train"]["max_nonfinite_steps"] == 5
+
+
+def test_resume_warns_when_the_training_set_changed(tiny_manifests, tmp_path, caplog):
+    # The saved sampler position indexes into the kept items: another set shifts every batch.
+    man = tmp_path / "manifests"
+    shutil.copytree(tiny_manifests, man)
+    cfg = _cfg(man, **{"train.max_steps": 4, "train.checkpoint_every": 2})
+    Trainer(cfg, tmp_path / "run").run()
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.meta["extra"]["train_items"]["count"] == 16
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0000004")
+    with caplog.at_level("WARNING", logger="sparse_rnnt"):
+        Trainer(cfg, tmp_path / "run", resume=True).run()
+    assert "training set differs" not in caplog.text  # the same items: no warning
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0000004")
+    train = read_manifest(man / "train.jsonl")
+    write_manifest(man / "train.jsonl", train[:3] + train[4:])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sparse_rnnt"):
+        Trainer(cfg, tmp_path / "run", resume=True).run()
+    assert "the training set differs from the one" in caplog.text and "(16 utterances then, 15 now" in caplog.text

@@ -74,14 +74,16 @@ class LossGuard:
         return False
 
     def _message(self) -> str:
-        steps = [s.step for s in self._streak]
+        steps = sorted({s.step for s in self._streak})
         lines = [
-            f"training diverged: {len(steps)} non-finite losses in a row (more than "
+            f"training diverged: {len(self._streak)} non-finite losses in a row (more than "
             f"max_consecutive={self.max_consecutive}) at step(s) {', '.join(map(str, steps))}; batches:"
         ]
-        for s in self._streak:
+        tries: dict[int, int] = {}
+        for s in self._streak:  # a skipped batch takes no step: the next one tries the same step
+            tries[s.step] = tries.get(s.step, 0) + 1
             keys = ", ".join(s.keys[:10]) + (f" (+{len(s.keys) - 10} more)" if len(s.keys) > 10 else "")
-            lines.append(f"  step {s.step} (loss {s.value}): {keys}")
+            lines.append(f"  step {s.step}, batch {tries[s.step]} (loss {s.value}): {keys}")
         lines.append("check these utterances; to skip past them, resume with a larger limit (--resume --set "
                      "train.max_nonfinite_steps=N, a key that may change on resume); or train again with a "
                      "lower optim.lr")

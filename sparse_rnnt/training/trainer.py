@@ -693,6 +693,9 @@ class Trainer:
         """False for a non-finite loss: the step is skipped (gradients dropped, no optimizer
         step), counted, and too many in a row stop the run naming the batches."""
         keys = [k for s in shards if s.batch is not None for k in s.batch.keys]
+        if self.dist is not None and not math.isfinite(losses["loss"]):
+            # The loss is the global batch's, the same on every rank: name all of its utterances.
+            keys = [k for part in self.dist.gather(keys) for k in part]
         if self.guard.check(torch.tensor(losses["loss"]), keys, self.step + 1):
             return True
         self.optimizer.zero_grad(set_to_none=True)
@@ -796,9 +799,16 @@ class Trainer:
             return collate(items) if items else None
         part = split_batch(idx, self.dist.rank, self.dist.world_size)
         items = self.dataset.load_items(part)
+        size = len(idx)
+        if self.features is None:
+            # Audio is read per batch and may fail on any rank: weigh by what all ranks loaded, and
+            # skip a batch nobody could load, as one process does (the feature cache cannot fail).
+            size = int(self.dist.sum_values([len(items)])[0])
+            if size == 0:
+                return None
         return Shard(
             batch=collate(items) if items else None,
-            global_size=len(idx),
+            global_size=size,
             languages=tuple(sorted({self._utterance_languages[i] for i in idx})),
         )
 

@@ -6,6 +6,7 @@ reused by each Trainer, as under an outer launcher); the references run in the t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -91,6 +92,50 @@ class _CorruptingTrainer(Trainer):
         return stats
 
 
+class _LosingAudioTrainer(Trainer):
+    """After set-up the audio of ``lost`` (training keys) is gone: with the feature cache off it is
+    read per batch, so it fails when its batch is built, on whichever rank gets it."""
+
+    lost: tuple[str, ...] = ()
+
+    def setup(self):
+        super().setup()
+        for i, u in enumerate(self.dataset.utterances):
+            if u.key in self.lost:
+                self.dataset.utterances[i] = dataclasses.replace(u, audio=u.audio + ".gone")
+
+
+class _NaNFirstTrainer(Trainer):
+    """The first forward pass gives a NaN loss (before its backward pass)."""
+
+    calls = 0
+
+    def _forward_backward(self, shard, language):
+        self.calls += 1
+        if self.calls != 1:
+            return super()._forward_backward(shard, language)
+
+        def poison(module, args, out):
+            out.loss = out.loss * float("nan")
+            return out
+
+        handle = self.model.register_forward_hook(poison)
+        try:
+            return super()._forward_backward(shard, language)
+        finally:
+            handle.remove()
+
+
+def _trainer_class(job: dict[str, Any]) -> type[Trainer]:
+    if job.get("corrupt"):
+        return _CorruptingTrainer
+    if job.get("lost"):
+        return type("T", (_LosingAudioTrainer,), {"lost": tuple(job["lost"])})
+    if job.get("nan_first"):
+        return _NaNFirstTrainer
+    return Trainer
+
+
 def _worker(rank: int, port: int, jobs: list[dict[str, Any]], report_dir: str) -> None:
     """One rank: every job's Trainer.run() in the shared process group; outcomes as JSON."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
@@ -100,7 +145,7 @@ def _worker(rank: int, port: int, jobs: list[dict[str, Any]], report_dir: str) -
     outcomes: dict[str, Any] = {}
     try:
         for job in jobs:
-            cls = _CorruptingTrainer if job.get("corrupt") else Trainer
+            cls = _trainer_class(job)
             if job.get("main_screens_only") and rank != 0:
                 import sparse_rnnt.training.trainer as trainer_module
 
@@ -175,7 +220,30 @@ def runs(dense, tiny_manifests, tmp_path_factory):
     Trainer(cfgs["bad-data"], root / "single-bad-data").run()
     jobs.append({"name": "bad-data", "config": to_dict(cfgs["bad-data"]), "out": str(root / "ddp-bad-data"),
                  "init": None, "main_screens_only": True})
+    # Audio lost after the data check: the only item of a one-item batch (the batch is skipped)
+    # and one item of a larger batch (the others' weights change).
+    cfgs["lost"] = config_from_tree(to_dict(_dense_cfg(tiny_manifests)), [
+        "data.cache_features=false", "train.max_steps=4", "model.transformer_dropout=0.0", "model.lstm_dropout=0.0",
+        "batch.mode=monolingual", "data.max_bad_fraction=0.5"])  # batches of 7, 7, 1, 1
+    train = load_split(tiny_manifests, "train")
+    batches = BucketBatchSampler([u.duration for u in train], [u.language for u in train], cfgs["lost"].batch,
+                                 frames_per_second=cfgs["lost"].features.frames_per_second).epoch_batches(0)
+    single_item = next(b for b in batches if len(b) == 1)
+    larger = next(b for b in batches if len(b) >= 3)
+    lost = [train[single_item[0]].key, train[larger[0]].key]
+    _trainer_class({"lost": lost})(cfgs["lost"], root / "single-lost").run()
+    jobs.append({"name": "lost", "config": to_dict(cfgs["lost"]), "out": str(root / "ddp-lost"), "init": None,
+                 "lost": lost})
+    # A non-finite loss with no tolerance: the run stops naming the whole global batch.
+    cfgs["nan"] = config_from_tree(to_dict(_dense_cfg(tiny_manifests)), ["train.max_nonfinite_steps=0"])
+    try:
+        _NaNFirstTrainer(cfgs["nan"], root / "single-nan").run()
+    except UserError as e:
+        single_nan = str(e)
+    jobs.append({"name": "nan", "config": to_dict(cfgs["nan"]), "out": str(root / "ddp-nan"), "init": None,
+                 "nan_first": True})
     outcomes = _run_ddp(jobs, root)
+    cfgs["_single_nan"] = single_nan
     return root, cfgs, outcomes
 
 
@@ -275,6 +343,31 @@ def test_only_rank_0_screens_the_data_and_the_ranks_agree(runs):
     a, b = load_checkpoint(single), load_checkpoint(ddp)
     for k in a.model:  # the same kept data, the same global batches
         torch.testing.assert_close(a.model[k], b.model[k], rtol=0, atol=0.25 * 1e-3, msg=k)
+
+
+def test_audio_lost_mid_run_weighs_and_skips_batches_as_one_process_does(runs):
+    # Each rank's share was n_r / N with N counting the lost items, and a global batch nobody could
+    # load still took a (zero) step; a single process trains on what it loaded and skips the rest.
+    root, _, outcomes = runs
+    for out in outcomes:
+        assert out["lost"]["ok"], out["lost"].get("trace")
+    ma, mb = _metrics(root / "single-lost"), _metrics(root / "ddp-lost")
+    assert [r["step"] for r in ma] == [r["step"] for r in mb] == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm", "frames"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in mb]), torch.tensor([r[key] for r in ma]),
+                                   rtol=1e-4, atol=0.0, msg=key)
+    report = json.loads((root / "ddp-lost" / "data_report.json").read_text())
+    assert report["unreadable_during_training"]["count"] == 2  # merged over the ranks
+    assert report == json.loads((root / "single-lost" / "data_report.json").read_text())
+
+
+def test_a_diverged_global_batch_is_named_whole_on_every_rank(runs):
+    root, cfgs, outcomes = runs
+    single = cfgs["_single_nan"]
+    assert "step 1, batch 1 (loss nan): " in single
+    for out in outcomes:
+        assert not out["nan"]["ok"]
+        assert out["nan"]["error"] == f"UserError: {single}"  # every utterance, not this rank's part
 
 
 def test_a_corrupted_mask_on_one_rank_fails_loudly_on_every_rank(runs):

@@ -74,3 +74,16 @@ def test_state_dict_round_trips_through_json_mid_streak():
     assert "3, 4, 5" in str(err.value) and "key-c3" in str(err.value)
     with pytest.raises(UserError, match="bad saved state"):
         LossGuard(1).load_state_dict({"streak": []})
+
+
+def test_batches_skipped_at_the_same_step_are_told_apart():
+    # The trainer takes no step after a skipped batch, so a streak repeats one step number.
+    g = LossGuard(max_consecutive=2)
+    for keys in (["en/a"], ["en/b"]):
+        assert not g.check(torch.tensor(NAN), keys, 5)
+    with pytest.raises(UserError) as err:
+        g.check(torch.tensor(INF), ["en/c"], 5)
+    lines = str(err.value).splitlines()
+    assert "3 non-finite losses in a row" in lines[0] and lines[0].endswith("at step(s) 5; batches:")
+    assert lines[1:4] == ["  step 5, batch 1 (loss nan): en/a", "  step 5, batch 2 (loss nan): en/b",
+                          "  step 5, batch 3 (loss inf): en/c"]

@@ -362,7 +362,7 @@ def test_audio_lost_mid_run_weighs_and_skips_batches_as_one_process_does(runs):
 
 
 def test_a_diverged_global_batch_is_named_whole_on_every_rank(runs):
-    root, cfgs, outcomes = runs
+    _, cfgs, outcomes = runs
     single = cfgs["_single_nan"]
     assert "step 1, batch 1 (loss nan): " in single
     for out in outcomes:

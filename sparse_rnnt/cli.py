@@ -350,10 +350,14 @@ def cmd_stream(args: argparse.Namespace) -> int:
         print(f"layer runtimes (auto): {int(stats['layers_sparse'])} sparse layers kept their kernel, "
               f"{int(stats['layers_dense_auto'])} run their dense weight "
               f"(+{stats['auto_extra_bytes'] / 1e6:.1f} MB on the device)")
+    def rtf(value: float) -> str:
+        return f"{value:.3f}" if math.isfinite(value) else "n/a (no audio)"
+
     for r in results:
-        print(f"{r.stream_id}: {r.text}  (audio {r.audio_s:.2f} s, RTF {r.rtf:.3f})")
-    print(f"chunk steps: {int(stats['steps'])}, latency p50 {1e3 * stats['p50_s']:.1f} ms, "
-          f"p99 {1e3 * stats['p99_s']:.1f} ms; overall RTF {stats['rtf']:.3f}")
+        print(f"{r.stream_id}: {r.text}  (audio {r.audio_s:.2f} s, RTF {rtf(r.rtf)})")
+    latency = (f"latency p50 {1e3 * stats['p50_s']:.1f} ms, p99 {1e3 * stats['p99_s']:.1f} ms"
+               if stats["steps"] else "no latency (no chunk step ran)")
+    print(f"chunk steps: {int(stats['steps'])}, {latency}; overall RTF {rtf(stats['rtf'])}")
     return 0
 
 

@@ -163,7 +163,9 @@ def test_cli_stream_short_and_bad_files(artifact, short_files, tmp_path):
 
     proc = run(str(short_files["one"]), str(short_files["zero"]))
     assert proc.returncode == 0, proc.stderr
-    assert f"{short_files['one']}:   (audio 0.00 s" in proc.stdout
+    assert f"{short_files['one']}:   (audio 0.00 s, RTF " in proc.stdout
+    assert f"{short_files['zero']}:   (audio 0.00 s, RTF n/a (no audio))" in proc.stdout  # was "RTF nan"
+    assert "chunk steps: 0, no latency (no chunk step ran); overall RTF " in proc.stdout  # was "p50 nan ms"
     nan = tmp_path / "nan.wav"
     wave = _tone(RATE)
     wave[5] = np.nan

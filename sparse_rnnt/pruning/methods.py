@@ -34,14 +34,17 @@ Methods (``PruningConfig.method``):
   against 3-16% for IMP.)
 - ``"dynamic-pathways"`` (soft, multilingual): one mask per language over shared weights. Language
   z re-ranks only inside ``LanguageMasks.selectable_zone(z)`` (its free zone plus its own pathway),
-  keeping ``(1 - level) * |theta|`` weights (global ranking) or per tensor. Every ``adapt_every``
-  steps, and at every sparsity step, ALL languages are re-ranked, whichever language the step's
-  batch had (re-ranking only the batch's language would leave a language unranked for as long as
-  its batches miss the re-rank steps: never, with two alternating languages and an even period).
-  The languages of one event are re-ranked together: every zone is computed from the masks as
-  they were before the event, so the order of ``languages`` does not matter, and two languages
-  may both take a free weight (it becomes shared), but none takes a weight that another language
-  alone kept before the event.
+  keeping ``(1 - level) * |theta|`` weights (global ranking) or per tensor. Soft re-ranks are
+  language-specific, as the training between sparsity steps is: every ``adapt_every`` steps a
+  window opens in which each language is re-ranked once, right after its own next batch (the
+  step's language at once, the others as their batches come; pass ``language=`` to
+  :meth:`update_mask`, ``None`` re-ranks every language still due). Re-ranking every language
+  at every re-rank step instead ranks them all on the same weights: languages that start from
+  one mask (a LAP start) then never part. At a sparsity step ALL languages are re-ranked
+  together (language-agnostic) and the window closes. The languages of one event are re-ranked
+  together: every zone is computed from the masks as they were before the event, so the order
+  of ``languages`` does not matter, and two languages may both take a free weight (it becomes
+  shared), but none takes a weight that another language alone kept before the event.
   A language-z step trains only z's selectable zone: ``before_optimizer_step`` zeroes the gradients
   outside it and snapshots those weights; ``after_optimizer_step`` restores them exactly (Adam
   momentum would otherwise move weights owned only by other languages). One language per optimizer
@@ -332,6 +335,9 @@ class Pruner:
         self.languages: list[str] = list(languages or [])
         self.level: float = 0.0
         self.history: list[dict[str, Any]] = []
+        # dynamic-pathways: languages whose soft re-rank of this adapt_every window is still to come
+        # (each is re-ranked after its own next batch: language-specific, as its training is).
+        self._rerank_due: set[str] = set()
         self.theta0: dict[str, Tensor] = {}
         self._mask: MaskSet | None = None
         self._lang_masks: LanguageMasks | None = None
@@ -397,8 +403,22 @@ class Pruner:
         copied to every language, e.g. a LAP mask; others: a MaskSet). Hard methods zero the pruned
         weights at once. If no schedule level is in force yet, the current level becomes the masks'
         achieved sparsity (mean over languages), so re-ranks before the next sparsity step keep
-        that many weights."""
+        that many weights. Called right after :meth:`prepare`, whose step-0 sparsity step ran on
+        all-ones masks, it undoes that step (weights back to theta0) and runs it on these masks:
+        the same as ``prepare(initial_masks=masks)``. Refused (``UserError``) once masks have been
+        updated after step 0."""
         self._require_prepared()
+        redo_step0 = False
+        if not self.pathways and self.history:
+            # prepare() already ran the step-0 sparsity step, on all-ones masks: undo it (weights
+            # back to theta0) and run it on these masks, exactly as prepare(initial_masks=...) does.
+            if any(h.get("step") != 0 for h in self.history):
+                raise UserError("Pruner.init_masks gives the starting masks: call it right after prepare() "
+                                "(or pass prepare(initial_masks=...)), not once masks have been updated")
+            self._rewind_all()
+            self.history = []
+            self.level = 0.0
+            redo_step0 = True
         if self.pathways and not isinstance(masks, LanguageMasks):
             raise UserError(
                 "pruning.method pathways takes the stage-1 per-language masks (a LanguageMasks), "
@@ -423,6 +443,9 @@ class Pruner:
             self._check_layout(masks)
             self._mask = self._on_weights(masks)
             self._mask.apply_(self.params)
+        if redo_step0:
+            self._level_event(0)
+            return
         if self.level > 0.0:
             return  # a schedule level is in force (step-0 event): re-ranks keep using it
         if self._lang_masks is not None:
@@ -658,15 +681,22 @@ class Pruner:
             return False
         if self.schedule.is_prune_step(step):
             return self._level_event(step)
-        if self.config.soft and self.level > 0 and step % self.config.adapt_every == 0:
-            if self.multilingual:
-                if language is not None:
-                    self._lang(language)  # still checked: a typo should not pass silently
-                changed = self._rerank_languages(step, "rerank")
-                self._zero_unused()
-            else:  # one mask: zeroing is fused into the re-rank
-                changed = self._rerank_single(step, "rerank", candidates=None, apply=True)
+        if not self.config.soft or self.level <= 0:
+            return False
+        if self.multilingual:
+            if language is not None:
+                self._lang(language)  # checked on every step: a typo should not pass silently
+            if step % self.config.adapt_every == 0:
+                self._rerank_due = set(self.languages)  # a new window: every language is due
+            due = [lang for lang in self.languages if lang in self._rerank_due and language in (None, lang)]
+            if not due:
+                return False
+            self._rerank_due -= set(due)
+            changed = self._rerank_languages(step, "rerank", due)
+            self._zero_unused()
             return changed
+        if step % self.config.adapt_every == 0:  # one mask: zeroing is fused into the re-rank
+            return self._rerank_single(step, "rerank", candidates=None, apply=True)
         return False
 
     def _zero_unused(self) -> None:
@@ -720,14 +750,16 @@ class Pruner:
         self._mask = self._rank(candidates, apply=apply)
         return self._record(step, event, old, self._mask, None)
 
-    def _rerank_languages(self, step: int, event: str) -> bool:
-        """Every language re-ranked inside its selectable zone, all zones taken from the masks as
-        they were before this event (the order of the languages does not matter)."""
+    def _rerank_languages(self, step: int, event: str, languages: list[str] | None = None) -> bool:
+        """``languages`` (default: all) re-ranked inside their selectable zones, all zones taken
+        from the masks as they were before this event (the order of the languages does not matter)."""
         before = self._lang_masks
         assert before is not None
-        new = {lang: self._rank(before.selectable_zone(lang).as_dict()) for lang in self.languages}
+        chosen = self.languages if languages is None else languages
+        new = {lang: self._rank(before.selectable_zone(lang).as_dict()) if lang in chosen else before[lang]
+               for lang in self.languages}
         self._lang_masks = LanguageMasks(new)
-        return any([self._record(step, event, before[lang], new[lang], lang) for lang in self.languages])
+        return any([self._record(step, event, before[lang], new[lang], lang) for lang in chosen])
 
     def _rewind_all(self) -> None:
         with torch.no_grad():
@@ -749,7 +781,8 @@ class Pruner:
                 self._mask.apply_(self.params)
             return changed
         if self.multilingual:
-            changed = self._rerank_languages(step, "level")
+            changed = self._rerank_languages(step, "level")  # language-agnostic: all at once
+            self._rerank_due = set()  # they were all just ranked at the new level
         else:
             changed = self._rerank_single(step, "level", candidates=None, apply=not lth)
         if lth:
@@ -781,6 +814,7 @@ class Pruner:
             "languages": list(self.languages),
             "shapes": {n: list(p.shape) for n, p in self.params.items()},
             "history": [dict(h) for h in self.history],
+            "rerank_due": sorted(self._rerank_due),
         }
         return {"meta": meta, "tensors": tensors}
 
@@ -819,6 +853,8 @@ class Pruner:
         self.theta0 = theta0
         self.level = level
         self.history = [dict(h) for h in meta["history"]]
+        due = meta.get("rerank_due", [])  # absent before the per-language rule: nothing pending
+        self._rerank_due = {lang for lang in due if lang in self.languages} if isinstance(due, list) else set()
         self._frozen = None
         if self.pathways:
             self._set_pathways_ready()

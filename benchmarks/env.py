@@ -11,6 +11,20 @@ from typing import Any
 import torch
 
 
+def unwritable(directory: str | os.PathLike[str]) -> str | None:
+    """None when ``directory`` can be created and a file written in it; else why not. Benchmarks
+    check their output folder before the work, which can take minutes of device time."""
+    import tempfile
+
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-"):
+            pass
+    except OSError as e:
+        return f"{directory}: cannot write results there ({e.strerror or e})"
+    return None
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

@@ -17,7 +17,7 @@ case "${PLAN:-}" in
     : "${STEPS:=tests kernels profile stream}" "${DEADLINE_S:=480}" "${TESTS_BUDGET:=150}"
     : "${TESTS_K:=cuda and (auto_runtimes or rerank or plan)}" "${KERNEL_ARGS:=--sections rerank}"
     : "${PROFILE_BUDGET:=90}" "${STREAM_BUDGET:=90}"
-    : "${STREAM_ARGS:=--sizes base --streams 1,32 --formats bsr+auto,bitmap+auto --repeats 3}" ;;
+    : "${STREAM_ARGS:=--sizes base --streams 1,32 --formats bsr+auto,bitmap+auto --repeats 2}" ;;  # one round took 126 s
   next-2)  # then, with six minutes of the lease left: the full 10-minute load test
     : "${STEPS:=load}" "${DEADLINE_S:=330}" ;;
   next-3)  # a later call or lease: the stream counts no GPU run has timed yet (8 and 64)
@@ -48,7 +48,13 @@ if [ "$DRY" != 1 ] && ! "$PYTHON" -c "import sparse_rnnt.kernels, sparse_rnnt.cs
   ln -sfn ../kernels sparse_rnnt/kernels
   ln -sfn ../csrc sparse_rnnt/csrc
 fi
-export SPARSE_RNNT_COMMIT=${SPARSE_RNNT_COMMIT:-unknown}
+# The commit the results belong to: git's, "-dirty" when the tree has edits (the device gets the
+# working tree); without git on the device, pass SPARSE_RNNT_COMMIT=$(git describe --always --dirty).
+if [ -z "${SPARSE_RNNT_COMMIT:-}" ]; then
+  SPARSE_RNNT_COMMIT=$(git describe --always --dirty 2>/dev/null || echo unknown)
+fi
+export SPARSE_RNNT_COMMIT
+[ "$SPARSE_RNNT_COMMIT" = unknown ] && echo "gpu_session.sh: warning: commit unknown (set SPARSE_RNNT_COMMIT)" >&2
 if [ "$DEVICE" = cuda ]; then
   [ "$DRY" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
   XDIST="-n 12" GRAPHS="--cuda-graphs"
@@ -77,7 +83,8 @@ step() {
   if [ "$DRY" = 1 ]; then echo "$name $budget $*"; return; fi
   if [ "$budget" -le 5 ]; then echo "=== $name: skipped, no time left" >> "$LOG"; return; fi
   echo "=== $name (budget ${budget}s, t=$(( $(date +%s) - START ))s)" >> "$LOG"
-  timeout "$budget" "$@" >> "$LOG" 2>&1
+  # SIGINT first: Python unwinds (torch's extension build releases its lock), SIGKILL 10 s later.
+  timeout -s INT -k 10 "$budget" "$@" >> "$LOG" 2>&1
   echo "=== $name rc=$? t=$(( $(date +%s) - START ))s" >> "$LOG"
 }
 
@@ -86,7 +93,7 @@ step() {
 # so a run cut by its budget still says why and where the time went.
 step tests ${TESTS_BUDGET:-300} env SPARSE_RNNT_FAILURES_NOW=1 "$PYTHON" -m pytest -v $XDIST --timeout 120 --durations=25 \
   -p no:cacheprovider -k "${TESTS_K:-(cuda or gpu) and not rehearsal}" tests/kernels tests/test_cuda.py tests/export tests/streaming \
-  tests/training/test_distributed.py tests/test_benchmarks.py
+  tests/training/test_distributed.py tests/test_benchmarks.py tests/pruning/test_methods.py
 step kernels 150 "$PYTHON" -m benchmarks.kernels --device "$DEVICE" ${KERNEL_ARGS:---quick} --out-dir "$OUT"
 step small_row 80 sh -c "\"$PYTHON\" -m benchmarks.bench_small_row --device $DEVICE --quick > $OUT/small-row-$DEVICE.jsonl"
 # Where a re-rank's time goes, per kernel (benchmarks/profile_rerank.py); PROFILE_ARGS replaces its sizes and algorithms.

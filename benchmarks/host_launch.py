@@ -136,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.samples < 10:
         parser.error("--samples must be at least 10")
-    from benchmarks.env import environment
+    from benchmarks.env import environment, unwritable
+
+    why = unwritable(Path(args.out).parent)
+    if why:
+        parser.error(why)
     from sparse_rnnt.io import atomic_write_json
 
     env = environment()

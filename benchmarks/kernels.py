@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from benchmarks import bench_masked_linear, bench_rerank
-from benchmarks.env import environment
+from benchmarks.env import environment, unwritable
 from benchmarks.timing import median_ms
 from sparse_rnnt.io import atomic_write_json, atomic_write_text
 
@@ -184,13 +184,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated subset of masked_linear, rerank, train_step")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
+    sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    known = ("masked_linear", "rerank", "train_step")
+    if not sections or any(s not in known for s in sections):
+        # an unknown name ran nothing and overwrote the results with empty files
+        parser.error(f"--sections: choose from {', '.join(known)}, got {args.sections!r}")
+    why = unwritable(out)
+    if why:
+        parser.error(why)
 
     def save(result: dict) -> None:
         atomic_write_json(out / f"kernels-{args.device}.json", result)
         atomic_write_text(out / f"kernels-{args.device}.csv", _csv(result["rows"]))
         print(f"saved {len(result['rows'])} rows ({', '.join(result['sections_done'])})", flush=True)
 
-    result = run_all(args.device, args.quick, tuple(s.strip() for s in args.sections.split(",") if s.strip()), save)
+    result = run_all(args.device, args.quick, sections, save)
     if not result["sections_done"]:  # otherwise already saved by the last section
         save(result)
     for r in result["rows"]:

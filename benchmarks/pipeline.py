@@ -126,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     out = args.out or f"benchmarks/results/pipeline-{args.device}.json"
+    from benchmarks.env import unwritable
+
+    why = unwritable(Path(out).parent)
+    if why:
+        parser.error(why)
     rows = bench_features() + bench_greedy() + bench_train_step(args.device)
     result = {"environment": environment(), "results": rows}
     print(f"{'op':<34}{'provider':<38}{'seconds':>10}{'ratio':>8}")

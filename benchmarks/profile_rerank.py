@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
 import torch
 
 from benchmarks.bench_rerank import SPARSITY, _weights
+
+ALGORITHMS = ("atomic", "window", "radix", "plan", "plan-warm", "plan-full", "plan-graph", "plan-graph-warm",
+              "plan-graph-full")
 
 
 def profile(total: int, dtype: torch.dtype, device: str, algorithm: str, calls: int = 5,
@@ -98,6 +102,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--copies", default="",
                    help="comma-separated hist_copies for the plan algorithms (default: the plan's own choice)")
     a = p.parse_args(argv)
+    algorithms = a.algorithms.split(",")
+    unknown = [x for x in algorithms if x not in ALGORITHMS]
+    if unknown:  # a misspelt plan name ran a cold plan under the wrong label
+        p.error(f"--algorithms: unknown {', '.join(unknown)}; choose from {', '.join(ALGORITHMS)}")
+    try:
+        sizes = [int(s) for s in a.sizes.split(",")]
+    except ValueError:
+        p.error(f"--sizes must be comma-separated integers, got {a.sizes!r}")
+    if any(n < 1 for n in sizes):
+        p.error("--sizes must be >= 1")
+    if a.device == "cpu":
+        # The kernels run on CPU only under the interpreter, which is read when triton is first imported.
+        os.environ["TRITON_INTERPRET"] = "1"
     names = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if not set(a.dtypes.split(",")) <= set(names):
         p.error(f"--dtypes: choose from float32, bfloat16, got {a.dtypes!r}")
@@ -111,9 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.env import environment
 
     print(json.dumps({"environment": environment()}), flush=True)
-    for total in (int(s) for s in a.sizes.split(",")):
+    for total in sizes:
         for dtype in dtypes:
-            for alg in a.algorithms.split(","):
+            for alg in algorithms:
                 for c in copies if alg.startswith("plan") else [None]:
                     print(json.dumps(profile(total, dtype, a.device, alg, hist_copies=c)), flush=True)
 

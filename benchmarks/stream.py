@@ -443,6 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args(argv)
+    from benchmarks.env import unwritable
+
+    why = unwritable(Path(args.out_dir) / "load" if args.load_only else args.out_dir)
+    if why:
+        parser.error(why)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.load_compare < 0:

@@ -408,7 +408,9 @@ def test_single_benchmark_command_line(capsys):
 
     print_rows(run, "demo", ["--device", "cpu", "--quick"])
     assert seen == [("cpu", True)]
-    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == run("cpu", True)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    env = lines[0]["environment"]  # the machine and versions first, as every result file records
+    assert {"commit", "date", "torch", "triton"} <= set(env) and lines[1:] == run("cpu", True)
 
 
 def test_gpu_session_failures_print_as_they_happen(tmp_path):
@@ -461,7 +463,7 @@ def test_gpu_session_script_rehearsal_on_cpu(tmp_path):
     kernels = json.loads((tmp_path / "kernels-cpu.json").read_text())
     assert {r["provider"] for r in kernels["rows"]} == {"dense", "unfused", "dense-autocast", "unfused-autocast"}
     small = [json.loads(line) for line in (tmp_path / "small-row-cpu.jsonl").read_text().splitlines()]
-    assert small and all(r["bench"] == "small_row_linear" for r in small)
+    assert "environment" in small[0] and small[1:] and all(r["bench"] == "small_row_linear" for r in small[1:])
     profile = [json.loads(line) for line in (tmp_path / "rerank-profile-cpu.jsonl").read_text().splitlines()]
     assert "environment" in profile[0] and [(r["shape"], r["path"]) for r in profile[1:]] == [("128000", "warm")]
     stream = json.loads((tmp_path / "stream-cpu.json").read_text())
@@ -548,12 +550,12 @@ def test_gpu_test_selection_collects_without_the_cpu_only_packages():
         "import pytest\n"
         "sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', 'tests/kernels', "
         "'tests/test_cuda.py', 'tests/export', 'tests/streaming', 'tests/training/test_distributed.py', "
-        "'tests/test_benchmarks.py']))\n"
+        "'tests/test_benchmarks.py', 'tests/pruning/test_methods.py']))\n"
     )
     root = Path(__file__).resolve().parents[1]
     sh = (root / "benchmarks" / "gpu_session.sh").read_text()
     for target in ("tests/kernels", "tests/test_cuda.py", "tests/export", "tests/streaming",
-                   "tests/training/test_distributed.py", "tests/test_benchmarks.py"):
+                   "tests/training/test_distributed.py", "tests/test_benchmarks.py", "tests/pruning/test_methods.py"):
         assert target in sh  # the selection above is the script's
     proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -600,7 +602,7 @@ def test_gpu_session_plans_expand_to_the_documented_calls(tmp_path):
     assert steps["kernels"].endswith(f"--sections rerank --out-dir {tmp_path / 'out'}")
     assert "--device cuda" in steps["kernels"] and "--cuda-graphs" in steps["stream"]
     assert steps["profile"].split()[1] == "90"
-    assert "--sizes base --streams 1,32 --formats bsr+auto,bitmap+auto --repeats 3" in steps["stream"]
+    assert "--sizes base --streams 1,32 --formats bsr+auto,bitmap+auto --repeats 2" in steps["stream"]
     run = _session_dry_run(tmp_path, PLAN="next-2")
     assert run.returncode == 0, run.stderr
     (load,) = run.stdout.splitlines()
@@ -619,3 +621,33 @@ def test_gpu_session_plans_expand_to_the_documented_calls(tmp_path):
     assert run.returncode == 2 and "unknown PLAN 'next-9'" in run.stderr and not run.stdout
     # a dry run writes nothing (no log, no gpu.txt), even as DEVICE=cuda on a machine without one
     assert not (tmp_path / "out").exists()
+
+
+def test_benchmark_clis_refuse_bad_options_and_unwritable_outputs_before_the_work(tmp_path, capsys):
+    # An unknown --sections name ran nothing and overwrote kernels-<device>.json with no rows; a
+    # misspelt --algorithms name ran a cold plan under its label; an output under a file failed
+    # with a traceback after the work (minutes of device time).
+    import benchmarks.host_launch as hl
+    import benchmarks.kernels as bk
+    import benchmarks.pipeline as bp
+    import benchmarks.profile_rerank as pr
+    import benchmarks.stream as bs
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    cases = [
+        (bk.main, ["--device", "cpu", "--sections", "rerank,bogus", "--out-dir", str(tmp_path / "k")], "--sections: choose from"),
+        (bk.main, ["--device", "cpu", "--sections", "rerank", "--out-dir", str(afile / "x")], "cannot write results there"),
+        (pr.main, ["--device", "cpu", "--algorithms", "plan-wram"], "--algorithms: unknown plan-wram"),
+        (pr.main, ["--device", "cpu", "--sizes", "abc"], "--sizes must be comma-separated integers"),
+        (bs.main, ["--device", "cpu", "--out-dir", str(afile / "s")], "cannot write results there"),
+        (hl.main, ["--out", str(afile / "h.json")], "cannot write results there"),
+        (bp.main, ["--device", "cpu", "--out", str(afile / "p.json")], "cannot write results there"),
+    ]
+    for main, argv, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "k").exists()

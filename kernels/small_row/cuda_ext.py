@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from .naive import BitmapWeight
 
-__all__ = ["SOURCE", "cuda_bitmap_linear", "get_extension"]
+__all__ = ["SOURCE", "clear_stale_lock", "cuda_bitmap_linear", "get_extension"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(importlib.import_module("sparse_rnnt.csrc").__file__ or "").resolve().parent / "bitmap_spmm.cu"
 _NAME = "sparse_rnnt_small_row_bitmap"
 MAX_ROWS = 64  # rows per call of the CUDA op (csrc kMaxRows)
+STALE_LOCK_S = 180.0  # a cold build takes about 40 s; a lock this old belongs to no live build
 
 
 @functools.cache
@@ -40,14 +42,46 @@ def get_extension() -> Any | None:
             raise RuntimeError("CUDA is not available")
         from torch.utils.cpp_extension import load
 
+        build_dir = _build_directory()
+        clear_stale_lock(build_dir)
         load(name=_NAME, sources=[str(SOURCE)], extra_cuda_cflags=["-O3", "-std=c++17"],
-             is_python_module=False, verbose=False)
+             is_python_module=False, verbose=False, build_directory=str(build_dir))
         ops = torch.ops.sparse_rnnt_small_row
         _ = ops.bitmap_linear  # raises if registration failed
         return ops
     except Exception as exc:  # any build/load failure means "not available"
         log.warning("CUDA bitmap extension unavailable (%s: %s); use backend='triton'", type(exc).__name__, exc)
         return None
+
+
+def _build_directory() -> Path:
+    """Where the extension is built: ``$TORCH_EXTENSIONS_DIR`` (else torch's default root), one
+    folder per torch and CUDA version."""
+    import os
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    build = root / f"{_NAME}-torch{torch.__version__}-cuda{torch.version.cuda}".replace("+", "_")
+    build.mkdir(parents=True, exist_ok=True)
+    return build
+
+
+def clear_stale_lock(build_dir: Path, stale_s: float = STALE_LOCK_S, poll_s: float = 1.0) -> bool:
+    """Wait while another process builds in ``build_dir`` (its ``lock`` file), but remove a lock
+    older than ``stale_s``: a build killed mid-way (SIGTERM, SIGKILL) leaves it behind, and torch's
+    loader would wait on it forever. Returns True if a stale lock was removed."""
+    lock = build_dir / "lock"
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if age > stale_s:
+            log.warning("removing the stale build lock %s (%.0f s old: a build that was killed)", lock, age)
+            lock.unlink(missing_ok=True)
+            return True
+        time.sleep(poll_s)
 
 
 def cuda_bitmap_linear(x2: Tensor, w: BitmapWeight, bias: Tensor | None) -> Tensor:

@@ -79,3 +79,25 @@ def test_cuda_extension_matches_reference(r, n, k, dtype):
     with torch.no_grad():
         y = bitmap_linear(x, BitmapWeight.from_dense(w, mask), b, backend="cuda")
     assert_linear_close_to(y, x, w * mask, b, f"cuda ext r={r} {dtype}")
+
+
+def test_a_stale_build_lock_is_removed_and_a_live_one_waited_for(tmp_path: Path, caplog) -> None:
+    # A build killed mid-way (the GPU script's `timeout`) leaves `lock` behind, and torch's loader
+    # waits on it forever: every later bitmap user of the session hung for its whole budget.
+    import threading
+    import time
+
+    lock = tmp_path / "lock"
+    assert not cuda_ext.clear_stale_lock(tmp_path)  # no lock: nothing to wait for
+    lock.write_text("")
+    os.utime(lock, (time.time() - 1000, time.time() - 1000))
+    with caplog.at_level("WARNING"):
+        assert cuda_ext.clear_stale_lock(tmp_path, stale_s=180)
+    assert not lock.exists() and "stale build lock" in caplog.text
+    lock.write_text("")  # a live build: waited for until it lets go of the lock, not removed
+    threading.Timer(0.3, lock.unlink).start()
+    t0 = time.monotonic()
+    assert not cuda_ext.clear_stale_lock(tmp_path, stale_s=180, poll_s=0.05)
+    assert 0.25 <= time.monotonic() - t0 < 10
+    lock.write_text("")  # a lock that ages past the limit while waited on
+    assert cuda_ext.clear_stale_lock(tmp_path, stale_s=0.3, poll_s=0.05) and not lock.exists()

@@ -1,8 +1,27 @@
-"""A tiny dense training run for tests that need a dense checkpoint to start from."""
+"""Helpers for training tests: a tiny dense run to start from, and a NaN loss on demand."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def nan_loss(model: Any) -> Iterator[None]:
+    """Forward passes of ``model`` inside give a NaN loss, before their backward pass, so the
+    gradients are NaN too (what a real NaN loss leaves)."""
+
+    def poison(module: Any, args: Any, out: Any) -> Any:
+        out.loss = out.loss * float("nan")
+        return out
+
+    handle = model.register_forward_hook(poison)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def train_tiny_dense(manifests: Path, out: Path, steps: int) -> Path:

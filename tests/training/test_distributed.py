@@ -26,6 +26,7 @@ from sparse_rnnt.errors import UserError
 from sparse_rnnt.training.checkpoint import list_checkpoints, load_checkpoint
 from sparse_rnnt.training.distributed import read_env, split_batch
 from sparse_rnnt.training.trainer import Trainer
+from tests.training.run_fixture import nan_loss
 
 WORLD = 2
 STEPS = 5
@@ -114,16 +115,8 @@ class _NaNFirstTrainer(Trainer):
         self.calls += 1
         if self.calls != 1:
             return super()._forward_backward(shard, language)
-
-        def poison(module, args, out):
-            out.loss = out.loss * float("nan")
-            return out
-
-        handle = self.model.register_forward_hook(poison)
-        try:
+        with nan_loss(self.model):
             return super()._forward_backward(shard, language)
-        finally:
-            handle.remove()
 
 
 def _trainer_class(job: dict[str, Any]) -> type[Trainer]:

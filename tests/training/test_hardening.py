@@ -13,6 +13,7 @@ from sparse_rnnt.data.manifest import read_manifest, write_manifest
 from sparse_rnnt.errors import UserError
 from sparse_rnnt.training.checkpoint import load_checkpoint
 from sparse_rnnt.training.trainer import Trainer
+from tests.training.run_fixture import nan_loss
 from tests.training.test_trainer import _cfg
 
 
@@ -27,16 +28,8 @@ class _NaNAt(Trainer):
         self.calls += 1
         if self.calls not in self.nan_steps:
             return super()._forward_backward(shard, language)
-
-        def poison(module, args, out):
-            out.loss = out.loss * float("nan")
-            return out
-
-        handle = self.model.register_forward_hook(poison)
-        try:
+        with nan_loss(self.model):
             return super()._forward_backward(shard, language)
-        finally:
-            handle.remove()
 
     def _state(self):
         return ({k: v.detach().clone() for k, v in self.model.state_dict().items()},

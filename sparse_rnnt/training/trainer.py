@@ -372,6 +372,7 @@ class Trainer:
                 self._say(f"data: left {len(keys)} dev utterance(s) out of evaluation: {reason} "
                           f"(e.g. {', '.join(keys[:3])})", logging.WARNING)
         self.train_utts, self.dev_utts = kept, dev
+        self._train_items = train_items_fingerprint(kept)  # fixed from here on: hashed once, not per checkpoint
         counts = {lang: sum(u.language == lang for u in kept) for lang in self.languages}
         self.report = DataReport(kept=counts, skipped=skipped, dev_skipped=dev_skipped)
         if self.is_main:
@@ -574,7 +575,7 @@ class Trainer:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"--resume: {ckpt.path}: damaged training state in checkpoint.json "
                             f"({type(e).__name__}: {e})") from None
-        saved_items, items = extra.get("train_items"), train_items_fingerprint(self.train_utts)
+        saved_items, items = extra.get("train_items"), self._train_items
         if saved_items is not None and saved_items != items and self.is_main:  # older checkpoints lack it
             log.warning(
                 "--resume: the training set differs from the one %s was trained on (%s utterances then, %d now: "
@@ -889,7 +890,7 @@ class Trainer:
                if self.language_samplers is not None else {}),
             "num_symbols": self.tokenizer.num_symbols, "loss_guard": self.guard.state_dict(),
             "world_size": self.dist.world_size if self.dist is not None else 1,
-            "train_items": train_items_fingerprint(self.train_utts),
+            "train_items": self._train_items,
         }
         extra_tensors: dict[str, torch.Tensor] = {}
         if self.pruner is not None:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -492,6 +493,46 @@ def _read_config(cpath: Path) -> tuple[ModelConfig, FeatureConfig, int]:
     return model_cfg, feat_cfg, num_symbols
 
 
+def _stored_shapes(wpath: Path) -> dict[str, list[int]]:
+    """The weights file's tensor names and shapes, from its header only (no tensor is read)."""
+    try:
+        with safe_open(str(wpath), framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types on malformed files
+        raise UserError(f"{wpath}: unreadable weights ({e})") from None
+
+
+def _check_sizes_before_building(cpath: Path, wpath: Path, model_cfg: ModelConfig, num_symbols: int,
+                                 layers: dict[str, Any]) -> None:
+    """Refuse a config whose model the weights file cannot hold, before any memory is allocated.
+
+    A hash-consistent but hostile ``config.json`` (``transformer_ffn_dim: 10**9``, a million layers)
+    would otherwise have the real model built first: minutes of allocation or an exhausted machine.
+    The layer counts are bounded by the number of stored tensors (each layer stores some), then the
+    model is built on the meta device and every parameter's shape compared with the file's header
+    (dense tensors) or the manifest (exported layers)."""
+    stored = _stored_shapes(wpath)
+    n_layers = model_cfg.transformer_num_layers + model_cfg.num_lstm_layers
+    if n_layers > len(stored):
+        raise UserError(f"{cpath}: bad artifact config ({model_cfg.transformer_num_layers} transformer and "
+                        f"{model_cfg.num_lstm_layers} LSTM layers, but {wpath.name} holds only {len(stored)} tensors)")
+    try:
+        with torch.device("meta"):
+            meta = EmformerRNNT(model_cfg, num_symbols)
+    except (ValueError, TypeError, RuntimeError, OverflowError) as e:
+        raise UserError(f"{cpath}: bad artifact config ({e})") from None
+    for name, p in meta.named_parameters():
+        if name in layers:
+            have, where = layers[name].get("shape"), "manifest"
+        else:
+            have, where = stored.get(f"dense/{name}"), "stored"
+            if have is None:
+                raise UserError(f"{wpath}: missing tensor {'dense/' + name!r} (the model of {cpath.name} needs it)")
+        if have != list(p.shape):
+            raise UserError(f"{wpath}: corrupt artifact weights ({name} has shape {have} ({where}), the model "
+                            f"of {cpath.name} needs {list(p.shape)})")
+
+
 def _check_weight_tensors(wpath: Path, tensors: dict[str, Tensor], params: dict[str, nn.Parameter],
                           layers: dict[str, Any], fmt: str, dtype: torch.dtype) -> None:
     """Exactly the expected tensor names, each in its expected dtype, all finite (``UserError``
@@ -597,6 +638,8 @@ def load_artifact(path: str | os.PathLike[str], device: str = "cpu", *, semi_str
 
     fmt, dtype, layers, languages, multilingual = (man.fmt, DTYPES[man.dtype_name], man.layers, man.languages,
                                                    man.multilingual)
+    wpath = root / WEIGHTS
+    _check_sizes_before_building(root / CONFIG, wpath, model_cfg, num_symbols, layers)
     try:
         model = EmformerRNNT(model_cfg, num_symbols)
     except (ValueError, TypeError, RuntimeError, OverflowError) as e:
@@ -606,7 +649,6 @@ def load_artifact(path: str | os.PathLike[str], device: str = "cpu", *, semi_str
     for name in layers:
         if name not in linear_mods:
             raise UserError(f"{mpath}: layer {name!r} is not a linear layer of the model")
-    wpath = root / WEIGHTS
     try:
         tensors = load_file(str(wpath))
     except Exception as e:  # safetensors raises its own error types on malformed files

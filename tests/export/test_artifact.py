@@ -765,6 +765,56 @@ def test_unexpected_weight_tensors_are_refused(pruned, tmp_path):
             load_artifact(d)
 
 
+def test_hostile_model_sizes_are_refused_before_the_model_is_built(pruned, tmp_path, monkeypatch):
+    """A config.json rehashed to describe a model far larger than the weights file (a million
+    layers, a huge FFN) is refused from the file's header and a meta-device build: the real model,
+    whose allocation and initialisation would take minutes or exhaust memory, is never built."""
+    import shutil
+
+    import sparse_rnnt.export.artifact as artifact_mod
+
+    base = tmp_path / "a"
+    export_checkpoint(pruned["adaptive"], base, ExportOptions(fmt="bitmap", language="en"))
+    real = artifact_mod.EmformerRNNT
+    built = []
+
+    def recording(cfg, num_symbols):
+        if torch.empty(0).device.type != "meta":
+            built.append(cfg)
+        return real(cfg, num_symbols)
+    monkeypatch.setattr(artifact_mod, "EmformerRNNT", recording)
+
+    layer = sorted(json.loads((base / "manifest.json").read_text())["layers"])[0]
+    cases = [
+        (lambda c: c["model"].update(transformer_num_layers=10**6),
+         r"config\.json: bad artifact config \(1000000 transformer and \d+ LSTM layers, but weights\.safetensors "
+         r"holds only \d+ tensors\)"),
+        (lambda c: c["model"].update(transformer_ffn_dim=4 * 10**6),
+         r"weights\.safetensors: corrupt artifact weights \(\S+ has shape \[[\d, ]+\] \((stored|manifest)\), the "
+         r"model of config\.json needs \[4000000(, \d+)?\]\)"),
+        (lambda c: c["model"].update(symbol_embedding_dim=3 * 10**6),
+         r"weights\.safetensors: corrupt artifact weights \(rnnt\.\S+ has shape \[\d+, \d+\] \(stored\)"),
+    ]
+    for i, (edit, message) in enumerate(cases):
+        d = tmp_path / f"v{i}"
+        shutil.copytree(base, d)
+        cfg = json.loads((d / "config.json").read_text())
+        edit(cfg)
+        (d / "config.json").write_text(json.dumps(cfg))
+        _rehash(d, "config.json")
+        with pytest.raises(UserError, match=message):
+            load_artifact(d)
+    # An exported layer whose manifest shape disagrees with the model is refused from the meta build too.
+    d = tmp_path / "layer"
+    shutil.copytree(base, d)
+    _rewrite_manifest(d, lambda m: m["layers"][layer].update(shape=[7, 9]))
+    with pytest.raises(UserError, match=rf"corrupt artifact weights \({layer} has shape \[7, 9\] \(manifest\)"):
+        load_artifact(d)
+    assert built == []
+    assert load_artifact(base).languages == ["en"]  # the sound artifact still builds its model once
+    assert len(built) == 1
+
+
 def test_refused_export_leaves_no_directories_and_out_is_checked(pruned, tmp_path, monkeypatch):
     import os
 

@@ -497,7 +497,7 @@ def _stored_shapes(wpath: Path) -> dict[str, list[int]]:
     """The weights file's tensor names and shapes, from its header only (no tensor is read)."""
     try:
         with safe_open(str(wpath), framework="pt") as f:
-            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except Exception as e:  # safetensors raises its own error types on malformed files
         raise UserError(f"{wpath}: unreadable weights ({e})") from None
 

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..host import cdiv
 from ..launch import DirectLauncher
@@ -90,14 +91,21 @@ class _MaskedCastFn(torch.autograd.Function):
     def forward(ctx: Any, weight: Tensor, m: Tensor, mode: int, dtype: torch.dtype, hard: bool) -> Tensor:
         # The mask (an input that takes no gradient) is kept on ctx, not saved for backward: a
         # copy reused across steps (MaskedLinear) may be back-propagated more than once, and
-        # saved tensors are freed by the first backward pass.
+        # saved tensors are freed by the first backward pass. Its version is kept instead, so
+        # that a mask changed in place before backward raises as a saved tensor would.
         ctx.m, ctx.mode, ctx.hard, ctx.weight_dtype = m, mode, hard, weight.dtype
+        ctx.m_version = m._version
         return _launch_masked_cast(weight, m, mode, dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
+        if ctx.hard and ctx.m._version != ctx.m_version:
+            raise RuntimeError("masked_cast: the mask was modified in place after the forward pass (version "
+                               f"{ctx.m._version}, expected {ctx.m_version}); its hard gradient needs the "
+                               "forward's mask")
         if ctx.hard:
             g = _launch_masked_cast(grad, ctx.m, ctx.mode, ctx.weight_dtype)
         else:

@@ -19,7 +19,7 @@ Kernels (fp32 accumulation in all of them):
   (``_mask_grad_kernel`` then zeroes the dropped weights of a hard gradient in place).
 
 Each kernel runs its output tiles on a 1-D grid in groups of ``GROUP`` tile rows
-(``_grouped_tile``), for L2 reuse. ``db`` is a plain ``dy.sum(0)`` in fp32. Gradient rules and
+(``_grouped_tile``), for L2 reuse. ``db`` is a plain ``dy.sum(0)`` (in dy's dtype, accumulated in fp32). Gradient rules and
 mask formats: see ``naive.py``.
 Under ``TRITON_INTERPRET=1`` one small config is used and dot operands are upcast to fp32 first,
 because the interpreter's ``tl.dot`` multiplies bfloat16 tiles as their raw uint16 bit patterns.
@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..host import cdiv, next_power_of_2
 from ..launch import DirectLauncher
@@ -743,6 +744,7 @@ class _MaskedLinearFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable: say so, not "no grad_fn"
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x2, w, m = ctx.saved_tensors
         plan: _Plan = ctx.plan
@@ -757,7 +759,7 @@ class _MaskedLinearFn(torch.autograd.Function):
             else:
                 dw = _dw_cublas(dy, x2, m[0], ctx.mode, ctx.hard)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.sum(0)  # fp32 accumulation in any dtype, one rounding: as torch's own linear
+            db = dy.sum(0)  # in dy's dtype, accumulated in fp32 and rounded once: as torch's own linear
         return dx, dw, db, None, None, None, None, None
 
 

@@ -18,10 +18,15 @@ Gradient rules (``hard`` flag), with ``M`` the mask of the row's language:
   Pathways: each pathway's update is masked by its own mask, shared weights get all of them).
 
 ``dX = dY (W ⊙ M)`` and ``db = Σ_rows dY`` in both cases; the mask gets no gradient.
+
+Autocast does not apply to these ops (nor to the Triton kernels, which it cannot reach): both
+backends compute in the inputs' dtype, so under autocast they agree. ``MaskedLinear`` casts its
+inputs as autocast would before calling them.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -199,6 +204,12 @@ def _effective_weight(weight: Tensor, keep: Tensor, hard: bool) -> Tensor:
     return weight.masked_fill(~keep, 0) if hard else _StraightThroughMask.apply(weight, keep)
 
 
+def _no_autocast(t: Tensor) -> Any:
+    """Autocast off on ``t``'s device: the references compute in their inputs' dtype, as the
+    Triton kernels do (autocast would run ``F.linear`` in its own dtype)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def masked_linear_ref(
     x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None, *, hard: bool = False
 ) -> Tensor:
@@ -213,7 +224,8 @@ def masked_linear_ref(
     """
     check_masked_linear(x, weight, mask, bias, float64=True)
     m = _dense_mask(mask, weight.shape[1])
-    return F.linear(x, _effective_weight(weight, m, hard), bias)
+    with _no_autocast(x):
+        return F.linear(x, _effective_weight(weight, m, hard), bias)
 
 
 def masked_cast_ref(weight: Tensor, mask: Tensor, dtype: torch.dtype, *, hard: bool = False) -> Tensor:
@@ -221,7 +233,8 @@ def masked_cast_ref(weight: Tensor, mask: Tensor, dtype: torch.dtype, *, hard: b
     ``dtype``; the gradient reaches the weight straight through, or masked when ``hard``."""
     _check_mask_shape(mask, (), weight.shape[0], weight.shape[1], weight.device)
     m = _dense_mask(mask, weight.shape[1])
-    return _effective_weight(weight, m, hard).to(dtype)
+    with _no_autocast(weight):
+        return _effective_weight(weight, m, hard).to(dtype)
 
 
 def pathway_masked_linear_ref(
@@ -247,15 +260,16 @@ def pathway_masked_linear_ref(
     """
     check_pathway(x, weight, masks, lang, bias, float64=True)
     n, k = weight.shape
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(math.prod(x.shape[:-1]), k)  # not -1: K may be 0
     lang1 = lang.reshape(-1)
-    if x2.shape[0] == 0:  # no rows: an empty output that is still part of the autograd graph
-        return F.linear(x2, weight, bias).reshape(*x.shape[:-1], n)
-    y = x2.new_zeros(x2.shape[0], n)
-    for index in range(masks.shape[0]):
-        rows = (lang1 == index).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
-        m = _dense_mask(masks[index], k)
-        y = y.index_copy(0, rows, F.linear(x2[rows], _effective_weight(weight, m, hard), bias))
+    with _no_autocast(x):
+        if x2.shape[0] == 0:  # no rows: an empty output that is still part of the autograd graph
+            return F.linear(x2, weight, bias).reshape(*x.shape[:-1], n)
+        y = x2.new_zeros(x2.shape[0], n)
+        for index in range(masks.shape[0]):
+            rows = (lang1 == index).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            m = _dense_mask(masks[index], k)
+            y = y.index_copy(0, rows, F.linear(x2[rows], _effective_weight(weight, m, hard), bias))
     return y.reshape(*x.shape[:-1], n)

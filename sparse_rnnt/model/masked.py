@@ -73,7 +73,7 @@ class MaskedLinear(nn.Linear):
 
         if self.backend != "triton":
             return masked_cast(w, self.mask, dtype, hard=self.hard, backend=self.backend)
-        key = (w._version, w.data_ptr(), dtype, torch.is_grad_enabled())
+        key = (w._version, w.data_ptr(), self.mask._version, self.mask.data_ptr(), dtype, torch.is_grad_enabled())
         if self._copy is None or self._copy[0] != key:
             self._copy = (key, masked_cast(w, self.mask, dtype, hard=self.hard, backend=self.backend))
         return self._copy[1]

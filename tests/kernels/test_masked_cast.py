@@ -140,3 +140,23 @@ def test_cuda_masked_layer_autocast_paths(hard):
         for name, out, ref, tout in zip(("y", "dx", "dW"), (y, xx.grad.bfloat16(), lin.weight.grad.bfloat16()),
                                         refs, torch_outs, strict=True):
             assert_close_to(out, ref, tout, f"{path} {name}")
+
+
+@pytest.mark.parametrize("fmt", ["bytes", "bits"])
+def test_hard_gradient_refuses_a_mask_changed_in_place_after_forward(fmt):
+    """The mask is kept on ctx rather than saved (a copy may be back-propagated twice), so its
+    version is checked: the hard gradient needs the forward's mask, and a silent gradient through
+    the new one would differ from the reference's (which uses the old)."""
+    w, keep = _weights(6, 20, torch.float32, seed=5)
+    mask = keep.clone() if fmt == "bytes" else pack_rows(keep)
+    wl = w.clone().requires_grad_(True)
+    out = masked_cast(wl, mask, torch.bfloat16, hard=True)
+    mask.bitwise_not_()
+    with pytest.raises(RuntimeError, match="modified in place after the forward pass"):
+        out.backward(torch.ones_like(out))
+    # Soft gradients do not read the mask: allowed, and straight through.
+    wl = w.clone().requires_grad_(True)
+    out = masked_cast(wl, mask, torch.bfloat16, hard=False)
+    mask.bitwise_not_()
+    out.backward(torch.ones_like(out))
+    assert torch.equal(wl.grad, torch.ones_like(w))

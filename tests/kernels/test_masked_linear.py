@@ -347,17 +347,51 @@ def test_strided_bias(dtype, pathway):
     assert bool((grads[0][1::2] == 0).all())  # the gradient reaches the viewed elements only
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("pathway", [False, True])
-def test_zero_input_features_give_the_bias(pathway):
+def test_zero_input_features_give_the_bias(pathway, backend):
     x, w, b = torch.randn(3, 0, requires_grad=True), torch.randn(4, 0), torch.randn(4, requires_grad=True)
     if pathway:
-        y = pathway_masked_linear(x, w, torch.ones(2, 4, 0, dtype=torch.bool), torch.tensor([0, 1, 1]), b)
+        y = pathway_masked_linear(x, w, torch.ones(2, 4, 0, dtype=torch.bool), torch.tensor([0, 1, 1]), b,
+                                  backend=backend)
     else:
-        y = masked_linear(x, w, torch.ones(4, 0, dtype=torch.bool), b)
+        y = masked_linear(x, w, torch.ones(4, 0, dtype=torch.bool), b, backend=backend)
     torch.testing.assert_close(y, b.detach().expand(3, 4))
     y.sum().backward()
     torch.testing.assert_close(b.grad, torch.full((4,), 3.0))
     assert x.grad.shape == (3, 0)
+
+
+@pytest.mark.parametrize("pathway", [False, True])
+def test_both_backends_compute_in_the_inputs_dtype_under_autocast(pathway):
+    """Autocast cannot reach the Triton kernels; the references turn it off too, so under bf16
+    autocast both backends give float32 outputs equal to the float32 computation outside it."""
+    x, w, b, _ = _inputs(5, 12, 7, torch.float32)
+    mask = torch.rand(7, 12, generator=torch.Generator().manual_seed(3)) > 0.5
+    if pathway:
+        masks, lang = torch.stack([mask, ~mask]), torch.tensor([0, 1, 1, 0, 1])
+
+        def run(backend):
+            return pathway_masked_linear(x, w, masks, lang, b, backend=backend)
+    else:
+        def run(backend):
+            return masked_linear(x, w, mask, b, backend=backend)
+    outside = {backend: run(backend) for backend in ("triton", "torch")}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = {backend: run(backend) for backend in ("triton", "torch")}
+    for backend in ("triton", "torch"):
+        assert inside[backend].dtype == torch.float32
+        torch.testing.assert_close(inside[backend], outside[backend], rtol=0, atol=0)
+    torch.testing.assert_close(inside["triton"], inside["torch"], rtol=1e-5, atol=1e-5)
+
+
+def test_double_backward_is_refused_by_name():
+    x, w, b, _ = _inputs(3, 8, 4, torch.float32)
+    x.requires_grad_(True)
+    y = masked_linear(x, w, torch.ones(4, 8, dtype=torch.bool), b)
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
 
 
 # ----------------------------------------------------------------------------- pathway

@@ -203,3 +203,13 @@ def test_autocast_copy_is_made_once_per_weight_version(monkeypatch):
     assert len(launches) == 3
     run(layer)
     assert len(launches) == 4
+    # A mask rewritten in place (as rerank_masks_into and RerankPlan write theirs) makes a new copy
+    # too: the output is W ⊙ M_new, not the cached W ⊙ M_old.
+    packed = pack_rows(keep)
+    layer.set_mask(packed)
+    run(layer)
+    assert len(launches) == 5
+    packed.copy_(pack_rows(~keep))
+    with torch.no_grad():
+        ref.weight.copy_(lin.weight * ~keep)
+    assert torch.equal(run(layer), run(ref)) and len(launches) == 6

@@ -6,12 +6,14 @@
   the autotuned kernels took 0.06-1.7 ms per call on the H200, so 25 ms is still many
   repetitions, and a test suite or a first training step autotunes dozens of shapes;
 - a config that fails to build or run (beyond the resource errors Triton already skips) is
-  timed as infinitely slow and logged once, instead of aborting the whole autotuning; if every
-  config fails, the launch with the chosen one raises the real error.
+  timed as infinitely slow and logged, naming the kernel and the config, once per kernel and
+  error, instead of aborting the whole autotuning; if every config fails, the launch with the
+  chosen one raises the real error.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -20,7 +22,21 @@ log = logging.getLogger(__name__)
 
 WARMUP_MS = 5
 REP_MS = 25
-_reported: set[str] = set()
+# (kernel, error) pairs already logged: an autotuner that tries the same failing config at every
+# new key would otherwise log it once per shape.
+_reported: set[tuple[str, str]] = set()
+
+
+def _describe(fn: Callable[[], object]) -> tuple[str, str]:
+    """(kernel name, config) of a call that Triton's autotuner hands to ``do_bench``, read from
+    its closure; ``("?", "?")`` where it does not hold them."""
+    try:
+        found = inspect.getclosurevars(fn).nonlocals
+    except (TypeError, ValueError):
+        return "?", "?"
+    tuner, config = found.get("self"), found.get("config")
+    base = getattr(tuner, "base_fn", None)
+    return getattr(base, "__name__", "?"), "?" if config is None else str(config)
 
 
 def autotune_bench(fn: Callable[[], object], quantiles: Sequence[float] | None = None) -> float | list[float]:
@@ -31,7 +47,9 @@ def autotune_bench(fn: Callable[[], object], quantiles: Sequence[float] | None =
         return do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, quantiles=list(quantiles) if quantiles else None)
     except Exception as e:  # a config the compiler or the device rejects: skip it
         first = (str(e).splitlines() or [""])[0][:200]
-        if first not in _reported:
-            _reported.add(first)
-            log.warning("autotuning skipped a config that failed (%s: %s)", type(e).__name__, first)
+        kernel, config = _describe(fn)
+        if (kernel, first) not in _reported:
+            _reported.add((kernel, first))
+            log.warning("autotuning %s skipped a config that failed (%s; %s: %s)", kernel, config,
+                        type(e).__name__, first)
         return [math.inf] * len(quantiles) if quantiles else math.inf

@@ -132,7 +132,8 @@ class Segment:
     ``src``: flat int32/int16 bit view of the scores' source (weights, or float32 block scores);
     ``cand``: flat uint8 (1 = may be kept) or None; ``size``: flat int32 unit weights or None
     (= 1); ``out``: flat uint8 output mask; ``group``: which selection it belongs to;
-    ``nan_above``: keys above this are NaN; ``apply``: zero ``src`` where pruned.
+    ``nan_above``: keys above this are NaN; ``apply``: zero ``src`` where pruned; ``name``: the
+    tensor's name, for error messages.
     """
 
     src: Tensor
@@ -142,10 +143,16 @@ class Segment:
     group: int
     nan_above: int
     apply: bool = False
+    name: str = ""
 
     @property
     def wide(self) -> bool:
         return self.src.dtype == torch.int32
+
+    def has_nan(self) -> bool:
+        """Whether the source holds a NaN (one pass; for error messages only)."""
+        magnitude = self.src & (0x7FFFFFFF if self.wide else 0x7FFF)
+        return bool((magnitude > self.nan_above).any())
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -208,10 +215,17 @@ class _Launch:
         return self.src, self.cand, self.size
 
 
-def _check_counts(nan_count: list[int], avail: list[int], keep: list[int], what: list[str]) -> None:
+def _check_counts(nan_count: list[int], avail: list[int], keep: list[int], what: list[str],
+                  segments: list[Segment] | None = None) -> None:
+    """Raise the errors the device's counts show; ``segments`` (named) let a NaN name its tensors."""
     if any(nan_count):
         g = next(i for i, c in enumerate(nan_count) if c)
-        raise UserError(f"cannot rank {what[g]}: it contains NaN (did training diverge?)")
+        names = [s.name for s in segments or [] if s.group == g and s.name and s.has_nan()]
+        where = ""
+        if names and names != [what[g]]:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            where = f" (NaN in {', '.join(names[:3])}{more})"
+        raise UserError(f"cannot rank {what[g]}{where}: it contains NaN (did training diverge?)")
     for g, (k, a) in enumerate(zip(keep, avail, strict=True)):
         if k > a:
             raise UserError(f"{what[g]}: {k} weights must be kept but only {a} are candidates")

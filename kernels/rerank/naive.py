@@ -91,7 +91,7 @@ def block_scores(w: Tensor, block: tuple[int, int]) -> Tensor:
     order within a block (partial edge blocks sum what they cover), so the keys are exact and
     device-independent.
     """
-    mat = w.detach().reshape(w.shape[0], -1).float()
+    mat = w.detach().reshape(w.shape[0], math.prod(w.shape[1:])).float()  # not -1: w may have no rows
     bh, bw = block
     rows, cols = mat.shape
     nbr, nbc = -(-rows // bh), -(-cols // bw)
@@ -141,7 +141,7 @@ def _take(score: Tensor, prio: Tensor, size: Tensor, keep: int, what: str) -> Te
 
 
 def _nm(w: Tensor, prio: Tensor, n: int, m: int, name: str) -> Tensor:
-    mat = w.detach().float().abs().reshape(w.shape[0], -1)
+    mat = w.detach().float().abs().reshape(w.shape[0], math.prod(w.shape[1:]))
     pm = prio.reshape(mat.shape)
     rows, cols = mat.shape
     out = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
@@ -201,7 +201,7 @@ def rerank_masks_torch(
         for name, w in weights.items():
             if kind == "block":
                 bh, bw = block
-                pm = prios[name].reshape(w.shape[0], -1)
+                pm = prios[name].reshape(w.shape[0], math.prod(w.shape[1:]))
                 bp = pm[::bh, ::bw]
                 up = bp.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[: pm.shape[0], : pm.shape[1]]
                 if not torch.equal(up, pm):

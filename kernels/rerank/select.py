@@ -85,6 +85,7 @@ reference (``naive.py``) when it is given.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -117,6 +118,14 @@ from ._segments import (
 )
 from .naive import check_args, pruned_count, rerank_masks_torch
 from .window import window_select
+
+log = logging.getLogger(__name__)
+ALGORITHMS = ("atomic", "radix", "window")
+
+
+def _check_algorithm(algorithm: str) -> None:
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
 
 NAN_BIN = 32768  # bins 0..32767 hold keys (or their high 15 bits); 32768 counts NaNs
 _WARM_WINDOW = {True: 65536, False: 32}  # a warm start's keys around the last threshold: 31-bit, 16-bit
@@ -977,6 +986,7 @@ class _AtomicSelect:
             raise ValueError(f"hist_copies must be >= 1, got {copies}")
         groups = len(keep)
         self.launches, self.keep, self.what, self.block, self.warps = launches, keep, what, block, warps
+        self.segments = segments
         self.copies = copies
         live_wide = [int(kg > 0 and w) for kg, w in zip(keep, wide, strict=True)]
         single = not any(ln.has_size for ln in launches)
@@ -1185,7 +1195,7 @@ class _AtomicSelect:
         self.last_bracket_missed = values[6 * g] != 0
         self.last_fine_missed = values[6 * g + 1] != 0
         thr, need, nan, avail = values[:g], values[g:2 * g], values[3 * g:4 * g], values[4 * g:5 * g]
-        _check_counts(nan, avail, self.keep, self.what)
+        _check_counts(nan, avail, self.keep, self.what, self.segments)
         return list(zip(thr, need, strict=True)), warm and values[-1] == 0
 
 
@@ -1251,8 +1261,9 @@ _DIGITS = {True: ((20, 11), (10, 10), (0, 10)), False: ((7, 8), (0, 7))}
 _DIGIT_BINS = 2048
 
 
-def _threshold_radix(launches: list[_Launch], keep: list[int], what: list[str], wide: list[bool], groups: int,
-                     block: int, warps: int, dev: torch.device) -> tuple[list[int], list[int], list[int]]:
+def _threshold_radix(launches: list[_Launch], segments: list[Segment], keep: list[int], what: list[str],
+                     wide: list[bool], groups: int, block: int, warps: int,
+                     dev: torch.device) -> tuple[list[int], list[int], list[int]]:
     """:func:`_threshold_atomic`'s result, digit by digit with per-program histograms."""
     live = [kg > 0 for kg in keep]
     prefix = [0] * groups
@@ -1282,7 +1293,7 @@ def _threshold_radix(launches: list[_Launch], keep: list[int], what: list[str], 
             rows.append(nan_count.to(torch.int64))
         host = torch.stack(rows).tolist()
         if p == 0:
-            _check_counts(host[4], host[0], keep, what)
+            _check_counts(host[4], host[0], keep, what, segments)
         for g in range(groups):
             if live[g] and p < len(_DIGITS[wide[g]]):
                 prefix[g] = (prefix[g] << _DIGITS[wide[g]][p][1]) | host[1][g]
@@ -1377,7 +1388,7 @@ def _select_units(
         return sel.finish()[0]
     if algorithm != "radix":
         raise ValueError(f"algorithm must be 'atomic', 'radix' or 'window', got {algorithm!r}")
-    thr, need, ties = _threshold_radix(launches, keep, what, wide, groups, block, warps, dev)
+    thr, need, ties = _threshold_radix(launches, segments, keep, what, wide, groups, block, warps, dev)
     table = to_device(torch.tensor([thr, need, [int(t == n) for t, n in zip(ties, need, strict=True)], [0] * groups],
                                    dtype=torch.int64), dev)
     bad = table[3, :1].to(torch.int32)  # the radix select raised its errors already
@@ -1391,8 +1402,16 @@ def block_sq_norms(weight: Tensor, block: tuple[int, int], *, tile: int = 256) -
     """float32 ``[ceil(out/bh), ceil(in/bw)]`` squared L2 norms of the blocks of ``weight [out, ...]``.
 
     Squares of the float32 values are added one at a time in row-major order within each block
-    (FMA contraction off), bit-identical to the torch references.
+    (FMA contraction off), bit-identical to the torch references. ``tile``: blocks per program, a
+    power of two >= 16. Raises ``ValueError`` on a bad block, tile, dtype or a weight under 2 dims.
     """
+    _tile(tile)
+    if not (isinstance(block, (tuple, list)) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block)):
+        raise ValueError(f"block must be two integers >= 1, got {block!r}")
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) or weight.dim() < 2:
+        raise ValueError(f"block_sq_norms needs a float32/float16/bfloat16 weight of >= 2 dims, got "
+                         f"{weight.dtype} {list(weight.shape)}")
     w = weight.detach().contiguous()
     rows, cols = w.shape[0], math.prod(w.shape[1:])
     bh, bw = block
@@ -1478,6 +1497,9 @@ def rerank_masks_into(
     """
     block = tuple(block)  # type: ignore[assignment]
     check_args(weights, sparsity, kind, n, m, block, scope, {"candidates": candidates})
+    _check_algorithm(algorithm)
+    if set(out) != set(weights):
+        raise ValueError(f"out must have exactly the weights' names, got {sorted(out)} for {sorted(weights)}")
     for name, w in weights.items():
         o = out[name]
         if o.dtype != torch.uint8 or o.shape != w.shape or not o.is_contiguous() or o.device != w.device:
@@ -1515,7 +1537,7 @@ def rerank_masks_into(
                 late.append(name)
             segments.append(Segment(
                 _bits(src), cands.get(name), None, out[name].reshape(-1), group[name],
-                _NAN_ABOVE[src.dtype], apply and not mixed,
+                _NAN_ABOVE[src.dtype], apply and not mixed, name,
             ))
         _select_units(segments, keep, what, tile=tile, hist_copies=hist_copies, algorithm=algorithm,
                       window_margin=window_margin, thresholds=False, bracket=bracket)
@@ -1550,7 +1572,8 @@ def rerank_masks_into(
         sizes = (r[:, None] * c[None, :]).to(torch.int32).reshape(-1)
         scores = block_sq_norms(w, block)
         bmasks[name] = torch.empty(nbr * nbc, dtype=torch.uint8, device=w.device)
-        segments.append(Segment(_bits(scores), bc, sizes, bmasks[name], group[name], _NAN_ABOVE[torch.float32]))
+        segments.append(Segment(_bits(scores), bc, sizes, bmasks[name], group[name], _NAN_ABOVE[torch.float32],
+                                name=name))
     select_units(segments, keep, what, tile=tile, hist_copies=hist_copies)
     bsz, warps = _tile(tile)
     for name, w in ws.items():
@@ -1628,7 +1651,7 @@ class RerankPlan:
         cands = candidates or {}
         self._segments = [
             Segment(_bits(w.detach()), _u8(cands[name]) if name in cands else None, None, out[name].reshape(-1),
-                    group[name], _NAN_ABOVE[w.dtype], apply)
+                    group[name], _NAN_ABOVE[w.dtype], apply, name)
             for name, w in weights.items()
         ]
         block, warps = _tile(tile)
@@ -1721,6 +1744,9 @@ def rerank_masks(
     """
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+    _check_algorithm(algorithm)
+    if backend == "triton" and always_keep:
+        log.info("rerank_masks: always_keep is implemented by the torch backend only; running backend 'torch'")
     if backend == "torch" or always_keep:
         return rerank_masks_torch(
             weights, sparsity, kind=kind, n=n, m=m, block=block, scope=scope,
@@ -1758,7 +1784,7 @@ def magnitude_threshold(
     total = sum(w.numel() for w in ws.values())
     cands = {name: _u8(c) for name, c in (candidates or {}).items()}
     segs = [
-        Segment(_bits(w), cands.get(name), None, masks[name].reshape(-1), 0, _NAN_ABOVE[w.dtype])
+        Segment(_bits(w), cands.get(name), None, masks[name].reshape(-1), 0, _NAN_ABOVE[w.dtype], name=name)
         for name, w in ws.items()
     ]
     (t, need), = select_units(segs, [total - pruned_count(sparsity, total)], ["global scope"])

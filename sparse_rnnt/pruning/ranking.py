@@ -105,7 +105,7 @@ def _as_matrix(t: Tensor) -> Tensor:
     """``[out, ...]`` -> ``[out, in]`` (``in`` = product of the remaining dims)."""
     if t.dim() < 2:
         raise ValueError(f"N:M and block granularity need a weight with >= 2 dims, got shape {list(t.shape)}")
-    return t.reshape(t.shape[0], -1)
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))  # not -1: t may have no rows
 
 
 def _abs_scores(weight: Tensor) -> Tensor:

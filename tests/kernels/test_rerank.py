@@ -336,6 +336,35 @@ def test_nan_raises(kind):
         magnitude_masks(w, 0.5, _gran(kind))
 
 
+@pytest.mark.parametrize(("kind", "algorithm"), [("unstructured", "atomic"), ("unstructured", "radix"),
+                                                  ("unstructured", "window"), ("block", "atomic")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nan_in_global_scope_names_its_tensors(kind, algorithm, dtype):
+    """A global selection over many layers names the layers that hold NaN (the per-tensor
+    reference names its tensor; a 100-layer model should not leave the user guessing)."""
+    w = _weights([(8, 8), (4, 6), (6, 6), (5, 4), (4, 4), (3, 8)], dtype, seed=19)
+    w["w1"][2, 3] = float("nan")
+    w["w4"][0, 0] = -float("nan")
+    with pytest.raises(UserError, match=r"cannot rank global scope \(NaN in w1, w4\): it contains NaN"):
+        _triton(w, 0.5, kind=kind, block=(2, 2), algorithm=algorithm)
+    for name in ("w0", "w2", "w3", "w5"):
+        w[name][0, 1] = float("nan")
+    with pytest.raises(UserError, match=r"\(NaN in w0, w1, w2 and 3 more\)"):
+        _triton(w, 0.5, kind=kind, block=(2, 2), algorithm=algorithm)
+    with pytest.raises(UserError, match=r"cannot rank w1: it contains NaN"):  # one tensor: named once
+        _triton({"w1": w["w1"]}, 0.5, kind=kind, block=(2, 2), scope="per_tensor", algorithm=algorithm)
+
+
+def test_plan_nan_names_its_tensor():
+    w, cand, out = _plan_case(torch.float32, "cpu", seed=51)
+    plan = RerankPlan(w, 0.3, out, candidates=cand, tile=TILE)
+    last = list(w)[-1]
+    with torch.no_grad():
+        w[last][1, 1] = float("inf") * 0
+    with pytest.raises(UserError, match=rf"\(NaN in {last}\)"):
+        plan.run()
+
+
 def test_too_few_candidates_raise_and_leave_weights_untouched():
     w = _weights([(6, 6)], torch.float32, seed=16)
     before = w["w0"].clone()
@@ -395,16 +424,63 @@ def test_bad_arguments():
         rerank_masks(w, 0.5, candidates={"b": torch.ones(4, 4, dtype=torch.bool)})
     with pytest.raises(ValueError):
         rerank_masks(w, 0.5, backend="cuda")
+    # The algorithm is checked on every path, not only where the unstructured triton select reads it.
+    for kwargs in ({}, {"backend": "torch"}, {"kind": "nm", "n": 2, "m": 4}, {"kind": "block"},
+                   {"always_keep": {"a": torch.zeros(4, 4, dtype=torch.bool)}}):
+        with pytest.raises(ValueError, match="algorithm must be one of"):
+            rerank_masks(w, 0.5, algorithm="bogus", **kwargs)
+    out = {"a": torch.empty(4, 4, dtype=torch.uint8)}
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        rerank_masks_into(w, 0.5, out, kind="nm", algorithm="bogus")
+    with pytest.raises(ValueError, match="out must have exactly the weights' names"):
+        rerank_masks_into({**w, "b": torch.randn(2, 2)}, 0.5, out)
 
 
-def test_always_keep_falls_back_to_reference():
+def test_block_sq_norms_checks_its_arguments():
+    w = torch.randn(6, 10)
+    for kwargs, message in (({"block": (2, 2), "tile": 100}, "tile must be a power of two"),
+                            ({"block": (0, 2)}, "block must be two integers"),
+                            ({"block": (2, True)}, "block must be two integers"),
+                            ({"block": (2, 2, 2)}, "block must be two integers")):
+        with pytest.raises(ValueError, match=message):
+            block_sq_norms(w, **kwargs)
+    for bad in (w.to(torch.int32), w[0]):
+        with pytest.raises(ValueError, match="float32/float16/bfloat16 weight of >= 2 dims"):
+            block_sq_norms(bad, (2, 2))
+    # Partial edge blocks: the reference's bits, and one entry by hand.
+    from sparse_rnnt.kernels.rerank.naive import block_scores
+
+    got = block_sq_norms(w, (4, 3))
+    assert got.shape == (2, 4) and torch.equal(got, block_scores(w, (4, 3)))
+    assert math.isclose(float(got[1, 3]), float(w[4:, 9].square().sum()), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["nm", "block"])
+def test_tensors_without_rows_in_every_backend(kind):
+    """A tensor with no rows beside others: the references (and magnitude_masks) give what the
+    triton path gives, an empty mask, instead of failing to reshape it."""
+    g = torch.Generator().manual_seed(40)
+    w = {"e": torch.randn(0, 8, generator=g), "a": torch.randn(4, 8, generator=g), "z": torch.randn(0, 3, 2)}
+    for scope in ("global", "per_tensor"):
+        want = _triton(w, 0.5, kind=kind, block=(2, 2), scope=scope)
+        got = rerank_masks_torch(w, 0.5, kind=kind, block=(2, 2), scope=scope)
+        assert want["e"].shape == (0, 8) and want["z"].shape == (0, 3, 2)
+        _assert_same(got, want)
+        _assert_same(magnitude_masks(w, 0.5, _gran(kind, block=(2, 2)), scope=scope), want)
+        assert int(want["a"].sum()) == 16  # half of 32 kept, in 2:4 groups or 2x2 blocks
+
+
+def test_always_keep_falls_back_to_reference(caplog):
     w = _weights([(10, 12), (3, 5)], torch.float32, seed=17, tied=True)
     g = torch.Generator().manual_seed(18)
     forced = {"w0": torch.rand(10, 12, generator=g) < 0.1}
     cand = {"w0": forced["w0"] | (torch.rand(10, 12, generator=g) < 0.7)}
     for scope in ("global", "per_tensor"):
         ref = magnitude_masks(w, 0.6, scope=scope, candidates=cand, always_keep=forced)
-        _assert_same(rerank_masks(w, 0.6, scope=scope, candidates=cand, always_keep=forced), ref)
+        with caplog.at_level(logging.INFO, logger="sparse_rnnt.kernels.rerank.select"):
+            _assert_same(rerank_masks(w, 0.6, scope=scope, candidates=cand, always_keep=forced), ref)
+    assert [r.getMessage() for r in caplog.records] == [
+        "rerank_masks: always_keep is implemented by the torch backend only; running backend 'torch'"] * 2
     ref = magnitude_masks(w, 0.5, _gran("nm"), always_keep={"w1": torch.eye(3, 5, dtype=torch.bool)})
     _assert_same(rerank_masks_torch(w, 0.5, kind="nm", always_keep={"w1": torch.eye(3, 5, dtype=torch.bool)}), ref)
 

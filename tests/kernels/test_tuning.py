@@ -27,6 +27,7 @@ def test_a_failing_config_is_infinitely_slow_and_logged_once(caplog, monkeypatch
         return [1.0, 0.5, 2.0] if quantiles else 1.0
 
     monkeypatch.setattr("triton.testing.do_bench", fake_do_bench)
+    monkeypatch.setattr(tuning, "_reported", set())
 
     def broken():
         raise RuntimeError("PassManager::run failed\ndetails")
@@ -46,3 +47,31 @@ def test_cuda_times_a_working_config():
     x = torch.randn(1 << 20, device="cuda")
     times = tuning.autotune_bench(lambda: x.mul_(1.0), (0.5, 0.2, 0.8))
     assert len(times) == 3 and all(0 < t < 10 for t in times) and times[1] <= times[0] <= times[2]
+
+
+def test_the_log_names_the_kernel_and_config_once_per_kernel_and_error(caplog, monkeypatch):
+    """The call Triton 3.6's autotuner hands to ``do_bench`` is read for its kernel and config (a
+    real ``Autotuner._bench``, its timer captured); one error text from two kernels is logged for
+    each."""
+    monkeypatch.setattr(tuning, "_reported", set())
+    calls = {}
+    for kernel in (fused._fwd_kernel, bsr._bsr_kernel):
+        monkeypatch.setattr(kernel, "nargs", {}, raising=False)
+        monkeypatch.setattr(kernel, "do_bench", lambda fn, quantiles, k=kernel: calls.setdefault(k, fn))
+        kernel._bench(config=kernel.configs[0])
+    assert tuning._describe(calls[fused._fwd_kernel]) == ("_fwd_kernel", str(fused._fwd_kernel.configs[0]))
+
+    def failing(fn):
+        def bench(fn=fn, warmup=None, rep=None, quantiles=None):
+            raise RuntimeError("PassManager::run failed")
+        return bench
+
+    with caplog.at_level(logging.WARNING, logger="sparse_rnnt.kernels.tuning"):
+        for kernel in (fused._fwd_kernel, bsr._bsr_kernel, fused._fwd_kernel):
+            monkeypatch.setattr("triton.testing.do_bench", failing(calls[kernel]))
+            assert tuning.autotune_bench(calls[kernel]) == math.inf
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert messages[0].startswith(f"autotuning _fwd_kernel skipped a config that failed ({fused._fwd_kernel.configs[0]};")
+    assert messages[1].startswith("autotuning _bsr_kernel skipped")
+    assert tuning._describe(lambda: None) == ("?", "?")

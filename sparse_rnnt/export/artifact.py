@@ -3,7 +3,8 @@
 Layout of an artifact directory (every file named in ``manifest.json`` with its SHA-256)::
 
     manifest.json       format, version, weight format, languages, files, sizes per format,
-                        the self-verification result, and per-layer details (runtime, 2:4 loss)
+                        the self-verification result, and per-layer details (2:4 loss, and
+                        the runtime each layer had in that verification, on its device)
     config.json         model config, number of symbols, feature config
     weights.safetensors dense tensors "dense/<param>" and compressed layers "sparse/<param>/<part>"
     masks.safetensors   multilingual artifacts only: every language's mask, bit-packed
@@ -34,7 +35,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,15 +121,20 @@ class ExportOptions:
             raise UserError("a multilingual artifact stores theta as dense or bitmap (--format dense|bitmap)")
         if self.multilingual and self.language is not None:
             raise UserError("--language and --all-languages exclude each other")
-        if len(self.block) != 2 or min(self.block) < 1:
-            raise UserError(f"--block must be two positive sizes, got {self.block}")
+        if len(self.block) != 2 or not all(is_int(b) and 1 <= b <= 256 for b in self.block):
+            # Every export sizes the BSR encoding for the manifest's table, whatever its format.
+            raise UserError(f"--block must be two integers in [1, 256], got {self.block}")
 
 
 def export_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], opts: ExportOptions) -> dict[str, Any]:
     """Export a (pruned) checkpoint to the artifact directory ``out`` (must not exist, or be an
     empty directory; not a symbolic link); returns the manifest. On failure nothing is left:
-    neither the artifact nor the parent directories the export created."""
+    neither the artifact nor the parent directories the export created. ``opts.device`` may be
+    ``auto`` (CUDA when available); a device this machine lacks is refused before any work."""
+    from ..training.trainer import resolve_device
+
     opts.validate()
+    opts = replace(opts, device=str(resolve_device(opts.device, what="device")))
     out = Path(out)
     created = _check_out(out)
     try:
@@ -273,6 +279,8 @@ def _projection_loss(layers: dict[str, Any], masked_l1: dict[str, float]) -> dic
     total = sum(masked_l1.values())
     lost = sum(layers[n]["lost_l1"] * masked_l1[n] for n in masked_l1)
     worst = max(sorted(masked_l1), key=lambda n: layers[n]["lost_l1"], default=None)
+    if worst is not None and layers[worst]["lost_l1"] == 0:
+        worst = None  # lossless: no layer to name
     return {"lost_l1": lost / total if total > 0 else 0.0, "worst_layer": worst,
             "worst_lost_l1": layers[worst]["lost_l1"] if worst is not None else 0.0}
 
@@ -294,12 +302,15 @@ def _verify(art: Artifact, rec: Any, languages: list[str], opts: ExportOptions,
     worst = max(errors.values())
     if not worst <= tol:
         hint = ""
-        if opts.fmt == "2:4":  # the usual cause: an unstructured mask projected to 2:4
-            if projection is not None and projection["lost_l1"] > 0:
-                hint = (f"; the 2:4 projection dropped {projection['lost_l1']:.2%} of the masked weights' L1 "
-                        f"magnitude (worst layer {projection['worst_layer']}: {projection['worst_lost_l1']:.2%})")
-            hint += ("; a mask not trained as 2:4 loses weights in the projection: prune with "
-                     "--granularity 2:4 for a lossless export, or raise --tolerance to accept the loss")
+        if opts.fmt == "2:4" and projection is not None and projection["lost_l1"] > 0:
+            # The usual cause: an unstructured mask projected to 2:4.
+            hint = (f"; the 2:4 projection dropped {projection['lost_l1']:.2%} of the masked weights' L1 "
+                    f"magnitude (worst layer {projection['worst_layer']}: {projection['worst_lost_l1']:.2%}); "
+                    "a mask not trained as 2:4 loses weights in the projection: prune with "
+                    "--granularity 2:4 for a lossless export, or raise --tolerance to accept the loss")
+        elif opts.dtype != "float32":
+            hint = (f"; nothing was dropped, so the difference is {opts.dtype} rounding: export in float32 or "
+                    "raise --tolerance")
         raise UserError(
             f"export refused: the artifact's outputs differ from the masked model's by {worst:.3g} "
             f"(max |diff| / max |logit|; tolerance {tol:g}, format {opts.fmt}, dtype {opts.dtype}){hint}"
@@ -592,7 +603,10 @@ def load_artifact(path: str | os.PathLike[str], device: str = "cpu", *, semi_str
     A multilingual artifact loads with no pathway selected: call :meth:`Artifact.set_language`
     before running its model (its layers raise ``ValueError`` otherwise)."""
     check_semi_structured(semi_structured)
-    dev = torch.device(device)
+    from ..training.trainer import resolve_device
+
+    # A device this machine lacks is said as such, not later as "corrupt artifact weights".
+    dev = resolve_device(str(device), what="device")
     masked_backend = _masked_backend(backend, dev)
     from ..model.masked import swap_linears
 
@@ -677,6 +691,8 @@ def load_artifact(path: str | os.PathLike[str], device: str = "cpu", *, semi_str
                 continue
             parent_name, _, attr = mod_name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
+    except torch.OutOfMemoryError:
+        raise  # the device's limit, not the file's fault
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{wpath}: corrupt artifact weights ({str(e).splitlines()[0]})") from None
 

@@ -68,12 +68,15 @@ def sparse_layers(model: nn.Module) -> dict[str, ExportedLinear]:
     return out
 
 
-def probe_rows(model: nn.Module, streams: Sequence[int] = (1,), *, chunks: int = 3, seed: int = 0) -> dict[str, Counter[int]]:
+def probe_rows(model: nn.Module, streams: Sequence[int] = (1,), *, chunks: int = 3, seed: int = 0,
+               decoding: str = "greedy", beam_width: int = 4) -> dict[str, Counter[int]]:
     """Row counts each sparse layer is called with while ``S`` streams (for each S in ``streams``)
     decode ``chunks`` chunks of noise with eager steps; ``{module name: Counter(rows)}``.
 
     Eager steps batch exactly the ready streams, so the counts are those of S concurrent streams
-    (graph steps pad to their bucket, which for S a power of two is S)."""
+    (graph steps pad to their bucket, which for S a power of two is S). ``decoding`` and
+    ``beam_width`` as the stream will decode: a beam runs the predictor and joiner on up to
+    ``beam_width`` rows per stream, greedy search on one."""
     from ..streaming import StreamingDecoder
     from ..streaming.encoder import geometry
 
@@ -91,7 +94,8 @@ def probe_rows(model: nn.Module, streams: Sequence[int] = (1,), *, chunks: int =
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
     try:
         g = torch.Generator().manual_seed(seed)
-        dec = StreamingDecoder(model, None, step_mode="eager")  # type: ignore[arg-type]
+        dec = StreamingDecoder(model, None, step_mode="eager", decoding=decoding,  # type: ignore[arg-type]
+                               beam_width=beam_width)
         hop = dec.logmel.config.hop_length
         chunk = geometry(model.rnnt).segment * hop  # samples of one segment (input frames x hop)
         for s in streams:
@@ -202,6 +206,8 @@ def choose_layer_runtimes(
         weights = dict(spec) if isinstance(spec, Mapping) else dict.fromkeys(spec, 1)
         if not weights or min(weights) < 1:
             raise ValueError(f"{name}: row counts must be >= 1, got {sorted(weights)}")
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in weights.values()):
+            raise ValueError(f"{name}: call counts must be integers >= 1, got {weights}")
         w = dense_weight(layer)
         dev, dt = w.device, layer.compute_dtype
         time_it = timer or device_timer(dev)

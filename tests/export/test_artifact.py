@@ -815,6 +815,42 @@ def test_hostile_model_sizes_are_refused_before_the_model_is_built(pruned, tmp_p
     assert len(built) == 1
 
 
+def test_device_errors_are_not_called_corrupt_weights(pruned, tmp_path):
+    art_dir = tmp_path / "a"
+    export_checkpoint(pruned["adaptive"], art_dir, ExportOptions(language="en"))
+    assert load_artifact(art_dir, device="auto").model.rnnt.joiner.linear.weight.device.type == (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match=r"^device cuda:99: (CUDA is not available|this machine has \d+ CUDA)"):
+        load_artifact(art_dir, device="cuda:99")
+    # Export resolves "auto" before any work and records the device it verified on.
+    manifest = export_checkpoint(pruned["adaptive"], tmp_path / "b", ExportOptions(language="en", device="auto"))
+    assert manifest["verification"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match=r"^device cuda:99: "):
+        export_checkpoint(pruned["adaptive"], tmp_path / "c", ExportOptions(language="en", device="cuda:99"))
+    assert not (tmp_path / "c").exists()
+
+
+def test_bad_block_is_refused_for_every_format_before_work():
+    # Every export encodes BSR for the manifest's size table, whatever its format.
+    for fmt in ("dense", "bitmap", "bsr"):
+        for block in ((512, 16), (16.0, 16), (0, 4), (4,)):
+            with pytest.raises(UserError, match=r"--block must be two integers in \[1, 256\]"):
+                ExportOptions(fmt=fmt, block=block).validate()
+    ExportOptions(fmt="bsr", block=(256, 1)).validate()
+
+
+def test_lossless_2to4_refusal_names_the_dtype_not_the_mask(pruned, tmp_path):
+    # A 2:4-trained mask loses nothing in the projection: a refusal at a tight tolerance is the
+    # dtype's rounding, and names no worst layer.
+    with pytest.raises(UserError) as e:
+        export_checkpoint(pruned["nm"], tmp_path / "a",
+                          ExportOptions(fmt="2:4", language="en", dtype="float16", tolerance=1e-9))
+    assert "float16 rounding" in str(e.value) and "not trained as 2:4" not in str(e.value)
+    assert not (tmp_path / "a").exists()
+    manifest = export_checkpoint(pruned["nm"], tmp_path / "b", ExportOptions(fmt="2:4", language="en"))
+    assert manifest["projection"]["lost_l1"] == 0 and manifest["projection"]["worst_layer"] is None
+
+
 def test_refused_export_leaves_no_directories_and_out_is_checked(pruned, tmp_path, monkeypatch):
     import os
 

@@ -154,6 +154,24 @@ def test_choice_refuses_bad_rows():
         choose_layer_runtimes(model, {"nope": [1]}, timer=lambda fn: 1.0)
     with pytest.raises(ValueError, match=">= 1"):
         choose_layer_runtimes(model, {sorted(ref)[0]: [0]}, timer=lambda fn: 1.0)
+    # Call counts weigh the times: zero or negative ones would invert the choice.
+    for calls in (0, -10, 2.5, True):
+        with pytest.raises(ValueError, match="call counts must be integers >= 1"):
+            choose_layer_runtimes(model, {sorted(ref)[0]: {1: calls}}, timer=lambda fn: 1.0)
+
+
+def test_probe_rows_of_a_beam_see_the_beam_width():
+    # The joiner (a small-row layer here) scores every hypothesis of the beam at once: rows up to
+    # the beam width per stream, which a greedy probe (one row) would not time.
+    model, _ = _sparse_tiny()
+    joiner = next(n for n in sparse_layers(model) if n.endswith("joiner.linear"))
+    greedy = probe_rows(model, (1,), chunks=3)
+    beam = probe_rows(model, (1,), chunks=3, decoding="beam", beam_width=4)
+    assert set(greedy[joiner]) == {1}
+    assert max(beam[joiner]) == 4
+    for name in greedy:  # the encoder's layers do not depend on the search
+        if "pos_ff" in name:
+            assert beam[name] == greedy[name]
 
 
 def test_real_timer_on_cpu_keeps_outputs():

@@ -10,11 +10,15 @@ CUDA also ``2:4-cutlass``, the 2:4 layers on torch's CUTLASS backend instead of 
 1 / 8 / 32 / 64 concurrent streams (CPU: 1 / 8 / 64): S streams of random audio are fed one
 160 ms chunk per tick through :class:`~sparse_rnnt.streaming.StreamingDecoder` (one batched
 encoder call per chunk step + greedy decoding), after a warm-up, and the per-step latency
-p50 / p99 (encoder + decoder, device synchronized) and the real-time factor are recorded. The
-floor of a step is the bytes of the in-scope weights in that format read once at the bandwidth
-of a measured device copy. CUDA runs bf16 weights, CPU fp32. Ratios are against ``dense`` (eager
-encoder step) of the same size and stream count, measured in the same process; ``--cuda-graphs``
-adds rows with the encoder step replayed as CUDA graphs (``step_mode``).
+p50 / p99 (encoder + decoder, device synchronized) and the compute seconds per second of audio
+(``compute_s_per_audio_s``: all streams' compute over all their audio, a throughput figure; the
+rows of earlier results call it ``rtf``) are recorded. Each row's percentiles are over the
+``timed_steps`` steps of its run: 2 s of audio on CPU (13 steps), 4 s on CUDA (25), so its p99
+is about the maximum of those steps. The floor of a step is the bytes of the in-scope weights in
+that format read once at the bandwidth of a measured device copy. CUDA runs bf16 weights, CPU
+fp32. Ratios are against ``dense`` of the same size, stream count and step mode, measured in the
+same process; ``--cuda-graphs`` adds rows with each step (encoder and greedy decoding) replayed
+as CUDA graphs (``step_mode``).
 
 The last format, ``linear-free``, is a ceiling, not a format: every layer the formats convert is
 replaced by :class:`FreeLinear`, which launches nothing and makes greedy decoding emit nothing.
@@ -24,7 +28,8 @@ decoder's loop) is not theirs to speed up.
 
 ``--load-minutes M`` adds the load test: 64 streams fed M minutes of audio each (CPU: tiny,
 CUDA: base, dense), memory sampled along the way (RSS; CUDA: allocated) to show no growth per
-stream, two streams re-decoded alone to check identical outputs, and the p99 step latency.
+stream, two streams re-decoded alone to check identical outputs, and the p99 step latency (over
+every step of the run, ``timed_steps``).
 Results: ``stream-<device>.json`` with machine, versions, commit and date, rewritten after each
 format's rows, so a run cut short (a device lease's limit) keeps what it measured
 (``"complete": false`` until the end).
@@ -152,8 +157,7 @@ def _run_streams(model, device: str, n_streams: int, seconds: float, seed: int =
     while dec.step(warm):
         pass
     dec.finish(warm)
-    dec.step_timings.clear()
-    dec.total_audio_s = dec.total_feature_s = 0.0
+    dec.reset_stats()
     streams = [dec.open() for _ in range(n_streams)]
     samples = int(seconds * 16000)
     audio = [0.1 * torch.randn(samples, generator=g) for _ in range(n_streams)]
@@ -272,8 +276,11 @@ def _rows(cells: dict[tuple[Any, ...], dict[str, Any]]) -> list[dict[str, Any]]:
         def med(k: str, runs: list[dict[str, float]] = runs) -> float:
             return statistics.median(r[k] for r in runs)
 
+        # timed_steps: how many steps the percentiles are over (with ~25, a p99 is about the max)
         row = {**cell["fixed"], "p50_ms": 1e3 * med("p50_s"), "p99_ms": 1e3 * med("p99_s"),
-               "encoder_p50_ms": 1e3 * med("encoder_p50_s"), "rtf": med("rtf"), "mean_batch": med("mean_batch")}
+               "timed_steps": int(min(r["window_steps"] for r in runs)),
+               "encoder_p50_ms": 1e3 * med("encoder_p50_s"), "compute_s_per_audio_s": med("compute_s_per_audio_s"),
+               "mean_batch": med("mean_batch")}
         if len(runs) > 1:
             row["p50_runs_ms"] = [1e3 * r["p50_s"] for r in runs]
         rows.append(row)
@@ -295,6 +302,25 @@ def _with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if "p50_runs_ms" in r and "p50_runs_ms" in d:
                 r["speedup_runs"] = [a / b for a, b in zip(d["p50_runs_ms"], r["p50_runs_ms"], strict=False)]
     return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The stream rows as a Markdown table; each p99 labelled with the steps it is over
+    (``n``), error rows listed after it."""
+    timed = [r for r in rows if "p50_ms" in r]
+    counts = {r["timed_steps"] for r in timed}
+    same = len(counts) == 1
+    p99 = f"p99 ms (n={counts.pop()})" if same else "p99 ms (n steps)"
+    lines = [f"| size | format | streams | step mode | p50 ms | {p99} | encoder p50 ms | compute s / audio s "
+             "| vs dense (p50) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in timed:
+        n = "" if same else f" (n={r['timed_steps']})"
+        ratio = f"{r['speedup_vs_dense_p50']:.2f}x" if "speedup_vs_dense_p50" in r else ""
+        lines.append(f"| {r['size']} | {r['format']} | {r['streams']} | {r['step_mode']} | {r['p50_ms']:.2f} "
+                     f"| {r['p99_ms']:.2f}{n} | {r['encoder_p50_ms']:.2f} | {r['compute_s_per_audio_s']:.4f} | {ratio} |")
+    lines += [f"error: {r.get('size')} {r.get('format')} {r.get('streams', '')}: {r['error']}"
+              for r in rows if "error" in r]
+    return "\n".join(lines)
 
 
 def _memory(device: str) -> int:
@@ -404,7 +430,8 @@ def load_test(device: str, minutes: float, n_streams: int = 64, max_wall_s: floa
         "step_mode": step_mode, "min_batch": fixed.get("min_batch", 1),
         "minutes_per_stream": minutes,
         "minutes_fed": min(fed * CHUNK, samples) / 16000 / 60, "truncated": fed < ticks,
-        "p50_ms": 1e3 * stats["p50_s"], "p99_ms": 1e3 * stats["p99_s"], "rtf": stats["rtf"], "wall_s": wall,
+        "p50_ms": 1e3 * stats["p50_s"], "p99_ms": 1e3 * stats["p99_s"], "timed_steps": int(stats["window_steps"]),
+        "compute_s_per_audio_s": stats["compute_s_per_audio_s"], "wall_s": wall,
         "memory": memory, "memory_growth_bytes": last - first,
         "memory_growth_per_stream_bytes": (last - first) / n_streams,
         "hypothesis_growth_bytes": hyp_bytes,
@@ -499,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(out, result)
     for r in rows:
         print(json.dumps(r))
+    if rows:
+        print(table(rows))
     if "load" in result:
         print(json.dumps({k: v for k, v in result["load"].items() if k != "memory"}))
     print(f"written to {out}")

@@ -153,7 +153,8 @@ def test_stream_rows_compare_with_dense_in_the_same_step_mode(monkeypatch):
         if model == "bsr":
             raise RuntimeError("builds, cannot run here (CUTLASS 2:4 on the H100)")
         ms = p50[(model, step_mode)] * (1 + n / 100)
-        return {"p50_s": ms / 1e3, "p99_s": ms / 1e3, "encoder_p50_s": ms / 2e3, "rtf": 0.1, "mean_batch": n}
+        return {"p50_s": ms / 1e3, "p99_s": ms / 1e3, "encoder_p50_s": ms / 2e3, "compute_s_per_audio_s": 0.1, "mean_batch": n,
+                "steps": 13.0, "window_steps": 13.0}
 
     monkeypatch.setattr(bs, "_build", build)
     monkeypatch.setattr(bs, "_run_streams", run)
@@ -186,7 +187,8 @@ def test_stream_auto_rows_choose_at_each_stream_count_on_a_fresh_model(monkeypat
 
     def run(model, device, n, seconds, step_mode):
         ms = 10.0 if model[0] == "dense" else 8.0
-        return {"p50_s": ms / 1e3, "p99_s": ms / 1e3, "encoder_p50_s": ms / 2e3, "rtf": 0.1, "mean_batch": n}
+        return {"p50_s": ms / 1e3, "p99_s": ms / 1e3, "encoder_p50_s": ms / 2e3, "compute_s_per_audio_s": 0.1, "mean_batch": n,
+                "steps": 13.0, "window_steps": 13.0}
 
     monkeypatch.setattr(bs, "_build", build)
     monkeypatch.setattr(bs, "_auto_choose", choose)
@@ -222,7 +224,8 @@ def test_stream_repeats_interleave_rounds_and_report_medians_and_spread(monkeypa
         order.append(model)
         drift = 1 + 0.1 * next(clock)
         ms = (10.0 if model == "dense" else 8.0) * drift
-        return {"p50_s": ms / 1e3, "p99_s": 2 * ms / 1e3, "encoder_p50_s": ms / 2e3, "rtf": 0.1, "mean_batch": n}
+        return {"p50_s": ms / 1e3, "p99_s": 2 * ms / 1e3, "encoder_p50_s": ms / 2e3, "compute_s_per_audio_s": 0.1, "mean_batch": n,
+                "steps": 13.0, "window_steps": 13.0}
 
     monkeypatch.setattr(bs, "_build", build)
     monkeypatch.setattr(bs, "_run_streams", run)
@@ -260,7 +263,8 @@ def test_stream_table_is_saved_after_each_format_and_takes_chosen_sizes(monkeypa
         if model == "bitmap":
             raise KeyboardInterrupt  # the lease's limit, mid-table
         ms = {"dense": 10.0, "2:4": 8.0, "bsr": 5.0, "linear-free": 4.0}[model]
-        return {"p50_s": ms / 1e3, "p99_s": ms / 1e3, "encoder_p50_s": ms / 2e3, "rtf": 0.1, "mean_batch": n}
+        return {"p50_s": ms / 1e3, "p99_s": ms / 1e3, "encoder_p50_s": ms / 2e3, "compute_s_per_audio_s": 0.1, "mean_batch": n,
+                "steps": 13.0, "window_steps": 13.0}
 
     real_write = bs.atomic_write_json
 
@@ -297,6 +301,32 @@ def test_stream_table_is_saved_after_each_format_and_takes_chosen_sizes(monkeypa
     for bad in ("bitmap,nope", "2:4-cutlass", ","):  # unknown; CUDA-only on cpu; empty
         with pytest.raises(SystemExit):
             bs.main(["--device", "cpu", "--formats", bad, "--out-dir", str(tmp_path)])
+
+
+def test_stream_rows_say_how_many_steps_their_p99_is_over(monkeypatch, capsys):
+    # A row's p99 comes from the steps of a few seconds of audio (13 on CPU, 25 on CUDA): about
+    # its maximum. Every row records that count, from the real run (warm-up steps excluded), and
+    # the printed table labels its p99 with it.
+    import benchmarks.stream as bs
+
+    model, _, _, _ = bs._build("tiny", "dense", "cpu", torch.float32)
+    stats = bs._run_streams(model, "cpu", 2, 0.5)  # 8000 samples: 51 frames -> 48 -> 3 chunks
+    assert stats["window_steps"] == stats["steps"] == 3 and stats["mean_batch"] == 2
+    assert stats["audio_s"] == pytest.approx(1.0)  # two streams of 0.5 s, not the warm-up's
+
+    def run(model, device, n, seconds, step_mode):
+        ms = 10.0 if model == "dense" else 8.0
+        return {"p50_s": ms / 1e3, "p99_s": ms / 1e3, "encoder_p50_s": ms / 2e3, "rtf": 0.1,
+                "compute_s_per_audio_s": 0.1, "mean_batch": n, "steps": 13.0, "window_steps": 13.0}
+
+    monkeypatch.setattr(bs, "_build", lambda size, fmt, device, dtype: (fmt, None, 1000, {"layer": fmt}))
+    monkeypatch.setattr(bs, "_run_streams", run)
+    monkeypatch.setattr(bs, "_bandwidth_gbps", lambda device: 1.0)
+    rows = bs.bench("cpu", quick=True, streams=(1,), formats=("bsr",))
+    assert [r["timed_steps"] for r in rows] == [13, 13]
+    assert all(r["compute_s_per_audio_s"] == 0.1 for r in rows)
+    text = bs.table(rows)
+    assert "p99 ms (n=13)" in text and "bsr" in text
 
 
 @pytest.mark.parametrize("step_mode", ["eager", "static"])

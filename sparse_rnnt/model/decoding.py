@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torchaudio.models import RNNTBeamSearch
 
@@ -165,13 +167,53 @@ class _EncodedFrames(torch.nn.Module):
 Hypotheses = list  # torchaudio ``Hypothesis`` tuples: (tokens with a leading blank, pred_out, state, score)
 
 
+@dataclass(frozen=True)
+class _Prefix:
+    """A link of a beam's shared prefix: the non-blank ``tokens`` moved out of the hypotheses by
+    one :meth:`BeamContinuation.extend`, after ``start`` non-blank tokens moved before them
+    (``parent``). Immutable: a beam extended from shares its chain, nothing is copied."""
+
+    tokens: tuple[int, ...]
+    start: int
+    parent: _Prefix | None
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
+
+
+@dataclass(frozen=True)
+class Beam:
+    """A beam between :meth:`BeamContinuation.extend` calls.
+
+    The tokens that every hypothesis shares are moved out of them: ``hyps`` are torchaudio
+    hypotheses whose token lists hold only what follows (each keeps at least its last token),
+    ``prefix_len`` counts the moved tokens (the leading blank included) and ``prefix`` holds the
+    moved non-blank ones. torchaudio's per-hypothesis work (its key ``str(tokens)``, compared to
+    merge hypotheses) then grows with the tails, not with the stream's age.
+    """
+
+    hyps: Hypotheses
+    prefix_len: int = 0
+    prefix: _Prefix | None = None
+
+    @property
+    def committed(self) -> int:
+        """Non-blank tokens in the prefix: the first ``committed`` tokens of every hypothesis."""
+        return 0 if self.prefix is None else self.prefix.end
+
+
 class BeamContinuation:
     """torchaudio's RNN-T beam search, fed encoder frames piece by piece.
 
-    ``extend(enc [1, T, D], hyps)`` continues the beam ``hyps`` (None: a fresh utterance) over
-    ``T`` more frames. Searching frames in pieces gives exactly the search over all of them at
-    once: the beam after a frame depends only on the beam before it and that frame, which is how
-    torchaudio's ``infer`` streams. ``best(hyps)`` is :func:`beam_search`'s answer (blank removed).
+    ``extend(enc [1, T, D], beam)`` continues ``beam`` (None: a fresh utterance) over ``T`` more
+    frames. Searching frames in pieces gives exactly the search over all of them at once: the
+    beam after a frame depends only on the beam before it and that frame, which is how
+    torchaudio's ``infer`` streams. ``best(beam)`` is :func:`beam_search`'s answer (blank removed).
+
+    Between calls the prefix all hypotheses share is kept apart (:class:`Beam`), and the search
+    ranks hypotheses with torchaudio's default key, ``score / (len(tokens) + 1)``, on their full
+    length (prefix included): the same floats, so the same beam as one search over every frame.
     """
 
     def __init__(self, model: EmformerRNNT, beam_width: int = 4, step_max_tokens: int = 100) -> None:
@@ -182,20 +224,58 @@ class BeamContinuation:
                             f"symbols, the most torchaudio's beam search can keep")
         self.model = model
         self.beam_width = beam_width
-        self._search = RNNTBeamSearch(_EncodedFrames(model.rnnt), model.blank, step_max_tokens=step_max_tokens)
+        self._offset = 0  # prefix_len of the beam being extended (read by _sort_key)
+        self._search = RNNTBeamSearch(_EncodedFrames(model.rnnt), model.blank, hypo_sort_key=self._sort_key,
+                                      step_max_tokens=step_max_tokens)
 
-    def extend(self, enc: torch.Tensor, hyps: Hypotheses | None) -> Hypotheses:
-        """``enc [1, T, D]`` (``T`` may be 0): the beam after these frames, best first."""
+    def _sort_key(self, hypo: tuple) -> float:
+        """torchaudio's default ranking on the hypothesis's full length (moved prefix included)."""
+        return hypo[3] / (self._offset + len(hypo[0]) + 1)
+
+    def extend(self, enc: torch.Tensor, beam: Beam | None) -> Beam:
+        """``enc [1, T, D]`` (``T`` may be 0): the beam after these frames, best first. ``beam``
+        is not changed (a failed call can be retried from it)."""
         if enc.dim() != 3 or enc.size(0) != 1:
             raise ValueError(f"expected encoder frames [1, T, D], got {tuple(enc.shape)}")
         length = torch.tensor([enc.size(1)], device=enc.device)
-        out, _ = self._search.infer(enc, length, self.beam_width, state=None, hypothesis=hyps)
-        return out
+        self._offset = 0 if beam is None else beam.prefix_len
+        out, _ = self._search.infer(enc, length, self.beam_width, state=None,
+                                    hypothesis=None if beam is None else beam.hyps)
+        return self._shared_out(out, beam)
 
-    def best(self, hyps: Hypotheses | None) -> list[int]:
-        if not hyps:
+    def _shared_out(self, hyps: Hypotheses, beam: Beam | None) -> Beam:
+        """``hyps`` with the tokens they all share moved to the prefix (each keeps its last)."""
+        tokens = [h[0] for h in hyps]
+        first, limit = tokens[0], min(len(t) for t in tokens) - 1
+        n = 0
+        while n < limit and all(t[n] == first[n] for t in tokens[1:]):
+            n += 1
+        prefix_len, prefix = (0, None) if beam is None else (beam.prefix_len, beam.prefix)
+        if n == 0:
+            return Beam(hyps, prefix_len, prefix)
+        moved = tuple(t for t in first[:n] if t != self.model.blank)
+        if moved:
+            prefix = _Prefix(moved, 0 if prefix is None else prefix.end, prefix)
+        return Beam([(t[n:], *h[1:]) for t, h in zip(tokens, hyps, strict=True)], prefix_len + n, prefix)
+
+    def best_since(self, beam: Beam | None, start: int) -> list[int]:
+        """The best hypothesis's non-blank tokens from index ``start`` on (``start`` at most
+        the ``committed`` count of a beam this one was extended from): the work is the tokens
+        returned, not the hypothesis's length."""
+        if beam is None:
             return []
-        return [int(t) for t in hyps[0][0] if t != self.model.blank]
+        if start > beam.committed:
+            raise ValueError(f"start {start} is past this beam's shared prefix ({beam.committed} tokens)")
+        parts = [[int(t) for t in beam.hyps[0][0] if t != self.model.blank]]
+        node = beam.prefix
+        while node is not None and node.end > start:
+            parts.append(list(node.tokens[max(0, start - node.start) :]))
+            node = node.parent
+        return [t for part in reversed(parts) for t in part]
+
+    def best(self, beam: Beam | None) -> list[int]:
+        """The best hypothesis's non-blank tokens (all of them)."""
+        return self.best_since(beam, 0)
 
 
 def decode(

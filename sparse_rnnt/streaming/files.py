@@ -77,7 +77,8 @@ def stream_files(
     layer_runtime: str = "kernels",
 ) -> tuple[list[StreamResult], dict[str, float]]:
     """Feed each file in ``piece_ms`` pieces as if it arrived live; returns the results and the
-    latency statistics (p50/p99 per chunk step, RTF) of all steps. Audio is resampled to the
+    decoder's :meth:`~StreamingDecoder.latency_stats` (p50/p99 per chunk step; ``rtf`` =
+    ``compute_s_per_audio_s``, all files' compute over all their audio). Audio is resampled to the
     artifact's ``features.sample_rate``, and ``audio_s``/RTF are in seconds of that audio.
     ``decoding``: ``greedy`` or ``beam`` (torchaudio's RNN-T beam search of width ``beam_width``,
     continued chunk by chunk). ``cuda_graphs``: replay the encoder step as CUDA graphs (CUDA,

@@ -8,7 +8,9 @@ small kernel launches per step at 64 streams. Kept here, a step gathers its rows
 whatever the number of streams.
 
 Slots are reused after :meth:`StatePool.release`; the pool doubles its capacity when every slot
-is taken (a stream keeps its slot index for its whole life).
+is taken (a stream keeps its slot index for its whole life). It never shrinks: after a burst of
+streams it keeps their memory (capacity: the most streams open at once, rounded up to a power of
+two times the initial capacity) until it is dropped. Shrinking would move live streams' slots.
 """
 
 from __future__ import annotations

@@ -3,27 +3,32 @@
 Pipeline per stream: PCM pieces -> :class:`~sparse_rnnt.streaming.features.StreamingLogMel`
 (the full front end's frames, computed incrementally) -> global CMVN -> every time
 ``segment + right_context`` frames are buffered, one Emformer chunk (``segment`` new frames plus
-``right_context`` look-ahead frames) -> greedy RNN-T decoding of the ``segment // stride`` new
-encoder frames, continuing from the stream's predictor state and hypothesis.
+``right_context`` look-ahead frames) -> RNN-T decoding (greedy, or torchaudio's beam search) of
+the ``segment // stride`` new encoder frames, continuing from the stream's predictor state and
+hypothesis (greedy) or its beam.
 
 All streams that have a chunk ready in a :meth:`StreamingDecoder.step` are encoded in ONE batched
 encoder call (:func:`~sparse_rnnt.streaming.encoder.encoder_step_tensors` on their rows of the
 :class:`~sparse_rnnt.streaming.pool.StatePool`, masking per-stream state so that streams at
-different positions batch exactly) and decoded in one batched greedy loop; a
-stream with no chunk ready is left out of that step. When the decoder has a ``mask_context``
-(per-language pathway masks), one call is made per language present in the step.
+different positions batch exactly) and decoded in one batched greedy loop (beam search: one
+search per stream); a stream with no chunk ready is left out of that step. A step stores
+nothing until its encoder and decoder both succeeded, so one that raises leaves its streams as
+they were. When the decoder has a ``mask_context`` (per-language pathway masks), one call is
+made per language present in the step.
 
 End of stream matches the full-utterance path (:meth:`EmformerRNNT.encode`): the features are
 trimmed to a multiple of the time-reduction stride (``trim_to_stride``), and after the last real
 frame the look-ahead is zeros (``pad_right_context``); a last segment shorter than
 ``segment_length`` is encoded with its padded frames masked, like the full path's short last
 segment. The final hypothesis therefore equals :func:`~sparse_rnnt.model.decoding.greedy_search`
-on the whole utterance, up to float rounding (encoder outputs agree to ~1e-6). Any length can be
-streamed: audio too short for a single feature frame (under ``n_fft // 2 + 1`` samples, no
-audio at all included) ends with no frames and an empty hypothesis.
+(beam: :func:`~sparse_rnnt.model.decoding.beam_search`) on the whole utterance, up to float
+rounding (encoder outputs agree to ~1e-6). Any length can be streamed: audio too short for a
+single feature frame (under ``n_fft // 2 + 1`` samples, no audio at all included) ends with no
+frames and an empty hypothesis.
 
 Audio is mono float PCM at the feature config's ``sample_rate`` (the model's training rate;
-16 kHz by default): durations and RTF are computed with that rate.
+16 kHz by default): durations and RTF are computed with that rate. Integer PCM is refused:
+convert it (int16: divide by 32768).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..data.features import FeatureConfig, GlobalCMVN, LogMel
-from ..model.decoding import BeamContinuation, Hypotheses, greedy_frames
+from ..model.decoding import Beam, BeamContinuation, PredictorState, greedy_frames
 from ..model.rnnt import EmformerRNNT
 from .encoder import EncoderState, encoder_step_tensors, geometry
 from .features import StreamingLogMel
@@ -54,8 +59,8 @@ if TYPE_CHECKING:
     from ..export.artifact import Artifact
     from ..training.inference import Recognizer
 
-LATENCY_WINDOW = 4096  # chunks per stream kept for latency statistics
-STEP_WINDOW = 65536  # decoder steps kept for latency_stats()
+LATENCY_WINDOW = 4096  # chunks per stream kept in chunk_latencies_s (the latest)
+STEP_WINDOW = 65536  # steps kept in step_timings (the latest): latency_stats()' percentiles
 
 
 @dataclass
@@ -64,8 +69,8 @@ class StepTiming:
 
     step: int
     batch_size: int
-    encoder_s: float  # chunk assembly + state gather/store + encoder
-    decoder_s: float  # greedy or beam search + predictor state gather/store
+    encoder_s: float  # chunk assembly + state gather + encoder
+    decoder_s: float  # greedy or beam search + predictor state gather + storing every state
     language: str | None = None
 
     @property
@@ -78,12 +83,17 @@ class PartialResult:
     """A stream's hypothesis after one chunk."""
 
     stream_id: str
-    chunk: int  # 0-based chunk index within the stream
+    # 0-based chunk index within the stream. A closing partial (see ``final``) repeats the last
+    # chunk's index (-1 for a stream that had none): it adds no chunk.
+    chunk: int
     tokens: list[int]  # hypothesis so far, this chunk's tokens included
     new_tokens: list[int]  # emitted by this chunk
     text: str | None  # tokenizer.decode(tokens) when the decoder has a tokenizer
-    latency_s: float  # encoder + decoder time of the step this chunk was in
-    final: bool  # True for the stream's last chunk
+    latency_s: float  # encoder + decoder time of the step this chunk was in (closing partial: 0)
+    # True exactly once per finished stream: for its last chunk when that chunk is encoded after
+    # end(), else (no right context: the last chunk may be encoded before end() is known; or no
+    # chunk at all) for a closing partial with no new tokens, from the step after end().
+    final: bool
     # Beam search may change its mind: the last ``revised`` tokens of the previous hypothesis
     # were replaced, so ``tokens == previous[:len(previous) - revised] + new_tokens`` (greedy: 0).
     revised: int = 0
@@ -95,7 +105,11 @@ class StreamResult:
     """Final result of a stream.
 
     ``processing_s`` is the stream's own feature time plus the full wall time of every batched
-    step it took part in (the latency it saw); ``rtf = processing_s / audio_s``.
+    step it took part in (the latency it saw); ``rtf = processing_s / audio_s``, this stream's
+    real-time factor. (:meth:`StreamingDecoder.latency_stats` gives the throughput of many
+    streams, ``compute_s_per_audio_s``.) ``chunk_latencies_s`` holds the latest
+    ``LATENCY_WINDOW`` chunks' step times only (4096, about 11 minutes of 160 ms chunks), so a
+    stream of hours stays bounded; ``num_chunks`` counts them all.
     """
 
     stream_id: str
@@ -127,10 +141,12 @@ class Stream:
     ended: bool = False
     total_frames: int | None = None  # after end: frames kept by trim_to_stride
     tokens: list[int] = field(default_factory=list)
-    hyps: Hypotheses | None = None  # beam decoding: the beam so far (None before the first frame)
+    hyps: Beam | None = None  # beam decoding: the beam so far (None before the first frame)
     chunks: int = 0
+    final_sent: bool = False  # its final partial was emitted
     feature_s: float = 0.0
-    step_s: float = 0.0
+    step_s: float = 0.0  # whole steps it took part in (the latency it saw)
+    step_share_s: float = 0.0  # its share of them (a step's time over the streams in it)
     # Bounded: a stream that runs for hours must not grow (the latest LATENCY_WINDOW chunks).
     chunk_latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
@@ -155,7 +171,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 class StreamingDecoder:
-    """Streaming greedy RNN-T recognition for any number of concurrent streams.
+    """Streaming RNN-T recognition (greedy or beam search) for any number of concurrent streams.
 
     Typical single-stream use::
 
@@ -179,6 +195,10 @@ class StreamingDecoder:
     batch sizes (bf16 does, on CPU and GPU), which changes greedy choices between near-equal
     logits; one fixed size removes that, at the cost of padded rows. Every stream's state is a row
     of :attr:`pool` (a :class:`StatePool`).
+
+    A step is all or nothing: an exception inside it (a model error, CUDA out of memory,
+    ``KeyboardInterrupt``) leaves its streams and their pool rows as they were, so calling
+    :meth:`step` again decodes exactly as if it had not failed.
 
     ``mask_context(language)``: a context manager under which the model's weights are those of
     ``language`` (e.g. :meth:`Recognizer.masked`); when given, each step batches streams per
@@ -257,10 +277,8 @@ class StreamingDecoder:
         )
         self.pool = StatePool(self.geometry, self.device, self.dtype)
         self.streams: dict[str, Stream] = {}
-        self.step_timings: deque[StepTiming] = deque(maxlen=STEP_WINDOW)  # bounded, latest steps
-        self._steps = 0
-        self.total_audio_s = 0.0  # audio of finished streams
-        self.total_feature_s = 0.0
+        self._steps = 0  # steps run, ever (StepTiming.step)
+        self.reset_stats()
         self._ids = itertools.count()
         if cmvn is not None and cmvn.dim != self.logmel.config.n_mels:
             raise ValueError(f"CMVN has {cmvn.dim} bins, the front end {self.logmel.config.n_mels}")
@@ -372,13 +390,14 @@ class StreamingDecoder:
         compute the frames they complete.
 
         NaN or Inf samples raise ``ValueError`` (the stream stays open, without them): they would
-        turn every frame they touch, and through the encoder state the rest of the stream, to NaN."""
+        turn every frame they touch, and through the encoder state the rest of the stream, to NaN.
+        So do integer and complex samples: cast, int16 PCM would be 32768 times too loud."""
         s = self._get(stream)
         if s.ended:
             raise ValueError(f"stream {s.id!r} has ended; it accepts no more audio")
         # The frontend computes features on the CPU; check the CPU copy so a CUDA input costs
         # one transfer, not an extra device sync for the check.
-        samples = _mono(samples, "samples").detach().to(device="cpu", dtype=torch.float32)
+        samples = _pcm(samples, "samples").detach().to(device="cpu", dtype=torch.float32)
         if not bool(torch.isfinite(samples).all()):
             raise ValueError(f"stream {s.id!r}: non-finite samples (NaN or Inf)")
         t0 = time.perf_counter()
@@ -401,10 +420,11 @@ class StreamingDecoder:
         s.total_frames = s.received_frames - s.received_frames % stride
 
     def ready(self, stream: Stream | str) -> bool:
-        """Whether the stream has a chunk to encode now."""
+        """Whether :meth:`step` has work for the stream now: a chunk to encode, or (ended) its
+        final partial to emit."""
         s = self._get(stream)
         if s.ended:
-            return not s.done
+            return not s.done or not s.final_sent
         return s.received_frames >= s.start + self.geometry.chunk
 
     def close(self, stream: Stream | str) -> None:
@@ -413,8 +433,9 @@ class StreamingDecoder:
 
     # --- processing -------------------------------------------------------------------------
 
-    def _take_chunk(self, s: Stream) -> tuple[torch.Tensor, int]:
-        """The stream's next ``[segment + right_context, F]`` chunk and its real segment frames.
+    def _next_chunk(self, s: Stream) -> tuple[torch.Tensor, int]:
+        """The stream's next ``[segment + right_context, F]`` chunk and its real segment frames
+        (the stream is not changed: :meth:`_step_group` advances it once the step succeeded).
 
         Past the (trimmed) end of an ended stream, frames are zeros, as in the full path's
         right-context padding; the segment part of a short last chunk is masked in the encoder.
@@ -425,12 +446,7 @@ class StreamingDecoder:
         avail = min(geo.chunk, limit - s.start)
         chunk = torch.zeros(geo.chunk, s.frames.size(1))
         chunk[:avail] = s.frames[:avail]
-        valid = min(geo.segment, avail)
-        # The next segment starts after this one; its frames stay buffered (they are this
-        # chunk's look-ahead).
-        s.frames = s.frames[geo.segment :]
-        s.start += geo.segment
-        return chunk, valid
+        return chunk, min(geo.segment, avail)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -439,20 +455,26 @@ class StreamingDecoder:
     def step(self, streams: Iterable[Stream | str] | None = None) -> list[PartialResult]:
         """Encode and decode one chunk of every given (default: every open) stream that has one.
 
-        Returns one :class:`PartialResult` per processed stream (also passed to ``on_partial``).
-        A stream listed twice raises ``ValueError``.
+        Returns one :class:`PartialResult` per processed stream (also passed to ``on_partial``),
+        and the closing partial of every given stream that has ended with its last chunk already
+        encoded (see :attr:`PartialResult.final`). A stream listed twice raises ``ValueError``.
+
+        Each batched call (one per language, and per ``max_batch`` streams in static modes) is
+        all or nothing: if it raises, its streams are as before it; calls that completed before
+        it stay done (their partials went to ``on_partial``).
         """
         pool = self.streams.values() if streams is None else self._listed(streams, "step")
-        batch = [s for s in pool if self.ready(s)]
-        if not batch:
-            return []
+        ready = [s for s in pool if self.ready(s)]
+        # Ended with every chunk encoded: only the final partial is left to emit.
+        results = [self._closing(s) for s in ready if s.done]
+        batch = [s for s in ready if not s.done]
         groups: dict[str | None, list[Stream]] = {}
         if self._mask_context is None:
-            groups[None] = batch
+            if batch:
+                groups[None] = batch
         else:
             for s in batch:
                 groups.setdefault(s.language, []).append(s)
-        results: list[PartialResult] = []
         # Fixed-size steps hold at most max_batch streams: larger groups take several calls.
         limit = self.max_batch if self._static is not None else len(batch)
         for language, group in groups.items():
@@ -461,83 +483,133 @@ class StreamingDecoder:
                     results.extend(self._step_group(group[i : i + limit], language))
         return results
 
+    def _closing(self, s: Stream) -> PartialResult:
+        """The final partial of a stream whose last chunk was encoded before it ended (or that
+        had none): its hypothesis, no new tokens."""
+        fc = self.logmel.config
+        s.final_sent = True
+        partial = PartialResult(
+            stream_id=s.id, chunk=s.chunks - 1, tokens=list(s.tokens), new_tokens=[], text=self._text(s.tokens),
+            latency_s=0.0, final=True, audio_end_s=min(s.start * fc.hop_length / fc.sample_rate, s.audio_s),
+        )
+        if self.on_partial is not None:
+            self.on_partial(partial)
+        return partial
+
     def _step_group(self, group: list[Stream], language: str | None) -> list[PartialResult]:
+        """One batched chunk of every stream in ``group``, all or nothing.
+
+        Everything is computed first (chunks read, not taken; encoder and decoder outputs kept
+        aside), then stored: pool rows, the streams' frames and hypotheses. An exception before
+        that changes nothing; one while storing (Ctrl-C) puts back the pool rows gathered for
+        the step and each stream's O(1) snapshot (references, lengths, the replaced tail)."""
         geo = self.geometry
         t0 = time.perf_counter()
         with torch.inference_mode():
-            taken = [self._take_chunk(s) for s in group]
+            taken = [self._next_chunk(s) for s in group]
             chunk = torch.stack([c for c, _ in taken]).to(self.device, self.dtype)  # [B, chunk, F]
             slots = [s.slot for s in group]
             # Real frames, frames processed and state slot of every stream: one host-to-device copy.
-            valid, past, idx = torch.tensor(
-                [[v for _, v in taken], [self.pool.past[i] for i in slots], slots]).to(self.device).unbind(0)
-            args = (chunk, valid, past, *self.pool.encoder_rows(idx))
+            past_host = [self.pool.past[i] for i in slots]
+            valid, past, idx = torch.tensor([[v for _, v in taken], past_host, slots]).to(self.device).unbind(0)
+            old_enc = self.pool.encoder_rows(idx)  # copies: the step's input, and its undo
+            args = (chunk, valid, past, *old_enc)
             if self._static is None:
                 enc, keys, vals, mems = encoder_step_tensors(self.model.rnnt, *args)
             else:
-                # Views of the bucket's outputs: stored (copied) before its next run.
+                # Views of the bucket's outputs: stored (copied) below, before its next run.
                 enc, keys, vals, mems = self._static.run_stacked(*args)
-            self.pool.store_encoder(slots, idx, keys, vals, mems)
             self._sync()
             t1 = time.perf_counter()
             frames = valid // geo.stride
+            old_pred = None
             if self._beam is None:
-                new_tokens, revised = self._greedy(group, idx, enc, frames), [0] * len(group)
+                old_pred = self.pool.predictor_rows(idx)
+                new_tokens, pred, state = self._greedy(enc, frames, *old_pred)
+                keep = [len(s.tokens) for s in group]
+                beams: list[Beam | None] = [s.hyps for s in group]
             else:
-                new_tokens, revised = self._beam_step(group, enc, frames)
+                beams, keep, new_tokens = self._beam_step(group, enc, frames)
             self._sync()
+            # Every computation succeeded: store. Undo data first (O(1) per stream, plus the
+            # tokens a beam revision replaces).
+            undo = [(s.frames, s.start, s.hyps, k, s.tokens[k:], s.final_sent) for s, k in zip(group, keep, strict=True)]
+            try:
+                self.pool.store_encoder(slots, idx, keys, vals, mems)
+                if old_pred is not None:
+                    self.pool.store_predictor(idx, pred, state)
+                for s, k, new, beam in zip(group, keep, new_tokens, beams, strict=True):
+                    del s.tokens[k:]
+                    s.tokens.extend(new)
+                    s.hyps = beam
+                    # The next segment starts after this one; its frames stay buffered (they
+                    # are this chunk's look-ahead).
+                    s.frames = s.frames[geo.segment :]
+                    s.start += geo.segment
+                    s.final_sent = s.done
+            except BaseException:
+                self.pool.store_encoder(slots, idx, *old_enc)  # advances past: set back below
+                for slot, p in zip(slots, past_host, strict=True):
+                    self.pool.past[slot] = p
+                if old_pred is not None:
+                    self.pool.store_predictor(idx, *old_pred)
+                for s, (frames_, start, hyps, k, tail, final_sent) in zip(group, undo, strict=True):
+                    del s.tokens[k:]
+                    s.tokens.extend(tail)
+                    s.frames, s.start, s.hyps, s.final_sent = frames_, start, hyps, final_sent
+                raise
         t2 = time.perf_counter()
+        # Committed. Statistics and partials (a failing on_partial leaves the step done).
         timing = StepTiming(self._steps, len(group), t1 - t0, t2 - t1, language)
-        self._steps += 1
-        self.step_timings.append(timing)
+        self._record(timing)
         results = []
         fc = self.logmel.config
-        for i, (s, new) in enumerate(zip(group, new_tokens, strict=True)):
+        for s, new, (_, _, _, _, tail, _) in zip(group, new_tokens, undo, strict=True):
             s.step_s += timing.total_s
+            s.step_share_s += timing.total_s / len(group)
             s.chunk_latencies_s.append(timing.total_s)
-            partial = PartialResult(
+            results.append(PartialResult(
                 stream_id=s.id, chunk=s.chunks, tokens=list(s.tokens), new_tokens=new,
-                text=self._text(s.tokens), latency_s=timing.total_s, final=s.done, revised=revised[i],
+                text=self._text(s.tokens), latency_s=timing.total_s, final=s.done, revised=len(tail),
                 audio_end_s=min(s.start * fc.hop_length / fc.sample_rate, s.audio_s),
-            )
+            ))
             s.chunks += 1
-            results.append(partial)
-            if self.on_partial is not None:
+        if self.on_partial is not None:
+            for partial in results:
                 self.on_partial(partial)
         return results
 
-    def _greedy(self, group: list[Stream], idx: torch.Tensor, enc: torch.Tensor,
-                frames: torch.Tensor) -> list[list[int]]:
+    def _greedy(self, enc: torch.Tensor, frames: torch.Tensor, pred: torch.Tensor,
+                state: PredictorState) -> tuple[list[list[int]], torch.Tensor, PredictorState]:
         """Batched greedy search over ``enc [B, T, D]`` (row ``b`` has ``frames[b]`` real frames),
-        continuing the predictor state of the streams in slots ``idx``; the rule of
-        ``greedy_search``."""
-        pred, state = self.pool.predictor_rows(idx)
+        continuing from predictor output ``pred [B, 1, D']`` and LSTM ``state``; the rule of
+        ``greedy_search``. Returns the new tokens per row and the final predictor (not stored)."""
         if self._static_greedy is None:
-            new, pred, state = greedy_frames(self.model, enc, frames, pred, state, self.max_symbols_per_frame)
-        else:
-            new, pred, state = self._static_greedy.decode(enc, frames, pred, state)
-        self.pool.store_predictor(idx, pred, state)
-        for b, s in enumerate(group):
-            s.tokens.extend(new[b])
-        return new
+            return greedy_frames(self.model, enc, frames, pred, state, self.max_symbols_per_frame)
+        return self._static_greedy.decode(enc, frames, pred, state)
 
     def _beam_step(self, group: list[Stream], enc: torch.Tensor,
-                   frames: torch.Tensor) -> tuple[list[list[int]], list[int]]:
-        """Continue each stream's beam over its real frames of ``enc [B, T, D]``; the new best
-        hypothesis replaces ``s.tokens``. Returns per stream the tokens after the common prefix
-        with the previous best, and how many previous tokens were replaced."""
+                   frames: torch.Tensor) -> tuple[list[Beam | None], list[int], list[list[int]]]:
+        """Continue each stream's beam over its real frames of ``enc [B, T, D]`` (the streams are
+        not changed). Returns per stream the new beam, how many tokens of its current hypothesis
+        the new best keeps (their common prefix) and the best's tokens after them.
+
+        The first ``committed`` tokens of the old beam are in every hypothesis since, so only
+        what follows them is compared: work per chunk that does not grow with the stream's age."""
         assert self._beam is not None
-        new, revised = [], []
+        beams: list[Beam | None] = []
+        keep, new = [], []
         for b, (s, n) in enumerate(zip(group, frames.tolist(), strict=True)):
-            s.hyps = self._beam.extend(enc[b : b + 1, :n], s.hyps)
-            best = self._beam.best(s.hyps)
-            keep = 0
-            while keep < min(len(best), len(s.tokens)) and best[keep] == s.tokens[keep]:
-                keep += 1
-            new.append(best[keep:])
-            revised.append(len(s.tokens) - keep)
-            s.tokens = best
-        return new, revised
+            beam = self._beam.extend(enc[b : b + 1, :n], s.hyps)
+            start = 0 if s.hyps is None else s.hyps.committed  # s.tokens[:start] is settled
+            best, old = self._beam.best_since(beam, start), s.tokens[start:]
+            k = 0
+            while k < min(len(best), len(old)) and best[k] == old[k]:
+                k += 1
+            beams.append(beam)
+            keep.append(start + k)
+            new.append(best[k:])
+        return beams, keep, new
 
     def _text(self, tokens: list[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(tokens)
@@ -569,6 +641,7 @@ class StreamingDecoder:
         self._drop(s)
         self.total_audio_s += s.audio_s
         self.total_feature_s += s.feature_s
+        self.total_compute_s += s.feature_s + s.step_share_s
         processing = s.feature_s + s.step_s
         audio = s.audio_s
         return StreamResult(
@@ -584,7 +657,7 @@ class StreamingDecoder:
     ) -> StreamResult:
         """Stream ``wave [T]`` (or ``[1, T]``) through a fresh stream in pieces of ``piece_sizes``
         samples (cycled positive integers; default 100 ms) and return the final result."""
-        wave = _mono(wave, "wave")
+        wave = _pcm(wave, "wave")  # before the stream opens
         if piece_sizes is None:
             piece_sizes = [max(1, self.logmel.config.sample_rate // 10)]
         pieces = iter_pieces(wave, piece_sizes)  # validates the sizes before the stream opens
@@ -607,7 +680,7 @@ class StreamingDecoder:
         ``waves``: ``S`` mono tensors ``[T_i]`` (or ``[1, T_i]``); ``piece_samples`` an integer
         >= 1 (1600 = 100 ms at 16 kHz); ``start_ticks`` integers >= 0. Returns the results in input order."""
         piece_samples = _positive_int("piece_samples", piece_samples)  # 0 would never end a stream
-        waves = [_mono(w, f"waves[{i}]") for i, w in enumerate(waves)]
+        waves = [_pcm(w, f"waves[{i}]") for i, w in enumerate(waves)]
         n = len(waves)
         starts = list(start_ticks) if start_ticks is not None else [0] * n
         langs = list(languages) if languages is not None else [None] * n
@@ -645,24 +718,54 @@ class StreamingDecoder:
             raise
         return [results[i] for i in range(n)]
 
-    def latency_stats(self) -> dict[str, float]:
-        """Per-step latency summary (seconds) and throughput over finished streams.
+    def reset_stats(self) -> None:
+        """Start the statistics afresh (e.g. after a warm-up): step timings and every total.
+        Open streams keep their own counters; their audio counts when they finish."""
+        self.step_timings: deque[StepTiming] = deque(maxlen=STEP_WINDOW)  # bounded, latest steps
+        self.total_steps = 0  # running totals, over every step since the last reset
+        self.total_batch = 0
+        self.total_audio_s = 0.0  # finished streams: their audio,
+        self.total_feature_s = 0.0  # their front-end time,
+        self.total_compute_s = 0.0  # and that plus their share of every step
 
-        ``rtf`` = (feature time of finished streams + all step time) / audio of finished streams.
+    def _record(self, timing: StepTiming) -> None:
+        self._steps += 1
+        self.total_steps += 1
+        self.total_batch += timing.batch_size
+        self.step_timings.append(timing)
+
+    def latency_stats(self) -> dict[str, float]:
+        """Step latency and throughput since the decoder was made (or :meth:`reset_stats`).
+
+        - ``steps``: batched chunk steps run; ``mean_batch``: streams per step, over all of them.
+        - ``p50_s``, ``p99_s``, ``encoder_p50_s``, ``decoder_p50_s``: percentiles of the step
+          time (encoder + decoder) over the latest ``window_steps`` steps (at most
+          ``STEP_WINDOW``). With few steps a p99 is close to the maximum.
+        - ``audio_s``: audio of the finished streams, summed over streams.
+        - ``processing_s``: their compute: each one's front-end time plus its share of every
+          step it was in (the step's time over its streams), so a step shared by S streams
+          counts once. Open and closed (:meth:`close`) streams count in neither.
+        - ``compute_s_per_audio_s`` = ``processing_s / audio_s``: compute seconds per second of
+          audio, a throughput figure. With S streams per step it is about 1/S of a stream's
+          own :attr:`StreamResult.rtf`, the latency each stream saw. ``rtf`` is the same value
+          (the CLI's "overall RTF"), kept for its readers.
         """
-        totals = [t.total_s for t in self.step_timings]
-        step_s = sum(totals)
+        timings = self.step_timings
+        totals = [t.total_s for t in timings]
         audio = self.total_audio_s
+        throughput = self.total_compute_s / audio if audio > 0 else math.nan
         return {
-            "steps": float(len(totals)),
-            "mean_batch": sum(t.batch_size for t in self.step_timings) / len(totals) if totals else math.nan,
+            "steps": float(self.total_steps),
+            "window_steps": float(len(totals)),
+            "mean_batch": self.total_batch / self.total_steps if self.total_steps else math.nan,
             "p50_s": percentile(totals, 50),
             "p99_s": percentile(totals, 99),
-            "encoder_p50_s": percentile([t.encoder_s for t in self.step_timings], 50),
-            "decoder_p50_s": percentile([t.decoder_s for t in self.step_timings], 50),
+            "encoder_p50_s": percentile([t.encoder_s for t in timings], 50),
+            "decoder_p50_s": percentile([t.decoder_s for t in timings], 50),
             "audio_s": audio,
-            "processing_s": self.total_feature_s + step_s,
-            "rtf": (self.total_feature_s + step_s) / audio if audio > 0 else math.nan,
+            "processing_s": self.total_compute_s,
+            "compute_s_per_audio_s": throughput,
+            "rtf": throughput,
         }
 
 
@@ -700,6 +803,16 @@ def _positive_int(name: str, value: object, minimum: int = 1) -> int:
     if n < minimum:
         raise ValueError(f"{name} must be {what}, got {n}")
     return n
+
+
+def _pcm(wave: torch.Tensor, name: str) -> torch.Tensor:
+    """:func:`_mono`, refusing samples that are not real floats (int16 PCM cast to float is
+    32768 times too loud and decodes to garbage; complex would lose its imaginary part)."""
+    wave = _mono(wave, name)
+    if not wave.is_floating_point():  # complex dtypes are not floating point either
+        raise ValueError(f"{name}: expected float PCM samples in [-1, 1], got {wave.dtype}; convert first "
+                         f"(e.g. int16 PCM / 32768: pcm.float() / 32768)")
+    return wave
 
 
 def _mono(wave: torch.Tensor, name: str) -> torch.Tensor:

@@ -36,14 +36,15 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(n)
 
 
-def tiny_model(left_context: int = 6, memory: int = 0, seed: int = 0) -> EmformerRNNT:
+def tiny_model(left_context: int = 6, memory: int = 0, seed: int = 0, **overrides: object) -> EmformerRNNT:
     """2-layer random model; left context of 6 Emformer frames (< 2 chunks) so the
-    left-context window fills and slides within a short utterance."""
+    left-context window fills and slides within a short utterance. ``overrides``: more
+    :func:`model_config` fields (e.g. ``right_context_length``)."""
     torch.manual_seed(seed)
     cfg = model_config(
         "tiny", encoding_dim=64, time_reduction_input_dim=16, transformer_ffn_dim=64,
         transformer_num_layers=2, symbol_embedding_dim=32, transformer_left_context_length=left_context,
-        transformer_max_memory_size=memory,
+        transformer_max_memory_size=memory, **overrides,  # type: ignore[arg-type]
     )
     model = build_model(cfg, 12, verbose=False).eval()
     with torch.no_grad():  # random joiner emits on every frame; make blank win about half the time
@@ -77,6 +78,14 @@ def full_greedy(model: EmformerRNNT, cmvn: GlobalCMVN, wave: torch.Tensor) -> li
     """The reference: full-utterance front end + CMVN + batched greedy_search."""
     x = cmvn.normalize(LogMel()(wave))
     return greedy_search(model, x[None], torch.tensor([x.size(0)]))[0]
+
+
+def full_beam(model: EmformerRNNT, cmvn: GlobalCMVN, wave: torch.Tensor, beam_width: int) -> list[int]:
+    """The beam reference: full-utterance front end + CMVN + beam_search."""
+    from sparse_rnnt.model.decoding import beam_search
+
+    x = cmvn.normalize(LogMel()(wave))
+    return beam_search(model, x[None], torch.tensor([x.size(0)]), beam_width=beam_width)[0]
 
 
 def random_sizes(seed: int, count: int = 64, high: int = 4000) -> list[int]:
@@ -688,3 +697,316 @@ def test_partials_say_how_much_audio_they_cover(setup) -> None:
     for p in parts:
         assert p.audio_end_s == pytest.approx(min((p.chunk + 1) * seg * 0.01, audio_s), abs=1e-9)
     assert parts[-1].audio_end_s == pytest.approx(audio_s, abs=0.04 + 1e-9)  # the trimmed < stride tail
+
+
+# --- a step that fails -------------------------------------------------------------------------
+
+
+class _Fault:
+    """Raises ``exc`` at its ``after``-th call once armed, then never again (a transient error: a
+    CUDA OOM, a model error, Ctrl-C). Use as a forward pre-hook or call it from a wrapper."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+        self.countdown: int | None = None
+        self.fired = 0
+
+    def arm(self, after: int) -> None:
+        self.countdown = after
+
+    def __call__(self, *args: object) -> None:
+        if self.countdown is not None:
+            self.countdown -= 1
+            if self.countdown == 0:
+                self.countdown = None
+                self.fired += 1
+                raise self.exc
+
+
+def _snapshot(dec: StreamingDecoder, streams: list) -> list:
+    """Everything a step may change, by value: the streams' fields and their pool rows."""
+    out: list = [dec._steps, len(dec.step_timings)]
+    for s in streams:
+        st = dec.encoder_state(s)
+        idx = torch.tensor([s.slot])
+        pred, state = dec.pool.predictor_rows(idx)
+        out.append((s.start, s.frames.clone(), list(s.tokens), s.chunks, s.hyps, st.key, st.value, st.memory,
+                    st.past, pred, [x for layer in state for x in layer], list(s.chunk_latencies_s)))
+    return out
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (list, tuple)) and not isinstance(a, str):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a is b or a == b
+
+
+@pytest.mark.parametrize("step_mode", ["eager", "static"])
+@pytest.mark.parametrize("decoding", ["greedy", "beam"])
+@pytest.mark.parametrize("where", ["encoder", "decoder"])
+def test_a_failed_step_leaves_its_streams_as_before(setup, step_mode: str, decoding: str, where: str) -> None:
+    # A step that raises part way (the encoder, or the decoder after some of its work) must leave
+    # every stream of the step and the state pool as they were: retrying the step then gives the
+    # full-utterance result. Before the fix the chunk was taken before the encoder ran and the
+    # encoder state stored before decoding: the streams silently skipped audio.
+    model, cmvn, waves = setup
+    pair = [waves[1], waves[2]]
+    width = 3
+    refs = [full_greedy(model, cmvn, w) if decoding == "greedy" else full_beam(model, cmvn, w, width) for w in pair]
+    dec = StreamingDecoder(model, cmvn, decoding=decoding, beam_width=width, step_mode=step_mode, max_batch=4)
+    streams = [dec.open(), dec.open()]
+    partials: list[PartialResult] = []
+    dec.on_partial = partials.append
+    if where == "encoder":
+        fault = _Fault(RuntimeError("CUDA out of memory (injected)"))
+        handle = model.rnnt.transcriber.input_linear.register_forward_pre_hook(fault)
+        after = 1
+    elif decoding == "greedy":  # within the greedy loop, after the predictor has advanced
+        fault = _Fault(KeyboardInterrupt())
+        handle = model.rnnt.joiner.register_forward_pre_hook(fault)
+        after = 3
+    else:  # the second stream's beam, after the first stream's beam was extended
+        fault = _Fault(KeyboardInterrupt())
+        extend = dec._beam.extend
+
+        def failing_extend(*args: object) -> object:
+            fault()
+            return extend(*args)
+
+        dec._beam.extend = failing_extend  # type: ignore[method-assign]
+        handle = None
+        after = 2
+    try:
+        for tick, start in enumerate(range(0, max(w.numel() for w in pair), 2560)):
+            for s, w in zip(streams, pair, strict=True):
+                dec.accept(s, w[start : start + 2560])
+            if tick in (3, 6):
+                assert all(dec.ready(s) for s in streams)  # the failing step holds both streams
+                before = _snapshot(dec, streams)
+                seen = len(partials)
+                fault.arm(after)
+                with pytest.raises(type(fault.exc)):
+                    dec.step(streams)
+                assert _same(_snapshot(dec, streams), before) and len(partials) == seen
+            while dec.step(streams):
+                pass
+        results = dec.finish(streams)
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert fault.fired == 2
+    assert all(len(r) > 0 for r in refs)
+    assert [r.tokens for r in results] == refs
+    geo = dec.geometry
+    for r, w in zip(results, pair, strict=True):
+        frames = (1 + w.numel() // 160) // geo.stride * geo.stride
+        assert r.num_chunks == math.ceil(frames / geo.segment) == len(r.chunk_latencies_s)
+    for s in streams:  # every chunk's partial once, in order, the last one final
+        mine = [p for p in partials if p.stream_id == s.id]
+        assert [p.chunk for p in mine] == list(range(len(mine))) and [p.final for p in mine][-1]
+
+
+# --- aggregate statistics ----------------------------------------------------------------------
+
+
+def test_aggregate_compute_covers_the_finished_streams_only(setup) -> None:
+    # A short stream finished while a long one is still open: the aggregate is the finished
+    # stream's own compute over its own audio (before the fix the open stream's steps were
+    # counted over the finished stream's audio: 2.0 s per audio second where each stream took 0.06).
+    model, cmvn, waves = setup
+    dec = StreamingDecoder(model, cmvn)
+    short, long_ = dec.open(), dec.open()
+    dec.feed(short, waves[1][:8000])
+    r_short = dec.finalize(short)  # alone in its steps: all their time is its own
+    for piece in iter_pieces(waves[2], [2560]):
+        dec.feed(long_, piece)
+    stats = dec.latency_stats()
+    assert stats["audio_s"] == pytest.approx(0.5)
+    assert stats["processing_s"] == pytest.approx(r_short.processing_s)
+    assert stats["compute_s_per_audio_s"] == pytest.approx(r_short.rtf) == pytest.approx(stats["rtf"])
+    assert stats["steps"] == r_short.num_chunks + long_.chunks  # every step run, the open stream's too
+    r_long = dec.finalize(long_)
+    stats = dec.latency_stats()
+    assert stats["processing_s"] == pytest.approx(r_short.processing_s + r_long.processing_s)
+    assert stats["compute_s_per_audio_s"] == pytest.approx(
+        (r_short.processing_s + r_long.processing_s) / (r_short.audio_s + r_long.audio_s))
+
+
+def test_aggregate_totals_outlive_the_step_window(setup, monkeypatch) -> None:
+    # The percentiles are over the last STEP_WINDOW steps; the totals (steps, compute, audio)
+    # are running sums over everything (before the fix the step time came from the window, the
+    # audio from every finished stream).
+    import sparse_rnnt.streaming.stream as stream_mod
+
+    model, cmvn, waves = setup
+    monkeypatch.setattr(stream_mod, "STEP_WINDOW", 5)
+    dec = StreamingDecoder(model, cmvn)
+    results = [dec.transcribe(w, [2560]) for w in waves[:3]]
+    stats = dec.latency_stats()
+    assert stats["window_steps"] == 5 and len(dec.step_timings) == 5
+    assert stats["steps"] == sum(r.num_chunks for r in results) > 5
+    assert stats["mean_batch"] == 1.0
+    assert stats["processing_s"] == pytest.approx(sum(r.processing_s for r in results))  # one stream at a time
+    assert stats["compute_s_per_audio_s"] == pytest.approx(stats["processing_s"] / stats["audio_s"])
+
+
+def test_aggregate_counts_a_shared_step_once(setup) -> None:
+    # Concurrent streams: each step's time is split between the streams in it, so the total is
+    # every step once plus every stream's front end; a stream's own rtf counts the whole steps
+    # it waited for (its latency), so the aggregate is below every stream's rtf.
+    model, cmvn, waves = setup
+    dec = StreamingDecoder(model, cmvn)
+    results = dec.run_concurrent(waves[:4], piece_samples=2560)
+    stats = dec.latency_stats()
+    steps = list(dec.step_timings)
+    assert stats["steps"] == len(steps) and max(t.batch_size for t in steps) == 4
+    assert stats["mean_batch"] == pytest.approx(sum(t.batch_size for t in steps) / len(steps))
+    features = sum(r.processing_s for r in results) - sum(
+        t.total_s * t.batch_size for t in steps)  # each stream's processing_s counts its steps whole
+    assert stats["processing_s"] == pytest.approx(features + sum(t.total_s for t in steps))
+    assert stats["audio_s"] == pytest.approx(sum(r.audio_s for r in results))
+    assert all(stats["compute_s_per_audio_s"] < r.rtf for r in results)
+
+
+def test_reset_stats_starts_the_totals_afresh(setup) -> None:
+    model, cmvn, waves = setup
+    dec = StreamingDecoder(model, cmvn)
+    dec.transcribe(waves[0])
+    dec.reset_stats()
+    stats = dec.latency_stats()
+    assert stats["steps"] == 0 and stats["audio_s"] == 0 and math.isnan(stats["compute_s_per_audio_s"])
+    r = dec.transcribe(waves[3])
+    stats = dec.latency_stats()
+    assert stats["steps"] == r.num_chunks and stats["processing_s"] == pytest.approx(r.processing_s)
+
+
+# --- input checks and the final partial --------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
+                                   torch.complex64])
+def test_integer_and_complex_pcm_are_refused(setup, dtype: torch.dtype) -> None:
+    # int16 PCM cast to float would be 32768x too loud (garbage tokens, no error); complex would
+    # lose its imaginary part.
+    model, cmvn, waves = setup
+    dec = StreamingDecoder(model, cmvn)
+    s = dec.open()
+    with pytest.raises(ValueError, match=r"float.*e\.g\. int16 PCM / 32768"):
+        dec.accept(s, torch.zeros(1000, dtype=dtype))
+    assert s.frontend.num_samples == 0
+    with pytest.raises(ValueError, match="float"):
+        dec.transcribe(torch.zeros(1000, dtype=dtype))
+    assert list(dec.streams) == [s.id]  # refused before a stream was opened for it
+    wave = waves[3]
+    pcm = (wave * 32768).round().to(torch.int16)
+    for ok in (pcm.float() / 32768, pcm.double() / 32768):  # converted as the message says: accepted
+        dec.accept(s, ok[:4000])
+    dec.close(s)
+    assert dec.transcribe((pcm.float() / 32768).half()).tokens == full_greedy(model, cmvn, pcm.half().float() / 32768)
+
+
+@pytest.mark.parametrize("right_context", [0, 4])
+def test_every_stream_ends_with_exactly_one_final_partial(setup, right_context: int) -> None:
+    # With no right context the last chunk can be encoded before end(): its partial could not
+    # know it was the last, and no partial was ever final (e.g. 23457 samples). Now end()
+    # leaves a final partial to emit, with no new tokens; audio too short for a frame also ends
+    # with one (chunk -1: after no chunk).
+    model = tiny_model(right_context_length=right_context)
+    _, cmvn, waves = setup
+    assert geometry(model.rnnt).chunk == geometry(model.rnnt).segment + right_context
+    for wave in [*waves, synth(300, seed=1), synth(0, seed=1)]:
+        parts: list[PartialResult] = []
+        dec = StreamingDecoder(model, cmvn, on_partial=parts.append)
+        r = dec.transcribe(wave, [2560])
+        ref = full_greedy(model, cmvn, wave) if wave.numel() > 479 else []
+        assert r.tokens == ref
+        assert [p.final for p in parts] == [False] * (len(parts) - 1) + [True]
+        last = parts[-1]
+        assert last.tokens == r.tokens and last.stream_id == r.stream_id
+        chunks = [p.chunk for p in parts]
+        if len(parts) == r.num_chunks:  # the last chunk was encoded after end(): it is the final one
+            assert chunks == list(range(r.num_chunks))
+        else:  # a closing partial after the last chunk: no new tokens, same chunk index
+            assert chunks == [*range(r.num_chunks), r.num_chunks - 1]
+            assert last.new_tokens == [] and last.revised == 0 and last.latency_s == 0.0
+            assert last.audio_end_s == pytest.approx(min(r.audio_s, parts[-2].audio_end_s if len(parts) > 1 else 0))
+    # The case that failed: 23457 samples, 9 chunks, the last one encoded before end().
+    parts = []
+    dec = StreamingDecoder(model, cmvn, on_partial=parts.append)
+    r = dec.transcribe(waves[1], [2560])
+    if right_context == 0:
+        assert len(parts) == r.num_chunks + 1 and parts[-1].final and not parts[-2].final
+
+
+# --- beam search on long streams ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("beam_width", [3, 5])
+def test_beam_hypotheses_stay_short_on_a_long_stream(setup, beam_width: int) -> None:
+    # torchaudio keys every hypothesis by str(tokens) and merges hypotheses by comparing those
+    # keys, so with whole histories in the hypotheses a beam step grew with the stream's age
+    # (about 3x slower per chunk after 1000 chunks). The prefix all hypotheses share is kept
+    # apart: their token lists stay a few tokens long, and the output is still exactly the
+    # full-utterance beam search's (partials too, revisions included).
+    model, cmvn, waves = setup
+    wave = torch.cat([waves[2]] * 4)  # 10 s, 63 chunks
+    ref = full_beam(model, cmvn, wave, beam_width)
+    partials: list[PartialResult] = []
+    dec = StreamingDecoder(model, cmvn, decoding="beam", beam_width=beam_width, on_partial=partials.append)
+    s = dec.open()
+    longest = 0
+    for piece in iter_pieces(wave, [2560]):
+        dec.feed(s, piece)
+        beam = s.hyps
+        hyps = getattr(beam, "hyps", beam) or []  # (before: a list of torchaudio hypotheses)
+        longest = max([longest, *(len(h[0]) for h in hyps)])
+    r = dec.finalize(s)
+    assert len(ref) > 200 and r.tokens == ref
+    assert longest <= 40  # measured 10; the whole hypothesis (over 200 tokens) before
+    prev: list[int] = []
+    for p in partials:
+        assert p.tokens == prev[: len(prev) - p.revised] + p.new_tokens
+        prev = p.tokens
+    assert prev == ref
+
+
+def test_beam_in_pieces_equals_one_search_hypothesis_for_hypothesis(setup) -> None:
+    # Every hypothesis of the beam (its full tokens: shared prefix + its own tail) and its score
+    # equal those of one torchaudio search over all frames, bit for bit; the ranking key counts
+    # the moved prefix, so the length-normalised order is torchaudio's.
+    from sparse_rnnt.model.decoding import BeamContinuation
+
+    model, cmvn, waves = setup
+    x = cmvn.normalize(LogMel()(torch.cat([waves[2], waves[4]])))
+    with torch.inference_mode():
+        enc, n = model.encode(x[None], torch.tensor([x.size(0)]))
+    enc = enc[:, : int(n)]
+    search = BeamContinuation(model, beam_width=4)
+
+    def full(beam: object) -> list[tuple[list[int], float]]:
+        prefix = search.best(beam)[: beam.committed]  # type: ignore[attr-defined]
+        return [(prefix + [t for t in h[0] if t != model.blank], h[3]) for h in beam.hyps]  # type: ignore[attr-defined]
+
+    with torch.inference_mode():
+        once = search.extend(enc, None)
+        beam = None
+        for a, b in zip([0, *range(1, enc.size(1), 7)], [*range(1, enc.size(1), 7), enc.size(1)], strict=True):
+            beam = search.extend(enc[:, a:b], beam)
+            tokens = search.best(beam)
+            assert search.best_since(beam, beam.committed) == tokens[beam.committed :]
+    assert beam is not None and beam.committed > 50  # most of the hypothesis was moved out
+    assert full(beam) == full(once)
+    # And torchaudio's own search, default ranking key, over every frame at once.
+    from torchaudio.models import RNNTBeamSearch
+
+    from sparse_rnnt.model.decoding import _EncodedFrames
+
+    with torch.inference_mode():
+        plain, _ = RNNTBeamSearch(_EncodedFrames(model.rnnt), model.blank, step_max_tokens=100).infer(
+            enc, torch.tensor([enc.size(1)]), 4)
+    assert full(beam) == [([t for t in h[0] if t != model.blank], h[3]) for h in plain]
+    assert search.best(beam) == search.best(once)
+    with pytest.raises(ValueError, match="past this beam's shared prefix"):
+        search.best_since(beam, beam.committed + 1)

@@ -124,7 +124,8 @@ def stream_files(
                             "kernels shared by every pathway)")
         from ..export.autoselect import choose_layer_runtimes, probe_rows, summarize
 
-        chosen = summarize(choose_layer_runtimes(art.model, probe_rows(art.model, (1,))))
+        rows = probe_rows(art.model, (1,), decoding=decoding, beam_width=beam_width)  # the shapes it will see
+        chosen = summarize(choose_layer_runtimes(art.model, rows))
         auto = {k: float(v) for k, v in chosen.items() if k != "auto_runtimes"}
     decoder = StreamingDecoder.from_artifact(art, decoding=decoding, beam_width=beam_width,
                                              step_mode="cuda-graph" if cuda_graphs else "eager")

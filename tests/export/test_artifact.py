@@ -287,6 +287,24 @@ def test_stream_cli_beam_equals_full_utterance_beam(pruned, tmp_path, tiny_manif
     assert "must be >= 1" in capsys.readouterr().err
 
 
+def test_stream_auto_runtimes_probe_the_decoding_that_will_run(pruned, tmp_path, tiny_manifests, monkeypatch):
+    # A beam runs the predictor and joiner on up to beam-width rows: --layer-runtime auto times
+    # the layers at the shapes of the decoding asked for, not greedy's.
+    import sparse_rnnt.export.autoselect as autoselect
+    from sparse_rnnt.data.manifest import load_split
+    from sparse_rnnt.streaming.files import stream_files
+
+    export_checkpoint(pruned["dynamic"], tmp_path / "art", ExportOptions(language="fr"))
+    utt = next(u for u in load_split(tiny_manifests, "test") if u.language == "fr")
+    seen = []
+    real = autoselect.probe_rows
+    monkeypatch.setattr(autoselect, "probe_rows", lambda *a, **k: seen.append(k) or real(*a, **k))
+    for decoding, width in (("beam", 3), ("greedy", 4)):
+        stream_files(tmp_path / "art", [utt.audio], decoding=decoding, beam_width=width,
+                     layer_runtime="auto")
+    assert [(k["decoding"], k["beam_width"]) for k in seen] == [("beam", 3), ("greedy", 4)]
+
+
 @pytest.mark.parametrize("fmt", ["bsr", "bitmap"])
 def test_small_row_layer_runs_the_triton_kernel(fmt):
     # On CUDA, exported bsr/bitmap layers run the small-row kernels; here the same module runs

@@ -7,11 +7,13 @@ import json
 import logging
 import math
 import os
+import select
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .checks import MAX_THREADS
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -57,9 +59,6 @@ def _symbols(text: str) -> int:
     return value
 
 
-MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
-
-
 def _threads(text: str) -> int:
     value = _nonneg_int(text)
     if value > MAX_THREADS:
@@ -77,17 +76,34 @@ def _device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
 
 
-def _require_device(device: str) -> None:
-    """A CUDA device that this machine lacks is the user's error, said before any work starts."""
+def _require_device(device: str) -> str:
+    """The device ``device`` names (``auto`` resolved to ``cuda`` or ``cpu``). A CUDA device that
+    this machine lacks is the user's error, said before any work starts."""
     from .training.trainer import resolve_device
 
-    resolve_device(device, what="--device")
+    return str(resolve_device(device, what="--device"))
+
+
+def _manifest_files(manifest_dir: str) -> list[Path]:
+    """The manifests of a manifest directory (``<split>.jsonl``): what a command reads there."""
+    d = Path(manifest_dir)
+    return sorted(d.glob("*.jsonl")) if d.is_dir() else []
+
+
+def _checkpoint_files(checkpoint: str) -> Path:
+    """Where a checkpoint's files are: the checkpoint directory, or a run's ``checkpoints/`` (a
+    damaged latest checkpoint falls back to an older one)."""
+    p = Path(checkpoint)
+    if (p / "checkpoints").is_dir() and not (p / "checkpoint.json").is_file():
+        return p / "checkpoints"
+    return p
 
 
 def _output_file(path: str, what: str, inputs: Sequence[str | Path] = ()) -> Path:
     """Check an output file before the work that produces it: not a directory, its folder exists
-    and is writable, and it does not overwrite one of the command's inputs (a file under an input
-    directory, or an input file)."""
+    and is writable, and it does not overwrite one of the command's inputs (an input file, or a
+    file under an input directory). ``inputs`` are what the command reads, not the folders
+    around them: an earlier output beside the inputs may be rewritten."""
     out = Path(path)
     if out.is_dir():
         raise UserError(f"{what} {path}: is a directory, expected a file path")
@@ -156,7 +172,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     from .languages import parse_languages
 
     languages = parse_languages(args.languages) if args.languages else None
-    _output_file(args.out, "--out", [args.manifest_dir])
+    _output_file(args.out, "--out", _manifest_files(args.manifest_dir))
     utts = load_split(args.manifest_dir, "train", languages)
     if not utts:
         raise UserError(f"no training transcripts in {args.manifest_dir}")
@@ -203,13 +219,46 @@ def _parse_granularity(text: str) -> dict[str, object]:
     raise UserError(f"--granularity: expected unstructured, N:M or block:HxW, got {text!r}")
 
 
+# prune's options and the config keys they set: a --set of the same key contradicts them.
+_PRUNE_OPTION_KEYS: dict[str, tuple[str, str]] = {
+    "method": ("--method", "pruning.method"), "steps": ("--steps", "train.max_steps"),
+    "languages": ("--languages", "data.languages"), "target_sparsity": ("--target-sparsity", "pruning.target_sparsity"),
+    "schedule": ("--schedule", "pruning.schedule"), "levels": ("--levels", "pruning.levels"),
+    "interval": ("--interval", "pruning.interval"), "adapt_every": ("--adapt-every", "pruning.adapt_every"),
+    "variant": ("--variant", "pruning.variant"), "granularity": ("--granularity", "pruning.granularity"),
+    "ranking": ("--ranking", "pruning.ranking"), "aggregation": ("--aggregation", "pruning.aggregation"),
+    "init_masks": ("--init-masks", "pruning.init_masks"), "init_level": ("--init-level", "pruning.init_level"),
+}
+
+
+def _check_prune_overrides(args: argparse.Namespace) -> None:
+    """A ``--set`` of a key that an explicit option also sets is refused: the --set used to win
+    silently over ``--steps 5``."""
+    from .config import parse_overrides
+
+    def leaves(tree: object, prefix: str) -> list[str]:
+        if isinstance(tree, dict) and tree:
+            return [k for key, value in tree.items() for k in leaves(value, f"{prefix}.{key}" if prefix else str(key))]
+        return [prefix]
+
+    for item in args.set:
+        for leaf in leaves(parse_overrides([item]), ""):
+            for dest, (option, key) in _PRUNE_OPTION_KEYS.items():
+                value = getattr(args, dest)
+                if value is not None and (leaf == key or leaf.startswith(key + ".") or key.startswith(leaf + ".")):
+                    raise UserError(f"--set {item} conflicts with {option} {value}: give only one of them")
+
+
 def prune_config(args: argparse.Namespace, dense_config: dict[str, object]) -> ExperimentConfig:
     """The pruning run's config: the dense checkpoint's, with pruning, languages and steps overridden."""
     from .config import config_from_tree
     from .languages import parse_languages
 
+    _check_prune_overrides(args)
     tree = {k: v for k, v in dense_config.items() if k != "pruning"}
-    pruning: dict[str, object] = {"method": args.method, "schedule": args.schedule}
+    pruning: dict[str, object] = {"method": args.method}
+    if args.schedule is not None:
+        pruning["schedule"] = args.schedule
     if args.target_sparsity is not None:
         pruning["target_sparsity"] = args.target_sparsity
     if args.levels is not None:
@@ -244,6 +293,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .training.checkpoint import load_checkpoint
     from .training.trainer import Trainer
 
+    if args.out is None and not args.print_config:
+        raise UserError("--out RUN is required (the pruning run directory)")
     dense = load_checkpoint(args.init)
     if "pruner" in dense.meta.get("extra", {}):
         raise UserError(f"--init {args.init}: expected a dense checkpoint, this one is already pruned")
@@ -251,6 +302,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    assert args.out is not None
     result = Trainer(cfg, Path(args.out), resume=args.resume, init_checkpoint=dense.path).run()
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         print(json.dumps(result, indent=2))
@@ -265,7 +317,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     languages = parse_languages(args.languages) if args.languages else None
     _require_device(args.device)
     if args.out:  # checked now, not after decoding the whole split
-        _output_file(args.out, "--out", [args.checkpoint, args.manifest_dir])
+        _output_file(args.out, "--out", [_checkpoint_files(args.checkpoint), *_manifest_files(args.manifest_dir)])
     result, info = evaluate_checkpoint(
         args.checkpoint, args.manifest_dir, split=args.split, languages=languages, method=args.method,
         beam_width=args.beam_width, device=args.device, progress=not args.quiet, limit=args.limit,
@@ -309,9 +361,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"--block: expected HxW, e.g. 16x16, got {args.block!r}") from None
     if len(block) != 2 or not all(1 <= b <= 256 for b in block):
         raise UserError(f"--block: expected HxW with H and W in 1..256, got {args.block!r}")
-    _require_device(args.device)
+    device = _require_device(args.device)  # export and its verification take a torch device, not auto
     opts = ExportOptions(fmt=args.format, language=args.language, multilingual=args.all_languages,
-                         block=block, dtype=args.dtype, tolerance=args.tolerance, device=args.device)
+                         block=block, dtype=args.dtype, tolerance=args.tolerance, device=device)
     manifest = export_checkpoint(args.checkpoint, args.out, opts)
     sizes = manifest["sizes"]
     print(f"exported {', '.join(manifest['languages'])} as {args.format} ({args.dtype}) to {args.out}")
@@ -330,7 +382,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_stream(args: argparse.Namespace) -> int:
     from .streaming.files import stream_files
 
-    _require_device(args.device)
+    device = _require_device(args.device)  # the stream takes a torch device, not auto
     if args.threads:
         import torch
 
@@ -338,12 +390,12 @@ def cmd_stream(args: argparse.Namespace) -> int:
     last: dict[str, str] = {}
 
     def show(path: str, part) -> None:
-        if not args.quiet and part.text is not None and part.text != last.get(path):
+        if not args.quiet and part.text is not None and part.text != last.get(path, ""):  # nothing yet: no line
             last[path] = part.text
             print(f"{path} [{part.audio_end_s:6.2f}s] {part.text}", flush=True)
 
     results, stats = stream_files(args.artifact, args.audio, language=args.language, piece_ms=args.chunk_ms,
-                                  device=args.device, on_partial=show, decoding=args.decoding,
+                                  device=device, on_partial=show, decoding=args.decoding,
                                   beam_width=args.beam_width, cuda_graphs=args.cuda_graphs,
                                   semi_structured=args.semi_structured, layer_runtime=args.layer_runtime)
     if args.layer_runtime == "auto":
@@ -394,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sparse-rnnt",
         description="Prune, train, export and stream sparse multilingual Emformer RNN-T recognizers.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log the toolkit's debug messages (before or after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("synth", help="synthesize a multilingual corpus in the MLS layout (eSpeak NG)",
@@ -467,10 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "language; pathways: ASR Pathways stage 2, fixed per-language masks from stage-1 runs given "
                    "by --init-masks (the last two force batch.mode=monolingual)")
     p.add_argument("--init", required=True, help="dense checkpoint or run directory to start from")
-    p.add_argument("--out", required=True, help="run directory for the pruning run")
+    p.add_argument("--out", default=None, help="run directory for the pruning run (required, except with --print-config)")
     p.add_argument("--target-sparsity", type=float, default=None,
                    help="final fraction of pruned weights in scope (default 0.7, or the last of --levels)")
-    p.add_argument("--schedule", choices=("staircase", "cubic", "oneshot"), default="staircase",
+    p.add_argument("--schedule", choices=("staircase", "cubic", "oneshot"), default=None,
                    help="how sparsity grows: staircase of --levels every --interval steps, cubic ramp, or "
                    "oneshot at step 0 (default staircase)")
     p.add_argument("--levels", default=None,
@@ -528,7 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hours", type=_positive_float, default=None, help="hours of audio per language (default: tuned)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: tuned)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--force", action="store_true", help="delete an existing --out first")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out, but only a directory a demo wrote (it holds .sparse-rnnt-demo or "
+                   "demo_summary.json); any other directory is refused")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -621,14 +676,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_VERBOSE = ("-v", "--verbose")
+
+
+def _stdout_is_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (``| head``): POLLERR on its write end."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll, or no real stdout
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    # -v after the command too: the commands' parsers leave it over (anything else left over is
+    # refused as parse_args would).
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if a not in _VERBOSE]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.verbose = args.verbose or len(rest) > 0
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Debug messages of the toolkit only: the libraries' (matplotlib's font search...) drown them.
+    logging.getLogger("sparse_rnnt").setLevel(logging.DEBUG if args.verbose else logging.NOTSET)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        if not _stdout_is_closed():  # some other pipe (a worker's): a bug or the system, keep the traceback
+            raise
+        # `sparse-rnnt models | head -1`: the reader has what it wanted. Stdout goes to devnull so
+        # that the flush at exit is quiet too; 141 is what a shell reports for a SIGPIPE death.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except UserError as e:
         print(f"sparse-rnnt {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -11,13 +11,14 @@ import difflib
 import os
 import types
 import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
 import yaml
 
-from .checks import MAX_SEED, is_device_spec, is_finite_number, is_int
+from .checks import MAX_SEED, MAX_THREADS, is_device_spec, is_finite_number, is_int
 from .data.features import FeatureConfig, SpecAugmentConfig
 from .data.sampler import BatchConfig
 from .data.tokenizer import TokenizerConfig
@@ -41,6 +42,8 @@ _NON_NEGATIVE: _Check = (lambda v: is_finite_number(v) and v >= 0, "a finite num
 _FRACTION: _Check = (lambda v: is_finite_number(v) and 0 <= v <= 1, "a fraction in [0, 1]")
 _UNIT_OPEN: _Check = (lambda v: is_finite_number(v) and 0 <= v < 1, "a number in [0, 1)")
 _COVERAGE: _Check = (lambda v: is_finite_number(v) and 0 < v <= 1, "a number in (0, 1]")
+# The command line's bound: 2**32 threads overflowed torch's C int, a million workers spawned a pool.
+_THREADS: _Check = (lambda v: is_int(v) and 0 <= v <= MAX_THREADS, f"an integer in [0, {MAX_THREADS}]")
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class ExperimentConfig:
 
     def validate(self) -> None:
         self.model.validate()
+        _check_model_name(self.model)
         if self.pruning is not None:
             self.pruning.validate()
             method = self.pruning.method
@@ -160,7 +164,7 @@ class ExperimentConfig:
         checks: list[tuple[str, Any, _Check]] = [
             ("data.max_duration", d.max_duration, _POSITIVE),
             ("data.dev_max_utterances", d.dev_max_utterances, _COUNT),
-            ("data.workers", d.workers, _COUNT),
+            ("data.workers", d.workers, _THREADS),
             ("data.max_bad_fraction", d.max_bad_fraction, _FRACTION),
             ("data.clip_fraction", d.clip_fraction, _FRACTION),
             ("optim.lr", o.lr, _POSITIVE),
@@ -176,7 +180,7 @@ class ExperimentConfig:
             ("train.checkpoint_every", t.checkpoint_every, _COUNT),
             ("train.keep_checkpoints", t.keep_checkpoints, _POSITIVE_INT),
             ("train.seed", t.seed, _SEED),
-            ("train.threads", t.threads, _COUNT),
+            ("train.threads", t.threads, _THREADS),
             ("train.max_nonfinite_steps", t.max_nonfinite_steps, _COUNT),
             ("features.sample_rate", f.sample_rate, _POSITIVE_INT),
             ("features.n_mels", f.n_mels, _POSITIVE_INT),
@@ -210,11 +214,34 @@ class ExperimentConfig:
         return checks
 
 
+def _shape_fields() -> tuple[str, ...]:
+    """The model fields on which the named sizes differ: what a size's name stands for."""
+    return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "name"
+                 and len({getattr(size, f.name) for size in MODEL_SIZES.values()}) > 1)
+
+
+def _check_model_name(model: ModelConfig) -> None:
+    """The name must not say one size while the fields are exactly another's (a config.yaml with
+    every model field, its name edited): the run would train that other size under this label."""
+    for other, size in MODEL_SIZES.items():
+        if other != model.name and all(getattr(model, k) == getattr(size, k) for k in _shape_fields()):
+            raise UserError(
+                f"model.name is {model.name!r} but the model's fields are exactly {other!r}'s: set "
+                f"model.name={other}, or remove the model fields that are not your own changes to take {model.name!r}'s"
+            )
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
+_NO_TEXTS: Mapping[str, str] = types.MappingProxyType({})
+
+
+def _convert(value: Any, tp: Any, key: str, texts: Mapping[str, str] = _NO_TEXTS) -> Any:
+    """``value`` as type ``tp``; ``texts`` maps dotted keys set by ``--set`` to the text typed,
+    which str fields (and comma lists) take instead of what YAML made of it (010 -> 8, 1:30 -> 90,
+    a # comment cut)."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -225,17 +252,22 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _convert(value, arg, key)
+                return _convert(value, arg, key, texts)
             except UserError as e:
                 errors.append(str(e))
         raise UserError(errors[0] if errors else f"{key}: invalid value {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise UserError(f"{key}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, prefix=f"{key}.")
+        return from_dict(tp, value, prefix=f"{key}.", texts=texts)
     if origin is tuple or origin is list:
         args = typing.get_args(tp)
+        if key in texts and not isinstance(value, (list, tuple, dict)):
+            value = texts[key]  # a comma list of what was typed
         if isinstance(value, str):
+            if value.lstrip().startswith(("[", "{")):  # a quoted YAML list: never split at its commas
+                raise UserError(f"{key}: expected a list, got the string {value!r}; write the list unquoted, "
+                                "quoting its items instead: ['a', 'b']")
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{key}: expected a list, got {value!r}")
@@ -251,8 +283,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
+        if is_int(value) and value in (0, 1):  # YAML reads 0 and 1 as integers; '0' and '1' pass below
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.strip().lower() in ("true", "yes", "1")
         raise UserError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -270,14 +304,21 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise UserError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if key in texts and not isinstance(value, (list, tuple, dict)):
+            return texts[key]
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (list, tuple, dict)):
             raise UserError(f"{key}: expected a string, got {value!r}")
-        return str(value)
+        # str(8) cannot give back the 010 the file said: refuse rather than store other text.
+        raise UserError(f"{key}: expected a string, got {value!r}; quote it (YAML reads unquoted 010, 1_000, "
+                        "0.10, 1:30, off or 2024-01-01 as numbers, booleans or dates)")
     raise UserError(f"{key}: unsupported type {_type_name(tp)}")
 
 
-def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise :class:`UserError`."""
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", texts: Mapping[str, str] = _NO_TEXTS) -> T:
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise :class:`UserError`.
+    ``texts``: the typed text of ``--set`` values by dotted key (see :func:`_convert`)."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     for key in data:
@@ -289,12 +330,12 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     base: Any = None
     if cls is ModelConfig:
         # A named size first, then field overrides on top of it.
-        name = data.get("name", "tiny")
+        name = _convert(data["name"], str, f"{prefix}name", texts) if "name" in data else "tiny"
         if name not in MODEL_SIZES:
             raise UserError(f"{prefix}name: unknown model size {name!r}: choose from {', '.join(MODEL_SIZES)}")
         base = MODEL_SIZES[name]
     for key, value in data.items():
-        kwargs[key] = _convert(value, hints[key], f"{prefix}{key}")
+        kwargs[key] = _convert(value, hints[key], f"{prefix}{key}", texts)
     if base is None:
         # A required field (no default), e.g. pruning.method: name it instead of a TypeError.
         missing = [
@@ -318,6 +359,47 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may repeat keys on purpose
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in first:
+                        raise _DuplicateKey(key, key_node.start_mark.line + 1, first[key])
+                    first[key] = key_node.start_mark.line + 1
+                except TypeError:  # an unhashable key: the base class names it
+                    pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
+
+
+def _yaml_problem(e: Exception, lines: bool = True) -> str:
+    """One line: what YAML found and where (its messages span several lines)."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        where = ""
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if lines else f" at column {mark.column + 1}"
+        context = f", {e.context}" if e.context and e.problem else ""
+        return f"{e.problem or e.context}{where}{context}"
+    return " ".join(str(e).split())
+
+
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
@@ -326,12 +408,47 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise UserError(f"--set {dotted}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = value
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        node[parts[-1]] = _merge(node[parts[-1]], value)  # a later section merges, as config files do
+    else:
+        node[parts[-1]] = value
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["optim.lr=1e-3", "data.languages=en,fr"]`` -> nested dict (values parsed as YAML)."""
+def _leaf_keys(key: str, value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaf_keys(f"{key}.{k}", v)
+    else:
+        yield key
+
+
+def _override_value(item: str, raw: str) -> Any:
+    if not raw.strip():
+        return ""
+    try:
+        return _load_yaml(raw)
+    except _DuplicateKey as e:
+        raise UserError(f"--set {item}: duplicate key {e.key!r}") from None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a date such as 2024-13-45
+        if raw.lstrip().startswith(("[", "{")):  # meant as a list or mapping: never the raw text
+            raise UserError(f"--set {item}: not valid YAML ({_yaml_problem(e, lines=False)}); quote the items "
+                            "YAML reads specially (* & ! % @ ` # :), e.g. ['*joiner*', 'a: b']") from None
+        return raw  # plain text YAML cannot read (say *joiner*): the text itself
+
+
+def _override_text(raw: str, value: Any) -> str:
+    """What a str field set to ``raw`` holds: the text typed, or the string a quoted (or tagged)
+    YAML scalar stands for."""
+    text = raw.strip()
+    if isinstance(value, str) and text[:1] in ("'", '"', "!"):
+        return value
+    return text
+
+
+def _parse_overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``--set`` items -> (nested dict of YAML values, the typed text of each scalar by dotted key)."""
     tree: dict[str, Any] = {}
+    texts: dict[str, str] = {}
     for item in items:
         if "=" not in item:
             raise UserError(f"--set expects key=value, got {item!r}")
@@ -339,12 +456,19 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not key:
             raise UserError(f"--set expects key=value, got {item!r}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except (yaml.YAMLError, UnicodeDecodeError):
-            value = raw
+        value = _override_value(item, raw)
         _set_path(tree, key, value)
-    return tree
+        for leaf in _leaf_keys(key, value):  # what this item sets no longer holds an earlier text
+            for k in [k for k in texts if k == leaf or k.startswith(leaf + ".")]:
+                del texts[k]
+        if not isinstance(value, (dict, list)):
+            texts[key] = _override_text(raw, value)
+    return tree, texts
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["optim.lr=1e-3", "data.languages=en,fr"]`` -> nested dict (values parsed as YAML)."""
+    return _parse_overrides(items)[0]
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -365,9 +489,11 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         if not p.is_file():
             raise UserError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise UserError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+            loaded = _load_yaml(p.read_text(encoding="utf-8"))
+        except _DuplicateKey as e:
+            raise UserError(f"{p}: duplicate key {e.key!r} at line {e.line} (first at line {e.first})") from None
+        except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:
+            raise UserError(f"{p}: invalid YAML: {_yaml_problem(e)}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -379,17 +505,42 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
 def config_from_tree(tree: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
     """Build and validate a config from a nested dict (e.g. a checkpoint's saved config), after
     applying ``key=value`` overrides."""
-    tree = _merge(tree, parse_overrides(overrides or []))
+    over, texts = _parse_overrides(overrides or [])
+    tree = _merge(_rebase_model(tree, over, texts), over)
     try:
-        cfg = from_dict(ExperimentConfig, tree)
+        cfg = from_dict(ExperimentConfig, tree, texts=texts)
     except (TypeError, ValueError) as e:  # a sub-config's own __post_init__ checks
         raise UserError(f"invalid config: {e}") from None
     cfg.validate()
     return cfg
 
 
+def _rebase_model(tree: dict[str, Any], over: dict[str, Any], texts: Mapping[str, str]) -> dict[str, Any]:
+    """An override of ``model.name`` over a model section that spells out its size's fields (a
+    config.yaml written before dump_config kept only the changes, a checkpoint's config) takes
+    the new size: the fields equal to the old size's go, the section's own changes stay."""
+    new = over.get("model")
+    section = tree.get("model")
+    if not isinstance(new, dict) or "name" not in new or not isinstance(section, dict):
+        return tree
+    old = section.get("name", "tiny")
+    if not isinstance(old, str) or old not in MODEL_SIZES or texts.get("model.name", new["name"]) == old:
+        return tree
+    ref = to_dict(MODEL_SIZES[old])
+    own = {k: v for k, v in section.items() if k != "name" and not (k in ref and v == ref[k])}
+    return {**tree, "model": own}
+
+
 def dump_config(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The config as YAML; the model section is its size's name and the fields that differ from
+    that size, so a later ``--set model.name=...`` over the file takes that size's shapes."""
+    tree = to_dict(cfg)
+    size = MODEL_SIZES.get(cfg.model.name)
+    if size is not None:
+        ref = to_dict(size)
+        tree["model"] = {"name": cfg.model.name,
+                         **{k: v for k, v in tree["model"].items() if k != "name" and v != ref[k]}}
+    return yaml.safe_dump(tree, sort_keys=False)
 
 
 def save_config(cfg: ExperimentConfig, path: str | os.PathLike[str]) -> None:

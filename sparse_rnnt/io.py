@@ -85,6 +85,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     target = tmp / path.name
+    old = tmp / f"{path.name}.old"
     try:
         yield target
         if not target.exists():
@@ -94,10 +95,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         if path.is_dir() and not path.is_symlink():
             # The old directory goes into our own temporary folder (never a fixed sibling name
             # that could be a user's), and is deleted with it.
-            os.replace(path, tmp / f"{path.name}.old")
+            os.replace(path, old)
             os.replace(target, path)
         else:
             os.replace(target, path)
         _fsync_dir(path.parent)
     finally:
+        # Interrupted between the two renames (Ctrl-C, an error): the old output goes back
+        # before the folder holding it is deleted.
+        if os.path.lexists(old) and not os.path.lexists(path):
+            os.replace(old, path)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -306,3 +306,150 @@ def test_data_mls_with_no_readable_audio_reports_then_fails_in_one_line(tmp_path
     for u in fx["utterances"]["en"]["dev"]:
         assert u["id"] in report  # the report names every skipped utterance
     assert not (tmp_path / "m").exists()
+
+
+# -- audit fixes ----------------------------------------------------------------------------
+
+
+def test_device_auto_is_resolved_before_export_and_stream(tmp_path, monkeypatch, capsys):
+    # `--device auto` reached torch.device("auto") inside export and stream: a RuntimeError traceback.
+    import sparse_rnnt.export
+    import sparse_rnnt.streaming.files
+    from sparse_rnnt.errors import UserError
+    from sparse_rnnt.training.trainer import resolve_device
+
+    seen = {}
+
+    def fake_export(checkpoint, out, opts):
+        seen["export"] = opts.device
+        raise UserError("stop here")
+
+    def fake_stream(artifact, audio, **kwargs):
+        seen["stream"] = kwargs["device"]
+        raise UserError("stop here")
+
+    monkeypatch.setattr(sparse_rnnt.export, "export_checkpoint", fake_export)
+    monkeypatch.setattr(sparse_rnnt.streaming.files, "stream_files", fake_stream)
+    assert main(["export", "--checkpoint", str(tmp_path / "c"), "--out", str(tmp_path / "a"), "--device", "auto"]) == 2
+    assert main(["stream", "--artifact", str(tmp_path / "a"), "x.wav", "--device", "auto"]) == 2
+    assert "stop here" in capsys.readouterr().err
+    assert seen == {"export": str(resolve_device("auto")), "stream": str(resolve_device("auto"))}
+    assert seen["export"] in ("cpu", "cuda")
+
+
+def test_outputs_beside_the_inputs_may_be_rewritten(tiny_manifests, tmp_path, capsys):
+    # A second `tokenizer --out MANIFESTS/tok.model` (or `eval --out RUN/wer.json`) was refused as
+    # "would overwrite an input": every file under an input directory counted as one.
+    out = tiny_manifests / "tok.model"
+    try:
+        for _ in range(2):
+            assert main(["tokenizer", "--manifest-dir", str(tiny_manifests), "--out", str(out)]) == 0, \
+                capsys.readouterr().err
+    finally:
+        out.unlink(missing_ok=True)
+        out.with_suffix(".vocab").unlink(missing_ok=True)
+    # A run directory: its earlier wer.json is no input; its checkpoints' files are.
+    step = tmp_path / "run" / "checkpoints" / "step-0000002"
+    step.mkdir(parents=True)
+    (step / "checkpoint.json").write_text("{}")
+    (tmp_path / "run" / "wer.json").write_text("{}")
+    for target, refused in ((tmp_path / "run" / "wer.json", False), (step / "checkpoint.json", True)):
+        assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--manifest-dir", str(tiny_manifests),
+                     "--out", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert ("would overwrite an input" in err) == refused, err
+        if not refused:
+            assert "step-0000002" in err  # it went on to read the (fake) checkpoint
+    assert (step / "checkpoint.json").read_text() == "{}"
+
+
+def test_models_into_a_closed_pipe_exits_quietly():
+    # `sparse-rnnt models | head -1` printed a BrokenPipeError traceback.
+    import os
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # every line is written at once, as to a terminal
+    proc = subprocess.Popen([sys.executable, "-m", "sparse_rnnt.cli", "models"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"parameter counts")
+    proc.stdout.close()  # what `head -1` does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) != 0
+    assert err == "", err
+
+
+def test_verbose_goes_before_or_after_the_command_and_sets_only_the_toolkits_logger():
+    # -v after the command was "unrecognized arguments"; before it, DEBUG went to every library.
+    code = ("import logging, sys; from sparse_rnnt.cli import main; rc = main(sys.argv[1:]); "
+            "print(rc, logging.getLogger('sparse_rnnt').getEffectiveLevel(), logging.getLogger().level, "
+            "logging.getLogger('matplotlib').getEffectiveLevel())")
+    for argv in (["-v", "train", "--print-config"], ["train", "--print-config", "-v"],
+                 ["train", "--verbose", "--print-config"]):
+        proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        rc, ours, root, other = proc.stdout.strip().splitlines()[-1].split()
+        assert (rc, int(ours)) == ("0", 10), argv
+        assert int(root) > 10 and int(other) > 10, argv
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert "-v`/`--verbose`" in readme
+
+
+def test_prune_print_config_needs_no_out_but_pruning_does(tmp_path, capsys):
+    # `prune --print-config` required --out, unlike `train --print-config`.
+    assert main(["prune", "--method", "imp", "--init", str(tmp_path / "nope"), "--print-config"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert main(["prune", "--method", "imp", "--init", str(tmp_path / "nope")]) == 2
+    assert "--out RUN is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "override", "message"),
+    [
+        (["--steps", "5"], "train.max_steps=9", "--set train.max_steps=9 conflicts with --steps 5"),
+        (["--steps", "5"], "train={max_steps: 9}", "--set train={max_steps: 9} conflicts with --steps 5"),
+        (["--languages", "en"], "data.languages=fr", "--set data.languages=fr conflicts with --languages en"),
+        (["--interval", "10"], "pruning.interval=20", "conflicts with --interval 10"),
+        (["--granularity", "2:4"], "pruning.granularity.kind=block", "conflicts with --granularity 2:4"),
+        ([], "pruning.method=lth", "--set pruning.method=lth conflicts with --method imp"),
+    ],
+)
+def test_prune_refuses_a_set_that_contradicts_an_explicit_option(options, override, message):
+    from sparse_rnnt.cli import prune_config
+    from sparse_rnnt.config import load_config, to_dict
+    from sparse_rnnt.errors import UserError
+
+    args = build_parser().parse_args(["prune", "--method", "imp", "--init", "d", "--out", "o", "--levels", "0.5",
+                                      *options, "--set", override])
+    dense = to_dict(load_config(None, ["data.manifest_dir=m"]))
+    with pytest.raises(UserError, match=re.escape(message)):
+        prune_config(args, dense)
+    # Without the option the --set applies.
+    args = build_parser().parse_args(["prune", "--method", "imp", "--init", "d", "--out", "o", "--levels", "0.5",
+                                      "--set", "train.max_steps=9"])
+    assert prune_config(args, dense).train.max_steps == 9
+
+
+def test_feature_workers_ignore_ctrl_c(monkeypatch):
+    # Ctrl-C reaches every process of the terminal's group: a pool worker printed its own
+    # KeyboardInterrupt traceback while the CLI reported "interrupted".
+    import signal
+
+    import torch
+
+    import sparse_rnnt.data.features as features
+
+    threads, handler = torch.get_num_threads(), signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(features, "_worker_logmel", None)
+    try:
+        features._init_worker(features.FeatureConfig())
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        torch.set_num_threads(threads)
+
+
+def test_demo_force_help_says_what_it_replaces(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "only a directory a demo wrote" in out

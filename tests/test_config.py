@@ -227,3 +227,172 @@ def test_matching_feature_and_model_sizes_and_init_strategies_stay_valid():
     cfg = load_config(None, ["features.n_mels=40", "model.input_dim=40"])
     assert cfg.features.n_mels == cfg.model.input_dim == 40
     load_config(None, ["model.transformer_weight_init_scale_strategy=constant"])
+
+
+# -- audit fixes: --set values, YAML files, model names, bounds -------------------------------
+
+
+def test_set_list_that_yaml_cannot_parse_is_an_error_naming_the_key():
+    # [*joiner*] reads as an undefined YAML alias: it used to fall back to the string '[*joiner*]'
+    # (a pattern that matches nothing) and the joiner was pruned anyway.
+    with pytest.raises(UserError, match=r"pruning\.scope\.exclude=\[\*joiner\*\].*alias.*quote") as e:
+        load_config(None, ["pruning.method=imp", "pruning.scope.exclude=[*joiner*]"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"optim=\{lr: \[1\}"):
+        load_config(None, ["optim={lr: [1}"])
+    cfg = load_config(None, ["pruning.method=imp", "pruning.scope.exclude=['*joiner*', '*predictor*']"])
+    assert cfg.pruning is not None and cfg.pruning.scope.exclude == ("*joiner*", "*predictor*")
+    # Plain text is still a comma list.
+    cfg = load_config(None, ["pruning.method=imp", "pruning.scope.exclude=*joiner*,*lstm*"])
+    assert cfg.pruning is not None and cfg.pruning.scope.exclude == ("*joiner*", "*lstm*")
+
+
+def test_a_string_that_looks_like_a_yaml_list_is_never_comma_split(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  languages: '[en, fr]'\n")
+    with pytest.raises(UserError, match=r"data\.languages.*'\[en, fr\]'"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("text", ["010", "1_000", "0.10", "1:30", "runs #2", "2024-01-01", "null", "1e3", "~/x"])
+def test_set_keeps_the_text_of_a_string_field(text):
+    assert load_config(None, [f"data.manifest_dir={text}"]).data.manifest_dir == text
+
+
+def test_set_string_fields_other_cases():
+    # YAML 1.1 reads `off` as false: train.amp=off was refused.
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    # A quoted value is YAML's string (quotes removed).
+    assert load_config(None, ["data.manifest_dir='a b'"]).data.manifest_dir == "a b"
+    assert load_config(None, ['data.manifest_dir="010"']).data.manifest_dir == "010"
+    # N:M is not a granularity kind, and the message names what was given, not YAML's 124.
+    with pytest.raises(UserError, match=r"got '2:4'"):
+        load_config(None, ["pruning.method=imp", "pruning.granularity.kind=2:4"])
+    # A comma list of strings keeps its text too.
+    assert load_config(None, ["data.languages=010,fr"]).data.languages == ("010", "fr")
+    # A list or mapping is not a string.
+    with pytest.raises(UserError, match=r"data\.manifest_dir: expected a string"):
+        load_config(None, ["data.manifest_dir=[a]"])
+
+
+@pytest.mark.parametrize("value", ["010", "1_000", "0.10", "1:30", "2024-01-01", "1.0e+3"])
+def test_a_yaml_file_number_for_a_string_field_is_refused(tmp_path, value):
+    p = tmp_path / "c.yaml"
+    p.write_text(f"data:\n  manifest_dir: {value}\n")
+    with pytest.raises(UserError, match=r"data\.manifest_dir: expected a string.*quote") as e:
+        load_config(p)
+    assert "\n" not in str(e.value)
+    p.write_text(f"data:\n  manifest_dir: '{value}'\n")
+    assert load_config(p).data.manifest_dir == value
+
+
+def test_saved_config_names_its_model_size_and_reloads_equal(tmp_path):
+    import dataclasses
+
+    import yaml
+
+    cfg = load_config(None, ["model.ctc_weight=0.3", "model.transformer_num_layers=2"])
+    text = dump_config(cfg)
+    # The model section is the size's name and the fields that differ from it.
+    assert yaml.safe_load(text)["model"] == {"name": "tiny", "transformer_num_layers": 2, "ctc_weight": 0.3}
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    assert load_config(p) == cfg
+    for name in MODEL_SIZES:
+        sized = load_config(None, [f"model.name={name}", "model.lstm_dropout=0.2"])
+        p.write_text(dump_config(sized))
+        assert load_config(p) == sized
+    # --set model.name over a run's config.yaml takes the new size's shapes, keeping the overrides.
+    p.write_text(text)
+    small = load_config(p, ["model.name=small"])
+    assert small.model == dataclasses.replace(MODEL_SIZES["small"], ctc_weight=0.3, transformer_num_layers=2)
+
+
+def test_complete_model_sections_of_older_configs_load_and_never_relabel(tmp_path):
+    import dataclasses
+
+    import yaml
+
+    cfg = load_config(None, ["model.ctc_weight=0.3", "model.transformer_num_layers=2"])
+    old = tmp_path / "old.yaml"  # what dump_config wrote before: every model field
+    old.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    assert load_config(old) == cfg
+    # `train --config run1/config.yaml --set model.name=small` kept tiny's shapes labelled small.
+    small = load_config(old, ["model.name=small"]).model
+    assert small == dataclasses.replace(MODEL_SIZES["small"], ctc_weight=0.3, transformer_num_layers=2)
+    assert load_config(old, ["model={name: base}"]).model.encoding_dim == MODEL_SIZES["base"].encoding_dim
+    # A file whose name says one size while its fields are exactly another's is refused.
+    tree = to_dict(ExperimentConfig())
+    tree["model"]["name"] = "small"
+    old.write_text(yaml.safe_dump(tree, sort_keys=False))
+    with pytest.raises(UserError, match=r"model\.name is 'small'.*'tiny'"):
+        load_config(old)
+
+
+def test_model_name_that_is_not_a_string_names_the_key():
+    with pytest.raises(UserError, match=r"model\.name: expected a string, got \['tiny'\]"):
+        load_config(None, ["model.name=[tiny]"])
+
+
+def test_duplicate_yaml_keys_are_refused_naming_key_and_line(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("optim:\n  lr: 0.0005\ntrain:\n  max_steps: 100\noptim:\n  warmup_steps: 10\n")
+    with pytest.raises(UserError, match=r"dup\.yaml: duplicate key 'optim' at line 5 \(first at line 1\)"):
+        load_config(p)
+    p.write_text("train:\n  max_steps: 1\n  seed: 2\n  max_steps: 3\n")
+    with pytest.raises(UserError, match=r"duplicate key 'max_steps' at line 4"):
+        load_config(p)
+    with pytest.raises(UserError, match=r"optim=\{lr: 1, lr: 2\}.*duplicate key 'lr'"):
+        load_config(None, ["optim={lr: 1, lr: 2}"])
+
+
+def test_yaml_errors_keep_the_problem_and_its_line(tmp_path):
+    p = tmp_path / "tab.yaml"
+    p.write_text("optim:\n  lr: 0.001\n\twarmup_steps: 3\n")
+    with pytest.raises(UserError, match=r"tab\.yaml: invalid YAML: .*found character '\\t'.* line 3, column 1") as e:
+        load_config(p)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("key", "value"), [("train.threads", 2**32), ("data.workers", 1_000_000)])
+def test_thread_and_worker_counts_are_bounded(key, value):
+    from sparse_rnnt.cli import MAX_THREADS  # the bound the command line applies
+
+    with pytest.raises(UserError, match=rf"{re.escape(key)} must be an integer in \[0, {MAX_THREADS}\], got {value}"):
+        load_config(None, [f"{key}={value}"])
+    with pytest.raises(UserError, match=re.escape(key)):
+        load_config(None, [f"{key}={MAX_THREADS + 1}"])
+    load_config(None, [f"{key}={MAX_THREADS}"])
+
+
+def test_later_set_of_a_section_merges_like_a_config_file():
+    cfg = load_config(None, ["optim.lr=0.01", "optim={warmup_steps: 5}"])
+    assert cfg.optim.lr == 0.01 and cfg.optim.warmup_steps == 5
+    cfg = load_config(None, ["optim={warmup_steps: 5}", "optim.lr=0.01"])
+    assert cfg.optim.lr == 0.01 and cfg.optim.warmup_steps == 5
+    # A later plain value of a str field still wins over an earlier mapping's.
+    cfg = load_config(None, ["data={manifest_dir: a}", "data.manifest_dir=010"])
+    assert cfg.data.manifest_dir == "010"
+
+
+def test_booleans_accept_0_and_1_alike_from_set_and_files(tmp_path):
+    assert load_config(None, ["spec_augment.enabled=0"]).spec_augment.enabled is False
+    assert load_config(None, ["spec_augment.enabled=1"]).spec_augment.enabled is True
+    assert load_config(None, ["spec_augment.enabled='0'"]).spec_augment.enabled is False
+    p = tmp_path / "c.yaml"
+    p.write_text("spec_augment:\n  enabled: 0\n")
+    assert load_config(p).spec_augment.enabled is False
+    with pytest.raises(UserError, match=r"spec_augment\.enabled: expected true or false"):
+        load_config(None, ["spec_augment.enabled=2"])
+
+
+def test_tiny_cpu_config_states_the_readmes_measured_training_time():
+    # The recipe's comment said "about 8 minutes" while the README measured 599 s of training.
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    measured = re.search(r"- training, (\d+) s: ", (root / "README.md").read_text(encoding="utf-8"))
+    assert measured is not None
+    first = (root / "configs" / "tiny-cpu.yaml").read_text(encoding="utf-8").splitlines()[0]
+    stated = re.search(r"about (\d+) minutes", first)
+    assert stated is not None and int(stated.group(1)) == round(int(measured.group(1)) / 60), first

@@ -62,3 +62,37 @@ def test_atomic_path_requires_output(tmp_path):
     with pytest.raises(FileNotFoundError), atomic_path(tmp_path / "nothing"):
         pass
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["dir", "file"])
+def test_atomic_path_interrupted_between_its_two_renames_keeps_the_old_output(tmp_path, monkeypatch, kind):
+    # Fault injection: Ctrl-C after the old directory was moved aside, before the new one landed.
+    # The cleanup used to delete the temporary folder holding both.
+    import sparse_rnnt.io as io
+
+    target = tmp_path / "out"
+    with atomic_path(target) as t:
+        if kind == "dir":
+            t.mkdir()
+            (t / "old.txt").write_text("previous good output")
+        else:
+            t.write_text("previous good output")
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == (2 if kind == "dir" else 1):
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as t:
+        if kind == "dir":
+            t.mkdir()
+            (t / "new.txt").write_text("new output")
+        else:
+            t.write_text("new output")
+    monkeypatch.setattr(io.os, "replace", real)
+    kept = target / "old.txt" if kind == "dir" else target
+    assert kept.read_text() == "previous good output"
+    assert sorted(os.listdir(tmp_path)) == ["out"]

@@ -11,6 +11,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -380,6 +381,9 @@ _worker_logmel: LogMel | None = None
 
 def _init_worker(config: FeatureConfig) -> None:
     global _worker_logmel
+    # Ctrl-C reaches the whole process group: the parent stops the pool (and says "interrupted"),
+    # a worker's own KeyboardInterrupt traceback would only clutter the terminal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One intra-op thread per process: the pool provides the parallelism.
     torch.set_num_threads(1)
     _worker_logmel = LogMel(config)

@@ -150,8 +150,9 @@ def select_languages(cfg: ExperimentConfig, train: list[Utterance]) -> list[str]
 
 
 # Limits of the fault handling, which change no computation: a resumed run may raise them (to
-# skip past a stretch of non-finite losses, say). Everything else must equal the checkpoint's.
-RESUME_MAY_CHANGE = ("train.max_nonfinite_steps", "data.max_bad_fraction")
+# skip past a stretch of non-finite losses, say); and what is shown and logged (the progress bar,
+# the metrics rows' spacing). Everything else must equal the checkpoint's.
+RESUME_MAY_CHANGE = ("train.max_nonfinite_steps", "data.max_bad_fraction", "train.progress", "train.log_every")
 
 
 def train_items_fingerprint(utts: Sequence[Utterance]) -> dict[str, Any]:
@@ -986,7 +987,9 @@ class Trainer:
         window: list[dict[str, float]] = []
         last_dev: EvalResult | None = None
         batches = self._batches()
-        with metrics_path.open("a", encoding="utf-8") as metrics:
+        # Not resumed: a new run, also in place of one stopped before its first checkpoint, whose
+        # rows must not stay in front of this run's.
+        with metrics_path.open("a" if self.resume else "w", encoding="utf-8") as metrics:
             while self.step < t.max_steps:
                 batch = next(batches)
                 if self.dist is not None:  # dropout: per (seed, step, rank), so resumes are exact

@@ -287,3 +287,22 @@ def test_bf16_artifact_streams_between_float32_norms(dense_run, tiny_manifests, 
     dec = StreamingDecoder.from_artifact(art)
     assert dec.dtype == art.model.activation_dtype == torch.float32
     assert ref and dec.transcribe(wave).tokens == ref
+
+
+def test_cli_prints_partials_when_their_text_changes_and_not_before_there_is_any(monkeypatch, capsys):
+    # A chunk that emits nothing yet (or a silent file's final partial) printed "path [0.16s] ".
+    import sparse_rnnt.streaming.files as files_mod
+    from sparse_rnnt.cli import main
+    from sparse_rnnt.streaming import PartialResult
+
+    def fake(artifact, paths, *, on_partial, **kwargs):
+        for i, text in enumerate(["", "", "a", "a", "ab"]):
+            on_partial("x.wav", PartialResult("x.wav", i, [], [], text, 0.01, i == 4, audio_end_s=0.16 * (i + 1)))
+        on_partial("silent.wav", PartialResult("silent.wav", -1, [], [], "", 0.0, True))
+        return [], {"steps": 0, "p50_s": 0.0, "p99_s": 0.0, "rtf": float("nan")}
+
+    monkeypatch.setattr(files_mod, "stream_files", fake)
+    assert main(["stream", "--artifact", "unused", "x.wav", "silent.wav"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["x.wav [  0.48s] a", "x.wav [  0.80s] ab"]
+    assert not any(line.startswith("silent.wav [") for line in lines)

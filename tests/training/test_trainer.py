@@ -324,3 +324,41 @@ def test_setup_failure_in_an_existing_folder_removes_only_what_it_wrote(tiny_man
         Trainer(cfg, run).run()
     assert [p.name for p in run.iterdir()] == ["metrics.jsonl"]
     assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+class _CrashBeforeCheckpoint(Trainer):
+    def train_step(self, batch):
+        if self.step == 4:
+            raise KeyboardInterrupt  # Ctrl-C before the first checkpoint
+        return super().train_step(batch)
+
+
+def test_rerun_in_place_without_resume_starts_a_new_metrics_file(tiny_manifests, tmp_path):
+    # A run interrupted before its first checkpoint may be re-run in place; its metrics.jsonl used
+    # to be appended to, so the file read 1..4 then 1..3.
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _CrashBeforeCheckpoint(_cfg(tiny_manifests, **{"train.checkpoint_every": 0, "train.max_steps": 10}), run).run()
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    Trainer(_cfg(tiny_manifests, **{"train.max_steps": 3}), run).run()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [1, 2, 3, 3]  # and the final dev row
+
+
+def test_resume_may_change_progress_and_log_every(tiny_manifests, tmp_path, caplog):
+    # Neither changes a computation: --resume refused them as a config change.
+    import logging
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    Trainer(_cfg(tiny_manifests, **{"train.max_steps": 3}), run).run()
+    cfg = _cfg(tiny_manifests, **{"train.max_steps": 3, "train.progress": True, "train.log_every": 2})
+    with caplog.at_level(logging.WARNING, logger="sparse_rnnt.training.trainer"):
+        Trainer(cfg, run, resume=True)
+    warned = " ".join(r.message for r in caplog.records)
+    assert "train.progress is now True" in warned and "train.log_every is now 2" in warned
+    with pytest.raises(UserError, match=r"train\.max_steps"):  # the others are still refused
+        Trainer(_cfg(tiny_manifests, **{"train.max_steps": 4, "train.progress": True}), run, resume=True)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert "`train.progress` and `train.log_every`" in readme

@@ -178,11 +178,14 @@ def all_formats(device: str) -> tuple[str, ...]:
             + (("2:4+auto", "bsr+auto", "bitmap+auto") if cuda else ()) + ("linear-free",))
 
 
-def _auto_choose(model: Any, streams: int) -> dict[str, Any]:
-    """``--layer-runtime auto`` on ``model`` at the row counts of ``streams`` streams; what it chose."""
+def _auto_choose(model: Any, streams: int, graphs: bool = True) -> dict[str, Any]:
+    """``--layer-runtime auto`` on ``model`` at the row counts of ``streams`` streams (``graphs``:
+    timed as CUDA-graph replays, else as eager calls); what it chose. The table chooses once per
+    format and stream count, by graph replays, and runs its eager and graph rows on that choice
+    (``stream --layer-runtime auto`` times eagerly unless ``--cuda-graphs``)."""
     from sparse_rnnt.export.autoselect import choose_layer_runtimes, probe_rows, summarize
 
-    return summarize(choose_layer_runtimes(model, probe_rows(model, (streams,))))
+    return summarize(choose_layer_runtimes(model, probe_rows(model, (streams,)), graphs=graphs))
 
 
 def bench(device: str, quick: bool, cuda_graphs: bool = False,

@@ -112,10 +112,12 @@ def probe_rows(model: nn.Module, streams: Sequence[int] = (1,), *, chunks: int =
     return seen
 
 
-def device_timer(device: torch.device) -> Timer:
-    """Milliseconds per call: on CUDA 20 calls captured in a CUDA graph and replayed (the launch
-    cost a graph step pays), median of 5 replays; eagerly timed with events if capture fails. On
-    CPU, the median of 20 timed calls."""
+def device_timer(device: torch.device, *, graphs: bool = True) -> Timer:
+    """Milliseconds per call, as the step that will run them pays it. On CUDA with ``graphs``: 20
+    calls captured in a CUDA graph and replayed (a graph step pays no launch cost), median of 5
+    replays; eagerly timed with events if capture fails. On CUDA without ``graphs`` (eager
+    steps): the wall time of 20 back-to-back calls and a sync, median of 5, so a kernel whose
+    host-side launch outlasts its work is charged for it. On CPU, the median of 20 timed calls."""
     if device.type != "cuda":
         def cpu(fn: Callable[[], Any]) -> float:
             fn()
@@ -127,8 +129,25 @@ def device_timer(device: torch.device) -> Timer:
             return 1e3 * statistics.median(times)
         return cpu
 
+    calls = 20
+
+    def cuda_eager(fn: Callable[[], Any]) -> float:
+        for _ in range(3):  # autotuning, allocator, lazy init
+            fn()
+        torch.cuda.synchronize(device)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize(device)
+            times.append((time.perf_counter() - t0) / calls)
+        return 1e3 * statistics.median(times)
+
+    if not graphs:
+        return cuda_eager
+
     def cuda(fn: Callable[[], Any]) -> float:
-        calls = 20
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
@@ -186,13 +205,15 @@ def choose_layer_runtimes(
     rows: Mapping[str, Mapping[int, int]] | Mapping[str, Iterable[int]],
     *,
     timer: Timer | None = None,
+    graphs: bool = True,
 ) -> list[LayerChoice]:
     """In place: each sparse layer of ``model`` (:func:`sparse_layers`) named in ``rows`` is timed
     at its row counts against ``F.linear`` on its dense weight, and replaced by a
     :class:`DenseExported` of that weight where the dense product takes less time in total
     (each row count weighted by its number of calls: ``rows[name]`` maps rows to calls, or is an
     iterable of row counts, each weighted 1). Layers not named keep their kernel. ``timer``:
-    ms per call of a function (default :func:`device_timer` of the layer's device). Outputs are
+    ms per call of a function (default :func:`device_timer` of the layer's device, timing graph
+    replays or eager calls as ``graphs`` says the model will run). Outputs are
     unchanged up to the products' rounding: both compute ``x Wᵀ + b`` with the same ``W``."""
     layers = sparse_layers(model)
     unknown = sorted(set(rows) - set(layers))
@@ -210,7 +231,7 @@ def choose_layer_runtimes(
             raise ValueError(f"{name}: call counts must be integers >= 1, got {weights}")
         w = dense_weight(layer)
         dev, dt = w.device, layer.compute_dtype
-        time_it = timer or device_timer(dev)
+        time_it = timer or device_timer(dev, graphs=graphs)
         bias = None if layer.bias is None else layer.bias.detach().to(dt)
         rs = tuple(sorted(weights))
         sparse_ms, dense_ms = [], []

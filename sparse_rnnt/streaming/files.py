@@ -125,7 +125,8 @@ def stream_files(
         from ..export.autoselect import choose_layer_runtimes, probe_rows, summarize
 
         rows = probe_rows(art.model, (1,), decoding=decoding, beam_width=beam_width)  # the shapes it will see
-        chosen = summarize(choose_layer_runtimes(art.model, rows))
+        # Timed as the stream will run them: graph replays, or eager calls that pay their launches.
+        chosen = summarize(choose_layer_runtimes(art.model, rows, graphs=cuda_graphs))
         auto = {k: float(v) for k, v in chosen.items() if k != "auto_runtimes"}
     decoder = StreamingDecoder.from_artifact(art, decoding=decoding, beam_width=beam_width,
                                              step_mode="cuda-graph" if cuda_graphs else "eager")

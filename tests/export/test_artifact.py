@@ -296,13 +296,16 @@ def test_stream_auto_runtimes_probe_the_decoding_that_will_run(pruned, tmp_path,
 
     export_checkpoint(pruned["dynamic"], tmp_path / "art", ExportOptions(language="fr"))
     utt = next(u for u in load_split(tiny_manifests, "test") if u.language == "fr")
-    seen = []
-    real = autoselect.probe_rows
+    seen, chose = [], []
+    real, real_choose = autoselect.probe_rows, autoselect.choose_layer_runtimes
     monkeypatch.setattr(autoselect, "probe_rows", lambda *a, **k: seen.append(k) or real(*a, **k))
+    monkeypatch.setattr(autoselect, "choose_layer_runtimes", lambda *a, **k: chose.append(k) or real_choose(*a, **k))
     for decoding, width in (("beam", 3), ("greedy", 4)):
         stream_files(tmp_path / "art", [utt.audio], decoding=decoding, beam_width=width,
                      layer_runtime="auto")
     assert [(k["decoding"], k["beam_width"]) for k in seen] == [("beam", 3), ("greedy", 4)]
+    # Without --cuda-graphs the layers run eagerly: timed as eager calls, launches included.
+    assert [k.get("graphs") for k in chose] == [False, False]
 
 
 @pytest.mark.parametrize("fmt", ["bsr", "bitmap"])

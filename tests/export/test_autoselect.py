@@ -185,6 +185,7 @@ def test_real_timer_on_cpu_keeps_outputs():
     for n, (w, b) in ref.items():
         torch.testing.assert_close(model.get_submodule(n)(x[n]), F.linear(x[n], w, b), rtol=1e-5, atol=1e-5)
     assert device_timer(torch.device("cpu"))(lambda: time.sleep(0.002)) >= 2.0  # ms per call
+    assert device_timer(torch.device("cpu"), graphs=False)(lambda: time.sleep(0.002)) >= 2.0
     assert all(isinstance(c.sparse_ms[0], float) and c.rows == tuple(sorted(Counter(rows[c.name]))) for c in choices)
 
 
@@ -233,6 +234,20 @@ def test_auto_runtimes_on_the_triton_kernels_keep_outputs(dtype):
     choices = _auto_keeps_outputs("cpu", dtype, lambda fmt: "triton", None, timer=timer, rows=rows)
     assert {kind for kind, _ in timer.calls} == {"sparse", "dense"}
     assert {c.name: c.kept for c in choices} == {enc[0]: "dense", enc[1]: "dense", "rnnt.joiner.linear": "sparse"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU timer test above is its counterpart)")
+def test_cuda_eager_timer_charges_the_host_side_of_a_call():
+    # A call that spends 1 ms on the host before a tiny kernel: eager steps pay the millisecond,
+    # a graph replay does not (the capture recorded the kernel only).
+    x = torch.ones(8, device="cuda")
+
+    def call():
+        time.sleep(0.001)
+        x.add_(1)
+
+    assert device_timer(torch.device("cuda"), graphs=False)(call) >= 1.0
+    assert device_timer(torch.device("cuda"), graphs=True)(call) < 0.5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU tests above check the same logic)")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import unicodedata
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from ..errors import UserError
@@ -24,7 +25,7 @@ class Utterance:
     split: str
     audio: str  # absolute path to the audio file
     duration: float  # seconds
-    text: str  # normalized lowercase transcript
+    text: str  # normalized lowercase transcript, Unicode NFC (read_manifest makes it so)
     speaker: str
     book: str
 
@@ -79,6 +80,9 @@ def read_manifest(path: str | os.PathLike[str]) -> list[Utterance]:
                 elif not isinstance(value, str):
                     raise ValueError(f"{key} must be a string, got {value!r}")
             u = Utterance(**{k: (float(obj[k]) if k == "duration" else str(obj[k])) for k in _FIELDS})
+            # NFC, as the tokenizer decodes: an NFD transcript (macOS tools) would otherwise never
+            # equal a perfect hypothesis in WER.
+            u = replace(u, text=unicodedata.normalize("NFC", u.text))
         except UnicodeDecodeError as e:
             raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start})") from None
         except (ValueError, TypeError) as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -299,7 +300,8 @@ def _parse_transcripts(
             continue
         nonblank += 1
         raw_id, tab, raw_text = line.partition("\t")
-        utt_id, text = raw_id.strip(), raw_text.strip()
+        # NFC and single spaces: the transcript as the tokenizer reads it and WER compares it.
+        utt_id, text = raw_id.strip(), " ".join(unicodedata.normalize("NFC", raw_text).split())
         if tab:
             out.all_ids.add(utt_id)
         m = _ID_RE.fullmatch(utt_id)

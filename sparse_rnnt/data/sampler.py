@@ -9,14 +9,19 @@ One epoch's batches are a pure function of (durations, languages, config, epoch)
 3. Pack greedily in that order: an utterance joins the current batch while
    ``len(batch) * max_frames_in_batch <= max_frames`` and ``len(batch) <= max_batch``. An
    utterance over the budget on its own forms a batch alone (counted in ``oversized``).
-   ``drop_last`` drops each group's final, left-over batch.
+   ``drop_last`` drops each group's final batch when it is left over: not full (it could take
+   another utterance as long as its longest) and not the group's only batch (a language whose
+   data fit in one partial batch keeps it rather than vanish from training).
 4. Order the batches. ``order="shuffled"``: shuffle the batches of all groups together
    (``shuffle``), from (seed, epoch), so each language gets steps in proportion to its data.
    ``order="round-robin"`` (monolingual only): the languages take turns in sorted order, one batch
    each (with ``shuffle``, each language's batches in a random order per (seed, epoch)); a language
    whose batches run out drops out of the cycle.
 5. Shard: with ``world_size`` ranks the list is truncated to a multiple of ``world_size`` and rank
-   ``r`` takes batches ``r::world_size``, so every rank runs the same number of steps.
+   ``r`` takes batches ``r::world_size``, so every rank runs the same number of steps. In
+   ``monolingual`` mode the ranks' batches at one step may then be of different languages; the
+   trainer does not shard here (each rank takes its part of every global batch,
+   ``training.distributed``), so one step trains one language on every rank.
 """
 
 from __future__ import annotations
@@ -147,7 +152,8 @@ class BucketBatchSampler:
                 cur, new_longest = [], f
             cur.append(i)
             longest = new_longest
-        if cur and not cfg.drop_last:
+        leftover = len(cur) < cfg.max_batch and (len(cur) + 1) * longest <= cfg.max_frames
+        if cur and not (cfg.drop_last and leftover and batches):
             batches.append(cur)
         return batches
 

@@ -57,6 +57,12 @@ def _nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
+def _normal(text: str) -> str:
+    """What the model sees of a text: NFC, every run of whitespace (tab, no-break space, newline)
+    one space, as in training (SentencePiece's identity rule knows only the space)."""
+    return " ".join(_nfc(text).split())
+
+
 def _char_pieces_needed(lines: list[str], coverage: float) -> int:
     """Pieces of a char model over ``lines``: ``<unk>`` plus the characters SentencePiece keeps
     at ``coverage`` (the word boundary "▁", one per word, counts as a character): the most
@@ -117,7 +123,7 @@ class Tokenizer:
         """
         config.validate()
         # Not valid Unicode (lone surrogates): left out here, and screened out as unencodable.
-        lines = [" ".join(_nfc(t).split()) for t in texts if is_unicode(t)]
+        lines = [_normal(t) for t in texts if is_unicode(t)]
         lines = [t for t in lines if t]
         if not lines:
             raise UserError(
@@ -212,12 +218,12 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids in ``[0, vocab_size)``; unknown characters become ``unk`` (see
         :meth:`encodable`)."""
-        return [int(i) for i in self._sp.encode(_nfc(text))]
+        return [int(i) for i in self._sp.encode(_normal(text))]
 
     def unknown_characters(self, text: str) -> list[str]:
         """The distinct non-space characters of ``text`` the model maps to ``unk``, sorted."""
         out = []
-        for c in sorted(set(_nfc(text))):
+        for c in sorted(set(_normal(text))):
             if c.isspace():
                 continue
             if _UNK_ID in self._sp.encode(c):

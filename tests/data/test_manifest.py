@@ -80,3 +80,18 @@ def test_a_repeated_utterance_key_is_refused_naming_both_lines(tmp_path):
     p.write_text("\n".join([_line(id="u1"), _line(id="u1", language="fr"), "", _line(id="u1", audio="/b")]) + "\n")
     with pytest.raises(UserError, match=r"m\.jsonl:4: utterance en/u1 is already on line 1"):
         read_manifest(p)
+
+
+def test_transcripts_are_read_as_nfc(tmp_path):
+    # An NFD transcript (as macOS tools write it) equals the NFC text the tokenizer decodes to, so a
+    # perfect hypothesis scores 0 WER instead of an error on every accented word.
+    import unicodedata
+
+    from sparse_rnnt.training.metrics import wer
+
+    nfc = "le café était là"
+    u = _u(0, "fr")
+    write_manifest(tmp_path / "dev.jsonl", [Utterance(**{**u.__dict__, "text": unicodedata.normalize("NFD", nfc)})])
+    (got,) = read_manifest(tmp_path / "dev.jsonl")
+    assert got.text == nfc and got.text != unicodedata.normalize("NFD", nfc)
+    assert wer([got.text], [nfc]) == 0.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -602,8 +603,9 @@ def test_fuzz_random_lines(fuzz_corpus: dict[str, Any], lines: list[tuple[str, s
     # Reference: the first known id with non-blank text wins; nothing else can have audio.
     want: dict[str, str] = {}
     for kind, id_, t in lines:
-        if kind == "known" and t.strip() and id_ not in want:
-            want[id_] = t.strip()
+        normal = " ".join(unicodedata.normalize("NFC", t).split())  # NFC, one space between words
+        if kind == "known" and normal and id_ not in want:
+            want[id_] = normal
     assert {u.id: u.text for u in out["dev"]} == want
     _check_counts(report, data)
 
@@ -619,3 +621,19 @@ def test_cli_refuses_to_drop_a_split_before_reading(tmp_path: Path, capsys: pyte
     err = capsys.readouterr().err
     assert "holds train.jsonl, which this read (splits test) would remove" in err
     assert [p.name for p in dest.iterdir()] == ["train.jsonl"]
+
+
+def test_transcripts_are_nfc_with_single_spaces(tmp_path: Path) -> None:
+    # NFD text and inner tabs or no-break spaces: the manifest holds what the tokenizer reads and
+    # WER compares (NFC, words separated by one space).
+    import unicodedata
+
+    fx = build_mls_fixture(tmp_path / "corpus", per_split=2)
+    path = fx["transcripts"]["fr"]["dev"]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    utt_id = lines[0].split("\t")[0]
+    lines[0] = f"{utt_id}\t" + unicodedata.normalize("NFD", "été\tlà\u00a0bas  ici")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out, report = read(fx["root"])
+    got = next(u for u in out["dev"] if u.language == "fr" and u.id == utt_id)
+    assert got.text == "été là bas ici" and report.num_problems == 0

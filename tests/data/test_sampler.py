@@ -302,3 +302,19 @@ def test_sampler_properties(case: tuple) -> None:
     assert all(len(g) == len(batches) // world for g in got)
     for r, g in enumerate(got):
         assert g == batches[r : len(batches) // world * world : world]
+
+
+def test_drop_last_keeps_full_final_batches_and_a_groups_only_batch() -> None:
+    # 16 equal utterances, max_batch 8: two full batches, nothing is left over.
+    s = BucketBatchSampler([2.0] * 16, ["en"] * 16, BatchConfig(max_frames=10**6, max_batch=8, drop_last=True,
+                                                                 shuffle=False))
+    assert [len(b) for b in s] == [8, 8]
+    # A final batch closed by the frame budget is full too: 3 x 201 frames fit 603, a fourth would not.
+    s = BucketBatchSampler([2.0] * 6, ["en"] * 6, BatchConfig(max_frames=603, drop_last=True, shuffle=False))
+    assert [len(b) for b in s] == [3, 3]
+    # 43 en (5 full batches and 3 left over: dropped) and 5 nl (its only batch, partial: kept).
+    langs = ["en"] * 43 + ["nl"] * 5
+    s = BucketBatchSampler([2.0] * 48, langs, BatchConfig(max_frames=10**6, max_batch=8, drop_last=True,
+                                                          mode="monolingual", shuffle=False))
+    sizes = sorted((langs[b[0]], len(b)) for b in s)
+    assert sizes == [("en", 8)] * 5 + [("nl", 5)]

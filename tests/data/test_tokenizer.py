@@ -190,3 +190,15 @@ def test_char_vocab_size_needed_follows_the_character_coverage(tmp_path: Path) -
     with pytest.raises(UserError, match=f"needs vocab_size >= {part.vocab_size}"):
         Tokenizer.train(texts, TokenizerConfig(vocab_size=part.vocab_size - 1, character_coverage=0.999),
                         tmp_path / "p.model")
+
+
+def test_whitespace_is_read_as_in_training(tmp_path: Path) -> None:
+    # Training reads any run of whitespace as one space; encoding must too: a transcript with a
+    # no-break space or a tab, trained on, was later screened out as unencodable with no
+    # character named.
+    tok = Tokenizer.train(["le\u00a0chat blanc", "un\tchien"], TokenizerConfig(vocab_size=0, model_type="char"),
+                          tmp_path / "ws.model")
+    for text in ("le\u00a0chat blanc", "un\tchien", "un \n chien"):
+        assert tok.encodable(text) and tok.unknown_characters(text) == []
+        assert tok.encode(text) == tok.encode(" ".join(text.split()))
+        assert tok.decode(tok.encode(text)) == " ".join(text.split())

@@ -237,7 +237,7 @@ def _check_prune_overrides(args: argparse.Namespace) -> None:
     from .config import parse_overrides
 
     def leaves(tree: object, prefix: str) -> list[str]:
-        if isinstance(tree, dict) and tree:
+        if isinstance(tree, dict):  # an empty section sets nothing
             return [k for key, value in tree.items() for k in leaves(value, f"{prefix}.{key}" if prefix else str(key))]
         return [prefix]
 
@@ -691,13 +691,12 @@ def _stdout_is_closed() -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    # -v after the command too: the commands' parsers leave it over (anything else left over is
-    # refused as parse_args would).
-    args, rest = parser.parse_known_args(argv)
-    unknown = [a for a in rest if a not in _VERBOSE]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.verbose = args.verbose or len(rest) > 0
+    # -v anywhere (before the command, among its options, between a command's files): taken out
+    # before parsing, so that it never splits a list of positional arguments.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in _VERBOSE for a in argv)
+    args = parser.parse_args([a for a in argv if a not in _VERBOSE])
+    args.verbose = verbose
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Debug messages of the toolkit only: the libraries' (matplotlib's font search...) drown them.
     logging.getLogger("sparse_rnnt").setLevel(logging.DEBUG if args.verbose else logging.NOTSET)

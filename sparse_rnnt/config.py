@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import types
 import typing
@@ -18,7 +19,7 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
-from .checks import MAX_SEED, MAX_THREADS, is_device_spec, is_finite_number, is_int
+from .checks import MAX_SEED, is_device_spec, is_finite_number, is_int
 from .data.features import FeatureConfig, SpecAugmentConfig
 from .data.sampler import BatchConfig
 from .data.tokenizer import TokenizerConfig
@@ -27,6 +28,7 @@ from .io import atomic_write_text
 from .model.configs import MODEL_SIZES, ModelConfig
 from .pruning.methods import PruningConfig
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -42,8 +44,10 @@ _NON_NEGATIVE: _Check = (lambda v: is_finite_number(v) and v >= 0, "a finite num
 _FRACTION: _Check = (lambda v: is_finite_number(v) and 0 <= v <= 1, "a fraction in [0, 1]")
 _UNIT_OPEN: _Check = (lambda v: is_finite_number(v) and 0 <= v < 1, "a number in [0, 1)")
 _COVERAGE: _Check = (lambda v: is_finite_number(v) and 0 < v <= 1, "a number in (0, 1]")
-# The command line's bound: 2**32 threads overflowed torch's C int, a million workers spawned a pool.
-_THREADS: _Check = (lambda v: is_int(v) and 0 <= v <= MAX_THREADS, f"an integer in [0, {MAX_THREADS}]")
+# A bound that does not depend on this machine (a run saved on a bigger one must still load):
+# 2**32 threads overflowed torch's C int, a million workers spawned a pool of that size.
+MAX_CONFIG_THREADS = 1024
+_THREADS: _Check = (lambda v: is_int(v) and 0 <= v <= MAX_CONFIG_THREADS, f"an integer in [0, {MAX_CONFIG_THREADS}]")
 
 
 @dataclass(frozen=True)
@@ -221,14 +225,15 @@ def _shape_fields() -> tuple[str, ...]:
 
 
 def _check_model_name(model: ModelConfig) -> None:
-    """The name must not say one size while the fields are exactly another's (a config.yaml with
-    every model field, its name edited): the run would train that other size under this label."""
+    """Warn when the name says one size while the fields are exactly another's: a run made before
+    ``--set model.name`` rebased complete model sections trained that other size under this
+    label. A warning, not a refusal, so such runs can still be resumed and pruned."""
     for other, size in MODEL_SIZES.items():
         if other != model.name and all(getattr(model, k) == getattr(size, k) for k in _shape_fields()):
-            raise UserError(
-                f"model.name is {model.name!r} but the model's fields are exactly {other!r}'s: set "
-                f"model.name={other}, or remove the model fields that are not your own changes to take {model.name!r}'s"
-            )
+            log.warning("model.name is %r but the model's fields are exactly %r's: this is a %r model labelled "
+                        "%r (set model.name=%s to say so, or remove the model fields that are not your own "
+                        "changes to take %r's)", model.name, other, other, model.name, other, model.name)
+            return
 
 
 def _type_name(tp: Any) -> str:

@@ -427,6 +427,30 @@ def test_prune_refuses_a_set_that_contradicts_an_explicit_option(options, overri
     args = build_parser().parse_args(["prune", "--method", "imp", "--init", "d", "--out", "o", "--levels", "0.5",
                                       "--set", "train.max_steps=9"])
     assert prune_config(args, dense).train.max_steps == 9
+    # An empty section sets nothing, so it contradicts no option.
+    args = build_parser().parse_args(["prune", "--method", "imp", "--init", "d", "--out", "o", "--levels", "0.5",
+                                      "--languages", "en", "--set", "data={}"])
+    assert prune_config(args, dense).data.languages == ("en",)
+
+
+def test_verbose_between_a_commands_files_does_not_split_them(monkeypatch):
+    # `stream --artifact A a.wav -v b.wav` was "unrecognized arguments: b.wav".
+    import sparse_rnnt.streaming.files as files_mod
+
+    seen = []
+
+    def fake(artifact, paths, **kwargs):
+        seen.append(list(paths))
+        return [], {"steps": 0, "p50_s": 0.0, "p99_s": 0.0, "rtf": float("nan")}
+
+    monkeypatch.setattr(files_mod, "stream_files", fake)
+    assert main(["stream", "--artifact", "A", "a.wav", "-v", "b.wav", "--quiet"]) == 0
+    assert seen == [["a.wav", "b.wav"]]
+    import logging
+
+    assert logging.getLogger("sparse_rnnt").level == logging.DEBUG
+    assert main(["stream", "--artifact", "A", "a.wav", "--quiet"]) == 0
+    assert logging.getLogger("sparse_rnnt").level == logging.NOTSET
 
 
 def test_feature_workers_ignore_ctrl_c(monkeypatch):

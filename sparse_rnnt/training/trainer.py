@@ -152,7 +152,8 @@ def select_languages(cfg: ExperimentConfig, train: list[Utterance]) -> list[str]
 # Limits of the fault handling, which change no computation: a resumed run may raise them (to
 # skip past a stretch of non-finite losses, say); and what is shown and logged (the progress bar,
 # the metrics rows' spacing). Everything else must equal the checkpoint's.
-RESUME_MAY_CHANGE = ("train.max_nonfinite_steps", "data.max_bad_fraction", "train.progress", "train.log_every")
+RESUME_MAY_CHANGE = ("train.max_nonfinite_steps", "data.max_bad_fraction", "train.progress", "train.log_every",
+                     "train.threads", "data.workers")
 
 
 def train_items_fingerprint(utts: Sequence[Utterance]) -> dict[str, Any]:

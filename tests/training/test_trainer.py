@@ -360,5 +360,13 @@ def test_resume_may_change_progress_and_log_every(tiny_manifests, tmp_path, capl
     assert "train.progress is now True" in warned and "train.log_every is now 2" in warned
     with pytest.raises(UserError, match=r"train\.max_steps"):  # the others are still refused
         Trainer(_cfg(tiny_manifests, **{"train.max_steps": 4, "train.progress": True}), run, resume=True)
+    # A run saved on a machine with more cores resumes here on fewer threads and workers.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sparse_rnnt.training.trainer"):
+        Trainer(_cfg(tiny_manifests, **{"train.max_steps": 3, "train.threads": 2, "data.workers": 0}), run,
+                resume=True)
+    warned = " ".join(r.message for r in caplog.records)
+    assert "train.threads is now 2 (was 1)" in warned and "data.workers is now 0 (was 1)" in warned
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     assert "`train.progress` and `train.log_every`" in readme
+    assert "`train.threads` and `data.workers` (a different CPU" in readme

@@ -70,7 +70,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     warmup_steps: int = 200
-    # after warmup: "constant", "cosine" (to min_lr_ratio * lr at max_steps) or "inverse_sqrt"
+    # after warmup: "constant", "cosine" (reaching min_lr_ratio * lr after the last step) or "inverse_sqrt"
     schedule: str = "cosine"
     min_lr_ratio: float = 0.05
     grad_clip: float = 5.0  # max global gradient norm; 0 disables clipping

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -117,7 +118,9 @@ def evaluate(
             for i, tokens in zip(idx, hyps, strict=True):
                 u = utterances[i]
                 text = tokenizer.decode(tokens)
-                counts = align_counts(u.text.split(), text.split())
+                # NFC both sides (read_manifest already does; hand-built utterances may not).
+                counts = align_counts(unicodedata.normalize("NFC", u.text).split(),
+                                      unicodedata.normalize("NFC", text).split())
                 result.per_language.setdefault(u.language, ErrorCounts())
                 result.per_language[u.language] += counts
                 result.hypotheses.append({"key": u.key, "reference": u.text, "hypothesis": text})

@@ -222,6 +222,7 @@ class Trainer:
         self.pruner: Pruner | None = None
         self.guard = LossGuard(cfg.train.max_nonfinite_steps)
         self._history_logged = 0
+        self._last_lr = 0.0  # the LR of the latest optimizer step (the scheduler already holds the next)
         # Resume: the newest sound checkpoint, read once (by _check_out_dir); its verified
         # tokenizer and CMVN copies take precedence over the run directory's.
         self._resume_ckpt: Checkpoint | None = None
@@ -688,6 +689,7 @@ class Trainer:
         else:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
         self.optimizer.step()
+        self._last_lr = float(self.optimizer.param_groups[0]["lr"])  # what this update used
         self.scheduler.step()
         self.step += 1
         return norm
@@ -832,7 +834,7 @@ class Trainer:
 
     def write_analytics(self) -> Path | None:
         """``<run>/analytics/``: ``masks.json`` (sparsity per layer and language, pathway IoU,
-        union sparsity, churn since the previous report), ``history.json`` (every mask update)
+        union sparsity), ``history.json`` (every mask update, with its churn)
         and the plots ``overlap.png`` (per-language methods) and ``sparsity_churn.png``."""
         pruner = self.pruner
         if pruner is None:
@@ -991,6 +993,17 @@ class Trainer:
         # Not resumed: a new run, also in place of one stopped before its first checkpoint, whose
         # rows must not stay in front of this run's.
         with metrics_path.open("a" if self.resume else "w", encoding="utf-8") as metrics:
+            if self.pruner is not None and len(self.pruner.history) > self._history_logged:
+                # prepare()'s step-0 event (a one-shot or first level, LAP masks): logged at step 0,
+                # not with the first optimizer step's. Every rank checks its masks, as below.
+                if self.dist is not None:
+                    self.dist.check_masks(self.pruner, self.step)
+                events = self.pruner.history[self._history_logged:]
+                self._history_logged = len(self.pruner.history)
+                if self.is_main:
+                    metrics.write(json.dumps({"step": self.step, "sparsity": self.sparsity(), "pruning": events})
+                                  + "\n")
+                    metrics.flush()
             while self.step < t.max_steps:
                 batch = next(batches)
                 if self.dist is not None:  # dropout: per (seed, step, rank), so resumes are exact
@@ -1019,7 +1032,7 @@ class Trainer:
                     row = {k: sum(w[k] for w in window if k in w) / len(window) for k in window[-1]}
                     if self.pruner is not None and self.is_main:  # a pass over every mask: only when logging
                         row["sparsity"] = self.sparsity()
-                    row.update(step=self.step, epoch=self.epoch, lr=self.scheduler.get_last_lr()[0],
+                    row.update(step=self.step, epoch=self.epoch, lr=self._last_lr,
                                frames_per_sec=row["frames"] / max(row["sec"], 1e-9))
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()

@@ -39,3 +39,22 @@ def test_batching_does_not_change_hypotheses(setup):
     big = evaluate(model, dev, tok, cmvn, FeatureConfig(), progress=False, max_frames=100000)
     one = evaluate(model, dev, tok, cmvn, FeatureConfig(), progress=False, max_frames=1)
     assert big.hypotheses == one.hypotheses
+
+
+def test_nfd_references_of_hand_built_utterances_score_a_perfect_hypothesis_zero(tmp_path, monkeypatch):
+    # read_manifest gives NFC text; an Utterance built by hand with NFD text must score the same.
+    import unicodedata
+
+    import sparse_rnnt.training.evaluate as ev
+    from sparse_rnnt.data.manifest import Utterance
+
+    ref = unicodedata.normalize("NFD", "le café était très fermé")
+    utts = [Utterance(id=f"1_1_{i:06d}", language="fr", split="dev", audio="/unused.flac", duration=1.0,
+                      text=ref, speaker="1", book="1") for i in range(2)]
+    tok = Tokenizer.train([ref, "a b c"], TokenizerConfig(), tmp_path / "t.model")
+    oracle = tok.encode(ref)  # a decoder that emits exactly the reference's tokens
+    monkeypatch.setattr(ev, "decode", lambda model, x, lengths, **kw: [list(oracle) for _ in range(x.size(0))])
+    res = evaluate(torch.nn.Linear(1, 1), utts, tok, GlobalCMVN(torch.zeros(80), torch.ones(80)), FeatureConfig(),
+                   features={u.key: torch.zeros(100, 80) for u in utts}, progress=False)
+    assert res.hypotheses[0]["hypothesis"] == unicodedata.normalize("NFC", ref)
+    assert res.per_language["fr"].wer == 0.0

@@ -279,6 +279,12 @@ def test_prune_writes_mask_analytics(dense_run, tmp_path):
     history = json.loads((tmp_path / "p" / "analytics" / "history.json").read_text())["history"]
     assert [h["step"] for h in history] == sorted(h["step"] for h in history)
     assert {h["event"] for h in history} == {"level", "rerank"}
+    # metrics.jsonl logs every event under the step it happened at: prepare()'s step-0 level too
+    # (it rode with step 1's row before).
+    rows = [json.loads(x) for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    logged = [(r["step"], e["step"]) for r in rows if "pruning" in r for e in r["pruning"]]
+    assert logged and all(row_step == event_step for row_step, event_step in logged)
+    assert [e for e in history if e["step"] == 0] and sorted(s for s, _ in logged) == [h["step"] for h in history]
     for name in ("overlap.png", "sparsity_churn.png"):
         data = (tmp_path / "p" / "analytics" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n", name

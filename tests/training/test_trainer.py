@@ -39,6 +39,12 @@ def test_short_run_writes_a_complete_run_directory(tiny_manifests, tmp_path):
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
+    # Each row's lr is the one its update used (by hand: linear warmup over optim.warmup_steps,
+    # step s uses (s) / warmup of the peak), not the scheduler's next one.
+    cfg = _cfg(tiny_manifests)
+    warm, peak = cfg.optim.warmup_steps, cfg.optim.lr
+    assert warm >= 2
+    assert [r["lr"] for r in train_rows[:2]] == pytest.approx([peak / warm, 2 * peak / warm])
     # The final step evaluates on dev and the checkpoint is usable on its own.
     assert "dev" in result and set(result["dev"]["per_language"]) == {"en", "fr"}
     res, info = evaluate_checkpoint(run, tiny_manifests, split="test", progress=False, device="cpu")

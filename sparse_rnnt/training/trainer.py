@@ -150,8 +150,9 @@ def select_languages(cfg: ExperimentConfig, train: list[Utterance]) -> list[str]
 
 
 # Limits of the fault handling, which change no computation: a resumed run may raise them (to
-# skip past a stretch of non-finite losses, say); and what is shown and logged (the progress bar,
-# the metrics rows' spacing). Everything else must equal the checkpoint's.
+# skip past a stretch of non-finite losses, say); what is shown and logged (the progress bar,
+# the metrics rows' spacing); and the machine's share (threads, feature workers: a run moved to
+# another machine). Everything else must equal the checkpoint's.
 RESUME_MAY_CHANGE = ("train.max_nonfinite_steps", "data.max_bad_fraction", "train.progress", "train.log_every",
                      "train.threads", "data.workers")
 
@@ -823,6 +824,22 @@ class Trainer:
             return min(s.epoch for _, s in self.language_samplers.values())
         return self.sampler.epoch
 
+    def _log_mask_events(self, metrics: Any, *, snapshot: bool) -> None:
+        """The mask updates (level steps, re-ranks) not logged yet: one ``metrics`` row at the
+        current step with their sparsity and churn, and (``snapshot``) the level's masks saved.
+        The events follow the schedule, so every rank checks its masks at the same step."""
+        if self.pruner is None or len(self.pruner.history) <= self._history_logged:
+            return
+        if self.dist is not None:
+            self.dist.check_masks(self.pruner, self.step)
+        if snapshot:
+            self._snapshot_levels(self.step)
+        events = self.pruner.history[self._history_logged:]
+        self._history_logged = len(self.pruner.history)
+        if self.is_main:
+            metrics.write(json.dumps({"step": self.step, "sparsity": self.sparsity(), "pruning": events}) + "\n")
+            metrics.flush()
+
     def _snapshot_levels(self, step: int) -> None:
         """Save the masks right after a sparsity step taken at ``step`` (``masks/level-*.safetensors``)."""
         pruner = self.pruner
@@ -993,17 +1010,9 @@ class Trainer:
         # Not resumed: a new run, also in place of one stopped before its first checkpoint, whose
         # rows must not stay in front of this run's.
         with metrics_path.open("a" if self.resume else "w", encoding="utf-8") as metrics:
-            if self.pruner is not None and len(self.pruner.history) > self._history_logged:
-                # prepare()'s step-0 event (a one-shot or first level, LAP masks): logged at step 0,
-                # not with the first optimizer step's. Every rank checks its masks, as below.
-                if self.dist is not None:
-                    self.dist.check_masks(self.pruner, self.step)
-                events = self.pruner.history[self._history_logged:]
-                self._history_logged = len(self.pruner.history)
-                if self.is_main:
-                    metrics.write(json.dumps({"step": self.step, "sparsity": self.sparsity(), "pruning": events})
-                                  + "\n")
-                    metrics.flush()
+            # prepare()'s step-0 event (a one-shot or first level, LAP masks) gets its own row, not
+            # the first optimizer step's; its level snapshot was saved in set-up.
+            self._log_mask_events(metrics, snapshot=False)
             while self.step < t.max_steps:
                 batch = next(batches)
                 if self.dist is not None:  # dropout: per (seed, step, rank), so resumes are exact
@@ -1016,18 +1025,7 @@ class Trainer:
                 stats["frames"] = self._frames(batch)
                 window.append(stats)
                 bar.update(1)
-                if self.pruner is not None and len(self.pruner.history) > self._history_logged:
-                    # Mask updates (level steps and re-ranks) with their sparsity and churn. The
-                    # events follow the schedule, so every rank checks its masks at the same step.
-                    if self.dist is not None:
-                        self.dist.check_masks(self.pruner, self.step)
-                    self._snapshot_levels(self.step)
-                    events = self.pruner.history[self._history_logged:]
-                    self._history_logged = len(self.pruner.history)
-                    if self.is_main:
-                        metrics.write(json.dumps({"step": self.step, "sparsity": self.sparsity(),
-                                                  "pruning": events}) + "\n")
-                        metrics.flush()
+                self._log_mask_events(metrics, snapshot=True)
                 if t.log_every and (self.step % t.log_every == 0 or self.step == t.max_steps):
                     row = {k: sum(w[k] for w in window if k in w) / len(window) for k in window[-1]}
                     if self.pruner is not None and self.is_main:  # a pass over every mask: only when logging

@@ -4,12 +4,12 @@ from the package, so every module can use them)."""
 from __future__ import annotations
 
 import math
-import os
 
 MAX_SEED = 2**32 - 1  # numpy's and sentencepiece's seeds are unsigned 32-bit integers
-# Threads or worker processes: far above any useful count, far below what overflows torch's C int
-# or exhausts the process table.
-MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
+# Threads or worker processes, on the command line and in configs: far above any useful count, far
+# below what overflows torch's C int (2**32) or spawns a pool that exhausts the process table. A
+# constant, not this machine's core count: a run saved on a bigger machine must load on a smaller.
+MAX_THREADS = 1024
 
 
 def is_int(value: object) -> bool:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
-from .checks import MAX_SEED, is_device_spec, is_finite_number, is_int
+from .checks import MAX_SEED, MAX_THREADS, is_device_spec, is_finite_number, is_int
 from .data.features import FeatureConfig, SpecAugmentConfig
 from .data.sampler import BatchConfig
 from .data.tokenizer import TokenizerConfig
@@ -44,10 +44,7 @@ _NON_NEGATIVE: _Check = (lambda v: is_finite_number(v) and v >= 0, "a finite num
 _FRACTION: _Check = (lambda v: is_finite_number(v) and 0 <= v <= 1, "a fraction in [0, 1]")
 _UNIT_OPEN: _Check = (lambda v: is_finite_number(v) and 0 <= v < 1, "a number in [0, 1)")
 _COVERAGE: _Check = (lambda v: is_finite_number(v) and 0 < v <= 1, "a number in (0, 1]")
-# A bound that does not depend on this machine (a run saved on a bigger one must still load):
-# 2**32 threads overflowed torch's C int, a million workers spawned a pool of that size.
-MAX_CONFIG_THREADS = 1024
-_THREADS: _Check = (lambda v: is_int(v) and 0 <= v <= MAX_CONFIG_THREADS, f"an integer in [0, {MAX_CONFIG_THREADS}]")
+_THREADS: _Check = (lambda v: is_int(v) and 0 <= v <= MAX_THREADS, f"an integer in [0, {MAX_THREADS}]")
 
 
 @dataclass(frozen=True)
@@ -531,20 +528,21 @@ def _rebase_model(tree: dict[str, Any], over: dict[str, Any], texts: Mapping[str
     old = section.get("name", "tiny")
     if not isinstance(old, str) or old not in MODEL_SIZES or texts.get("model.name", new["name"]) == old:
         return tree
-    ref = to_dict(MODEL_SIZES[old])
-    own = {k: v for k, v in section.items() if k != "name" and not (k in ref and v == ref[k])}
-    return {**tree, "model": own}
+    return {**tree, "model": _own_model_fields(section, old)}
+
+
+def _own_model_fields(section: Mapping[str, Any], size: str) -> dict[str, Any]:
+    """The fields of a model section that differ from named ``size``'s (its own changes)."""
+    ref = to_dict(MODEL_SIZES[size])
+    return {k: v for k, v in section.items() if k != "name" and not (k in ref and v == ref[k])}
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
     """The config as YAML; the model section is its size's name and the fields that differ from
     that size, so a later ``--set model.name=...`` over the file takes that size's shapes."""
     tree = to_dict(cfg)
-    size = MODEL_SIZES.get(cfg.model.name)
-    if size is not None:
-        ref = to_dict(size)
-        tree["model"] = {"name": cfg.model.name,
-                         **{k: v for k, v in tree["model"].items() if k != "name" and v != ref[k]}}
+    if cfg.model.name in MODEL_SIZES:
+        tree["model"] = {"name": cfg.model.name, **_own_model_fields(tree["model"], cfg.model.name)}
     return yaml.safe_dump(tree, sort_keys=False)
 
 

@@ -25,13 +25,21 @@ where the time goes: ``host_ms``, the host time per call (near ``ms``: launch-bo
 ``graph_ms``, the time per call inside a CUDA graph of back-to-back calls on copies of the weight
 that together exceed twice the L2 cache (the regime of a graph-captured streaming step: no
 launch overhead, weights read from memory), with ``graph_speedup`` = dense ``graph_ms`` / ``graph_ms``
-and ``graph_achieved_fraction`` its share of ``ideal_ratio``. On CPU only PyTorch
-providers run (``dense``, ``torch-bsr``, ``bitmap-torch``), float32, at a tiny shape, timed with a
-median of ``time.perf_counter`` repetitions, so the harness can be tested without a GPU.
+and ``graph_achieved_fraction`` its share of ``ideal_ratio``.
+
+On CPU (float32, median of ``time.perf_counter`` repetitions, at ``torch.get_num_threads()``
+threads): the ``base`` layers ``[2048 x 512]``, ``[512 x 2048]`` and ``[512 x 512]`` (attention) at
+R in {1, 5, 8, 40, 160} (joiner and predictor calls, one stream's chunk, 8 and 32 streams);
+``quick``: ``tiny``'s FFN at R in {1, 8}. Providers: ``dense`` (``F.linear``, MKL), ``torch-csr``
+(PyTorch's CSR matmul of the same unstructured weight), ``torch-bsr`` (PyTorch's BSR matmul),
+``bitmap-torch`` (the reference: ``to_dense`` + ``F.linear``) and ``ours-cpu`` (the C++ kernel of
+``csrc/cpu_spmm.cpp``, when it builds; its ``format_bytes`` count the uint16 column indices it
+keeps beside the bitmap weight).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -51,9 +59,14 @@ BLOCK = (16, 16)
 def _shapes(quick: bool, device: str) -> list[tuple[str, int, int, int]]:
     """(label, R, N, K) rows of the benchmark; the weight is ``[N, K]``."""
     if device == "cpu":
-        cfg = MODEL_SIZES["tiny"]
-        return [(f"tiny ffn-up R={r} [{cfg.transformer_ffn_dim}x{cfg.width}]", r, cfg.transformer_ffn_dim, cfg.width)
-                for r in (1, 8)]
+        if quick:
+            cfg = MODEL_SIZES["tiny"]
+            return [(f"tiny ffn-up R={r} [{cfg.transformer_ffn_dim}x{cfg.width}]", r, cfg.transformer_ffn_dim,
+                     cfg.width) for r in (1, 8)]
+        cfg = MODEL_SIZES["base"]
+        width, ffn = cfg.width, cfg.transformer_ffn_dim
+        return [(f"base {name} R={r} [{n}x{k}]", r, n, k) for r in (1, 5, 8, 40, 160)
+                for name, n, k in (("ffn-up", ffn, width), ("ffn-down", width, ffn), ("attn-out", width, width))]
     out = []
     for name in ("base", "paper-187m"):
         cfg = MODEL_SIZES[name]
@@ -113,8 +126,22 @@ def _providers(device: str, w: torch.Tensor, mask: torch.Tensor, bmask: torch.Te
                       f"blocks {BLOCK}, {DENSITY:.0%} of blocks kept"),
     }
     if device == "cpu":
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            csr = dense.to_sparse_csr()
+        provs["torch-csr"] = (lambda x, b: (csr @ x.t()).t() + b,
+                              _nbytes(csr.crow_indices(), csr.col_indices(), csr.values()), "torch CSR @ x^T")
         provs["bitmap-torch"] = (lambda x, b: bitmap_linear(x, bitmap, b, backend="torch"), bitmap.nbytes,
                                  "to_dense + F.linear")
+        from sparse_rnnt.kernels.small_row.cpu import (
+            CpuSparseWeight,
+            cpu_sparse_linear,
+            get_cpu_extension,
+        )
+
+        if get_cpu_extension() is not None:
+            cw = CpuSparseWeight.from_bitmap(bitmap)
+            provs["ours-cpu"] = (lambda x, b: cpu_sparse_linear(x, cw, b), cw.nbytes, "C++ kernel (csrc/cpu_spmm.cpp)")
         return provs
     for name, cutlass in (("torch-2:4", False), ("torch-2:4-cutlass", True)):
         semi = _semi_structured(w, cutlass)

@@ -170,12 +170,12 @@ def _run_streams(model, device: str, n_streams: int, seconds: float, seed: int =
 
 
 def all_formats(device: str) -> tuple[str, ...]:
-    """The stream table's formats on ``device``, in table order. ``<fmt>+auto`` (CUDA): that
-    format with ``--layer-runtime auto``, each sparse layer timed against its dense weight at the
-    row's stream count and the faster kept (on CPU the sparse layers load dense already)."""
+    """The stream table's formats on ``device``, in table order. ``<fmt>+auto``: that format with
+    ``--layer-runtime auto``, each sparse layer timed against its dense weight at the row's stream
+    count and the faster kept (on CPU, bsr and bitmap only: 2:4 layers run dense there)."""
     cuda = device == "cuda"
     return (("dense", "2:4", "bsr", "bitmap") + (("2:4-cutlass",) if cuda else ())
-            + (("2:4+auto", "bsr+auto", "bitmap+auto") if cuda else ()) + ("linear-free",))
+            + (("2:4+auto",) if cuda else ()) + ("bsr+auto", "bitmap+auto", "linear-free"))
 
 
 def _auto_choose(model: Any, streams: int, graphs: bool = True) -> dict[str, Any]:

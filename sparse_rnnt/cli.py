@@ -363,7 +363,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"--block: expected HxW with H and W in 1..256, got {args.block!r}")
     device = _require_device(args.device)  # export and its verification take a torch device, not auto
     opts = ExportOptions(fmt=args.format, language=args.language, multilingual=args.all_languages,
-                         block=block, dtype=args.dtype, tolerance=args.tolerance, device=device)
+                         block=block, dtype=args.dtype, tolerance=args.tolerance, device=device,
+                         cpu_sparse=args.cpu_sparse)
     manifest = export_checkpoint(args.checkpoint, args.out, opts)
     sizes = manifest["sizes"]
     print(f"exported {', '.join(manifest['languages'])} as {args.format} ({args.dtype}) to {args.out}")
@@ -397,7 +398,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
     results, stats = stream_files(args.artifact, args.audio, language=args.language, piece_ms=args.chunk_ms,
                                   device=device, on_partial=show, decoding=args.decoding,
                                   beam_width=args.beam_width, cuda_graphs=args.cuda_graphs,
-                                  semi_structured=args.semi_structured, layer_runtime=args.layer_runtime)
+                                  semi_structured=args.semi_structured, layer_runtime=args.layer_runtime,
+                                  cpu_sparse=args.cpu_sparse)
     if args.layer_runtime == "auto":
         print(f"layer runtimes (auto): {int(stats['layers_sparse'])} sparse layers kept their kernel, "
               f"{int(stats['layers_dense_auto'])} run their dense weight "
@@ -610,6 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 1e-4 float32, 3e-2 bfloat16, 1e-2 float16)")
     p.add_argument("--device", type=_device, default="cpu", help="device of the verification run: cpu, cuda or "
                    "cuda:N (default cpu)")
+    p.add_argument("--cpu-sparse", dest="cpu_sparse", choices=("auto", "kernel", "dense"), default="auto",
+                   help="how a CPU verification runs bsr and bitmap layers: auto (the C++ sparse kernel, built "
+                   "on first use with the machine's C++ compiler, else dense), kernel (that kernel, an error if it "
+                   "cannot be built) or dense (decompressed at load); default auto")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("stream", help="decode audio files chunk by chunk through an exported artifact",
@@ -640,8 +646,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-runtime", dest="layer_runtime", choices=("kernels", "auto"), default="kernels",
                    help="how sparse layers run on the device: kernels (default: each format's own kernel) or "
                    "auto (each layer timed at one stream's shapes against its dense weight, the faster kept; "
-                   "the dense copies cost device memory, printed; single-language artifacts; on CPU the "
-                   "sparse layers are already dense, so it changes nothing)")
+                   "the dense copies cost device memory, printed; single-language artifacts; on CPU it "
+                   "chooses between the C++ sparse kernel and dense, and changes nothing with --cpu-sparse dense)")
+    p.add_argument("--cpu-sparse", dest="cpu_sparse", choices=("auto", "kernel", "dense"), default="auto",
+                   help="how bsr and bitmap layers run on the CPU: auto (the C++ sparse kernel, built on first "
+                   "use with the machine's C++ compiler, else dense), kernel (that kernel, an error if it cannot "
+                   "be built) or dense (decompressed at load, as fast as a dense artifact); default auto")
     p.add_argument("--quiet", action="store_true", help="print only the final results")
     p.set_defaults(func=cmd_stream)
 

@@ -159,7 +159,8 @@ def test_stream_rows_compare_with_dense_in_the_same_step_mode(monkeypatch):
     monkeypatch.setattr(bs, "_build", build)
     monkeypatch.setattr(bs, "_run_streams", run)
     monkeypatch.setattr(bs, "_bandwidth_gbps", lambda device: 1.0)
-    rows = bs.bench("cpu", quick=True, cuda_graphs=True, streams=(1, 32))
+    rows = bs.bench("cpu", quick=True, cuda_graphs=True, streams=(1, 32),
+                    formats=("2:4", "bsr", "bitmap", "linear-free"))
     got = {(r["format"], r["streams"], r["step_mode"]): r["speedup_vs_dense_p50"] for r in rows if "p50_ms" in r}
     assert got[("bitmap", 32, "cuda-graph")] == pytest.approx(5.0 / 8.0)
     assert got[("bitmap", 1, "eager")] == pytest.approx(30.0 / 40.0)
@@ -204,7 +205,10 @@ def test_stream_auto_rows_choose_at_each_stream_count_on_a_fresh_model(monkeypat
         assert r["layers_dense_auto"] == 2 and r["layers_sparse"] == 1 and r["weight_bytes"] == 1500
         assert r["runtimes"] == ["cublas-auto", "cuda"] and "auto_runtimes" not in r
         assert r["speedup_vs_dense_p50"] == pytest.approx(10.0 / 8.0)
-    assert "bitmap+auto" in bs.all_formats("cuda") and "bitmap+auto" not in bs.all_formats("cpu")
+    # On the CPU, bsr and bitmap layers run the C++ kernel and can be chosen against dense; 2:4
+    # layers run dense there, so 2:4+auto would compare dense with itself.
+    assert "bitmap+auto" in bs.all_formats("cuda") and "2:4+auto" in bs.all_formats("cuda")
+    assert {"bsr+auto", "bitmap+auto"} <= set(bs.all_formats("cpu")) and "2:4+auto" not in bs.all_formats("cpu")
 
 
 def test_stream_repeats_interleave_rounds_and_report_medians_and_spread(monkeypatch):
@@ -285,10 +289,12 @@ def test_stream_table_is_saved_after_each_format_and_takes_chosen_sizes(monkeypa
     assert on_disk["rows"][2]["speedup_vs_dense_p50"] == pytest.approx(2.0)
     monkeypatch.setattr(bs, "_run_streams", lambda model, device, n, seconds, step_mode: run(
         "bsr" if model == "bitmap" else model, device, n, seconds, step_mode))
+    monkeypatch.setattr(bs, "_auto_choose", lambda model, n: {"layers_sparse": 1, "layers_dense_auto": 0,
+                                                              "auto_extra_bytes": 0, "auto_runtimes": ["cpu"]})
     assert bs.main(["--device", "cpu", "--sizes", "small", "--streams", "2", "--out-dir", str(tmp_path)]) == 0
     on_disk = json.loads((tmp_path / "stream-cpu.json").read_text())
     assert on_disk["complete"] is True and [r["format"] for r in on_disk["rows"]] == [
-        "dense", "2:4", "bsr", "bitmap", "linear-free"]
+        "dense", "2:4", "bsr", "bitmap", "bsr+auto", "bitmap+auto", "linear-free"]
     with pytest.raises(SystemExit):
         bs.main(["--device", "cpu", "--sizes", "huge", "--out-dir", str(tmp_path)])
     # --formats: the formats named, after dense (every ratio's baseline) whether named or not

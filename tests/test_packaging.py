@@ -49,3 +49,15 @@ def test_in_memory_paths_run_without_soundfile(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_every_csrc_source_is_package_data():
+    # The extensions compile from the installed package's csrc/ (sparse_rnnt.csrc): a source that
+    # no package-data pattern matches would be missing from a wheel, and its build would fail.
+    from fnmatch import fnmatch
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = config["package-data"]["sparse_rnnt.csrc"]
+    sources = sorted(p.name for p in (ROOT / "csrc").iterdir() if p.suffix in (".cu", ".cuh", ".cpp", ".h"))
+    assert {"bitmap_spmm.cu", "cpu_spmm.cpp"} <= set(sources)
+    assert [s for s in sources if not any(fnmatch(s, pat) for pat in patterns)] == []

@@ -53,7 +53,16 @@ from ..io import atomic_path, atomic_write_json, sha256_file
 from ..model.configs import ModelConfig
 from ..model.rnnt import EmformerRNNT
 from ..pruning.masks import LanguageMasks, MaskSet
-from .formats import FORMATS, PARTS, check_semi_structured, decode, encode
+from .formats import (
+    CPU_SPARSE,
+    FORMATS,
+    PARTS,
+    check_cpu_sparse,
+    check_semi_structured,
+    decode,
+    encode,
+    resolve_cpu_sparse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +120,7 @@ class ExportOptions:
     dtype: str = "float32"
     tolerance: float | None = None  # default: DEFAULT_TOLERANCE[dtype]
     device: str = "cpu"  # where verification runs
+    cpu_sparse: str = "auto"  # how a CPU verification runs bsr/bitmap layers (see load_artifact)
 
     def validate(self) -> None:
         if self.fmt not in FORMATS:
@@ -121,6 +131,8 @@ class ExportOptions:
             raise UserError("a multilingual artifact stores theta as dense or bitmap (--format dense|bitmap)")
         if self.multilingual and self.language is not None:
             raise UserError("--language and --all-languages exclude each other")
+        if self.cpu_sparse not in CPU_SPARSE:
+            raise UserError(f"--cpu-sparse must be one of {', '.join(CPU_SPARSE)}, got {self.cpu_sparse!r}")
         if len(self.block) != 2 or not all(is_int(b) and 1 <= b <= 256 for b in self.block):
             # Every export sizes the BSR encoding for the manifest's table, whatever its format.
             raise UserError(f"--block must be two integers in [1, 256], got {self.block}")
@@ -246,7 +258,7 @@ def _export(checkpoint: str | os.PathLike[str], out: Path, opts: ExportOptions) 
         files = sorted(expected_files(opts.multilingual))
         manifest["files"] = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}
         atomic_write_json(tmp / MANIFEST, manifest)
-        art = load_artifact(tmp, device=opts.device)
+        art = load_artifact(tmp, device=opts.device, cpu_sparse=opts.cpu_sparse)
         manifest["verification"] = _verify(art, rec, export_langs, opts, manifest.get("projection"))
         for name, layer in art.runtimes().items():
             layers[name]["runtime"] = layer
@@ -375,13 +387,15 @@ class Artifact:
 def convert_linears(
     model: EmformerRNNT, masks: dict[str, Tensor], fmt: str, *, block: tuple[int, int] = (16, 16),
     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", semi_structured: str = "auto",
+    cpu_sparse: str = "auto",
 ) -> dict[str, str]:
     """In place: every ``nn.Linear`` whose weight is named in ``masks`` computes with ``W ⊙ M`` in
     format ``fmt`` (as an artifact would load it), other tensors cast to ``dtype`` on ``device``;
-    ``semi_structured`` as in :func:`load_artifact`. Returns the runtime of each converted layer.
-    For benchmarks and tests without files."""
+    ``semi_structured`` and ``cpu_sparse`` as in :func:`load_artifact`. Returns the runtime of each
+    converted layer. For benchmarks and tests without files."""
     check_semi_structured(semi_structured)
     dev = torch.device(device)
+    cpu_run = resolve_cpu_sparse(cpu_sparse, dev)
     mods = {f"{n}.weight": (n, m) for n, m in model.named_modules() if type(m) is nn.Linear}
     model.to(device=dev, dtype=dtype)
     runtimes = {}
@@ -389,7 +403,7 @@ def convert_linears(
         mod_name, mod = mods[name]
         parts, info = encode(fmt, mod.weight.detach(), mask.to(dev), block=block)
         bias = None if mod.bias is None else mod.bias.detach()
-        layer = decode(fmt, parts, tuple(mod.weight.shape), info, bias, dev, dtype, semi_structured)
+        layer = decode(fmt, parts, tuple(mod.weight.shape), info, bias, dev, dtype, semi_structured, cpu_run)
         parent_name, _, attr = mod_name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
         runtimes[name] = layer.runtime
@@ -587,7 +601,7 @@ def _masked_backend(backend: str, device: torch.device) -> str:
 
 
 def load_artifact(path: str | os.PathLike[str], device: str = "cpu", *, semi_structured: str = "auto",
-                  backend: str = "auto") -> Artifact:
+                  backend: str = "auto", cpu_sparse: str = "auto") -> Artifact:
     """Load and check an artifact directory; ``UserError`` naming the file at fault if it is not sound.
 
     Checks: the manifest's JSON types; its files, exactly those of the artifact's kind, regular
@@ -600,9 +614,14 @@ def load_artifact(path: str | os.PathLike[str], device: str = "cpu", *, semi_str
     ``backend``: the masked-linear kernels of a multilingual artifact's layers, ``"triton"``,
     ``"torch"`` (the reference) or ``"auto"`` (triton on CUDA, else torch); logged at INFO;
     single-pathway artifacts have no masked layers and ignore it (``ValueError`` if unknown).
+    ``cpu_sparse``: how bsr/bitmap layers run on the CPU, ``"auto"`` (the C++ kernel of
+    ``csrc/cpu_spmm.cpp``, built on first use, else decompressed; logged), ``"kernel"`` (that
+    kernel, ``UserError`` if it cannot be built) or ``"dense"`` (decompressed at load); CUDA and
+    multilingual artifacts (whose layers are masked kernels) ignore it.
     A multilingual artifact loads with no pathway selected: call :meth:`Artifact.set_language`
     before running its model (its layers raise ``ValueError`` otherwise)."""
     check_semi_structured(semi_structured)
+    check_cpu_sparse(cpu_sparse)
     from ..training.trainer import resolve_device
 
     # A device this machine lacks is said as such, not later as "corrupt artifact weights".
@@ -668,6 +687,11 @@ def load_artifact(path: str | os.PathLike[str], device: str = "cpu", *, semi_str
     except Exception as e:  # safetensors raises its own error types on malformed files
         raise UserError(f"{wpath}: unreadable weights ({e})") from None
     _check_weight_tensors(wpath, tensors, params, layers, fmt, dtype)
+    # Only a single pathway's bsr/bitmap layers on the CPU need the CPU kernel (built once here).
+    cpu_run = resolve_cpu_sparse(cpu_sparse, dev) if fmt in ("bsr", "bitmap") and not multilingual else "dense"
+    if dev.type == "cpu" and fmt in ("bsr", "bitmap") and not multilingual:
+        log.info("%s: %s layers on the CPU run %s (cpu_sparse=%r)", root, fmt,
+                 "the C++ sparse kernel" if cpu_run == "kernel" else "dense, decompressed at load", cpu_sparse)
     weights: dict[str, tuple[str, nn.Module]] = {}
     try:
         # Tensors outside the exported layers (norms, embeddings, biases) are float32, as stored.
@@ -685,7 +709,8 @@ def load_artifact(path: str | os.PathLike[str], device: str = "cpu", *, semi_str
             prefix = f"sparse/{name}/"
             parts = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             bias = None if mod.bias is None else mod.bias.detach()
-            layer = decode(fmt, parts, shape, info, bias, dev, dtype, semi_structured)
+            layer = decode(fmt, parts, shape, info, bias, dev, dtype, semi_structured,
+                           "dense" if multilingual else cpu_run)
             if multilingual:  # theta of the union, computed with each language's bits
                 weights[name] = (mod_name, layer)
                 continue

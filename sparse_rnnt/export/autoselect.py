@@ -58,8 +58,9 @@ class LayerChoice:
 
 def sparse_layers(model: nn.Module) -> dict[str, ExportedLinear]:
     """The model's layers that compute from a compressed weight with a sparse kernel (BSR and
-    bitmap small-row layers; 2:4 layers on torch's semi-structured tensors), by module name.
-    Layers decompressed at load (CPU) and 2:4 layers kept dense are not among them."""
+    bitmap small-row layers, on CUDA or the CPU kernel; 2:4 layers on torch's semi-structured
+    tensors), by module name. Layers decompressed at load (CPU without its kernel) and 2:4 layers
+    kept dense are not among them."""
     out: dict[str, ExportedLinear] = {}
     for name, m in model.named_modules():
         if isinstance(m, SmallRowExported) or (isinstance(m, SemiStructuredExported)

@@ -20,8 +20,12 @@ for safetensors plus JSON-able parameters, and back into an ``nn.Module`` comput
   (:class:`~sparse_rnnt.kernels.small_row.BitmapWeight`); the CUDA C++ kernel of ``csrc/`` when it
   builds, else Triton on CUDA.
 
-On CPU there are no sparse small-row kernels: bsr and bitmap layers are decompressed once at
-load time and run dense (the artifact is compact on disk, not in memory).
+On CPU, bsr and bitmap layers run the C++ small-row kernel of ``csrc/cpu_spmm.cpp``
+(:mod:`sparse_rnnt.kernels.small_row.cpu`, runtime ``cpu``) on their kept weights (a BSR
+weight's nonzeros), built on first use; ``cpu_sparse`` picks: ``"auto"`` (the kernel when it
+builds, else decompressed), ``"kernel"`` (the kernel, an error if it cannot be built) or
+``"dense"`` (decompressed once at load and run dense: compact on disk, not in memory). 2:4
+layers run dense on the CPU.
 """
 
 from __future__ import annotations
@@ -48,6 +52,31 @@ PARTS: dict[str, dict[str, torch.dtype | None]] = {
     "bitmap": {"bits": torch.int32, "values": None, "offsets": torch.int32},
 }
 SEMI_STRUCTURED: tuple[str, ...] = ("auto", "cutlass", "cusparselt")
+CPU_SPARSE: tuple[str, ...] = ("auto", "kernel", "dense")
+
+
+def check_cpu_sparse(choice: str) -> str:
+    """``choice`` if it is one of CPU_SPARSE, else ``ValueError``."""
+    if choice not in CPU_SPARSE:
+        raise ValueError(f"cpu_sparse must be one of {', '.join(CPU_SPARSE)}, got {choice!r}")
+    return choice
+
+
+def resolve_cpu_sparse(choice: str, device: torch.device) -> str:
+    """What a bsr/bitmap layer on ``device`` runs: ``"kernel"`` or ``"dense"`` (CUDA: ``"kernel"``,
+    its own kernels). ``"auto"`` builds the CPU kernel once (a failed build logs a warning and
+    gives ``"dense"``); ``"kernel"`` raises ``UserError`` if it cannot be built."""
+    check_cpu_sparse(choice)
+    if device.type == "cuda" or choice == "dense":
+        return "kernel" if device.type == "cuda" else "dense"
+    from ..kernels.small_row.cpu import get_cpu_extension
+
+    if get_cpu_extension() is not None:
+        return "kernel"
+    if choice == "kernel":
+        raise UserError("cpu_sparse='kernel': the CPU sparse kernel could not be built or loaded (see the warning "
+                        "above; it needs a C++ compiler); use 'auto' or 'dense' to run the layers dense")
+    return "dense"
 
 
 def check_semi_structured(choice: str) -> str:
@@ -215,7 +244,9 @@ class SmallRowExported(ExportedLinear):
     """BSR or bitmap weight through the small-row kernels (``sparse_rnnt.kernels.small_row``).
     Built on its final device (the packed weight is not a registered buffer: do not ``.to()`` it).
     A bitmap layer on the ``cuda`` runtime calls the CUDA extension for up to
-    ``CUDA_BITMAP_MAX_ROWS`` rows and the Triton kernel for more."""
+    ``CUDA_BITMAP_MAX_ROWS`` rows and the Triton kernel for more; on the ``cpu`` runtime either
+    format holds a :class:`~sparse_rnnt.kernels.small_row.cpu.CpuSparseWeight` and calls the C++
+    kernel."""
 
     def __init__(self, fmt: str, packed: Any, bias: Tensor | None, backend: str, dtype: torch.dtype) -> None:
         super().__init__(fmt, tuple(packed.shape), bias)
@@ -230,6 +261,10 @@ class SmallRowExported(ExportedLinear):
     def _linear(self, x: Tensor) -> Tensor:
         from ..kernels.small_row import bitmap_linear, bsr_linear
 
+        if self.runtime == "cpu":
+            from ..kernels.small_row.cpu import cpu_sparse_linear
+
+            return cpu_sparse_linear(x, self.packed, self.bias)
         if self.fmt == "bsr":
             return bsr_linear(x, self.packed, self.bias, backend=self.runtime)
         backend = bitmap_backend_for(self.runtime, x.numel() // max(self.in_features, 1))
@@ -249,9 +284,11 @@ def _small_row_backend(fmt: str, device: torch.device) -> str:
 
 def decode(fmt: str, tensors: dict[str, Tensor], shape: tuple[int, int], params: dict[str, Any],
            bias: Tensor | None, device: torch.device, dtype: torch.dtype,
-           semi_structured: str = "auto") -> ExportedLinear:
+           semi_structured: str = "auto", cpu_sparse: str = "dense") -> ExportedLinear:
     """The module computing with a weight stored by :func:`encode` (``ValueError`` if
-    inconsistent); ``semi_structured``: torch's 2:4 backend (see the module docstring)."""
+    inconsistent); ``semi_structured``: torch's 2:4 backend; ``cpu_sparse``: a CPU bsr/bitmap
+    layer's runtime as :func:`resolve_cpu_sparse` gave it, ``"kernel"`` or ``"dense"`` (see the
+    module docstring)."""
     n, k = shape
     tensors = {name: t.to(device) for name, t in tensors.items()}
     bias = None if bias is None else bias.to(device=device, dtype=dtype)
@@ -278,7 +315,13 @@ def decode(fmt: str, tensors: dict[str, Tensor], shape: tuple[int, int], params:
         packed = cls.from_tensors({name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()},
                                   (n, k), **extra)
         if device.type != "cuda":
-            # No sparse small-row kernel on CPU: decompress once at load (compact on disk only).
+            from ..kernels.small_row.cpu import MAX_K, CpuSparseWeight
+
+            if cpu_sparse == "kernel" and k <= MAX_K:
+                cpu_w = CpuSparseWeight.from_bitmap(packed) if isinstance(packed, BitmapWeight) \
+                    else CpuSparseWeight.from_bsr(packed)
+                return SmallRowExported(fmt, cpu_w, bias, "cpu", dtype)
+            # Decompressed once at load (compact on disk only).
             return DenseExported(packed.to_dense(), bias, fmt=fmt, runtime="torch")
         return SmallRowExported(fmt, packed, bias, _small_row_backend(fmt, device), dtype)
     raise ValueError(f"unknown format {fmt!r}")

@@ -75,6 +75,7 @@ def stream_files(
     cuda_graphs: bool = False,
     semi_structured: str = "auto",
     layer_runtime: str = "kernels",
+    cpu_sparse: str = "auto",
 ) -> tuple[list[StreamResult], dict[str, float]]:
     """Feed each file in ``piece_ms`` pieces as if it arrived live; returns the results and the
     decoder's :meth:`~StreamingDecoder.latency_stats` (p50/p99 per chunk step; ``rtf`` =
@@ -83,13 +84,14 @@ def stream_files(
     ``decoding``: ``greedy`` or ``beam`` (torchaudio's RNN-T beam search of width ``beam_width``,
     continued chunk by chunk). ``cuda_graphs``: replay the encoder step as CUDA graphs (CUDA,
     single-pathway use only). ``semi_structured``: torch's backend for 2:4 layers (see
-    :func:`~sparse_rnnt.export.load_artifact`). ``layer_runtime``: ``"kernels"`` runs every
+    :func:`~sparse_rnnt.export.load_artifact`); ``cpu_sparse``: how bsr/bitmap layers run on
+    the CPU (``auto``, ``kernel`` or ``dense``, as there). ``layer_runtime``: ``"kernels"`` runs every
     sparse layer on its format's kernel; ``"auto"`` times each one against its dense weight at
     one stream's shapes and keeps the faster (:mod:`~sparse_rnnt.export.autoselect`;
     single-pathway artifacts). The statistics then also hold ``layers_sparse``,
     ``layers_dense_auto`` and ``auto_extra_bytes``."""
     from ..export import load_artifact
-    from ..export.formats import SEMI_STRUCTURED
+    from ..export.formats import CPU_SPARSE, SEMI_STRUCTURED
 
     if not math.isfinite(piece_ms) or not 0 < piece_ms <= MAX_PIECE_MS:
         raise UserError(f"--chunk-ms must be a positive number of at most {MAX_PIECE_MS:.0f} (an hour), "
@@ -104,9 +106,11 @@ def stream_files(
         raise UserError(f"--layer-runtime must be one of {', '.join(LAYER_RUNTIMES)}, got {layer_runtime!r}")
     if semi_structured not in SEMI_STRUCTURED:
         raise UserError(f"--semi-structured must be one of {', '.join(SEMI_STRUCTURED)}, got {semi_structured!r}")
+    if cpu_sparse not in CPU_SPARSE:
+        raise UserError(f"--cpu-sparse must be one of {', '.join(CPU_SPARSE)}, got {cpu_sparse!r}")
     # All files are read (checked) before any decoding; resampled once the artifact's rate is known.
     native = [_read_native(p) for p in paths]
-    art = load_artifact(artifact_dir, device=device, semi_structured=semi_structured)
+    art = load_artifact(artifact_dir, device=device, semi_structured=semi_structured, cpu_sparse=cpu_sparse)
     for path, (_, file_rate) in zip(paths, native, strict=True):
         _check_rate(path, file_rate, art.features.sample_rate)
     if language is None:

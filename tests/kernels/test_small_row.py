@@ -367,9 +367,11 @@ def test_cuda_backend_unavailable_without_cuda(caplog):
 
 def test_benchmark_rows_on_cpu():
     from benchmarks.bench_small_row import run
+    from sparse_rnnt.kernels.small_row.cpu import get_cpu_extension
 
     rows = run("cpu", quick=True)
-    assert {r["provider"] for r in rows} == {"dense", "torch-bsr", "bitmap-torch"}
+    ours = {"ours-cpu"} if get_cpu_extension() is not None else set()
+    assert {r["provider"] for r in rows} == {"dense", "torch-csr", "torch-bsr", "bitmap-torch"} | ours
     for row in rows:
         n, k = row["N"], row["K"]
         assert row["dense_bytes"] == 4 * n * k and row["ms"] > 0
@@ -378,6 +380,11 @@ def test_benchmark_rows_on_cpu():
         assert row["achieved_fraction"] == pytest.approx(dense["ms"] / row["ms"] / row["ideal_ratio"])
         if row["provider"] == "bitmap-torch":  # 30% of fp32 values + 1 bit + 1/4 bit per weight, roughly
             assert 0.25 * 4 * n * k < row["format_bytes"] < 0.35 * 4 * n * k + n * k / 8 + n * k / 32 + 8 * n
+        if row["provider"] == "ours-cpu":  # the bitmap weight and a uint16 column per kept value
+            bitmap = next(d for d in rows if d["shape"] == row["shape"] and d["provider"] == "bitmap-torch")
+            assert 0.25 * 2 * n * k < row["format_bytes"] - bitmap["format_bytes"] < 0.35 * 2 * n * k
+        if row["provider"] == "torch-csr":  # fp32 values + int64 column indices
+            assert 0.25 * 12 * n * k < row["format_bytes"] < 0.35 * 12 * n * k + 8 * (n + 1)
 
 
 # ----------------------------------------------------------------------------- CUDA, real shapes

@@ -268,18 +268,21 @@ def test_multilingual_artifact_stream_needs_a_language(ml_artifact, artifact, ti
     assert ref and StreamingDecoder.from_artifact(single).transcribe(wave).tokens == ref
 
 
-def test_bf16_artifact_streams_between_float32_norms(dense_run, tiny_manifests, tmp_path):
+@pytest.mark.parametrize("cpu_sparse", ["dense", "kernel"])
+def test_bf16_artifact_streams_between_float32_norms(dense_run, tiny_manifests, tmp_path, cpu_sparse):
     # A bf16 artifact keeps norms and LSTM in float32: its layers must hand float32 back and the
     # stream must feed float32, or CUDA's layer_norm refuses the mix (it did on the H100, where
-    # the CPU kernels had accepted it). The hooks apply CUDA's rule here.
-    from sparse_rnnt.export.formats import DenseExported
+    # the CPU kernels had accepted it). The hooks apply CUDA's rule here. On the CPU the bitmap
+    # layers are decompressed ("dense") or run the C++ kernel ("kernel").
+    from sparse_rnnt.export.formats import ExportedLinear
     from sparse_rnnt.streaming import StreamingDecoder
     from tests.export.test_artifact import _cuda_dtype_rule
 
     export_checkpoint(dense_run, tmp_path / "bf16", ExportOptions(fmt="bitmap", dtype="bfloat16"))
-    art = load_artifact(tmp_path / "bf16")
-    layers = [m for m in art.model.modules() if isinstance(m, DenseExported)]  # bitmap, unpacked on CPU
-    assert layers and {m.weight.dtype for m in layers} == {torch.bfloat16}
+    art = load_artifact(tmp_path / "bf16", cpu_sparse=cpu_sparse)
+    layers = [m for m in art.model.modules() if isinstance(m, ExportedLinear)]
+    assert layers and {m.compute_dtype for m in layers} == {torch.bfloat16}
+    assert {m.runtime for m in layers} == {"torch" if cpu_sparse == "dense" else "cpu"}
     _cuda_dtype_rule(art.model)
     _lower_blank(art.model)
     wave = read_wave(load_split(tiny_manifests, "test")[0].audio)

@@ -34,7 +34,10 @@ R in {1, 5, 8, 40, 160} (joiner and predictor calls, one stream's chunk, 8 and 3
 (PyTorch's CSR matmul of the same unstructured weight), ``torch-bsr`` (PyTorch's BSR matmul),
 ``bitmap-torch`` (the reference: ``to_dense`` + ``F.linear``) and ``ours-cpu`` (the C++ kernel of
 ``csrc/cpu_spmm.cpp``, when it builds; its ``format_bytes`` count the uint16 column indices it
-keeps beside the bitmap weight).
+keeps beside the bitmap weight). ``ms`` times one weight called again and again (hot in cache);
+``cold_ms`` rotates through copies of it totalling ``CPU_COLD_BYTES`` of dense weights, so each
+call reads its weight from memory as a streaming step does, with ``cold_speedup`` against dense
+timed the same way.
 """
 
 from __future__ import annotations
@@ -171,15 +174,16 @@ def run(device: str, quick: bool) -> list[dict]:
         bmask = keep.repeat_interleave(BLOCK[0], 0).repeat_interleave(BLOCK[1], 1)[:n, :k].to(device)
         dense_bytes = _nbytes(w)
         providers = _providers(device, w, mask, bmask)
-        copies = [_providers(device, w.clone(), mask, bmask) for _ in range(_graph_copies(device, dense_bytes))]
-        dense_ms = dense_graph_ms = None
+        copies = [_providers(device, w.clone(), mask, bmask) for _ in range(_graph_copies(device, dense_bytes, quick))]
+        dense_ms = dense_graph_ms = dense_cold_ms = None
         for provider, (fn, fmt_bytes, note) in providers.items():
             call = partial(_no_grad, fn, x, b)
             ms = _time(call, device)
             # A provider that failed to build on a copy (2:4 on some shapes) is timed on the rest.
             in_graph = graph_ms([partial(_no_grad, c[provider][0], x, b) for c in copies if provider in c], device)
+            cold = _cold_ms([partial(_no_grad, c[provider][0], x, b) for c in copies if provider in c], device)
             if dense_ms is None:  # the dense provider comes first
-                dense_ms, dense_graph_ms = ms, in_graph
+                dense_ms, dense_graph_ms, dense_cold_ms = ms, in_graph, cold
             ideal = dense_bytes / fmt_bytes
             graph_speedup = dense_graph_ms / in_graph if in_graph and dense_graph_ms else None
             rows.append({
@@ -192,17 +196,38 @@ def run(device: str, quick: bool) -> list[dict]:
                 "host_ms": host_ms(call, device) if device == "cuda" else None,
                 "graph_ms": in_graph, "graph_speedup": graph_speedup,
                 "graph_achieved_fraction": graph_speedup / ideal if graph_speedup else None,
+                "cold_ms": cold, "cold_speedup": dense_cold_ms / cold if cold and dense_cold_ms else None,
                 "note": note,
             })
     return rows
 
 
-def _graph_copies(device: str, weight_bytes: int) -> int:
-    """Copies of a weight that together exceed twice the L2 cache (at least 4); 0 on CPU."""
+# CPU: dense bytes of the copies a cold call rotates through (far past this machine's per-core
+# L2; a streaming step of `base` reads 282 MB of float32 weights).
+CPU_COLD_BYTES = 256 << 20
+
+
+def _graph_copies(device: str, weight_bytes: int, quick: bool = False) -> int:
+    """Copies of a weight that together exceed twice the L2 cache on CUDA, or ``CPU_COLD_BYTES``
+    on CPU (4 with ``quick``, which only checks the harness); at least 4."""
     if device != "cuda":
-        return 0
+        return 4 if quick else max(4, -(-CPU_COLD_BYTES // max(weight_bytes, 1)))
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
     return max(4, -(-2 * l2 // weight_bytes))
+
+
+def _cold_ms(calls: list[Callable[[], object]], device: str) -> float | None:
+    """CPU: milliseconds per call when ``calls`` (one per copy of the weight) run in turn, so each
+    reads its weight from memory, as a streaming step reads every layer's once; None on CUDA
+    (``graph_ms`` is its counterpart there) or without calls."""
+    if device == "cuda" or not calls:
+        return None
+
+    def replay() -> None:
+        for fn in calls:
+            fn()
+
+    return median_ms(replay, "cpu", repeat=3, warmup=1) / len(calls)
 
 
 def _no_grad(fn: Callable, x: torch.Tensor, b: torch.Tensor) -> object:

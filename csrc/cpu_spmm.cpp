@@ -271,8 +271,10 @@ at::Tensor run(const at::Tensor& xf, const at::Tensor& offsets, const at::Tensor
   return y;
 }
 
+// The weight is trusted to be consistent (every column < k, offsets non-decreasing and within
+// values): CpuSparseWeight derives cols and offsets from one bitmap. Shapes are checked here.
 at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& cols,
-                         const at::Tensor& values, int64_t tile, const c10::optional<at::Tensor>& bias) {
+                         const at::Tensor& values, int64_t k, int64_t tile, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && offsets.device().is_cpu() && cols.device().is_cpu() && values.device().is_cpu(),
               "sparse_linear: every tensor must be on the CPU");
   TORCH_CHECK(x.dim() == 2, "sparse_linear: x must be [R, K], got ", x.dim(), " dimensions");
@@ -285,6 +287,7 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& offsets, const a
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
               "sparse_linear: dtype must be float32, bfloat16 or float16, got ", dt);
   const int64_t R = x.size(0), K = x.size(1), N = offsets.size(0);
+  TORCH_CHECK(K == k, "sparse_linear: x has ", K, " columns, the weight ", k);
   TORCH_CHECK(K <= 65536, "sparse_linear: K = ", K, " > 65536 (uint16 column indices)");
   TORCH_CHECK(tile > 0 && offsets.size(1) == (K + tile - 1) / tile,
               "sparse_linear: offsets has ", offsets.size(1), " tiles, K = ", K, " at tile ", tile,
@@ -314,7 +317,7 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& offsets, const a
 }  // namespace
 
 TORCH_LIBRARY(sparse_rnnt_cpu, m) {
-  m.def("sparse_linear(Tensor x, Tensor offsets, Tensor cols, Tensor values, int tile, Tensor? bias) -> Tensor");
+  m.def("sparse_linear(Tensor x, Tensor offsets, Tensor cols, Tensor values, int k, int tile, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparse_rnnt_cpu, CPU, m) { m.impl("sparse_linear", &sparse_linear); }

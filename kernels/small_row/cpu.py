@@ -196,6 +196,6 @@ def cpu_sparse_linear(x: Tensor, w: CpuSparseWeight, bias: Tensor | None = None,
     if ext is None:
         raise RuntimeError("cpu_sparse_linear(backend='cpp'): the C++ extension could not be built or loaded "
                            "(see the warning logged by sparse_rnnt.kernels.small_row.cpu)")
-    n, _ = w.shape
-    y = ext.sparse_linear(x2, w.bitmap.offsets, w.cols, w.bitmap.values, w.bitmap.tile, bias_c)
+    n, k = w.shape
+    y = ext.sparse_linear(x2, w.bitmap.offsets, w.cols, w.bitmap.values, k, w.bitmap.tile, bias_c)
     return y.reshape(*x.shape[:-1], n)

@@ -253,6 +253,16 @@ class SmallRowExported(ExportedLinear):
         self.packed = packed
         self.runtime = backend
         self.dtype = dtype
+        self._cpu_op: Any = None
+        if backend == "cpu":
+            from ..kernels.small_row.cpu import CpuSparseWeight, get_cpu_extension
+
+            ext = get_cpu_extension()
+            if ext is None or not isinstance(packed, CpuSparseWeight):
+                raise ValueError("runtime 'cpu' needs the CPU kernel and a CpuSparseWeight")
+            if packed.dtype != dtype or (bias is not None and bias.dtype != dtype):
+                raise ValueError(f"runtime 'cpu': weight and bias must be {dtype}")
+            self._cpu_op = ext.sparse_linear
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -261,10 +271,17 @@ class SmallRowExported(ExportedLinear):
     def _linear(self, x: Tensor) -> Tensor:
         from ..kernels.small_row import bitmap_linear, bsr_linear
 
-        if self.runtime == "cpu":
-            from ..kernels.small_row.cpu import cpu_sparse_linear
-
-            return cpu_sparse_linear(x, self.packed, self.bias)
+        if self._cpu_op is not None:
+            # The op directly: the weight was checked when the layer was built, and a streaming
+            # step makes hundreds of these calls (cpu_sparse_linear's checks cost ~15 us each).
+            if x.shape[-1] != self.in_features:  # reshape would regroup a wrong width silently
+                raise ValueError(f"x has {x.shape[-1]} features, the layer takes {self.in_features}")
+            if torch.is_grad_enabled() and x.requires_grad:
+                raise ValueError("runtime 'cpu' is inference-only (no autograd): call under torch.no_grad()")
+            w = self.packed
+            y = self._cpu_op(x.reshape(-1, self.in_features).contiguous(), w.bitmap.offsets, w.cols,
+                             w.bitmap.values, self.in_features, w.bitmap.tile, self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
         if self.fmt == "bsr":
             return bsr_linear(x, self.packed, self.bias, backend=self.runtime)
         backend = bitmap_backend_for(self.runtime, x.numel() // max(self.in_features, 1))

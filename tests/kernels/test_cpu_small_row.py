@@ -124,9 +124,11 @@ def test_reference_backend_and_errors(ext):
         assert cpu_sparse_linear(x, cw).shape == (3, 8)
     # the op itself checks what the Python wrapper does not re-check
     with pytest.raises(RuntimeError, match="offsets has"):
-        ext.sparse_linear(x.detach(), cw.bitmap.offsets, cw.cols, cw.bitmap.values, 32, None)
+        ext.sparse_linear(x.detach(), cw.bitmap.offsets, cw.cols, cw.bitmap.values, 40, 32, None)
+    with pytest.raises(RuntimeError, match="x has 39 columns, the weight 40"):
+        ext.sparse_linear(torch.randn(3, 39), cw.bitmap.offsets, cw.cols, cw.bitmap.values, 40, 128, None)
     with pytest.raises(RuntimeError, match="weight is"):
-        ext.sparse_linear(x.detach().half(), cw.bitmap.offsets, cw.cols, cw.bitmap.values, 128, None)
+        ext.sparse_linear(x.detach().half(), cw.bitmap.offsets, cw.cols, cw.bitmap.values, 40, 128, None)
 
 
 def test_failed_build_is_logged_once_and_loading_falls_back_to_dense(caplog, monkeypatch, tmp_path):
@@ -219,3 +221,26 @@ def test_auto_layer_runtime_chooses_between_the_cpu_kernel_and_dense(ext):
     assert model[2].runtime == "torch-auto"
     with torch.no_grad():
         torch.testing.assert_close(model(x), before)
+
+
+def test_cpu_layer_calls_the_op_directly_and_checks_what_it_skips(ext):
+    # SmallRowExported on the "cpu" runtime skips cpu_sparse_linear's per-call checks (the weight
+    # is checked once); what it still checks: the input's width and autograd.
+    from sparse_rnnt.export.formats import SmallRowExported
+
+    w, mask, bias = _problem(12, 40, torch.bfloat16)
+    layer = SmallRowExported("bitmap", CpuSparseWeight.from_dense(w, mask), bias, "cpu", torch.bfloat16)
+    x = torch.randn(2, 3, 40)
+    with torch.no_grad():
+        out = layer(x)  # float32 in, computed in bfloat16, float32 out
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 12)
+    ref = F.linear(x.reshape(6, 40).to(torch.bfloat16), w * mask, bias)
+    assert_linear_close_to(out.reshape(6, 12).to(torch.bfloat16), x.reshape(6, 40).to(torch.bfloat16),
+                           w * mask, bias, "layer")
+    assert ref.shape == (6, 12)
+    with torch.no_grad(), pytest.raises(ValueError, match="80 features, the layer takes 40"):
+        layer(torch.randn(3, 80))  # 240 values would reshape to [6, 40] without the check
+    with pytest.raises(ValueError, match="inference-only"):
+        layer(torch.randn(3, 40, requires_grad=True))
+    with pytest.raises(ValueError, match="bfloat16"):
+        SmallRowExported("bitmap", CpuSparseWeight.from_dense(w, mask), bias.float(), "cpu", torch.bfloat16)

@@ -380,6 +380,10 @@ def test_benchmark_rows_on_cpu():
         assert row["achieved_fraction"] == pytest.approx(dense["ms"] / row["ms"] / row["ideal_ratio"])
         if row["provider"] == "bitmap-torch":  # 30% of fp32 values + 1 bit + 1/4 bit per weight, roughly
             assert 0.25 * 4 * n * k < row["format_bytes"] < 0.35 * 4 * n * k + n * k / 8 + n * k / 32 + 8 * n
+        # cold: the same calls rotated over copies of the weight, against dense timed so
+        assert row["cold_ms"] > 0 and row["graph_ms"] is None
+        dense_cold = next(d["cold_ms"] for d in rows if d["shape"] == row["shape"] and d["provider"] == "dense")
+        assert row["cold_speedup"] == pytest.approx(dense_cold / row["cold_ms"])
         if row["provider"] == "ours-cpu":  # the bitmap weight and a uint16 column per kept value
             bitmap = next(d for d in rows if d["shape"] == row["shape"] and d["provider"] == "bitmap-torch")
             assert 0.25 * 2 * n * k < row["format_bytes"] - bitmap["format_bytes"] < 0.35 * 2 * n * k

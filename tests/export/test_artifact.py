@@ -1003,3 +1003,44 @@ def test_bitmap_layers_on_cuda_take_the_triton_kernel_above_8_rows(monkeypatch):
     assert seen == [(1, "cuda"), (8, "cuda"), (9, "triton"), (64, "triton"), (130, "triton")]
     assert CUDA_BITMAP_MAX_ROWS == 8
     assert bitmap_backend_for("triton", 1) == "triton" and bitmap_backend_for("torch", 100) == "torch"
+
+
+@pytest.mark.skipif(__import__("shutil").which("c++") is None and __import__("shutil").which("g++") is None,
+                    reason="no C++ compiler to build the CPU kernel")
+def test_cpu_sparse_choice_at_every_entry_point(pruned, tmp_path, tiny_manifests, capsys):
+    # How bitmap layers run on the CPU is a load-time choice: the C++ kernel ("kernel", and "auto"
+    # where it builds) or the decompressed weight ("dense"), same logits; export's verification
+    # takes it too and records it per layer; multilingual artifacts ignore it; bad values are
+    # refused at each entry point.
+    from sparse_rnnt.data.manifest import load_split
+    from sparse_rnnt.streaming.files import stream_files
+
+    main(["export", "--checkpoint", str(pruned["adaptive"]), "--out", str(tmp_path / "k"), "--format", "bitmap",
+          "--language", "en"])
+    main(["export", "--checkpoint", str(pruned["adaptive"]), "--out", str(tmp_path / "d"), "--format", "bitmap",
+          "--language", "en", "--cpu-sparse", "dense"])
+    recorded = {d: {v["runtime"] for v in json.loads((tmp_path / d / "manifest.json").read_text())["layers"].values()}
+                for d in ("k", "d")}
+    assert recorded == {"k": {"cpu"}, "d": {"torch"}}
+    logits = {}
+    for choice, runtime in (("kernel", "cpu"), ("auto", "cpu"), ("dense", "torch")):
+        art = load_artifact(tmp_path / "k", cpu_sparse=choice)
+        assert set(art.runtimes().values()) == {runtime}, choice
+        logits[choice] = probe_logits(art.model, torch.device("cpu"))
+    assert relative_error(logits["kernel"], logits["dense"]) < 1e-5
+    assert torch.equal(logits["kernel"], logits["auto"])
+    multi = tmp_path / "multi"
+    export_checkpoint(pruned["dynamic"], multi, ExportOptions(fmt="bitmap", multilingual=True))
+    assert "cpu" not in set(load_artifact(multi, cpu_sparse="kernel").runtimes().values())
+    with pytest.raises(ValueError, match="cpu_sparse"):
+        load_artifact(tmp_path / "k", cpu_sparse="fast")
+    with pytest.raises(UserError, match="--cpu-sparse"):
+        ExportOptions(fmt="bitmap", language="en", cpu_sparse="fast").validate()
+    audio = [u.audio for u in load_split(tiny_manifests, "test")][:1]
+    with pytest.raises(UserError, match="--cpu-sparse"):
+        stream_files(tmp_path / "k", audio, cpu_sparse="fast")
+    capsys.readouterr()
+    assert main(["stream", "--artifact", str(tmp_path / "k"), *audio, "--cpu-sparse", "dense", "--quiet"]) == 0
+    assert "(audio " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["stream", "--artifact", str(tmp_path / "k"), *audio, "--cpu-sparse", "fast"])

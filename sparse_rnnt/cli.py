@@ -403,7 +403,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     if args.layer_runtime == "auto":
         print(f"layer runtimes (auto): {int(stats['layers_sparse'])} sparse layers kept their kernel, "
               f"{int(stats['layers_dense_auto'])} run their dense weight "
-              f"(+{stats['auto_extra_bytes'] / 1e6:.1f} MB on the device)")
+              f"(+{stats['auto_extra_bytes'] / 1e6:.1f} MB of {'device ' if str(device).startswith('cuda') else ''}memory)")
     def rtf(value: float) -> str:
         return f"{value:.3f}" if math.isfinite(value) else "n/a (no audio)"
 

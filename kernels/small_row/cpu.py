@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(importlib.import_module("sparse_rnnt.csrc").__file__ or "").resolve().parent / "cpu_spmm.cpp"
 _NAME = "sparse_rnnt_cpu_spmm"
 MAX_K = 65536  # uint16 column indices
+_CPUINFO = "/proc/cpuinfo"
 
 
 @dataclass
@@ -117,7 +118,7 @@ def _cpu_tag() -> str:
     on a CPU with the same features)."""
     text = platform.machine() + platform.processor()
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(_CPUINFO, encoding="utf-8", errors="replace") as f:
             lines = [ln for ln in f if ln.startswith(("flags", "Features", "model name"))]
         text += "".join(sorted(set(lines)))
     except OSError:
@@ -155,7 +156,7 @@ def get_cpu_extension() -> Any | None:
         from torch.utils.cpp_extension import load
 
         build_dir = _build_directory()
-        clear_stale_lock(build_dir)
+        clear_stale_lock(build_dir, logger=log)
         t0 = time.perf_counter()
         log.info("loading the CPU sparse kernel (built in %s on first use)", build_dir)
         # -fopenmp: at::parallel_for is inline OpenMP code; without the flag it runs on one thread.
@@ -167,8 +168,20 @@ def get_cpu_extension() -> Any | None:
         return ops
     except Exception as exc:  # any build/load failure means "not available"
         log.warning("CPU sparse kernel unavailable (%s: %s); sparse layers run dense on the CPU",
-                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                    type(exc).__name__, _reason(str(exc)))
+        log.debug("CPU sparse kernel build output:\n%s", exc)
         return None
+
+
+def _reason(text: str) -> str:
+    """The line of a build failure that says why: torch's message starts with the compiler's
+    command line, and the compiler's diagnostic comes later."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        low = ln.lower()
+        if "error:" in low or "not found" in low or "no such file" in low:
+            return ln
+    return lines[-1] if lines else ""
 
 
 def cpu_sparse_linear_ref(x: Tensor, w: CpuSparseWeight, bias: Tensor | None = None) -> Tensor:

@@ -67,7 +67,8 @@ def _build_directory() -> Path:
     return build
 
 
-def clear_stale_lock(build_dir: Path, stale_s: float = STALE_LOCK_S, poll_s: float = 1.0) -> bool:
+def clear_stale_lock(build_dir: Path, stale_s: float = STALE_LOCK_S, poll_s: float = 1.0,
+                     logger: logging.Logger = log) -> bool:
     """Wait while another process builds in ``build_dir`` (its ``lock`` file), but remove a lock
     older than ``stale_s``: a build killed mid-way (SIGTERM, SIGKILL) leaves it behind, and torch's
     loader would wait on it forever. Returns True if a stale lock was removed."""
@@ -78,7 +79,7 @@ def clear_stale_lock(build_dir: Path, stale_s: float = STALE_LOCK_S, poll_s: flo
         except FileNotFoundError:
             return False
         if age > stale_s:
-            log.warning("removing the stale build lock %s (%.0f s old: a build that was killed)", lock, age)
+            logger.warning("removing the stale build lock %s (%.0f s old: a build that was killed)", lock, age)
             lock.unlink(missing_ok=True)
             return True
         time.sleep(poll_s)

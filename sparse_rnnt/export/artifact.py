@@ -395,7 +395,9 @@ def convert_linears(
     converted layer. For benchmarks and tests without files."""
     check_semi_structured(semi_structured)
     dev = torch.device(device)
-    cpu_run = resolve_cpu_sparse(cpu_sparse, dev)
+    # Only bsr/bitmap layers use the CPU kernel: other formats neither build nor need it.
+    check_cpu_sparse(cpu_sparse)
+    cpu_run = resolve_cpu_sparse(cpu_sparse, dev) if fmt in ("bsr", "bitmap") else "dense"
     mods = {f"{n}.weight": (n, m) for n, m in model.named_modules() if type(m) is nn.Linear}
     model.to(device=dev, dtype=dtype)
     runtimes = {}

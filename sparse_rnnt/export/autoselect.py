@@ -257,7 +257,7 @@ def choose_layer_runtimes(
                                    tuple(sparse_ms), tuple(dense_ms), "dense" if dense_wins else "sparse",
                                    runtime, extra))
     kept = sum(c.kept == "sparse" for c in choices)
-    log.info("auto layer runtimes: %d of %d sparse layers kept their kernel, %d run dense (+%.1f MB on the device)",
+    log.info("auto layer runtimes: %d of %d sparse layers kept their kernel, %d run dense (+%.1f MB of memory)",
              kept, len(choices), len(choices) - kept, sum(c.extra_bytes for c in choices) / 1e6)
     return choices
 

@@ -25,7 +25,8 @@ On CPU, bsr and bitmap layers run the C++ small-row kernel of ``csrc/cpu_spmm.cp
 weight's nonzeros), built on first use; ``cpu_sparse`` picks: ``"auto"`` (the kernel when it
 builds, else decompressed), ``"kernel"`` (the kernel, an error if it cannot be built) or
 ``"dense"`` (decompressed once at load and run dense: compact on disk, not in memory). 2:4
-layers run dense on the CPU.
+layers run dense on the CPU, and so do layers with more than 65536 inputs (the kernel's columns
+are uint16; logged).
 """
 
 from __future__ import annotations
@@ -334,7 +335,10 @@ def decode(fmt: str, tensors: dict[str, Tensor], shape: tuple[int, int], params:
         if device.type != "cuda":
             from ..kernels.small_row.cpu import MAX_K, CpuSparseWeight
 
-            if cpu_sparse == "kernel" and k <= MAX_K:
+            if cpu_sparse == "kernel" and k > MAX_K:
+                log.warning("a %s layer [%d, %d] runs dense on the CPU: the CPU kernel takes at most %d inputs "
+                            "(uint16 columns)", fmt, n, k, MAX_K)
+            elif cpu_sparse == "kernel":
                 cpu_w = CpuSparseWeight.from_bitmap(packed) if isinstance(packed, BitmapWeight) \
                     else CpuSparseWeight.from_bsr(packed)
                 return SmallRowExported(fmt, cpu_w, bias, "cpu", dtype)

@@ -252,15 +252,15 @@ def test_stream_cli_equals_full_utterance_decoding(multilingual, pruned, tiny_ma
     for line, u, text in zip(finals, utts, expected, strict=True):
         assert line.startswith(f"{u.audio}: {text}  (audio ")
     assert "latency p50" in out[-1]
-    # --layer-runtime auto: single-language only; on CPU the bitmap/bsr layers load dense already,
-    # so nothing is left to choose and the text is the same.
+    # --layer-runtime auto: single-language only; this artifact is dense, so nothing is left to
+    # choose and the text is the same (bitmap artifacts: test_cpu_sparse_choice_at_every_entry_point).
     if multilingual:
         assert main([*args, "--layer-runtime", "auto"]) == 2
         assert "single-language" in capsys.readouterr().err
     else:
         assert main([*args, "--layer-runtime", "auto", "--quiet"]) == 0
         out = capsys.readouterr().out.splitlines()
-        assert out[0] == "layer runtimes (auto): 0 sparse layers kept their kernel, 0 run their dense weight (+0.0 MB on the device)"
+        assert out[0] == "layer runtimes (auto): 0 sparse layers kept their kernel, 0 run their dense weight (+0.0 MB of memory)"
         finals = [line for line in out if "(audio " in line]
         for line, u, text in zip(finals, utts, expected, strict=True):
             assert line.startswith(f"{u.audio}: {text}  (audio ")

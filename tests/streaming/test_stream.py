@@ -1010,3 +1010,71 @@ def test_beam_in_pieces_equals_one_search_hypothesis_for_hypothesis(setup) -> No
     assert search.best(beam) == search.best(once)
     with pytest.raises(ValueError, match="past this beam's shared prefix"):
         search.best_since(beam, beam.committed + 1)
+
+
+@pytest.mark.parametrize("model_type", ["char", "unigram", "bpe"])
+def test_hypothesis_text_equals_decoding_the_whole_hypothesis(model_type, tmp_path) -> None:
+    # The text kept between chunks equals tokenizer.decode of the whole hypothesis after every
+    # extension and every replaced tail (a beam's revision), for char, unigram and bpe models,
+    # and decodes each token a bounded number of times (the whole hypothesis was decoded at
+    # every chunk: quadratic in the stream's length).
+    import random
+
+    from sparse_rnnt.data.tokenizer import Tokenizer, TokenizerConfig
+    from sparse_rnnt.streaming.stream import HypothesisText, WordStarts
+
+    texts = ["het is één uur en de zon schijnt", "the quick brown fox jumps over the lazy dog",
+             "zij zeggen dat 't niet kan", "la ruïne est près de la rivière", "ab ba aab  abba"] * 4
+    cfg = TokenizerConfig(model_type=model_type, vocab_size=0 if model_type == "char" else 40)
+    tok = Tokenizer.train(texts, cfg, tmp_path / "t.model")
+    starts = WordStarts.of(tok)
+    assert starts is not None and (starts.words or starts.space) and starts.visible
+    assert all(tok.id_to_piece(i).startswith("\u2581") for i in starts.words | starts.space)
+    decoded: list[int] = []
+
+    class Counting:
+        vocab_size = tok.vocab_size
+
+        def decode(self, ids: list[int]) -> str:
+            decoded.append(len(ids))
+            return tok.decode(ids)
+
+    rng = random.Random(model_type)
+    ids = [i for i in range(tok.vocab_size) if i != tok.blank]  # <unk> and every piece included
+    word = sorted(starts.words | starts.space)
+
+    def token() -> int:  # about one word start in five, as in text
+        return rng.choice(word) if rng.random() < 0.2 else rng.choice(ids)
+
+    text = HypothesisText(Counting(), starts)
+    tokens: list[int] = []
+    whole = 0  # what decoding the whole hypothesis every time would have decoded
+    for step in range(600):
+        kept = len(tokens)
+        if step % 7 == 3 and tokens:  # a beam replaces its last tokens
+            kept = max(0, len(tokens) - rng.randint(1, 6))
+            tokens = tokens[:kept]
+        tokens = tokens + [token() for _ in range(rng.randint(0, 4))]
+        assert text(tokens, kept) == tok.decode(tokens), step
+        whole += len(tokens)
+    # linear in the stream, not quadratic: a few words per call, not the whole hypothesis
+    assert len(tokens) > 500 and sum(decoded) * 10 < whole
+    assert HypothesisText(tok, None)(tokens, 0) == tok.decode(tokens)  # no pieces: decoded whole
+
+
+def test_stream_texts_are_the_tokenizer_decode_of_their_tokens(setup, tmp_path) -> None:
+    # End to end with a real tokenizer: every partial's and the result's text is
+    # tokenizer.decode(tokens), greedy and beam (whose partials may revise their last tokens).
+    from sparse_rnnt.data.tokenizer import Tokenizer, TokenizerConfig
+
+    model, cmvn, waves = setup
+    # 9 letters, the word start and <unk>: 11 pieces, the model's symbols before its blank
+    tok = Tokenizer.train(["abc def ghi", "ih gf edc ba"], TokenizerConfig(model_type="char"), tmp_path / "t.model")
+    assert tok.vocab_size == model.blank
+    for decoding in ("greedy", "beam"):
+        seen = []
+        dec = StreamingDecoder(model, cmvn, tokenizer=tok, decoding=decoding, beam_width=3,
+                               on_partial=seen.append)
+        r = dec.transcribe(waves[2])
+        assert seen and all(p.text == tok.decode(p.tokens) for p in seen)
+        assert r.text == tok.decode(r.tokens)

@@ -271,9 +271,11 @@ class StreamingDecoder:
     logits; one fixed size removes that, at the cost of padded rows. Every stream's state is a row
     of :attr:`pool` (a :class:`StatePool`).
 
-    A step is all or nothing: an exception inside it (a model error, CUDA out of memory,
+    Each batched call of a step (one per language, and per ``max_batch`` streams in static
+    modes) is all or nothing: an exception inside it (a model error, CUDA out of memory,
     ``KeyboardInterrupt``) leaves its streams and their pool rows as they were, so calling
-    :meth:`step` again decodes exactly as if it had not failed.
+    :meth:`step` again decodes exactly as if it had not failed (calls that completed before it
+    stay done).
 
     ``mask_context(language)``: a context manager under which the model's weights are those of
     ``language`` (e.g. :meth:`Recognizer.masked`); when given, each step batches streams per

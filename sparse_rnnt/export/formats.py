@@ -274,7 +274,8 @@ class SmallRowExported(ExportedLinear):
 
         if self._cpu_op is not None:
             # The op directly: the weight was checked when the layer was built, and a streaming
-            # step makes hundreds of these calls (cpu_sparse_linear's checks cost ~15 us each).
+            # step makes over a hundred of these calls (cpu_sparse_linear's checks cost several
+            # us each).
             if x.shape[-1] != self.in_features:  # reshape would regroup a wrong width silently
                 raise ValueError(f"x has {x.shape[-1]} features, the layer takes {self.in_features}")
             if torch.is_grad_enabled() and x.requires_grad:

@@ -72,7 +72,7 @@ def test_columns_past_32767_read_as_unsigned(ext):
 
 
 def test_long_rows_keep_their_accuracy(ext):
-    # 36000 kept weights per row: a plain running sum drifted to 2-10x F.linear's error here; the
+    # 36000 kept weights per row: a plain running sum drifted to 2-9x F.linear's error here; the
     # blocked partial sums with Kahan compensation stay within the rule on every loop.
     n, k = 4, 40000
     w, mask, bias = _problem(n, k, torch.float32, density=0.9)

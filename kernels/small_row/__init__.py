@@ -6,7 +6,9 @@
   (``backend="triton" | "torch" | "torch-bsr"``).
 
 Formats and references live in ``naive.py``; the CUDA extension is loaded lazily by
-``cuda_ext.get_extension()``.
+``cuda_ext.get_extension()``. On the CPU, ``cpu.CpuSparseWeight`` (a bitmap weight plus uint16
+columns) and ``cpu.cpu_sparse_linear`` run the C++ kernel of ``csrc/cpu_spmm.cpp``, loaded
+lazily by ``cpu.get_cpu_extension()``.
 """
 
 from .bitmap import bitmap_linear

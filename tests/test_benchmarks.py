@@ -687,3 +687,22 @@ def test_benchmark_clis_refuse_bad_options_and_unwritable_outputs_before_the_wor
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "k").exists()
+
+
+def test_hypothesis_text_benchmark_rows(capsys):
+    # The harness checks the incremental text against the whole decode itself (it asserts), and
+    # its command line prints the machine first, then one row per length.
+    import json
+
+    import benchmarks.hypothesis_text as ht
+
+    rows = ht.run([40, 200], rounds=1, appends=3)
+    assert [r["tokens"] for r in rows] == [40, 200]
+    for r in rows:
+        assert r["whole_us"] > 0 and r["incremental_us"] > 0
+        assert r["speedup"] == pytest.approx(r["whole_us"] / r["incremental_us"])
+    assert ht.main(["--tokens", "30"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert "environment" in lines[0] and lines[1]["tokens"] == 30
+    with pytest.raises(SystemExit):
+        ht.main(["--tokens", "x"])

@@ -136,17 +136,17 @@ def _providers(device: str, w: torch.Tensor, mask: torch.Tensor, bmask: torch.Te
                               _nbytes(csr.crow_indices(), csr.col_indices(), csr.values()), "torch CSR @ x^T")
         provs["bitmap-torch"] = (lambda x, b: bitmap_linear(x, bitmap, b, backend="torch"), bitmap.nbytes,
                                  "to_dense + F.linear")
-        from sparse_rnnt.kernels.small_row.cpu import CpuSparseWeight, get_cpu_extension
+        from sparse_rnnt.kernels.small_row.cpu import (
+            CpuSparseWeight,
+            get_cpu_extension,
+            sparse_linear_op,
+        )
 
-        ext = get_cpu_extension()
-        if ext is not None:
+        if get_cpu_extension() is not None:
             cw = CpuSparseWeight.from_bitmap(bitmap)
-            k = w.shape[1]
-            # The op as exported layers call it (checked once when built; cpu_sparse_linear's
-            # per-call checks cost a few us, which a streaming step never pays).
-            provs["ours-cpu"] = (lambda x, b: ext.sparse_linear(x, cw.bitmap.offsets, cw.cols, cw.bitmap.values, k,
-                                                                cw.bitmap.tile, b),
-                                 cw.nbytes, "C++ kernel (csrc/cpu_spmm.cpp)")
+            # The op as exported layers call it (cpu_sparse_linear's per-call Python checks cost a
+            # few us, which a streaming step never pays).
+            provs["ours-cpu"] = (lambda x, b: sparse_linear_op(x, cw, b), cw.nbytes, "C++ kernel (csrc/cpu_spmm.cpp)")
         return provs
     for name, cutlass in (("torch-2:4", False), ("torch-2:4-cutlass", True)):
         semi = _semi_structured(w, cutlass)

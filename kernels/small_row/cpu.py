@@ -21,7 +21,6 @@ import functools
 import hashlib
 import importlib
 import logging
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cuda_ext import clear_stale_lock
+from .cuda_ext import build_directory, clear_stale_lock
 from .naive import (
     BitmapWeight,
     BsrWeight,
@@ -41,7 +40,8 @@ from .naive import (
     unpack_bits,
 )
 
-__all__ = ["SOURCE", "CpuSparseWeight", "cpu_sparse_linear", "cpu_sparse_linear_ref", "get_cpu_extension"]
+__all__ = ["SOURCE", "CpuSparseWeight", "cpu_sparse_linear", "cpu_sparse_linear_ref", "get_cpu_extension",
+           "sparse_linear_op"]
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +127,8 @@ def _cpu_tag() -> str:
 
 
 def _build_directory() -> Path:
-    """``$TORCH_EXTENSIONS_DIR`` (else torch's default root) / one folder per torch version and CPU."""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    build = root / f"{_NAME}-torch{torch.__version__}-cpu{_cpu_tag()}".replace("+", "_")
-    build.mkdir(parents=True, exist_ok=True)
-    return build
+    """Where the extension is built: one folder per torch version and CPU."""
+    return build_directory(f"{_NAME}-torch{torch.__version__}-cpu{_cpu_tag()}")
 
 
 def _registered() -> bool:
@@ -205,10 +200,16 @@ def cpu_sparse_linear(x: Tensor, w: CpuSparseWeight, bias: Tensor | None = None,
     x2, bias_c = prepare_inference_inputs(x, w.bitmap, bias, "cpu_sparse_linear", "cpp")
     if x2.device.type != "cpu":
         raise ValueError(f"cpu_sparse_linear(backend='cpp'): tensors must be on the CPU, got {x2.device}")
-    ext = get_cpu_extension()
-    if ext is None:
+    if get_cpu_extension() is None:
         raise RuntimeError("cpu_sparse_linear(backend='cpp'): the C++ extension could not be built or loaded "
                            "(see the warning logged by sparse_rnnt.kernels.small_row.cpu)")
-    n, k = w.shape
-    y = ext.sparse_linear(x2, w.bitmap.offsets, w.cols, w.bitmap.values, k, w.bitmap.tile, bias_c)
-    return y.reshape(*x.shape[:-1], n)
+    return sparse_linear_op(x2, w, bias_c).reshape(*x.shape[:-1], w.shape[0])
+
+
+def sparse_linear_op(x2: Tensor, w: CpuSparseWeight, bias: Tensor | None) -> Tensor:
+    """The C++ op on inputs already checked: ``x2 [R, K]`` contiguous, in ``w``'s dtype, on the
+    CPU, the extension loaded. What exported layers call per step (the op still checks shapes
+    and dtypes; :func:`cpu_sparse_linear`'s Python checks cost several µs a call)."""
+    k = w.shape[1]
+    return torch.ops.sparse_rnnt_cpu.sparse_linear(x2, w.bitmap.offsets, w.cols, w.bitmap.values, k,
+                                                   w.bitmap.tile, bias)

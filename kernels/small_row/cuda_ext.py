@@ -55,14 +55,18 @@ def get_extension() -> Any | None:
 
 
 def _build_directory() -> Path:
-    """Where the extension is built: ``$TORCH_EXTENSIONS_DIR`` (else torch's default root), one
-    folder per torch and CUDA version."""
+    """Where the extension is built: one folder per torch and CUDA version."""
+    return build_directory(f"{_NAME}-torch{torch.__version__}-cuda{torch.version.cuda}")
+
+
+def build_directory(name: str) -> Path:
+    """``$TORCH_EXTENSIONS_DIR`` (else torch's default root) / ``name`` (``+`` made ``_``), created."""
     import os
 
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    build = root / f"{_NAME}-torch{torch.__version__}-cuda{torch.version.cuda}".replace("+", "_")
+    build = root / name.replace("+", "_")
     build.mkdir(parents=True, exist_ok=True)
     return build
 

@@ -395,9 +395,9 @@ def convert_linears(
     converted layer. For benchmarks and tests without files."""
     check_semi_structured(semi_structured)
     dev = torch.device(device)
-    # Only bsr/bitmap layers use the CPU kernel: other formats neither build nor need it.
+    # Only bsr/bitmap layers on the CPU use the CPU kernel: nothing else builds or needs it.
     check_cpu_sparse(cpu_sparse)
-    cpu_run = resolve_cpu_sparse(cpu_sparse, dev) if fmt in ("bsr", "bitmap") else "dense"
+    cpu_run = resolve_cpu_sparse(cpu_sparse) if dev.type != "cuda" and fmt in ("bsr", "bitmap") else "dense"
     mods = {f"{n}.weight": (n, m) for n, m in model.named_modules() if type(m) is nn.Linear}
     model.to(device=dev, dtype=dtype)
     runtimes = {}
@@ -690,8 +690,9 @@ def load_artifact(path: str | os.PathLike[str], device: str = "cpu", *, semi_str
         raise UserError(f"{wpath}: unreadable weights ({e})") from None
     _check_weight_tensors(wpath, tensors, params, layers, fmt, dtype)
     # Only a single pathway's bsr/bitmap layers on the CPU need the CPU kernel (built once here).
-    cpu_run = resolve_cpu_sparse(cpu_sparse, dev) if fmt in ("bsr", "bitmap") and not multilingual else "dense"
-    if dev.type == "cpu" and fmt in ("bsr", "bitmap") and not multilingual:
+    cpu_run = "dense"
+    if dev.type != "cuda" and fmt in ("bsr", "bitmap") and not multilingual:
+        cpu_run = resolve_cpu_sparse(cpu_sparse)
         log.info("%s: %s layers on the CPU run %s (cpu_sparse=%r)", root, fmt,
                  "the C++ sparse kernel" if cpu_run == "kernel" else "dense, decompressed at load", cpu_sparse)
     weights: dict[str, tuple[str, nn.Module]] = {}
@@ -711,8 +712,7 @@ def load_artifact(path: str | os.PathLike[str], device: str = "cpu", *, semi_str
             prefix = f"sparse/{name}/"
             parts = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             bias = None if mod.bias is None else mod.bias.detach()
-            layer = decode(fmt, parts, shape, info, bias, dev, dtype, semi_structured,
-                           "dense" if multilingual else cpu_run)
+            layer = decode(fmt, parts, shape, info, bias, dev, dtype, semi_structured, cpu_run)
             if multilingual:  # theta of the union, computed with each language's bits
                 weights[name] = (mod_name, layer)
                 continue

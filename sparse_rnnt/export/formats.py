@@ -63,13 +63,13 @@ def check_cpu_sparse(choice: str) -> str:
     return choice
 
 
-def resolve_cpu_sparse(choice: str, device: torch.device) -> str:
-    """What a bsr/bitmap layer on ``device`` runs: ``"kernel"`` or ``"dense"`` (CUDA: ``"kernel"``,
-    its own kernels). ``"auto"`` builds the CPU kernel once (a failed build logs a warning and
-    gives ``"dense"``); ``"kernel"`` raises ``UserError`` if it cannot be built."""
+def resolve_cpu_sparse(choice: str) -> str:
+    """What a bsr/bitmap layer on the CPU runs: ``"kernel"`` or ``"dense"``. ``"auto"`` builds
+    the CPU kernel once (a failed build logs a warning and gives ``"dense"``); ``"kernel"``
+    raises ``UserError`` if it cannot be built."""
     check_cpu_sparse(choice)
-    if device.type == "cuda" or choice == "dense":
-        return "kernel" if device.type == "cuda" else "dense"
+    if choice == "dense":
+        return "dense"
     from ..kernels.small_row.cpu import get_cpu_extension
 
     if get_cpu_extension() is not None:
@@ -254,16 +254,13 @@ class SmallRowExported(ExportedLinear):
         self.packed = packed
         self.runtime = backend
         self.dtype = dtype
-        self._cpu_op: Any = None
         if backend == "cpu":
             from ..kernels.small_row.cpu import CpuSparseWeight, get_cpu_extension
 
-            ext = get_cpu_extension()
-            if ext is None or not isinstance(packed, CpuSparseWeight):
+            if get_cpu_extension() is None or not isinstance(packed, CpuSparseWeight):
                 raise ValueError("runtime 'cpu' needs the CPU kernel and a CpuSparseWeight")
             if packed.dtype != dtype or (bias is not None and bias.dtype != dtype):
                 raise ValueError(f"runtime 'cpu': weight and bias must be {dtype}")
-            self._cpu_op = ext.sparse_linear
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -272,17 +269,16 @@ class SmallRowExported(ExportedLinear):
     def _linear(self, x: Tensor) -> Tensor:
         from ..kernels.small_row import bitmap_linear, bsr_linear
 
-        if self._cpu_op is not None:
-            # The op directly: the weight was checked when the layer was built, and a streaming
-            # step makes over a hundred of these calls (cpu_sparse_linear's checks cost several
-            # us each).
+        if self.runtime == "cpu":
+            from ..kernels.small_row.cpu import sparse_linear_op
+
+            # The op on its own: the weight was checked when the layer was built, and a step
+            # makes over a hundred of these calls.
             if x.shape[-1] != self.in_features:  # reshape would regroup a wrong width silently
                 raise ValueError(f"x has {x.shape[-1]} features, the layer takes {self.in_features}")
             if torch.is_grad_enabled() and x.requires_grad:
                 raise ValueError("runtime 'cpu' is inference-only (no autograd): call under torch.no_grad()")
-            w = self.packed
-            y = self._cpu_op(x.reshape(-1, self.in_features).contiguous(), w.bitmap.offsets, w.cols,
-                             w.bitmap.values, self.in_features, w.bitmap.tile, self.bias)
+            y = sparse_linear_op(x.reshape(-1, self.in_features).contiguous(), self.packed, self.bias)
             return y.reshape(*x.shape[:-1], self.out_features)
         if self.fmt == "bsr":
             return bsr_linear(x, self.packed, self.bias, backend=self.runtime)

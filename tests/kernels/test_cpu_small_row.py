@@ -160,9 +160,9 @@ def test_failed_build_is_logged_once_and_loading_falls_back_to_dense(caplog, mon
         with caplog.at_level(logging.WARNING, logger=cpu_mod.__name__):
             assert cpu_mod.get_cpu_extension() is None
             assert cpu_mod.get_cpu_extension() is None  # cached: one attempt, one warning
-            assert resolve_cpu_sparse("auto", torch.device("cpu")) == "dense"
+            assert resolve_cpu_sparse("auto") == "dense"
             with pytest.raises(UserError, match="could not be built"):
-                resolve_cpu_sparse("kernel", torch.device("cpu"))
+                resolve_cpu_sparse("kernel")
         warnings = [r for r in caplog.records if r.name == cpu_mod.__name__ and r.levelno == logging.WARNING]
         assert len(warnings) == 1 and "unavailable" in warnings[0].getMessage()
         if HAS_CXX:  # the compiler's diagnostic, not torch's command line, says why
@@ -180,9 +180,9 @@ def test_failed_build_is_logged_once_and_loading_falls_back_to_dense(caplog, mon
         # formats that never use the kernel neither need nor build it
         assert convert_linears(torch.nn.Sequential(torch.nn.Linear(8, 6)), {"0.weight": mask}, "dense",
                                cpu_sparse="kernel") == {"0.weight": "torch"}
-        assert resolve_cpu_sparse("dense", torch.device("cpu")) == "dense"
+        assert resolve_cpu_sparse("dense") == "dense"
         with pytest.raises(ValueError, match="cpu_sparse"):
-            resolve_cpu_sparse("fast", torch.device("cpu"))
+            resolve_cpu_sparse("fast")
     finally:
         cpu_mod.get_cpu_extension.cache_clear()
 
